@@ -1,0 +1,111 @@
+//! Sources and sinks: one table of operations, one backend per file (as nbdcopy does).
+//!
+//! Every call starts its I/O when it is made, not when the returned future is first polled,
+//! so requests reach ordered backends (stdin, stdout) in call order.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+
+use crate::error::{Error, Result};
+use crate::extents::Extent;
+
+pub mod file;
+pub mod nbd;
+pub mod null;
+pub mod stdio;
+
+/// What a sink can do; sent to the sender in the handshake reply.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SinkCaps {
+    pub can_zero: bool,
+    pub can_fast_zero: bool,
+    pub can_trim: bool,
+    pub can_flush: bool,
+    /// Can be read back for `--verify`.
+    pub can_read: bool,
+    /// Every byte is written in offset order (stdout): zeros must be written out.
+    pub sequential: bool,
+}
+
+pub trait Source: Send + Sync {
+    fn size(&self) -> u64;
+    /// Allocation of `[offset, offset+len)`; may describe less, never more.
+    fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>>;
+    /// Read `len` bytes at `offset` into a new buffer, after `headroom` spare bytes in front
+    /// (where the frame header will go, so the buffer is sent as it is).
+    fn read(&self, offset: u64, len: usize, headroom: usize) -> BoxFuture<'static, Result<BytesMut>>;
+}
+
+pub trait Sink: Send + Sync {
+    /// `None` when the sink has no fixed size (a stream).
+    fn size(&self) -> Option<u64>;
+    fn caps(&self) -> SinkCaps;
+    /// Make room for `size` bytes (create or extend a file) or fail if the sink is smaller.
+    fn prepare(&self, size: u64) -> BoxFuture<'static, Result<()>>;
+    fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'static, Result<()>>;
+    /// Make the range read as zeros; `trim` allows discarding instead (contents undefined).
+    fn zero(&self, offset: u64, len: u64, trim: bool) -> BoxFuture<'static, Result<()>>;
+    /// Every completed write is durable when this returns.
+    fn flush(&self) -> BoxFuture<'static, Result<()>>;
+    /// Read back for verification.
+    fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>>;
+}
+
+pub fn is_nbd_uri(spec: &str) -> bool {
+    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://"]
+        .iter()
+        .any(|p| spec.starts_with(p))
+}
+
+/// Open a source: an NBD URI, `-` (stdin, needs `size`), or a file or block device.
+pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source>> {
+    if spec == "-" {
+        let size = size.ok_or_else(|| {
+            Error::Usage("reading an image from stdin needs its size: pass --size BYTES".into())
+        })?;
+        return Ok(Arc::new(stdio::Stdin::open(size)));
+    }
+    if size.is_some() {
+        return Err(Error::Usage("--size applies only to stdin ('-'); other sources know their size".into()));
+    }
+    if is_nbd_uri(spec) {
+        return Ok(Arc::new(nbd::Nbd::open(spec).await?));
+    }
+    let spec = spec.to_string();
+    blocking(move || file::File::open_source(&spec)).await.map(|f| Arc::new(f) as Arc<dyn Source>)
+}
+
+/// Open a sink: an NBD URI, `-` (stdout), `null:` (discard), or a file or block device.
+pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
+    if spec == "-" {
+        return Ok(Arc::new(stdio::Stdout::open()));
+    }
+    if spec == "null:" {
+        return Ok(Arc::new(null::Null));
+    }
+    if is_nbd_uri(spec) {
+        let nbd = nbd::Nbd::open(spec).await?;
+        if nbd.read_only() {
+            return Err(Error::Endpoint(format!("NBD target {spec} is read-only; export it writable")));
+        }
+        return Ok(Arc::new(nbd));
+    }
+    let spec = spec.to_string();
+    blocking(move || file::File::open_sink(&spec)).await.map(|f| Arc::new(f) as Arc<dyn Sink>)
+}
+
+/// Run blocking work on tokio's blocking pool.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Endpoint(format!("I/O task failed: {e}")))?
+}
+
+/// A shared buffer of zeros for sinks that must write zeros out.
+pub fn zeros(len: usize) -> Bytes {
+    static ZEROS: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    const MAX: usize = 1 << 20;
+    ZEROS.get_or_init(|| Bytes::from(vec![0u8; MAX])).slice(..len.min(MAX))
+}

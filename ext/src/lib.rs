@@ -1,0 +1,23 @@
+//! nbdnats core: NBD block streams over the NATS data plane. This file only registers the
+//! Python module; each concept lives in its own module.
+
+pub mod checksum;
+pub mod conn;
+pub mod error;
+pub mod extents;
+pub mod frame;
+pub mod handshake;
+pub mod io;
+mod libnbd;
+mod py;
+pub mod recv;
+pub mod send;
+pub mod stats;
+pub mod window;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    py::register(m)
+}

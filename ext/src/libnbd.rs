@@ -1,0 +1,277 @@
+//! libnbd through FFI, against the 1.14 API (Debian bookworm's `libnbd-dev`).
+//!
+//! The only module with `unsafe`. `Handle` is a safe wrapper: every buffer handed to an
+//! asynchronous command is owned by the handle until libnbd retires that command, so no
+//! caller can free or move memory libnbd still reads or writes.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+use bytes::{Bytes, BytesMut};
+
+#[repr(C)]
+struct RawHandle {
+    _private: [u8; 0],
+}
+
+#[repr(C)]
+struct CompletionCallback {
+    callback: Option<extern "C" fn(*mut c_void, *mut c_int) -> c_int>,
+    user_data: *mut c_void,
+    free: Option<extern "C" fn(*mut c_void)>,
+}
+
+#[repr(C)]
+struct ExtentCallback {
+    callback: Option<extern "C" fn(*mut c_void, *const c_char, u64, *mut u32, usize, *mut c_int) -> c_int>,
+    user_data: *mut c_void,
+    free: Option<extern "C" fn(*mut c_void)>,
+}
+
+const NO_COMPLETION: CompletionCallback =
+    CompletionCallback { callback: None, user_data: std::ptr::null_mut(), free: None };
+const CMD_FLAG_FAST_ZERO: u32 = 0x10;
+const ALLOCATION: &CStr = c"base:allocation";
+
+#[link(name = "nbd")]
+extern "C" {
+    fn nbd_create() -> *mut RawHandle;
+    fn nbd_close(h: *mut RawHandle);
+    fn nbd_get_error() -> *const c_char;
+    fn nbd_add_meta_context(h: *mut RawHandle, name: *const c_char) -> c_int;
+    fn nbd_connect_uri(h: *mut RawHandle, uri: *const c_char) -> c_int;
+    fn nbd_is_read_only(h: *mut RawHandle) -> c_int;
+    fn nbd_can_flush(h: *mut RawHandle) -> c_int;
+    fn nbd_can_trim(h: *mut RawHandle) -> c_int;
+    fn nbd_can_zero(h: *mut RawHandle) -> c_int;
+    fn nbd_can_fast_zero(h: *mut RawHandle) -> c_int;
+    fn nbd_can_meta_context(h: *mut RawHandle, name: *const c_char) -> c_int;
+    fn nbd_get_size(h: *mut RawHandle) -> i64;
+    fn nbd_aio_pread(h: *mut RawHandle, buf: *mut c_void, count: usize, offset: u64, cb: CompletionCallback, flags: u32) -> i64;
+    fn nbd_aio_pwrite(h: *mut RawHandle, buf: *const c_void, count: usize, offset: u64, cb: CompletionCallback, flags: u32) -> i64;
+    fn nbd_aio_zero(h: *mut RawHandle, count: u64, offset: u64, cb: CompletionCallback, flags: u32) -> i64;
+    fn nbd_aio_trim(h: *mut RawHandle, count: u64, offset: u64, cb: CompletionCallback, flags: u32) -> i64;
+    fn nbd_aio_flush(h: *mut RawHandle, cb: CompletionCallback, flags: u32) -> i64;
+    fn nbd_aio_command_completed(h: *mut RawHandle, cookie: u64) -> c_int;
+    fn nbd_aio_peek_command_completed(h: *mut RawHandle) -> i64;
+    fn nbd_aio_in_flight(h: *mut RawHandle) -> c_int;
+    fn nbd_poll(h: *mut RawHandle, timeout: c_int) -> c_int;
+    fn nbd_block_status(h: *mut RawHandle, count: u64, offset: u64, cb: ExtentCallback, flags: u32) -> c_int;
+    fn nbd_shutdown(h: *mut RawHandle, flags: u32) -> c_int;
+}
+
+/// libnbd's message for the last failed call on this thread.
+fn last_error() -> String {
+    // SAFETY: nbd_get_error returns NULL or a NUL-terminated string in thread-local storage,
+    // valid until the next libnbd call on this thread; we copy it out at once.
+    unsafe {
+        let p = nbd_get_error();
+        if p.is_null() {
+            "unknown libnbd error".to_string()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// What the server offers, read once after connecting.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caps {
+    pub read_only: bool,
+    pub can_flush: bool,
+    pub can_trim: bool,
+    pub can_zero: bool,
+    pub can_fast_zero: bool,
+    pub has_allocation: bool,
+}
+
+/// An asynchronous command and the memory it needs until it is retired.
+pub enum Command {
+    /// Read `len` bytes into `buf[at..at+len]`; `buf` comes back filled.
+    Read { offset: u64, buf: BytesMut, at: usize },
+    Write { offset: u64, data: Bytes },
+    Zero { offset: u64, len: u64, fast: bool },
+    Trim { offset: u64, len: u64 },
+    Flush,
+}
+
+/// A retired command: the buffer of a read, nothing otherwise.
+pub enum Completed {
+    Read(BytesMut),
+    Other,
+}
+
+pub struct Handle {
+    raw: *mut RawHandle,
+    /// Buffers of in-flight commands, by cookie; libnbd may touch them until retired.
+    held: HashMap<u64, Option<Held>>,
+}
+
+enum Held {
+    Read(BytesMut),
+    Write(#[allow(dead_code)] Bytes),
+}
+
+// SAFETY: a libnbd handle may be used from any thread (libnbd locks it internally); the
+// buffers it holds are owned, heap-allocated and Send. We use each handle from one thread.
+unsafe impl Send for Handle {}
+
+impl Handle {
+    /// Connect to an NBD URI exactly as libnbd parses it, asking for `base:allocation`.
+    pub fn connect(uri: &str) -> Result<Handle, String> {
+        let c_uri = CString::new(uri).map_err(|_| "URI contains a NUL byte".to_string())?;
+        // SAFETY: nbd_create has no preconditions; NULL means failure and is checked.
+        let raw = unsafe { nbd_create() };
+        if raw.is_null() {
+            return Err(last_error());
+        }
+        let handle = Handle { raw, held: HashMap::new() };
+        // SAFETY: `raw` is a live handle owned by `handle`; the strings outlive the calls.
+        unsafe {
+            if nbd_add_meta_context(handle.raw, ALLOCATION.as_ptr()) == -1 {
+                return Err(last_error());
+            }
+            if nbd_connect_uri(handle.raw, c_uri.as_ptr()) == -1 {
+                return Err(last_error());
+            }
+        }
+        Ok(handle)
+    }
+
+    pub fn size(&self) -> Result<u64, String> {
+        // SAFETY: live handle, connected.
+        let n = unsafe { nbd_get_size(self.raw) };
+        u64::try_from(n).map_err(|_| last_error())
+    }
+
+    pub fn caps(&self) -> Caps {
+        let flag = |v: c_int| v == 1;
+        // SAFETY: live connected handle; these calls only read negotiated flags.
+        unsafe {
+            Caps {
+                read_only: flag(nbd_is_read_only(self.raw)),
+                can_flush: flag(nbd_can_flush(self.raw)),
+                can_trim: flag(nbd_can_trim(self.raw)),
+                can_zero: flag(nbd_can_zero(self.raw)),
+                can_fast_zero: flag(nbd_can_fast_zero(self.raw)),
+                has_allocation: flag(nbd_can_meta_context(self.raw, ALLOCATION.as_ptr())),
+            }
+        }
+    }
+
+    /// Start a command; returns its cookie. On failure the command never started.
+    pub fn submit(&mut self, cmd: Command) -> Result<u64, String> {
+        // SAFETY: live handle. Read and write buffers are moved into `self.held` under the
+        // returned cookie before this function returns and stay there until `retire`, so the
+        // pointers given to libnbd stay valid for as long as libnbd may use them.
+        let (cookie, held) = unsafe {
+            match cmd {
+                Command::Read { offset, mut buf, at } => {
+                    let len = buf.len().checked_sub(at).ok_or("read offset beyond buffer")?;
+                    let ptr = buf.as_mut_ptr().add(at).cast::<c_void>();
+                    (nbd_aio_pread(self.raw, ptr, len, offset, NO_COMPLETION, 0), Some(Held::Read(buf)))
+                }
+                Command::Write { offset, data } => {
+                    let ptr = data.as_ptr().cast::<c_void>();
+                    (nbd_aio_pwrite(self.raw, ptr, data.len(), offset, NO_COMPLETION, 0), Some(Held::Write(data)))
+                }
+                Command::Zero { offset, len, fast } => {
+                    let flags = if fast { CMD_FLAG_FAST_ZERO } else { 0 };
+                    (nbd_aio_zero(self.raw, len, offset, NO_COMPLETION, flags), None)
+                }
+                Command::Trim { offset, len } => (nbd_aio_trim(self.raw, len, offset, NO_COMPLETION, 0), None),
+                Command::Flush => (nbd_aio_flush(self.raw, NO_COMPLETION, 0), None),
+            }
+        };
+        let cookie = u64::try_from(cookie).map_err(|_| last_error())?;
+        self.held.insert(cookie, held);
+        Ok(cookie)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        // SAFETY: live handle.
+        let n = unsafe { nbd_aio_in_flight(self.raw) };
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    /// Wait up to `timeout_ms` for the socket and advance the state machine.
+    pub fn poll(&mut self, timeout_ms: i32) -> Result<(), String> {
+        // SAFETY: live handle.
+        if unsafe { nbd_poll(self.raw, timeout_ms) } == -1 {
+            return Err(last_error());
+        }
+        Ok(())
+    }
+
+    /// Retire one completed command, if any: its cookie and its outcome.
+    pub fn retire(&mut self) -> Option<(u64, Result<Completed, String>)> {
+        // SAFETY: live handle; peek does not retire, so the cookie stays valid for the call below.
+        let cookie = u64::try_from(unsafe { nbd_aio_peek_command_completed(self.raw) }).ok()?;
+        if cookie == 0 {
+            return None;
+        }
+        // SAFETY: `cookie` names a completed command of this handle; retiring it ends
+        // libnbd's use of its buffer, which we release only after this call.
+        let rc = unsafe { nbd_aio_command_completed(self.raw, cookie) };
+        let result = if rc == -1 { Err(last_error()) } else { Ok(()) };
+        let held = self.held.remove(&cookie).flatten();
+        Some((
+            cookie,
+            result.map(|()| match held {
+                Some(Held::Read(buf)) => Completed::Read(buf),
+                _ => Completed::Other,
+            }),
+        ))
+    }
+
+    /// Allocation extents from `offset` as `(length, flags)` pairs; the server may describe
+    /// less than `len`. Synchronous: call it with no command in flight.
+    pub fn block_status(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, String> {
+        extern "C" fn collect(
+            user: *mut c_void,
+            context: *const c_char,
+            _offset: u64,
+            entries: *mut u32,
+            n: usize,
+            _error: *mut c_int,
+        ) -> c_int {
+            // SAFETY: libnbd passes our `user_data` (a live &mut Vec for the duration of the
+            // synchronous nbd_block_status call), a NUL-terminated context name and `n` u32s.
+            unsafe {
+                if CStr::from_ptr(context) != ALLOCATION {
+                    return 0;
+                }
+                let out = &mut *user.cast::<Vec<(u64, u32)>>();
+                let pairs = std::slice::from_raw_parts(entries, n);
+                out.extend(pairs.chunks_exact(2).map(|p| (u64::from(p[0]), p[1])));
+            }
+            0
+        }
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let cb = ExtentCallback {
+            callback: Some(collect),
+            user_data: (&mut out as *mut Vec<(u64, u32)>).cast(),
+            free: None,
+        };
+        // NBD lengths in block status requests are 32-bit.
+        let len = len.min(u64::from(u32::MAX) & !0xfff_u64);
+        // SAFETY: live handle; `out` outlives the synchronous call that uses `cb`.
+        if unsafe { nbd_block_status(self.raw, len, offset, cb, 0) } == -1 {
+            return Err(last_error());
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: `raw` is live and dropped exactly once; nbd_close abandons in-flight
+        // commands, after which the buffers in `held` (dropped after this body) are unused.
+        unsafe {
+            if self.in_flight() == 0 {
+                nbd_shutdown(self.raw, 0);
+            }
+            nbd_close(self.raw);
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The Python face of the core: a runtime, a data connection, transfers and their stats.
+//!
+//! Every call returns at once; the work runs on the core's tokio runtime without the GIL,
+//! and finishes by calling `done(ok, value)` from a core thread. The Python layer turns that
+//! into an awaitable (`nbdnats/_bridge.py`), so the event loop is never blocked.
+
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+use crate::conn::{self, DataConn};
+use crate::error::{Error, Result};
+use crate::io::{open_sink, open_source};
+use crate::recv::{recv, RecvOptions};
+use crate::send::{send, SendOptions, Subjects};
+use crate::stats::{Progress, State};
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4)))
+            .thread_name("nbdnats-core")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the core's runtime: {e}"))
+    })
+}
+
+/// Deliver an outcome to Python's `done(ok, value)`; a failure is `(code, message)`.
+fn settle<T>(done: Py<PyAny>, result: Result<T>)
+where
+    T: for<'py> IntoPyObject<'py> + Send,
+{
+    Python::attach(|py| {
+        let called = match result {
+            Ok(v) => done.call1(py, (true, v)),
+            Err(e) => done.call1(py, (false, (e.code().to_string(), e.to_string()))),
+        };
+        if let Err(e) = called {
+            e.print(py);
+        }
+    });
+}
+
+fn spawn<T, F>(done: Py<PyAny>, work: F)
+where
+    T: for<'py> IntoPyObject<'py> + Send + 'static,
+    F: Future<Output = Result<T>> + Send + 'static,
+{
+    runtime().spawn(async move {
+        let result = work.await;
+        settle(done, result);
+    });
+}
+
+fn timeout(seconds: f64) -> Option<Duration> {
+    (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+fn subjects((open, chunks, acks): (String, String, String)) -> Subjects {
+    Subjects { open: open.into(), chunks: chunks.into(), acks: acks.into() }
+}
+
+/// A data-plane NATS connection owned by the core.
+#[pyclass(frozen, module = "nbdnats._core")]
+pub struct DataConnection {
+    conn: Arc<DataConn>,
+}
+
+#[pymethods]
+impl DataConnection {
+    /// The servers this connection was given.
+    #[getter]
+    fn servers(&self) -> String {
+        self.conn.servers.clone()
+    }
+
+    /// The server's `max_payload`, from its INFO.
+    #[getter]
+    fn max_payload(&self) -> u64 {
+        self.conn.max_payload
+    }
+
+    /// Publish a small message (events) on the data connection; does not wait.
+    fn publish(&self, subject: String, payload: Vec<u8>) {
+        let client = self.conn.client.clone();
+        runtime().spawn(async move {
+            let _ = client.publish(subject, payload.into()).await;
+        });
+    }
+
+    /// Flush what is buffered, then call `done(ok, None)`.
+    fn flush(&self, done: Py<PyAny>) {
+        let client = self.conn.client.clone();
+        spawn(done, async move {
+            client.flush().await.map_err(|e| Error::Nats(format!("NATS flush: {e}")))?;
+            Ok(())
+        });
+    }
+}
+
+/// A running send or receive.
+#[pyclass(frozen, module = "nbdnats._core")]
+pub struct Transfer {
+    cancel: CancellationToken,
+    progress: Arc<Progress>,
+}
+
+#[pymethods]
+impl Transfer {
+    /// Ask the transfer to stop; `done` then reports the code `cancelled`.
+    fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// A snapshot of the transfer's statistics.
+    fn stats(&self) -> Stats {
+        Stats::from(self.progress.as_ref())
+    }
+
+    #[getter]
+    fn transfer_id(&self) -> String {
+        self.progress.transfer_id.clone()
+    }
+}
+
+/// Statistics of a transfer at one moment.
+#[pyclass(frozen, get_all, module = "nbdnats._core")]
+pub struct Stats {
+    transfer_id: String,
+    role: String,
+    state: String,
+    size: u64,
+    done_bytes: u64,
+    data_bytes: u64,
+    zero_bytes: u64,
+    frames: u64,
+    bad_frames: u64,
+    duplicate_frames: u64,
+    chunk_size: u64,
+    window: u64,
+    seconds: f64,
+    digest: Option<String>,
+    verified: bool,
+}
+
+#[pymethods]
+impl Stats {
+    /// Throughput over the disk bytes moved, in MB/s (10^6 bytes).
+    #[getter]
+    fn mb_per_s(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.done_bytes as f64 / self.seconds / 1e6
+        } else {
+            0.0
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Stats(transfer_id={:?}, role={:?}, state={:?}, done_bytes={}, size={}, digest={:?})",
+            self.transfer_id, self.role, self.state, self.done_bytes, self.size, self.digest
+        )
+    }
+}
+
+impl From<&Progress> for Stats {
+    fn from(p: &Progress) -> Stats {
+        Stats {
+            transfer_id: p.transfer_id.clone(),
+            role: p.role.to_string(),
+            state: p.state().name().to_string(),
+            size: p.size.load(Relaxed),
+            done_bytes: p.done_bytes.load(Relaxed),
+            data_bytes: p.data_bytes.load(Relaxed),
+            zero_bytes: p.zero_bytes.load(Relaxed),
+            frames: p.frames.load(Relaxed),
+            bad_frames: p.bad_frames.load(Relaxed),
+            duplicate_frames: p.duplicate_frames.load(Relaxed),
+            chunk_size: p.chunk_size.load(Relaxed),
+            window: p.window.load(Relaxed),
+            seconds: p.seconds(),
+            digest: p.digest(),
+            verified: p.verified.load(Relaxed),
+        }
+    }
+}
+
+/// Connect to the data plane; `done(True, DataConnection)` or `done(False, (code, msg))`.
+#[pyfunction]
+fn connect(servers: String, name: String, done: Py<PyAny>) {
+    spawn(done, async move {
+        let conn = conn::connect(&servers, &name).await?;
+        Ok(DataConnection { conn: Arc::new(conn) })
+    });
+}
+
+fn start(
+    role: &'static str,
+    transfer_id: String,
+    done: Py<PyAny>,
+    work: impl FnOnce(Arc<Progress>, CancellationToken) -> futures::future::BoxFuture<'static, Result<()>>,
+) -> Transfer {
+    let progress = Arc::new(Progress::new(&transfer_id, role));
+    let cancel = CancellationToken::new();
+    let fut = work(progress.clone(), cancel.clone());
+    let finished = progress.clone();
+    spawn(done, async move {
+        let result = fut.await;
+        finished.set_state(if result.is_ok() { State::Done } else { State::Failed });
+        result.map(|()| Stats::from(finished.as_ref()))
+    });
+    Transfer { cancel, progress }
+}
+
+/// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
+#[pyfunction]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false))]
+#[allow(clippy::too_many_arguments)]
+fn start_send(
+    conn: &DataConnection,
+    src: String,
+    transfer_id: String,
+    subjects_: (String, String, String),
+    done: Py<PyAny>,
+    size: Option<u64>,
+    chunk_size: Option<u64>,
+    window: u64,
+    timeout_s: f64,
+    verify: bool,
+) -> Transfer {
+    let conn = conn.conn.clone();
+    let subjects = subjects(subjects_);
+    let opts = SendOptions { chunk_size, window, timeout: timeout(timeout_s), verify };
+    start("send", transfer_id, done, move |progress, cancel| {
+        async move {
+            let source = open_source(&src, size).await?;
+            send(&conn, source, &subjects, &opts, &progress, &cancel).await
+        }
+        .boxed_send()
+    })
+}
+
+/// Receive transfer `transfer_id` into `dst`; see `_core.pyi` for the arguments.
+#[pyfunction]
+#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false))]
+#[allow(clippy::too_many_arguments)]
+fn start_recv(
+    conn: &DataConnection,
+    dst: String,
+    transfer_id: String,
+    subjects_: (String, String, String),
+    done: Py<PyAny>,
+    window: u64,
+    timeout_s: f64,
+    verify: bool,
+    target_is_zero: bool,
+) -> Transfer {
+    let conn = conn.conn.clone();
+    let subjects = subjects(subjects_);
+    let opts = RecvOptions { window, timeout: timeout(timeout_s), verify, target_is_zero };
+    start("recv", transfer_id, done, move |progress, cancel| {
+        async move {
+            let sink = open_sink(&dst).await?;
+            recv(&conn, sink, &subjects, &opts, &progress, &cancel).await
+        }
+        .boxed_send()
+    })
+}
+
+trait BoxedSend: Future + Send + Sized + 'static {
+    fn boxed_send(self) -> futures::future::BoxFuture<'static, Self::Output> {
+        Box::pin(self)
+    }
+}
+impl<F: Future + Send + 'static> BoxedSend for F {}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PROTOCOL_VERSION", crate::frame::PROTOCOL_VERSION)?;
+    m.add("HEADER_LEN", crate::frame::HEADER_LEN)?;
+    m.add("DEFAULT_WINDOW", crate::window::DEFAULT_WINDOW)?;
+    m.add("MAX_WINDOW", crate::window::MAX_WINDOW)?;
+    m.add("DEFAULT_CHUNK", conn::DEFAULT_CHUNK)?;
+    m.add("MIN_CHUNK", conn::MIN_CHUNK)?;
+    m.add("MAX_CHUNK", conn::MAX_CHUNK)?;
+    m.add_class::<DataConnection>()?;
+    m.add_class::<Transfer>()?;
+    m.add_class::<Stats>()?;
+    m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(start_send, m)?)?;
+    m.add_function(wrap_pyfunction!(start_recv, m)?)?;
+    Ok(())
+}
