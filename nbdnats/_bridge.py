@@ -1,0 +1,40 @@
+"""Turn the core's ``done(ok, value)`` callbacks into asyncio futures.
+
+The core calls ``done`` from one of its own threads; we hop onto the event loop with
+``call_soon_threadsafe`` so the loop is never blocked and never touched from elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from nbdnats.errors import from_code
+
+T = TypeVar("T")
+Done = Callable[[bool, object], None]
+
+
+def _settle(fut: asyncio.Future[object], ok: bool, value: object) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        code, message = value  # type: ignore[misc]
+        fut.set_exception(from_code(str(code), str(message)))
+
+
+def core_call(start: Callable[[Done], T]) -> tuple[T, asyncio.Future[object]]:
+    """Start a core operation; returns its handle and a future of its outcome."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[object] = loop.create_future()
+
+    def done(ok: bool, value: object) -> None:
+        try:
+            loop.call_soon_threadsafe(_settle, fut, ok, value)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    return start(done), fut

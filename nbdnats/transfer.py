@@ -1,0 +1,307 @@
+"""The controller-facing transfer API: ``await send(...)``, ``recv(...)``, ``copy(...)``.
+
+Each returns the final ``TransferStats``; none blocks the event loop (the core works on its
+own threads without the GIL). Cancelling the awaiting task cancels the transfer, tells the
+peer, waits for the core to let go of its resources, then re-raises ``CancelledError``.
+Progress arrives through ``on_progress`` or by iterating ``TransferHandle.progress()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from nbdnats import _core, subjects
+from nbdnats._bridge import core_call
+from nbdnats.embedded import EmbeddedServer
+from nbdnats.errors import TransferCancelled, UsageError
+from nbdnats.planes import Planes, urls_given
+from nbdnats.schemas import TransferEvent, encode
+
+TransferStats = _core.Stats
+ProgressCallback = Callable[[TransferStats], None]
+
+DEFAULT_TIMEOUT = 60.0
+PROGRESS_INTERVAL = 0.25
+EVENT_INTERVAL = 1.0
+
+
+def check_options(
+    *, window: int, timeout: float, chunk_size: int | None = None, size: int | None = None
+) -> None:
+    """Reject bad numbers before anything connects (the core checks them again)."""
+    if not 64 * 1024 <= window <= _core.MAX_WINDOW:
+        raise UsageError(
+            f"--window {window} must be between 65536 and {_core.MAX_WINDOW} bytes "
+            "(the window must stay below nats-server's 64 MiB max_pending)"
+        )
+    if timeout < 0:
+        raise UsageError("--timeout must be 0 (wait forever) or a number of seconds")
+    if chunk_size is not None and (
+        not _core.MIN_CHUNK <= chunk_size <= _core.MAX_CHUNK or chunk_size % 4096
+    ):
+        raise UsageError(
+            f"--chunk-size {chunk_size} must be a multiple of 4096 between "
+            f"{_core.MIN_CHUNK} and {_core.MAX_CHUNK}"
+        )
+    if size is not None and size < 0:
+        raise UsageError("--size must not be negative")
+
+
+def event_of(stats: TransferStats, node: str, **extra: Any) -> TransferEvent:
+    return TransferEvent(
+        transfer_id=stats.transfer_id,
+        node=node,
+        role=stats.role,
+        state=stats.state,
+        size=stats.size,
+        done_bytes=stats.done_bytes,
+        data_bytes=stats.data_bytes,
+        zero_bytes=stats.zero_bytes,
+        seconds=stats.seconds,
+        mb_per_s=stats.mb_per_s,
+        digest=stats.digest,
+        verified=stats.verified,
+        **extra,
+    )
+
+
+class TransferHandle:
+    """A running transfer: poll ``stats()``, iterate ``progress()``, ``cancel()``, await it."""
+
+    def __init__(
+        self, core: _core.Transfer, outcome: asyncio.Future[object], planes: Planes
+    ) -> None:
+        self._core = core
+        self._outcome = outcome
+        self._planes = planes
+        self._last_event = 0.0
+
+    @property
+    def transfer_id(self) -> str:
+        return self._core.transfer_id
+
+    def stats(self) -> TransferStats:
+        return self._core.stats()
+
+    def cancel(self) -> None:
+        self._core.cancel()
+
+    def done(self) -> bool:
+        return self._outcome.done()
+
+    def _publish(self, kind: str, event: TransferEvent) -> None:
+        self._planes.data.publish(subjects.data_event(self.transfer_id, kind), encode(event))
+
+    def _tick(self, on_progress: ProgressCallback | None) -> None:
+        stats = self.stats()
+        if on_progress is not None:
+            on_progress(stats)
+        now = time.monotonic()
+        if stats.state == "running" and now - self._last_event >= EVENT_INTERVAL:
+            self._last_event = now
+            self._publish("progress", event_of(stats, self._planes.node))
+
+    async def progress(self, interval: float = PROGRESS_INTERVAL) -> AsyncIterator[TransferStats]:
+        """Yield stats every ``interval`` seconds until the transfer ends."""
+        while not self._outcome.done():
+            yield self.stats()
+            await asyncio.wait({self._outcome}, timeout=interval)
+
+    async def wait(self, on_progress: ProgressCallback | None = None) -> TransferStats:
+        """Wait for the end, reporting progress; raise the transfer's error if it failed."""
+        try:
+            while not self._outcome.done():
+                self._tick(on_progress)
+                await asyncio.wait({self._outcome}, timeout=PROGRESS_INTERVAL)
+        except asyncio.CancelledError:
+            self.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._outcome)
+            raise
+        try:
+            result = self._outcome.result()
+        except Exception as e:
+            self._publish("error", event_of(self.stats(), self._planes.node, error_code=getattr(e, "code", "error"), error=str(e)))
+            raise
+        assert isinstance(result, _core.Stats)
+        if on_progress is not None:
+            on_progress(result)
+        self._publish("done", event_of(result, self._planes.node))
+        await self._ctl_event(result)
+        return result
+
+    async def _ctl_event(self, stats: TransferStats) -> None:
+        with contextlib.suppress(Exception):
+            subject = subjects.ctl_event(self._planes.node, "transfer")
+            await self._planes.ctl.publish(subject, encode(event_of(stats, self._planes.node)))
+
+
+def new_transfer_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+async def start_send(
+    src: str,
+    *,
+    transfer_id: str,
+    planes: Planes,
+    size: int | None = None,
+    chunk_size: int | None = None,
+    window: int = _core.DEFAULT_WINDOW,
+    timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = False,
+) -> TransferHandle:
+    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
+    subs = subjects.transfer(transfer_id)
+    core, outcome = core_call(
+        lambda done: _core.start_send(
+            planes.data, src, transfer_id, subs, done,
+            size=size, chunk_size=chunk_size, window=window, timeout_s=timeout, verify=verify,
+        )
+    )
+    return TransferHandle(core, outcome, planes)
+
+
+async def start_recv(
+    dst: str,
+    *,
+    transfer_id: str,
+    planes: Planes,
+    window: int = _core.DEFAULT_WINDOW,
+    timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = False,
+    target_is_zero: bool = False,
+) -> TransferHandle:
+    check_options(window=window, timeout=timeout)
+    subs = subjects.transfer(transfer_id)
+    core, outcome = core_call(
+        lambda done: _core.start_recv(
+            planes.data, dst, transfer_id, subs, done,
+            window=window, timeout_s=timeout, verify=verify, target_is_zero=target_is_zero,
+        )
+    )
+    return TransferHandle(core, outcome, planes)
+
+
+@contextlib.asynccontextmanager
+async def _planes(
+    planes: Planes | None, data_url: str | None, ctl_url: str | None, node: str | None
+) -> AsyncIterator[Planes]:
+    if planes is not None:
+        yield planes
+        return
+    own = await Planes.connect(data_url, ctl_url, node)
+    try:
+        yield own
+    finally:
+        await own.close()
+
+
+async def send(
+    src: str,
+    *,
+    transfer_id: str,
+    planes: Planes | None = None,
+    data_url: str | None = None,
+    ctl_url: str | None = None,
+    node: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    **options: Any,
+) -> TransferStats:
+    """Send ``src`` (NBD URI, file, device or ``-``) as transfer ``transfer_id``."""
+    subjects.check_token(transfer_id, "transfer id")
+    async with _planes(planes, data_url, ctl_url, node) as p:
+        handle = await start_send(src, transfer_id=transfer_id, planes=p, **options)
+        return await handle.wait(on_progress)
+
+
+async def recv(
+    dst: str,
+    *,
+    transfer_id: str,
+    planes: Planes | None = None,
+    data_url: str | None = None,
+    ctl_url: str | None = None,
+    node: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    **options: Any,
+) -> TransferStats:
+    """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-`` or ``null:``)."""
+    subjects.check_token(transfer_id, "transfer id")
+    async with _planes(planes, data_url, ctl_url, node) as p:
+        handle = await start_recv(dst, transfer_id=transfer_id, planes=p, **options)
+        return await handle.wait(on_progress)
+
+
+async def copy(
+    src: str,
+    dst: str,
+    *,
+    transfer_id: str | None = None,
+    data_url: str | None = None,
+    ctl_url: str | None = None,
+    node: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    size: int | None = None,
+    chunk_size: int | None = None,
+    window: int = _core.DEFAULT_WINDOW,
+    timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = False,
+    target_is_zero: bool = False,
+) -> TransferStats:
+    """Both ends in one process. Without any NATS URL, through an embedded nats-server."""
+    transfer_id = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
+    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
+    async with contextlib.AsyncExitStack() as stack:
+        if not urls_given(data_url, ctl_url):
+            data_url = await stack.enter_async_context(EmbeddedServer())
+        planes = await Planes.connect(data_url, ctl_url, node)
+        stack.push_async_callback(planes.close)
+        receiver = await start_recv(
+            dst, transfer_id=transfer_id, planes=planes, window=window, timeout=timeout,
+            verify=verify, target_is_zero=target_is_zero,
+        )
+        sender = await start_send(
+            src, transfer_id=transfer_id, planes=planes, size=size, chunk_size=chunk_size,
+            window=window, timeout=timeout, verify=verify,
+        )
+        return await _both(sender, receiver, on_progress)
+    raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)
+
+
+async def _both(
+    sender: TransferHandle, receiver: TransferHandle, on_progress: ProgressCallback | None
+) -> TransferStats:
+    """Wait for both ends; when one fails, stop the other and raise the first cause."""
+    tasks = {
+        asyncio.create_task(sender.wait(on_progress)): sender,
+        asyncio.create_task(receiver.wait()): receiver,
+    }
+    try:
+        pending: set[asyncio.Task[TransferStats]] = set(tasks)
+        first_error: BaseException | None = None
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                err = t.exception()
+                if err is not None and first_error is None:
+                    first_error = err
+                    for other in pending:
+                        tasks[other].cancel()
+        if first_error is not None:
+            # A peer's cancellation is a consequence; report the cause.
+            causes = [t.exception() for t in tasks if t.exception() is not None]
+            real = [e for e in causes if not isinstance(e, TransferCancelled)]
+            raise (real or [first_error])[0]  # type: ignore[misc]
+        stats = next(t for t, h in tasks.items() if h is receiver).result()
+        return stats
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
