@@ -37,6 +37,8 @@ struct Inner {
     size: u64,
     caps: Caps,
     tx: mpsc::Sender<Request>,
+    /// Still worth asking for fast zeroing (cleared after the server refuses it once).
+    fast_zero: AtomicBool,
     /// Set when the last clone is dropped: the worker abandons what is still in flight.
     closed: Arc<AtomicBool>,
 }
@@ -64,7 +66,8 @@ impl Nbd {
             .await
             .map_err(|_| Error::Endpoint(format!("NBD connection to {uri} ended during setup")))?
             .map_err(|e| Error::Endpoint(format!("cannot connect to NBD {uri}: {e}")))?;
-        Ok(Nbd { inner: Arc::new(Inner { uri: uri.to_string(), size, caps, tx, closed }) })
+        let fast_zero = AtomicBool::new(caps.can_fast_zero);
+        Ok(Nbd { inner: Arc::new(Inner { uri: uri.to_string(), size, caps, tx, fast_zero, closed }) })
     }
 
     pub fn read_only(&self) -> bool {
@@ -244,16 +247,20 @@ impl Sink for Nbd {
         if !self.inner.caps.can_zero {
             return write_zeros(self, offset, len);
         }
-        if !self.inner.caps.can_fast_zero {
+        if !self.inner.fast_zero.load(Ordering::Relaxed) {
             return self.done(Command::Zero { offset, len, fast: false });
         }
-        // Fast zero fails at once where zeroing would be as slow as writing; then write.
+        // Fast zero fails at once where the server could only zero by writing. Then a
+        // plain write-zeroes still saves sending the zeros, and we stop asking for fast.
         let fast = self.command(Command::Zero { offset, len, fast: true });
-        let fallback = self.clone();
+        let this = self.clone();
         async move {
             match fast.await {
                 Ok(_) => Ok(()),
-                Err(_) => write_zeros(&fallback, offset, len).await,
+                Err(_) => {
+                    this.inner.fast_zero.store(false, Ordering::Relaxed);
+                    this.done(Command::Zero { offset, len, fast: false }).await
+                }
             }
         }
         .boxed()
