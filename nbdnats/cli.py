@@ -32,15 +32,18 @@ environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists)
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        # One shape for every error line, whichever subcommand's parser found it.
+        self.exit(2, f"nbd-nats: error: {message} (see: {self.prog} --help)\n")
 
 
 def _size(what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             return parse_size(text, what)
-        except UsageError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        except UsageError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a size: use bytes or a suffix like 4M, 1G, 512K"
+            ) from None
 
     return parse
 

@@ -5,8 +5,9 @@
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
@@ -19,7 +20,9 @@ use crate::extents::{push_merged, Extent};
 
 pub struct File {
     path: Arc<str>,
-    file: Arc<std::fs::File>,
+    /// Opened at once for sources and existing targets; a new target file is only
+    /// created by `prepare`, so a transfer that never starts leaves nothing behind.
+    file: Arc<OnceLock<std::fs::File>>,
     size: u64,
     block_device: bool,
     /// Bytes from here on are known to read as zeros (a file we created or extended).
@@ -36,6 +39,7 @@ fn open_error(role: &str, path: &str, e: std::io::Error) -> Error {
 
 impl File {
     fn wrap(path: &str, mut file: std::fs::File, role: &str) -> Result<File> {
+        let cell = OnceLock::new();
         let meta = file.metadata().map_err(|e| open_error(role, path, e))?;
         let ft = meta.file_type();
         if ft.is_dir() {
@@ -47,7 +51,8 @@ impl File {
         } else {
             meta.len()
         };
-        Ok(File { path: path.into(), file: Arc::new(file), size, block_device, zero_from: Arc::new(AtomicU64::new(u64::MAX)) })
+        let _ = cell.set(file);
+        Ok(File { path: path.into(), file: Arc::new(cell), size, block_device, zero_from: Arc::new(AtomicU64::new(u64::MAX)) })
     }
 
     pub fn open_source(path: &str) -> Result<File> {
@@ -56,14 +61,21 @@ impl File {
     }
 
     pub fn open_sink(path: &str) -> Result<File> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| open_error("target", path, e))?;
-        File::wrap(path, file, "target")
+        match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(file) => File::wrap(path, file, "target"),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let parent = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                if !parent.is_dir() {
+                    return Err(Error::Endpoint(format!("target directory {} does not exist", parent.display())));
+                }
+                Ok(File { path: path.into(), file: Arc::new(OnceLock::new()), size: 0, block_device: false, zero_from: Arc::new(AtomicU64::new(0)) })
+            }
+            Err(e) => Err(open_error("target", path, e)),
+        }
+    }
+
+    fn handle(&self) -> Result<&std::fs::File> {
+        self.file.get().ok_or_else(|| Error::Endpoint(format!("target {} was never created", self.path)))
     }
 
     fn io_error(&self, what: &str, offset: u64, e: std::io::Error) -> Error {
@@ -104,18 +116,16 @@ impl Source for File {
     }
 
     fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>> {
-        let file = self.file.clone();
+        let this = self.clone_handle();
         let end = offset.saturating_add(len).min(self.size);
-        blocking(move || Ok(seek_extents(&file, offset, end))).boxed()
+        blocking(move || Ok(seek_extents(this.handle()?, offset, end))).boxed()
     }
 
     fn read(&self, offset: u64, len: usize, headroom: usize) -> BoxFuture<'static, Result<BytesMut>> {
-        let file = self.file.clone();
-        let path = self.path.clone();
+        let this = self.clone_handle();
         blocking(move || {
             let mut buf = BytesMut::zeroed(headroom + len);
-            file.read_exact_at(&mut buf[headroom..], offset)
-                .map_err(|e| Error::Endpoint(format!("{path} read at offset {offset}: {e}")))?;
+            this.handle()?.read_exact_at(&mut buf[headroom..], offset).map_err(|e| this.io_error("read", offset, e))?;
             Ok(buf)
         })
         .boxed()
@@ -132,11 +142,20 @@ impl Sink for File {
     }
 
     fn prepare(&self, size: u64) -> BoxFuture<'static, Result<()>> {
-        let file = self.file.clone();
-        let path = self.path.clone();
-        let (current, block_device, zero_from) = (self.size, self.block_device, self.zero_from.clone());
+        let this = self.clone_handle();
         blocking(move || {
-            if block_device {
+            let (path, current) = (&this.path, this.size);
+            if this.file.get().is_none() {
+                let created = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&*this.path)
+                    .map_err(|e| open_error("target", path, e))?;
+                let _ = this.file.set(created);
+            }
+            let file = this.handle()?;
+            if this.block_device {
                 if size > current {
                     return Err(Error::TargetTooSmall(format!(
                         "target device {path} holds {current} bytes but the source has {size}"
@@ -148,7 +167,7 @@ impl Sink for File {
                 file.set_len(size)
                     .map_err(|e| Error::Endpoint(format!("cannot extend target {path} to {size} bytes: {e}")))?;
             }
-            zero_from.store(current, Ordering::Relaxed);
+            this.zero_from.store(current, Ordering::Relaxed);
             Ok(())
         })
         .boxed()
@@ -156,7 +175,7 @@ impl Sink for File {
 
     fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'static, Result<()>> {
         let this = self.clone_handle();
-        blocking(move || this.file.write_all_at(&data, offset).map_err(|e| this.io_error("write", offset, e))).boxed()
+        blocking(move || this.handle()?.write_all_at(&data, offset).map_err(|e| this.io_error("write", offset, e))).boxed()
     }
 
     fn zero(&self, offset: u64, len: u64, _trim: bool) -> BoxFuture<'static, Result<()>> {
@@ -167,15 +186,16 @@ impl Sink for File {
         let this = self.clone_handle();
         blocking(move || {
             let len = end - offset;
+            let file = this.handle()?;
             for flags in [FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE] {
-                if fallocate(&*this.file, flags, offset, len).is_ok() {
+                if fallocate(file, flags, offset, len).is_ok() {
                     return Ok(());
                 }
             }
             let mut pos = offset;
             while pos < end {
                 let chunk = zeros((end - pos) as usize);
-                this.file.write_all_at(&chunk, pos).map_err(|e| this.io_error("write", pos, e))?;
+                file.write_all_at(&chunk, pos).map_err(|e| this.io_error("write", pos, e))?;
                 pos += chunk.len() as u64;
             }
             Ok(())
@@ -185,7 +205,7 @@ impl Sink for File {
 
     fn flush(&self) -> BoxFuture<'static, Result<()>> {
         let this = self.clone_handle();
-        blocking(move || this.file.sync_data().map_err(|e| this.io_error("flush", 0, e))).boxed()
+        blocking(move || this.handle()?.sync_data().map_err(|e| this.io_error("flush", 0, e))).boxed()
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>> {

@@ -1,0 +1,188 @@
+"""Bad input: one line saying what failed and what to do, a non-zero exit, nothing lost."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MiB, make_image, one_line_error, run_cli, sha256_file, start_cli
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    path = tmp_path / "src.img"
+    make_image(path, 4 * MiB, [(0, MiB)])
+    return path
+
+
+def test_malformed_nbd_uri(tmp_path: Path) -> None:
+    line = one_line_error(run_cli("copy", "nbd://bad:host:x/", str(tmp_path / "out.img")))
+    assert "unable to parse URI" in line
+    assert not (tmp_path / "out.img").exists()
+
+
+def test_unreachable_nbd_socket(tmp_path: Path) -> None:
+    uri = f"nbd+unix:///disk?socket={tmp_path}/missing.sock"
+    line = one_line_error(run_cli("copy", uri, str(tmp_path / "out.img")))
+    assert "cannot connect to NBD" in line and "No such file" in line
+
+
+def test_missing_source_file_creates_no_target(tmp_path: Path) -> None:
+    proc = run_cli("copy", str(tmp_path / "nope.img"), str(tmp_path / "out.img"))
+    assert "does not exist" in one_line_error(proc)
+    assert proc.returncode == 1
+    assert not (tmp_path / "out.img").exists()
+
+
+def test_missing_target_directory(tmp_path: Path, src: Path) -> None:
+    line = one_line_error(run_cli("copy", str(src), str(tmp_path / "no" / "out.img")))
+    assert "target directory" in line and "does not exist" in line
+
+
+def test_directory_as_source(tmp_path: Path) -> None:
+    assert "is a directory" in one_line_error(run_cli("copy", str(tmp_path), str(tmp_path / "o")))
+
+
+def test_target_smaller_than_source_is_left_untouched(tmp_path: Path, src: Path, qemu_nbd) -> None:
+    dst = tmp_path / "small.img"
+    before = make_image(dst, 2 * MiB, [(0, 2 * MiB)], seed=5)
+    proc = run_cli("copy", str(src), qemu_nbd(dst))
+    line = one_line_error(proc)
+    assert proc.returncode == 1
+    assert "holds 2097152 bytes but the source has 4194304" in line
+    assert "qemu-img resize" in line
+    assert sha256_file(dst) == before
+
+
+def test_read_only_nbd_target(tmp_path: Path, src: Path, qemu_nbd) -> None:
+    dst = tmp_path / "ro.img"
+    make_image(dst, 4 * MiB, [])
+    assert "read-only" in one_line_error(run_cli("copy", str(src), qemu_nbd(dst, read_only=True)))
+
+
+def test_unreachable_nats(src: Path) -> None:
+    proc = run_cli("send", str(src), "--id", "x", "--data-url", "nats://127.0.0.1:1")
+    line = one_line_error(proc)
+    assert proc.returncode == 1
+    assert "cannot connect to NATS at nats://127.0.0.1:1" in line and "--data-url" in line
+
+
+def test_unreachable_ctl_server(src: Path, nats_url: str) -> None:
+    proc = run_cli("send", str(src), "--id", "x", "--data-url", nats_url, "--ctl-url", "nats://127.0.0.1:1")
+    assert "ctl NATS server at nats://127.0.0.1:1" in one_line_error(proc)
+
+
+def test_unreachable_nats_from_environment(src: Path) -> None:
+    proc = run_cli("send", str(src), "--id", "x", env={"NBDNATS_DATA_URL": "nats://127.0.0.1:1"})
+    assert "nats://127.0.0.1:1" in one_line_error(proc)
+
+
+def test_chunk_above_max_payload_is_refused(tmp_path: Path, src: Path, start_nats) -> None:
+    server = start_nats(max_payload=MiB)
+    proc = run_cli("copy", str(src), str(tmp_path / "o.img"), "--chunk-size", "4M", "--data-url", server.url)
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "max_payload of 1048576" in line and "--chunk-size 524288 or less" in line
+
+
+@pytest.mark.parametrize("bad", ["a.b", "a b", "*", ">", "x" * 65, ""])
+def test_invalid_transfer_id(src: Path, bad: str) -> None:
+    proc = run_cli("send", str(src), "--id", bad)
+    assert "invalid transfer id" in one_line_error(proc)
+    assert proc.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["--window", "1G"], "--window"),
+        (["--window", "lots"], "argument --window: 'lots' is not a size"),
+        (["--timeout", "-1"], "--timeout"),
+        (["--chunk-size", "5000"], "multiple of 4096"),
+        (["--size", "5"], "--size applies only to stdin"),
+    ],
+)
+def test_invalid_options(tmp_path: Path, src: Path, args: list[str], text: str) -> None:
+    proc = run_cli("copy", str(src), str(tmp_path / "o.img"), *args)
+    assert text in one_line_error(proc)
+    assert proc.returncode == 2
+    assert not (tmp_path / "o.img").exists()
+
+
+def test_stdin_needs_size(tmp_path: Path) -> None:
+    proc = run_cli("copy", "-", str(tmp_path / "o.img"), input=b"x" * 100)
+    assert "--size" in one_line_error(proc)
+
+
+def test_stdin_shorter_than_size_fails(tmp_path: Path) -> None:
+    proc = run_cli("copy", "-", str(tmp_path / "o.img"), "--size", "2M", input=b"x" * MiB)
+    assert "stdin ended after 1048576 bytes but --size says 2097152" in one_line_error(proc)
+
+
+def test_stdin_longer_than_size_fails(tmp_path: Path) -> None:
+    proc = run_cli("copy", "-", str(tmp_path / "o.img"), "--size", "1M", input=b"x" * (MiB + 1))
+    assert "more than the 1048576 bytes" in one_line_error(proc)
+
+
+def test_missing_arguments_are_usage_errors() -> None:
+    proc = run_cli("send")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr.decode()
+    assert "the following arguments are required" in proc.stderr.decode()
+
+
+def test_second_receiver_for_the_same_id(tmp_path: Path, nats_url: str) -> None:
+    first = start_cli("recv", str(tmp_path / "a.img"), "--id", "dup", "--data-url", nats_url)
+    try:
+        time.sleep(1.0)
+        proc = run_cli("recv", str(tmp_path / "b.img"), "--id", "dup", "--data-url", nats_url)
+        assert "another receiver already serves transfer dup" in one_line_error(proc)
+        assert first.poll() is None  # the first one is unharmed
+    finally:
+        first.terminate()
+        first.communicate(timeout=10)
+
+
+def test_sender_without_receiver_times_out(src: Path, nats_url: str) -> None:
+    proc = run_cli("send", str(src), "--id", "lonely", "--data-url", nats_url, "--timeout", "1")
+    line = one_line_error(proc)
+    assert "no receiver for transfer lonely answered within 1s" in line
+    assert "nbd-nats recv" in line
+
+
+def test_receiver_without_sender_times_out(tmp_path: Path, nats_url: str) -> None:
+    proc = run_cli("recv", str(tmp_path / "o.img"), "--id", "lonely", "--data-url", nats_url, "--timeout", "1")
+    assert "no sender for transfer lonely appeared" in one_line_error(proc)
+    assert not (tmp_path / "o.img").exists()
+
+
+def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str) -> None:
+    """qemu-nbd killed while a (throttled) copy runs: sender fails, receiver is told why."""
+    src = tmp_path / "src.img"
+    make_image(src, 64 * MiB, [(0, 64 * MiB)])
+    sock = tmp_path / "slow.sock"
+    nbd = subprocess.Popen([
+        "qemu-nbd", "--read-only", "--persistent", "-x", "disk", "-k", str(sock),
+        "--object", "throttle-group,id=tg,x-bps-read=8388608",
+        "--image-opts", f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={src}",
+    ])
+    try:
+        while not sock.exists():
+            time.sleep(0.02)
+        dst = tmp_path / "dst.img"
+        recv = start_cli("recv", str(dst), "--id", "cut", "--data-url", nats_url)
+        send = start_cli("send", f"nbd+unix:///disk?socket={sock}", "--id", "cut", "--data-url", nats_url)
+        time.sleep(2.0)
+        nbd.kill()
+        _, s_err = send.communicate(timeout=60)
+        _, r_err = recv.communicate(timeout=60)
+    finally:
+        nbd.kill()
+        nbd.wait()
+    assert send.returncode == 1 and recv.returncode == 1
+    assert "NBD" in s_err.decode()
+    assert "the sender gave up" in r_err.decode()
+    assert "Traceback" not in s_err.decode() + r_err.decode()
