@@ -7,6 +7,7 @@ The core calls ``done`` from one of its own threads; we hop onto the event loop 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -22,8 +23,8 @@ def _settle(fut: asyncio.Future[object], ok: bool, value: object) -> None:
     if ok:
         fut.set_result(value)
     else:
-        code, message = value  # type: ignore[misc]
-        fut.set_exception(from_code(str(code), str(message)))
+        assert isinstance(value, tuple) and len(value) == 2
+        fut.set_exception(from_code(str(value[0]), str(value[1])))
 
 
 def core_call(start: Callable[[Done], T]) -> tuple[T, asyncio.Future[object]]:
@@ -32,9 +33,8 @@ def core_call(start: Callable[[Done], T]) -> tuple[T, asyncio.Future[object]]:
     fut: asyncio.Future[object] = loop.create_future()
 
     def done(ok: bool, value: object) -> None:
-        try:
+        # A closed loop raises RuntimeError: nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_settle, fut, ok, value)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
     return start(done), fut

@@ -1,6 +1,24 @@
 """Type stubs of the Rust core (``ext/``); checked against the module by stubtest."""
 
 from collections.abc import Callable
+from typing import final
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "DEFAULT_WINDOW",
+    "HEADER_LEN",
+    "MAX_CHUNK",
+    "MAX_WINDOW",
+    "MIN_CHUNK",
+    "PROTOCOL_VERSION",
+    "DataConnection",
+    "Stats",
+    "Transfer",
+    "__version__",
+    "connect",
+    "start_recv",
+    "start_send",
+]
 
 __version__: str
 PROTOCOL_VERSION: int
@@ -13,16 +31,18 @@ MAX_CHUNK: int
 
 # done(True, value) on success, done(False, (code, message)) on failure; called from a
 # core thread.
-Done = Callable[[bool, object], None]
+_Done = Callable[[bool, object], None]
 
+@final
 class DataConnection:
     @property
     def servers(self) -> str: ...
     @property
     def max_payload(self) -> int: ...
     def publish(self, subject: str, payload: bytes) -> None: ...
-    def flush(self, done: Done) -> None: ...
+    def flush(self, done: _Done) -> None: ...
 
+@final
 class Stats:
     @property
     def transfer_id(self) -> str: ...
@@ -57,19 +77,20 @@ class Stats:
     @property
     def mb_per_s(self) -> float: ...
 
+@final
 class Transfer:
     def cancel(self) -> None: ...
     def stats(self) -> Stats: ...
     @property
     def transfer_id(self) -> str: ...
 
-def connect(servers: str, name: str, done: Done) -> None: ...
+def connect(servers: str, name: str, done: _Done) -> None: ...
 def start_send(
     conn: DataConnection,
     src: str,
     transfer_id: str,
     subjects_: tuple[str, str, str],
-    done: Done,
+    done: _Done,
     *,
     size: int | None = None,
     chunk_size: int | None = None,
@@ -82,7 +103,7 @@ def start_recv(
     dst: str,
     transfer_id: str,
     subjects_: tuple[str, str, str],
-    done: Done,
+    done: _Done,
     *,
     window: int = ...,
     timeout_s: float = 60.0,

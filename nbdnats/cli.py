@@ -50,27 +50,55 @@ def _size(what: str) -> Callable[[str], int]:
 
 def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> None:
     g = p.add_argument_group("NATS")
-    g.add_argument("--data-url", metavar="URL", help="data-plane servers (default: "
-                   "$NBDNATS_DATA_URL or nats://127.0.0.1:4222; copy: an embedded server)")
-    g.add_argument("--ctl-url", metavar="URL", help="ctl-plane servers (default: $NBDNATS_CTL_URL "
-                   "or the data URL)")
+    g.add_argument(
+        "--data-url",
+        metavar="URL",
+        help="data-plane servers (default: "
+        "$NBDNATS_DATA_URL or nats://127.0.0.1:4222; copy: an embedded server)",
+    )
+    g.add_argument(
+        "--ctl-url",
+        metavar="URL",
+        help="ctl-plane servers (default: $NBDNATS_CTL_URL or the data URL)",
+    )
     g.add_argument("--node", help="this node's name on the ctl plane (default: the hostname)")
     t = p.add_argument_group("transfer")
     if sender:
-        t.add_argument("--size", type=_size("--size"), metavar="BYTES",
-                       help="image size; required when SRC is '-' (stdin)")
-        t.add_argument("--chunk-size", type=_size("--chunk-size"), metavar="BYTES",
-                       help="bytes per frame (default: 4M, or what the server's max_payload allows)")
-    t.add_argument("--window", type=_size("--window"), default=_core.DEFAULT_WINDOW,
-                   metavar="BYTES", help="bytes in flight before an ack (default: 32M, max 48M)")
-    t.add_argument("--timeout", type=float, default=transfer.DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help="how long to wait for the peer to appear or answer; 0 waits forever "
-                   "(default: 60)")
-    t.add_argument("--verify", action="store_true",
-                   help="re-read the target after writing and compare")
+        t.add_argument(
+            "--size",
+            type=_size("--size"),
+            metavar="BYTES",
+            help="image size; required when SRC is '-' (stdin)",
+        )
+        t.add_argument(
+            "--chunk-size",
+            type=_size("--chunk-size"),
+            metavar="BYTES",
+            help="bytes per frame (default: 4M, or what the server's max_payload allows)",
+        )
+    t.add_argument(
+        "--window",
+        type=_size("--window"),
+        default=_core.DEFAULT_WINDOW,
+        metavar="BYTES",
+        help="bytes in flight before an ack (default: 32M, max 48M)",
+    )
+    t.add_argument(
+        "--timeout",
+        type=float,
+        default=transfer.DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the peer to appear or answer; 0 waits forever (default: 60)",
+    )
+    t.add_argument(
+        "--verify", action="store_true", help="re-read the target after writing and compare"
+    )
     if receiver:
-        t.add_argument("--target-is-zero", action="store_true",
-                       help="the target already reads as zeros: skip writing zero ranges")
+        t.add_argument(
+            "--target-is-zero",
+            action="store_true",
+            help="the target already reads as zeros: skip writing zero ranges",
+        )
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON line with the results")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
@@ -86,41 +114,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nbd-nats {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    send = sub.add_parser("send", help="send a disk image as transfer ID",
-                          description="Send SRC as transfer ID to the receiver of that id.",
-                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    send = sub.add_parser(
+        "send",
+        help="send a disk image as transfer ID",
+        description="Send SRC as transfer ID to the receiver of that id.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     send.add_argument("src", metavar="SRC")
-    send.add_argument("--id", required=True, dest="transfer_id", metavar="ID",
-                      help="transfer id shared with the receiver")
+    send.add_argument(
+        "--id",
+        required=True,
+        dest="transfer_id",
+        metavar="ID",
+        help="transfer id shared with the receiver",
+    )
     _add_common(send, sender=True, receiver=False)
 
-    recv = sub.add_parser("recv", help="receive transfer ID into a target",
-                          description="Receive transfer ID into DST.",
-                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recv = sub.add_parser(
+        "recv",
+        help="receive transfer ID into a target",
+        description="Receive transfer ID into DST.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     recv.add_argument("dst", metavar="DST")
-    recv.add_argument("--id", required=True, dest="transfer_id", metavar="ID",
-                      help="transfer id shared with the sender")
+    recv.add_argument(
+        "--id",
+        required=True,
+        dest="transfer_id",
+        metavar="ID",
+        help="transfer id shared with the sender",
+    )
     _add_common(recv, sender=False, receiver=True)
 
-    copy = sub.add_parser("copy", help="copy SRC to DST through NATS in one command",
-                          description="Copy SRC to DST through NATS (both ends in this process). "
-                          "Without --data-url an embedded nats-server is started.",
-                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    copy = sub.add_parser(
+        "copy",
+        help="copy SRC to DST through NATS in one command",
+        description="Copy SRC to DST through NATS (both ends in this process). "
+        "Without --data-url an embedded nats-server is started.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     copy.add_argument("src", metavar="SRC")
     copy.add_argument("dst", metavar="DST")
-    copy.add_argument("--id", dest="transfer_id", metavar="ID",
-                      help="transfer id (default: random)")
+    copy.add_argument(
+        "--id", dest="transfer_id", metavar="ID", help="transfer id (default: random)"
+    )
     _add_common(copy, sender=True, receiver=True)
     return parser
 
 
 def _report(stats: _core.Stats) -> Report:
     return Report(
-        id=stats.transfer_id, role=stats.role, size=stats.size, data_bytes=stats.data_bytes,
-        zero_bytes=stats.zero_bytes, seconds=round(stats.seconds, 3),
-        mb_per_s=round(stats.mb_per_s, 1), digest=stats.digest, verified=stats.verified,
-        chunk_size=stats.chunk_size, window=stats.window, frames=stats.frames,
-        bad_frames=stats.bad_frames, duplicate_frames=stats.duplicate_frames,
+        id=stats.transfer_id,
+        role=stats.role,
+        size=stats.size,
+        data_bytes=stats.data_bytes,
+        zero_bytes=stats.zero_bytes,
+        seconds=round(stats.seconds, 3),
+        mb_per_s=round(stats.mb_per_s, 1),
+        digest=stats.digest,
+        verified=stats.verified,
+        chunk_size=stats.chunk_size,
+        window=stats.window,
+        frames=stats.frames,
+        bad_frames=stats.bad_frames,
+        duplicate_frames=stats.duplicate_frames,
     )
 
 
@@ -139,22 +199,38 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
     to_stdout = getattr(args, "dst", None) == "-"
     bar = ProgressBar(enabled=False if (args.quiet or args.json) else None)
     common: dict[str, Any] = {
-        "data_url": args.data_url, "ctl_url": args.ctl_url, "node": args.node,
-        "on_progress": bar, "window": args.window, "timeout": args.timeout,
+        "data_url": args.data_url,
+        "ctl_url": args.ctl_url,
+        "node": args.node,
+        "on_progress": bar,
+        "window": args.window,
+        "timeout": args.timeout,
         "verify": args.verify,
     }
     call: Awaitable[_core.Stats]
     try:
         if args.command == "send":
-            call = nbdnats.send(args.src, transfer_id=args.transfer_id, size=args.size,
-                                chunk_size=args.chunk_size, **common)
+            call = nbdnats.send(
+                args.src,
+                transfer_id=args.transfer_id,
+                size=args.size,
+                chunk_size=args.chunk_size,
+                **common,
+            )
         elif args.command == "recv":
-            call = nbdnats.recv(args.dst, transfer_id=args.transfer_id,
-                                target_is_zero=args.target_is_zero, **common)
+            call = nbdnats.recv(
+                args.dst, transfer_id=args.transfer_id, target_is_zero=args.target_is_zero, **common
+            )
         else:
-            call = nbdnats.copy(args.src, args.dst, transfer_id=args.transfer_id, size=args.size,
-                                chunk_size=args.chunk_size, target_is_zero=args.target_is_zero,
-                                **common)
+            call = nbdnats.copy(
+                args.src,
+                args.dst,
+                transfer_id=args.transfer_id,
+                size=args.size,
+                chunk_size=args.chunk_size,
+                target_is_zero=args.target_is_zero,
+                **common,
+            )
         stats = await call
     finally:
         bar.close()

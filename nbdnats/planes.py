@@ -33,7 +33,10 @@ def resolve_urls(data_url: str | None, ctl_url: str | None) -> tuple[str, str]:
 
 def urls_given(data_url: str | None, ctl_url: str | None) -> bool:
     return bool(
-        data_url or ctl_url or os.environ.get("NBDNATS_DATA_URL") or os.environ.get("NBDNATS_CTL_URL")
+        data_url
+        or ctl_url
+        or os.environ.get("NBDNATS_DATA_URL")
+        or os.environ.get("NBDNATS_CTL_URL")
     )
 
 

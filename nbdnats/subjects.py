@@ -1,12 +1,12 @@
 """The subject taxonomy: one subject carries plane and intent. Nothing else formats one.
 
-    ctl.cmd.<node>.<op>          commands to a node's agent
-    ctl.qry.<node>.<what>        request/reply queries
-    ctl.evt.<node>.<kind>        events (JetStream friendly)
-    data.cmd.<transfer>.open     transfer setup (the open handshake)
-    data.evt.<transfer>.<kind>   progress / done / error
-    data.blk.<transfer>.c        chunk frames, sender -> receiver
-    data.blk.<transfer>.a        acks, receiver -> sender
+ctl.cmd.<node>.<op>          commands to a node's agent
+ctl.qry.<node>.<what>        request/reply queries
+ctl.evt.<node>.<kind>        events (JetStream friendly)
+data.cmd.<transfer>.open     transfer setup (the open handshake)
+data.evt.<transfer>.<kind>   progress / done / error
+data.blk.<transfer>.c        chunk frames, sender -> receiver
+data.blk.<transfer>.a        acks, receiver -> sender
 """
 
 from __future__ import annotations

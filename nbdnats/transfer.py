@@ -126,7 +126,15 @@ class TransferHandle:
         try:
             result = self._outcome.result()
         except Exception as e:
-            self._publish("error", event_of(self.stats(), self._planes.node, error_code=getattr(e, "code", "error"), error=str(e)))
+            self._publish(
+                "error",
+                event_of(
+                    self.stats(),
+                    self._planes.node,
+                    error_code=getattr(e, "code", "error"),
+                    error=str(e),
+                ),
+            )
             raise
         assert isinstance(result, _core.Stats)
         if on_progress is not None:
@@ -160,8 +168,16 @@ async def start_send(
     subs = subjects.transfer(transfer_id)
     core, outcome = core_call(
         lambda done: _core.start_send(
-            planes.data, src, transfer_id, subs, done,
-            size=size, chunk_size=chunk_size, window=window, timeout_s=timeout, verify=verify,
+            planes.data,
+            src,
+            transfer_id,
+            subs,
+            done,
+            size=size,
+            chunk_size=chunk_size,
+            window=window,
+            timeout_s=timeout,
+            verify=verify,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -181,8 +197,15 @@ async def start_recv(
     subs = subjects.transfer(transfer_id)
     core, outcome = core_call(
         lambda done: _core.start_recv(
-            planes.data, dst, transfer_id, subs, done,
-            window=window, timeout_s=timeout, verify=verify, target_is_zero=target_is_zero,
+            planes.data,
+            dst,
+            transfer_id,
+            subs,
+            done,
+            window=window,
+            timeout_s=timeout,
+            verify=verify,
+            target_is_zero=target_is_zero,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -263,12 +286,23 @@ async def copy(
         planes = await Planes.connect(data_url, ctl_url, node)
         stack.push_async_callback(planes.close)
         receiver = await start_recv(
-            dst, transfer_id=transfer_id, planes=planes, window=window, timeout=timeout,
-            verify=verify, target_is_zero=target_is_zero,
+            dst,
+            transfer_id=transfer_id,
+            planes=planes,
+            window=window,
+            timeout=timeout,
+            verify=verify,
+            target_is_zero=target_is_zero,
         )
         sender = await start_send(
-            src, transfer_id=transfer_id, planes=planes, size=size, chunk_size=chunk_size,
-            window=window, timeout=timeout, verify=verify,
+            src,
+            transfer_id=transfer_id,
+            planes=planes,
+            size=size,
+            chunk_size=chunk_size,
+            window=window,
+            timeout=timeout,
+            verify=verify,
         )
         return await _both(sender, receiver, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)

@@ -141,7 +141,9 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def run_cli(*args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+def run_cli(
+    *args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_")}
     full_env.update(env or {})
     return subprocess.run(
@@ -151,7 +153,9 @@ def run_cli(*args: str, input: bytes | None = None, timeout: float = 120, env: d
 
 def start_cli(*args: str, **kw: object) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_")}
-    return subprocess.Popen([NBD_NATS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [NBD_NATS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw
+    )  # type: ignore[call-overload]
 
 
 def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
@@ -163,5 +167,3 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
     assert len(lines) == 1, f"expected one line, got {lines!r}"
     assert lines[0].startswith("nbd-nats: error: "), lines[0]
     return lines[0]
-
-

@@ -23,7 +23,9 @@ pub struct Digest {
 
 impl Default for Digest {
     fn default() -> Self {
-        Digest { hasher: Xxh3::new() }
+        Digest {
+            hasher: Xxh3::new(),
+        }
     }
 }
 
@@ -67,7 +69,10 @@ mod tests {
     #[test]
     fn header_change_changes_checksum() {
         let data = vec![7u8; 4096];
-        assert_ne!(frame_checksum(b"header-a", &data), frame_checksum(b"header-b", &data));
+        assert_ne!(
+            frame_checksum(b"header-a", &data),
+            frame_checksum(b"header-b", &data)
+        );
     }
 
     #[test]

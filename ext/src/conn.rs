@@ -31,7 +31,9 @@ pub fn parse_servers(servers: &str) -> Result<Vec<ServerAddr>> {
         })
         .collect::<Result<_>>()?;
     if addrs.is_empty() {
-        return Err(Error::Usage("no NATS server given; pass --data-url nats://HOST:PORT".into()));
+        return Err(Error::Usage(
+            "no NATS server given; pass --data-url nats://HOST:PORT".into(),
+        ));
     }
     Ok(addrs)
 }
@@ -54,7 +56,11 @@ pub async fn connect(servers: &str, name: &str) -> Result<DataConn> {
             ))
         })?;
     let max_payload = client.server_info().max_payload as u64;
-    Ok(DataConn { client, servers: servers.to_string(), max_payload })
+    Ok(DataConn {
+        client,
+        servers: servers.to_string(),
+        max_payload,
+    })
 }
 
 /// The largest chunk a frame can carry within `max_payload`.

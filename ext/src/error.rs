@@ -68,7 +68,10 @@ impl Error {
             "usage" => Error::Usage(message),
             "endpoint" => Error::Endpoint(message),
             "protocol" => Error::Protocol(message),
-            _ => Error::Remote { code: code.to_string(), message },
+            _ => Error::Remote {
+                code: code.to_string(),
+                message,
+            },
         }
     }
 

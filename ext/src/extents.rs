@@ -36,7 +36,14 @@ pub fn from_block_status(start: u64, end: u64, entries: &[(u64, u32)]) -> Vec<Ex
         if len == 0 {
             continue;
         }
-        push_merged(&mut out, Extent { offset: pos, len, zero: flags & STATE_ZERO != 0 });
+        push_merged(
+            &mut out,
+            Extent {
+                offset: pos,
+                len,
+                zero: flags & STATE_ZERO != 0,
+            },
+        );
         pos += len;
     }
     out
@@ -63,7 +70,11 @@ pub fn pieces(e: &Extent, chunk: u64, out: &mut Vec<Extent>) {
         } else {
             end.min((pos / chunk + 1) * chunk)
         };
-        out.push(Extent { offset: pos, len: stop - pos, zero: e.zero });
+        out.push(Extent {
+            offset: pos,
+            len: stop - pos,
+            zero: e.zero,
+        });
         pos = stop;
     }
 }
@@ -74,13 +85,29 @@ mod tests {
 
     #[test]
     fn block_status_is_merged_and_clipped() {
-        let got = from_block_status(100, 1000, &[(50, 0), (50, 0), (0, 3), (200, 3), (100, 2), (10_000, 0)]);
+        let got = from_block_status(
+            100,
+            1000,
+            &[(50, 0), (50, 0), (0, 3), (200, 3), (100, 2), (10_000, 0)],
+        );
         assert_eq!(
             got,
             vec![
-                Extent { offset: 100, len: 100, zero: false },
-                Extent { offset: 200, len: 300, zero: true },
-                Extent { offset: 500, len: 500, zero: false },
+                Extent {
+                    offset: 100,
+                    len: 100,
+                    zero: false
+                },
+                Extent {
+                    offset: 200,
+                    len: 300,
+                    zero: true
+                },
+                Extent {
+                    offset: 500,
+                    len: 500,
+                    zero: false
+                },
             ]
         );
     }
@@ -89,13 +116,28 @@ mod tests {
     fn hole_without_zero_flag_is_data() {
         // STATE_HOLE alone does not promise zeros.
         let got = from_block_status(0, 10, &[(10, 1)]);
-        assert_eq!(got, vec![Extent { offset: 0, len: 10, zero: false }]);
+        assert_eq!(
+            got,
+            vec![Extent {
+                offset: 0,
+                len: 10,
+                zero: false
+            }]
+        );
     }
 
     #[test]
     fn data_pieces_stop_at_chunk_boundaries() {
         let mut out = Vec::new();
-        pieces(&Extent { offset: 1000, len: 10_000, zero: false }, 4096, &mut out);
+        pieces(
+            &Extent {
+                offset: 1000,
+                len: 10_000,
+                zero: false,
+            },
+            4096,
+            &mut out,
+        );
         let spans: Vec<(u64, u64)> = out.iter().map(|p| (p.offset, p.len)).collect();
         assert_eq!(spans, vec![(1000, 3096), (4096, 4096), (8192, 2808)]);
         assert_eq!(out.iter().map(|p| p.len).sum::<u64>(), 10_000);
@@ -104,7 +146,15 @@ mod tests {
     #[test]
     fn zero_pieces_are_capped() {
         let mut out = Vec::new();
-        pieces(&Extent { offset: 0, len: 2 * MAX_ZERO_LEN + 5, zero: true }, 4096, &mut out);
+        pieces(
+            &Extent {
+                offset: 0,
+                len: 2 * MAX_ZERO_LEN + 5,
+                zero: true,
+            },
+            4096,
+            &mut out,
+        );
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|p| p.zero && p.len <= MAX_ZERO_LEN));
         assert_eq!(out[2].end(), 2 * MAX_ZERO_LEN + 5);

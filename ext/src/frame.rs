@@ -158,7 +158,10 @@ impl ChunkHeader {
         };
         if let Some(want) = expected_payload {
             if payload.len() as u64 != want {
-                return Err(FrameError::PayloadLength { got: payload.len(), want });
+                return Err(FrameError::PayloadLength {
+                    got: payload.len(),
+                    want,
+                });
             }
         } else if payload.len() > MAX_MESSAGE_LEN {
             return Err(FrameError::Payload("abort"));
@@ -195,7 +198,12 @@ impl EndSummary {
         }
         let mut digest = [0u8; 16];
         digest.copy_from_slice(&b[..16]);
-        Ok(EndSummary { digest, frames: u64_at(b, 16), data_bytes: u64_at(b, 24), zero_bytes: u64_at(b, 32) })
+        Ok(EndSummary {
+            digest,
+            frames: u64_at(b, 16),
+            data_bytes: u64_at(b, 24),
+            zero_bytes: u64_at(b, 32),
+        })
     }
 }
 
@@ -276,11 +284,19 @@ impl Ack {
                 }
                 let mut digest = [0u8; 16];
                 digest.copy_from_slice(&payload[..16]);
-                (AckKind::Done, AckBody::Done { digest, verified: payload[16] != 0 })
+                (
+                    AckKind::Done,
+                    AckBody::Done {
+                        digest,
+                        verified: payload[16] != 0,
+                    },
+                )
             }
             3 => {
                 let code_len = *payload.first().ok_or(FrameError::Payload("error"))? as usize;
-                let code = payload.get(1..1 + code_len).ok_or(FrameError::Payload("error"))?;
+                let code = payload
+                    .get(1..1 + code_len)
+                    .ok_or(FrameError::Payload("error"))?;
                 let message = &payload[1 + code_len..];
                 (
                     AckKind::Error,
@@ -321,7 +337,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn header(kind: Kind, length: u64) -> ChunkHeader {
-        ChunkHeader { kind, session: 7, seq: 3, offset: 4096, length, checksum: 0 }
+        ChunkHeader {
+            kind,
+            session: 7,
+            seq: 3,
+            offset: 4096,
+            length,
+            checksum: 0,
+        }
     }
 
     #[test]
@@ -333,7 +356,10 @@ mod tests {
         let (h, p) = ChunkHeader::decode(&buf).unwrap();
         assert_eq!(p, payload);
         assert_eq!(h.checksum, sum);
-        assert_eq!((h.kind, h.session, h.seq, h.offset), (Kind::Data, 7, 3, 4096));
+        assert_eq!(
+            (h.kind, h.session, h.seq, h.offset),
+            (Kind::Data, 7, 3, 4096)
+        );
     }
 
     #[test]
@@ -342,7 +368,10 @@ mod tests {
         for byte in 0..frame.len() {
             let mut bad = frame.to_vec();
             bad[byte] ^= 0x10;
-            assert!(ChunkHeader::decode(&bad).is_err(), "flip in byte {byte} accepted");
+            assert!(
+                ChunkHeader::decode(&bad).is_err(),
+                "flip in byte {byte} accepted"
+            );
         }
     }
 
@@ -350,9 +379,15 @@ mod tests {
     fn payload_length_must_match_header() {
         let mut buf = vec![0u8; HEADER_LEN + 10];
         header(Kind::Data, 11).seal(&mut buf);
-        assert_eq!(ChunkHeader::decode(&buf), Err(FrameError::PayloadLength { got: 10, want: 11 }));
+        assert_eq!(
+            ChunkHeader::decode(&buf),
+            Err(FrameError::PayloadLength { got: 10, want: 11 })
+        );
         let (zero_with_payload, _) = header(Kind::Zero, 4096).encode(b"x");
-        assert!(matches!(ChunkHeader::decode(&zero_with_payload), Err(FrameError::PayloadLength { .. })));
+        assert!(matches!(
+            ChunkHeader::decode(&zero_with_payload),
+            Err(FrameError::PayloadLength { .. })
+        ));
     }
 
     #[test]
@@ -364,12 +399,20 @@ mod tests {
         let mut k = frame.to_vec();
         k[3] = 77;
         assert_eq!(ChunkHeader::decode(&k), Err(FrameError::Kind(77)));
-        assert_eq!(ChunkHeader::decode(&frame[..10]), Err(FrameError::Short(10)));
+        assert_eq!(
+            ChunkHeader::decode(&frame[..10]),
+            Err(FrameError::Short(10))
+        );
     }
 
     #[test]
     fn end_summary_round_trip() {
-        let s = EndSummary { digest: [9; 16], frames: 5, data_bytes: 6, zero_bytes: 7 };
+        let s = EndSummary {
+            digest: [9; 16],
+            frames: 5,
+            data_bytes: 6,
+            zero_bytes: 7,
+        };
         let (frame, _) = header(Kind::End, 0).encode(&s.encode());
         let (h, p) = ChunkHeader::decode(&frame).unwrap();
         assert_eq!(h.kind, Kind::End);
@@ -380,15 +423,28 @@ mod tests {
     fn ack_round_trips() {
         for body in [
             AckBody::None,
-            AckBody::Done { digest: [1; 16], verified: true },
-            AckBody::Error { code: "endpoint".into(), message: "disk full".into() },
+            AckBody::Done {
+                digest: [1; 16],
+                verified: true,
+            },
+            AckBody::Error {
+                code: "endpoint".into(),
+                message: "disk full".into(),
+            },
         ] {
             let kind = match body {
                 AckBody::None => AckKind::Ack,
                 AckBody::Done { .. } => AckKind::Done,
                 AckBody::Error { .. } => AckKind::Error,
             };
-            let ack = Ack { kind, session: 1, next_seq: 2, written: 3, window: 4, body };
+            let ack = Ack {
+                kind,
+                session: 1,
+                next_seq: 2,
+                written: 3,
+                window: 4,
+                body,
+            };
             assert_eq!(Ack::decode(&ack.encode()).unwrap(), ack);
         }
     }

@@ -39,13 +39,21 @@ pub struct OpenReply {
 
 impl OpenReply {
     pub fn refuse(err: &Error) -> OpenReply {
-        OpenReply { v: PROTOCOL_VERSION, ok: false, code: err.code().into(), message: err.to_string(), ..Default::default() }
+        OpenReply {
+            v: PROTOCOL_VERSION,
+            ok: false,
+            code: err.code().into(),
+            message: err.to_string(),
+            ..Default::default()
+        }
     }
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> bytes::Bytes {
     // Serialising these plain structs cannot fail.
-    serde_json::to_vec(msg).map(bytes::Bytes::from).unwrap_or_default()
+    serde_json::to_vec(msg)
+        .map(bytes::Bytes::from)
+        .unwrap_or_default()
 }
 
 pub fn decode<'a, T: Deserialize<'a>>(what: &str, payload: &'a [u8]) -> Result<T> {

@@ -23,13 +23,18 @@ struct CompletionCallback {
 
 #[repr(C)]
 struct ExtentCallback {
-    callback: Option<extern "C" fn(*mut c_void, *const c_char, u64, *mut u32, usize, *mut c_int) -> c_int>,
+    callback: Option<
+        extern "C" fn(*mut c_void, *const c_char, u64, *mut u32, usize, *mut c_int) -> c_int,
+    >,
     user_data: *mut c_void,
     free: Option<extern "C" fn(*mut c_void)>,
 }
 
-const NO_COMPLETION: CompletionCallback =
-    CompletionCallback { callback: None, user_data: std::ptr::null_mut(), free: None };
+const NO_COMPLETION: CompletionCallback = CompletionCallback {
+    callback: None,
+    user_data: std::ptr::null_mut(),
+    free: None,
+};
 const CMD_FLAG_FAST_ZERO: u32 = 0x10;
 const ALLOCATION: &CStr = c"base:allocation";
 
@@ -47,16 +52,48 @@ extern "C" {
     fn nbd_can_fast_zero(h: *mut RawHandle) -> c_int;
     fn nbd_can_meta_context(h: *mut RawHandle, name: *const c_char) -> c_int;
     fn nbd_get_size(h: *mut RawHandle) -> i64;
-    fn nbd_aio_pread(h: *mut RawHandle, buf: *mut c_void, count: usize, offset: u64, cb: CompletionCallback, flags: u32) -> i64;
-    fn nbd_aio_pwrite(h: *mut RawHandle, buf: *const c_void, count: usize, offset: u64, cb: CompletionCallback, flags: u32) -> i64;
-    fn nbd_aio_zero(h: *mut RawHandle, count: u64, offset: u64, cb: CompletionCallback, flags: u32) -> i64;
-    fn nbd_aio_trim(h: *mut RawHandle, count: u64, offset: u64, cb: CompletionCallback, flags: u32) -> i64;
+    fn nbd_aio_pread(
+        h: *mut RawHandle,
+        buf: *mut c_void,
+        count: usize,
+        offset: u64,
+        cb: CompletionCallback,
+        flags: u32,
+    ) -> i64;
+    fn nbd_aio_pwrite(
+        h: *mut RawHandle,
+        buf: *const c_void,
+        count: usize,
+        offset: u64,
+        cb: CompletionCallback,
+        flags: u32,
+    ) -> i64;
+    fn nbd_aio_zero(
+        h: *mut RawHandle,
+        count: u64,
+        offset: u64,
+        cb: CompletionCallback,
+        flags: u32,
+    ) -> i64;
+    fn nbd_aio_trim(
+        h: *mut RawHandle,
+        count: u64,
+        offset: u64,
+        cb: CompletionCallback,
+        flags: u32,
+    ) -> i64;
     fn nbd_aio_flush(h: *mut RawHandle, cb: CompletionCallback, flags: u32) -> i64;
     fn nbd_aio_command_completed(h: *mut RawHandle, cookie: u64) -> c_int;
     fn nbd_aio_peek_command_completed(h: *mut RawHandle) -> i64;
     fn nbd_aio_in_flight(h: *mut RawHandle) -> c_int;
     fn nbd_poll(h: *mut RawHandle, timeout: c_int) -> c_int;
-    fn nbd_block_status(h: *mut RawHandle, count: u64, offset: u64, cb: ExtentCallback, flags: u32) -> c_int;
+    fn nbd_block_status(
+        h: *mut RawHandle,
+        count: u64,
+        offset: u64,
+        cb: ExtentCallback,
+        flags: u32,
+    ) -> c_int;
     fn nbd_shutdown(h: *mut RawHandle, flags: u32) -> c_int;
 }
 
@@ -88,10 +125,24 @@ pub struct Caps {
 /// An asynchronous command and the memory it needs until it is retired.
 pub enum Command {
     /// Read `len` bytes into `buf[at..at+len]`; `buf` comes back filled.
-    Read { offset: u64, buf: BytesMut, at: usize },
-    Write { offset: u64, data: Bytes },
-    Zero { offset: u64, len: u64, fast: bool },
-    Trim { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        buf: BytesMut,
+        at: usize,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        fast: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
     Flush,
 }
 
@@ -125,7 +176,10 @@ impl Handle {
         if raw.is_null() {
             return Err(last_error());
         }
-        let handle = Handle { raw, held: HashMap::new() };
+        let handle = Handle {
+            raw,
+            held: HashMap::new(),
+        };
         // SAFETY: `raw` is a live handle owned by `handle`; the strings outlive the calls.
         unsafe {
             if nbd_add_meta_context(handle.raw, ALLOCATION.as_ptr()) == -1 {
@@ -166,20 +220,38 @@ impl Handle {
         // pointers given to libnbd stay valid for as long as libnbd may use them.
         let (cookie, held) = unsafe {
             match cmd {
-                Command::Read { offset, mut buf, at } => {
-                    let len = buf.len().checked_sub(at).ok_or("read offset beyond buffer")?;
+                Command::Read {
+                    offset,
+                    mut buf,
+                    at,
+                } => {
+                    let len = buf
+                        .len()
+                        .checked_sub(at)
+                        .ok_or("read offset beyond buffer")?;
                     let ptr = buf.as_mut_ptr().add(at).cast::<c_void>();
-                    (nbd_aio_pread(self.raw, ptr, len, offset, NO_COMPLETION, 0), Some(Held::Read(buf)))
+                    (
+                        nbd_aio_pread(self.raw, ptr, len, offset, NO_COMPLETION, 0),
+                        Some(Held::Read(buf)),
+                    )
                 }
                 Command::Write { offset, data } => {
                     let ptr = data.as_ptr().cast::<c_void>();
-                    (nbd_aio_pwrite(self.raw, ptr, data.len(), offset, NO_COMPLETION, 0), Some(Held::Write(data)))
+                    (
+                        nbd_aio_pwrite(self.raw, ptr, data.len(), offset, NO_COMPLETION, 0),
+                        Some(Held::Write(data)),
+                    )
                 }
                 Command::Zero { offset, len, fast } => {
                     let flags = if fast { CMD_FLAG_FAST_ZERO } else { 0 };
-                    (nbd_aio_zero(self.raw, len, offset, NO_COMPLETION, flags), None)
+                    (
+                        nbd_aio_zero(self.raw, len, offset, NO_COMPLETION, flags),
+                        None,
+                    )
                 }
-                Command::Trim { offset, len } => (nbd_aio_trim(self.raw, len, offset, NO_COMPLETION, 0), None),
+                Command::Trim { offset, len } => {
+                    (nbd_aio_trim(self.raw, len, offset, NO_COMPLETION, 0), None)
+                }
                 Command::Flush => (nbd_aio_flush(self.raw, NO_COMPLETION, 0), None),
             }
         };

@@ -63,7 +63,11 @@ fn timeout(seconds: f64) -> Option<Duration> {
 }
 
 fn subjects((open, chunks, acks): (String, String, String)) -> Subjects {
-    Subjects { open: open.into(), chunks: chunks.into(), acks: acks.into() }
+    Subjects {
+        open: open.into(),
+        chunks: chunks.into(),
+        acks: acks.into(),
+    }
 }
 
 /// A data-plane NATS connection owned by the core.
@@ -98,7 +102,10 @@ impl DataConnection {
     fn flush(&self, done: Py<PyAny>) {
         let client = self.conn.client.clone();
         spawn(done, async move {
-            client.flush().await.map_err(|e| Error::Nats(format!("NATS flush: {e}")))?;
+            client
+                .flush()
+                .await
+                .map_err(|e| Error::Nats(format!("NATS flush: {e}")))?;
             Ok(())
         });
     }
@@ -196,7 +203,9 @@ impl From<&Progress> for Stats {
 fn connect(servers: String, name: String, done: Py<PyAny>) {
     spawn(done, async move {
         let conn = conn::connect(&servers, &name).await?;
-        Ok(DataConnection { conn: Arc::new(conn) })
+        Ok(DataConnection {
+            conn: Arc::new(conn),
+        })
     });
 }
 
@@ -204,7 +213,10 @@ fn start(
     role: &'static str,
     transfer_id: String,
     done: Py<PyAny>,
-    work: impl FnOnce(Arc<Progress>, CancellationToken) -> futures::future::BoxFuture<'static, Result<()>>,
+    work: impl FnOnce(
+        Arc<Progress>,
+        CancellationToken,
+    ) -> futures::future::BoxFuture<'static, Result<()>>,
 ) -> Transfer {
     let progress = Arc::new(Progress::new(&transfer_id, role));
     let cancel = CancellationToken::new();
@@ -212,7 +224,11 @@ fn start(
     let finished = progress.clone();
     spawn(done, async move {
         let result = fut.await;
-        finished.set_state(if result.is_ok() { State::Done } else { State::Failed });
+        finished.set_state(if result.is_ok() {
+            State::Done
+        } else {
+            State::Failed
+        });
         result.map(|()| Stats::from(finished.as_ref()))
     });
     Transfer { cancel, progress }
@@ -236,7 +252,12 @@ fn start_send(
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
-    let opts = SendOptions { chunk_size, window, timeout: timeout(timeout_s), verify };
+    let opts = SendOptions {
+        chunk_size,
+        window,
+        timeout: timeout(timeout_s),
+        verify,
+    };
     start("send", transfer_id, done, move |progress, cancel| {
         async move {
             let source = open_source(&src, size).await?;
@@ -263,7 +284,12 @@ fn start_recv(
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
-    let opts = RecvOptions { window, timeout: timeout(timeout_s), verify, target_is_zero };
+    let opts = RecvOptions {
+        window,
+        timeout: timeout(timeout_s),
+        verify,
+        target_is_zero,
+    };
     start("recv", transfer_id, done, move |progress, cancel| {
         async move {
             let sink = open_sink(&dst).await?;

@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::checksum::{digest_hex, is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
 use crate::conn::{chunk_room, DataConn, MAX_CHUNK, MIN_CHUNK};
 use crate::error::{Error, Result};
-use crate::frame::{Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_ZERO_LEN, PROTOCOL_VERSION};
+use crate::frame::{
+    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_ZERO_LEN,
+    PROTOCOL_VERSION,
+};
 use crate::handshake::{decode, encode, OpenReply, OpenRequest};
 use crate::io::Sink;
 use crate::send::{Stall, Subjects};
@@ -53,19 +56,35 @@ struct Receiver<'a> {
 
 impl Receiver<'_> {
     async fn send_ack(&self, kind: AckKind, next_seq: u64, body: AckBody) {
-        let ack = Ack { kind, session: self.session, next_seq, written: self.written_bytes, window: self.window, body };
-        let _ = self.conn.client.publish(self.subjects.acks.clone(), ack.encode()).await;
+        let ack = Ack {
+            kind,
+            session: self.session,
+            next_seq,
+            written: self.written_bytes,
+            window: self.window,
+            body,
+        };
+        let _ = self
+            .conn
+            .client
+            .publish(self.subjects.acks.clone(), ack.encode())
+            .await;
     }
 
     async fn progress_ack(&mut self) {
         self.unacked_cost = 0;
-        self.send_ack(AckKind::Ack, self.written_frames, AckBody::None).await;
+        self.send_ack(AckKind::Ack, self.written_frames, AckBody::None)
+            .await;
     }
 
     /// Report a failure to the sender (so it stops at once) and return it.
     async fn fail(&self, err: Error) -> Error {
-        let body = AckBody::Error { code: err.code().to_string(), message: err.to_string() };
-        self.send_ack(AckKind::Error, self.written_frames, body).await;
+        let body = AckBody::Error {
+            code: err.code().to_string(),
+            message: err.to_string(),
+        };
+        self.send_ack(AckKind::Error, self.written_frames, body)
+            .await;
         let _ = self.conn.client.flush().await;
         err
     }
@@ -95,17 +114,39 @@ pub async fn recv(
     let id = &progress.transfer_id;
     // Is someone already serving this id? (A race between two new receivers is settled
     // by the session: frames carry the session of the receiver the sender picked.)
-    let probe = encode(&OpenRequest { v: PROTOCOL_VERSION, probe: true, ..Default::default() });
-    let ask = async_nats::Request::new().payload(probe).timeout(Some(Duration::from_millis(500)));
-    if conn.client.send_request(subjects.open.clone(), ask).await.is_ok() {
+    let probe = encode(&OpenRequest {
+        v: PROTOCOL_VERSION,
+        probe: true,
+        ..Default::default()
+    });
+    let ask = async_nats::Request::new()
+        .payload(probe)
+        .timeout(Some(Duration::from_millis(500)));
+    if conn
+        .client
+        .send_request(subjects.open.clone(), ask)
+        .await
+        .is_ok()
+    {
         return Err(Error::Busy(format!(
             "another receiver already serves transfer {id}; stop it or use another --id"
         )));
     }
     let nats = |e: async_nats::SubscribeError| Error::Nats(format!("NATS: {e}"));
-    let mut opens = conn.client.subscribe(subjects.open.clone()).await.map_err(nats)?;
-    let mut chunks = conn.client.subscribe(subjects.chunks.clone()).await.map_err(nats)?;
-    conn.client.flush().await.map_err(|e| Error::Nats(format!("NATS: {e}")))?;
+    let mut opens = conn
+        .client
+        .subscribe(subjects.open.clone())
+        .await
+        .map_err(nats)?;
+    let mut chunks = conn
+        .client
+        .subscribe(subjects.chunks.clone())
+        .await
+        .map_err(nats)?;
+    conn.client
+        .flush()
+        .await
+        .map_err(|e| Error::Nats(format!("NATS: {e}")))?;
     progress.set_state(State::Waiting);
 
     let session = loop {
@@ -114,7 +155,8 @@ pub async fn recv(
             break s;
         }
     };
-    let (request, chunk, window) = accept(conn, &sink, &mut opens, opts, session, id, cancel).await?;
+    let (request, chunk, window) =
+        accept(conn, &sink, &mut opens, opts, session, id, cancel).await?;
     let size = request.size;
     let verify = opts.verify || request.verify;
     progress.size.store(size, Relaxed);
@@ -258,25 +300,47 @@ pub async fn recv(
     if ours != summary.digest || summary.frames != expected_seq - 1 {
         let err = Error::Integrity(format!(
             "digest mismatch: the sender sent {} over {} frames but {} arrived as {}",
-            digest_hex(&summary.digest), summary.frames, expected_seq - 1, digest_hex(&ours)
+            digest_hex(&summary.digest),
+            summary.frames,
+            expected_seq - 1,
+            digest_hex(&ours)
         ));
         return Err(rx.fail(err).await);
     }
     if verify {
-        if let Err(e) = rx.keepalive(verify_target(sink.clone(), records, chunk).boxed()).await {
+        if let Err(e) = rx
+            .keepalive(verify_target(sink.clone(), records, chunk).boxed())
+            .await
+        {
             return Err(rx.fail(e).await);
         }
         progress.verified.store(true, Relaxed);
     }
     progress.set_digest(digest_hex(&ours));
-    rx.send_ack(AckKind::Done, expected_seq, AckBody::Done { digest: ours, verified: verify }).await;
-    conn.client.flush().await.map_err(|e| Error::Nats(format!("NATS: {e}")))?;
+    rx.send_ack(
+        AckKind::Done,
+        expected_seq,
+        AckBody::Done {
+            digest: ours,
+            verified: verify,
+        },
+    )
+    .await;
+    conn.client
+        .flush()
+        .await
+        .map_err(|e| Error::Nats(format!("NATS: {e}")))?;
     Ok(())
 }
 
 /// Validate a frame of our session against the disk and the negotiated limits.
 fn check_frame(h: &ChunkHeader, expected_offset: u64, size: u64, chunk: u64) -> Result<()> {
-    let bad = |why: String| Err(Error::Protocol(format!("frame {} at offset {}: {why}", h.seq, h.offset)));
+    let bad = |why: String| {
+        Err(Error::Protocol(format!(
+            "frame {} at offset {}: {why}",
+            h.seq, h.offset
+        )))
+    };
     if h.offset != expected_offset {
         return bad(format!("expected offset {expected_offset}"));
     }
@@ -287,15 +351,23 @@ fn check_frame(h: &ChunkHeader, expected_offset: u64, size: u64, chunk: u64) -> 
             }
             return Ok(());
         }
-        Kind::Data if h.length == 0 || h.length > chunk => return bad(format!("data length {} outside 1..={chunk}", h.length)),
+        Kind::Data if h.length == 0 || h.length > chunk => {
+            return bad(format!("data length {} outside 1..={chunk}", h.length))
+        }
         Kind::Zero | Kind::Trim if h.length == 0 || h.length > MAX_ZERO_LEN => {
-            return bad(format!("zero length {} outside 1..={MAX_ZERO_LEN}", h.length))
+            return bad(format!(
+                "zero length {} outside 1..={MAX_ZERO_LEN}",
+                h.length
+            ))
         }
         _ => {}
     }
     match h.offset.checked_add(h.length) {
         Some(e) if e <= size => Ok(()),
-        _ => bad(format!("length {} runs past the end of the {size}-byte disk", h.length)),
+        _ => bad(format!(
+            "length {} runs past the end of the {size}-byte disk",
+            h.length
+        )),
     }
 }
 
@@ -327,7 +399,12 @@ async fn accept(
             }
         };
         if request.probe {
-            refuse(conn, msg, &Error::Busy(format!("a receiver already waits for transfer {id}"))).await;
+            refuse(
+                conn,
+                msg,
+                &Error::Busy(format!("a receiver already waits for transfer {id}")),
+            )
+            .await;
             continue;
         }
         match negotiate(&request, conn.max_payload, opts, sink).await {
@@ -344,7 +421,10 @@ async fn accept(
                     ..Default::default()
                 };
                 if let Some(reply_to) = msg.reply {
-                    conn.client.publish(reply_to, encode(&reply)).await.map_err(|e| Error::Nats(format!("NATS: {e}")))?;
+                    conn.client
+                        .publish(reply_to, encode(&reply))
+                        .await
+                        .map_err(|e| Error::Nats(format!("NATS: {e}")))?;
                 }
                 return Ok((request, chunk, window));
             }
@@ -359,46 +439,76 @@ async fn accept(
     }
 }
 
-async fn negotiate(req: &OpenRequest, max_payload: u64, opts: &RecvOptions, sink: &Arc<dyn Sink>) -> Result<(u64, u64)> {
+async fn negotiate(
+    req: &OpenRequest,
+    max_payload: u64,
+    opts: &RecvOptions,
+    sink: &Arc<dyn Sink>,
+) -> Result<(u64, u64)> {
     if req.v != PROTOCOL_VERSION {
-        return Err(Error::Protocol(format!("sender speaks protocol version {} (this build speaks {PROTOCOL_VERSION})", req.v)));
+        return Err(Error::Protocol(format!(
+            "sender speaks protocol version {} (this build speaks {PROTOCOL_VERSION})",
+            req.v
+        )));
     }
     if req.checksum != CHECKSUM_ALGORITHM || req.digest != DIGEST_ALGORITHM {
-        return Err(Error::Protocol(format!("unsupported checksum {}/{}", req.checksum, req.digest)));
+        return Err(Error::Protocol(format!(
+            "unsupported checksum {}/{}",
+            req.checksum, req.digest
+        )));
     }
     if !(MIN_CHUNK..=MAX_CHUNK).contains(&req.chunk_size) {
-        return Err(Error::Protocol(format!("chunk size {} outside {MIN_CHUNK}..={MAX_CHUNK}", req.chunk_size)));
+        return Err(Error::Protocol(format!(
+            "chunk size {} outside {MIN_CHUNK}..={MAX_CHUNK}",
+            req.chunk_size
+        )));
     }
     let room = chunk_room(max_payload);
     let chunk = req.chunk_size.min(room & !4095);
     if chunk < MIN_CHUNK {
-        return Err(Error::Nats(format!("the receiver's server max_payload of {max_payload} bytes is too small")));
+        return Err(Error::Nats(format!(
+            "the receiver's server max_payload of {max_payload} bytes is too small"
+        )));
     }
     if (opts.verify || req.verify) && !sink.caps().can_read {
-        return Err(Error::Usage("the target cannot be read back, so --verify is impossible".into()));
+        return Err(Error::Usage(
+            "the target cannot be read back, so --verify is impossible".into(),
+        ));
     }
     sink.prepare(req.size).await?;
-    let window = req.window.min(opts.window).clamp(MIN_FRAME_COST, MAX_WINDOW);
+    let window = req
+        .window
+        .min(opts.window)
+        .clamp(MIN_FRAME_COST, MAX_WINDOW);
     Ok((chunk, window))
 }
 
 async fn refuse(conn: &DataConn, msg: Message, err: &Error) {
     if let Some(reply_to) = msg.reply {
-        let _ = conn.client.publish(reply_to, encode(&OpenReply::refuse(err))).await;
+        let _ = conn
+            .client
+            .publish(reply_to, encode(&OpenReply::refuse(err)))
+            .await;
     }
 }
 
 /// Re-read the target and check every frame's checksum (and zeros) against what arrived.
 async fn verify_target(sink: Arc<dyn Sink>, records: Vec<Record>, chunk: u64) -> Result<()> {
     let mut reads = FuturesOrdered::new();
-    let mut pending = records.into_iter().flat_map(|r| split_for_reading(r, chunk));
+    let mut pending = records
+        .into_iter()
+        .flat_map(|r| split_for_reading(r, chunk));
     loop {
         while reads.len() < WRITE_DEPTH {
-            let Some((header, offset, len)) = pending.next() else { break };
+            let Some((header, offset, len)) = pending.next() else {
+                break;
+            };
             let read = sink.read(offset, len as usize);
             reads.push_back(read.map(move |r| r.map(|b| (header, offset, b))));
         }
-        let Some(next) = reads.next().await else { return Ok(()) };
+        let Some(next) = reads.next().await else {
+            return Ok(());
+        };
         let (header, offset, data): (ChunkHeader, u64, Bytes) = next?;
         let good = match header.kind {
             Kind::Data => header.checksum_over(&data) == header.checksum,
@@ -437,7 +547,14 @@ mod tests {
     use super::*;
 
     fn h(kind: Kind, offset: u64, length: u64) -> ChunkHeader {
-        ChunkHeader { kind, session: 1, seq: 0, offset, length, checksum: 0 }
+        ChunkHeader {
+            kind,
+            session: 1,
+            seq: 0,
+            offset,
+            length,
+            checksum: 0,
+        }
     }
 
     #[test]
@@ -447,16 +564,33 @@ mod tests {
         assert!(check_frame(&h(Kind::Data, 4096, 4096), 0, 8192, 4096).is_err());
         assert!(check_frame(&h(Kind::Zero, 4096, 8192), 4096, 8192, 4096).is_err());
         assert!(check_frame(&h(Kind::Zero, 0, 0), 0, 8192, 4096).is_err());
-        assert!(check_frame(&h(Kind::Data, u64::MAX - 1, 4096), u64::MAX - 1, u64::MAX, 8192).is_err());
+        assert!(check_frame(
+            &h(Kind::Data, u64::MAX - 1, 4096),
+            u64::MAX - 1,
+            u64::MAX,
+            8192
+        )
+        .is_err());
         assert!(check_frame(&h(Kind::End, 8192, 0), 8192, 8192, 4096).is_ok());
         assert!(check_frame(&h(Kind::End, 4096, 0), 4096, 8192, 4096).is_err());
     }
 
     #[test]
     fn zero_ranges_are_read_back_in_chunks() {
-        let parts = split_for_reading(Record { header: h(Kind::Zero, 100, 10_000) }, 4096);
+        let parts = split_for_reading(
+            Record {
+                header: h(Kind::Zero, 100, 10_000),
+            },
+            4096,
+        );
         assert_eq!(parts.iter().map(|p| p.2).sum::<u64>(), 10_000);
         assert!(parts.iter().all(|p| p.2 <= 4096));
-        assert!(split_for_reading(Record { header: h(Kind::Trim, 0, 10) }, 4096).is_empty());
+        assert!(split_for_reading(
+            Record {
+                header: h(Kind::Trim, 0, 10)
+            },
+            4096
+        )
+        .is_empty());
     }
 }

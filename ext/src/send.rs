@@ -18,7 +18,9 @@ use crate::checksum::{digest_hex, is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_AL
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::extents::{pieces, Extent};
-use crate::frame::{Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION};
+use crate::frame::{
+    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION,
+};
 use crate::handshake::{decode, encode, OpenReply, OpenRequest};
 use crate::io::Source;
 use crate::stats::{Progress, State};
@@ -53,7 +55,10 @@ pub struct Stall {
 
 impl Stall {
     pub fn new(timeout: Option<Duration>) -> Stall {
-        let mut s = Stall { timeout, at: Instant::now() };
+        let mut s = Stall {
+            timeout,
+            at: Instant::now(),
+        };
         s.reset();
         s
     }
@@ -65,7 +70,8 @@ impl Stall {
         tokio::time::sleep_until(self.at).await
     }
     pub fn describe(&self) -> String {
-        self.timeout.map_or_else(|| "ever".into(), |t| format!("{}s", t.as_secs_f64()))
+        self.timeout
+            .map_or_else(|| "ever".into(), |t| format!("{}s", t.as_secs_f64()))
     }
 }
 
@@ -85,10 +91,16 @@ pub async fn send(
     cancel: &CancellationToken,
 ) -> Result<()> {
     let size = source.size();
-    progress.size.store(size, std::sync::atomic::Ordering::Relaxed);
+    progress
+        .size
+        .store(size, std::sync::atomic::Ordering::Relaxed);
     let chunk = fit_chunk(opts.chunk_size, conn.max_payload)?;
     // Subscribe to acks before the receiver can send any.
-    let mut acks = conn.client.subscribe(subjects.acks.clone()).await.map_err(nats_err)?;
+    let mut acks = conn
+        .client
+        .subscribe(subjects.acks.clone())
+        .await
+        .map_err(nats_err)?;
     progress.set_state(State::Waiting);
     let request = OpenRequest {
         v: PROTOCOL_VERSION,
@@ -101,16 +113,30 @@ pub async fn send(
         digest: DIGEST_ALGORITHM.into(),
         verify: opts.verify,
     };
-    let reply = open(conn, subjects, &request, opts.timeout, &progress.transfer_id, cancel).await?;
+    let reply = open(
+        conn,
+        subjects,
+        &request,
+        opts.timeout,
+        &progress.transfer_id,
+        cancel,
+    )
+    .await?;
     let chunk = reply.chunk_size.min(chunk);
     if chunk == 0 {
-        return Err(Error::Protocol("receiver accepted a chunk size of 0".into()));
+        return Err(Error::Protocol(
+            "receiver accepted a chunk size of 0".into(),
+        ));
     }
     let session = reply.session;
     let mut window = Window::new(opts.window);
     window.set_limit(reply.window);
-    progress.chunk_size.store(chunk, std::sync::atomic::Ordering::Relaxed);
-    progress.window.store(window.limit(), std::sync::atomic::Ordering::Relaxed);
+    progress
+        .chunk_size
+        .store(chunk, std::sync::atomic::Ordering::Relaxed);
+    progress
+        .window
+        .store(window.limit(), std::sync::atomic::Ordering::Relaxed);
     progress.set_state(State::Running);
 
     let mut sender = Sender {
@@ -136,10 +162,21 @@ pub async fn send(
     let summary = EndSummary {
         digest: sender.digest.value(),
         frames: sender.published,
-        data_bytes: progress.data_bytes.load(std::sync::atomic::Ordering::Relaxed),
-        zero_bytes: progress.zero_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        data_bytes: progress
+            .data_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        zero_bytes: progress
+            .zero_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
     };
-    let end = ChunkHeader { kind: Kind::End, session, seq: sender.published, offset: size, length: 0, checksum: 0 };
+    let end = ChunkHeader {
+        kind: Kind::End,
+        session,
+        seq: sender.published,
+        offset: size,
+        length: 0,
+        checksum: 0,
+    };
     let (frame, _) = end.encode(&summary.encode());
     sender.publish(frame).await?;
     sender.window.sent(sender.published, 0, 0);
@@ -204,7 +241,9 @@ async fn open(
                 timeout.map_or(0.0, |t| t.as_secs_f64())
             )));
         }
-        let ask = async_nats::Request::new().payload(payload.clone()).timeout(Some(remaining.min(Duration::from_secs(2))));
+        let ask = async_nats::Request::new()
+            .payload(payload.clone())
+            .timeout(Some(remaining.min(Duration::from_secs(2))));
         let answer = tokio::select! {
             _ = cancel.cancelled() => return Err(Error::Cancelled),
             a = conn.client.send_request(subjects.open.clone(), ask) => a,
@@ -259,13 +298,17 @@ impl Planner {
             let mut cut = Vec::new();
             for e in self.source.extents(pos, span).await? {
                 if e.offset != pos || e.len == 0 || e.end() > self.size {
-                    return Err(Error::Endpoint(format!("source described extent {e:?} at position {pos}")));
+                    return Err(Error::Endpoint(format!(
+                        "source described extent {e:?} at position {pos}"
+                    )));
                 }
                 pieces(&e, self.chunk, &mut cut);
                 pos = e.end();
             }
             if pos == self.pos {
-                return Err(Error::Endpoint(format!("source described no extent at {pos}")));
+                return Err(Error::Endpoint(format!(
+                    "source described no extent at {pos}"
+                )));
             }
             self.pos = pos;
             self.queue.extend(cut);
@@ -274,10 +317,28 @@ impl Planner {
 }
 
 /// Read one piece (unless it is known zero) and seal it as a frame.
-fn prepare(source: &Arc<dyn Source>, piece: Extent, seq: u64, session: u32) -> BoxFuture<'static, Result<Outgoing>> {
+fn prepare(
+    source: &Arc<dyn Source>,
+    piece: Extent,
+    seq: u64,
+    session: u32,
+) -> BoxFuture<'static, Result<Outgoing>> {
     let zero = move || {
-        let (bytes, checksum) = ChunkHeader { kind: Kind::Zero, session, seq, offset: piece.offset, length: piece.len, checksum: 0 }.encode(&[]);
-        Outgoing { bytes, kind: Kind::Zero, len: piece.len, checksum }
+        let (bytes, checksum) = ChunkHeader {
+            kind: Kind::Zero,
+            session,
+            seq,
+            offset: piece.offset,
+            length: piece.len,
+            checksum: 0,
+        }
+        .encode(&[]);
+        Outgoing {
+            bytes,
+            kind: Kind::Zero,
+            len: piece.len,
+            checksum,
+        }
     };
     if piece.zero {
         return futures::future::ready(Ok(zero())).boxed();
@@ -289,9 +350,21 @@ fn prepare(source: &Arc<dyn Source>, piece: Extent, seq: u64, session: u32) -> B
             if is_zero(&buf[HEADER_LEN..]) {
                 return Ok(zero());
             }
-            let header = ChunkHeader { kind: Kind::Data, session, seq, offset: piece.offset, length: piece.len, checksum: 0 };
+            let header = ChunkHeader {
+                kind: Kind::Data,
+                session,
+                seq,
+                offset: piece.offset,
+                length: piece.len,
+                checksum: 0,
+            };
             let checksum = header.seal(&mut buf);
-            Ok(Outgoing { bytes: buf.freeze(), kind: Kind::Data, len: piece.len, checksum })
+            Ok(Outgoing {
+                bytes: buf.freeze(),
+                kind: Kind::Data,
+                len: piece.len,
+                checksum,
+            })
         })
         .boxed()
 }
@@ -310,13 +383,26 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     async fn publish(&self, frame: Bytes) -> Result<()> {
-        self.conn.client.publish(self.subjects.chunks.clone(), frame).await.map_err(nats_err)
+        self.conn
+            .client
+            .publish(self.subjects.chunks.clone(), frame)
+            .await
+            .map_err(nats_err)
     }
 
     /// Tell the receiver we give up, so it fails at once rather than at its timeout.
     async fn abort(&self, why: &Error) {
-        let header = ChunkHeader { kind: Kind::Abort, session: self.session, seq: self.published, offset: 0, length: 0, checksum: 0 };
-        let (frame, _) = header.encode(crate::frame::truncate(&why.to_string(), crate::frame::MAX_MESSAGE_LEN).as_bytes());
+        let header = ChunkHeader {
+            kind: Kind::Abort,
+            session: self.session,
+            seq: self.published,
+            offset: 0,
+            length: 0,
+            checksum: 0,
+        };
+        let (frame, _) = header.encode(
+            crate::frame::truncate(&why.to_string(), crate::frame::MAX_MESSAGE_LEN).as_bytes(),
+        );
         let _ = self.publish(frame).await;
         let _ = self.conn.client.flush().await;
     }
@@ -332,13 +418,18 @@ impl Sender<'_> {
             }
         };
         self.stall.reset();
-        let covered = self.window.ack(ack.next_seq, self.published).map_err(Error::Protocol)?;
+        let covered = self
+            .window
+            .ack(ack.next_seq, self.published)
+            .map_err(Error::Protocol)?;
         Progress::add(&self.progress.done_bytes, covered);
         if ack.window > 0 {
             self.window.set_limit(ack.window);
         }
         match (ack.kind, ack.body) {
-            (AckKind::Error, AckBody::Error { code, message }) => Err(Error::from_remote(&code, &message)),
+            (AckKind::Error, AckBody::Error { code, message }) => {
+                Err(Error::from_remote(&code, &message))
+            }
             (AckKind::Done, AckBody::Done { digest, verified }) => {
                 if ack.next_seq != self.published {
                     return Err(Error::Protocol(format!(
@@ -363,7 +454,13 @@ impl Sender<'_> {
         cancel: &CancellationToken,
     ) -> Result<()> {
         let depth = (READ_AHEAD_BYTES / chunk).clamp(2, 32) as usize;
-        let mut planner = Planner { source: source.clone(), size, chunk, pos: 0, queue: VecDeque::new() };
+        let mut planner = Planner {
+            source: source.clone(),
+            size,
+            chunk,
+            pos: 0,
+            queue: VecDeque::new(),
+        };
         let mut reads: FuturesOrdered<BoxFuture<'static, Result<Outgoing>>> = FuturesOrdered::new();
         let mut planned = 0u64;
         let mut planned_all = false;
@@ -385,7 +482,11 @@ impl Sender<'_> {
                     self.window.sent(self.published, cost, frame.len);
                     self.digest.update(frame.checksum);
                     self.published += 1;
-                    let counter = if frame.kind == Kind::Data { &self.progress.data_bytes } else { &self.progress.zero_bytes };
+                    let counter = if frame.kind == Kind::Data {
+                        &self.progress.data_bytes
+                    } else {
+                        &self.progress.zero_bytes
+                    };
                     Progress::add(counter, frame.len);
                     Progress::add(&self.progress.frames, 1);
                     continue;

@@ -17,7 +17,14 @@ pub enum State {
 
 impl State {
     pub fn name(self) -> &'static str {
-        ["connecting", "waiting", "running", "finishing", "done", "failed"][self as usize]
+        [
+            "connecting",
+            "waiting",
+            "running",
+            "finishing",
+            "done",
+            "failed",
+        ][self as usize]
     }
 }
 
@@ -88,7 +95,11 @@ impl Progress {
         let t = self.times.lock().unwrap_or_else(|p| p.into_inner());
         match t.0 {
             None => 0.0,
-            Some(start) => t.1.unwrap_or_else(Instant::now).duration_since(start).as_secs_f64(),
+            Some(start) => {
+                t.1.unwrap_or_else(Instant::now)
+                    .duration_since(start)
+                    .as_secs_f64()
+            }
         }
     }
 
@@ -97,7 +108,10 @@ impl Progress {
     }
 
     pub fn digest(&self) -> Option<String> {
-        self.digest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.digest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

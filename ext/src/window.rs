@@ -39,7 +39,12 @@ pub struct Window {
 
 impl Window {
     pub fn new(limit: u64) -> Window {
-        Window { limit, outstanding: 0, next_acked: 0, inflight: VecDeque::new() }
+        Window {
+            limit,
+            outstanding: 0,
+            next_acked: 0,
+            inflight: VecDeque::new(),
+        }
     }
 
     pub fn limit(&self) -> u64 {
@@ -65,7 +70,9 @@ impl Window {
     /// never sent is the peer's error.
     pub fn ack(&mut self, next_seq: u64, next_unsent: u64) -> Result<u64, String> {
         if next_seq > next_unsent {
-            return Err(format!("ack for frame {next_seq} but only {next_unsent} were sent"));
+            return Err(format!(
+                "ack for frame {next_seq} but only {next_unsent} were sent"
+            ));
         }
         let mut covered = 0;
         while let Some(front) = self.inflight.front() {

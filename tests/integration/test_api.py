@@ -21,11 +21,21 @@ from tests.conftest import MiB, make_image, sha256_file, wait_for
 @contextlib.contextmanager
 def throttled_source(tmp_path: Path, image: Path, bps: int):  # type: ignore[no-untyped-def]
     sock = tmp_path / "slow-src.sock"
-    proc = subprocess.Popen([
-        "qemu-nbd", "--read-only", "--persistent", "-x", "disk", "-k", str(sock),
-        "--object", f"throttle-group,id=tg,x-bps-read={bps}",
-        "--image-opts", f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={image}",
-    ])
+    proc = subprocess.Popen(
+        [
+            "qemu-nbd",
+            "--read-only",
+            "--persistent",
+            "-x",
+            "disk",
+            "-k",
+            str(sock),
+            "--object",
+            f"throttle-group,id=tg,x-bps-read={bps}",
+            "--image-opts",
+            f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={image}",
+        ]
+    )
     try:
         wait_for(sock.exists, "qemu-nbd")
         yield f"nbd+unix:///disk?socket={sock}"
@@ -55,8 +65,13 @@ def test_copy_returns_stats_and_publishes_events(tmp_path: Path) -> None:
             await watcher.subscribe("ctl.evt.*.transfer", cb=on_ctl)
             await watcher.flush()
             stats = await nbdnats.copy(
-                str(src), str(dst), transfer_id="api1", data_url=url, node="n1",
-                on_progress=seen.append, verify=True,
+                str(src),
+                str(dst),
+                transfer_id="api1",
+                data_url=url,
+                node="n1",
+                on_progress=seen.append,
+                verify=True,
             )
             await asyncio.sleep(0.3)
             await watcher.close()
@@ -105,7 +120,9 @@ def test_cancel_stops_both_ends(tmp_path: Path) -> None:
             planes = await nbdnats.Planes.connect(url)
             try:
                 with throttled_source(tmp_path, src, 4 * MiB) as uri:
-                    recv = await nbdnats.start_recv(str(tmp_path / "dst.img"), transfer_id="c1", planes=planes)
+                    recv = await nbdnats.start_recv(
+                        str(tmp_path / "dst.img"), transfer_id="c1", planes=planes
+                    )
                     send = await nbdnats.start_send(uri, transfer_id="c1", planes=planes)
                     recv_task = asyncio.create_task(recv.wait())
                     send_task = asyncio.create_task(send.wait())
@@ -133,7 +150,9 @@ def test_progress_iterator(tmp_path: Path) -> None:
             try:
                 with throttled_source(tmp_path, src, 12 * MiB) as uri:
                     recv = await nbdnats.start_recv(str(dst), transfer_id="p1", planes=planes)
-                    send = await nbdnats.start_send(uri, transfer_id="p1", planes=planes, chunk_size=MiB)
+                    send = await nbdnats.start_send(
+                        uri, transfer_id="p1", planes=planes, chunk_size=MiB
+                    )
                     seen = [s.done_bytes async for s in send.progress(interval=0.1)]
                     await send.wait()
                     await recv.wait()

@@ -22,7 +22,11 @@ SPARSE = [(0, 3 * MiB), (10 * MiB, 5 * MiB + 123), (40 * MiB - 4096, 4096)]
 
 def ok(proc: subprocess.CompletedProcess[bytes]) -> dict[str, object]:
     assert proc.returncode == 0, proc.stderr.decode()
-    line = proc.stdout.decode().strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.decode().strip().splitlines()[-1]
+    line = (
+        proc.stdout.decode().strip().splitlines()[-1]
+        if proc.stdout.strip()
+        else proc.stderr.decode().strip().splitlines()[-1]
+    )
     return json.loads(line)  # type: ignore[no-any-return]
 
 
@@ -32,7 +36,11 @@ def test_copy_nbd_to_nbd(tmp_path: Path, qemu_nbd, nats_url: str) -> None:
     dst = tmp_path / "dst.img"
     dst.write_bytes(b"")
     subprocess.run(["truncate", "-s", str(48 * MiB), str(dst)], check=True)
-    report = ok(run_cli("copy", qemu_nbd(src, read_only=True), qemu_nbd(dst), "--json", "--data-url", nats_url))
+    report = ok(
+        run_cli(
+            "copy", qemu_nbd(src, read_only=True), qemu_nbd(dst), "--json", "--data-url", nats_url
+        )
+    )
     assert sha256_file(dst) == want
     assert report["size"] == 48 * MiB
     assert report["data_bytes"] + report["zero_bytes"] == 48 * MiB  # type: ignore[operator]
@@ -64,7 +72,9 @@ def test_copy_stdin_to_nbd(tmp_path: Path, qemu_nbd) -> None:
     want = make_image(src, 20 * MiB, [(0, 20 * MiB)])
     dst = tmp_path / "dst.img"
     subprocess.run(["truncate", "-s", "20M", str(dst)], check=True)
-    proc = run_cli("copy", "-", qemu_nbd(dst), "--size", str(20 * MiB), "--json", input=src.read_bytes())
+    proc = run_cli(
+        "copy", "-", qemu_nbd(dst), "--size", str(20 * MiB), "--json", input=src.read_bytes()
+    )
     ok(proc)
     assert sha256_file(dst) == want
 
@@ -160,7 +170,9 @@ def test_target_is_zero_skips_zero_writes(tmp_path: Path, qemu_nbd) -> None:
         ok(run_cli(*args))
         assert sha256_nbd(uri) == want
         zero_present = sum(
-            int(e["length"]) for e in _qcow2_map(dst) if e["zero"] and e["present"]  # type: ignore[call-overload]
+            int(e["length"])
+            for e in _qcow2_map(dst)
+            if e["zero"] and e["present"]  # type: ignore[call-overload]
         )
         results[flag] = zero_present
     assert results[True] == 0

@@ -71,7 +71,9 @@ def test_unreachable_nats(src: Path) -> None:
 
 
 def test_unreachable_ctl_server(src: Path, nats_url: str) -> None:
-    proc = run_cli("send", str(src), "--id", "x", "--data-url", nats_url, "--ctl-url", "nats://127.0.0.1:1")
+    proc = run_cli(
+        "send", str(src), "--id", "x", "--data-url", nats_url, "--ctl-url", "nats://127.0.0.1:1"
+    )
     assert "ctl NATS server at nats://127.0.0.1:1" in one_line_error(proc)
 
 
@@ -82,7 +84,9 @@ def test_unreachable_nats_from_environment(src: Path) -> None:
 
 def test_chunk_above_max_payload_is_refused(tmp_path: Path, src: Path, start_nats) -> None:
     server = start_nats(max_payload=MiB)
-    proc = run_cli("copy", str(src), str(tmp_path / "o.img"), "--chunk-size", "4M", "--data-url", server.url)
+    proc = run_cli(
+        "copy", str(src), str(tmp_path / "o.img"), "--chunk-size", "4M", "--data-url", server.url
+    )
     line = one_line_error(proc)
     assert proc.returncode == 2
     assert "max_payload of 1048576" in line and "--chunk-size 524288 or less" in line
@@ -154,7 +158,9 @@ def test_sender_without_receiver_times_out(src: Path, nats_url: str) -> None:
 
 
 def test_receiver_without_sender_times_out(tmp_path: Path, nats_url: str) -> None:
-    proc = run_cli("recv", str(tmp_path / "o.img"), "--id", "lonely", "--data-url", nats_url, "--timeout", "1")
+    proc = run_cli(
+        "recv", str(tmp_path / "o.img"), "--id", "lonely", "--data-url", nats_url, "--timeout", "1"
+    )
     assert "no sender for transfer lonely appeared" in one_line_error(proc)
     assert not (tmp_path / "o.img").exists()
 
@@ -164,17 +170,29 @@ def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str)
     src = tmp_path / "src.img"
     make_image(src, 64 * MiB, [(0, 64 * MiB)])
     sock = tmp_path / "slow.sock"
-    nbd = subprocess.Popen([
-        "qemu-nbd", "--read-only", "--persistent", "-x", "disk", "-k", str(sock),
-        "--object", "throttle-group,id=tg,x-bps-read=8388608",
-        "--image-opts", f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={src}",
-    ])
+    nbd = subprocess.Popen(
+        [
+            "qemu-nbd",
+            "--read-only",
+            "--persistent",
+            "-x",
+            "disk",
+            "-k",
+            str(sock),
+            "--object",
+            "throttle-group,id=tg,x-bps-read=8388608",
+            "--image-opts",
+            f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={src}",
+        ]
+    )
     try:
         while not sock.exists():
             time.sleep(0.02)
         dst = tmp_path / "dst.img"
         recv = start_cli("recv", str(dst), "--id", "cut", "--data-url", nats_url)
-        send = start_cli("send", f"nbd+unix:///disk?socket={sock}", "--id", "cut", "--data-url", nats_url)
+        send = start_cli(
+            "send", f"nbd+unix:///disk?socket={sock}", "--id", "cut", "--data-url", nats_url
+        )
         time.sleep(2.0)
         nbd.kill()
         _, s_err = send.communicate(timeout=60)

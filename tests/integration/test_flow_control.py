@@ -21,26 +21,41 @@ def rss(pid: int) -> int:
 
 def throttled_target(tmp_path: Path, image: Path, bps: int) -> tuple[subprocess.Popen[bytes], str]:
     sock = tmp_path / "throttled.sock"
-    proc = subprocess.Popen([
-        "qemu-nbd", "--persistent", "-x", "disk", "-k", str(sock),
-        "--object", f"throttle-group,id=tg,x-bps-write={bps}",
-        "--image-opts", f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={image}",
-    ])
+    proc = subprocess.Popen(
+        [
+            "qemu-nbd",
+            "--persistent",
+            "-x",
+            "disk",
+            "-k",
+            str(sock),
+            "--object",
+            f"throttle-group,id=tg,x-bps-write={bps}",
+            "--image-opts",
+            f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={image}",
+        ]
+    )
     wait_for(sock.exists, "qemu-nbd")
     return proc, f"nbd+unix:///disk?socket={sock}"
 
 
-def test_slow_receiver_loses_nothing_and_memory_stays_bounded(tmp_path: Path, nats_url: str) -> None:
+def test_slow_receiver_loses_nothing_and_memory_stays_bounded(
+    tmp_path: Path, nats_url: str
+) -> None:
     src = tmp_path / "src.img"
     want = make_image(src, 128 * MiB, [(0, 128 * MiB)])
     dst = tmp_path / "dst.img"
     make_image(dst, 128 * MiB, [])
     nbd, uri = throttled_target(tmp_path, dst, TARGET_BPS)
     try:
-        recv = start_cli("recv", uri, "--id", "slow", "--data-url", nats_url, "--window", str(WINDOW))
+        recv = start_cli(
+            "recv", uri, "--id", "slow", "--data-url", nats_url, "--window", str(WINDOW)
+        )
         time.sleep(1.0)  # idle receiver: interpreter, runtime and connections loaded
         recv_base = rss(recv.pid)
-        send = start_cli("send", str(src), "--id", "slow", "--data-url", nats_url, "--window", str(WINDOW))
+        send = start_cli(
+            "send", str(src), "--id", "slow", "--data-url", nats_url, "--window", str(WINDOW)
+        )
         time.sleep(0.5)
         send_base = rss(send.pid)
         peaks = {"recv": 0, "send": 0}
@@ -57,7 +72,8 @@ def test_slow_receiver_loses_nothing_and_memory_stays_bounded(tmp_path: Path, na
     assert recv.returncode == 0, r_err.decode()
     assert send.returncode == 0, s_err.decode()
     assert sha256_file(dst) == want  # nothing lost, nothing cut off as a slow consumer
-    print(f"rss growth recv={(peaks['recv'] - recv_base) // MiB} MiB send={(peaks['send'] - send_base) // MiB} MiB")
+    growth = {k: (peaks[k] - b) // MiB for k, b in (("recv", recv_base), ("send", send_base))}
+    print(f"rss growth MiB: {growth}")
     # Memory follows the window, not the 128 MiB image.
     assert peaks["recv"] - recv_base <= WINDOW + 64 * MiB, (peaks, recv_base)
     assert peaks["send"] - send_base <= WINDOW + 64 * MiB, (peaks, send_base)

@@ -23,7 +23,15 @@ def test_receiver_first(tmp_path: Path, nats_url: str, qemu_nbd) -> None:
     dst = tmp_path / "dst.img"
     recv = start_cli("recv", str(dst), "--id", "vm42-disk0", "--data-url", nats_url, "--json")
     time.sleep(0.5)
-    send = start_cli("send", qemu_nbd(src, read_only=True), "--id", "vm42-disk0", "--data-url", nats_url, "--json")
+    send = start_cli(
+        "send",
+        qemu_nbd(src, read_only=True),
+        "--id",
+        "vm42-disk0",
+        "--data-url",
+        nats_url,
+        "--json",
+    )
     rc_s, out_s, err_s = finish(send)
     rc_r, out_r, err_r = finish(recv)
     assert (rc_s, rc_r) == (0, 0), (err_s, err_r)
@@ -37,7 +45,9 @@ def test_sender_first_waits_for_receiver(tmp_path: Path, nats_url: str) -> None:
     src = tmp_path / "src.img"
     want = make_image(src, 8 * MiB, [(0, 8 * MiB)])
     dst = tmp_path / "dst.img"
-    send = start_cli("send", str(src), "--id", "late", "--data-url", nats_url, "--timeout", "30", "--json")
+    send = start_cli(
+        "send", str(src), "--id", "late", "--data-url", nats_url, "--timeout", "30", "--json"
+    )
     time.sleep(2.0)  # the sender keeps asking on data.cmd.late.open meanwhile
     assert send.poll() is None
     recv = start_cli("recv", str(dst), "--id", "late", "--data-url", nats_url, "--json")
@@ -95,8 +105,18 @@ def test_stdin_sender_restores_a_stream(tmp_path: Path, nats_url: str, qemu_nbd)
     dst = tmp_path / "dst.img"
     subprocess.run(["truncate", "-s", "6M", str(dst)], check=True)
     recv = start_cli("recv", qemu_nbd(dst), "--id", "restore", "--data-url", nats_url)
-    send = start_cli("send", "-", "--id", "restore", "--size", "6M", "--data-url", nats_url, stdin=subprocess.PIPE)
-    out, err = send.communicate(src.read_bytes(), timeout=60)
+    send = start_cli(
+        "send",
+        "-",
+        "--id",
+        "restore",
+        "--size",
+        "6M",
+        "--data-url",
+        nats_url,
+        stdin=subprocess.PIPE,
+    )
+    _, err = send.communicate(src.read_bytes(), timeout=60)
     assert send.returncode == 0, err
     assert finish(recv)[0] == 0
     assert sha256_file(dst) == want

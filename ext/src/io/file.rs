@@ -43,16 +43,25 @@ impl File {
         let meta = file.metadata().map_err(|e| open_error(role, path, e))?;
         let ft = meta.file_type();
         if ft.is_dir() {
-            return Err(Error::Endpoint(format!("{role} {path} is a directory; name an image file or device")));
+            return Err(Error::Endpoint(format!(
+                "{role} {path} is a directory; name an image file or device"
+            )));
         }
         let block_device = ft.is_block_device();
         let size = if block_device {
-            file.seek(SeekFrom::End(0)).map_err(|e| open_error(role, path, e))?
+            file.seek(SeekFrom::End(0))
+                .map_err(|e| open_error(role, path, e))?
         } else {
             meta.len()
         };
         let _ = cell.set(file);
-        Ok(File { path: path.into(), file: Arc::new(cell), size, block_device, zero_from: Arc::new(AtomicU64::new(u64::MAX)) })
+        Ok(File {
+            path: path.into(),
+            file: Arc::new(cell),
+            size,
+            block_device,
+            zero_from: Arc::new(AtomicU64::new(u64::MAX)),
+        })
     }
 
     pub fn open_source(path: &str) -> Result<File> {
@@ -64,18 +73,32 @@ impl File {
         match OpenOptions::new().read(true).write(true).open(path) {
             Ok(file) => File::wrap(path, file, "target"),
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                let parent = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let parent = Path::new(path)
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
                 if !parent.is_dir() {
-                    return Err(Error::Endpoint(format!("target directory {} does not exist", parent.display())));
+                    return Err(Error::Endpoint(format!(
+                        "target directory {} does not exist",
+                        parent.display()
+                    )));
                 }
-                Ok(File { path: path.into(), file: Arc::new(OnceLock::new()), size: 0, block_device: false, zero_from: Arc::new(AtomicU64::new(0)) })
+                Ok(File {
+                    path: path.into(),
+                    file: Arc::new(OnceLock::new()),
+                    size: 0,
+                    block_device: false,
+                    zero_from: Arc::new(AtomicU64::new(0)),
+                })
             }
             Err(e) => Err(open_error("target", path, e)),
         }
     }
 
     fn handle(&self) -> Result<&std::fs::File> {
-        self.file.get().ok_or_else(|| Error::Endpoint(format!("target {} was never created", self.path)))
+        self.file
+            .get()
+            .ok_or_else(|| Error::Endpoint(format!("target {} was never created", self.path)))
     }
 
     fn io_error(&self, what: &str, offset: u64, e: std::io::Error) -> Error {
@@ -85,7 +108,11 @@ impl File {
 
 /// Allocation of `[offset, end)` by SEEK_DATA/SEEK_HOLE; all data where unsupported.
 fn seek_extents(file: &std::fs::File, offset: u64, end: u64) -> Vec<Extent> {
-    let all_data = vec![Extent { offset, len: end - offset, zero: false }];
+    let all_data = vec![Extent {
+        offset,
+        len: end - offset,
+        zero: false,
+    }];
     let mut out = Vec::new();
     let mut pos = offset;
     while pos < end {
@@ -95,7 +122,14 @@ fn seek_extents(file: &std::fs::File, offset: u64, end: u64) -> Vec<Extent> {
             Err(_) => return all_data,
         };
         if data > pos {
-            push_merged(&mut out, Extent { offset: pos, len: data.min(end) - pos, zero: true });
+            push_merged(
+                &mut out,
+                Extent {
+                    offset: pos,
+                    len: data.min(end) - pos,
+                    zero: true,
+                },
+            );
         }
         if data >= end {
             break;
@@ -104,7 +138,14 @@ fn seek_extents(file: &std::fs::File, offset: u64, end: u64) -> Vec<Extent> {
             Ok(h) => h.min(end),
             Err(_) => return all_data,
         };
-        push_merged(&mut out, Extent { offset: data, len: hole - data, zero: false });
+        push_merged(
+            &mut out,
+            Extent {
+                offset: data,
+                len: hole - data,
+                zero: false,
+            },
+        );
         pos = hole;
     }
     out
@@ -121,11 +162,18 @@ impl Source for File {
         blocking(move || Ok(seek_extents(this.handle()?, offset, end))).boxed()
     }
 
-    fn read(&self, offset: u64, len: usize, headroom: usize) -> BoxFuture<'static, Result<BytesMut>> {
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        headroom: usize,
+    ) -> BoxFuture<'static, Result<BytesMut>> {
         let this = self.clone_handle();
         blocking(move || {
             let mut buf = BytesMut::zeroed(headroom + len);
-            this.handle()?.read_exact_at(&mut buf[headroom..], offset).map_err(|e| this.io_error("read", offset, e))?;
+            this.handle()?
+                .read_exact_at(&mut buf[headroom..], offset)
+                .map_err(|e| this.io_error("read", offset, e))?;
             Ok(buf)
         })
         .boxed()
@@ -138,7 +186,14 @@ impl Sink for File {
     }
 
     fn caps(&self) -> SinkCaps {
-        SinkCaps { can_zero: true, can_fast_zero: true, can_trim: true, can_flush: true, can_read: true, sequential: false }
+        SinkCaps {
+            can_zero: true,
+            can_fast_zero: true,
+            can_trim: true,
+            can_flush: true,
+            can_read: true,
+            sequential: false,
+        }
     }
 
     fn prepare(&self, size: u64) -> BoxFuture<'static, Result<()>> {
@@ -164,8 +219,9 @@ impl Sink for File {
                 return Ok(());
             }
             if current < size {
-                file.set_len(size)
-                    .map_err(|e| Error::Endpoint(format!("cannot extend target {path} to {size} bytes: {e}")))?;
+                file.set_len(size).map_err(|e| {
+                    Error::Endpoint(format!("cannot extend target {path} to {size} bytes: {e}"))
+                })?;
             }
             this.zero_from.store(current, Ordering::Relaxed);
             Ok(())
@@ -175,11 +231,21 @@ impl Sink for File {
 
     fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'static, Result<()>> {
         let this = self.clone_handle();
-        blocking(move || this.handle()?.write_all_at(&data, offset).map_err(|e| this.io_error("write", offset, e))).boxed()
+        blocking(move || {
+            this.handle()?
+                .write_all_at(&data, offset)
+                .map_err(|e| this.io_error("write", offset, e))
+        })
+        .boxed()
     }
 
     fn zero(&self, offset: u64, len: u64, _trim: bool) -> BoxFuture<'static, Result<()>> {
-        let end = offset + len.min(self.zero_from.load(Ordering::Relaxed).saturating_sub(offset));
+        let end = offset
+            + len.min(
+                self.zero_from
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(offset),
+            );
         if end <= offset {
             return futures::future::ready(Ok(())).boxed();
         }
@@ -187,7 +253,10 @@ impl Sink for File {
         blocking(move || {
             let len = end - offset;
             let file = this.handle()?;
-            for flags in [FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE] {
+            for flags in [
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            ] {
                 if fallocate(file, flags, offset, len).is_ok() {
                     return Ok(());
                 }
@@ -195,7 +264,8 @@ impl Sink for File {
             let mut pos = offset;
             while pos < end {
                 let chunk = zeros((end - pos) as usize);
-                file.write_all_at(&chunk, pos).map_err(|e| this.io_error("write", pos, e))?;
+                file.write_all_at(&chunk, pos)
+                    .map_err(|e| this.io_error("write", pos, e))?;
                 pos += chunk.len() as u64;
             }
             Ok(())
@@ -205,11 +275,18 @@ impl Sink for File {
 
     fn flush(&self) -> BoxFuture<'static, Result<()>> {
         let this = self.clone_handle();
-        blocking(move || this.handle()?.sync_data().map_err(|e| this.io_error("flush", 0, e))).boxed()
+        blocking(move || {
+            this.handle()?
+                .sync_data()
+                .map_err(|e| this.io_error("flush", 0, e))
+        })
+        .boxed()
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>> {
-        Source::read(self, offset, len, 0).map(|r| r.map(BytesMut::freeze)).boxed()
+        Source::read(self, offset, len, 0)
+            .map(|r| r.map(BytesMut::freeze))
+            .boxed()
     }
 }
 

@@ -35,7 +35,12 @@ pub trait Source: Send + Sync {
     fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>>;
     /// Read `len` bytes at `offset` into a new buffer, after `headroom` spare bytes in front
     /// (where the frame header will go, so the buffer is sent as it is).
-    fn read(&self, offset: u64, len: usize, headroom: usize) -> BoxFuture<'static, Result<BytesMut>>;
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        headroom: usize,
+    ) -> BoxFuture<'static, Result<BytesMut>>;
 }
 
 pub trait Sink: Send + Sync {
@@ -54,9 +59,16 @@ pub trait Sink: Send + Sync {
 }
 
 pub fn is_nbd_uri(spec: &str) -> bool {
-    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://"]
-        .iter()
-        .any(|p| spec.starts_with(p))
+    [
+        "nbd://",
+        "nbds://",
+        "nbd+unix://",
+        "nbds+unix://",
+        "nbd+vsock://",
+        "nbds+vsock://",
+    ]
+    .iter()
+    .any(|p| spec.starts_with(p))
 }
 
 /// Open a source: an NBD URI, `-` (stdin, needs `size`), or a file or block device.
@@ -68,13 +80,17 @@ pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source
         return Ok(Arc::new(stdio::Stdin::open(size)));
     }
     if size.is_some() {
-        return Err(Error::Usage("--size applies only to stdin ('-'); other sources know their size".into()));
+        return Err(Error::Usage(
+            "--size applies only to stdin ('-'); other sources know their size".into(),
+        ));
     }
     if is_nbd_uri(spec) {
         return Ok(Arc::new(nbd::Nbd::open(spec).await?));
     }
     let spec = spec.to_string();
-    blocking(move || file::File::open_source(&spec)).await.map(|f| Arc::new(f) as Arc<dyn Source>)
+    blocking(move || file::File::open_source(&spec))
+        .await
+        .map(|f| Arc::new(f) as Arc<dyn Source>)
 }
 
 /// Open a sink: an NBD URI, `-` (stdout), `null:` (discard), or a file or block device.
@@ -88,16 +104,22 @@ pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
     if is_nbd_uri(spec) {
         let nbd = nbd::Nbd::open(spec).await?;
         if nbd.read_only() {
-            return Err(Error::Endpoint(format!("NBD target {spec} is read-only; export it writable")));
+            return Err(Error::Endpoint(format!(
+                "NBD target {spec} is read-only; export it writable"
+            )));
         }
         return Ok(Arc::new(nbd));
     }
     let spec = spec.to_string();
-    blocking(move || file::File::open_sink(&spec)).await.map(|f| Arc::new(f) as Arc<dyn Sink>)
+    blocking(move || file::File::open_sink(&spec))
+        .await
+        .map(|f| Arc::new(f) as Arc<dyn Sink>)
 }
 
 /// Run blocking work on tokio's blocking pool.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Endpoint(format!("I/O task failed: {e}")))?
@@ -107,5 +129,7 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 
 pub fn zeros(len: usize) -> Bytes {
     static ZEROS: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
     const MAX: usize = 1 << 20;
-    ZEROS.get_or_init(|| Bytes::from(vec![0u8; MAX])).slice(..len.min(MAX))
+    ZEROS
+        .get_or_init(|| Bytes::from(vec![0u8; MAX]))
+        .slice(..len.min(MAX))
 }

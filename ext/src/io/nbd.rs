@@ -52,13 +52,15 @@ impl Nbd {
         let worker_uri = uri.to_string();
         thread::Builder::new()
             .name("nbd-io".into())
-            .spawn(move || match Handle::connect(&worker_uri).and_then(|h| Ok((h.size()?, h.caps(), h))) {
-                Ok((size, caps, handle)) => {
-                    let _ = ready_tx.send(Ok((size, caps)));
-                    run(handle, rx, &worker_closed);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+            .spawn(move || {
+                match Handle::connect(&worker_uri).and_then(|h| Ok((h.size()?, h.caps(), h))) {
+                    Ok((size, caps, handle)) => {
+                        let _ = ready_tx.send(Ok((size, caps)));
+                        run(handle, rx, &worker_closed);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
                 }
             })
             .map_err(|e| Error::Endpoint(format!("cannot start NBD thread: {e}")))?;
@@ -67,7 +69,16 @@ impl Nbd {
             .map_err(|_| Error::Endpoint(format!("NBD connection to {uri} ended during setup")))?
             .map_err(|e| Error::Endpoint(format!("cannot connect to NBD {uri}: {e}")))?;
         let fast_zero = AtomicBool::new(caps.can_fast_zero);
-        Ok(Nbd { inner: Arc::new(Inner { uri: uri.to_string(), size, caps, tx, fast_zero, closed }) })
+        Ok(Nbd {
+            inner: Arc::new(Inner {
+                uri: uri.to_string(),
+                size,
+                caps,
+                tx,
+                fast_zero,
+                closed,
+            }),
+        })
     }
 
     pub fn read_only(&self) -> bool {
@@ -121,7 +132,10 @@ fn run(mut handle: Handle, rx: mpsc::Receiver<Request>, closed: &AtomicBool) {
                 },
                 Ok(Request::BlockStatus(offset, len, reply)) => {
                     // Synchronous: let earlier commands finish first.
-                    let _ = reply.send(drain(&mut handle, &mut waiting).and_then(|()| handle.block_status(offset, len)));
+                    let _ = reply.send(
+                        drain(&mut handle, &mut waiting)
+                            .and_then(|()| handle.block_status(offset, len)),
+                    );
                 }
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => disconnected = true,
@@ -177,10 +191,18 @@ impl Source for Nbd {
     fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>> {
         let end = offset.saturating_add(len).min(self.inner.size);
         if !self.inner.caps.has_allocation {
-            return futures::future::ready(Ok(vec![Extent { offset, len: end - offset, zero: false }])).boxed();
+            return futures::future::ready(Ok(vec![Extent {
+                offset,
+                len: end - offset,
+                zero: false,
+            }]))
+            .boxed();
         }
         let (tx, rx) = oneshot::channel();
-        let sent = self.inner.tx.send(Request::BlockStatus(offset, end - offset, tx));
+        let sent = self
+            .inner
+            .tx
+            .send(Request::BlockStatus(offset, end - offset, tx));
         let uri = self.inner.uri.clone();
         async move {
             sent.map_err(|_| Error::Endpoint(format!("NBD connection to {uri} is closed")))?;
@@ -190,21 +212,32 @@ impl Source for Nbd {
                 .map_err(|e| Error::Endpoint(format!("NBD {uri}: block status: {e}")))?;
             let got = from_block_status(offset, end, &entries);
             if got.is_empty() {
-                return Err(Error::Endpoint(format!("NBD {uri}: block status described nothing at {offset}")));
+                return Err(Error::Endpoint(format!(
+                    "NBD {uri}: block status described nothing at {offset}"
+                )));
             }
             Ok(got)
         }
         .boxed()
     }
 
-    fn read(&self, offset: u64, len: usize, headroom: usize) -> BoxFuture<'static, Result<BytesMut>> {
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        headroom: usize,
+    ) -> BoxFuture<'static, Result<BytesMut>> {
         let buf = BytesMut::zeroed(headroom + len);
-        self.command(Command::Read { offset, buf, at: headroom })
-            .map(|r| match r? {
-                Completed::Read(buf) => Ok(buf),
-                Completed::Other => Err(Error::Endpoint("NBD read returned no buffer".into())),
-            })
-            .boxed()
+        self.command(Command::Read {
+            offset,
+            buf,
+            at: headroom,
+        })
+        .map(|r| match r? {
+            Completed::Read(buf) => Ok(buf),
+            Completed::Other => Err(Error::Endpoint("NBD read returned no buffer".into())),
+        })
+        .boxed()
     }
 }
 
@@ -248,18 +281,31 @@ impl Sink for Nbd {
             return write_zeros(self, offset, len);
         }
         if !self.inner.fast_zero.load(Ordering::Relaxed) {
-            return self.done(Command::Zero { offset, len, fast: false });
+            return self.done(Command::Zero {
+                offset,
+                len,
+                fast: false,
+            });
         }
         // Fast zero fails at once where the server could only zero by writing. Then a
         // plain write-zeroes still saves sending the zeros, and we stop asking for fast.
-        let fast = self.command(Command::Zero { offset, len, fast: true });
+        let fast = self.command(Command::Zero {
+            offset,
+            len,
+            fast: true,
+        });
         let this = self.clone();
         async move {
             match fast.await {
                 Ok(_) => Ok(()),
                 Err(_) => {
                     this.inner.fast_zero.store(false, Ordering::Relaxed);
-                    this.done(Command::Zero { offset, len, fast: false }).await
+                    this.done(Command::Zero {
+                        offset,
+                        len,
+                        fast: false,
+                    })
+                    .await
                 }
             }
         }
@@ -274,7 +320,9 @@ impl Sink for Nbd {
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>> {
-        Source::read(self, offset, len, 0).map(|r| r.map(BytesMut::freeze)).boxed()
+        Source::read(self, offset, len, 0)
+            .map(|r| r.map(BytesMut::freeze))
+            .boxed()
     }
 }
 
@@ -285,7 +333,10 @@ fn write_zeros(nbd: &Nbd, offset: u64, len: u64) -> BoxFuture<'static, Result<()
     let end = offset + len;
     while pos < end {
         let n = (end - pos).min(1 << 20) as usize;
-        writes.push(nbd.done(Command::Write { offset: pos, data: zeros(n) }));
+        writes.push(nbd.done(Command::Write {
+            offset: pos,
+            data: zeros(n),
+        }));
         pos += n as u64;
     }
     async move {

@@ -18,7 +18,14 @@ impl Sink for Null {
         None
     }
     fn caps(&self) -> SinkCaps {
-        SinkCaps { can_zero: true, can_fast_zero: true, can_trim: true, can_flush: true, can_read: false, sequential: false }
+        SinkCaps {
+            can_zero: true,
+            can_fast_zero: true,
+            can_trim: true,
+            can_flush: true,
+            can_read: false,
+            sequential: false,
+        }
     }
     fn prepare(&self, _size: u64) -> BoxFuture<'static, Result<()>> {
         ok()
@@ -33,6 +40,9 @@ impl Sink for Null {
         ok()
     }
     fn read(&self, _offset: u64, _len: usize) -> BoxFuture<'static, Result<Bytes>> {
-        futures::future::ready(Err(Error::Usage("null: cannot be read back; drop --verify".into()))).boxed()
+        futures::future::ready(Err(Error::Usage(
+            "null: cannot be read back; drop --verify".into(),
+        )))
+        .boxed()
     }
 }

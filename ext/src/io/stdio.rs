@@ -27,7 +27,8 @@ fn call<T: Send + 'static, R: Send + 'static>(
     let sent = tx.send(make(reply));
     async move {
         sent.map_err(|_| Error::Endpoint(format!("{what} is closed")))?;
-        rx.await.map_err(|_| Error::Endpoint(format!("{what} stopped")))?
+        rx.await
+            .map_err(|_| Error::Endpoint(format!("{what} stopped")))?
     }
     .boxed()
 }
@@ -51,9 +52,18 @@ impl Stdin {
     }
 }
 
-fn read_next(input: &mut impl Read, pos: &mut u64, size: u64, offset: u64, len: usize, headroom: usize) -> Result<BytesMut> {
+fn read_next(
+    input: &mut impl Read,
+    pos: &mut u64,
+    size: u64,
+    offset: u64,
+    len: usize,
+    headroom: usize,
+) -> Result<BytesMut> {
     if offset != *pos {
-        return Err(Error::Endpoint(format!("stdin read at {offset} but the stream is at {pos}")));
+        return Err(Error::Endpoint(format!(
+            "stdin read at {offset} but the stream is at {pos}"
+        )));
     }
     let mut buf = BytesMut::zeroed(headroom + len);
     let mut filled = 0;
@@ -74,7 +84,9 @@ fn read_next(input: &mut impl Read, pos: &mut u64, size: u64, offset: u64, len: 
     if *pos == size {
         let mut extra = [0u8; 1];
         if matches!(input.read(&mut extra), Ok(n) if n > 0) {
-            return Err(Error::Endpoint(format!("stdin holds more than the {size} bytes --size gives")));
+            return Err(Error::Endpoint(format!(
+                "stdin holds more than the {size} bytes --size gives"
+            )));
         }
     }
     Ok(buf)
@@ -87,10 +99,20 @@ impl Source for Stdin {
 
     fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>> {
         let len = len.min(self.size.saturating_sub(offset));
-        futures::future::ready(Ok(vec![Extent { offset, len, zero: false }])).boxed()
+        futures::future::ready(Ok(vec![Extent {
+            offset,
+            len,
+            zero: false,
+        }]))
+        .boxed()
     }
 
-    fn read(&self, offset: u64, len: usize, headroom: usize) -> BoxFuture<'static, Result<BytesMut>> {
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        headroom: usize,
+    ) -> BoxFuture<'static, Result<BytesMut>> {
         call(&self.tx, |r| (offset, len, headroom, r), "stdin")
     }
 }
@@ -114,7 +136,9 @@ impl Stdout {
                 match req {
                     Out::Write(offset, data, reply) => {
                         let r = if offset != pos {
-                            Err(Error::Endpoint(format!("stdout write at {offset} but the stream is at {pos}")))
+                            Err(Error::Endpoint(format!(
+                                "stdout write at {offset} but the stream is at {pos}"
+                            )))
                         } else {
                             write_all(&out, &data).map(|()| pos += data.len() as u64)
                         };
@@ -138,7 +162,9 @@ fn write_all(out: &std::io::Stdout, mut data: &[u8]) -> Result<()> {
             Ok(n) => data = &data[n..],
             Err(rustix::io::Errno::INTR) => {}
             Err(rustix::io::Errno::PIPE) => {
-                return Err(Error::Endpoint("stdout was closed by the program reading it (broken pipe)".into()))
+                return Err(Error::Endpoint(
+                    "stdout was closed by the program reading it (broken pipe)".into(),
+                ))
             }
             Err(e) => return Err(Error::Endpoint(format!("writing stdout: {e}"))),
         }
@@ -152,7 +178,10 @@ impl Sink for Stdout {
     }
 
     fn caps(&self) -> SinkCaps {
-        SinkCaps { sequential: true, ..SinkCaps::default() }
+        SinkCaps {
+            sequential: true,
+            ..SinkCaps::default()
+        }
     }
 
     fn prepare(&self, _size: u64) -> BoxFuture<'static, Result<()>> {
@@ -187,6 +216,9 @@ impl Sink for Stdout {
     }
 
     fn read(&self, _offset: u64, _len: usize) -> BoxFuture<'static, Result<Bytes>> {
-        futures::future::ready(Err(Error::Usage("stdout cannot be read back; drop --verify".into()))).boxed()
+        futures::future::ready(Err(Error::Usage(
+            "stdout cannot be read back; drop --verify".into(),
+        )))
+        .boxed()
     }
 }
