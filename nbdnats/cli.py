@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
@@ -253,16 +254,28 @@ def _loop_runner() -> Callable[[Awaitable[Any]], Any]:
         return lambda coro: asyncio.run(coro)  # type: ignore[arg-type]
 
 
+async def _main(args: argparse.Namespace) -> None:
+    # SIGTERM drains like Ctrl-C: the transfer is cancelled and the peer told, not left
+    # to time out.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    await _run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _loop_runner()(_run(args))
+        _loop_runner()(_main(args))
     except NbdNatsError as e:
         sys.stderr.write(f"nbd-nats: error: {e}\n")
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         sys.stderr.write("nbd-nats: interrupted\n")
         return 130
+    except asyncio.CancelledError:
+        sys.stderr.write("nbd-nats: terminated\n")
+        return 143
     return 0
 
 

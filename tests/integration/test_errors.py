@@ -204,3 +204,38 @@ def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str)
     assert "NBD" in s_err.decode()
     assert "the sender gave up" in r_err.decode()
     assert "Traceback" not in s_err.decode() + r_err.decode()
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(2, 130, "interrupted"), (15, 143, "terminated")]
+)
+def test_signal_cancels_and_tells_the_peer(
+    tmp_path: Path, nats_url: str, sig: int, code: int, word: str
+) -> None:
+    """Ctrl-C or SIGTERM on the receiver: it exits at once and the sender learns why."""
+    src = tmp_path / "src.img"
+    make_image(src, 64 * MiB, [(0, 64 * MiB)])
+    sock = tmp_path / "slow.sock"
+    nbd = subprocess.Popen([
+        "qemu-nbd", "--read-only", "--persistent", "-x", "disk", "-k", str(sock),
+        "--object", "throttle-group,id=tg,x-bps-read=8388608",
+        "--image-opts", f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={src}",
+    ])  # fmt: skip
+    try:
+        while not sock.exists():
+            time.sleep(0.02)
+        recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "sig", "--data-url", nats_url)
+        send = start_cli(
+            "send", f"nbd+unix:///disk?socket={sock}", "--id", "sig", "--data-url", nats_url
+        )
+        time.sleep(2.0)
+        recv.send_signal(sig)
+        _, r_err = recv.communicate(timeout=30)
+        _, s_err = send.communicate(timeout=30)
+    finally:
+        nbd.kill()
+        nbd.wait()
+    assert recv.returncode == code, r_err.decode()
+    assert word in r_err.decode()
+    assert send.returncode == 1
+    assert "peer: transfer cancelled" in s_err.decode()
