@@ -18,7 +18,7 @@ import msgspec
 from nbdnats import __version__, _core, transfer
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.progress import ProgressBar
-from nbdnats.schemas import Report
+from nbdnats.schemas import Report, from_stats
 from nbdnats.units import human, parse_size
 
 EPILOG = """\
@@ -29,6 +29,18 @@ order. DST may also be 'null:' (discard).
 
 environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists)
 """
+
+
+# name, help, description, positional endpoints, has sender options, has receiver options
+COMMANDS = [
+    ("send", "send a disk image as transfer ID",
+     "Send SRC as transfer ID to the receiver of that id.", ["SRC"], True, False),
+    ("recv", "receive transfer ID into a target",
+     "Receive transfer ID into DST.", ["DST"], False, True),
+    ("copy", "copy SRC to DST through NATS in one command",
+     "Copy SRC to DST through NATS (both ends in this process). "
+     "Without --data-url an embedded nats-server is started.", ["SRC", "DST"], True, True),
+]  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,74 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nbd-nats {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    send = sub.add_parser(
-        "send",
-        help="send a disk image as transfer ID",
-        description="Send SRC as transfer ID to the receiver of that id.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    send.add_argument("src", metavar="SRC")
-    send.add_argument(
-        "--id",
-        required=True,
-        dest="transfer_id",
-        metavar="ID",
-        help="transfer id shared with the receiver",
-    )
-    _add_common(send, sender=True, receiver=False)
-
-    recv = sub.add_parser(
-        "recv",
-        help="receive transfer ID into a target",
-        description="Receive transfer ID into DST.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    recv.add_argument("dst", metavar="DST")
-    recv.add_argument(
-        "--id",
-        required=True,
-        dest="transfer_id",
-        metavar="ID",
-        help="transfer id shared with the sender",
-    )
-    _add_common(recv, sender=False, receiver=True)
-
-    copy = sub.add_parser(
-        "copy",
-        help="copy SRC to DST through NATS in one command",
-        description="Copy SRC to DST through NATS (both ends in this process). "
-        "Without --data-url an embedded nats-server is started.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    copy.add_argument("src", metavar="SRC")
-    copy.add_argument("dst", metavar="DST")
-    copy.add_argument(
-        "--id", dest="transfer_id", metavar="ID", help="transfer id (default: random)"
-    )
-    _add_common(copy, sender=True, receiver=True)
+    for name, help_, description, ends, sender, receiver in COMMANDS:
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=description,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for end in ends:
+            p.add_argument(end.lower(), metavar=end)
+        id_help = "transfer id (default: random)" if name == "copy" else "transfer id of both ends"
+        p.add_argument(
+            "--id", required=name != "copy", dest="transfer_id", metavar="ID", help=id_help
+        )
+        _add_common(p, sender=sender, receiver=receiver)
     return parser
 
 
 def _report(stats: _core.Stats) -> Report:
-    return Report(
-        id=stats.transfer_id,
-        role=stats.role,
-        size=stats.size,
-        data_bytes=stats.data_bytes,
-        zero_bytes=stats.zero_bytes,
-        seconds=round(stats.seconds, 3),
+    return from_stats(
+        Report, stats, id=stats.transfer_id, seconds=round(stats.seconds, 3),
         mb_per_s=round(stats.mb_per_s, 1),
-        digest=stats.digest,
-        verified=stats.verified,
-        chunk_size=stats.chunk_size,
-        window=stats.window,
-        frames=stats.frames,
-        bad_frames=stats.bad_frames,
-        duplicate_frames=stats.duplicate_frames,
-    )
+    )  # fmt: skip
 
 
 def _summary(verb: str, stats: _core.Stats) -> str:

@@ -6,6 +6,8 @@ The data plane's own handshake and frames are binary/JSON defined by the core
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import msgspec
 
 SCHEMA_VERSION = 1
@@ -51,3 +53,12 @@ class Report(msgspec.Struct, kw_only=True):
 
 
 encode = msgspec.json.encode
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def from_stats(cls: type[S], stats: object, **fields: Any) -> S:
+    """Build ``cls`` from a core ``Stats``: every field of ``cls`` that ``stats`` has, by
+    name, then ``fields`` on top."""
+    taken = {f: getattr(stats, f) for f in cls.__struct_fields__ if hasattr(stats, f)}
+    return cls(**{**taken, **fields})

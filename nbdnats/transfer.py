@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from nbdnats import _core, subjects
@@ -20,7 +20,7 @@ from nbdnats._bridge import core_call
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, UsageError
 from nbdnats.planes import Planes, urls_given
-from nbdnats.schemas import TransferEvent, encode
+from nbdnats.schemas import TransferEvent, encode, from_stats
 
 TransferStats = _core.Stats
 ProgressCallback = Callable[[TransferStats], None]
@@ -53,21 +53,7 @@ def check_options(
 
 
 def event_of(stats: TransferStats, node: str, **extra: Any) -> TransferEvent:
-    return TransferEvent(
-        transfer_id=stats.transfer_id,
-        node=node,
-        role=stats.role,
-        state=stats.state,
-        size=stats.size,
-        done_bytes=stats.done_bytes,
-        data_bytes=stats.data_bytes,
-        zero_bytes=stats.zero_bytes,
-        seconds=stats.seconds,
-        mb_per_s=stats.mb_per_s,
-        digest=stats.digest,
-        verified=stats.verified,
-        **extra,
-    )
+    return from_stats(TransferEvent, stats, node=node, **extra)
 
 
 class TransferHandle:
@@ -225,6 +211,22 @@ async def _planes(
         await own.close()
 
 
+async def _one(
+    start: Callable[..., Awaitable[TransferHandle]],
+    endpoint: str,
+    transfer_id: str,
+    planes: Planes | None,
+    where: tuple[str | None, str | None, str | None],
+    on_progress: ProgressCallback | None,
+    options: dict[str, Any],
+) -> TransferStats:
+    """One end of a transfer on the given planes, or on connections of its own."""
+    subjects.check_token(transfer_id, "transfer id")
+    async with _planes(planes, *where) as p:
+        handle = await start(endpoint, transfer_id=transfer_id, planes=p, **options)
+        return await handle.wait(on_progress)
+
+
 async def send(
     src: str,
     *,
@@ -237,10 +239,9 @@ async def send(
     **options: Any,
 ) -> TransferStats:
     """Send ``src`` (NBD URI, file, device or ``-``) as transfer ``transfer_id``."""
-    subjects.check_token(transfer_id, "transfer id")
-    async with _planes(planes, data_url, ctl_url, node) as p:
-        handle = await start_send(src, transfer_id=transfer_id, planes=p, **options)
-        return await handle.wait(on_progress)
+    return await _one(
+        start_send, src, transfer_id, planes, (data_url, ctl_url, node), on_progress, options
+    )
 
 
 async def recv(
@@ -254,11 +255,10 @@ async def recv(
     on_progress: ProgressCallback | None = None,
     **options: Any,
 ) -> TransferStats:
-    """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-`` or ``null:``)."""
-    subjects.check_token(transfer_id, "transfer id")
-    async with _planes(planes, data_url, ctl_url, node) as p:
-        handle = await start_recv(dst, transfer_id=transfer_id, planes=p, **options)
-        return await handle.wait(on_progress)
+    """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-``, ``null:``)."""
+    return await _one(
+        start_recv, dst, transfer_id, planes, (data_url, ctl_url, node), on_progress, options
+    )
 
 
 async def copy(

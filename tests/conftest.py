@@ -5,6 +5,7 @@ Each is started on a random port or a fresh unix socket and killed at teardown.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -105,6 +106,26 @@ def qemu_nbd(tmp_path: Path) -> Iterator[Callable[..., str]]:
         p.wait(10)
         if p.stderr:
             p.stderr.close()
+
+
+@contextlib.contextmanager
+def throttled_nbd(
+    image: Path, sock: Path, *, read_bps: int = 0, write_bps: int = 0
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """qemu-nbd serving ``image`` through a QEMU throttle group: a really slow disk.
+    Read-only unless a write limit is given. Yields the process and the NBD URI."""
+    limits = ",".join(f"x-bps-{k}={v}" for k, v in (("read", read_bps), ("write", write_bps)) if v)
+    args = ["qemu-nbd", "--persistent", "-x", "disk", "-k", str(sock)]
+    args += [] if write_bps else ["--read-only"]
+    args += ["--object", f"throttle-group,id=tg,{limits}", "--image-opts"]
+    args.append(f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={image}")
+    proc = subprocess.Popen(args)
+    try:
+        wait_for(sock.exists, "qemu-nbd")
+        yield proc, f"nbd+unix:///disk?socket={sock}"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def make_image(path: Path, size: int, data: list[tuple[int, int]], seed: int = 1) -> str:

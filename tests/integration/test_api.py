@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -15,33 +15,13 @@ import nbdnats
 from nbdnats import subjects
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.schemas import TransferEvent
-from tests.conftest import MiB, make_image, sha256_file, wait_for
+from tests.conftest import MiB, make_image, sha256_file, throttled_nbd
 
 
 @contextlib.contextmanager
-def throttled_source(tmp_path: Path, image: Path, bps: int):  # type: ignore[no-untyped-def]
-    sock = tmp_path / "slow-src.sock"
-    proc = subprocess.Popen(
-        [
-            "qemu-nbd",
-            "--read-only",
-            "--persistent",
-            "-x",
-            "disk",
-            "-k",
-            str(sock),
-            "--object",
-            f"throttle-group,id=tg,x-bps-read={bps}",
-            "--image-opts",
-            f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={image}",
-        ]
-    )
-    try:
-        wait_for(sock.exists, "qemu-nbd")
-        yield f"nbd+unix:///disk?socket={sock}"
-    finally:
-        proc.terminate()
-        proc.wait()
+def throttled_source(tmp_path: Path, image: Path, bps: int) -> Iterator[str]:
+    with throttled_nbd(image, tmp_path / "slow-src.sock", read_bps=bps) as (_, uri):
+        yield uri
 
 
 def test_copy_returns_stats_and_publishes_events(tmp_path: Path) -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB, make_image, one_line_error, run_cli, sha256_file, start_cli
+from tests.conftest import (
+    MiB,
+    make_image,
+    one_line_error,
+    run_cli,
+    sha256_file,
+    start_cli,
+    throttled_nbd,
+)
 
 
 @pytest.fixture
@@ -169,37 +176,13 @@ def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str)
     """qemu-nbd killed while a (throttled) copy runs: sender fails, receiver is told why."""
     src = tmp_path / "src.img"
     make_image(src, 64 * MiB, [(0, 64 * MiB)])
-    sock = tmp_path / "slow.sock"
-    nbd = subprocess.Popen(
-        [
-            "qemu-nbd",
-            "--read-only",
-            "--persistent",
-            "-x",
-            "disk",
-            "-k",
-            str(sock),
-            "--object",
-            "throttle-group,id=tg,x-bps-read=8388608",
-            "--image-opts",
-            f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={src}",
-        ]
-    )
-    try:
-        while not sock.exists():
-            time.sleep(0.02)
-        dst = tmp_path / "dst.img"
-        recv = start_cli("recv", str(dst), "--id", "cut", "--data-url", nats_url)
-        send = start_cli(
-            "send", f"nbd+unix:///disk?socket={sock}", "--id", "cut", "--data-url", nats_url
-        )
+    with throttled_nbd(src, tmp_path / "slow.sock", read_bps=8 * MiB) as (nbd, uri):
+        recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "cut", "--data-url", nats_url)
+        send = start_cli("send", uri, "--id", "cut", "--data-url", nats_url)
         time.sleep(2.0)
         nbd.kill()
         _, s_err = send.communicate(timeout=60)
         _, r_err = recv.communicate(timeout=60)
-    finally:
-        nbd.kill()
-        nbd.wait()
     assert send.returncode == 1 and recv.returncode == 1
     assert "NBD" in s_err.decode()
     assert "the sender gave up" in r_err.decode()
@@ -215,26 +198,13 @@ def test_signal_cancels_and_tells_the_peer(
     """Ctrl-C or SIGTERM on the receiver: it exits at once and the sender learns why."""
     src = tmp_path / "src.img"
     make_image(src, 64 * MiB, [(0, 64 * MiB)])
-    sock = tmp_path / "slow.sock"
-    nbd = subprocess.Popen([
-        "qemu-nbd", "--read-only", "--persistent", "-x", "disk", "-k", str(sock),
-        "--object", "throttle-group,id=tg,x-bps-read=8388608",
-        "--image-opts", f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={src}",
-    ])  # fmt: skip
-    try:
-        while not sock.exists():
-            time.sleep(0.02)
+    with throttled_nbd(src, tmp_path / "slow.sock", read_bps=8 * MiB) as (_, uri):
         recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "sig", "--data-url", nats_url)
-        send = start_cli(
-            "send", f"nbd+unix:///disk?socket={sock}", "--id", "sig", "--data-url", nats_url
-        )
+        send = start_cli("send", uri, "--id", "sig", "--data-url", nats_url)
         time.sleep(2.0)
         recv.send_signal(sig)
         _, r_err = recv.communicate(timeout=30)
         _, s_err = send.communicate(timeout=30)
-    finally:
-        nbd.kill()
-        nbd.wait()
     assert recv.returncode == code, r_err.decode()
     assert word in r_err.decode()
     assert send.returncode == 1

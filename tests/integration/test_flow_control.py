@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import MiB, make_image, sha256_file, start_cli, wait_for
+from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd
 
 WINDOW = 8 * MiB
 TARGET_BPS = 16 * MiB  # an unthrottled copy here runs at hundreds of MB/s: >10x faster
@@ -19,26 +18,6 @@ def rss(pid: int) -> int:
     return 0
 
 
-def throttled_target(tmp_path: Path, image: Path, bps: int) -> tuple[subprocess.Popen[bytes], str]:
-    sock = tmp_path / "throttled.sock"
-    proc = subprocess.Popen(
-        [
-            "qemu-nbd",
-            "--persistent",
-            "-x",
-            "disk",
-            "-k",
-            str(sock),
-            "--object",
-            f"throttle-group,id=tg,x-bps-write={bps}",
-            "--image-opts",
-            f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={image}",
-        ]
-    )
-    wait_for(sock.exists, "qemu-nbd")
-    return proc, f"nbd+unix:///disk?socket={sock}"
-
-
 def test_slow_receiver_loses_nothing_and_memory_stays_bounded(
     tmp_path: Path, nats_url: str
 ) -> None:
@@ -46,8 +25,7 @@ def test_slow_receiver_loses_nothing_and_memory_stays_bounded(
     want = make_image(src, 128 * MiB, [(0, 128 * MiB)])
     dst = tmp_path / "dst.img"
     make_image(dst, 128 * MiB, [])
-    nbd, uri = throttled_target(tmp_path, dst, TARGET_BPS)
-    try:
+    with throttled_nbd(dst, tmp_path / "slow.sock", write_bps=TARGET_BPS) as (_, uri):
         recv = start_cli(
             "recv", uri, "--id", "slow", "--data-url", nats_url, "--window", str(WINDOW)
         )
@@ -66,9 +44,6 @@ def test_slow_receiver_loses_nothing_and_memory_stays_bounded(
             time.sleep(0.05)
         _, r_err = recv.communicate()
         _, s_err = send.communicate()
-    finally:
-        nbd.terminate()
-        nbd.wait()
     assert recv.returncode == 0, r_err.decode()
     assert send.returncode == 0, s_err.decode()
     assert sha256_file(dst) == want  # nothing lost, nothing cut off as a slow consumer

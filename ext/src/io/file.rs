@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rustix::fs::{fallocate, FallocateFlags};
 
-use super::{blocking, zeros, Sink, SinkCaps, Source};
+use super::{blocking, read_back, zeros, Sink, SinkCaps, Source};
 use crate::error::{Error, Result};
 use crate::extents::{push_merged, Extent};
 
@@ -284,9 +284,7 @@ impl Sink for File {
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>> {
-        Source::read(self, offset, len, 0)
-            .map(|r| r.map(BytesMut::freeze))
-            .boxed()
+        read_back(self, offset, len)
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
+use futures::FutureExt;
 
 use crate::error::{Error, Result};
 use crate::extents::Extent;
@@ -123,6 +124,42 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Endpoint(format!("I/O task failed: {e}")))?
+}
+
+/// Zero `[offset, offset+len)` by writing zeros through `write`, a bounded piece at a time,
+/// for sinks without a cheaper way (streams, NBD servers without write-zeroes).
+pub fn write_zeros(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(u64, Bytes) -> BoxFuture<'static, Result<()>>,
+) -> BoxFuture<'static, Result<()>> {
+    let mut parts = Vec::new();
+    let mut pos = offset;
+    while pos < offset + len {
+        let piece = zeros((offset + len - pos) as usize);
+        let n = piece.len() as u64;
+        parts.push(write(pos, piece));
+        pos += n;
+    }
+    async move {
+        for p in parts {
+            p.await?;
+        }
+        Ok(())
+    }
+    .boxed()
+}
+
+/// A sink's read-back for `--verify`, through its source-side read.
+pub fn read_back(
+    source: &dyn Source,
+    offset: u64,
+    len: usize,
+) -> BoxFuture<'static, Result<Bytes>> {
+    source
+        .read(offset, len, 0)
+        .map(|r| r.map(BytesMut::freeze))
+        .boxed()
 }
 
 /// A shared buffer of zeros for sinks that must write zeros out.

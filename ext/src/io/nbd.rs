@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
-use super::{zeros, Sink, SinkCaps, Source};
+use super::{read_back, write_zeros, Sink, SinkCaps, Source};
 use crate::error::{Error, Result};
 use crate::extents::{from_block_status, Extent};
 use crate::libnbd::{Caps, Command, Completed, Handle};
@@ -278,7 +278,10 @@ impl Sink for Nbd {
             return self.done(Command::Trim { offset, len });
         }
         if !self.inner.caps.can_zero {
-            return write_zeros(self, offset, len);
+            let this = self.clone();
+            return write_zeros(offset, len, move |at, data| {
+                this.done(Command::Write { offset: at, data })
+            });
         }
         if !self.inner.fast_zero.load(Ordering::Relaxed) {
             return self.done(Command::Zero {
@@ -320,30 +323,6 @@ impl Sink for Nbd {
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>> {
-        Source::read(self, offset, len, 0)
-            .map(|r| r.map(BytesMut::freeze))
-            .boxed()
+        read_back(self, offset, len)
     }
-}
-
-/// Zero a range by writing zeros, for servers without (fast) write-zeroes.
-fn write_zeros(nbd: &Nbd, offset: u64, len: u64) -> BoxFuture<'static, Result<()>> {
-    let mut writes = Vec::new();
-    let mut pos = offset;
-    let end = offset + len;
-    while pos < end {
-        let n = (end - pos).min(1 << 20) as usize;
-        writes.push(nbd.done(Command::Write {
-            offset: pos,
-            data: zeros(n),
-        }));
-        pos += n as u64;
-    }
-    async move {
-        for w in writes {
-            w.await?;
-        }
-        Ok(())
-    }
-    .boxed()
 }

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
-use super::{zeros, Sink, SinkCaps, Source};
+use super::{write_zeros, Sink, SinkCaps, Source};
 use crate::error::{Error, Result};
 use crate::extents::Extent;
 
@@ -193,22 +193,11 @@ impl Sink for Stdout {
     }
 
     fn zero(&self, offset: u64, len: u64, _trim: bool) -> BoxFuture<'static, Result<()>> {
-        // A stream has no holes: zeros are written out, a bounded piece at a time.
-        let mut parts = Vec::new();
-        let mut pos = offset;
-        while pos < offset + len {
-            let piece = zeros((offset + len - pos) as usize);
-            let n = piece.len() as u64;
-            parts.push(call(&self.tx, |r| Out::Write(pos, piece, r), "stdout"));
-            pos += n;
-        }
-        async move {
-            for p in parts {
-                p.await?;
-            }
-            Ok(())
-        }
-        .boxed()
+        // A stream has no holes: zeros are written out.
+        let tx = self.tx.clone();
+        write_zeros(offset, len, move |at, piece| {
+            call(&tx, |r| Out::Write(at, piece, r), "stdout")
+        })
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<()>> {
