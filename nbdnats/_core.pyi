@@ -15,7 +15,12 @@ __all__ = [
     "Stats",
     "Transfer",
     "__version__",
+    "checksum_of",
     "connect",
+    "decode_frame",
+    "encode_frame",
+    "is_zero",
+    "merge_extents",
     "start_recv",
     "start_send",
 ]
@@ -110,3 +115,12 @@ def start_recv(
     verify: bool = False,
     target_is_zero: bool = False,
 ) -> Transfer: ...
+
+# Micro-benchmark entry points (bench/micro): the per-chunk hot paths.
+def checksum_of(payload: bytes) -> int: ...
+def is_zero(data: bytes) -> bool: ...
+def encode_frame(seq: int, offset: int, payload: bytes) -> bytes: ...
+def decode_frame(frame: bytes) -> tuple[int, int, int, int]: ...
+def merge_extents(
+    start: int, end: int, entries: list[tuple[int, int]]
+) -> list[tuple[int, int, bool]]: ...

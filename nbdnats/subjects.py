@@ -50,6 +50,17 @@ def data_event(transfer_id: str, kind: str) -> str:
     return f"{DATA_EVT}.{check_token(transfer_id, 'transfer id')}.{check_token(kind, 'event')}"
 
 
+def data_events(transfer_id: str) -> str:
+    """Every event of one transfer (a subscription pattern)."""
+    return f"{DATA_EVT}.{check_token(transfer_id, 'transfer id')}.>"
+
+
+def ctl_events(kind: str, node: str = "*") -> str:
+    """Events of one kind from one node, or from every node (a subscription pattern)."""
+    node = node if node == "*" else check_token(node, "node name")
+    return f"{CTL_EVT}.{node}.{check_token(kind, 'event')}"
+
+
 def ctl_event(node: str, kind: str) -> str:
     return f"{CTL_EVT}.{check_token(node, 'node name')}.{check_token(kind, 'event')}"
 

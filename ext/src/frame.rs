@@ -14,8 +14,17 @@ pub const CHUNK_MAGIC: [u8; 2] = *b"NF";
 pub const ACK_MAGIC: [u8; 2] = *b"NA";
 /// Bytes of the chunk header in front of every payload.
 pub const HEADER_LEN: usize = 40;
-/// Bytes of the header covered by the checksum (everything before the checksum itself).
+/// Bytes of the header covered by the checksum (everything before the checksum itself,
+/// with the session zeroed: the digest of a disk then does not change from one transfer
+/// to the next, and a frame with a damaged session is dropped as foreign anyway).
 const PROTECTED_LEN: usize = 32;
+
+fn seed_bytes(head: &[u8]) -> [u8; PROTECTED_LEN] {
+    let mut seed = [0u8; PROTECTED_LEN];
+    seed.copy_from_slice(&head[..PROTECTED_LEN]);
+    seed[4..8].fill(0);
+    seed
+}
 pub const ACK_HEADER_LEN: usize = 32;
 /// Largest range one ZERO or TRIM frame may cover.
 pub const MAX_ZERO_LEN: u64 = 1 << 30;
@@ -109,7 +118,7 @@ impl ChunkHeader {
     pub fn seal(mut self, buf: &mut [u8]) -> u64 {
         let (head, payload) = buf.split_at_mut(HEADER_LEN);
         self.write_protected(head);
-        self.checksum = frame_checksum(&head[..PROTECTED_LEN], payload);
+        self.checksum = frame_checksum(&seed_bytes(head), payload);
         head[32..40].copy_from_slice(&self.checksum.to_le_bytes());
         self.checksum
     }
@@ -118,7 +127,7 @@ impl ChunkHeader {
     pub fn checksum_over(&self, payload: &[u8]) -> u64 {
         let mut head = [0u8; PROTECTED_LEN];
         self.write_protected(&mut head);
-        frame_checksum(&head, payload)
+        frame_checksum(&seed_bytes(&head), payload)
     }
 
     /// Build a frame with a small payload (ZERO, TRIM, END, ABORT).
@@ -166,7 +175,7 @@ impl ChunkHeader {
         } else if payload.len() > MAX_MESSAGE_LEN {
             return Err(FrameError::Payload("abort"));
         }
-        if frame_checksum(&frame[..PROTECTED_LEN], payload) != header.checksum {
+        if frame_checksum(&seed_bytes(frame), payload) != header.checksum {
             return Err(FrameError::Checksum);
         }
         Ok((header, payload))
@@ -365,7 +374,8 @@ mod tests {
     #[test]
     fn any_flipped_bit_is_rejected() {
         let (frame, _) = header(Kind::Zero, 1 << 20).encode(&[]);
-        for byte in 0..frame.len() {
+        // Bytes 4..8 are the session: a changed session decodes as another transfer's frame.
+        for byte in (0..4).chain(8..frame.len()) {
             let mut bad = frame.to_vec();
             bad[byte] ^= 0x10;
             assert!(
@@ -373,6 +383,14 @@ mod tests {
                 "flip in byte {byte} accepted"
             );
         }
+    }
+
+    #[test]
+    fn checksum_does_not_depend_on_the_session() {
+        let a = header(Kind::Zero, 4096);
+        let b = ChunkHeader { session: 99, ..a };
+        assert_eq!(a.encode(&[]).1, b.encode(&[]).1);
+        assert_ne!(a.encode(&[]).1, ChunkHeader { seq: 4, ..a }.encode(&[]).1);
     }
 
     #[test]

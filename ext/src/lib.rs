@@ -9,6 +9,7 @@ pub mod frame;
 pub mod handshake;
 pub mod io;
 mod libnbd;
+mod micro;
 mod py;
 pub mod recv;
 pub mod send;
@@ -19,5 +20,6 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    py::register(m)
+    py::register(m)?;
+    micro::register(m)
 }

@@ -41,8 +41,8 @@ def test_copy_returns_stats_and_publishes_events(tmp_path: Path) -> None:
             async def on_ctl(msg):  # type: ignore[no-untyped-def]
                 ctl_events.append(msgspec.json.decode(msg.data, type=TransferEvent))
 
-            await watcher.subscribe("data.evt.api1.>", cb=on_data)
-            await watcher.subscribe("ctl.evt.*.transfer", cb=on_ctl)
+            await watcher.subscribe(subjects.data_events("api1"), cb=on_data)
+            await watcher.subscribe(subjects.ctl_events("transfer"), cb=on_ctl)
             await watcher.flush()
             stats = await nbdnats.copy(
                 str(src),

@@ -15,6 +15,7 @@ use crate::extents::Extent;
 pub mod file;
 pub mod nbd;
 pub mod null;
+pub mod pattern;
 pub mod stdio;
 
 /// What a sink can do; sent to the sender in the handshake reply.
@@ -87,6 +88,9 @@ pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source
     }
     if is_nbd_uri(spec) {
         return Ok(Arc::new(nbd::Nbd::open(spec).await?));
+    }
+    if spec.starts_with("pattern:") {
+        return Ok(Arc::new(pattern::Pattern::parse(spec)?));
     }
     let spec = spec.to_string();
     blocking(move || file::File::open_source(&spec))

@@ -1,0 +1,59 @@
+//! `pattern:SIZE` — a source with no I/O: every read is a copy of one pre-filled, non-zero
+//! buffer. It measures the raw NATS ceiling of the transport (`bench/`); the copy stands in
+//! for the copy the kernel makes when an NBD read lands in our buffer.
+
+use bytes::BytesMut;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use super::Source;
+use crate::conn::MAX_CHUNK;
+use crate::error::{Error, Result};
+use crate::extents::Extent;
+
+pub struct Pattern {
+    size: u64,
+    fill: Vec<u8>,
+}
+
+impl Pattern {
+    pub fn parse(spec: &str) -> Result<Pattern> {
+        let size = spec
+            .strip_prefix("pattern:")
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| Error::Usage(format!("invalid source {spec:?}: use pattern:BYTES")))?;
+        // Bytes 1..=251 repeating: never all-zero, so no chunk is sent as a zero frame.
+        let fill = (0..MAX_CHUNK as usize)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        Ok(Pattern { size, fill })
+    }
+}
+
+impl Source for Pattern {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>> {
+        let len = len.min(self.size.saturating_sub(offset));
+        futures::future::ready(Ok(vec![Extent {
+            offset,
+            len,
+            zero: false,
+        }]))
+        .boxed()
+    }
+
+    fn read(
+        &self,
+        _offset: u64,
+        len: usize,
+        headroom: usize,
+    ) -> BoxFuture<'static, Result<BytesMut>> {
+        let mut buf = BytesMut::with_capacity(headroom + len);
+        buf.resize(headroom, 0);
+        buf.extend_from_slice(&self.fill[..len.min(self.fill.len())]);
+        futures::future::ready(Ok(buf)).boxed()
+    }
+}
