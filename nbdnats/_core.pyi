@@ -70,6 +70,14 @@ class Stats:
     @property
     def duplicate_frames(self) -> int: ...
     @property
+    def corrupt_frames(self) -> int: ...
+    @property
+    def retransmits(self) -> int: ...
+    @property
+    def resumes(self) -> int: ...
+    @property
+    def sent_bytes(self) -> int: ...
+    @property
     def chunk_size(self) -> int: ...
     @property
     def window(self) -> int: ...
@@ -102,6 +110,7 @@ def start_send(
     window: int = ...,
     timeout_s: float = 60.0,
     verify: bool = False,
+    resume: bool = False,
 ) -> Transfer: ...
 def start_recv(
     conn: DataConnection,
@@ -114,6 +123,8 @@ def start_recv(
     timeout_s: float = 60.0,
     verify: bool = False,
     target_is_zero: bool = False,
+    state_dir: str | None = None,
+    resume: bool = False,
 ) -> Transfer: ...
 
 # Micro-benchmark entry points (bench/micro): the per-chunk hot paths.

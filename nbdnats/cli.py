@@ -106,7 +106,19 @@ def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> 
     t.add_argument(
         "--verify", action="store_true", help="re-read the target after writing and compare"
     )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted transfer: a receiver from its journal, a sender by "
+        "taking over from its predecessor",
+    )
     if receiver:
+        t.add_argument(
+            "--state-dir",
+            metavar="DIR",
+            help="where the receiver keeps its journal (default: $NBDNATS_STATE_DIR, "
+            "else $XDG_STATE_HOME/nbdnats or ~/.local/state/nbdnats)",
+        )
         t.add_argument(
             "--target-is-zero",
             action="store_true",
@@ -174,6 +186,7 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
         "window": args.window,
         "timeout": args.timeout,
         "verify": args.verify,
+        "resume": args.resume,
     }
     call: Awaitable[_core.Stats]
     try:
@@ -187,12 +200,17 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
             )
         elif args.command == "recv":
             call = nbdnats.recv(
-                args.dst, transfer_id=args.transfer_id, target_is_zero=args.target_is_zero, **common
+                args.dst,
+                state_dir=args.state_dir,
+                transfer_id=args.transfer_id,
+                target_is_zero=args.target_is_zero,
+                **common,
             )
         else:
             call = nbdnats.copy(
                 args.src,
                 args.dst,
+                state_dir=args.state_dir,
                 transfer_id=args.transfer_id,
                 size=args.size,
                 chunk_size=args.chunk_size,

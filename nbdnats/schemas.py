@@ -29,6 +29,12 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     mb_per_s: float = 0.0
     digest: str | None = None
     verified: bool = False
+    bad_frames: int = 0
+    duplicate_frames: int = 0
+    corrupt_frames: int = 0
+    retransmits: int = 0
+    resumes: int = 0
+    sent_bytes: int = 0
     error_code: str | None = None
     error: str | None = None
 
@@ -50,6 +56,10 @@ class Report(msgspec.Struct, kw_only=True):
     frames: int
     bad_frames: int
     duplicate_frames: int
+    corrupt_frames: int
+    retransmits: int
+    resumes: int
+    sent_bytes: int
 
 
 encode = msgspec.json.encode

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from nbdnats import _core, subjects
@@ -135,6 +137,17 @@ class TransferHandle:
             await self._planes.ctl.publish(subject, encode(event_of(stats, self._planes.node)))
 
 
+def resolve_state_dir(state_dir: str | None = None) -> Path:
+    """Where receivers keep their journals: the argument, ``$NBDNATS_STATE_DIR``,
+    ``$XDG_STATE_HOME/nbdnats``, or ``~/.local/state/nbdnats``."""
+    if state_dir:
+        return Path(state_dir)
+    if env := os.environ.get("NBDNATS_STATE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "nbdnats"
+
+
 def new_transfer_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -149,6 +162,7 @@ async def start_send(
     window: int = _core.DEFAULT_WINDOW,
     timeout: float = DEFAULT_TIMEOUT,
     verify: bool = False,
+    resume: bool = False,
 ) -> TransferHandle:
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     subs = subjects.transfer(transfer_id)
@@ -164,6 +178,7 @@ async def start_send(
             window=window,
             timeout_s=timeout,
             verify=verify,
+            resume=resume,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -178,6 +193,8 @@ async def start_recv(
     timeout: float = DEFAULT_TIMEOUT,
     verify: bool = False,
     target_is_zero: bool = False,
+    resume: bool = False,
+    state_dir: str | None = None,
 ) -> TransferHandle:
     check_options(window=window, timeout=timeout)
     subs = subjects.transfer(transfer_id)
@@ -192,6 +209,8 @@ async def start_recv(
             timeout_s=timeout,
             verify=verify,
             target_is_zero=target_is_zero,
+            state_dir=str(resolve_state_dir(state_dir)),
+            resume=resume,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -276,6 +295,8 @@ async def copy(
     timeout: float = DEFAULT_TIMEOUT,
     verify: bool = False,
     target_is_zero: bool = False,
+    resume: bool = False,
+    state_dir: str | None = None,
 ) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server."""
     transfer_id = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
@@ -293,6 +314,8 @@ async def copy(
             timeout=timeout,
             verify=verify,
             target_is_zero=target_is_zero,
+            resume=resume,
+            state_dir=state_dir,
         )
         sender = await start_send(
             src,
@@ -303,6 +326,7 @@ async def copy(
             window=window,
             timeout=timeout,
             verify=verify,
+            resume=resume,
         )
         return await _both(sender, receiver, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)

@@ -162,18 +162,31 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's journals go to its own state dir, never the user's."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("NBDNATS_STATE_DIR", str(path))
+    return path
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    keep = {"NBDNATS_STATE_DIR"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_") or k in keep}
+    env.update(extra or {})
+    return env
+
+
 def run_cli(
     *args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_")}
-    full_env.update(env or {})
     return subprocess.run(
-        [NBD_NATS, *args], input=input, capture_output=True, timeout=timeout, env=full_env
+        [NBD_NATS, *args], input=input, capture_output=True, timeout=timeout, env=cli_env(env)
     )
 
 
 def start_cli(*args: str, **kw: object) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_")}
+    env = cli_env(kw.pop("env", None))  # type: ignore[arg-type]
     return subprocess.Popen(
         [NBD_NATS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw
     )  # type: ignore[call-overload]

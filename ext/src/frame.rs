@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::checksum::frame_checksum;
 
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const CHUNK_MAGIC: [u8; 2] = *b"NF";
 pub const ACK_MAGIC: [u8; 2] = *b"NA";
 /// Bytes of the chunk header in front of every payload.
@@ -25,7 +25,9 @@ fn seed_bytes(head: &[u8]) -> [u8; PROTECTED_LEN] {
     seed[4..8].fill(0);
     seed
 }
-pub const ACK_HEADER_LEN: usize = 32;
+pub const ACK_HEADER_LEN: usize = 40;
+/// Most missing-frame ranges one ack reports; the rest follow in later acks.
+pub const MAX_NACK_RANGES: usize = 64;
 /// Largest range one ZERO or TRIM frame may cover.
 pub const MAX_ZERO_LEN: u64 = 1 << 30;
 /// Length of an END frame's payload: digest, frame count, data bytes, zero bytes.
@@ -46,6 +48,11 @@ pub enum Kind {
     End = 4,
     /// The sender gives up; the payload is a UTF-8 reason.
     Abort = 5,
+    /// The sender got DONE; the receiver may stop lingering. No payload.
+    Close = 6,
+    /// The sender is alive but has nothing to send yet (it re-reads the source to rebuild
+    /// the digest of a resumed transfer). No payload.
+    Keepalive = 7,
 }
 
 impl Kind {
@@ -56,6 +63,8 @@ impl Kind {
             3 => Kind::Trim,
             4 => Kind::End,
             5 => Kind::Abort,
+            6 => Kind::Close,
+            7 => Kind::Keepalive,
             _ => return None,
         })
     }
@@ -140,6 +149,21 @@ impl ChunkHeader {
 
     /// Parse and verify a chunk frame. The payload is returned as a view of `frame`.
     pub fn decode(frame: &[u8]) -> Result<(ChunkHeader, &[u8]), FrameError> {
+        let (header, payload) = ChunkHeader::parse(frame)?;
+        if !header.verify(payload) {
+            return Err(FrameError::Checksum);
+        }
+        Ok((header, payload))
+    }
+
+    /// True when `payload` matches this header's checksum.
+    pub fn verify(&self, payload: &[u8]) -> bool {
+        self.checksum_over(payload) == self.checksum
+    }
+
+    /// Parse a chunk frame's structure without checking its checksum, so a receiver can
+    /// tell which frame was damaged (and ask for it again) when only the data is corrupt.
+    pub fn parse(frame: &[u8]) -> Result<(ChunkHeader, &[u8]), FrameError> {
         if frame.len() < HEADER_LEN {
             return Err(FrameError::Short(frame.len()));
         }
@@ -161,7 +185,7 @@ impl ChunkHeader {
         let payload = &frame[HEADER_LEN..];
         let expected_payload = match kind {
             Kind::Data => Some(header.length),
-            Kind::Zero | Kind::Trim => Some(0),
+            Kind::Zero | Kind::Trim | Kind::Close | Kind::Keepalive => Some(0),
             Kind::End => Some(END_PAYLOAD_LEN as u64),
             Kind::Abort => None,
         };
@@ -174,9 +198,6 @@ impl ChunkHeader {
             }
         } else if payload.len() > MAX_MESSAGE_LEN {
             return Err(FrameError::Payload("abort"));
-        }
-        if frame_checksum(&seed_bytes(frame), payload) != header.checksum {
-            return Err(FrameError::Checksum);
         }
         Ok((header, payload))
     }
@@ -219,7 +240,8 @@ impl EndSummary {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum AckKind {
-    /// Progress: every frame below `next_seq` is written to the target.
+    /// Progress: every frame below `next_seq` is written to the target; the payload lists
+    /// ranges of missing frames below `received` (a selective NACK), possibly none.
     Ack = 1,
     /// Every frame including END is written and flushed; payload: digest and verify flag.
     Done = 2,
@@ -234,6 +256,9 @@ pub struct Ack {
     pub session: u32,
     /// All frames with a smaller sequence number are written to the target.
     pub next_seq: u64,
+    /// One past the highest frame the receiver holds: frames below it that it lacks are
+    /// listed as missing; frames from it on may still be in flight.
+    pub received: u64,
     /// Bytes of the disk those frames cover.
     pub written: u64,
     /// Bytes the sender may have outstanding beyond `next_seq` from now on.
@@ -244,8 +269,16 @@ pub struct Ack {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AckBody {
     None,
-    Done { digest: [u8; 16], verified: bool },
-    Error { code: String, message: String },
+    /// Missing frames as `(first, count)` ranges, at most `MAX_NACK_RANGES`.
+    Missing(Vec<(u64, u32)>),
+    Done {
+        digest: [u8; 16],
+        verified: bool,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 impl Ack {
@@ -256,10 +289,17 @@ impl Ack {
         buf.put_u8(self.kind as u8);
         buf.put_u32_le(self.session);
         buf.put_u64_le(self.next_seq);
+        buf.put_u64_le(self.received);
         buf.put_u64_le(self.written);
         buf.put_u64_le(self.window);
         match &self.body {
             AckBody::None => {}
+            AckBody::Missing(ranges) => {
+                for (first, count) in ranges.iter().take(MAX_NACK_RANGES) {
+                    buf.put_u64_le(*first);
+                    buf.put_u32_le(*count);
+                }
+            }
             AckBody::Done { digest, verified } => {
                 buf.put_slice(digest);
                 buf.put_u8(u8::from(*verified));
@@ -286,7 +326,17 @@ impl Ack {
         }
         let payload = &b[ACK_HEADER_LEN..];
         let (kind, body) = match b[3] {
-            1 => (AckKind::Ack, AckBody::None),
+            1 if payload.is_empty() => (AckKind::Ack, AckBody::None),
+            1 => {
+                if payload.len() % 12 != 0 || payload.len() / 12 > MAX_NACK_RANGES {
+                    return Err(FrameError::Payload("ack"));
+                }
+                let ranges = payload
+                    .chunks_exact(12)
+                    .map(|r| (u64_at(r, 0), u32_at(r, 8)))
+                    .collect();
+                (AckKind::Ack, AckBody::Missing(ranges))
+            }
             2 => {
                 if payload.len() != 17 {
                     return Err(FrameError::Payload("done"));
@@ -321,8 +371,9 @@ impl Ack {
             kind,
             session: u32_at(b, 4),
             next_seq: u64_at(b, 8),
-            written: u64_at(b, 16),
-            window: u64_at(b, 24),
+            received: u64_at(b, 16),
+            written: u64_at(b, 24),
+            window: u64_at(b, 32),
             body,
         })
     }
@@ -441,6 +492,7 @@ mod tests {
     fn ack_round_trips() {
         for body in [
             AckBody::None,
+            AckBody::Missing(vec![(3, 2), (9, 1)]),
             AckBody::Done {
                 digest: [1; 16],
                 verified: true,
@@ -451,7 +503,7 @@ mod tests {
             },
         ] {
             let kind = match body {
-                AckBody::None => AckKind::Ack,
+                AckBody::None | AckBody::Missing(_) => AckKind::Ack,
                 AckBody::Done { .. } => AckKind::Done,
                 AckBody::Error { .. } => AckKind::Error,
             };
@@ -459,6 +511,7 @@ mod tests {
                 kind,
                 session: 1,
                 next_seq: 2,
+                received: 5,
                 written: 3,
                 window: 4,
                 body,

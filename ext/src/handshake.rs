@@ -19,6 +19,8 @@ pub struct OpenRequest {
     pub checksum: String,
     pub digest: String,
     pub verify: bool,
+    /// The sender restarted mid-transfer and asks a running receiver to continue with it.
+    pub resume: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -35,6 +37,10 @@ pub struct OpenReply {
     pub max_payload: u64,
     pub target: SinkCaps,
     pub target_size: Option<u64>,
+    /// Continue from this frame (it starts at `resume_offset`): everything before it is
+    /// already written. 0 for a fresh transfer.
+    pub resume_seq: u64,
+    pub resume_offset: u64,
 }
 
 impl OpenReply {

@@ -149,6 +149,10 @@ pub struct Stats {
     frames: u64,
     bad_frames: u64,
     duplicate_frames: u64,
+    corrupt_frames: u64,
+    retransmits: u64,
+    resumes: u64,
+    sent_bytes: u64,
     chunk_size: u64,
     window: u64,
     seconds: f64,
@@ -189,6 +193,10 @@ impl From<&Progress> for Stats {
             frames: p.frames.load(Relaxed),
             bad_frames: p.bad_frames.load(Relaxed),
             duplicate_frames: p.duplicate_frames.load(Relaxed),
+            corrupt_frames: p.corrupt_frames.load(Relaxed),
+            retransmits: p.retransmits.load(Relaxed),
+            resumes: p.resumes.load(Relaxed),
+            sent_bytes: p.sent_bytes.load(Relaxed),
             chunk_size: p.chunk_size.load(Relaxed),
             window: p.window.load(Relaxed),
             seconds: p.seconds(),
@@ -236,7 +244,7 @@ fn start(
 
 /// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false))]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, resume=false))]
 #[allow(clippy::too_many_arguments)]
 fn start_send(
     conn: &DataConnection,
@@ -249,6 +257,7 @@ fn start_send(
     window: u64,
     timeout_s: f64,
     verify: bool,
+    resume: bool,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
@@ -257,6 +266,7 @@ fn start_send(
         window,
         timeout: timeout(timeout_s),
         verify,
+        resume,
     };
     start("send", transfer_id, done, move |progress, cancel| {
         async move {
@@ -269,7 +279,7 @@ fn start_send(
 
 /// Receive transfer `transfer_id` into `dst`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false))]
+#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false, state_dir=None, resume=false))]
 #[allow(clippy::too_many_arguments)]
 fn start_recv(
     conn: &DataConnection,
@@ -281,14 +291,25 @@ fn start_recv(
     timeout_s: f64,
     verify: bool,
     target_is_zero: bool,
+    state_dir: Option<std::path::PathBuf>,
+    resume: bool,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
+    let target = dst.clone();
+    // Streams cannot be resumed, so they keep no journal.
+    let streaming = dst == "-" || dst == "null:";
+    let journal = state_dir
+        .filter(|_| !streaming)
+        .map(|d| crate::journal::path_for(&d, &transfer_id));
     let opts = RecvOptions {
         window,
         timeout: timeout(timeout_s),
         verify,
         target_is_zero,
+        journal,
+        resume,
+        target,
     };
     start("recv", transfer_id, done, move |progress, cancel| {
         async move {

@@ -1,7 +1,10 @@
 //! The sending engine: plan frames from source extents, read ahead, publish within the
-//! receiver's window, finish with END and wait for the receiver's DONE.
+//! receiver's window, send again what the receiver reports missing (re-reading the source,
+//! never buffering), re-open the transfer when the receiver goes silent, finish with END and
+//! wait for the receiver's DONE.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +12,7 @@ use async_nats::client::RequestErrorKind;
 use async_nats::{Message, Subject};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -18,18 +21,28 @@ use crate::checksum::{digest_hex, is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_AL
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::extents::{pieces, Extent};
+use crate::faults::{ChunkFate, Faults};
 use crate::frame::{
-    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION,
+    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_MESSAGE_LEN,
+    PROTOCOL_VERSION,
 };
 use crate::handshake::{decode, encode, OpenReply, OpenRequest};
 use crate::io::Source;
 use crate::stats::{Progress, State};
-use crate::window::{frame_cost, Window};
+use crate::window::{frame_cost, max_frames_in_window, Window};
 
 /// How much of the disk one extent query covers.
 const EXTENT_SPAN: u64 = 1 << 30;
 /// Bytes read ahead of the window (bounded so RSS stays near the window).
 const READ_AHEAD_BYTES: u64 = 16 << 20;
+/// Frames the receiver has not seen for this long, with no progress meanwhile, are resent.
+const RTO: Duration = Duration::from_secs(1);
+/// No ack at all for this long: the receiver is gone; re-open the transfer until --timeout.
+const SILENCE: Duration = Duration::from_secs(6);
+/// A frame sent this many times without being written ends the transfer.
+const MAX_RETRIES: u32 = 10;
+/// How often the sender says it is alive while it has nothing to send.
+const KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// The subjects of one transfer, formatted by the Python `subjects` module.
 #[derive(Clone)]
@@ -45,6 +58,8 @@ pub struct SendOptions {
     /// How long to wait for the receiver to appear or to answer; `None` waits forever.
     pub timeout: Option<Duration>,
     pub verify: bool,
+    /// Take over a transfer whose previous sender died (a running receiver continues).
+    pub resume: bool,
 }
 
 /// A deadline that slides forward whenever the peer shows life.
@@ -69,6 +84,9 @@ impl Stall {
     pub async fn expired(&self) {
         tokio::time::sleep_until(self.at).await
     }
+    pub fn is_expired(&self) -> bool {
+        Instant::now() >= self.at
+    }
     pub fn describe(&self) -> String {
         self.timeout
             .map_or_else(|| "ever".into(), |t| format!("{}s", t.as_secs_f64()))
@@ -76,10 +94,16 @@ impl Stall {
 }
 
 struct Outgoing {
+    seq: u64,
     bytes: Bytes,
     kind: Kind,
+    offset: u64,
     len: u64,
     checksum: u64,
+}
+
+fn nats_err(e: impl std::fmt::Display) -> Error {
+    Error::Nats(format!("NATS: {e}"))
 }
 
 pub async fn send(
@@ -91,9 +115,7 @@ pub async fn send(
     cancel: &CancellationToken,
 ) -> Result<()> {
     let size = source.size();
-    progress
-        .size
-        .store(size, std::sync::atomic::Ordering::Relaxed);
+    progress.size.store(size, Relaxed);
     let chunk = fit_chunk(opts.chunk_size, conn.max_payload)?;
     // Subscribe to acks before the receiver can send any.
     let mut acks = conn
@@ -112,138 +134,83 @@ pub async fn send(
         checksum: CHECKSUM_ALGORITHM.into(),
         digest: DIGEST_ALGORITHM.into(),
         verify: opts.verify,
+        resume: opts.resume,
     };
     let reply = open(
         conn,
         subjects,
         &request,
-        opts.timeout,
+        Stall::new(opts.timeout),
         &progress.transfer_id,
         cancel,
     )
     .await?;
-    let chunk = reply.chunk_size.min(chunk);
-    if chunk == 0 {
-        return Err(Error::Protocol(
-            "receiver accepted a chunk size of 0".into(),
-        ));
+    if reply.chunk_size == 0 || reply.chunk_size > crate::conn::chunk_room(conn.max_payload) {
+        return Err(Error::Protocol(format!(
+            "the receiver asks for {}-byte chunks, which do not fit here",
+            reply.chunk_size
+        )));
     }
-    let session = reply.session;
-    let mut window = Window::new(opts.window);
-    window.set_limit(reply.window);
-    progress
-        .chunk_size
-        .store(chunk, std::sync::atomic::Ordering::Relaxed);
-    progress
-        .window
-        .store(window.limit(), std::sync::atomic::Ordering::Relaxed);
-    progress.set_state(State::Running);
-
-    let mut sender = Sender {
+    let mut tx = Sender {
         conn,
         subjects,
-        session,
-        window,
-        digest: Digest::default(),
-        published: 0,
-        stall: Stall::new(opts.timeout),
         progress,
+        source: source.clone(),
+        size,
+        chunk: reply.chunk_size,
+        request,
+        timeout: opts.timeout,
+        faults: Faults::from_env(),
+        session: 0,
+        window: Window::new(opts.window),
+        digest: Digest::default(),
+        digest_next: 0,
+        resume_seq: 0,
+        resume_offset: 0,
+        planner: Planner::new(source, size, reply.chunk_size),
+        reads: FuturesOrdered::new(),
+        ready: None,
+        retransmits: FuturesUnordered::new(),
+        next_unsent: 0,
+        end: None,
+        received: 0,
+        last_heard: Instant::now(),
+        last_progress: Instant::now(),
+        last_sent: Instant::now(),
     };
-    match sender.stream(&mut acks, source, size, chunk, cancel).await {
-        Ok(()) => {}
-        Err(e) => {
-            if !matches!(e, Error::Remote { .. }) {
-                sender.abort(&e).await;
-            }
-            return Err(e);
+    tx.restart_at(&reply);
+    progress.chunk_size.store(tx.chunk, Relaxed);
+    progress.set_state(State::Running);
+    let result = tx.run(&mut acks, opts.verify, cancel).await;
+    if let Err(e) = &result {
+        if !matches!(e, Error::Remote { .. }) {
+            tx.abort(e).await;
         }
     }
-    progress.set_state(State::Finishing);
-    let summary = EndSummary {
-        digest: sender.digest.value(),
-        frames: sender.published,
-        data_bytes: progress
-            .data_bytes
-            .load(std::sync::atomic::Ordering::Relaxed),
-        zero_bytes: progress
-            .zero_bytes
-            .load(std::sync::atomic::Ordering::Relaxed),
-    };
-    let end = ChunkHeader {
-        kind: Kind::End,
-        session,
-        seq: sender.published,
-        offset: size,
-        length: 0,
-        checksum: 0,
-    };
-    let (frame, _) = end.encode(&summary.encode());
-    sender.publish(frame).await?;
-    sender.window.sent(sender.published, 0, 0);
-    sender.published += 1;
-    progress.set_digest(digest_hex(&summary.digest));
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => {
-                sender.abort(&Error::Cancelled).await;
-                return Err(Error::Cancelled);
-            }
-            msg = acks.next() => {
-                if let Some((digest, verified)) = sender.on_ack(msg)? {
-                    if digest != summary.digest {
-                        return Err(Error::Integrity(format!(
-                            "digest mismatch: sent {} but the receiver wrote {}",
-                            digest_hex(&summary.digest), digest_hex(&digest)
-                        )));
-                    }
-                    if opts.verify && !verified {
-                        return Err(Error::Integrity("the receiver did not verify the target".into()));
-                    }
-                    progress.verified.store(verified, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(());
-                }
-            }
-            _ = sender.stall.expired() => {
-                return Err(Error::Timeout(format!(
-                    "the receiver did not confirm the end of transfer {} within {}",
-                    progress.transfer_id, sender.stall.describe()
-                )));
-            }
-        }
-    }
+    result
 }
 
-fn nats_err(e: impl std::fmt::Display) -> Error {
-    Error::Nats(format!("NATS: {e}"))
-}
-
-/// The open handshake: ask until a receiver answers, the deadline passes or we are cancelled.
+/// The open handshake: ask until a receiver answers, `stall` expires or we are cancelled.
 async fn open(
     conn: &DataConn,
     subjects: &Subjects,
     request: &OpenRequest,
-    timeout: Option<Duration>,
+    stall: Stall,
     id: &str,
     cancel: &CancellationToken,
 ) -> Result<OpenReply> {
-    let deadline = timeout.map(|t| Instant::now() + t);
     let payload = encode(request);
     loop {
-        let remaining = match deadline {
-            Some(d) => d.saturating_duration_since(Instant::now()),
-            None => Duration::from_secs(2),
-        };
-        if remaining.is_zero() {
-            return Err(Error::Timeout(format!(
-                "no receiver for transfer {id} answered within {}s; start `nbd-nats recv TARGET --id {id}` \
-                 on the target host first, or raise --timeout",
-                timeout.map_or(0.0, |t| t.as_secs_f64())
-            )));
+        if stall.is_expired() {
+            return Err(Error::Timeout(if request.resume {
+                format!("no receiver for transfer {id} answered for {}; start `nbd-nats recv TARGET --id {id} --resume` on the target host, or raise --timeout", stall.describe())
+            } else {
+                format!("no receiver for transfer {id} answered within {}; start `nbd-nats recv TARGET --id {id}` on the target host first, or raise --timeout", stall.describe())
+            }));
         }
         let ask = async_nats::Request::new()
             .payload(payload.clone())
-            .timeout(Some(remaining.min(Duration::from_secs(2))));
+            .timeout(Some(Duration::from_secs(1)));
         let answer = tokio::select! {
             _ = cancel.cancelled() => return Err(Error::Cancelled),
             a = conn.client.send_request(subjects.open.clone(), ask) => a,
@@ -266,11 +233,12 @@ async fn open(
                 RequestErrorKind::NoResponders => {
                     tokio::select! {
                         _ = cancel.cancelled() => return Err(Error::Cancelled),
-                        _ = tokio::time::sleep(remaining.min(Duration::from_millis(200))) => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     }
                 }
                 RequestErrorKind::TimedOut => {}
-                _ => return Err(nats_err(e)),
+                // Disconnected from the server: async-nats reconnects; keep asking.
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
             },
         }
     }
@@ -281,14 +249,28 @@ struct Planner {
     size: u64,
     chunk: u64,
     pos: u64,
+    seq: u64,
     queue: VecDeque<Extent>,
 }
 
 impl Planner {
-    async fn next(&mut self) -> Result<Option<Extent>> {
+    fn new(source: Arc<dyn Source>, size: u64, chunk: u64) -> Planner {
+        Planner {
+            source,
+            size,
+            chunk,
+            pos: 0,
+            seq: 0,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// The next frame's sequence number and piece of the disk.
+    async fn next(&mut self) -> Result<Option<(u64, Extent)>> {
         loop {
             if let Some(p) = self.queue.pop_front() {
-                return Ok(Some(p));
+                self.seq += 1;
+                return Ok(Some((self.seq - 1, p)));
             }
             if self.pos >= self.size {
                 return Ok(None);
@@ -316,39 +298,57 @@ impl Planner {
     }
 }
 
-/// Read one piece (unless it is known zero) and seal it as a frame.
+fn zero_frame(kind: Kind, session: u32, seq: u64, offset: u64, len: u64) -> Outgoing {
+    let (bytes, checksum) = ChunkHeader {
+        kind,
+        session,
+        seq,
+        offset,
+        length: len,
+        checksum: 0,
+    }
+    .encode(&[]);
+    Outgoing {
+        seq,
+        bytes,
+        kind,
+        offset,
+        len,
+        checksum,
+    }
+}
+
+/// Read one piece (unless it is known zero) and seal it as a frame. `detect_zeros` is off
+/// for retransmissions, which must repeat the original frame's kind.
 fn prepare(
     source: &Arc<dyn Source>,
     piece: Extent,
     seq: u64,
     session: u32,
+    detect_zeros: bool,
 ) -> BoxFuture<'static, Result<Outgoing>> {
-    let zero = move || {
-        let (bytes, checksum) = ChunkHeader {
-            kind: Kind::Zero,
+    if piece.zero {
+        return futures::future::ready(Ok(zero_frame(
+            Kind::Zero,
             session,
             seq,
-            offset: piece.offset,
-            length: piece.len,
-            checksum: 0,
-        }
-        .encode(&[]);
-        Outgoing {
-            bytes,
-            kind: Kind::Zero,
-            len: piece.len,
-            checksum,
-        }
-    };
-    if piece.zero {
-        return futures::future::ready(Ok(zero())).boxed();
+            piece.offset,
+            piece.len,
+        )))
+        .boxed();
     }
     source
         .read(piece.offset, piece.len as usize, HEADER_LEN)
         .map(move |r| {
             let mut buf = r?;
-            if is_zero(&buf[HEADER_LEN..]) {
-                return Ok(zero());
+            if detect_zeros && is_zero(&buf[HEADER_LEN..]) {
+                return Ok(zero_frame(
+                    Kind::Zero,
+                    session,
+                    seq,
+                    piece.offset,
+                    piece.len,
+                ));
             }
             let header = ChunkHeader {
                 kind: Kind::Data,
@@ -360,8 +360,10 @@ fn prepare(
             };
             let checksum = header.seal(&mut buf);
             Ok(Outgoing {
+                seq,
                 bytes: buf.freeze(),
                 kind: Kind::Data,
+                offset: piece.offset,
                 len: piece.len,
                 checksum,
             })
@@ -372,17 +374,71 @@ fn prepare(
 struct Sender<'a> {
     conn: &'a DataConn,
     subjects: &'a Subjects,
+    progress: &'a Progress,
+    source: Arc<dyn Source>,
+    size: u64,
+    chunk: u64,
+    request: OpenRequest,
+    timeout: Option<Duration>,
+    faults: Option<Faults>,
     session: u32,
     window: Window,
+    /// Digest over frames `[0, digest_next)`, each folded exactly once.
     digest: Digest,
-    /// Frames published so far; also the next sequence number.
-    published: u64,
-    stall: Stall,
-    progress: &'a Progress,
+    digest_next: u64,
+    /// Frames below this are already written at the receiver: not sent again.
+    resume_seq: u64,
+    resume_offset: u64,
+    planner: Planner,
+    reads: FuturesOrdered<BoxFuture<'static, Result<Outgoing>>>,
+    ready: Option<Outgoing>,
+    retransmits: FuturesUnordered<BoxFuture<'static, Result<Outgoing>>>,
+    /// One past the highest frame published in this session.
+    next_unsent: u64,
+    /// The END frame once sent, and its sequence number.
+    end: Option<(u64, Bytes, EndSummary)>,
+    /// One past the highest frame the receiver has seen.
+    received: u64,
+    last_heard: Instant,
+    last_progress: Instant,
+    last_sent: Instant,
 }
 
 impl Sender<'_> {
-    async fn publish(&self, frame: Bytes) -> Result<()> {
+    /// Start (or restart) the stream at the receiver's resume point, in its session.
+    fn restart_at(&mut self, reply: &OpenReply) {
+        self.session = reply.session;
+        self.window.clear();
+        self.window.set_limit(reply.window);
+        self.resume_seq = reply.resume_seq;
+        self.resume_offset = reply.resume_offset;
+        self.planner = Planner::new(self.source.clone(), self.size, self.chunk);
+        self.reads = FuturesOrdered::new();
+        self.ready = None;
+        self.retransmits = FuturesUnordered::new();
+        self.next_unsent = reply.resume_seq;
+        self.end = None;
+        self.received = reply.resume_seq;
+        self.last_heard = Instant::now();
+        self.last_progress = Instant::now();
+        self.progress.window.store(self.window.limit(), Relaxed);
+        self.progress.done_bytes.store(reply.resume_offset, Relaxed);
+        if reply.resume_seq > 0 {
+            Progress::add(&self.progress.resumes, 1);
+        }
+    }
+
+    async fn publish(&mut self, frame: Bytes) -> Result<()> {
+        self.last_sent = Instant::now();
+        Progress::add(
+            &self.progress.sent_bytes,
+            (frame.len() - HEADER_LEN.min(frame.len())) as u64,
+        );
+        let frame = match self.faults.as_mut().map(|f| f.chunk(frame.clone())) {
+            Some(ChunkFate::Drop) => return Ok(()),
+            Some(ChunkFate::Send(f)) => f,
+            None => frame,
+        };
         self.conn
             .client
             .publish(self.subjects.chunks.clone(), frame)
@@ -391,20 +447,72 @@ impl Sender<'_> {
     }
 
     /// Tell the receiver we give up, so it fails at once rather than at its timeout.
-    async fn abort(&self, why: &Error) {
+    async fn abort(&mut self, why: &Error) {
         let header = ChunkHeader {
             kind: Kind::Abort,
             session: self.session,
-            seq: self.published,
+            seq: self.next_unsent,
             offset: 0,
             length: 0,
             checksum: 0,
         };
-        let (frame, _) = header.encode(
-            crate::frame::truncate(&why.to_string(), crate::frame::MAX_MESSAGE_LEN).as_bytes(),
-        );
-        let _ = self.publish(frame).await;
+        let (frame, _) =
+            header.encode(crate::frame::truncate(&why.to_string(), MAX_MESSAGE_LEN).as_bytes());
+        let _ = self
+            .conn
+            .client
+            .publish(self.subjects.chunks.clone(), frame)
+            .await;
         let _ = self.conn.client.flush().await;
+    }
+
+    /// Queue frame `seq` to be sent again, re-reading it from the source.
+    fn resend(&mut self, seq: u64) -> Result<()> {
+        let session = self.session;
+        let Some(entry) = self.window.get_mut(seq) else {
+            return Ok(());
+        };
+        if entry.last_sent.elapsed() < RTO / 4 {
+            return Ok(()); // just sent: give it time
+        }
+        entry.retries += 1;
+        if entry.retries > MAX_RETRIES {
+            return Err(Error::Integrity(format!(
+                "frame {seq} at offset {} was lost or damaged {MAX_RETRIES} times; the path between the hosts is failing",
+                entry.offset
+            )));
+        }
+        entry.last_sent = std::time::Instant::now();
+        Progress::add(&self.progress.retransmits, 1);
+        let (kind, offset, len) = (entry.kind, entry.offset, entry.len);
+        let again = match (kind, &self.end) {
+            (Kind::End, Some((_, bytes, _))) => {
+                let bytes = bytes.clone();
+                futures::future::ready(Ok(Outgoing {
+                    seq,
+                    bytes,
+                    kind,
+                    offset,
+                    len,
+                    checksum: 0,
+                }))
+                .boxed()
+            }
+            (Kind::Data, _) => prepare(
+                &self.source,
+                Extent {
+                    offset,
+                    len,
+                    zero: false,
+                },
+                seq,
+                session,
+                false,
+            ),
+            _ => futures::future::ready(Ok(zero_frame(kind, session, seq, offset, len))).boxed(),
+        };
+        self.retransmits.push(again);
+        Ok(())
     }
 
     /// Handle one ack message; returns the receiver's digest once it reports DONE.
@@ -417,12 +525,16 @@ impl Sender<'_> {
                 return Ok(None);
             }
         };
-        self.stall.reset();
+        self.last_heard = Instant::now();
         let covered = self
             .window
-            .ack(ack.next_seq, self.published)
+            .ack(ack.next_seq, self.next_unsent)
             .map_err(Error::Protocol)?;
+        if covered > 0 || ack.received > self.received {
+            self.last_progress = Instant::now();
+        }
         Progress::add(&self.progress.done_bytes, covered);
+        self.received = self.received.max(ack.received);
         if ack.window > 0 {
             self.window.set_limit(ack.window);
         }
@@ -430,88 +542,200 @@ impl Sender<'_> {
             (AckKind::Error, AckBody::Error { code, message }) => {
                 Err(Error::from_remote(&code, &message))
             }
-            (AckKind::Done, AckBody::Done { digest, verified }) => {
-                if ack.next_seq != self.published {
-                    return Err(Error::Protocol(format!(
-                        "receiver reported done after {} of {} frames",
-                        ack.next_seq, self.published
-                    )));
+            (AckKind::Done, AckBody::Done { digest, verified }) => match &self.end {
+                Some((end_seq, _, _)) if ack.next_seq == end_seq + 1 => {
+                    Ok(Some((digest, verified)))
                 }
-                Ok(Some((digest, verified)))
+                _ => Err(Error::Protocol(format!(
+                    "receiver reported done at frame {} before the end",
+                    ack.next_seq
+                ))),
+            },
+            (AckKind::Ack, AckBody::Missing(ranges)) => {
+                let limit = max_frames_in_window(crate::window::MAX_WINDOW) as u64;
+                for (first, count) in ranges {
+                    for seq in first..first.saturating_add(u64::from(count).min(limit)) {
+                        self.resend(seq)?;
+                    }
+                }
+                Ok(None)
             }
             (AckKind::Ack, _) => Ok(None),
             _ => Err(Error::Protocol("malformed ack from the receiver".into())),
         }
     }
 
-    /// Publish every frame of the disk, never exceeding the window.
-    async fn stream(
+    /// The receiver went silent: ask for it again (a resumed receiver answers with its
+    /// journal's resume point) until --timeout since we last heard from it.
+    async fn reopen(&mut self, cancel: &CancellationToken) -> Result<()> {
+        let mut stall = Stall::new(self.timeout);
+        stall.at = self.last_heard + self.timeout.unwrap_or(Duration::from_secs(86_400 * 365));
+        let mut request = self.request.clone();
+        request.resume = true;
+        let reply = open(
+            self.conn,
+            self.subjects,
+            &request,
+            stall,
+            &self.progress.transfer_id,
+            cancel,
+        )
+        .await?;
+        if reply.chunk_size != self.chunk {
+            return Err(Error::Protocol(format!(
+                "the receiver came back with {}-byte chunks instead of {}",
+                reply.chunk_size, self.chunk
+            )));
+        }
+        self.restart_at(&reply);
+        Ok(())
+    }
+
+    /// Put a frame that came out of the read pipeline on its way: fold it into the digest
+    /// (once per frame), publish it if the receiver lacks it and the window allows.
+    /// Returns false when the window is full (the frame stays ready).
+    async fn forward(&mut self, frame: Outgoing) -> Result<bool> {
+        if frame.seq == self.digest_next {
+            self.digest.update(frame.checksum);
+            self.digest_next += 1;
+            let counter = if frame.kind == Kind::Data {
+                &self.progress.data_bytes
+            } else {
+                &self.progress.zero_bytes
+            };
+            Progress::add(counter, frame.len);
+            Progress::add(&self.progress.frames, 1);
+        }
+        if frame.seq < self.resume_seq {
+            return Ok(true); // only re-read to rebuild the digest
+        }
+        if frame.seq == self.resume_seq && frame.offset != self.resume_offset {
+            return Err(Error::Protocol(format!(
+                "the source is cut differently than before: frame {} starts at {} but the receiver expects {}; \
+                 the source changed since the transfer was interrupted, start over",
+                frame.seq, frame.offset, self.resume_offset
+            )));
+        }
+        let cost = frame_cost(frame.bytes.len() as u64 - HEADER_LEN as u64);
+        if !self.window.can_send(cost) {
+            self.ready = Some(frame);
+            return Ok(false);
+        }
+        self.window
+            .sent(frame.seq, frame.kind, frame.offset, frame.len, cost);
+        self.next_unsent = self.next_unsent.max(frame.seq + 1);
+        self.publish(frame.bytes).await?;
+        Ok(true)
+    }
+
+    async fn run(
         &mut self,
         acks: &mut async_nats::Subscriber,
-        source: Arc<dyn Source>,
-        size: u64,
-        chunk: u64,
+        verify: bool,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        let depth = (READ_AHEAD_BYTES / chunk).clamp(2, 32) as usize;
-        let mut planner = Planner {
-            source: source.clone(),
-            size,
-            chunk,
-            pos: 0,
-            queue: VecDeque::new(),
-        };
-        let mut reads: FuturesOrdered<BoxFuture<'static, Result<Outgoing>>> = FuturesOrdered::new();
-        let mut planned = 0u64;
+        let depth = (crate::send::READ_AHEAD_BYTES / self.chunk).clamp(2, 32) as usize;
         let mut planned_all = false;
-        let mut ready: Option<Outgoing> = None;
+        let mut tick = tokio::time::interval(RTO / 4);
         loop {
-            while !planned_all && reads.len() < depth {
-                match planner.next().await? {
-                    Some(piece) => {
-                        reads.push_back(prepare(&source, piece, planned, self.session));
-                        planned += 1;
-                    }
+            while !planned_all && self.reads.len() < depth {
+                match self.planner.next().await? {
                     None => planned_all = true,
+                    // Already written and already digested: nothing to do for it.
+                    Some((seq, _)) if seq < self.resume_seq && seq < self.digest_next => {}
+                    Some((seq, piece)) => {
+                        self.reads
+                            .push_back(prepare(&self.source, piece, seq, self.session, true))
+                    }
                 }
             }
-            if let Some(frame) = ready.take() {
-                let cost = frame_cost(frame.bytes.len() as u64 - HEADER_LEN as u64);
-                if self.window.can_send(cost) {
-                    self.publish(frame.bytes).await?;
-                    self.window.sent(self.published, cost, frame.len);
-                    self.digest.update(frame.checksum);
-                    self.published += 1;
-                    let counter = if frame.kind == Kind::Data {
-                        &self.progress.data_bytes
-                    } else {
-                        &self.progress.zero_bytes
-                    };
-                    Progress::add(counter, frame.len);
-                    Progress::add(&self.progress.frames, 1);
+            if let Some(frame) = self.ready.take() {
+                if self.forward(frame).await? {
                     continue;
                 }
-                ready = Some(frame);
-            } else if planned_all && reads.is_empty() {
-                return Ok(());
+            }
+            if planned_all && self.reads.is_empty() && self.ready.is_none() && self.end.is_none() {
+                self.send_end().await?;
             }
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(Error::Cancelled),
                 msg = acks.next() => {
-                    if self.on_ack(msg)?.is_some() {
-                        return Err(Error::Protocol("receiver reported done before the end".into()));
+                    if let Some((digest, verified)) = self.on_ack(msg)? {
+                        return self.finish(digest, verified, verify).await;
                     }
                 }
-                Some(r) = reads.next(), if ready.is_none() => ready = Some(r?),
-                _ = self.stall.expired(), if self.window.outstanding() > 0 => {
-                    return Err(Error::Timeout(format!(
-                        "the receiver stopped acknowledging for {} ({} of {size} bytes written); is it still running?",
-                        self.stall.describe(),
-                        self.progress.done_bytes.load(std::sync::atomic::Ordering::Relaxed)
-                    )));
+                Some(r) = self.retransmits.next() => {
+                    let frame = r?;
+                    if self.window.get_mut(frame.seq).is_some() {
+                        self.publish(frame.bytes).await?;
+                    }
+                }
+                Some(r) = self.reads.next(), if self.ready.is_none() => self.ready = Some(r?),
+                _ = tick.tick() => {
+                    if !self.window.is_empty() && self.last_heard.elapsed() >= SILENCE {
+                        self.reopen(cancel).await?;
+                    } else if self.last_progress.elapsed() >= RTO {
+                        for seq in self.window.overdue(self.received, RTO) {
+                            self.resend(seq)?;
+                        }
+                    }
+                    if self.window.is_empty() && self.last_sent.elapsed() >= KEEPALIVE {
+                        let ka = zero_frame(Kind::Keepalive, self.session, self.next_unsent, 0, 0);
+                        self.publish(ka.bytes).await?;
+                    }
                 }
             }
         }
+    }
+
+    async fn send_end(&mut self) -> Result<()> {
+        let total = self.planner.seq;
+        let summary = EndSummary {
+            digest: self.digest.value(),
+            frames: total,
+            data_bytes: self.progress.data_bytes.load(Relaxed),
+            zero_bytes: self.progress.zero_bytes.load(Relaxed),
+        };
+        let header = ChunkHeader {
+            kind: Kind::End,
+            session: self.session,
+            seq: total,
+            offset: self.size,
+            length: 0,
+            checksum: 0,
+        };
+        let (frame, _) = header.encode(&summary.encode());
+        self.progress.set_state(State::Finishing);
+        self.progress.set_digest(digest_hex(&summary.digest));
+        self.window.sent(total, Kind::End, self.size, 0, 0);
+        self.next_unsent = total + 1;
+        self.end = Some((total, frame.clone(), summary));
+        self.publish(frame).await
+    }
+
+    async fn finish(&mut self, digest: [u8; 16], verified: bool, verify: bool) -> Result<()> {
+        let Some((end_seq, _, summary)) = &self.end else {
+            return Err(Error::Protocol("DONE before END".into()));
+        };
+        let (end_seq, ours) = (*end_seq, summary.digest);
+        let close = zero_frame(Kind::Close, self.session, end_seq + 1, 0, 0);
+        let _ = self.publish(close.bytes).await;
+        let _ = self.conn.client.flush().await;
+        if digest != ours {
+            return Err(Error::Integrity(format!(
+                "digest mismatch: sent {} but the receiver wrote {}",
+                digest_hex(&ours),
+                digest_hex(&digest)
+            )));
+        }
+        if verify && !verified {
+            return Err(Error::Integrity(
+                "the receiver did not verify the target".into(),
+            ));
+        }
+        self.progress.verified.store(verified, Relaxed);
+        self.progress.done_bytes.store(self.size, Relaxed);
+        Ok(())
     }
 }

@@ -40,6 +40,14 @@ pub struct Progress {
     /// Messages on the transfer's subjects that were not valid frames of it.
     pub bad_frames: AtomicU64,
     pub duplicate_frames: AtomicU64,
+    /// Frames of this transfer that failed their checksum (asked for again).
+    pub corrupt_frames: AtomicU64,
+    /// Frames the sender sent again (lost or damaged on the way).
+    pub retransmits: AtomicU64,
+    /// Payload bytes the sender published, retransmissions and resends included.
+    pub sent_bytes: AtomicU64,
+    /// Times the transfer continued from a resume point.
+    pub resumes: AtomicU64,
     pub chunk_size: AtomicU64,
     pub window: AtomicU64,
     pub verified: AtomicBool,
@@ -60,6 +68,10 @@ impl Progress {
             frames: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
             duplicate_frames: AtomicU64::new(0),
+            corrupt_frames: AtomicU64::new(0),
+            retransmits: AtomicU64::new(0),
+            resumes: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
             chunk_size: AtomicU64::new(0),
             window: AtomicU64::new(0),
             verified: AtomicBool::new(false),

@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import NBD_NATS, MiB, make_image, sha256_file, start_cli
+from tests.conftest import NBD_NATS, MiB, cli_env, make_image, sha256_file, start_cli
 
 SIZE = 24 * MiB
 
 
 def test_backup_into_restic_and_restore(tmp_path: Path, nats_url: str, qemu_nbd) -> None:
-    env = {**os.environ, "RESTIC_REPOSITORY": str(tmp_path / "repo"), "RESTIC_PASSWORD": "pw"}
-    env = {k: v for k, v in env.items() if not k.startswith("NBDNATS_")}
+    env = cli_env({"RESTIC_REPOSITORY": str(tmp_path / "repo"), "RESTIC_PASSWORD": "pw"})
     subprocess.run(["restic", "init", "-q"], env=env, check=True)
     src = tmp_path / "vm42.img"
     want = make_image(src, SIZE, [(0, 2 * MiB), (10 * MiB, 3 * MiB)])

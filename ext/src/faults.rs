@@ -1,0 +1,122 @@
+//! Test-only fault injection, the one place it lives.
+//!
+//! Real NATS drops messages only under conditions a test cannot produce on demand
+//! (a slow consumer cut off, a server dying at the right moment), and never corrupts them.
+//! To test repair, `NBDNATS_FAULTS` makes the core itself drop or damage what it publishes:
+//!
+//! ```text
+//! NBDNATS_FAULTS="drop_chunk=0.01,corrupt_chunk=0.005,drop_ack=0.05,seed=7"
+//! ```
+//!
+//! Unset (always, outside tests) it costs one branch per published message.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::HEADER_LEN;
+
+#[derive(Debug, Default)]
+pub struct Faults {
+    drop_chunk: f64,
+    corrupt_chunk: f64,
+    drop_ack: f64,
+    state: u64,
+}
+
+/// What to do with a chunk frame about to be published.
+pub enum ChunkFate {
+    Send(Bytes),
+    Drop,
+}
+
+impl Faults {
+    pub fn from_env() -> Option<Faults> {
+        let spec = std::env::var("NBDNATS_FAULTS").ok()?;
+        let mut f = Faults {
+            state: 0x9e37_79b9_7f4a_7c15,
+            ..Faults::default()
+        };
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=')?;
+            match key {
+                "drop_chunk" => f.drop_chunk = value.parse().ok()?,
+                "corrupt_chunk" => f.corrupt_chunk = value.parse().ok()?,
+                "drop_ack" => f.drop_ack = value.parse().ok()?,
+                "seed" => {
+                    f.state ^= value
+                        .parse::<u64>()
+                        .ok()?
+                        .wrapping_mul(0x2545_f491_4f6c_dd1d)
+                }
+                _ => return None,
+            }
+        }
+        Some(f)
+    }
+
+    /// xorshift64*: deterministic for a seed, good enough to pick victims.
+    fn roll(&mut self, probability: f64) -> bool {
+        if probability <= 0.0 {
+            return false;
+        }
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        let r = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
+        (r as f64 / (1u64 << 53) as f64) < probability
+    }
+
+    pub fn chunk(&mut self, frame: Bytes) -> ChunkFate {
+        if self.roll(self.drop_chunk) {
+            return ChunkFate::Drop;
+        }
+        if frame.len() > HEADER_LEN && self.roll(self.corrupt_chunk) {
+            let mut damaged = BytesMut::from(&frame[..]);
+            let at = HEADER_LEN + (self.state as usize % (frame.len() - HEADER_LEN));
+            damaged[at] ^= 0x5a;
+            return ChunkFate::Send(damaged.freeze());
+        }
+        ChunkFate::Send(frame)
+    }
+
+    pub fn drop_ack(&mut self) -> bool {
+        self.roll(self.drop_ack)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_roughly_honoured() {
+        let mut f = Faults {
+            drop_ack: 0.1,
+            state: 42,
+            ..Faults::default()
+        };
+        let dropped = (0..100_000).filter(|_| f.drop_ack()).count();
+        assert!((9_000..11_000).contains(&dropped), "{dropped}");
+        let mut none = Faults {
+            state: 1,
+            ..Faults::default()
+        };
+        assert!(!(0..1000).any(|_| none.drop_ack()));
+    }
+
+    #[test]
+    fn corruption_hits_the_payload_only() {
+        let mut f = Faults {
+            corrupt_chunk: 1.0,
+            state: 3,
+            ..Faults::default()
+        };
+        let frame = Bytes::from(vec![0u8; HEADER_LEN + 100]);
+        match f.chunk(frame.clone()) {
+            ChunkFate::Send(d) => {
+                assert_eq!(&d[..HEADER_LEN], &frame[..HEADER_LEN]);
+                assert_ne!(d, frame);
+            }
+            ChunkFate::Drop => panic!("dropped"),
+        }
+    }
+}
