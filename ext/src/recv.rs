@@ -45,6 +45,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 /// Bytes of frames held ahead of a gap: twice the largest window, so a genuine sender
 /// never reaches it and nobody else can make the receiver hold more.
 const REORDER_LIMIT: usize = 2 * MAX_WINDOW as usize;
+/// Frames of another session for this long, and none of ours: we lost a receiver race.
+const RACE_LOST_AFTER: Duration = Duration::from_secs(3);
 /// How long a finished receiver keeps answering a sender that did not hear its DONE.
 const LINGER: Duration = Duration::from_secs(10);
 
@@ -113,6 +115,8 @@ struct Receiver<'a> {
     last_ack: Instant,
     last_nack: Instant,
     seen_own_session: bool,
+    /// When frames of another session started arriving before any of ours.
+    foreign_since: Option<Instant>,
 }
 
 impl Receiver<'_> {
@@ -216,11 +220,17 @@ impl Receiver<'_> {
             }
         };
         if header.session != self.session {
+            // Frames of an earlier session are normal just after a (re)open; frames of
+            // another session that keep coming while none of ours do mean the sender picked
+            // another receiver's reply in a race between two receivers.
             if !self.seen_own_session && header.kind != Kind::Abort && header.verify(body) {
-                return Err(Error::Busy(format!(
-                    "another receiver took transfer {}; only one receiver may serve an id",
-                    self.progress.transfer_id
-                )));
+                let since = *self.foreign_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= RACE_LOST_AFTER {
+                    return Err(Error::Busy(format!(
+                        "another receiver took transfer {}; only one receiver may serve an id",
+                        self.progress.transfer_id
+                    )));
+                }
             }
             Progress::add(&self.progress.bad_frames, 1);
             return Ok(false);
@@ -282,7 +292,13 @@ impl Receiver<'_> {
             let Some((header, payload)) = self.reorder.remove(&self.next_submit) else {
                 break;
             };
-            check_frame(&header, self.next_offset, self.size, self.chunk)?;
+            self.reorder_bytes -= payload.len();
+            if check_frame(&header, self.next_offset, self.size, self.chunk).is_err() {
+                // Not the frame that belongs here (forged, or from a confused sender): drop
+                // it; the gap it leaves is named in the next ack and sent again.
+                Progress::add(&self.progress.bad_frames, 1);
+                break;
+            }
             self.next_submit += 1;
             self.corrupt.remove(&header.seq);
             if header.kind == Kind::End {
@@ -529,6 +545,7 @@ pub async fn recv(
         last_ack: Instant::now(),
         last_nack: Instant::now(),
         seen_own_session: false,
+        foreign_since: None,
     };
     let mut stall = Stall::new(opts.timeout);
     let mut tick = tokio::time::interval(NACK_INTERVAL);
@@ -573,6 +590,7 @@ pub async fn recv(
                         // The sender restarted: continue from what we hold, in a new session.
                         rx.session = new_session()?;
                         rx.seen_own_session = false;
+                        rx.foreign_since = None;
                         rx.corrupt.clear();
                         let reply = OpenReply {
                             v: PROTOCOL_VERSION,

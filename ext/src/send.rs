@@ -168,6 +168,7 @@ pub async fn send(
         resume_seq: 0,
         resume_offset: 0,
         planner: Planner::new(source, size, reply.chunk_size),
+        planned_all: false,
         reads: FuturesOrdered::new(),
         ready: None,
         retransmits: FuturesUnordered::new(),
@@ -177,6 +178,7 @@ pub async fn send(
         last_heard: Instant::now(),
         last_progress: Instant::now(),
         last_sent: Instant::now(),
+        backoff: 1,
     };
     tx.restart_at(&reply);
     progress.chunk_size.store(tx.chunk, Relaxed);
@@ -390,6 +392,8 @@ struct Sender<'a> {
     resume_seq: u64,
     resume_offset: u64,
     planner: Planner,
+    /// The planner has handed out every frame of the disk.
+    planned_all: bool,
     reads: FuturesOrdered<BoxFuture<'static, Result<Outgoing>>>,
     ready: Option<Outgoing>,
     retransmits: FuturesUnordered<BoxFuture<'static, Result<Outgoing>>>,
@@ -402,6 +406,8 @@ struct Sender<'a> {
     last_heard: Instant,
     last_progress: Instant,
     last_sent: Instant,
+    /// Multiplies RTO while tail probes go unanswered.
+    backoff: u32,
 }
 
 impl Sender<'_> {
@@ -413,6 +419,7 @@ impl Sender<'_> {
         self.resume_seq = reply.resume_seq;
         self.resume_offset = reply.resume_offset;
         self.planner = Planner::new(self.source.clone(), self.size, self.chunk);
+        self.planned_all = false;
         self.reads = FuturesOrdered::new();
         self.ready = None;
         self.retransmits = FuturesUnordered::new();
@@ -475,7 +482,8 @@ impl Sender<'_> {
         if entry.last_sent.elapsed() < RTO / 4 {
             return Ok(()); // just sent: give it time
         }
-        entry.retries += 1;
+        // END is repeated while DONE is awaited (a long flush or verify); only data counts.
+        entry.retries += u32::from(entry.kind != Kind::End);
         if entry.retries > MAX_RETRIES {
             return Err(Error::Integrity(format!(
                 "frame {seq} at offset {} was lost or damaged {MAX_RETRIES} times; the path between the hosts is failing",
@@ -525,13 +533,15 @@ impl Sender<'_> {
                 return Ok(None);
             }
         };
+        let Ok(covered) = self.window.ack(ack.next_seq, self.next_unsent) else {
+            // It acknowledges frames never sent: not from our receiver.
+            Progress::add(&self.progress.bad_frames, 1);
+            return Ok(None);
+        };
         self.last_heard = Instant::now();
-        let covered = self
-            .window
-            .ack(ack.next_seq, self.next_unsent)
-            .map_err(Error::Protocol)?;
         if covered > 0 || ack.received > self.received {
             self.last_progress = Instant::now();
+            self.backoff = 1;
         }
         Progress::add(&self.progress.done_bytes, covered);
         self.received = self.received.max(ack.received);
@@ -635,12 +645,11 @@ impl Sender<'_> {
         cancel: &CancellationToken,
     ) -> Result<()> {
         let depth = (crate::send::READ_AHEAD_BYTES / self.chunk).clamp(2, 32) as usize;
-        let mut planned_all = false;
         let mut tick = tokio::time::interval(RTO / 4);
         loop {
-            while !planned_all && self.reads.len() < depth {
+            while !self.planned_all && self.reads.len() < depth {
                 match self.planner.next().await? {
-                    None => planned_all = true,
+                    None => self.planned_all = true,
                     // Already written and already digested: nothing to do for it.
                     Some((seq, _)) if seq < self.resume_seq && seq < self.digest_next => {}
                     Some((seq, piece)) => {
@@ -654,7 +663,11 @@ impl Sender<'_> {
                     continue;
                 }
             }
-            if planned_all && self.reads.is_empty() && self.ready.is_none() && self.end.is_none() {
+            if self.planned_all
+                && self.reads.is_empty()
+                && self.ready.is_none()
+                && self.end.is_none()
+            {
                 self.send_end().await?;
             }
             tokio::select! {
@@ -675,9 +688,21 @@ impl Sender<'_> {
                 _ = tick.tick() => {
                     if !self.window.is_empty() && self.last_heard.elapsed() >= SILENCE {
                         self.reopen(cancel).await?;
-                    } else if self.last_progress.elapsed() >= RTO {
-                        for seq in self.window.overdue(self.received, RTO) {
+                    } else if self.last_progress.elapsed() >= RTO * self.backoff {
+                        // Tail loss probe: the highest frame the receiver has not seen. It
+                        // shows the receiver the whole gap, which it then names in one ack.
+                        // Back off while nothing is heard, so a dead receiver costs little.
+                        if let Some(&seq) = self.window.overdue(self.received, RTO).last() {
                             self.resend(seq)?;
+                        }
+                        self.backoff = (self.backoff * 2).min(8);
+                        // END arrived but DONE did not (or was lost): say END again, the
+                        // receiver answers every END with DONE.
+                        if let Some((end_seq, _, _)) = self.end {
+                            let quiet = self.last_heard.elapsed() >= RTO;
+                            if quiet && self.window.get_mut(end_seq).is_some_and(|e| e.last_sent.elapsed() >= RTO) {
+                                self.resend(end_seq)?;
+                            }
                         }
                     }
                     if self.window.is_empty() && self.last_sent.elapsed() >= KEEPALIVE {

@@ -1,0 +1,168 @@
+"""No byte lost or wrong under drops, corruption and crashes.
+
+Drops and corruption come from the core's test-only fault injector (``NBDNATS_FAULTS``):
+real NATS loses messages only in situations a test cannot make happen on demand, and never
+damages them. Crashes are real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd
+
+CHUNK = "256K"
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float = 180) -> dict[str, object]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode().strip() or err.decode().strip()
+    return json.loads(text.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def transfer(
+    tmp_path: Path,
+    nats_url: str,
+    *,
+    size: int = 64 * MiB,
+    send_faults: str = "",
+    recv_faults: str = "",
+    extra: tuple[str, ...] = (),
+) -> tuple[dict[str, object], dict[str, object], str, Path]:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, size, [(0, size // 2), (size // 2 + MiB, size // 4)])
+    common = ("--id", "rel", "--data-url", nats_url, "--json", *extra)
+    recv = start_cli("recv", str(dst), *common, env={"NBDNATS_FAULTS": recv_faults})
+    send = start_cli(
+        "send", str(src), *common, "--chunk-size", CHUNK, env={"NBDNATS_FAULTS": send_faults}
+    )
+    return finish(send), finish(recv), want, dst
+
+
+def test_one_percent_of_chunks_dropped(tmp_path: Path, nats_url: str) -> None:
+    sent, got, want, dst = transfer(tmp_path, nats_url, send_faults="drop_chunk=0.01,seed=3")
+    assert sha256_file(dst) == want
+    assert sent["digest"] == got["digest"]
+    assert int(sent["retransmits"]) > 0  # type: ignore[call-overload]
+
+
+def test_acks_dropped(tmp_path: Path, nats_url: str) -> None:
+    sent, got, want, dst = transfer(tmp_path, nats_url, recv_faults="drop_ack=0.2,seed=5")
+    assert sha256_file(dst) == want
+    assert sent["digest"] == got["digest"]
+
+
+def test_drops_both_ways_and_corruption(tmp_path: Path, nats_url: str) -> None:
+    sent, got, want, dst = transfer(
+        tmp_path,
+        nats_url,
+        send_faults="drop_chunk=0.02,corrupt_chunk=0.02,seed=11",
+        recv_faults="drop_ack=0.05,seed=12",
+    )
+    assert sha256_file(dst) == want
+    assert sent["digest"] == got["digest"]
+    assert int(got["corrupt_frames"]) > 0  # type: ignore[call-overload]
+
+
+def test_a_chunk_damaged_every_time_aborts_naming_its_offset(tmp_path: Path, nats_url: str) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src, 4 * MiB, [(0, 4 * MiB)])
+    common = ("--id", "bad", "--data-url", nats_url)
+    recv = start_cli("recv", str(dst), *common)
+    send = start_cli("send", str(src), *common, env={"NBDNATS_FAULTS": "corrupt_chunk=1"})
+    _, s_err = send.communicate(timeout=120)
+    _, r_err = recv.communicate(timeout=120)
+    assert send.returncode == 1 and recv.returncode == 1
+    assert re.search(r"frame \d+ at offset \d+ arrived damaged 8 times", r_err.decode())
+    assert "arrived damaged" in s_err.decode()  # the sender is told why
+    assert dst.read_bytes() == bytes(4 * MiB)  # nothing damaged was ever written
+
+
+RATE = 16 * MiB  # a throttled source: the transfer takes seconds, so it can be cut
+
+
+def test_receiver_killed_and_resumed_from_its_journal(tmp_path: Path, nats_url: str) -> None:
+    """SIGKILL the receiver mid-transfer; `recv --resume` continues from its journal and the
+    sender, which kept the transfer open, carries on with it."""
+    size = 160 * MiB
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, size, [(0, size)])
+    common = ("--id", "crash-r", "--data-url", nats_url, "--json")
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
+        recv = start_cli("recv", str(dst), *common)
+        send = start_cli("send", uri, *common)
+        time.sleep(7.5)  # past the first 5 s checkpoint
+        recv.send_signal(signal.SIGKILL)
+        recv.communicate()
+        # Without --resume the journal is not silently discarded.
+        again = start_cli("recv", str(dst), *common)
+        _, err = again.communicate(timeout=60)
+        assert again.returncode == 2 and "add --resume" in err.decode()
+        resumed = start_cli("recv", str(dst), *common, "--resume")
+        sent, got = finish(send), finish(resumed)
+    assert sha256_file(dst) == want
+    assert sent["digest"] == got["digest"]
+    assert int(sent["resumes"]) >= 1  # type: ignore[call-overload]
+    resent = int(sent["sent_bytes"]) - size  # type: ignore[call-overload]
+    print(f"resent after receiver crash: {resent / MiB:.1f} MiB")
+    # At most one window plus one checkpoint interval (5 s at this rate) is sent twice.
+    assert 0 <= resent <= 32 * MiB + 5 * RATE + 4 * MiB, resent
+    assert not list((tmp_path / "state" / "journals").glob("*")), "journal left behind"
+
+
+def test_sender_killed_and_taken_over(tmp_path: Path, nats_url: str) -> None:
+    """SIGKILL the sender mid-transfer; `send --resume` takes over from what the running
+    receiver holds, re-reading (not re-sending) the prefix to rebuild the whole digest."""
+    size = 96 * MiB
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, size, [(0, size)])
+    common = ("--id", "crash-s", "--data-url", nats_url, "--json")
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
+        recv = start_cli("recv", str(dst), *common)
+        send = start_cli("send", uri, *common)
+        time.sleep(3.0)
+        send.send_signal(signal.SIGKILL)
+        send.communicate()
+        taken = start_cli("send", uri, *common, "--resume")
+        sent, got = finish(taken), finish(recv)
+    assert sha256_file(dst) == want
+    assert sent["digest"] == got["digest"]
+    assert sent["resumes"] == 1
+    assert int(sent["sent_bytes"]) <= size - 24 * MiB, sent  # the prefix was not sent again
+
+
+def test_second_sender_without_resume_is_refused(tmp_path: Path, nats_url: str) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src, 64 * MiB, [(0, 64 * MiB)])
+    common = ("--id", "twice", "--data-url", nats_url)
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
+        recv = start_cli("recv", str(dst), *common)
+        send = start_cli("send", uri, *common)
+        time.sleep(1.5)
+        second = start_cli("send", str(src), *common)  # qemu-nbd serves one client
+        _, err = second.communicate(timeout=60)
+        for p in (send, recv):
+            p.kill()
+            p.communicate()
+    assert second.returncode == 1
+    assert "already in progress" in err.decode() and "--resume" in err.decode()
+
+
+def test_resume_of_a_stream_is_refused(nats_url: str) -> None:
+    proc = start_cli("recv", "-", "--id", "s", "--data-url", nats_url, "--resume")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "cannot be resumed" in err.decode()
+
+
+def test_resume_without_journal_is_refused(tmp_path: Path, nats_url: str) -> None:
+    proc = start_cli(
+        "recv", str(tmp_path / "x.img"), "--id", "none", "--data-url", nats_url, "--resume"
+    )
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "nothing to resume" in err.decode()
