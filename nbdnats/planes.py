@@ -60,7 +60,7 @@ async def connect_ctl(url: str, name: str) -> CtlClient:
         return None
 
     try:
-        return await asyncio.wait_for(
+        nc = await asyncio.wait_for(
             nats.connect(
                 servers=servers,
                 name=name,
@@ -77,6 +77,11 @@ async def connect_ctl(url: str, name: str) -> CtlClient:
             f"cannot connect to the ctl NATS server at {url}: {detail}; "
             "check --ctl-url and that nats-server is running"
         ) from None
+    # The first connect fails fast (one round of attempts); once connected, ride out any
+    # server loss: nats-py reads these options at each reconnect.
+    nc.options["max_reconnect_attempts"] = -1
+    nc.options["reconnect_time_wait"] = 1.0
+    return nc
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
@@ -47,6 +49,12 @@ class NatsServer:
     url: str
     proc: subprocess.Popen[bytes]
     port: int
+    monitor: int = 0
+
+    def subscriptions(self) -> int:
+        """How many subscriptions the server holds (its monitoring endpoint)."""
+        url = f"http://127.0.0.1:{self.monitor}/subsz"
+        return int(json.load(urlopen(url, timeout=2))["num_subscriptions"])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -59,18 +67,58 @@ def start_nats(tmp_path: Path) -> Iterator[Callable[..., NatsServer]]:
     """Start nats-servers with the embedded default's config, or a changed max_payload."""
     servers: list[NatsServer] = []
 
-    def start(max_payload: int = 8 * MiB, host: str = "127.0.0.1") -> NatsServer:
+    def start(max_payload: int = 8 * MiB, host: str = "127.0.0.1", port: int = 0) -> NatsServer:
         cfg = EmbeddedServer(host, max_payload=max_payload)
-        cfg.port = free_port(host)
+        cfg.port = port or free_port(host)
         conf = tmp_path / f"nats-{cfg.port}.conf"
-        conf.write_text(cfg.config(tmp_path / "js"))
+        monitor = free_port()
+        conf.write_text(cfg.config(tmp_path / "js") + f'http: "127.0.0.1:{monitor}"\n')
         log = (tmp_path / f"nats-{cfg.port}.log").open("wb")
         proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log)
         log.close()
-        server = NatsServer(cfg.url, proc, cfg.port)
+        server = NatsServer(cfg.url, proc, cfg.port, monitor)
         servers.append(server)
         wait_for(lambda: port_open(host, cfg.port), "nats-server")
         return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[Callable[[], list[NatsServer]]]:
+    """Start a 3-node nats-server cluster (routes on loopback); waits until it is meshed."""
+    servers: list[NatsServer] = []
+
+    def start() -> list[NatsServer]:
+        ports = [free_port() for _ in range(3)]
+        routes = [free_port() for _ in range(3)]
+        monitors = [free_port() for _ in range(3)]
+        for i in range(3):
+            others = ", ".join(f"nats-route://127.0.0.1:{routes[j]}" for j in range(3) if j != i)
+            conf = tmp_path / f"node{i}.conf"
+            conf.write_text(
+                f'server_name: n{i}\nlisten: "127.0.0.1:{ports[i]}"\n'
+                f'http: "127.0.0.1:{monitors[i]}"\nmax_payload: {8 * MiB}\n'
+                f'cluster {{ name: test, listen: "127.0.0.1:{routes[i]}", routes: [{others}] }}\n'
+            )
+            log = (tmp_path / f"node{i}.log").open("wb")
+            proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log)
+            log.close()
+            servers.append(NatsServer(f"nats://127.0.0.1:{ports[i]}", proc, ports[i]))
+
+        def meshed() -> bool:
+            try:
+                return all(
+                    json.load(urlopen(f"http://127.0.0.1:{m}/routez", timeout=1))["num_routes"] >= 2
+                    for m in monitors
+                )
+            except OSError:
+                return False
+
+        wait_for(meshed, "the cluster's routes", timeout=20)
+        return servers
 
     yield start
     for s in servers:
