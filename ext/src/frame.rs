@@ -56,7 +56,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn from_u8(v: u8) -> Option<Kind> {
+    pub fn from_u8(v: u8) -> Option<Kind> {
         Some(match v {
             1 => Kind::Data,
             2 => Kind::Zero,

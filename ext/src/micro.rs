@@ -20,25 +20,34 @@ fn is_zero(data: &[u8]) -> bool {
     checksum::is_zero(data)
 }
 
-/// Seal a DATA frame around `payload` (header written in front, checksum computed).
+/// Seal a frame around `payload` (header written in front, checksum computed). Kind,
+/// session and length default to a DATA frame of session 1 covering `payload`; tests use
+/// them to forge frames a hostile publisher could send.
 #[pyfunction]
+#[pyo3(signature = (seq, offset, payload, session=1, kind=1, length=None))]
 fn encode_frame<'py>(
     py: Python<'py>,
     seq: u64,
     offset: u64,
     payload: &[u8],
+    session: u32,
+    kind: u8,
+    length: Option<u64>,
 ) -> PyResult<Bound<'py, PyBytes>> {
+    let kind = Kind::from_u8(kind)
+        .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("unknown frame kind"))?;
+    let length = length.unwrap_or(payload.len() as u64);
     PyBytes::new_with(py, HEADER_LEN + payload.len(), |buf| {
         buf[HEADER_LEN..].copy_from_slice(payload);
-        let header = ChunkHeader {
-            kind: Kind::Data,
-            session: 1,
+        ChunkHeader {
+            kind,
+            session,
             seq,
             offset,
-            length: payload.len() as u64,
+            length,
             checksum: 0,
-        };
-        header.seal(buf);
+        }
+        .seal(buf);
         Ok(())
     })
 }

@@ -1,0 +1,77 @@
+"""Hostile input on a live transfer's own subjects: counted, reported, never written.
+
+An outsider who may publish on `data.blk.<id>.c` sniffs a genuine frame, then sends
+garbage, a wrong version, a replay, frames outside the disk, far-future sequence numbers
+and a frame of another session — all with valid checksums where a checksum applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import msgspec
+import nats
+
+from nbdnats import _core, subjects
+from nbdnats.schemas import TransferEvent
+from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd
+
+SIZE = 48 * MiB
+
+
+async def attack(url: str, tid: str) -> list[TransferEvent]:
+    nc = await nats.connect(url)
+    events: list[TransferEvent] = []
+
+    async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
+        events.append(msgspec.json.decode(msg.data, type=TransferEvent))
+
+    await nc.subscribe(subjects.data_events(tid), cb=on_event)
+    chunks = subjects.transfer(tid)[1]
+    sniff = await nc.subscribe(chunks)
+    genuine = (await sniff.next_msg(timeout=30)).data
+    await sniff.unsubscribe()
+    session = int.from_bytes(genuine[4:8], "little")
+    seq = int.from_bytes(genuine[8:16], "little")
+    pay = b"\xee" * 4096
+    hostile = [
+        b"garbage" * 100,
+        b"NF" + bytes([9]) + genuine[3:],  # another protocol version
+        genuine,  # a replay of a frame already taken
+        _core.encode_frame(seq + 2, SIZE + 4096, pay, session=session),  # outside the disk
+        _core.encode_frame(seq + 3, SIZE - 100, pay, session=session),  # runs past the end
+        _core.encode_frame(seq + 1_000_000, 0, pay, session=session),  # far beyond any window
+        _core.encode_frame(seq + 2, 0, pay, session=session ^ 0xFFFF),  # another session
+        _core.encode_frame(seq + 2, 0, pay, session=session, kind=2, length=1 << 40),  # huge zero
+    ]
+    for frame in hostile:
+        await nc.publish(chunks, frame)
+    await nc.flush()
+    for _ in range(300):  # until the receiver reports done (bounded: 30 s)
+        if any(e.role == "recv" and e.state == "done" for e in events):
+            break
+        await asyncio.sleep(0.1)
+    await nc.close()
+    return events
+
+
+def test_hostile_frames_are_counted_and_never_written(tmp_path: Path, nats_url: str) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, SIZE, [(0, SIZE)])
+    common = ("--id", "victim", "--data-url", nats_url, "--json")
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=16 * MiB) as (_, uri):
+        recv = start_cli("recv", str(dst), *common)
+        send = start_cli("send", uri, *common)
+        events = asyncio.run(attack(nats_url, "victim"))
+        _, s_err = send.communicate(timeout=120)
+        r_out, r_err = recv.communicate(timeout=120)
+    assert send.returncode == 0, s_err.decode()
+    assert recv.returncode == 0, r_err.decode()
+    assert sha256_file(dst) == want
+    got = json.loads(r_out.decode().strip().splitlines()[-1])
+    assert got["bad_frames"] >= 7, got
+    assert got["duplicate_frames"] >= 1, got
+    done = [e for e in events if e.role == "recv" and e.state == "done"]
+    assert done and done[0].bad_frames == got["bad_frames"]  # reported in events too
