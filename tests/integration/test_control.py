@@ -12,6 +12,7 @@ import pytest
 
 from nbdnats import dev
 from nbdnats.embedded import nats_server_binary
+from tests import compose_file
 
 CONTROL = Path(__file__).resolve().parents[2] / "control"
 CONFIGS = sorted(p.name for p in CONTROL.glob("*.conf"))
@@ -103,3 +104,24 @@ def test_dev_tls_material(tmp_path: Path) -> None:
     before = (tmp_path / "ca.pem").read_bytes()
     subprocess.run([str(script), str(tmp_path)], check=True)  # idempotent: kept
     assert (tmp_path / "ca.pem").read_bytes() == before
+
+
+def test_compose_nats_services_pass_nats_server_t(tls_state: dev.State, tmp_path: Path) -> None:
+    """Each nats service of compose.yaml, in its own environment (container paths mapped
+    to local ones), runs its control/ config: nothing is missing from the environment."""
+    services = compose_file.load()["services"]
+    tls = Path(tls_state.state_dir) / "tls"
+    checked = 0
+    for name, service in services.items():
+        if not str(service.get("image", "")).startswith("nats:"):
+            continue
+        env = {
+            k: str(v).replace("/tls/", f"{tls}/").replace("/data/", f"{tmp_path}/{name}/")
+            for k, v in service["environment"].items()
+        }
+        conf = compose_file.container_path(service, service["command"][1])
+        assert conf is not None
+        done = nats_t(conf, env)
+        assert done.returncode == 0, (name, done.stderr)
+        checked += 1
+    assert checked == 2 * dev.CLUSTER_SIZE + dev.COMPOSE_RACKS
