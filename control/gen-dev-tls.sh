@@ -6,7 +6,8 @@
 #   control/gen-dev-tls.sh DIR [NAME...]
 #
 # DIR is a state directory (never the repository); NAME adds a DNS name to the server
-# certificate besides localhost, 127.0.0.1, ::1 and the compose service names. Existing
+# certificate besides localhost, 127.0.0.1, ::1, the compose service names and 10.0.2.2
+# (the host as QEMU's user network shows it to the `vm` profile's node VMs). Existing
 # material is kept, so this is idempotent; delete DIR to start over. Keys are EC P-256,
 # readable only by their owner. These certificates are for development only.
 set -euo pipefail
@@ -27,7 +28,7 @@ fi
 days=825
 names=(localhost nats-ctl-1 nats-ctl-2 nats-ctl-3 nats-data-1 nats-data-2 nats-data-3
        nats-rack-1 nats-rack-2 "$@")
-san="IP:127.0.0.1,IP:::1"
+san="IP:127.0.0.1,IP:::1,IP:10.0.2.2"
 for n in "${names[@]}"; do san+=",DNS:$n"; done
 
 openssl ecparam -name prime256v1 -genkey -noout -out ca.key
