@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats
+
 from nbdnats import subjects
 from nbdnats.embedded import free_port, nats_server_binary
 from nbdnats.errors import NbdNatsError, UsageError
@@ -55,6 +57,8 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 # The configs dev up runs; accounts-*.conf are rendered per topology beside them.
 CONFIGS = ("ctl-cluster.conf", "data-cluster.conf", "rack-leaf.conf")
+# JetStream streams of the ctl cluster, in the JSON of the JetStream API (STREAM.CREATE).
+STREAMS = "streams"
 
 
 class DevError(NbdNatsError):
@@ -493,6 +497,37 @@ async def _wait_ready(state: State) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _create_streams(state: State, directory: Path) -> None:
+    """Create the ctl cluster's JetStream streams, once JetStream has a meta leader."""
+    nc = await nats.connect(
+        [state.url(s) for s in state.servers if s.kind == "ctl"], connect_timeout=5
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        for path in sorted(directory.glob("*.json")):
+            config = json.loads(path.read_text())
+            subject = f"$JS.API.STREAM.CREATE.{config['name']}"
+            while True:
+                detail = await _js_request(nc, subject, path.read_bytes())
+                if detail is None:
+                    break
+                if time.monotonic() > deadline:
+                    raise DevError(f"JetStream stream {config['name']} not created: {detail}")
+                await asyncio.sleep(0.25)
+    finally:
+        await nc.close()
+
+
+async def _js_request(nc: Any, subject: str, payload: bytes) -> str | None:
+    """None on success, else why not (JetStream not ready yet, or a real error)."""
+    try:
+        reply = json.loads((await nc.request(subject, payload, timeout=2)).data)
+    except (nats.errors.Error, TimeoutError, ValueError) as e:
+        return str(e) or type(e).__name__
+    error = reply.get("error")
+    return None if error is None else str(error.get("description", error))
+
+
 # --- up -------------------------------------------------------------------------------
 
 
@@ -574,6 +609,7 @@ async def up(root: Path, *, racks: int, ipv6: bool, base_port: int | None, disk_
             )
             _save(state)
         await _wait_ready(state)
+        await _create_streams(state, control / STREAMS)
     except BaseException:
         await _stop(state.processes)
         _remove_created(root)
@@ -630,6 +666,9 @@ def _status_rows(state: State) -> list[dict[str, Any]]:
                 row["connections"] = varz.get("connections")
                 row["routes"] = varz.get("routes")
                 row["leafnodes"] = varz.get("leafnodes")
+            if server.kind == "ctl" and varz is not None:
+                jsz = _monitor(state, server, "jsz")
+                row["streams"] = jsz.get("streams") if jsz else None
         rows.append(row)
     return rows
 
@@ -706,7 +745,9 @@ async def run(args: argparse.Namespace) -> None:
         else:
             for r in rows:
                 extra = " ".join(
-                    f"{k}={r[k]}" for k in ("routes", "leafnodes", "connections") if r.get(k)
+                    f"{k}={r[k]}"
+                    for k in ("routes", "leafnodes", "connections", "streams")
+                    if r.get(k)
                 )
                 mark = "running" if r["running"] else "EXITED "
                 url = r.get("url", "")

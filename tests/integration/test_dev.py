@@ -200,6 +200,13 @@ def test_node_permissions(topology: tuple[Path, dict[str, Any]]) -> None:
                 except TimeoutError:
                     break
                 assert msg.subject == "ctl.evt.node1.hello"
+            # ...and JetStream keeps them, replicated on the three ctl servers.
+            info = json.loads(
+                (await controller.request("$JS.API.STREAM.INFO.CTL_EVENTS", b"", timeout=5)).data
+            )
+            assert info["state"]["messages"] >= 1
+            assert info["config"]["num_replicas"] == 3
+            assert len(info["cluster"]["replicas"]) == 2
         finally:
             await node1.close()
             await controller.close()

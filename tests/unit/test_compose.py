@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from nbdnats import dev
+from nbdnats import dev, subjects
+from nbdnats.embedded import nats_server_binary
 from tests.compose_file import COMPOSE, COMPOSE_DIR, ROOT, bind_mounts, container_path, load
 
 TOP_LEVEL = {"name", "services", "networks", "volumes", "configs", "secrets", "include"}
@@ -102,12 +103,14 @@ def test_referenced_files_exist(services: dict[str, dict[str, Any]]) -> None:
             context = (COMPOSE_DIR / build["context"]).resolve()
             assert (context / build["dockerfile"]).is_file(), name
         command = service.get("command", [])
-        if "-c" in command:  # nats-server -c FILE: a file of control/, through a mount
+        if str(service.get("image")).startswith("nats:"):  # -c FILE: control/, via a mount
             conf = container_path(service, command[command.index("-c") + 1])
             assert conf is not None and conf.is_file(), f"{name}: {command}"
-        for arg in command:  # scripts copied into the image from the repository
-            if isinstance(arg, str) and arg.startswith("/src/"):
+        for arg in " ".join(map(str, command)).split():
+            if arg.startswith("/src/"):  # scripts copied into the image from the repository
                 assert (ROOT / arg.removeprefix("/src/")).is_file(), f"{name}: {arg}"
+            local = container_path(service, arg)  # files of bind mounts
+            assert local is None or local.exists(), f"{name}: {arg}"
         for value in (service.get("environment") or {}).values():
             path = str(value)
             if path.startswith("/") and path.endswith((".json", ".yml", ".yaml")):
@@ -185,3 +188,24 @@ def test_grafana_provisioning_and_dashboard(services: dict[str, dict[str, Any]])
     assert any(
         "rate(nbdnats_transfer_bytes_total" in t["expr"] for t in throughput["panels"][0]["targets"]
     )
+
+
+def test_nats_image_matches_the_tested_server() -> None:
+    """compose runs the nats-server minor version the control/ tests run."""
+    version = subprocess.run(
+        [nats_server_binary(), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    major_minor = ".".join(version.split("v")[-1].split(".")[:2])
+    images = {
+        s["image"] for s in load()["services"].values() if s.get("image", "").startswith("nats:")
+    }
+    assert images == {f"nats:{major_minor}-alpine"}
+
+
+def test_stream_definitions() -> None:
+    """control/streams/: JetStream API stream configs; CTL_EVENTS keeps every ctl event."""
+    streams = sorted((ROOT / "control" / "streams").glob("*.json"))
+    configs = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in streams}
+    events = configs["CTL_EVENTS"]
+    assert events["subjects"] == [f"{subjects.CTL_EVT}.>"]
+    assert events["num_replicas"] == dev.CLUSTER_SIZE

@@ -92,10 +92,11 @@ def check_references(tilt: Tilt) -> None:
     if tilt.compose:
         assert set(tilt.dc) == services, f"services without a resource: {services - set(tilt.dc)}"
     resources = set(tilt.dc) | set(tilt.local) | (services if tilt.compose else set())
-    for name, kw in tilt.local.items():
+    for name, kw in [*tilt.dc.items(), *tilt.local.items()]:
         assert kw.get("labels"), name
         for dep in kw.get("resource_deps", []):
             assert dep in resources, f"{name} depends on unknown {dep}"
+    for name, kw in tilt.local.items():
         for key in ("cmd", "serve_cmd"):
             if key in kw:
                 program = ROOT / kw[key].split()[0]
