@@ -634,21 +634,14 @@ async def down(root: Path) -> tuple[int, int]:
 def describe(state: State) -> list[str]:
     root = Path(state.state_dir)
     ctl, data = state.cluster_url("ctl"), state.cluster_url("data")
-    lines = [
-        f"ctl cluster   {ctl}",
-        f"data cluster  {data}",
-    ]
-    for s in state.servers:
-        if s.kind == "rack":
-            lines.append(f"{s.name} leaf   {state.url(s)}")
-    for n in state.nodes:
-        lines.append(f"{n.name} ({n.rack})  {n.nbd}")
-    mon = [f"{s.name}:{s.http_port}" for s in state.servers]
-    lines.append(f"monitoring    http://{url_host(state.host)}:PORT/varz for {', '.join(mon)}")
-    lines.append(
-        f"TLS           tls:// URLs with SSL_CERT_FILE={root / 'tls' / 'ca.pem'}; "
-        f"node passwords in {root / STATE_FILE}"
-    )
+    rows = [("ctl cluster", ctl), ("data cluster", data)]
+    rows += [(f"{s.name} leaf", state.url(s)) for s in state.servers if s.kind == "rack"]
+    rows += [(f"{n.name} ({n.rack})", n.nbd) for n in state.nodes]
+    monitors = ", ".join(f"{s.name}:{s.http_port}" for s in state.servers)
+    rows.append(("monitoring", f"http://{url_host(state.host)}:PORT/varz, PORT of {monitors}"))
+    rows.append(("TLS", f"tls:// URLs verify with SSL_CERT_FILE={root / 'tls' / 'ca.pem'}"))
+    rows.append(("logins", f"nats://USER:PASSWORD@..., users and passwords in {root / STATE_FILE}"))
+    lines = [f"{label:<15}{value}" for label, value in rows]
     lines.append(f"export NBDNATS_DATA_URL={data} NBDNATS_CTL_URL={ctl}")
     return lines
 
@@ -727,7 +720,8 @@ async def run(args: argparse.Namespace) -> None:
             return
         size = human(Path(state.nodes[0].image).stat().st_size)
         out(
-            f"dev: up in {root}: {len(state.processes)} processes, {state.racks} racks, "
+            f"dev: up in {root}: {len(state.processes)} processes, {state.racks} "
+            f"rack{'s' if state.racks != 1 else ''}, "
             f"{size} sample disks\n"
         )
         out("".join(f"  {line}\n" for line in describe(state)))
