@@ -52,9 +52,10 @@ CLUSTER_SIZE = 3
 MAX_RACKS = 16
 # The compose topology's racks (compose/compose.yaml), for which control/ is rendered.
 COMPOSE_RACKS = 2
-DEFAULT_DISK = 16 * 1024 * 1024
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+# sun_path holds 108 bytes with its terminating zero.
+SOCKET_PATH_MAX = 107
 # The configs dev up runs; accounts-*.conf are rendered per topology beside them.
 CONFIGS = ("ctl-cluster.conf", "data-cluster.conf", "rack-leaf.conf")
 # JetStream streams of the ctl cluster, in the JSON of the JetStream API (STREAM.CREATE).
@@ -572,7 +573,7 @@ async def up(root: Path, *, racks: int, ipv6: bool, base_port: int | None, disk_
     qemu_nbd = shutil.which("qemu-nbd")
     if not qemu_nbd:
         raise DevError("qemu-nbd not found; install qemu-utils")
-    nats = nats_server_binary()
+    nats_server = nats_server_binary()
     control = control_dir()
     host = "::1" if ipv6 else "127.0.0.1"
     try:
@@ -581,6 +582,12 @@ async def up(root: Path, *, racks: int, ipv6: bool, base_port: int | None, disk_
         raise DevError(f"cannot listen on {host} here; is the loopback interface up?") from None
 
     state = plan(root, host, racks, base_port)
+    longest = max(len(n.socket.encode()) for n in state.nodes)
+    if longest > SOCKET_PATH_MAX:
+        raise UsageError(
+            f"the state directory {root} is too deep for unix sockets ({longest} bytes, at "
+            f"most {SOCKET_PATH_MAX}); use a shorter --state-dir"
+        )
     root.mkdir(parents=True, exist_ok=True)
     _save(state)  # from here on `down` can clean up whatever happens
     try:
@@ -592,7 +599,7 @@ async def up(root: Path, *, racks: int, ipv6: bool, base_port: int | None, disk_
         write_accounts(confs, racks)
         logs = root / "logs"
         for server in state.servers:
-            argv = [nats, "-c", str(confs / config_of(server))]
+            argv = [nats_server, "-c", str(confs / config_of(server))]
             log = logs / f"nats-{server.name}.log"
             pid = _spawn(argv, log, server_env(state, server))
             state.processes.append(Proc(f"nats-{server.name}", pid, argv, str(log)))

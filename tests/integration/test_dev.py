@@ -7,8 +7,10 @@ that no process of it is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -259,9 +261,32 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
         (["--racks", "0"], "--racks must be between"),
         (["--disk-size", "12345"], "--disk-size must be"),
         (["--base-port", "80"], "--base-port 80"),
+        (["--state-dir", "/tmp/" + "d" * 100], "too deep for unix sockets"),
     ],
 )
 def test_bad_up_options(tmp_path: Path, args: list[str], message: str) -> None:
-    done = run_cli("dev", "up", "--state-dir", str(tmp_path / "s"), *args)
+    done = run_cli("dev", "up", "--state-dir", str(tmp_path / "s"), *args)  # last one wins
     assert message in one_line_error(done)
     assert done.returncode == 2
+
+
+def test_exited_processes_are_reported_and_replaced(tmp_path: Path) -> None:
+    """Processes killed behind dev's back: status says which exited (one line, exit 1);
+    up starts afresh over the stale record; down stops the new ones."""
+    root = tmp_path / "state"
+    state = up(root, "--racks", "1")
+    try:
+        for proc in state["processes"]:
+            if proc["name"] in ("nats-data-2", "qemu-nbd-node1"):
+                os.kill(proc["pid"], signal.SIGKILL)
+        err = one_line_error(run_cli("dev", "status", "--state-dir", str(root)))
+        assert "2 of 8 processes exited (nats-data-2, qemu-nbd-node1)" in err
+        for proc in state["processes"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc["pid"], signal.SIGKILL)
+        again = up(root, "--racks", "1")
+        assert {p["pid"] for p in again["processes"]}.isdisjoint(
+            p["pid"] for p in state["processes"]
+        )
+    finally:
+        down(root)
