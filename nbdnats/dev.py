@@ -262,12 +262,14 @@ def state_dir(given: str | None) -> Path:
 def _ports(host: str, base: int | None, count: int) -> Iterator[int]:
     if base is None:
         seen: set[int] = set()
-        while len(seen) < count:
+        for _ in range(count * 20):  # the kernel rarely hands out a port twice in a row
             port = free_port(host)
             if port not in seen:
                 seen.add(port)
                 yield port
-        return
+                if len(seen) == count:
+                    return
+        raise DevError(f"could not find {count} free ports on {host}")
     if not 1024 <= base <= 65535 - count:
         raise UsageError(f"--base-port {base} must leave room for {count} ports below 65536")
     for port in range(base, base + count):
