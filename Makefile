@@ -52,3 +52,8 @@ demo: build-prod
 
 clean:
 	rm -rf ext/target .demo .pytest_cache .mypy_cache .ruff_cache
+
+# control/accounts-*.conf are rendered by nbdnats.dev for the compose topology.
+.PHONY: control
+control: build-prod
+	$(BIN)/python -c 'from nbdnats.dev import control_dir, write_accounts; write_accounts(control_dir())'

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from nbdnats import __version__, _core, transfer
+from nbdnats import __version__, _core, dev, transfer
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.progress import ProgressBar
 from nbdnats.schemas import Report, from_stats
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--id", required=name != "copy", dest="transfer_id", metavar="ID", help=id_help
         )
         _add_common(p, sender=sender, receiver=receiver)
+    dev.add_parser(sub)
     return parser
 
 
@@ -245,7 +246,7 @@ async def _main(args: argparse.Namespace) -> None:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    await _run(args)
+    await (dev.run(args) if args.command == "dev" else _run(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

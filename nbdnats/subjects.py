@@ -71,3 +71,38 @@ def ctl_command(node: str, op: str) -> str:
 
 def ctl_query(node: str, what: str) -> str:
     return f"{CTL_QRY}.{check_token(node, 'node name')}.{check_token(what, 'query')}"
+
+
+# Permissions (nats-server `permissions` blocks) are subject patterns too, so they are made
+# here. NATS wildcards match whole tokens only ("data.blk.node1-*.c" is a literal, not a
+# prefix match), and a transfer id is one token: a static config cannot tell one node's
+# transfers from another's. Nodes get the data subjects of any transfer id; per-transfer
+# scoping needs credentials issued per transfer (docs/dev-environment.md, "Permissions").
+INBOX = "_INBOX.>"
+
+
+def node_grants(plane: str, node: str) -> tuple[list[str], list[str]]:
+    """What a node may (publish, subscribe) on a plane. Replies to requests it received
+    (the open handshake, ctl queries) need ``allow_responses``, not ``_INBOX.>``."""
+    node = check_token(node, "node name")
+    if plane == "ctl":
+        return [f"{CTL_EVT}.{node}.>"], [f"{CTL_CMD}.{node}.>", f"{CTL_QRY}.{node}.>", INBOX]
+    if plane == "data":
+        transfer = [f"{DATA_CMD}.*.open", f"{DATA_BLK}.*.c", f"{DATA_BLK}.*.a"]
+        return [*transfer, f"{DATA_EVT}.*.*"], [*transfer, INBOX]
+    raise ValueError(f"unknown plane {plane!r}")
+
+
+def controller_grants(plane: str) -> tuple[list[str], list[str]]:
+    """What the controller may (publish, subscribe): command and query every node, read
+    every event, use JetStream on the ctl plane."""
+    if plane == "ctl":
+        return [f"{CTL_CMD}.>", f"{CTL_QRY}.>", "$JS.API.>", INBOX], [f"{CTL_EVT}.>", INBOX]
+    if plane == "data":
+        return [f"{DATA_CMD}.>"], [f"{DATA_EVT}.>", INBOX]
+    raise ValueError(f"unknown plane {plane!r}")
+
+
+def rack_grants() -> tuple[list[str], list[str]]:
+    """What a rack leafnode may carry between its rack and the data cluster."""
+    return ["data.>", INBOX], ["data.>", INBOX]

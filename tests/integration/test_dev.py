@@ -1,0 +1,294 @@
+"""`nbd-nats dev`: the development topology as real local processes.
+
+Every test that brings a topology up brings it down again and checks, by command line,
+that no process of it is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from tests.conftest import NBD_NATS, one_line_error, run_cli, sha256_nbd
+
+
+def leftovers(root: Path) -> list[str]:
+    """Processes whose command line names the state directory (configs, sockets)."""
+    out = subprocess.run(["pgrep", "-af", str(root)], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
+
+
+def up(root: Path, *args: str) -> dict[str, Any]:
+    done = run_cli("dev", "up", "--state-dir", str(root), *args, timeout=90)
+    assert done.returncode == 0, done.stderr.decode()
+    status = run_cli("dev", "status", "--state-dir", str(root), "--json")
+    assert status.returncode == 0, status.stderr.decode()
+    state: dict[str, Any] = json.loads(status.stdout)
+    assert all(row["running"] for row in state["status"])
+    return state
+
+
+def down(root: Path) -> None:
+    done = run_cli("dev", "down", "--state-dir", str(root), timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert leftovers(root) == []
+    assert not (root / "dev.json").exists()
+
+
+def url(state: dict[str, Any], name: str, user: str | None = None, scheme: str = "nats") -> str:
+    server = next(s for s in state["servers"] if s["name"] == name)
+    host = f"[{state['host']}]" if ":" in state["host"] else state["host"]
+    auth = f"{user}:{state['passwords'][user]}@" if user else ""
+    return f"{scheme}://{auth}{host}:{server['port']}"
+
+
+def start(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_")}
+    return subprocess.Popen(
+        [NBD_NATS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**clean, **env}
+    )
+
+
+def transfer(
+    transfer_id: str,
+    src: str,
+    dst: str,
+    send_args: list[str],
+    recv_args: list[str],
+    env: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    common = ["--id", transfer_id, "--json", "--timeout", "30"]
+    recv = start("recv", dst, *common, *recv_args, env=env or {})
+    send = start("send", src, *common, *send_args, env=env or {})
+    out_s, err_s = send.communicate(timeout=60)
+    out_r, err_r = recv.communicate(timeout=60)
+    assert (send.returncode, recv.returncode) == (0, 0), (err_s, err_r)
+    sent, got = json.loads(out_s), json.loads(out_r)
+    assert sent["digest"] == got["digest"]
+    return sent, got
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("dev") / "state"
+    state = up(root)
+    try:
+        yield root, state
+    finally:
+        down(root)
+
+
+def ends(state: dict[str, Any], node: str, data: str, ctl: str, scheme: str = "nats") -> list[str]:
+    """The options of one end: logged in as ``node`` on servers ``data`` and ``ctl``."""
+    return [
+        *("--node", node),
+        *("--data-url", url(state, data, node, scheme)),
+        *("--ctl-url", url(state, ctl, node, scheme)),
+    ]
+
+
+def test_transfer_across_the_data_cluster(tmp_path: Path) -> None:
+    """dev up; node1's disk goes from data-1 to node2's disk through data-3 (two servers
+    of the routed cluster), both ends logged in as their node with only their node's
+    permissions; both end-of-transfer events reach the controller on the ctl cluster;
+    equal sha256; dev down leaves no process."""
+    root = tmp_path / "state"
+    state = up(root, "--racks", "2")
+    try:
+        node1, node2 = state["nodes"]
+        want = sha256_nbd(node1["nbd"])
+        assert sha256_nbd(node2["nbd"]) != want
+
+        async def watched() -> set[str]:
+            controller = await nats.connect(url(state, "ctl-2", "controller"))
+            try:
+                events = await controller.subscribe("ctl.evt.*.transfer")
+                await controller.flush()
+                sent, _ = await asyncio.to_thread(
+                    transfer,
+                    "dev-cross-1",
+                    node1["nbd"],
+                    node2["nbd"],
+                    ends(state, "node1", "data-1", "ctl-1"),
+                    ends(state, "node2", "data-3", "ctl-3"),
+                )
+                assert sent["data_bytes"] > 0
+                subjects = set()
+                for _ in range(10):
+                    subjects.add((await events.next_msg(timeout=10)).subject)
+                    if len(subjects) == 2:
+                        break
+                return subjects
+            finally:
+                await controller.close()
+
+        assert asyncio.run(watched()) == {"ctl.evt.node1.transfer", "ctl.evt.node2.transfer"}
+        assert sha256_nbd(node2["nbd"]) == want
+    finally:
+        down(root)
+    assert not root.exists()
+
+
+def test_transfer_between_rack_leafnodes_over_tls(
+    tmp_path: Path, topology: tuple[Path, dict[str, Any]]
+) -> None:
+    """Each end on its rack's leafnode (rack-1 -> data cluster -> rack-2) and ctl on the
+    ctl cluster, all over TLS verified against the dev CA (SSL_CERT_FILE, which both NATS
+    clients honour)."""
+    root, state = topology
+    node1 = state["nodes"][0]
+    dst = tmp_path / "copy.img"
+    transfer(
+        "dev-leaf",
+        node1["nbd"],
+        str(dst),
+        ends(state, "node1", "rack-1", "ctl-1", "tls"),
+        ends(state, "node2", "rack-2", "ctl-2", "tls"),
+        env={"SSL_CERT_FILE": str(root / "tls" / "ca.pem")},
+    )
+    assert dst.read_bytes() == Path(node1["image"]).read_bytes()
+
+
+def test_node_permissions(topology: tuple[Path, dict[str, Any]]) -> None:
+    """A node publishes only its own ctl events and subscribes only to its own commands;
+    the controller, on another server of the ctl cluster, sees the allowed event only."""
+    _, state = topology
+
+    async def check() -> None:
+        errors: list[str] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e))
+
+        controller = await nats.connect(url(state, "ctl-2", "controller"))
+        node1 = await nats.connect(
+            url(state, "ctl-1", "node1"), error_cb=on_error, max_reconnect_attempts=0
+        )
+        try:
+            events = await controller.subscribe("ctl.evt.>")
+            await controller.flush()
+            for _ in range(100):  # the interest crosses the route to ctl-1
+                await node1.publish("ctl.evt.node1.hello", b"1")
+                try:
+                    msg = await events.next_msg(timeout=0.1)
+                    break
+                except TimeoutError:
+                    continue
+            assert msg.subject == "ctl.evt.node1.hello"
+            for subject in ("ctl.evt.node2.hello", "ctl.cmd.node2.stop", "data.blk.x.c"):
+                await node1.publish(subject, b"x")
+            await node1.subscribe("ctl.cmd.node2.>")
+            await node1.flush()
+            for _ in range(100):
+                if len(errors) >= 4:
+                    break
+                await asyncio.sleep(0.05)
+            violations = " ".join(errors)
+            for subject in ("ctl.evt.node2.hello", "ctl.cmd.node2.stop", "data.blk.x.c"):
+                assert f'publish to "{subject}"' in violations
+            assert 'subscription to "ctl.cmd.node2.>"' in violations
+            for _ in range(200):  # nothing but node1's own events reached the controller
+                try:
+                    msg = await events.next_msg(timeout=0.3)
+                except TimeoutError:
+                    break
+                assert msg.subject == "ctl.evt.node1.hello"
+            # ...and JetStream keeps them, replicated on the three ctl servers.
+            info = json.loads(
+                (await controller.request("$JS.API.STREAM.INFO.CTL_EVENTS", b"", timeout=5)).data
+            )
+            assert info["state"]["messages"] >= 1
+            assert info["config"]["num_replicas"] == 3
+            assert len(info["cluster"]["replicas"]) == 2
+        finally:
+            await node1.close()
+            await controller.close()
+
+    asyncio.run(check())
+
+
+def test_ipv6_transfer_and_one_line_errors(tmp_path: Path) -> None:
+    """--ipv6: everything on [::1]; send and recv given nats://[::1]:PORT. Mistakes
+    (up twice, down or status with nothing up) are one line, no traceback."""
+    root = tmp_path / "state"
+    by_env = run_cli("dev", "status", env={"NBDNATS_STATE_DIR": str(root)})
+    assert f"nothing runs: no dev topology in {root}" in one_line_error(by_env)
+    assert "nothing to stop" in one_line_error(run_cli("dev", "down", "--state-dir", str(root)))
+    state = up(root, "--ipv6", "--racks", "1")
+    try:
+        assert state["host"] == "::1"
+        assert all(u.startswith("nats://[::1]:") for u in state["urls"]["data"].split(","))
+        again = one_line_error(run_cli("dev", "up", "--state-dir", str(root)))
+        assert "already runs" in again
+        node1 = state["nodes"][0]
+        dst = tmp_path / "v6.img"
+        transfer(
+            "dev-v6",
+            node1["nbd"],
+            str(dst),
+            ["--data-url", url(state, "data-1")],
+            ["--data-url", url(state, "data-2")],
+        )
+        assert dst.read_bytes() == Path(node1["image"]).read_bytes()
+    finally:
+        down(root)
+
+
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        err = one_line_error(  # the busy port is the first the topology would take
+            run_cli("dev", "up", "--state-dir", str(tmp_path / "s"), "--base-port", str(port))
+        )
+    assert f"port {port} on 127.0.0.1 is in use" in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--racks", "0"], "--racks must be between"),
+        (["--disk-size", "12345"], "--disk-size must be"),
+        (["--base-port", "80"], "--base-port 80"),
+        (["--state-dir", "/tmp/" + "d" * 100], "too deep for unix sockets"),
+    ],
+)
+def test_bad_up_options(tmp_path: Path, args: list[str], message: str) -> None:
+    done = run_cli("dev", "up", "--state-dir", str(tmp_path / "s"), *args)  # last one wins
+    assert message in one_line_error(done)
+    assert done.returncode == 2
+
+
+def test_exited_processes_are_reported_and_replaced(tmp_path: Path) -> None:
+    """Processes killed behind dev's back: status says which exited (one line, exit 1);
+    up starts afresh over the stale record; down stops the new ones."""
+    root = tmp_path / "state"
+    state = up(root, "--racks", "1")
+    try:
+        for proc in state["processes"]:
+            if proc["name"] in ("nats-data-2", "qemu-nbd-node1"):
+                os.kill(proc["pid"], signal.SIGKILL)
+        err = one_line_error(run_cli("dev", "status", "--state-dir", str(root)))
+        assert "2 of 8 processes exited (nats-data-2, qemu-nbd-node1)" in err
+        for proc in state["processes"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc["pid"], signal.SIGKILL)
+        again = up(root, "--racks", "1")
+        assert {p["pid"] for p in again["processes"]}.isdisjoint(
+            p["pid"] for p in state["processes"]
+        )
+    finally:
+        down(root)
