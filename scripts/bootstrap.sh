@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
-APT_PACKAGES=(libnbd-dev libnbd-bin qemu-utils pkg-config restic)
+APT_PACKAGES=(libnbd-dev libnbd-bin qemu-utils pkg-config restic openssl)
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
