@@ -130,6 +130,17 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Endpoint(format!("I/O task failed: {e}")))?
 }
 
+/// The extents of a source that has no holes (a stream, a pattern): all data, to its end.
+pub fn all_data(offset: u64, len: u64, size: u64) -> BoxFuture<'static, Result<Vec<Extent>>> {
+    let len = len.min(size.saturating_sub(offset));
+    futures::future::ready(Ok(vec![Extent {
+        offset,
+        len,
+        zero: false,
+    }]))
+    .boxed()
+}
+
 /// Zero `[offset, offset+len)` by writing zeros through `write`, a bounded piece at a time,
 /// for sinks without a cheaper way (streams, NBD servers without write-zeroes).
 pub fn write_zeros(

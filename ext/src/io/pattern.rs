@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::Source;
+use super::{all_data, Source};
 use crate::conn::MAX_CHUNK;
 use crate::error::{Error, Result};
 use crate::extents::Extent;
@@ -36,13 +36,7 @@ impl Source for Pattern {
     }
 
     fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>> {
-        let len = len.min(self.size.saturating_sub(offset));
-        futures::future::ready(Ok(vec![Extent {
-            offset,
-            len,
-            zero: false,
-        }]))
-        .boxed()
+        all_data(offset, len, self.size)
     }
 
     fn read(

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
-use super::{write_zeros, Sink, SinkCaps, Source};
+use super::{all_data, write_zeros, Sink, SinkCaps, Source};
 use crate::error::{Error, Result};
 use crate::extents::Extent;
 
@@ -98,13 +98,7 @@ impl Source for Stdin {
     }
 
     fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>> {
-        let len = len.min(self.size.saturating_sub(offset));
-        futures::future::ready(Ok(vec![Extent {
-            offset,
-            len,
-            zero: false,
-        }]))
-        .boxed()
+        all_data(offset, len, self.size)
     }
 
     fn read(
