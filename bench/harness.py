@@ -74,6 +74,10 @@ class Run:
     """User+system CPU seconds by role (see ROLES)."""
     peak_rss: dict[str, int] = field(default_factory=dict)
     """Peak resident set size in bytes by role (processes started for this run only)."""
+    faults: dict[str, int] = field(default_factory=dict)
+    """Minor page faults by role (a sign of buffers allocated afresh for every chunk)."""
+    pids: dict[str, int] = field(default_factory=dict)
+    """Process ids by role, to match the run with a profile."""
     target_allocated: int | None = None
     """Bytes allocated to the target file after the run (sparse workload)."""
     foreign_cpu: float | None = None
@@ -81,10 +85,12 @@ class Run:
     identical: bool | None = None
     """The target was compared byte for byte with the source (None: not compared)."""
     error: str | None = None
+    discarded: str | None = None
+    """Why the run was repeated and left out of the figures (disturbed by other processes)."""
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.seconds > 0
+        return self.error is None and self.discarded is None and self.seconds > 0
 
     @property
     def mb_s(self) -> float:
@@ -153,6 +159,10 @@ def paired(
     return [f(ra, by_round[ra.round]) for ra in select(runs, workload, a) if ra.round in by_round]
 
 
+def _per_gib(run: Run, value: float | None) -> float | None:
+    return None if value is None else value / (run.size / GiB)
+
+
 def _ratio(x: float | None, y: float | None) -> float | None:
     return x / y if x is not None and y else None
 
@@ -196,6 +206,9 @@ def build_results(
         "cpu_s_per_gib_sender_receiver", (r.cpu_per_gib("sender", "receiver") for r in rnd[NBDNATS])
     )
     put("cpu_s_per_gib_nbdcopy", (r.cpu_per_gib("nbdcopy") for r in rnd[NBDCOPY]))
+    for role in ("sender", "receiver", "qemu_nbd_src", "qemu_nbd_dst"):
+        put(f"faults_per_gib_{role}", (_per_gib(r, r.faults.get(role)) for r in rnd[NBDNATS]))
+    put("faults_per_gib_nbdcopy", (_per_gib(r, r.faults.get("nbdcopy")) for r in rnd[NBDCOPY]))
     put("peak_rss_sender", (r.peak_rss.get("sender") for r in rnd[NBDNATS]))
     put("peak_rss_receiver", (r.peak_rss.get("receiver") for r in rnd[NBDNATS]))
     put("peak_rss_nbdcopy", (r.peak_rss.get("nbdcopy") for r in rnd[NBDCOPY]))
@@ -224,7 +237,8 @@ def build_results(
     results["detail"] = {k: None if s is None else s.to_json() for k, s in detail.items()}
     results["micro"] = micro or {}
     results["targets"] = evaluate_targets(results, runs)
-    results["failed_runs"] = sum(1 for r in runs if not r.ok)
+    results["failed_runs"] = sum(1 for r in runs if r.error is not None)
+    results["discarded_runs"] = sum(1 for r in runs if r.discarded is not None)
     shares = [foreign_share(r, machine.get("cores") or 1) for r in runs if r.ok]
     results["disturbed_runs"] = sum(1 for x in shares if x is not None and x > DISTURBED)
     s = spread(shares)
@@ -390,10 +404,9 @@ def format_report(results: dict[str, Any]) -> str:
             lines.append(f"{key:<32} {'n/a':>9}")
             continue
         scale, unit = (MiB, " MiB") if "rss" in key or "allocated" in key else (1, "")
-        lines.append(
-            f"{key:<32} {s['median'] / scale:>9.3f} {s['min'] / scale:>8.3f} "
-            f"{s['max'] / scale:>8.3f} {s['n']:>4}{unit}"
-        )
+        digits = 0 if s["max"] / scale >= 10_000 else 3
+        med, lo, hi = (f"{s[k] / scale:.{digits}f}" for k in ("median", "min", "max"))
+        lines.append(f"{key:<32} {med:>9} {lo:>8} {hi:>8} {s['n']:>4}{unit}")
     micro = results.get("micro") or {}
     if micro:
         lines += ["", "micro benchmark                       GB/s"]

@@ -108,11 +108,11 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> N
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU of a live process (all its threads), from /proc/<pid>/stat."""
+def proc_stat(pid: int) -> tuple[float, int]:
+    """User+system CPU seconds (all threads) and minor page faults of a live process."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[7])
 
 
 def exited(pid: int) -> bool:
@@ -129,6 +129,7 @@ class Exit:
     end: float
     cpu: float
     peak_rss: int
+    faults: int
 
 
 def vm_hwm(pid: int) -> int | None:
@@ -201,7 +202,7 @@ class Child:
         self._sampler.join(5)
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime
-        return Exit(self.proc.returncode, end, cpu, self.peak_rss)
+        return Exit(self.proc.returncode, end, cpu, self.peak_rss, usage.ru_minflt)
 
 
 def busy_seconds() -> float:
@@ -238,12 +239,19 @@ class Meter:
 
     def start(self, roles: dict[str, int]) -> None:
         self.roles = roles
-        self.before = {role: cpu_seconds(pid) for role, pid in roles.items()}
+        self.before = {role: proc_stat(pid) for role, pid in roles.items()}
         self.busy, self.own = busy_seconds(), own_seconds()
+        self.faults: dict[str, int] = {}
 
     def stop(self) -> dict[str, float]:
+        """CPU seconds of each long-lived process over the run (faults in ``faults``)."""
         self.busy, self.own = busy_seconds() - self.busy, own_seconds() - self.own
-        return {role: cpu_seconds(pid) - self.before[role] for role, pid in self.roles.items()}
+        cpu = {}
+        for role, pid in self.roles.items():
+            now = proc_stat(pid)
+            cpu[role] = now[0] - self.before[role][0]
+            self.faults[role] = now[1] - self.before[role][1]
+        return cpu
 
     def foreign(self, measured: dict[str, float]) -> float:
         """CPU seconds used during the run by processes that are not part of it."""
@@ -278,12 +286,27 @@ class Services:
         return cfg.url, pid
 
     def qemu_nbd(self, name: str, image: Path, *, read_only: bool) -> tuple[str, int]:
+        """Serve ``image`` on a unix socket, replacing a qemu-nbd of the same name."""
+        self.stop(name)
         sock = self.workdir / f"{name}.sock"
+        sock.unlink(missing_ok=True)
         args = ["qemu-nbd", "--persistent", "--shared=8", "-f", "raw", "-x", "disk"]
         args += ["--read-only"] if read_only else ["--discard=unmap"]
         args += ["-k", str(sock), str(image)]
         pid = self.start(name, args, sock.exists)
         return f"nbd+unix:///disk?socket={sock}", pid
+
+    def stop(self, name: str) -> None:
+        for i, (n, proc) in enumerate(self.procs):
+            if n == name:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+                del self.procs[i]
+                return
 
     def peak_rss(self, pid: int) -> int | None:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -403,11 +426,11 @@ class Bench:
     nats_pid: int = 0
     sweep_url: str = ""
     sweep_pid: int = 0
-    endpoints: dict[str, tuple[str, int]] = field(default_factory=dict)
     images: dict[str, Path] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
     counter: int = 0
     quiet_wait: float = 30.0
+    retries: int = 2
     record: bool = True
 
     def timeout_for(self, size: int) -> float:
@@ -435,11 +458,21 @@ class Bench:
             say(f"waited {waited:.0f} s for other processes to calm down")
         return Meter()
 
-    def nbdcopy(self, workload: str, rnd: int, image: str, chunk: int | None = None) -> Run:
-        src, src_pid = self.endpoints[f"{image}-src"]
-        dst, dst_pid = self.endpoints[f"{image}-dst"]
+    def fresh_endpoints(self, image: str) -> tuple[int, str, int, str, int]:
+        """A fresh sparse target and a fresh qemu-nbd for each end, for every run: qemu-nbd's
+        allocator state depends on the requests it served before (4 MiB requests fault in
+        every page of a new buffer until glibc adapts), so a long-lived one would let one
+        path's history change another path's figures. Returns size, src uri and pid, dst
+        uri and pid."""
         size = os.stat(self.images[f"{image}-src"]).st_size
         reset_target(self.images[f"{image}-dst"], size)
+        qemu, images = self.services.qemu_nbd, self.images
+        src, src_pid = qemu(f"qemu-nbd-{image}-src", images[f"{image}-src"], read_only=True)
+        dst, dst_pid = qemu(f"qemu-nbd-{image}-dst", images[f"{image}-dst"], read_only=False)
+        return size, src, src_pid, dst, dst_pid
+
+    def nbdcopy(self, workload: str, rnd: int, image: str, chunk: int | None = None) -> Run:
+        size, src, src_pid, dst, dst_pid = self.fresh_endpoints(image)
         roles = {"qemu_nbd_src": src_pid, "qemu_nbd_dst": dst_pid}
         # --flush: nbd-nats flushes the target before it reports success; so must nbdcopy.
         args = ["nbdcopy", "--flush"]
@@ -455,6 +488,8 @@ class Bench:
         run = Run(workload, NBDCOPY, rnd, size, done.end - child.start, chunk=chunk)
         run.cpu = {"nbdcopy": done.cpu} | meter.stop()
         run.peak_rss = {"nbdcopy": done.peak_rss}
+        run.faults = {"nbdcopy": done.faults} | meter.faults
+        run.pids = {"nbdcopy": child.pid} | roles
         run.foreign_cpu = meter.foreign(run.cpu)
         if done.code != 0:
             run.error = f"nbdcopy exited {done.code}: {out.read_text(errors='replace')[-300:]}"
@@ -481,12 +516,7 @@ class Bench:
             size = pattern_size or self.profile.random_size
             src, dst, path = f"pattern:{size}", "null:", CEILING
         else:
-            size = os.stat(self.images[f"{image}-src"]).st_size
-            reset_target(self.images[f"{image}-dst"], size)
-            (src, src_pid), (dst, dst_pid) = (
-                self.endpoints[f"{image}-src"],
-                self.endpoints[f"{image}-dst"],
-            )
+            size, src, src_pid, dst, dst_pid = self.fresh_endpoints(image)
             roles |= {"qemu_nbd_src": src_pid, "qemu_nbd_dst": dst_pid}
             path = NBDNATS
         self.counter += 1
@@ -525,6 +555,8 @@ class Bench:
         run.seconds = max(send_exit.end, recv_exit.end) - sender.start
         run.cpu = {"sender": send_exit.cpu, "receiver": recv_exit.cpu} | run.cpu
         run.peak_rss = {"sender": send_exit.peak_rss, "receiver": recv_exit.peak_rss}
+        run.faults = {"sender": send_exit.faults, "receiver": recv_exit.faults} | meter.faults
+        run.pids = {"sender": sender.pid, "receiver": recv.pid} | roles
         run.foreign_cpu = meter.foreign(run.cpu)
         sent, got = last_json(send_out), last_json(recv_out)
         run.core_seconds = sent.get("seconds")
@@ -566,12 +598,20 @@ class Bench:
         s = self.services
         self.nats_url, self.nats_pid = s.nats("nats-server", EmbeddedServer().max_payload)
         self.sweep_url, self.sweep_pid = s.nats("nats-server-sweep", SWEEP_MAX_PAYLOAD)
-        for image in ("random", "sparse"):
-            for end in ("src", "dst"):
-                key = f"{image}-{end}"
-                self.endpoints[key] = s.qemu_nbd(
-                    f"qemu-nbd-{key}", self.images[key], read_only=end == "src"
-                )
+
+    def measure(self, method: Callable[..., Run], *args: Any, **kw: Any) -> Run:
+        """Run once; if other processes took more than harness.DISTURBED of the machine
+        meanwhile, keep the run as discarded and run it again (at most twice more)."""
+        cores = os.cpu_count() or 1
+        for attempt in range(1 + self.retries):
+            run: Run = method(*args, **kw)
+            share = harness.foreign_share(run, cores)
+            if not run.ok or share is None or share <= harness.DISTURBED:
+                break
+            if attempt < self.retries:
+                run.discarded = f"disturbed: other processes took {share:.0%} of the machine"
+                say(f"  {run.discarded}; running it again")
+        return run
 
     def warm_up(self) -> None:
         """One unrecorded round of the random image: the first transfers after making the
@@ -586,24 +626,24 @@ class Bench:
 
     def macro(self) -> None:
         for rnd in range(self.profile.rounds):
-            self.nbdcopy(RANDOM, rnd, "random")
-            self.nbdnats(RANDOM, rnd, "random")
-            self.nbdnats(RANDOM, rnd, None)
-            self.nbdcopy(SPARSE, rnd, "sparse")
-            self.nbdnats(SPARSE, rnd, "sparse")
+            self.measure(self.nbdcopy, RANDOM, rnd, "random")
+            self.measure(self.nbdnats, RANDOM, rnd, "random")
+            self.measure(self.nbdnats, RANDOM, rnd, None)
+            self.measure(self.nbdcopy, SPARSE, rnd, "sparse")
+            self.measure(self.nbdnats, SPARSE, rnd, "sparse")
             # The fixed cost of one transfer (start-up, connect, handshake, exit).
-            self.nbdnats(STARTUP, rnd, None, pattern_size=STARTUP_SIZE)
+            self.measure(self.nbdnats, STARTUP, rnd, None, pattern_size=STARTUP_SIZE)
 
     def sweep(self) -> None:
         p = self.profile
         for rnd in range(p.sweep_rounds):
             for chunk in p.chunks:
-                self.nbdcopy(CHUNK_SWEEP, rnd, "random", chunk=chunk)
-                self.nbdnats(CHUNK_SWEEP, rnd, "random", chunk=chunk, sweep=True)
-                self.nbdnats(CHUNK_SWEEP, rnd, None, chunk=chunk, sweep=True)
+                self.measure(self.nbdcopy, CHUNK_SWEEP, rnd, "random", chunk=chunk)
+                self.measure(self.nbdnats, CHUNK_SWEEP, rnd, "random", chunk=chunk, sweep=True)
+                self.measure(self.nbdnats, CHUNK_SWEEP, rnd, None, chunk=chunk, sweep=True)
             for window in p.windows:
-                self.nbdnats(WINDOW_SWEEP, rnd, "random", window=window, sweep=True)
-                self.nbdnats(WINDOW_SWEEP, rnd, None, window=window, sweep=True)
+                self.measure(self.nbdnats, WINDOW_SWEEP, rnd, "random", window=window, sweep=True)
+                self.measure(self.nbdnats, WINDOW_SWEEP, rnd, None, window=window, sweep=True)
 
 
 def first_line(args: list[str]) -> str:

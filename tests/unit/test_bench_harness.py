@@ -229,3 +229,13 @@ def test_runs_disturbed_by_other_processes_are_counted() -> None:
     assert res["disturbed_runs"] == 1
     assert res["foreign_cpu_share"]["max"] == pytest.approx(0.5)  # type: ignore[index]
     assert "warning: in 1 runs other processes" in harness.format_report(res)
+
+
+def test_discarded_runs_are_kept_but_left_out_of_the_figures() -> None:
+    runs = good_runs()
+    slow = nbdnats(RANDOM, 0, 20.0)
+    slow.discarded = "disturbed: other processes took 40% of the machine"
+    res = build([slow, *runs])
+    assert res["discarded_runs"] == 1 and res["failed_runs"] == 0
+    assert res["nbdnats_mb_s"] == pytest.approx(2 * GiB / 1e6 / 2.5)
+    assert len(res["runs"]) == len(runs) + 1  # type: ignore[arg-type]
