@@ -23,6 +23,7 @@ LABELS = {
     "nbdnats": "nbd-nats send → recv",
     "ceiling": "raw NATS ceiling (pattern: → null:)",
 }
+PATH_COLORS = {"nbdcopy": "#4c72b0", "nbdnats": "#dd8452", "ceiling": "#55a868"}
 ROLE_COLORS = {
     "nbdcopy": "#4c72b0",
     "sender": "#dd8452",
@@ -46,7 +47,10 @@ def _sweep_plot(
         med = [p["mb_s"]["median"] for p in mine]
         lo = [p["mb_s"]["median"] - p["mb_s"]["min"] for p in mine]
         hi = [p["mb_s"]["max"] - p["mb_s"]["median"] for p in mine]
-        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[name])
+        ax.errorbar(
+            xs, med, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[name],
+            color=PATH_COLORS[name],
+        )  # fmt: skip
         drawn = True
     if not drawn:
         plt.close(fig)

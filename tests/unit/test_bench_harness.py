@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
 from bench import harness
 from bench.harness import CEILING, NBDCOPY, NBDNATS, RANDOM, SPARSE, STARTUP, GiB, MiB, Run
+from bench.report import rebuild
 from bench.run import micro_summary, sparse_layout
 
 MACHINE = {"cores": 2, "kernel": "6.1", "cpu_model": "test"}
@@ -239,3 +241,23 @@ def test_discarded_runs_are_kept_but_left_out_of_the_figures() -> None:
     assert res["discarded_runs"] == 1 and res["failed_runs"] == 0
     assert res["nbdnats_mb_s"] == pytest.approx(2 * GiB / 1e6 / 2.5)
     assert len(res["runs"]) == len(runs) + 1  # type: ignore[arg-type]
+
+
+def test_cpu_of_all_processes_per_path() -> None:
+    res = build(good_runs())
+    # nbdcopy 1.0 + qemu 0.5 + 0.5 over 2 GiB; nbd-nats 1 + 1 + nats 1 over 2 GiB.
+    assert res["cpu_s_per_gib_all_nbdcopy"] == pytest.approx(1.0)
+    assert res["cpu_s_per_gib_all_nbdnats"] == pytest.approx(1.5)
+
+
+def test_report_rebuilds_a_results_folder(tmp_path: Path) -> None:
+    runs = good_runs()
+    old = build(runs)
+    old["ratio_vs_ceiling"] = 123.0  # stale derived figure: recomputed from the runs
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    latest = tmp_path / "latest.json"
+    new = rebuild(tmp_path, latest, plots=False)
+    assert new["ratio_vs_ceiling"] == pytest.approx(2.3 / 2.5)
+    assert "| sparse_allocation | met |" in (tmp_path / "summary.md").read_text()
+    assert "runs" not in json.loads(latest.read_text())
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == len(runs)
