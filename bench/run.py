@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -665,6 +666,11 @@ def filesystem_of(path: Path) -> str:
     return fs
 
 
+def kernel_version(release: str) -> str:
+    m = re.match(r"\d+(\.\d+)*", release)
+    return m.group(0) if m else release
+
+
 def machine(workdir: Path) -> dict[str, Any]:
     cpu_model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -681,7 +687,8 @@ def machine(workdir: Path) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "cpu_model": cpu_model,
         "memory_gib": round(mem_kib * KiB / GiB, 1),
-        "kernel": platform.release(),
+        # The version only: a distribution's or builder's suffix says nothing more here.
+        "kernel": kernel_version(platform.release()),
         "python": platform.python_version(),
         "workdir_fs": filesystem_of(workdir),
         "nbdcopy": first_line(["nbdcopy", "--version"]),

@@ -12,7 +12,7 @@ import pytest
 from bench import harness
 from bench.harness import CEILING, NBDCOPY, NBDNATS, RANDOM, SPARSE, STARTUP, GiB, MiB, Run
 from bench.report import rebuild
-from bench.run import micro_summary, sparse_layout
+from bench.run import kernel_version, micro_summary, sparse_layout
 
 MACHINE = {"cores": 2, "kernel": "6.1", "cpu_model": "test"}
 CONFIG = {"rounds": 3, "random_size": 2 * GiB, "sparse_size": 4 * GiB, "sparse_data": 256 * MiB}
@@ -261,3 +261,8 @@ def test_report_rebuilds_a_results_folder(tmp_path: Path) -> None:
     assert "| sparse_allocation | met |" in (tmp_path / "summary.md").read_text()
     assert "runs" not in json.loads(latest.read_text())
     assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == len(runs)
+
+
+def test_kernel_version_keeps_the_version_only() -> None:
+    assert kernel_version("6.1.0-27-amd64") == "6.1.0"
+    assert kernel_version("weird") == "weird"
