@@ -70,6 +70,10 @@ class Profile:
     windows: tuple[int, ...]
     sweep_rounds: int
     micro_max_time: float
+    retries: int = 2
+    """How often a run disturbed by other processes is repeated."""
+    quiet_wait: float = 30.0
+    """How long to wait, at most, for other processes to calm down before a run."""
 
 
 FULL = Profile(
@@ -93,6 +97,8 @@ QUICK = Profile(
     windows=(8 * MiB, 32 * MiB),
     sweep_rounds=2,
     micro_max_time=0.1,
+    retries=1,
+    quiet_wait=10.0,
 )
 
 
@@ -430,8 +436,6 @@ class Bench:
     images: dict[str, Path] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
     counter: int = 0
-    quiet_wait: float = 30.0
-    retries: int = 2
     record: bool = True
 
     def timeout_for(self, size: int) -> float:
@@ -454,7 +458,7 @@ class Bench:
         say(f"{label} {what}: {run.seconds:6.2f} s {run.mb_s:7.1f} MB/s{core}  cpu s: {cpu}")
 
     def _before(self) -> Meter:
-        waited = wait_for_quiet(self.quiet_wait)
+        waited = wait_for_quiet(self.profile.quiet_wait)
         if waited > 2:
             say(f"waited {waited:.0f} s for other processes to calm down")
         return Meter()
@@ -604,12 +608,13 @@ class Bench:
         """Run once; if other processes took more than harness.DISTURBED of the machine
         meanwhile, keep the run as discarded and run it again (at most twice more)."""
         cores = os.cpu_count() or 1
-        for attempt in range(1 + self.retries):
+        retries = self.profile.retries
+        for attempt in range(1 + retries):
             run: Run = method(*args, **kw)
             share = harness.foreign_share(run, cores)
             if not run.ok or share is None or share <= harness.DISTURBED:
                 break
-            if attempt < self.retries:
+            if attempt < retries:
                 run.discarded = f"disturbed: other processes took {share:.0%} of the machine"
                 say(f"  {run.discarded}; running it again")
         return run
@@ -807,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profile": profile.name,
         "rounds": profile.rounds,
         "sweep_rounds": 0 if args.no_sweep else profile.sweep_rounds,
+        "retries": profile.retries,
         "random_size": profile.random_size,
         "sparse_size": profile.sparse_size,
         "sparse_data": profile.sparse_data,
