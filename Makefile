@@ -8,7 +8,7 @@ SHELL   := bash
 QUIET_PIP := grep -vE '^(Ignoring|Requirement already|Looking in)' || true
 MANIFEST := --manifest-path ext/Cargo.toml
 
-.PHONY: help bootstrap build-dev build-prod lint fmt test test-rust test-py demo bench bench-quick clean
+.PHONY: help bootstrap build-dev build-prod lint fmt test test-rust test-py demo bench bench-quick bench-deps clean
 
 help:
 	@echo "make demo        bootstrap, build, and copy a 1 GiB sparse disk through NATS"
@@ -16,6 +16,8 @@ help:
 	@echo "make build-dev   debug build of the core into the venv"
 	@echo "make build-prod  release build of the core into the venv"
 	@echo "make lint        clippy, rustfmt, ruff, mypy, stubtest"
+	@echo "make bench       benchmark suite on a release build (bench/README.md)"
+	@echo "make bench-quick a smaller benchmark run, about 3 minutes"
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -29,15 +31,15 @@ build-prod: bootstrap
 lint: build-prod
 	$(CARGO) fmt $(MANIFEST) -- --check
 	$(CARGO) clippy $(MANIFEST) --all-targets -- -D warnings
-	$(BIN)/ruff check nbdnats tests scripts
-	$(BIN)/ruff format --check nbdnats tests scripts
+	$(BIN)/ruff check nbdnats tests scripts bench
+	$(BIN)/ruff format --check nbdnats tests scripts bench
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest nbdnats._core
 
 fmt:
 	$(CARGO) fmt $(MANIFEST)
-	$(BIN)/ruff format nbdnats tests scripts
-	$(BIN)/ruff check --fix nbdnats tests scripts
+	$(BIN)/ruff format nbdnats tests scripts bench
+	$(BIN)/ruff check --fix nbdnats tests scripts bench
 
 test-rust: bootstrap
 	$(CARGO) test $(MANIFEST)
@@ -49,6 +51,18 @@ test: lint test-rust test-py
 
 demo: build-prod
 	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
+
+# The plots need matplotlib: the `bench` extra of pyproject.toml, installed only for this.
+bench-deps: bootstrap
+	@$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))' > $(VENV)/bench-requirements.txt
+	@$(BIN)/python -m pip install -q -r $(VENV)/bench-requirements.txt 2>&1 | { $(QUIET_PIP); }
+
+# Benchmarks: results in bench/results/<time>/ (results.json, PNG plots, summary.md).
+bench: build-prod bench-deps
+	$(BIN)/python -m bench.run --latest bench/results/latest.json
+
+bench-quick: build-prod bench-deps
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf ext/target .demo .pytest_cache .mypy_cache .ruff_cache
