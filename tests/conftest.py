@@ -233,11 +233,27 @@ def run_cli(
     )
 
 
+_started: list[subprocess.Popen[bytes]] = []
+
+
 def start_cli(*args: str, **kw: object) -> subprocess.Popen[bytes]:
     env = cli_env(kw.pop("env", None))  # type: ignore[arg-type]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [NBD_NATS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw
     )  # type: ignore[call-overload]
+    _started.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes() -> Iterator[None]:
+    """A test that fails half-way must not leave its nbd-nats processes running."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
