@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 use crate::frame::HEADER_LEN;
 use crate::window::{max_frames_in_window, MAX_WINDOW};
 
-pub const DEFAULT_CHUNK: u64 = 4 << 20;
+/// 1 MiB: measured faster than 4 MiB end to end (qemu-nbd serves requests up to about
+/// 1 MiB without faulting in fresh buffers) and it keeps both sides' memory lower.
+pub const DEFAULT_CHUNK: u64 = 1 << 20;
 pub const MIN_CHUNK: u64 = 4096;
 /// qemu-nbd serves requests of at most 32 MiB.
 pub const MAX_CHUNK: u64 = 32 << 20;
@@ -116,7 +118,7 @@ mod tests {
     #[test]
     fn default_chunk_fits_the_server() {
         assert_eq!(fit_chunk(None, 1 << 20).unwrap(), 512 << 10);
-        assert_eq!(fit_chunk(None, 8 << 20).unwrap(), 4 << 20);
+        assert_eq!(fit_chunk(None, 8 << 20).unwrap(), 1 << 20);
         assert!(fit_chunk(None, 1000).is_err());
     }
 

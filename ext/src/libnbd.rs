@@ -124,11 +124,13 @@ pub struct Caps {
 
 /// An asynchronous command and the memory it needs until it is retired.
 pub enum Command {
-    /// Read `len` bytes into `buf[at..at+len]`; `buf` comes back filled.
+    /// Read `len` bytes after the `buf.len()` bytes already in `buf` (the frame header's
+    /// room), into its spare capacity: the buffer is not zeroed first. `buf` comes back
+    /// `len` bytes longer.
     Read {
         offset: u64,
         buf: BytesMut,
-        at: usize,
+        len: usize,
     },
     Write {
         offset: u64,
@@ -159,7 +161,8 @@ pub struct Handle {
 }
 
 enum Held {
-    Read(BytesMut),
+    /// A read's buffer and how many bytes it will have when the read completes.
+    Read(BytesMut, usize),
     Write(#[allow(dead_code)] Bytes),
 }
 
@@ -223,16 +226,15 @@ impl Handle {
                 Command::Read {
                     offset,
                     mut buf,
-                    at,
+                    len,
                 } => {
-                    let len = buf
-                        .len()
-                        .checked_sub(at)
-                        .ok_or("read offset beyond buffer")?;
-                    let ptr = buf.as_mut_ptr().add(at).cast::<c_void>();
+                    buf.reserve(len);
+                    // Spare capacity: uninitialised until libnbd fills it; `retire` extends
+                    // the buffer over it only when the read succeeded.
+                    let ptr = buf.spare_capacity_mut().as_mut_ptr().cast::<c_void>();
                     (
                         nbd_aio_pread(self.raw, ptr, len, offset, NO_COMPLETION, 0),
-                        Some(Held::Read(buf)),
+                        Some(Held::Read(buf, len)),
                     )
                 }
                 Command::Write { offset, data } => {
@@ -290,7 +292,12 @@ impl Handle {
         Some((
             cookie,
             result.map(|()| match held {
-                Some(Held::Read(buf)) => Completed::Read(buf),
+                Some(Held::Read(mut buf, len)) => {
+                    // SAFETY: the read succeeded, so libnbd wrote all `len` bytes of the
+                    // spare capacity reserved for it in `submit`.
+                    unsafe { buf.set_len(buf.len() + len) };
+                    Completed::Read(buf)
+                }
                 _ => Completed::Other,
             }),
         ))

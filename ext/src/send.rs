@@ -644,7 +644,9 @@ impl Sender<'_> {
         verify: bool,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        let depth = (crate::send::READ_AHEAD_BYTES / self.chunk).clamp(2, 32) as usize;
+        // Read ahead at most half the window, so memory stays near the window.
+        let ahead = READ_AHEAD_BYTES.min(self.window.limit() / 2);
+        let depth = (ahead / self.chunk).clamp(2, 32) as usize;
         let mut tick = tokio::time::interval(RTO / 4);
         loop {
             while !self.planned_all && self.reads.len() < depth {

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -112,15 +113,19 @@ def test_soak_transfers_with_faults_stay_flat(
                 )
                 await pair(planes, uri, str(dst), f"soak{i}", chunk_size=MiB)
                 assert sha256_file(dst) == want, f"round {i}"
-                if i in (rounds // 10, rounds // 2, rounds - 1):
-                    await asyncio.sleep(0.3)
+                if (i >= rounds // 10 and i % max(1, rounds // 20) == 0) or i == rounds - 1:
+                    await asyncio.sleep(0.2)
                     samples[i] = (rss(), fds(), server.subscriptions())
         finally:
             await planes.close()
 
     asyncio.run(main())
-    (early_rss, early_fds, early_subs), *_, (_, late_fds, late_subs) = samples.values()
+    (_, early_fds, early_subs), *_, (_, late_fds, late_subs) = samples.values()
     assert late_fds <= early_fds
     assert late_subs == early_subs
-    # Live memory is flat (measured here: within 10 MiB over 240 rounds).
-    assert max(r for r, _, _ in samples.values()) - early_rss < 16 * MiB, samples
+    # No trend in live memory: what is in flight at a sample moment varies by tens of MiB,
+    # but a leak of even one frame buffer per transfer would add ~90 MiB over the run.
+    mem = [r for r, _, _ in samples.values()]
+    early, late = statistics.median(mem[:3]), statistics.median(mem[-3:])
+    print(f"soak rss MiB: {[m // MiB for m in mem]}")
+    assert late - early < 32 * MiB, samples

@@ -227,17 +227,14 @@ impl Source for Nbd {
         len: usize,
         headroom: usize,
     ) -> BoxFuture<'static, Result<BytesMut>> {
-        let buf = BytesMut::zeroed(headroom + len);
-        self.command(Command::Read {
-            offset,
-            buf,
-            at: headroom,
-        })
-        .map(|r| match r? {
-            Completed::Read(buf) => Ok(buf),
-            Completed::Other => Err(Error::Endpoint("NBD read returned no buffer".into())),
-        })
-        .boxed()
+        // Only the header's room is zeroed; libnbd fills the rest.
+        let buf = BytesMut::zeroed(headroom);
+        self.command(Command::Read { offset, buf, len })
+            .map(|r| match r? {
+                Completed::Read(buf) => Ok(buf),
+                Completed::Other => Err(Error::Endpoint("NBD read returned no buffer".into())),
+            })
+            .boxed()
     }
 }
 
