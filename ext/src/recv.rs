@@ -117,6 +117,8 @@ struct Receiver<'a> {
     seen_own_session: bool,
     /// When frames of another session started arriving before any of ours.
     foreign_since: Option<Instant>,
+    /// A checksummed frame of our session arrived since the main loop last looked.
+    heard_sender: bool,
 }
 
 impl Receiver<'_> {
@@ -252,6 +254,7 @@ impl Receiver<'_> {
             return Ok(false);
         }
         self.seen_own_session = true;
+        self.heard_sender = true;
         match header.kind {
             Kind::Abort => {
                 let why = String::from_utf8_lossy(body);
@@ -546,6 +549,7 @@ pub async fn recv(
         last_nack: Instant::now(),
         seen_own_session: false,
         foreign_since: None,
+        heard_sender: false,
     };
     let mut stall = Stall::new(opts.timeout);
     let mut tick = tokio::time::interval(NACK_INTERVAL);
@@ -575,7 +579,11 @@ pub async fn recv(
                 let msg = msg.ok_or_else(|| Error::Nats("the chunk subscription ended".into()))?;
                 match rx.intake(msg.payload).await {
                     Ok(urgent) => {
-                        stall.reset();
+                        // Only a genuine frame of this transfer shows the sender is alive:
+                        // garbage from others must not keep a dead transfer open.
+                        if std::mem::take(&mut rx.heard_sender) {
+                            stall.reset();
+                        }
                         if urgent {
                             rx.ack().await;
                         }

@@ -75,3 +75,31 @@ def test_hostile_frames_are_counted_and_never_written(tmp_path: Path, nats_url: 
     assert got["duplicate_frames"] >= 1, got
     done = [e for e in events if e.role == "recv" and e.state == "done"]
     assert done and done[0].bad_frames == got["bad_frames"]  # reported in events too
+
+
+def test_garbage_does_not_keep_a_dead_transfer_open(tmp_path: Path, nats_url: str) -> None:
+    """The sender dies; an outsider keeps publishing on the transfer's subject. The receiver
+    still gives up after --timeout: only genuine frames count as signs of life."""
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src, SIZE, [(0, SIZE)])
+    common = ("--id", "ghost", "--data-url", nats_url)
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=8 * MiB) as (_, uri):
+        recv = start_cli("recv", str(dst), *common, "--timeout", "3")
+        send = start_cli("send", uri, *common)
+
+        async def haunt() -> int | None:
+            nc = await nats.connect(nats_url)
+            await asyncio.sleep(1.5)
+            send.kill()
+            for _ in range(150):  # 30 s of garbage at most, or until the receiver gives up
+                await nc.publish(subjects.transfer("ghost")[1], b"boo" * 50)
+                if recv.poll() is not None:
+                    break
+                await asyncio.sleep(0.2)
+            await nc.close()
+            return recv.poll()
+
+        gave_up = asyncio.run(haunt())
+        _, err = recv.communicate(timeout=30)
+    assert gave_up == 1, "the receiver was kept waiting by garbage"
+    assert "the sender went quiet for 3s" in err.decode()
