@@ -19,6 +19,7 @@ from nbdnats.schemas import TransferEvent
 from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd
 
 SIZE = 48 * MiB
+HOSTILE_KINDS = 8  # messages `attack` publishes
 
 
 async def attack(url: str, tid: str) -> list[TransferEvent]:
@@ -46,6 +47,7 @@ async def attack(url: str, tid: str) -> list[TransferEvent]:
         _core.encode_frame(seq + 2, 0, pay, session=session ^ 0xFFFF),  # another session
         _core.encode_frame(seq + 2, 0, pay, session=session, kind=2, length=1 << 40),  # huge zero
     ]
+    assert len(hostile) == HOSTILE_KINDS
     for frame in hostile:
         await nc.publish(chunks, frame)
     await nc.flush()
@@ -71,8 +73,10 @@ def test_hostile_frames_are_counted_and_never_written(tmp_path: Path, nats_url: 
     assert recv.returncode == 0, r_err.decode()
     assert sha256_file(dst) == want
     got = json.loads(r_out.decode().strip().splitlines()[-1])
-    assert got["bad_frames"] >= 7, got
-    assert got["duplicate_frames"] >= 1, got
+    # Every hostile message is counted. Forged frames aimed just ahead of the sender are
+    # duplicates if the sender got there first, bad otherwise; the rest are always bad.
+    assert got["bad_frames"] + got["duplicate_frames"] >= HOSTILE_KINDS, got
+    assert got["bad_frames"] >= 4 and got["duplicate_frames"] >= 1, got
     done = [e for e in events if e.role == "recv" and e.state == "done"]
     assert done and done[0].bad_frames == got["bad_frames"]  # reported in events too
 

@@ -227,8 +227,10 @@ impl Source for Nbd {
         len: usize,
         headroom: usize,
     ) -> BoxFuture<'static, Result<BytesMut>> {
-        // Only the header's room is zeroed; libnbd fills the rest.
-        let buf = BytesMut::zeroed(headroom);
+        // One allocation for header and data; only the header's room is zeroed, libnbd
+        // fills the rest (its `reserve` then finds the capacity already there).
+        let mut buf = BytesMut::with_capacity(headroom + len);
+        buf.resize(headroom, 0);
         self.command(Command::Read { offset, buf, len })
             .map(|r| match r? {
                 Completed::Read(buf) => Ok(buf),
