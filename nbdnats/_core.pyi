@@ -19,6 +19,7 @@ __all__ = [
     "connect",
     "decode_frame",
     "encode_frame",
+    "image_digest",
     "is_zero",
     "merge_extents",
     "start_recv",
@@ -126,6 +127,11 @@ def start_recv(
     state_dir: str | None = None,
     resume: bool = False,
 ) -> Transfer: ...
+def image_digest(
+    src: str, done: _Done, *, length: int | None = None, size: int | None = None
+) -> None:
+    """sha256 of the first ``length`` bytes of ``src`` (default: all of it):
+    ``done(True, ("sha256:<hex>", length))``. Holes are hashed without being read."""
 
 # Micro-benchmark entry points (bench/micro): the per-chunk hot paths.
 def checksum_of(payload: bytes) -> int: ...

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from nbdnats import __version__, _core, dev, transfer
+from nbdnats import __version__, _core, approval, ctl_cli, dev, transfer
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.progress import ProgressBar
 from nbdnats.schemas import Report, from_stats
@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--id", required=name != "copy", dest="transfer_id", metavar="ID", help=id_help
         )
         _add_common(p, sender=sender, receiver=receiver)
+    ctl_cli.add_agent_parser(sub)
+    ctl_cli.add_ctl_parser(sub)
+    approval.add_parser(sub)
+    ctl_cli.add_digest_parser(sub)
     dev.add_parser(sub)
     return parser
 
@@ -246,7 +250,14 @@ async def _main(args: argparse.Namespace) -> None:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    await (dev.run(args) if args.command == "dev" else _run(args))
+    runners = {
+        "dev": dev.run,
+        "agent": ctl_cli.run_agent_command,
+        "ctl": ctl_cli.run_ctl,
+        "approve": approval.run,
+        "digest": ctl_cli.run_digest,
+    }
+    await runners.get(args.command, _run)(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,11 @@
      |    +-- RemoteError         the peer failed and said why
      +-- IntegrityError           checksum, digest or verify mismatch
      +-- TransferCancelled        the transfer was cancelled
+     +-- RefusedError             an agent refused a command before acting  (code "refused")
+          +-- SchemaError         not a valid message, unknown op or version (code "schema")
+          +-- PolicyError         outside the agent's allow-list or role     (code "denied")
+          +-- ApprovalError       a provisioning approval is missing or bad  (code "approval")
+          +-- ConflictError       an idempotency key reused for another command (code "conflict")
 
 The core reports failures as ``(code, message)``; ``from_code`` maps a code to its class.
 """
@@ -69,6 +74,26 @@ class TransferCancelled(NbdNatsError):
     code = "cancelled"
 
 
+class RefusedError(NbdNatsError):
+    code = "refused"
+
+
+class SchemaError(RefusedError):
+    code = "schema"
+
+
+class PolicyError(RefusedError):
+    code = "denied"
+
+
+class ApprovalError(RefusedError):
+    code = "approval"
+
+
+class ConflictError(RefusedError):
+    code = "conflict"
+
+
 _BY_CODE: dict[str, type[NbdNatsError]] = {
     cls.code: cls
     for cls in (
@@ -81,6 +106,11 @@ _BY_CODE: dict[str, type[NbdNatsError]] = {
         ProtocolError,
         IntegrityError,
         TransferCancelled,
+        RefusedError,
+        SchemaError,
+        PolicyError,
+        ApprovalError,
+        ConflictError,
     )
 }
 

@@ -1,26 +1,184 @@
 """Message schemas of the ctl plane and of transfer events, versioned msgspec Structs.
 
 The data plane's own handshake and frames are binary/JSON defined by the core
-(``docs/protocol.md``); everything Python publishes is defined here, once.
+(``docs/protocol.md``); everything Python publishes is defined here, once. Every message
+carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its own.
+
+    ctl.cmd.<node>.send        SendCommand       -> Reply
+    ctl.cmd.<node>.recv        RecvCommand       -> Reply
+    ctl.cmd.<node>.provision   ProvisionCommand  -> Reply
+    ctl.cmd.<node>.cancel      CancelCommand     -> Reply
+    ctl.qry.<node>.info        InfoQuery         -> NodeInfo
+    ctl.qry.<node>.transfers   TransfersQuery    -> TransferList
+    ctl.qry.<node>.digest      DigestQuery       -> DigestReply
+    ctl.evt.<node>.announce    NodeInfo
+    ctl.evt.<node>.transfer    TransferEvent
+    ctl.evt.<node>.refused     RefusedEvent
 """
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import datetime as dt
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from nbdnats.errors import SchemaError
+
 SCHEMA_VERSION = 1
+
+Op = Literal["send", "recv", "provision"]
+ToolKind = Literal["restic", "kopia", "pipe"]
+Role = Literal["host", "installer"]
+
+
+class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of ctl messages: the schema version, checked on receipt."""
+
+    v: int = SCHEMA_VERSION
+
+
+class Command(Message, kw_only=True):
+    """Every command names its transfer and an idempotency key: a command retried with the
+    same key gets the first reply and never starts a second transfer."""
+
+    key: str = msgspec.field(default="")
+    transfer_id: str
+
+
+class Tool(Message, kw_only=True):
+    """A backup tool at one end of a stream, run by the agent with its own environment
+    (credentials such as ``RESTIC_PASSWORD`` never travel in a command).
+
+    backup (the tool reads the image on stdin): restic ``repo``; kopia ``source`` (the
+    snapshot's source path); pipe ``command``.
+    restore (the tool writes it on stdout): restic ``repo`` + ``snapshot``; kopia
+    ``object`` (``<rootOID>/disk.img`` or a snapshot's object id); pipe ``command``.
+    """
+
+    kind: ToolKind
+    repo: str | None = None
+    snapshot: str = "latest"
+    source: str | None = None
+    object: str | None = None
+    command: list[str] | None = None
+
+
+class TransferOptions(Message, kw_only=True):
+    window: int | None = None
+    timeout: float | None = None
+    verify: bool = False
+
+
+class SendCommand(Command, kw_only=True):
+    """Send ``src`` (an export name, path or NBD URI on the node), or a restore tool's
+    output of ``size`` bytes (``size`` is found from restic/kopia when not given)."""
+
+    src: str | None = None
+    tool: Tool | None = None
+    size: int | None = None
+    chunk_size: int | None = None
+    options: TransferOptions = msgspec.field(default_factory=TransferOptions)
+
+
+class RecvCommand(Command, kw_only=True):
+    """Receive into ``dst`` (export name, path or NBD URI), or into a backup tool."""
+
+    dst: str | None = None
+    tool: Tool | None = None
+    target_is_zero: bool = False
+    options: TransferOptions = msgspec.field(default_factory=TransferOptions)
+
+
+class Approval(Message, kw_only=True):
+    """Permission to write one image onto one device of one node until ``expires``, signed
+    with Ed25519 by the key whose id is ``key_id`` (``nbd-nats approve``). The signature
+    covers this struct's JSON with ``signature`` empty."""
+
+    node: str
+    image_digest: str
+    device: str
+    expires: dt.datetime
+    key_id: str
+    signature: str = ""
+
+
+class ProvisionCommand(Command, kw_only=True):
+    """Write an image into ``device`` on an installer; the source's digest and size were
+    asked of the sending node and must match the approval."""
+
+    device: str
+    approval: Approval
+    image_digest: str
+    size: int
+    options: TransferOptions = msgspec.field(default_factory=TransferOptions)
+
+
+class CancelCommand(Message, kw_only=True):
+    transfer_id: str
+
+
+class Reply(Message, kw_only=True):
+    """The answer to every command: ``ok`` or an error ``code`` (``nbdnats.errors``)."""
+
+    ok: bool
+    transfer_id: str | None = None
+    code: str | None = None
+    error: str | None = None
+
+
+class InfoQuery(Message, kw_only=True):
+    pass
+
+
+class NodeInfo(Message, kw_only=True):
+    """``ctl.evt.<node>.announce`` (on start, periodically, on stop) and the ``info`` query."""
+
+    node: str
+    version: str
+    role: Role
+    state: Literal["up", "stopping", "stopped"]
+    capabilities: list[str]
+    exports: dict[str, str] = msgspec.field(default_factory=dict)
+    started: dt.datetime
+    at: dt.datetime
+    running: int = 0
+    announce_interval: float = 30.0
+
+
+class TransfersQuery(Message, kw_only=True):
+    transfer_id: str | None = None
+
+
+class DigestQuery(Message, kw_only=True):
+    src: str
+
+
+class DigestReply(Message, kw_only=True):
+    ok: bool
+    digest: str | None = None
+    size: int | None = None
+    code: str | None = None
+    error: str | None = None
 
 
 class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """``data.evt.<transfer>.{progress,done,error}`` and ``ctl.evt.<node>.transfer``."""
+    """``data.evt.<transfer>.{progress,done,error}`` and ``ctl.evt.<node>.transfer``.
+
+    ``state`` is the core's (running, done, failed) or the agent's: ``accepted`` and, once
+    the whole job (tool included) has ended, ``done``/``failed``/``cancelled``."""
 
     v: int = SCHEMA_VERSION
     transfer_id: str
     node: str
     role: str
     state: str
+    op: str | None = None
+    key: str | None = None
+    endpoint: str | None = None
+    tool: str | None = None
+    tool_output: str | None = None
+    image_digest: str | None = None
     size: int = 0
     done_bytes: int = 0
     data_bytes: int = 0
@@ -62,9 +220,63 @@ class Report(msgspec.Struct, kw_only=True):
     sent_bytes: int
 
 
+class TransferList(Message, kw_only=True):
+    transfers: list[TransferEvent]
+
+
+class RefusedEvent(Message, kw_only=True):
+    """``ctl.evt.<node>.refused``: a command the agent refused, and why."""
+
+    node: str
+    op: str
+    key: str | None = None
+    transfer_id: str | None = None
+    code: str
+    error: str
+
+
+COMMANDS: dict[str, type[Command] | type[CancelCommand]] = {
+    "send": SendCommand,
+    "recv": RecvCommand,
+    "provision": ProvisionCommand,
+    "cancel": CancelCommand,
+}
+QUERIES: dict[str, type[Message]] = {
+    "info": InfoQuery,
+    "transfers": TransfersQuery,
+    "digest": DigestQuery,
+}
+
 encode = msgspec.json.encode
 
+
+class _Versioned(msgspec.Struct):
+    v: int = SCHEMA_VERSION
+
+
+def decode(cls: type[M], data: bytes, what: str) -> M:
+    """Decode a ctl message, or raise ``SchemaError`` saying what is wrong with it."""
+    try:
+        msg = msgspec.json.decode(data, type=cls)
+    except msgspec.ValidationError as e:
+        try:
+            v = msgspec.json.decode(data, type=_Versioned).v
+        except msgspec.DecodeError:
+            v = SCHEMA_VERSION
+        if v != SCHEMA_VERSION:
+            raise SchemaError(
+                f"{what} has schema version {v}; this node speaks {SCHEMA_VERSION}"
+            ) from None
+        raise SchemaError(f"invalid {what}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise SchemaError(f"invalid {what}: not JSON ({e})") from None
+    if msg.v != SCHEMA_VERSION:
+        raise SchemaError(f"{what} has schema version {msg.v}; this node speaks {SCHEMA_VERSION}")
+    return msg
+
+
 S = TypeVar("S", bound=msgspec.Struct)
+M = TypeVar("M", bound=Message)
 
 
 def from_stats(cls: type[S], stats: object, **fields: Any) -> S:

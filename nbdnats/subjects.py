@@ -55,10 +55,11 @@ def data_events(transfer_id: str) -> str:
     return f"{DATA_EVT}.{check_token(transfer_id, 'transfer id')}.>"
 
 
-def ctl_events(kind: str, node: str = "*") -> str:
-    """Events of one kind from one node, or from every node (a subscription pattern)."""
+def ctl_events(kind: str = "*", node: str = "*") -> str:
+    """Events of one kind (or all) from one node (or every node): a subscription pattern."""
     node = node if node == "*" else check_token(node, "node name")
-    return f"{CTL_EVT}.{node}.{check_token(kind, 'event')}"
+    kind = kind if kind == "*" else check_token(kind, "event")
+    return f"{CTL_EVT}.{node}.{kind}"
 
 
 def ctl_event(node: str, kind: str) -> str:
@@ -71,6 +72,19 @@ def ctl_command(node: str, op: str) -> str:
 
 def ctl_query(node: str, what: str) -> str:
     return f"{CTL_QRY}.{check_token(node, 'node name')}.{check_token(what, 'query')}"
+
+
+def ctl_commands(node: str) -> str:
+    """Every command to a node (its agent's subscription)."""
+    return f"{CTL_CMD}.{check_token(node, 'node name')}.*"
+
+
+def ctl_queries(node: str) -> str:
+    """Every query to a node (its agent's subscription)."""
+    return f"{CTL_QRY}.{check_token(node, 'node name')}.*"
+
+
+ALL_CTL_EVENTS = f"{CTL_EVT}.>"
 
 
 # Permissions (nats-server `permissions` blocks) are subject patterns too, so they are made

@@ -68,6 +68,9 @@ class TransferHandle:
         self._outcome = outcome
         self._planes = planes
         self._last_event = 0.0
+        # An agent publishes its own ctl events (with the job's op and tool); a standalone
+        # send/recv reports its end here.
+        self.ctl_events = True
 
     @property
     def transfer_id(self) -> str:
@@ -128,13 +131,27 @@ class TransferHandle:
         if on_progress is not None:
             on_progress(result)
         self._publish("done", event_of(result, self._planes.node))
-        await self._ctl_event(result)
+        if self.ctl_events:
+            await self._ctl_event(result)
         return result
 
     async def _ctl_event(self, stats: TransferStats) -> None:
         with contextlib.suppress(Exception):
             subject = subjects.ctl_event(self._planes.node, "transfer")
             await self._planes.ctl.publish(subject, encode(event_of(stats, self._planes.node)))
+
+
+async def image_digest(
+    src: str, *, length: int | None = None, size: int | None = None
+) -> tuple[str, int]:
+    """The sha256 of an image's contents (``"sha256:<hex>"``) and the bytes hashed: what
+    ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read."""
+    result = await core_call(lambda done: _core.image_digest(src, done, length=length, size=size))[
+        1
+    ]
+    assert isinstance(result, tuple)
+    digest, hashed = result
+    return str(digest), int(hashed)
 
 
 def resolve_state_dir(state_dir: str | None = None) -> Path:

@@ -26,3 +26,15 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``2h``, ``1d``."""
+    m = _DURATION.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"invalid {what} {text!r}: use a positive number with s, m, h or d")
+    return float(m.group(1)) * _SECONDS[(m.group(2) or "").lower()]

@@ -67,8 +67,10 @@ def start_nats(tmp_path: Path) -> Iterator[Callable[..., NatsServer]]:
     """Start nats-servers with the embedded default's config, or a changed max_payload."""
     servers: list[NatsServer] = []
 
-    def start(max_payload: int = 8 * MiB, host: str = "127.0.0.1", port: int = 0) -> NatsServer:
-        cfg = EmbeddedServer(host, max_payload=max_payload)
+    def start(
+        max_payload: int = 8 * MiB, host: str = "127.0.0.1", port: int = 0, jetstream: bool = False
+    ) -> NatsServer:
+        cfg = EmbeddedServer(host, max_payload=max_payload, jetstream=jetstream)
         cfg.port = port or free_port(host)
         conf = tmp_path / f"nats-{cfg.port}.conf"
         monitor = free_port()
@@ -265,3 +267,44 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
     assert len(lines) == 1, f"expected one line, got {lines!r}"
     assert lines[0].startswith("nbd-nats: error: "), lines[0]
     return lines[0]
+
+
+@dataclass
+class AgentProc:
+    node: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, as an init system stops it; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
+    """Start ``nbd-nats agent`` processes; each is up once it logs that it is."""
+    agents: list[AgentProc] = []
+
+    def start(node: str, url: str, *args: str, env: dict[str, str] | None = None) -> AgentProc:
+        log = tmp_path / f"agent-{node}-{len(agents)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [NBD_NATS, "agent", "--node", node, "--ctl-url", url, "--data-url", url, *args],
+                stdout=out, stderr=out, env=cli_env(env),
+            )  # fmt: skip
+        agent = AgentProc(node, proc, log)
+        agents.append(agent)
+        wait_for(lambda: " up on " in agent.text() or proc.poll() is not None, f"agent {node}")
+        assert proc.poll() is None, agent.text()
+        return agent
+
+    yield start
+    for a in agents:
+        if a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()

@@ -3,6 +3,7 @@
 
 pub mod checksum;
 pub mod conn;
+pub mod digest;
 pub mod error;
 pub mod extents;
 pub mod faults;

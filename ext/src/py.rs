@@ -298,7 +298,7 @@ fn start_recv(
     let subjects = subjects(subjects_);
     let target = dst.clone();
     // Streams cannot be resumed, so they keep no journal.
-    let streaming = dst == "-" || dst == "null:";
+    let streaming = dst == "-" || dst == "null:" || dst.starts_with(crate::io::PIPE);
     let journal = state_dir
         .filter(|_| !streaming)
         .map(|d| crate::journal::path_for(&d, &transfer_id));
@@ -318,6 +318,17 @@ fn start_recv(
         }
         .boxed_send()
     })
+}
+
+/// The sha256 of a source's first `length` bytes (default: all of it), as
+/// `done(True, ("sha256:<hex>", length))`. Holes are hashed as zeros without reading them.
+#[pyfunction]
+#[pyo3(signature = (src, done, *, length=None, size=None))]
+fn image_digest(src: String, done: Py<PyAny>, length: Option<u64>, size: Option<u64>) {
+    spawn(done, async move {
+        let source = open_source(&src, size).await?;
+        crate::digest::sha256(source, length).await
+    });
 }
 
 trait BoxedSend: Future + Send + Sized + 'static {
@@ -342,5 +353,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_function(wrap_pyfunction!(start_send, m)?)?;
     m.add_function(wrap_pyfunction!(start_recv, m)?)?;
+    m.add_function(wrap_pyfunction!(image_digest, m)?)?;
     Ok(())
 }

@@ -258,8 +258,15 @@ impl Receiver<'_> {
         match header.kind {
             Kind::Abort => {
                 let why = String::from_utf8_lossy(body);
+                // A cancelled sender says so in these words; its receiver ends cancelled
+                // too, rather than failed.
+                let code = if why == Error::Cancelled.to_string() {
+                    "cancelled"
+                } else {
+                    "aborted"
+                };
                 return Err(Error::Remote {
-                    code: "aborted".into(),
+                    code: code.into(),
                     message: format!("the sender gave up: {why}"),
                 });
             }

@@ -73,17 +73,32 @@ pub fn is_nbd_uri(spec: &str) -> bool {
     .any(|p| spec.starts_with(p))
 }
 
-/// Open a source: an NBD URI, `-` (stdin, needs `size`), or a file or block device.
+/// The prefix of a pipe endpoint (`pipe:PATH`): a FIFO or an inherited pipe, read or
+/// written as a stream in offset order.
+pub const PIPE: &str = "pipe:";
+
+/// Open a source: an NBD URI, `-` (stdin) or `pipe:PATH` (both need `size`), or a file or
+/// block device.
 pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source>> {
-    if spec == "-" {
+    if spec == "-" || spec.starts_with(PIPE) {
         let size = size.ok_or_else(|| {
-            Error::Usage("reading an image from stdin needs its size: pass --size BYTES".into())
+            Error::Usage(format!(
+                "reading an image from {spec} needs its size: pass --size BYTES"
+            ))
         })?;
-        return Ok(Arc::new(stdio::Stdin::open(size)));
+        let stream = match spec.strip_prefix(PIPE) {
+            Some(path) => {
+                let path = path.to_string();
+                blocking(move || stdio::Stream::open_pipe(&path, false)).await?
+            }
+            None => stdio::Stream::Std,
+        };
+        return Ok(Arc::new(stdio::Stdin::open(size, stream)));
     }
     if size.is_some() {
         return Err(Error::Usage(
-            "--size applies only to stdin ('-'); other sources know their size".into(),
+            "--size applies only to streams ('-', 'pipe:PATH'); other sources know their size"
+                .into(),
         ));
     }
     if is_nbd_uri(spec) {
@@ -98,10 +113,16 @@ pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source
         .map(|f| Arc::new(f) as Arc<dyn Source>)
 }
 
-/// Open a sink: an NBD URI, `-` (stdout), `null:` (discard), or a file or block device.
+/// Open a sink: an NBD URI, `-` (stdout), `pipe:PATH`, `null:` (discard), or a file or
+/// block device.
 pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
     if spec == "-" {
-        return Ok(Arc::new(stdio::Stdout::open()));
+        return Ok(Arc::new(stdio::Stdout::open(stdio::Stream::Std)));
+    }
+    if let Some(path) = spec.strip_prefix(PIPE) {
+        let path = path.to_string();
+        let stream = blocking(move || stdio::Stream::open_pipe(&path, true)).await?;
+        return Ok(Arc::new(stdio::Stdout::open(stream)));
     }
     if spec == "null:" {
         return Ok(Arc::new(null::Null));

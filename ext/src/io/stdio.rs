@@ -1,9 +1,11 @@
-//! stdin and stdout as raw image streams in offset order (for `restic`/`kopia` pipes).
+//! Raw image streams in offset order: stdin and stdout, and `pipe:PATH` (a FIFO or
+//! `/proc/self/fd/N`) for a backup tool's pipe that the agent holds.
 //!
 //! Each has one thread that serves requests strictly in the order they were made; an
 //! out-of-order request is a bug in the caller and fails loudly rather than scrambling data.
 
 use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 use std::thread;
 
@@ -33,27 +35,92 @@ fn call<T: Send + 'static, R: Send + 'static>(
     .boxed()
 }
 
+/// Where a stream goes or comes from: the process's own stdin/stdout, or a pipe opened by
+/// path. `name` is what error messages call it.
+pub enum Stream {
+    Std,
+    Pipe { path: String, fd: OwnedFd },
+}
+
+impl Stream {
+    /// Open `pipe:PATH` for reading or writing; it must be a FIFO or a pipe, not a file.
+    pub fn open_pipe(path: &str, write: bool) -> Result<Stream> {
+        use rustix::fs::{FileType, Mode, OFlags};
+        let flags = if write {
+            OFlags::WRONLY
+        } else {
+            OFlags::RDONLY
+        } | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(path, flags, Mode::empty())
+            .map_err(|e| Error::Endpoint(format!("cannot open pipe {path}: {e}")))?;
+        let stat =
+            rustix::fs::fstat(&fd).map_err(|e| Error::Endpoint(format!("pipe {path}: {e}")))?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::Fifo {
+            return Err(Error::Usage(format!(
+                "pipe:{path} is not a pipe or FIFO; name a file without 'pipe:'"
+            )));
+        }
+        Ok(Stream::Pipe {
+            path: path.to_string(),
+            fd,
+        })
+    }
+
+    fn name(&self, std: &str) -> String {
+        match self {
+            Stream::Std => std.to_string(),
+            Stream::Pipe { path, .. } => format!("pipe {path}"),
+        }
+    }
+}
+
+struct PipeReader<'a>(&'a OwnedFd);
+
+impl Read for PipeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        rustix::io::read(self.0, buf).map_err(std::io::Error::from)
+    }
+}
+
 pub struct Stdin {
     size: u64,
+    name: &'static str,
     tx: mpsc::Sender<(u64, usize, usize, Reply<BytesMut>)>,
 }
 
 impl Stdin {
-    pub fn open(size: u64) -> Stdin {
+    pub fn open(size: u64, stream: Stream) -> Stdin {
         let (tx, rx) = mpsc::channel::<(u64, usize, usize, Reply<BytesMut>)>();
+        let name = stream.name("stdin");
+        let label: &'static str = if matches!(stream, Stream::Std) {
+            "stdin"
+        } else {
+            "pipe"
+        };
         thread::spawn(move || {
-            let mut input = std::io::stdin().lock();
             let mut pos = 0u64;
-            for (offset, len, headroom, reply) in rx {
-                let _ = reply.send(read_next(&mut input, &mut pos, size, offset, len, headroom));
+            let serve = |input: &mut dyn Read| {
+                for (offset, len, headroom, reply) in rx {
+                    let r = read_next(input, &name, &mut pos, size, offset, len, headroom);
+                    let _ = reply.send(r);
+                }
+            };
+            match &stream {
+                Stream::Std => serve(&mut std::io::stdin().lock()),
+                Stream::Pipe { fd, .. } => serve(&mut PipeReader(fd)),
             }
         });
-        Stdin { size, tx }
+        Stdin {
+            size,
+            name: label,
+            tx,
+        }
     }
 }
 
 fn read_next(
-    input: &mut impl Read,
+    input: &mut dyn Read,
+    name: &str,
     pos: &mut u64,
     size: u64,
     offset: u64,
@@ -62,7 +129,7 @@ fn read_next(
 ) -> Result<BytesMut> {
     if offset != *pos {
         return Err(Error::Endpoint(format!(
-            "stdin read at {offset} but the stream is at {pos}"
+            "{name} read at {offset} but the stream is at {pos}"
         )));
     }
     let mut buf = BytesMut::zeroed(headroom + len);
@@ -71,13 +138,13 @@ fn read_next(
         match input.read(&mut buf[headroom + filled..]) {
             Ok(0) => {
                 return Err(Error::Endpoint(format!(
-                    "stdin ended after {} bytes but --size says {size}",
+                    "{name} ended after {} bytes but the size is {size}",
                     *pos + filled as u64
                 )))
             }
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Endpoint(format!("reading stdin: {e}"))),
+            Err(e) => return Err(Error::Endpoint(format!("reading {name}: {e}"))),
         }
     }
     *pos += len as u64;
@@ -85,7 +152,7 @@ fn read_next(
         let mut extra = [0u8; 1];
         if matches!(input.read(&mut extra), Ok(n) if n > 0) {
             return Err(Error::Endpoint(format!(
-                "stdin holds more than the {size} bytes --size gives"
+                "{name} holds more than the {size} bytes of the image"
             )));
         }
     }
@@ -107,7 +174,7 @@ impl Source for Stdin {
         len: usize,
         headroom: usize,
     ) -> BoxFuture<'static, Result<BytesMut>> {
-        call(&self.tx, |r| (offset, len, headroom, r), "stdin")
+        call(&self.tx, |r| (offset, len, headroom, r), self.name)
     }
 }
 
@@ -117,24 +184,35 @@ enum Out {
 }
 
 pub struct Stdout {
+    name: &'static str,
     tx: mpsc::Sender<Out>,
 }
 
 impl Stdout {
-    pub fn open() -> Stdout {
+    pub fn open(stream: Stream) -> Stdout {
         let (tx, rx) = mpsc::channel::<Out>();
+        let name = stream.name("stdout");
+        let label: &'static str = if matches!(stream, Stream::Std) {
+            "stdout"
+        } else {
+            "pipe"
+        };
         thread::spawn(move || {
-            let out = std::io::stdout();
+            let stdout = std::io::stdout();
+            let out = match &stream {
+                Stream::Std => stdout.as_fd(),
+                Stream::Pipe { fd, .. } => fd.as_fd(),
+            };
             let mut pos = 0u64;
             for req in rx {
                 match req {
                     Out::Write(offset, data, reply) => {
                         let r = if offset != pos {
                             Err(Error::Endpoint(format!(
-                                "stdout write at {offset} but the stream is at {pos}"
+                                "{name} write at {offset} but the stream is at {pos}"
                             )))
                         } else {
-                            write_all(&out, &data).map(|()| pos += data.len() as u64)
+                            write_all(out, &name, &data).map(|()| pos += data.len() as u64)
                         };
                         let _ = reply.send(r);
                     }
@@ -144,23 +222,22 @@ impl Stdout {
                 }
             }
         });
-        Stdout { tx }
+        Stdout { name: label, tx }
     }
 }
 
-/// Write straight to fd 1, past Rust's line buffering.
-fn write_all(out: &std::io::Stdout, mut data: &[u8]) -> Result<()> {
-    use std::os::fd::AsFd;
+/// Write straight to the descriptor, past Rust's line buffering.
+fn write_all(out: std::os::fd::BorrowedFd<'_>, name: &str, mut data: &[u8]) -> Result<()> {
     while !data.is_empty() {
-        match rustix::io::write(out.as_fd(), data) {
+        match rustix::io::write(out, data) {
             Ok(n) => data = &data[n..],
             Err(rustix::io::Errno::INTR) => {}
             Err(rustix::io::Errno::PIPE) => {
-                return Err(Error::Endpoint(
-                    "stdout was closed by the program reading it (broken pipe)".into(),
-                ))
+                return Err(Error::Endpoint(format!(
+                    "{name} was closed by the program reading it (broken pipe)"
+                )))
             }
-            Err(e) => return Err(Error::Endpoint(format!("writing stdout: {e}"))),
+            Err(e) => return Err(Error::Endpoint(format!("writing {name}: {e}"))),
         }
     }
     Ok(())
@@ -183,24 +260,24 @@ impl Sink for Stdout {
     }
 
     fn write(&self, offset: u64, data: Bytes) -> BoxFuture<'static, Result<()>> {
-        call(&self.tx, |r| Out::Write(offset, data, r), "stdout")
+        call(&self.tx, |r| Out::Write(offset, data, r), self.name)
     }
 
     fn zero(&self, offset: u64, len: u64, _trim: bool) -> BoxFuture<'static, Result<()>> {
         // A stream has no holes: zeros are written out.
-        let tx = self.tx.clone();
+        let (tx, name) = (self.tx.clone(), self.name);
         write_zeros(offset, len, move |at, piece| {
-            call(&tx, |r| Out::Write(at, piece, r), "stdout")
+            call(&tx, |r| Out::Write(at, piece, r), name)
         })
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<()>> {
-        call(&self.tx, Out::Flush, "stdout")
+        call(&self.tx, Out::Flush, self.name)
     }
 
     fn read(&self, _offset: u64, _len: usize) -> BoxFuture<'static, Result<Bytes>> {
         futures::future::ready(Err(Error::Usage(
-            "stdout cannot be read back; drop --verify".into(),
+            "a stream cannot be read back; drop --verify".into(),
         )))
         .boxed()
     }

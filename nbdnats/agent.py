@@ -1,0 +1,634 @@
+"""The node agent: one per host (VM host, bare-metal host, RAM-booted installer).
+
+It holds both planes, serves ``ctl.cmd.<node>.<op>`` and ``ctl.qry.<node>.<what>``,
+publishes ``ctl.evt.<node>.<kind>`` (and the core publishes ``data.evt.<transfer>.*``), and
+runs each accepted command as a job: one end of a transfer, with a backup tool or an
+approval check around it when the command asks for one.
+
+Lifecycle, as aiohttp's runner: ``start()`` connects, creates the event stream if missing,
+subscribes and announces; ``stop()`` stops taking commands, lets running jobs finish for
+``drain_timeout`` seconds, cancels the rest (telling their peers), reports every job's end,
+announces ``stopped`` and closes. SIGTERM and SIGINT call ``stop()``.
+
+Every command is checked before anything is opened: schema and version, idempotency key,
+role, allow-list (``nbdnats.policy``), approval (``nbdnats.approval``). A refusal is the
+reply's error and a ``ctl.evt.<node>.refused`` event; the agent carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from nbdnats import _core, events, subjects, tools
+from nbdnats.approval import TrustedKeys
+from nbdnats.errors import (
+    BusyError,
+    ConflictError,
+    IntegrityError,
+    NbdNatsError,
+    PolicyError,
+    SchemaError,
+    TransferCancelled,
+    UsageError,
+)
+from nbdnats.metrics import MetricsServer, Sample
+from nbdnats.planes import Planes
+from nbdnats.policy import Policy
+from nbdnats.schemas import (
+    COMMANDS,
+    QUERIES,
+    CancelCommand,
+    Command,
+    DigestQuery,
+    DigestReply,
+    NodeInfo,
+    ProvisionCommand,
+    RecvCommand,
+    RefusedEvent,
+    Reply,
+    Role,
+    SendCommand,
+    TransferEvent,
+    TransferList,
+    TransfersQuery,
+    decode,
+    encode,
+)
+from nbdnats.transfer import (
+    DEFAULT_TIMEOUT,
+    TransferHandle,
+    event_of,
+    image_digest,
+    start_recv,
+    start_send,
+)
+
+log = logging.getLogger("nbdnats.agent")
+
+ANNOUNCE_INTERVAL = 30.0  # seconds between announcements (NodeInfo.announce_interval)
+PROGRESS_INTERVAL = 1.0  # at most one progress event per job per this many seconds
+DRAIN_TIMEOUT = 30.0  # on SIGTERM, how long running jobs may take to finish
+KEEP_FINISHED = 256  # finished jobs kept for queries, metrics and idempotent replies
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    data_url: str | None = None
+    ctl_url: str | None = None
+    role: Role = "host"
+    allow: list[str] = field(default_factory=list)
+    exports: dict[str, str] = field(default_factory=dict)
+    trusted_keys: Path | None = None
+    metrics_addr: str | None = None
+    state_dir: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    announce_interval: float = ANNOUNCE_INTERVAL
+    progress_interval: float = PROGRESS_INTERVAL
+    drain_timeout: float = DRAIN_TIMEOUT
+
+
+@dataclass
+class Job:
+    """One accepted command: one end of a transfer, with whatever runs around it."""
+
+    op: str
+    role: str
+    transfer_id: str
+    key: str
+    endpoint: str
+    handle: TransferHandle | None = None
+    tool: tools.ToolRun | None = None
+    task: asyncio.Task[None] | None = None
+    approved_digest: str | None = None
+    final: TransferEvent | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def running(self) -> bool:
+        return self.final is None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.node = subjects.check_token(config.node, "node name")
+        self.policy = Policy(config.allow, config.exports)
+        self.trusted = TrustedKeys(config.trusted_keys) if config.trusted_keys else None
+        if config.role == "installer" and self.trusted is None:
+            raise UsageError("--role installer needs --trusted-keys DIR (the approvers' keys)")
+        for name in config.exports:
+            subjects.check_token(name, "export name")
+        self.planes: Planes | None = None
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self._keys: dict[str, tuple[str, asyncio.Future[Reply]]] = {}
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handling: set[asyncio.Task[None]] = set()
+        self._state = "up"
+        self._started = dt.datetime.now(dt.UTC)
+        self._stopped = asyncio.Event()
+        self._counts: dict[tuple[str, str], int] = {}
+        self._results: dict[str, int] = {}
+        self.metrics = (
+            MetricsServer(config.metrics_addr, self._samples) if config.metrics_addr else None
+        )
+        self.stream_problem: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.planes = await Planes.connect(self.config.data_url, self.config.ctl_url, self.node)
+        ctl = self.planes.ctl
+        self.stream_problem = await events.ensure_stream(ctl)
+        if self.stream_problem:
+            log.warning("events are not stored: %s", self.stream_problem)
+        if self.metrics:
+            await self.metrics.start()
+        # Each message is handled in a task of its own: nats-py runs a subscription's
+        # callbacks one at a time, and a digest query or a tool's start may take a while.
+        self._subs = [
+            await ctl.subscribe(subjects.ctl_commands(self.node), cb=self._spawn(self._on_command)),
+            await ctl.subscribe(subjects.ctl_queries(self.node), cb=self._spawn(self._on_query)),
+        ]
+        await self._announce()
+        self._tasks = [
+            asyncio.create_task(self._every(self.config.announce_interval, self._announce)),
+            asyncio.create_task(self._every(self.config.progress_interval, self._progress)),
+        ]
+        log.info(
+            "agent %s (%s) up on ctl %s, data %s%s",
+            self.node,
+            self.config.role,
+            ctl.connected_url.netloc if ctl.connected_url else "?",
+            self.planes.data.servers,
+            f", metrics on {self.metrics.host}:{self.metrics.port}" if self.metrics else "",
+        )
+
+    def _spawn(self, handler: Any) -> Any:
+        async def dispatch(msg: Msg) -> None:
+            task = asyncio.create_task(handler(msg))
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
+
+        return dispatch
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop taking commands, drain or cancel running jobs, report them, close."""
+        if self._state != "up" or self.planes is None:
+            return
+        self._state = "stopping"
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        await self._announce()
+        running = [j.task for j in self.jobs.values() if j.running and j.task]
+        if running:
+            grace = self.config.drain_timeout if drain_timeout is None else drain_timeout
+            log.info("draining %d running job(s) for up to %.0f s", len(running), grace)
+            _, late = await asyncio.wait(running, timeout=grace)
+            for job in self.jobs.values():
+                if job.running and job.handle is not None:
+                    job.handle.cancel()
+            if late:
+                await asyncio.wait(late, timeout=60)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._state = "stopped"
+        await self._announce()
+        if self.metrics:
+            await self.metrics.stop()
+        await self.planes.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def _every(self, interval: float, work: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await work()
+
+    # -- announcements and events ----------------------------------------------------------
+
+    def info(self) -> NodeInfo:
+        caps = ["send", "recv", "digest", "restic", "kopia", "pipe"]
+        if self.trusted is not None:
+            caps.append("provision")
+        if self.metrics is not None:
+            caps.append("metrics")
+        if self.config.role == "installer":
+            caps.remove("recv")
+        return NodeInfo(
+            node=self.node,
+            version=_core.__version__,
+            role=self.config.role,
+            state=self._state,  # type: ignore[arg-type]
+            capabilities=caps,
+            exports=dict(self.config.exports),
+            started=self._started,
+            at=dt.datetime.now(dt.UTC),
+            running=sum(j.running for j in self.jobs.values()),
+            announce_interval=self.config.announce_interval,
+        )
+
+    async def _publish(self, kind: str, payload: bytes) -> None:
+        assert self.planes is not None
+        with contextlib.suppress(Exception):
+            await self.planes.ctl.publish(subjects.ctl_event(self.node, kind), payload)
+
+    async def _announce(self) -> None:
+        await self._publish("announce", encode(self.info()))
+
+    def _event(self, job: Job, state: str | None = None, **extra: Any) -> TransferEvent:
+        context = {
+            "op": job.op,
+            "key": job.key,
+            "endpoint": job.endpoint,
+            "tool": job.tool.name if job.tool else None,
+            **extra,
+        }
+        if job.handle is not None:
+            ev = event_of(job.handle.stats(), self.node, **context)
+            return ev if state is None else _with_state(ev, state)
+        return TransferEvent(
+            transfer_id=job.transfer_id,
+            node=self.node,
+            role=job.role,
+            state=state or "accepted",
+            **context,
+        )
+
+    async def _progress(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.running and job.handle is not None and not job.handle.done():
+                await self._publish("transfer", encode(self._event(job, "running")))
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        op = msg.subject.rsplit(".", 1)[-1]
+        cmd: Any = None
+        try:
+            cls = COMMANDS.get(op)
+            if cls is None:
+                raise SchemaError(
+                    f"unknown command {op!r}; this agent serves {', '.join(COMMANDS)}"
+                )
+            cmd = decode(cls, msg.data, f"{op} command")
+            if isinstance(cmd, CancelCommand):
+                reply = self._cancel(cmd)
+            else:
+                reply = await self._once(op, cmd)
+        except NbdNatsError as e:
+            reply = Reply(ok=False, code=e.code, error=str(e))
+        except Exception as e:  # a bug must not take the agent down; report it
+            log.exception("command %s failed", op)
+            reply = Reply(ok=False, code="error", error=f"agent error: {type(e).__name__}: {e}")
+        self._count(op, "ok" if reply.ok else (reply.code or "error"))
+        if not reply.ok:
+            log.info("refused %s: %s", op, reply.error)
+            await self._publish(
+                "refused",
+                encode(
+                    RefusedEvent(
+                        node=self.node,
+                        op=op,
+                        key=getattr(cmd, "key", None),
+                        transfer_id=getattr(cmd, "transfer_id", None),
+                        code=reply.code or "error",
+                        error=reply.error or "",
+                    )
+                ),
+            )
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(encode(reply))
+
+    async def _once(self, op: str, cmd: Command) -> Reply:
+        """Run a command once per idempotency key: a retry gets the first reply."""
+        if not cmd.key:
+            raise SchemaError(f"{op} command has no idempotency key ('key')")
+        subjects.check_token(cmd.transfer_id, "transfer id")
+        fingerprint = hashlib.sha256(op.encode() + b"\0" + encode(cmd)).hexdigest()
+        if cmd.key in self._keys:
+            first, pending = self._keys[cmd.key]
+            if first != fingerprint:
+                raise ConflictError(
+                    f"idempotency key {cmd.key} was used for a different command; "
+                    "use a new key for a new command"
+                )
+            return await asyncio.shield(pending)
+        if self._state != "up":
+            raise BusyError(f"agent {self.node} is shutting down")
+        existing = self.jobs.get(cmd.transfer_id)
+        if existing is not None and existing.running:
+            raise BusyError(f"transfer {cmd.transfer_id} is already running on {self.node}")
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._keys[cmd.key] = (fingerprint, future)
+        try:
+            reply = await self._start(op, cmd)
+        except BaseException as e:
+            del self._keys[cmd.key]  # a refusal is decided again on retry
+            future.set_exception(e if isinstance(e, Exception) else RuntimeError(str(e)))
+            future.exception()  # retrieved: duplicates waiting on it re-raise it
+            raise
+        future.set_result(reply)
+        return reply
+
+    async def _start(self, op: str, cmd: Command) -> Reply:
+        if isinstance(cmd, SendCommand):
+            job = await self._start_send(cmd)
+        elif isinstance(cmd, RecvCommand):
+            job = await self._start_recv(cmd)
+        elif isinstance(cmd, ProvisionCommand):
+            job = await self._start_provision(cmd)
+        else:  # pragma: no cover - COMMANDS and this dispatch are kept together
+            raise SchemaError(f"unknown command {op!r}")
+        self.jobs[job.transfer_id] = job
+        self.jobs.move_to_end(job.transfer_id)
+        self._trim()
+        job.task = asyncio.create_task(self._watch(job))
+        log.info("accepted %s %s (%s)", op, job.transfer_id, job.endpoint)
+        await self._publish("transfer", encode(self._event(job, "accepted")))
+        return Reply(ok=True, transfer_id=job.transfer_id)
+
+    def _options(self, cmd: SendCommand | RecvCommand | ProvisionCommand) -> dict[str, Any]:
+        o = cmd.options
+        return {
+            "window": o.window or _core.DEFAULT_WINDOW,
+            "timeout": DEFAULT_TIMEOUT if o.timeout is None else o.timeout,
+            "verify": o.verify,
+        }
+
+    async def _start_send(self, cmd: SendCommand) -> Job:
+        assert self.planes is not None
+        if (cmd.src is None) == (cmd.tool is None):
+            raise SchemaError("send command needs exactly one of 'src' and 'tool'")
+        run: tools.ToolRun | None = None
+        size: int | None = None
+        if cmd.src is not None:
+            endpoint = self.policy.endpoint(cmd.src)
+            shown = cmd.src
+            if cmd.size is not None:
+                raise SchemaError("'size' applies only to a tool's output")
+        else:
+            assert cmd.tool is not None
+            argv = tools.restore_argv(cmd.tool, self.policy)
+            size = cmd.size
+            if size is None:
+                size = await tools.image_size(cmd.tool, self.policy, self._env())
+            run = await tools.ToolRun.start(argv, "restore", self._env())
+            endpoint, shown = run.endpoint, " ".join(argv)
+        try:
+            handle = await start_send(
+                endpoint,
+                transfer_id=cmd.transfer_id,
+                planes=self.planes,
+                size=size,
+                chunk_size=cmd.chunk_size,
+                **self._options(cmd),
+            )
+        except BaseException:
+            if run is not None:
+                await run.abort()
+            raise
+        handle.ctl_events = False
+        return Job("send", "send", cmd.transfer_id, cmd.key, shown, handle, run)
+
+    async def _start_recv(self, cmd: RecvCommand) -> Job:
+        assert self.planes is not None
+        if self.config.role == "installer":
+            raise PolicyError(
+                f"{self.node} is an installer: it writes its disks only through 'provision' "
+                "with a signed approval"
+            )
+        if (cmd.dst is None) == (cmd.tool is None):
+            raise SchemaError("recv command needs exactly one of 'dst' and 'tool'")
+        run: tools.ToolRun | None = None
+        if cmd.dst is not None:
+            endpoint = shown = self.policy.endpoint(cmd.dst)
+            shown = cmd.dst
+        else:
+            assert cmd.tool is not None
+            tags = ["nbdnats", f"transfer={cmd.transfer_id}"]
+            argv = tools.backup_argv(cmd.tool, self.policy, tags)
+            run = await tools.ToolRun.start(argv, "backup", self._env())
+            endpoint, shown = run.endpoint, " ".join(argv)
+        try:
+            handle = await start_recv(
+                endpoint,
+                transfer_id=cmd.transfer_id,
+                planes=self.planes,
+                target_is_zero=cmd.target_is_zero,
+                state_dir=self.config.state_dir,
+                **self._options(cmd),
+            )
+        except BaseException:
+            if run is not None:
+                await run.abort()
+            raise
+        handle.ctl_events = False
+        return Job("recv", "recv", cmd.transfer_id, cmd.key, shown, handle, run)
+
+    async def _start_provision(self, cmd: ProvisionCommand) -> Job:
+        assert self.planes is not None
+        if self.trusted is None:
+            raise PolicyError(
+                f"{self.node} has no --trusted-keys: it accepts no provisioning approvals"
+            )
+        device = self.policy.path(cmd.device, "device")
+        self.trusted.verify(
+            cmd.approval, node=self.node, device=device, image_digest=cmd.image_digest
+        )
+        handle = await start_recv(
+            device,
+            transfer_id=cmd.transfer_id,
+            planes=self.planes,
+            state_dir=self.config.state_dir,
+            **self._options(cmd),
+        )
+        handle.ctl_events = False
+        job = Job("provision", "recv", cmd.transfer_id, cmd.key, cmd.device, handle)
+        job.approved_digest = cmd.approval.image_digest
+        return job
+
+    def _cancel(self, cmd: CancelCommand) -> Reply:
+        job = self.jobs.get(cmd.transfer_id)
+        if job is None or not job.running:
+            state = "finished" if job else "unknown"
+            return Reply(
+                ok=False,
+                transfer_id=cmd.transfer_id,
+                code="usage",
+                error=f"no running transfer {cmd.transfer_id} on {self.node} ({state})",
+            )
+        if job.handle is not None:
+            job.handle.cancel()
+        return Reply(ok=True, transfer_id=cmd.transfer_id)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.config.env}
+
+    # -- running jobs ----------------------------------------------------------------------
+
+    async def _watch(self, job: Job) -> None:
+        """Wait for a job's end, finish or stop its tool, check its digest, report once."""
+        assert job.handle is not None
+        extra: dict[str, Any] = {}
+        try:
+            stats = await job.handle.wait()
+            if job.tool is not None:
+                extra["tool_output"] = await job.tool.finish()
+            if job.approved_digest is not None:
+                extra["image_digest"] = await self._read_back(job, stats.size)
+            state = "done"
+        except NbdNatsError as e:
+            cause = await job.tool.abort() if job.tool is not None else None
+            state = "cancelled" if isinstance(e, TransferCancelled) else "failed"
+            extra |= {"error_code": e.code, "error": cause or str(e)}
+        except Exception as e:  # report, never leave a job half-reported
+            log.exception("job %s failed", job.transfer_id)
+            if job.tool is not None:
+                await job.tool.abort()
+            state, extra = "failed", {"error_code": "error", "error": f"agent error: {e}"}
+        job.final = self._event(job, state, **extra)
+        self._results[state] = self._results.get(state, 0) + 1
+        log.info(
+            "%s %s %s%s",
+            job.op,
+            job.transfer_id,
+            state,
+            f": {extra['error']}" if "error" in extra else "",
+        )
+        await self._publish("transfer", encode(job.final))
+
+    async def _read_back(self, job: Job, size: int) -> str:
+        """Read the written image back from the device (not the page cache) and compare."""
+        path = job.endpoint
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        digest, _ = await image_digest(self.policy.path(path, "device"), length=size)
+        if digest != job.approved_digest:
+            raise IntegrityError(
+                f"{path} reads back as {digest}, not the approved {job.approved_digest}"
+            )
+        return digest
+
+    def _trim(self) -> None:
+        finished = [k for k, j in self.jobs.items() if not j.running]
+        for k in finished[: max(0, len(self.jobs) - KEEP_FINISHED)]:
+            job = self.jobs.pop(k)
+            self._keys.pop(job.key, None)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def _on_query(self, msg: Msg) -> None:
+        what = msg.subject.rsplit(".", 1)[-1]
+        try:
+            cls = QUERIES.get(what)
+            if cls is None:
+                raise SchemaError(
+                    f"unknown query {what!r}; this agent answers {', '.join(QUERIES)}"
+                )
+            query = decode(cls, msg.data or b"{}", f"{what} query")
+            if isinstance(query, TransfersQuery):
+                payload = encode(self._transfers(query.transfer_id))
+            elif isinstance(query, DigestQuery):
+                payload = encode(await self._digest(query))
+            else:
+                payload = encode(self.info())
+        except NbdNatsError as e:
+            payload = encode(Reply(ok=False, code=e.code, error=str(e)))
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(payload)
+
+    def _transfers(self, transfer_id: str | None) -> TransferList:
+        jobs = [j for j in self.jobs.values() if transfer_id in (None, j.transfer_id)]
+        return TransferList(transfers=[j.final or self._event(j, "running") for j in jobs])
+
+    async def _digest(self, query: DigestQuery) -> DigestReply:
+        try:
+            digest, size = await image_digest(self.policy.endpoint(query.src))
+        except NbdNatsError as e:
+            return DigestReply(ok=False, code=e.code, error=str(e))
+        return DigestReply(ok=True, digest=digest, size=size)
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def _count(self, op: str, result: str) -> None:
+        self._counts[(op, result)] = self._counts.get((op, result), 0) + 1
+
+    def _samples(self) -> Iterable[Sample]:
+        yield ("nbdnats_agent_info", {"node": self.node, "role": self.config.role,
+               "version": _core.__version__}, 1)  # fmt: skip
+        for job in self.jobs.values():
+            if job.handle is None:
+                continue
+            s = job.handle.stats()
+            labels = {"transfer": job.transfer_id, "op": job.op, "role": job.role}
+            failed = 1 if job.final is not None and job.final.state == "failed" else 0
+            yield ("nbdnats_transfer_bytes", labels, s.done_bytes)
+            yield ("nbdnats_transfer_size_bytes", labels, s.size)
+            yield ("nbdnats_transfer_rate_bytes_per_second", labels, s.mb_per_s * 1e6)
+            yield ("nbdnats_transfer_retransmits_total", labels, s.retransmits)
+            yield (
+                "nbdnats_transfer_errors_total",
+                labels,
+                s.bad_frames + s.corrupt_frames + failed,
+            )
+            yield ("nbdnats_transfer_running", labels, 1 if job.running else 0)
+        for result, n in sorted(self._results.items()):
+            yield ("nbdnats_transfers_total", {"result": result}, n)
+        for (op, result), n in sorted(self._counts.items()):
+            yield ("nbdnats_commands_total", {"op": op, "result": result}, n)
+
+
+def _with_state(event: TransferEvent, state: str) -> TransferEvent:
+    import msgspec
+
+    return msgspec.structs.replace(event, state=state)
+
+
+async def run_agent(config: AgentConfig) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully."""
+    import signal
+
+    agent = Agent(config)
+    await agent.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        if not stopping:
+            stopping.append(asyncio.create_task(agent.stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await agent.wait_stopped()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,425 @@
+"""The controller API: drive agents over the ctl plane.
+
+    async with await Controller.connect("nats://ctl:4222") as c:
+        await c.nodes()
+        result = await c.copy(src=("a", "vm1"), dst=("b", "/dev/sdb"))
+        await c.backup(("a", "vm1"), "b", Tool(kind="restic", repo="/backups/repo"))
+        async for event in c.events():
+            ...
+
+An operation is two commands, each with an idempotency key: the receiving end first, then
+the sending end. A command that gets no answer is sent again with the same key, so a lost
+reply never starts a second transfer. The operation then follows both agents' transfer
+events; if they go quiet it asks the agents directly, so a lost event is not a hang. When one
+end fails, the other is cancelled and the first real cause is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+
+from nbdnats import events, subjects
+from nbdnats.errors import (
+    NbdNatsError,
+    TransferCancelled,
+    TransferError,
+    TransferTimeout,
+    UsageError,
+    from_code,
+)
+from nbdnats.planes import connect_ctl, resolve_urls
+from nbdnats.schemas import (
+    Approval,
+    CancelCommand,
+    Command,
+    DigestQuery,
+    DigestReply,
+    InfoQuery,
+    Message,
+    NodeInfo,
+    ProvisionCommand,
+    RecvCommand,
+    Reply,
+    SendCommand,
+    Tool,
+    TransferEvent,
+    TransferList,
+    TransferOptions,
+    TransfersQuery,
+    encode,
+)
+from nbdnats.transfer import new_transfer_id
+
+REQUEST_TIMEOUT = 10.0  # per attempt
+ATTEMPTS = 3
+QUIET = 5.0  # no event for this long: ask the agents how the transfer is doing
+DIGEST_TIMEOUT = 3600.0  # hashing an image reads all of it
+TERMINAL = ("done", "failed", "cancelled")
+
+M = TypeVar("M", bound=msgspec.Struct)
+Endpoint = tuple[str, str]
+EventCallback = Callable[[TransferEvent], None]
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """``NODE:SRC`` -> (node, src); SRC may itself contain colons (URIs)."""
+    node, sep, rest = text.partition(":")
+    if not sep or not rest or rest.startswith("//"):
+        raise UsageError(f"endpoint {text!r} must be NODE:PATH, NODE:EXPORT or NODE:URI")
+    return subjects.check_token(node, "node name"), rest
+
+
+@dataclass
+class OperationResult:
+    """Both ends of a finished operation, as their agents reported them."""
+
+    transfer_id: str
+    sender: TransferEvent
+    receiver: TransferEvent
+
+    @property
+    def ok(self) -> bool:
+        return self.sender.state == self.receiver.state == "done"
+
+
+class Controller:
+    def __init__(self, nc: Client, *, request_timeout: float = REQUEST_TIMEOUT) -> None:
+        self.nc = nc
+        self.request_timeout = request_timeout
+
+    @classmethod
+    async def connect(cls, ctl_url: str | None = None, **kw: Any) -> Controller:
+        _, url = resolve_urls(None, ctl_url)
+        nc = await connect_ctl(url, "nbd-nats controller")
+        controller = cls(nc, **kw)
+        await events.ensure_stream(nc)
+        return controller
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Controller:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _request(
+        self, subject: str, msg: Message, reply_type: type[M], *, timeout: float | None = None
+    ) -> M:
+        """Request with retries (same bytes, so the same idempotency key)."""
+        node = subject.split(".")[2]
+        timeout = timeout or self.request_timeout
+        for attempt in range(ATTEMPTS):
+            try:
+                resp = await self.nc.request(subject, encode(msg), timeout=timeout)
+                break
+            except nats.errors.NoRespondersError:
+                raise UsageError(
+                    f"no agent answers for node {node!r} (see: nbd-nats ctl nodes)"
+                ) from None
+            except nats.errors.TimeoutError:
+                if attempt == ATTEMPTS - 1:
+                    raise TransferTimeout(
+                        f"node {node} did not answer {subject} in {timeout:.0f} s "
+                        f"({ATTEMPTS} tries)"
+                    ) from None
+        try:
+            reply = msgspec.json.decode(resp.data, type=reply_type)
+        except msgspec.ValidationError:
+            err = msgspec.json.decode(resp.data, type=Reply)
+            raise from_code(err.code or "error", f"{node}: {err.error}") from None
+        if isinstance(reply, (Reply, DigestReply)) and not reply.ok:
+            raise from_code(reply.code or "error", f"{node}: {reply.error}")
+        return reply
+
+    async def _command(self, node: str, op: str, cmd: Message) -> Reply:
+        return await self._request(subjects.ctl_command(node, op), cmd, Reply)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def nodes(self, *, include_stopped: bool = False) -> list[NodeInfo]:
+        """Each node's last announcement (from the event stream), by name."""
+        found: dict[str, NodeInfo] = {}
+        async for ev in events.read(
+            self.nc, subject=subjects.ctl_events("announce"), last_per_subject=True, follow=False
+        ):
+            with contextlib.suppress(msgspec.ValidationError):
+                info = msgspec.convert(ev.data, NodeInfo)
+                if include_stopped or info.state != "stopped":
+                    found[info.node] = info
+        return [found[k] for k in sorted(found)]
+
+    async def info(self, node: str) -> NodeInfo:
+        return await self._request(subjects.ctl_query(node, "info"), InfoQuery(), NodeInfo)
+
+    async def transfers(self, nodes: list[str] | None = None) -> list[TransferEvent]:
+        """Running and recently finished transfers of the given nodes (default: all up)."""
+        names = nodes or [n.node for n in await self.nodes()]
+        out: list[TransferEvent] = []
+        for node in names:
+            with contextlib.suppress(NbdNatsError):
+                lst = await self._request(
+                    subjects.ctl_query(node, "transfers"), TransfersQuery(), TransferList
+                )
+                out += lst.transfers
+        return out
+
+    async def digest(self, node: str, src: str) -> tuple[str, int]:
+        reply = await self._request(
+            subjects.ctl_query(node, "digest"), DigestQuery(src=src), DigestReply,
+            timeout=DIGEST_TIMEOUT,
+        )  # fmt: skip
+        assert reply.digest is not None and reply.size is not None
+        return reply.digest, reply.size
+
+    async def cancel(self, transfer_id: str, nodes: list[str] | None = None) -> list[str]:
+        """Cancel a transfer wherever it runs; returns the nodes that had it running."""
+        names = nodes or [n.node for n in await self.nodes()]
+        cancelled = []
+        for node in names:
+            with contextlib.suppress(NbdNatsError):
+                await self._command(node, "cancel", CancelCommand(transfer_id=transfer_id))
+                cancelled.append(node)
+        if not cancelled:
+            raise UsageError(f"no node runs transfer {transfer_id} (see: nbd-nats ctl transfers)")
+        return cancelled
+
+    async def events(
+        self,
+        *,
+        since_seq: int | None = None,
+        since: dt.datetime | None = None,
+        node: str = "*",
+        kind: str = "*",
+        follow: bool = True,
+    ) -> AsyncIterator[events.Event]:
+        """Events as they happen, or from a stream sequence or time on (what a controller
+        that was away missed)."""
+        everything = (node, kind) == ("*", "*")
+        async for ev in events.read(
+            self.nc,
+            subject=subjects.ALL_CTL_EVENTS if everything else subjects.ctl_events(kind, node),
+            since_seq=since_seq,
+            since_time=since,
+            follow=follow,
+        ):
+            yield ev
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def copy(
+        self,
+        src: Endpoint,
+        dst: Endpoint,
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: bool = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str:
+        """Copy a disk from one node to another (VM<->VM, VM<->bare metal, ...)."""
+        tid, key = self._ids(transfer_id)
+        opts = options or TransferOptions()
+        recv = RecvCommand(key=key, transfer_id=tid, dst=dst[1], target_is_zero=target_is_zero,
+                           options=opts)  # fmt: skip
+        send = SendCommand(key=key, transfer_id=tid, src=src[1], chunk_size=chunk_size,
+                           options=opts)  # fmt: skip
+        return await self._pair(src[0], send, dst[0], recv, wait, on_event)
+
+    async def backup(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: bool = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str:
+        """Stream a disk of one node into a backup tool on ``node``, stored as disk.img."""
+        tid, key = self._ids(transfer_id)
+        opts = options or TransferOptions()
+        recv = RecvCommand(key=key, transfer_id=tid, tool=tool, options=opts)
+        send = SendCommand(key=key, transfer_id=tid, src=src[1], options=opts)
+        return await self._pair(src[0], send, node, recv, wait, on_event)
+
+    async def restore(
+        self,
+        node: str,
+        dst: Endpoint,
+        tool: Tool,
+        *,
+        size: int | None = None,
+        transfer_id: str | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: bool = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str:
+        """Stream a backup tool's image on ``node`` back into a target."""
+        tid, key = self._ids(transfer_id)
+        opts = options or TransferOptions()
+        recv = RecvCommand(key=key, transfer_id=tid, dst=dst[1], target_is_zero=target_is_zero,
+                           options=opts)  # fmt: skip
+        send = SendCommand(key=key, transfer_id=tid, tool=tool, size=size, options=opts)
+        return await self._pair(node, send, dst[0], recv, wait, on_event)
+
+    async def provision(
+        self,
+        src: Endpoint,
+        dst: Endpoint,
+        approval: Approval,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: bool = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str:
+        """Write an image onto an installer's device under a signed approval. The source's
+        digest is asked first, so the installer can refuse before a byte is written."""
+        tid, key = self._ids(transfer_id)
+        opts = options or TransferOptions()
+        digest, size = await self.digest(*src)
+        recv = ProvisionCommand(
+            key=key, transfer_id=tid, device=dst[1], approval=approval, image_digest=digest,
+            size=size, options=opts,
+        )  # fmt: skip
+        send = SendCommand(key=key, transfer_id=tid, src=src[1], options=opts)
+        return await self._pair(src[0], send, dst[0], recv, wait, on_event)
+
+    # -- the two ends ----------------------------------------------------------------------
+
+    @staticmethod
+    def _ids(transfer_id: str | None) -> tuple[str, str]:
+        tid = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
+        return tid, uuid.uuid4().hex
+
+    async def _pair(
+        self,
+        snode: str,
+        send: SendCommand,
+        rnode: str,
+        recv: Command,
+        wait: bool,
+        on_event: EventCallback | None,
+    ) -> OperationResult | str:
+        tid = send.transfer_id
+        queue: asyncio.Queue[TransferEvent] = asyncio.Queue()
+
+        async def collect(msg: Any) -> None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                ev = msgspec.json.decode(msg.data, type=TransferEvent)
+                if ev.transfer_id == tid:
+                    queue.put_nowait(ev)
+
+        subs = [
+            await self.nc.subscribe(subjects.ctl_event(n, "transfer"), cb=collect)
+            for n in dict.fromkeys((snode, rnode))
+        ]
+        try:
+            recv_op = "provision" if isinstance(recv, ProvisionCommand) else "recv"
+            await self._command(rnode, recv_op, recv)
+            try:
+                await self._command(snode, "send", send)
+            except BaseException:
+                with contextlib.suppress(NbdNatsError):
+                    await self._command(rnode, "cancel", CancelCommand(transfer_id=tid))
+                raise
+            if not wait:
+                return tid
+            return await self._follow(tid, snode, rnode, queue, on_event)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.cancel(tid, [snode, rnode]))
+            raise
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _follow(
+        self,
+        tid: str,
+        snode: str,
+        rnode: str,
+        queue: asyncio.Queue[TransferEvent],
+        on_event: EventCallback | None,
+    ) -> OperationResult:
+        final: dict[str, TransferEvent] = {}  # by role
+        ends = {"send": snode, "recv": rnode}
+        cancelled_other = False
+        while len(final) < 2:
+            try:
+                ev = await asyncio.wait_for(queue.get(), QUIET)
+                found = [ev]
+            except TimeoutError:
+                found = await self._ask(tid, ends, final)
+            for ev in found:
+                if ev.role not in ends or ev.node != ends[ev.role] or ev.role in final:
+                    continue
+                if on_event is not None:
+                    on_event(ev)
+                if ev.state in TERMINAL:
+                    final[ev.role] = ev
+            failed = [e for e in final.values() if e.state != "done"]
+            if failed and not cancelled_other:
+                cancelled_other = True
+                for role, node in ends.items():
+                    if role not in final:
+                        with contextlib.suppress(NbdNatsError):
+                            await self._command(node, "cancel", CancelCommand(transfer_id=tid))
+        result = OperationResult(tid, final["send"], final["recv"])
+        if not result.ok:
+            raise _cause(result)
+        return result
+
+    async def _ask(
+        self, tid: str, ends: dict[str, str], final: dict[str, TransferEvent]
+    ) -> list[TransferEvent]:
+        """Events went quiet: ask each unfinished end directly."""
+        found: list[TransferEvent] = []
+        for role, node in ends.items():
+            if role in final:
+                continue
+            lst = await self._request(
+                subjects.ctl_query(node, "transfers"), TransfersQuery(transfer_id=tid),
+                TransferList,
+            )  # fmt: skip
+            mine = [e for e in lst.transfers if e.role == role]
+            if not mine:
+                raise TransferError(
+                    f"node {node} no longer knows transfer {tid} (its agent restarted?)"
+                )
+            found += mine
+        return found
+
+
+def _cause(result: OperationResult) -> NbdNatsError:
+    """The first real failure of two ends: a peer's cancellation is only a consequence."""
+    ends = [result.sender, result.receiver]
+    failed = [e for e in ends if e.state == "failed"] or [e for e in ends if e.state != "done"]
+    ev = failed[0]
+    err = from_code(ev.error_code or "error", f"{ev.node}: {ev.error or ev.state}")
+    if ev.state == "cancelled" and not isinstance(err, TransferCancelled):
+        return TransferCancelled(f"{ev.node}: {ev.error or 'cancelled'}")
+    return err
