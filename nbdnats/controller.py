@@ -415,10 +415,12 @@ class Controller:
 
 
 def _cause(result: OperationResult) -> NbdNatsError:
-    """The first real failure of two ends: a peer's cancellation is only a consequence."""
+    """The real failure of two ends: a peer's cancellation, or an error that only relays
+    the peer's ("peer: ..."), is a consequence."""
     ends = [result.sender, result.receiver]
     failed = [e for e in ends if e.state == "failed"] or [e for e in ends if e.state != "done"]
-    ev = failed[0]
+    own = [e for e in failed if not (e.error or "").startswith("peer: ")]
+    ev = (own or failed)[0]
     err = from_code(ev.error_code or "error", f"{ev.node}: {ev.error or ev.state}")
     if ev.state == "cancelled" and not isinstance(err, TransferCancelled):
         return TransferCancelled(f"{ev.node}: {ev.error or 'cancelled'}")

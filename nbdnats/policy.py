@@ -47,12 +47,14 @@ class Policy:
         """An allowed absolute path, resolved; ``PolicyError`` otherwise."""
         if not path.startswith("/"):
             raise PolicyError(f"{what} {path!r} is not an absolute path; name it in full")
+        real = os.path.realpath(path)
         if not self._path_allowed(path):
+            shown = path if real == path else f"{path} (that is {real})"
             raise PolicyError(
-                f"{what} {path} is outside this agent's allow-list; "
+                f"{what} {shown} is outside this agent's allow-list; "
                 "start the agent with --allow covering it"
             )
-        return os.path.realpath(path)
+        return real
 
     def endpoint(self, spec: str) -> str:
         """The core endpoint for what a command named, once allowed."""

@@ -1,0 +1,387 @@
+"""Operations through agents: backup and restore with real restic (kopia when installed) and
+with pipes, provisioning under signed approvals, and every refusal: allow-list, role,
+approval, schema, unknown op, repeated idempotency key."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+
+from nbdnats import subjects
+from nbdnats.approval import load_private, sign
+from nbdnats.schemas import SCHEMA_VERSION, RecvCommand, encode
+from tests.conftest import (
+    AgentProc,
+    MiB,
+    NatsServer,
+    make_image,
+    one_line_error,
+    run_cli,
+    sha256_file,
+    start_cli,
+    throttled_nbd,
+    wait_for,
+)
+
+RESTIC_ENV = {"RESTIC_PASSWORD": "agent-secret"}
+
+
+def ctl(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return run_cli("ctl", "--ctl-url", url, *args)
+
+
+def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def events(url: str, kind: str) -> list[dict[str, object]]:
+    out = ok(ctl(url, "--json", "events", "--all", "--no-follow", "--kind", kind))
+    return [json.loads(x)["data"] for x in out.splitlines()]
+
+
+@pytest.fixture
+def url(start_nats: Callable[..., NatsServer]) -> str:
+    return start_nats(jetstream=True).url
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> tuple[Path, str]:
+    src = tmp_path / "disks" / "vm1.raw"
+    src.parent.mkdir()
+    return src, make_image(src, 20 * MiB + 4096, [(0, 2 * MiB), (9 * MiB + 77, 3 * MiB)])
+
+
+def restic(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, **RESTIC_ENV, "RESTIC_REPOSITORY": str(repo)}
+    return subprocess.run(["restic", *args], env=env, capture_output=True, check=True)
+
+
+# -- backup and restore ---------------------------------------------------------------------
+
+
+def test_backup_into_restic_and_restore_through_agents(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    """The password lives only in the backup node's agent environment, never in a command."""
+    src, want = disk
+    repo = tmp_path / "backups" / "repo"
+    repo.parent.mkdir()
+    restic(repo, "init", "-q")
+    start_agent("a", url, "--allow", str(tmp_path / "disks"), "--export", f"vm1={src}")
+    start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
+
+    out = ctl(url, "backup", "a:vm1", "b", "--restic", str(repo), "--id", "bk1")
+    ok(out)
+    assert "backed up bk1" in out.stderr.decode() and "restic snapshot " in out.stderr.decode()
+    snaps = json.loads(restic(repo, "snapshots", "--json").stdout)
+    assert len(snaps) == 1 and "transfer=bk1" in snaps[0]["tags"]
+    dumped = restic(repo, "dump", "latest", "disk.img").stdout
+    assert len(dumped) == src.stat().st_size
+
+    target = tmp_path / "disks" / "restored.raw"
+    doc = json.loads(ok(ctl(url, "--json", "restore", "b", f"a:{target}", "--restic", str(repo),
+                            "--snapshot", snaps[0]["short_id"])))  # fmt: skip
+    assert doc["ok"] and doc["sender"]["tool"] == "restic"
+    assert sha256_file(target) == want
+
+
+def test_failed_backup_saves_no_snapshot(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+) -> None:
+    """Cancelled half-way: restic is stopped before its pipe closes, so no partial image is
+    stored as a snapshot."""
+    image = tmp_path / "disks" / "slow.raw"
+    image.parent.mkdir()
+    make_image(image, 48 * MiB, [(0, 48 * MiB)])
+    repo = tmp_path / "repo"
+    restic(repo, "init", "-q")
+    with throttled_nbd(image, tmp_path / "disks" / "slow.sock", read_bps=8 * MiB) as (_, uri):
+        start_agent("a", url, "--allow", str(tmp_path / "disks"))
+        b = start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
+        run = start_cli("ctl", "--ctl-url", url, "backup", f"a:{uri}", "b", "--restic",
+                        str(repo), "--id", "half")  # fmt: skip
+        wait_for(lambda: "accepted recv half" in b.text(), "the backup", timeout=20)
+        wait_for(lambda: '"done_bytes":0' not in ok(ctl(url, "--json", "transfers")), "data")
+        ok(ctl(url, "cancel", "half"))
+        _, err = run.communicate(timeout=60)
+    assert run.returncode == 1 and "cancelled" in err.decode()
+    assert json.loads(restic(repo, "snapshots", "--json").stdout) == []
+
+
+def test_backup_tool_failure_is_reported_as_the_tool_said_it(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    src, _ = disk
+    repo = tmp_path / "repo"
+    restic(repo, "init", "-q")
+    start_agent("a", url, "--allow", str(src.parent))
+    start_agent("b", url, "--allow", str(repo), env={"RESTIC_PASSWORD": "wrong"})
+    err = one_line_error(ctl(url, "backup", f"a:{src}", "b", "--restic", str(repo)))
+    assert "restic failed" in err and "wrong password" in err
+
+
+def test_backup_and_restore_through_a_pipe_command(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    src, want = disk
+    store = tmp_path / "store"
+    store.mkdir()
+    gzip = os.path.realpath(shutil.which("gzip") or "gzip")
+    dd = os.path.realpath(shutil.which("dd") or "dd")
+    start_agent("a", url, "--allow", str(src.parent))
+    start_agent("b", url, "--allow", str(store), "--allow", gzip)
+    # A pipe runs without a shell: dd writes its stdin into the store.
+    start_agent("c", url, "--allow", str(store), "--allow", dd)
+    ok(ctl(url, "backup", f"a:{src}", "c", "--pipe", f"dd of={store}/vm1.img bs=1M status=none"))
+    assert sha256_file(store / "vm1.img") == want
+    size = str(src.stat().st_size)
+    subprocess.run(["gzip", "-k", str(store / "vm1.img")], check=True)
+    target = src.parent / "back.raw"
+    ok(ctl(url, "restore", "b", f"a:{target}", "--pipe", f"gzip -dc {store}/vm1.img.gz",
+           "--size", size))  # fmt: skip
+    assert sha256_file(target) == want
+    # A pipe restore must be told the size; a program off the allow-list is refused.
+    err = one_line_error(ctl(url, "restore", "b", f"a:{target}", "--pipe", "gzip -dc x"))
+    assert "needs --size" in err
+    err = one_line_error(ctl(url, "backup", f"a:{src}", "b", "--pipe", "dd of=/tmp/x"))
+    assert "pipe command" in err and "outside this agent's allow-list" in err
+
+
+@pytest.mark.skipif(shutil.which("kopia") is None, reason="no kopia binary on this machine")
+def test_backup_into_kopia_and_restore(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    src, want = disk
+    env = {"KOPIA_PASSWORD": "agent-secret", "KOPIA_CONFIG_PATH": str(tmp_path / "kopia.config"),
+           "KOPIA_CACHE_DIRECTORY": str(tmp_path / "kcache")}  # fmt: skip
+    subprocess.run(["kopia", "repository", "create", "filesystem", "--path",
+                    str(tmp_path / "krepo")], env={**os.environ, **env}, check=True)  # fmt: skip
+    start_agent("a", url, "--allow", str(src.parent))
+    start_agent("b", url, env=env)
+    out = ctl(url, "backup", f"a:{src}", "b", "--kopia", "/vms/vm1")
+    ok(out)
+    root = out.stderr.decode().split("kopia root ")[1].split()[0].rstrip(";")
+    target = src.parent / "k.raw"
+    ok(ctl(url, "restore", "b", f"a:{target}", "--kopia", f"{root}/disk.img"))
+    assert sha256_file(target) == want
+
+
+# -- provisioning ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def installer(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> dict[str, Path]:
+    """An image host, an installer with a trusted key, and its disk filled with a pattern."""
+    keys, untrusted = tmp_path / "trusted", tmp_path / "untrusted"
+    keys.mkdir()
+    untrusted.mkdir()
+    ok(run_cli("approve", "--new-key", str(tmp_path / "ops")))
+    shutil.copy(tmp_path / "ops.pub", keys / "ops.pub")
+    ok(run_cli("approve", "--new-key", str(untrusted / "rogue")))
+    devdir = tmp_path / "dev"
+    devdir.mkdir()
+    device = devdir / "sda"
+    device.write_bytes(b"\xa5" * (32 * MiB))
+    start_agent("images", url, "--allow", str(disk[0].parent))
+    start_agent("inst1", url, "--role", "installer", "--trusted-keys", str(keys),
+                "--allow", str(devdir))  # fmt: skip
+    return {"key": tmp_path / "ops.key", "rogue": untrusted / "rogue.key", "device": device}
+
+
+def approve(tmp_path: Path, key: Path, name: str, *args: str) -> Path:
+    out = tmp_path / f"{name}.json"
+    ok(run_cli("approve", "--key", str(key), "-o", str(out), *args))
+    return out
+
+
+def test_provision_with_a_signed_approval_writes_and_verifies(
+    url: str, installer: dict[str, Path], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    src, want = disk
+    digest = ok(run_cli("digest", str(src))).split()[0]
+    assert digest == f"sha256:{want}"
+    approval = approve(tmp_path, installer["key"], "good", "--node", "inst1", "--device",
+                       str(installer["device"]), "--image", str(src))  # fmt: skip
+    out = ctl(url, "provision", f"images:{src}", f"inst1:{installer['device']}",
+              "--approval", str(approval))  # fmt: skip
+    ok(out)
+    assert f"verified sha256:{want}" in out.stderr.decode()
+    assert sha256_file(installer["device"], src.stat().st_size) == want
+    done = [e for e in events(url, "transfer") if e["state"] == "done" and e["node"] == "inst1"]
+    assert done[0]["image_digest"] == f"sha256:{want}" and done[0]["op"] == "provision"
+
+
+BAD_APPROVALS = {
+    "expired": "approval expired at",
+    "wrong-node": "approval is for node inst2, not inst1",
+    "wrong-digest": "approval is for image sha256:" + "0" * 64,
+    "wrong-device": "approval is for device",
+    "untrusted": "which this installer does not trust",
+    "tampered": "approval signature is not valid",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_APPROVALS))
+def test_provision_refuses_a_bad_approval_and_writes_nothing(
+    case: str, url: str, installer: dict[str, Path], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    src, _ = disk
+    device = installer["device"]
+    before = sha256_file(device)
+    args = {"node": "inst1", "device": str(device), "digest": None, "key": installer["key"]}
+    if case == "wrong-node":
+        args["node"] = "inst2"
+    if case == "wrong-digest":
+        args["digest"] = "sha256:" + "0" * 64
+    if case == "wrong-device":
+        args["device"] = str(device.parent / "sdb")
+    if case == "untrusted":
+        args["key"] = installer["rogue"]
+    image = ["--digest", str(args["digest"])] if args["digest"] else ["--image", str(src)]
+    approval = approve(tmp_path, Path(str(args["key"])), case, "--node", str(args["node"]),
+                       "--device", str(args["device"]), *image)  # fmt: skip
+    doc = json.loads(approval.read_text())
+    if case == "expired":  # signed properly, but its time is up
+        key = load_private(installer["key"])
+        signed = sign(key, node="inst1", image_digest=doc["image_digest"], device=str(device),
+                      expires=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))  # fmt: skip
+        approval.write_bytes(encode(signed))
+    if case == "tampered":  # a valid approval with a later expiry written in
+        doc["expires"] = "2099-01-01T00:00:00Z"
+        approval.write_text(json.dumps(doc))
+    proc = ctl(url, "provision", f"images:{src}", f"inst1:{device}", "--approval", str(approval))
+    err = one_line_error(proc)
+    assert proc.returncode == 1
+    assert BAD_APPROVALS[case] in err
+    assert sha256_file(device) == before
+    refused = [e for e in events(url, "refused") if e["node"] == "inst1"]
+    assert (
+        refused
+        and refused[-1]["code"] == "approval"
+        and BAD_APPROVALS[case] in str(refused[-1]["error"])
+    )
+
+
+def test_provision_without_approval_file_is_a_usage_error(url: str, tmp_path: Path) -> None:
+    proc = ctl(url, "provision", "a:/x", "b:/dev/sda", "--approval", str(tmp_path / "none.json"))
+    assert proc.returncode == 2
+    assert "cannot read approval" in one_line_error(proc)
+
+
+def test_installer_refuses_plain_writes(
+    url: str, installer: dict[str, Path], disk: tuple[Path, str]
+) -> None:
+    before = sha256_file(installer["device"])
+    err = one_line_error(ctl(url, "copy", f"images:{disk[0]}", f"inst1:{installer['device']}"))
+    assert "inst1 is an installer" in err and "signed approval" in err
+    assert sha256_file(installer["device"]) == before
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+
+def test_paths_outside_the_allow_list_are_refused_before_a_byte_is_written(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    src, _ = disk
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    (tmp_path / "inside2").mkdir()
+    start_agent("a", url, "--allow", str(src.parent))
+    start_agent("b", url, "--allow", str(inside))
+    cases = [
+        (f"a:{src}", f"b:{tmp_path}/outside.raw", f"{tmp_path}/outside.raw"),
+        (f"a:{src}", f"b:{tmp_path}/inside2/x.raw", f"{tmp_path}/inside2/x.raw"),  # a prefix
+        (f"a:{src}", f"b:{inside}/../escape.raw", f"(that is {tmp_path}/escape.raw) is outside"),
+        (f"a:{src}", "b:relative.raw", "'relative.raw' is not an absolute path"),
+        (f"a:{src}", "b:-", "endpoint '-' cannot be named"),
+        (f"a:{src}", "b:null:", "endpoint 'null:' cannot be named"),
+        (f"a:{src}", f"b:nbd+unix:///x?socket={tmp_path}/s.sock", f"NBD socket {tmp_path}/s.sock"),
+        (f"a:{src}", "b:nbd://10.0.0.1/x", "nbd://10.0.0.1/x is outside"),
+        ("a:/etc/passwd", f"b:{inside}/p.raw", "/etc/passwd is outside"),
+    ]
+    for s, d, message in cases:
+        err = one_line_error(ctl(url, "copy", s, d))
+        assert message in err, (s, d, err)
+    os.symlink("/etc", inside / "etc")
+    err = one_line_error(ctl(url, "copy", f"a:{src}", f"b:{inside}/etc/x.raw"))
+    assert "(that is /etc/x.raw) is outside" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".raw") == []
+    assert list(inside.iterdir()) == [inside / "etc"]
+    refused = events(url, "refused")
+    assert len(refused) == len(cases) + 1 and all(e["code"] == "denied" for e in refused)
+
+
+async def _request(url: str, subject: str, payload: bytes) -> dict[str, object]:
+    nc = await nats.connect(url)
+    try:
+        msg = await nc.request(subject, payload, timeout=10)
+        return dict(msgspec.json.decode(msg.data))
+    finally:
+        await nc.close()
+
+
+def test_bad_messages_get_an_error_reply_and_the_agent_carries_on(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+) -> None:
+    a = start_agent("a", url, "--allow", str(tmp_path))
+    cmd = subjects.ctl_command("a", "recv")
+    cases = [
+        (cmd, b"not json", "schema", "not JSON"),
+        (cmd, b'{"transfer_id": 7}', "schema", "Expected `str`, got `int` - at `$.transfer_id`"),
+        (cmd, b'{"transfer_id": "x", "dst": "/x", "colour": 1}', "schema", "unknown field"),
+        (cmd, b'{"v": 99, "transfer_id": "x"}', "schema", "schema version 99"),
+        (cmd, b'{"transfer_id": "x", "dst": "/x"}', "schema", "no idempotency key"),
+        (cmd, b'{"key": "k", "transfer_id": "a.b", "dst": "/x"}', "usage", "invalid transfer id"),
+        (cmd, b'{"key": "k", "transfer_id": "x"}', "schema", "exactly one of 'dst' and 'tool'"),
+        (subjects.ctl_command("a", "format"), b"{}", "schema", "unknown command 'format'"),
+        (subjects.ctl_query("a", "secrets"), b"{}", "schema", "unknown query 'secrets'"),
+    ]
+    for subject, payload, code, message in cases:
+        reply = asyncio.run(_request(url, subject, payload))
+        assert reply["ok"] is False and reply["code"] == code, (payload, reply)
+        assert message in str(reply["error"]), (payload, reply)
+    info = asyncio.run(_request(url, subjects.ctl_query("a", "info"), b""))
+    assert info["node"] == "a" and info["state"] == "up" and info["v"] == SCHEMA_VERSION
+    assert a.proc.poll() is None and "Traceback" not in a.text()
+
+
+def test_a_repeated_idempotency_key_never_starts_a_second_transfer(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+) -> None:
+    start_agent("b", url, "--allow", str(tmp_path))
+    cmd = RecvCommand(key="k-1", transfer_id="once", dst=str(tmp_path / "d.raw"))
+    subject = subjects.ctl_command("b", "recv")
+
+    async def twice() -> list[dict[str, object]]:
+        return list(await asyncio.gather(*(_request(url, subject, encode(cmd)) for _ in range(3))))
+
+    replies = asyncio.run(twice())
+    again = asyncio.run(_request(url, subject, encode(cmd)))
+    assert all(r == {**replies[0]} for r in [*replies, again])
+    assert replies[0]["ok"] is True and replies[0]["transfer_id"] == "once"
+    rows = json.loads(ok(ctl(url, "--json", "transfers", "--node", "b")))
+    assert [(r["transfer_id"], r["state"]) for r in rows] == [("once", "running")]
+    accepted = [e for e in events(url, "transfer") if e["state"] == "accepted"]
+    assert len(accepted) == 1
+    # The same key for another command is a conflict; a new key for the same id is busy.
+    other = msgspec.structs.replace(cmd, dst=str(tmp_path / "other.raw"))
+    reply = asyncio.run(_request(url, subject, encode(other)))
+    assert reply["code"] == "conflict" and "used for a different command" in str(reply["error"])
+    fresh = msgspec.structs.replace(cmd, key="k-2")
+    reply = asyncio.run(_request(url, subject, encode(fresh)))
+    assert reply["code"] == "busy" and "already running" in str(reply["error"])
+    ok(ctl(url, "cancel", "once"))
