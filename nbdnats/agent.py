@@ -143,7 +143,9 @@ class Agent:
         self._started = dt.datetime.now(dt.UTC)
         self._stopped = asyncio.Event()
         self._counts: dict[tuple[str, str], int] = {}
-        self._results: dict[str, int] = {}
+        # Counters of finished jobs (running ones are added at each scrape).
+        self._outcomes: dict[tuple[str, str], int] = {}
+        self._totals: dict[tuple[str, str], float] = {}
         self.metrics = (
             MetricsServer(config.metrics_addr, self._samples) if config.metrics_addr else None
         )
@@ -509,7 +511,10 @@ class Agent:
                 await job.tool.abort()
             state, extra = "failed", {"error_code": "error", "error": f"agent error: {e}"}
         job.final = self._event(job, state, **extra)
-        self._results[state] = self._results.get(state, 0) + 1
+        outcome = (job.role, state)
+        self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+        for key, value in _tallies(job.role, job.handle.stats()):
+            self._totals[key] = self._totals.get(key, 0) + value
         log.info(
             "%s %s %s%s",
             job.op,
@@ -582,28 +587,49 @@ class Agent:
         self._counts[(op, result)] = self._counts.get((op, result), 0) + 1
 
     def _samples(self) -> Iterable[Sample]:
-        yield ("nbdnats_agent_info", {"node": self.node, "role": self.config.role,
-               "version": _core.__version__}, 1)  # fmt: skip
+        info = {"node": self.node, "role": self.config.role, "version": _core.__version__}
+        yield ("nbdnats_agent_info", info, 1)
+        totals: dict[tuple[str, str], float] = dict(self._totals)
+        active = {"send": 0, "recv": 0}
         for job in self.jobs.values():
             if job.handle is None:
                 continue
             s = job.handle.stats()
             labels = {"transfer": job.transfer_id, "op": job.op, "role": job.role}
             failed = 1 if job.final is not None and job.final.state == "failed" else 0
-            yield ("nbdnats_transfer_bytes", labels, s.done_bytes)
+            yield ("nbdnats_transfer_done_bytes", labels, s.done_bytes)
             yield ("nbdnats_transfer_size_bytes", labels, s.size)
             yield ("nbdnats_transfer_rate_bytes_per_second", labels, s.mb_per_s * 1e6)
-            yield ("nbdnats_transfer_retransmits_total", labels, s.retransmits)
-            yield (
-                "nbdnats_transfer_errors_total",
-                labels,
-                s.bad_frames + s.corrupt_frames + failed,
-            )
-            yield ("nbdnats_transfer_running", labels, 1 if job.running else 0)
-        for result, n in sorted(self._results.items()):
-            yield ("nbdnats_transfers_total", {"result": result}, n)
+            yield ("nbdnats_transfer_retransmits", labels, s.retransmits)
+            yield ("nbdnats_transfer_errors", labels, s.bad_frames + s.corrupt_frames + failed)
+            if job.running:
+                active[job.role] += 1
+                for key, value in _tallies(job.role, s):
+                    totals[key] = totals.get(key, 0) + value
+        for role in ("send", "recv"):
+            yield ("nbdnats_transfer_bytes_total", {"role": role},
+                   totals.get(("bytes", role), 0))  # fmt: skip
+            yield ("nbdnats_transfer_data_bytes_total", {"role": role},
+                   totals.get(("data", role), 0))  # fmt: skip
+            yield ("nbdnats_transfers_active", {"role": role}, active[role])
+        for reason in ("bad", "corrupt", "duplicate"):
+            yield ("nbdnats_frames_dropped_total", {"reason": reason},
+                   totals.get(("frames", reason), 0))  # fmt: skip
+        for (role, outcome), n in sorted(self._outcomes.items()):
+            yield ("nbdnats_transfers_total", {"role": role, "outcome": outcome}, n)
         for (op, result), n in sorted(self._counts.items()):
             yield ("nbdnats_commands_total", {"op": op, "result": result}, n)
+
+
+def _tallies(role: str, s: _core.Stats) -> list[tuple[tuple[str, str], float]]:
+    """What a job adds to the node's counters."""
+    return [
+        (("bytes", role), s.done_bytes),
+        (("data", role), s.data_bytes),
+        (("frames", "bad"), s.bad_frames),
+        (("frames", "corrupt"), s.corrupt_frames),
+        (("frames", "duplicate"), s.duplicate_frames),
+    ]
 
 
 def _with_state(event: TransferEvent, state: str) -> TransferEvent:

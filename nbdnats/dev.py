@@ -2,14 +2,17 @@
 
 ``dev up`` starts what compose and the Tiltfile describe, without Docker: a ctl cluster
 (three nats-servers, JetStream), a data cluster (three nats-servers, no JetStream), a
-leafnode per rack, and per node a qemu-nbd export of a small sample disk. Every server
+leafnode per rack, and per node a qemu-nbd export of a small sample disk and the node's
+agent (``nbd-nats agent``, with that node's credentials). Every server
 runs one of the configs in ``control/`` unchanged; what differs per server (name, ports,
 routes, TLS files, passwords) is passed in its environment, as compose does. Everything
 listens on loopback (``--ipv6``: ``[::1]``) on free ports. ``dev up`` records each
 process it started (pid and command line) in ``STATE/dev.json``; ``dev down`` stops
 exactly those and removes what ``up`` made; ``dev status`` shows what runs.
 
-The node agent comes with the control-plane issue; until then a node is its NBD export.
+Each agent may open only its node's directory, announces the sample disk as export
+``disk`` and serves Prometheus metrics on a port of its own; drive them with
+``nbd-nats ctl`` (the controller's login is in ``STATE/dev.json``).
 """
 
 from __future__ import annotations
@@ -188,6 +191,11 @@ class Node:
     image: str
     socket: str
     nbd: str
+    metrics_port: int = 0
+
+    @property
+    def directory(self) -> str:
+        return str(Path(self.image).parent)
 
 
 @dataclass
@@ -288,7 +296,7 @@ def _ports(host: str, base: int | None, count: int) -> Iterator[int]:
 def plan(root: Path, host: str, racks: int, base_port: int | None) -> State:
     # Each cluster server: client, route, monitoring (+ leafnode on data); each rack leaf:
     # client, monitoring.
-    count = CLUSTER_SIZE * 3 + CLUSTER_SIZE * 4 + racks * 2
+    count = CLUSTER_SIZE * 3 + CLUSTER_SIZE * 4 + racks * 3
     ports = _ports(host, base_port, count)
     servers = [
         Server(f"{kind}-{i}", kind, next(ports), next(ports), cluster_port=next(ports))
@@ -309,6 +317,7 @@ def plan(root: Path, host: str, racks: int, base_port: int | None) -> State:
                 str(root / "nodes" / node / "disk.img"),
                 str(sock),
                 f"nbd+unix:///disk?socket={sock}",
+                next(ports),
             )
         )
     passwords = {user: secrets.token_hex(12) for user in users_of(racks)}
@@ -619,11 +628,43 @@ async def up(root: Path, *, racks: int, ipv6: bool, base_port: int | None, disk_
             _save(state)
         await _wait_ready(state)
         await _create_streams(state, control / STREAMS)
+        for node in state.nodes:
+            state.processes.append(_start_agent(state, node, logs))
+            _save(state)
+        await _wait_agents(state)
     except BaseException:
         await _stop(state.processes)
         _remove_created(root)
         raise
     return state
+
+
+def _start_agent(state: State, node: Node, logs: Path) -> Proc:
+    """The node's agent, logged in as the node on both planes (credentials in its
+    environment, not its command line)."""
+    argv = [
+        sys.executable, "-m", "nbdnats.cli", "agent", "--node", node.name,
+        "--allow", node.directory, "--export", f"disk={node.nbd}",
+        "--state-dir", str(Path(node.directory) / "state"),
+        "--metrics-addr", f"{url_host(state.host)}:{node.metrics_port}",
+    ]  # fmt: skip
+    env = {
+        "NBDNATS_CTL_URL": state.cluster_url("ctl", node.name),
+        "NBDNATS_DATA_URL": state.cluster_url("data", node.name),
+    }
+    log = logs / f"agent-{node.name}.log"
+    return Proc(f"agent-{node.name}", _spawn(argv, log, env), argv, str(log))
+
+
+async def _wait_agents(state: State) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    for proc in [p for p in state.processes if p.name.startswith("agent-")]:
+        while " up on " not in Path(proc.log).read_text(errors="replace"):
+            if not running(proc):
+                raise DevError(f"{proc.name} exited at start: {_tail(proc.log)}")
+            if time.monotonic() > deadline:
+                raise DevError(f"{proc.name} not up within {READY_TIMEOUT:.0f} s: see {proc.log}")
+            await asyncio.sleep(0.1)
 
 
 async def down(root: Path) -> tuple[int, int]:
@@ -632,9 +673,12 @@ async def down(root: Path) -> tuple[int, int]:
         raise DevError(
             f"nothing to stop: no dev topology in {root} (start one with `nbd-nats dev up`)"
         )
-    result = await _stop(state.processes)
+    # Agents first, so they can drain and announce that they stop while the servers run.
+    agents = [p for p in state.processes if p.name.startswith("agent-")]
+    a = await _stop(agents)
+    rest = await _stop([p for p in state.processes if p not in agents])
     _remove_created(root)
-    return result
+    return a[0] + rest[0], a[1] + rest[1]
 
 
 # --- output ---------------------------------------------------------------------------
@@ -646,12 +690,18 @@ def describe(state: State) -> list[str]:
     rows = [("ctl cluster", ctl), ("data cluster", data)]
     rows += [(f"{s.name} leaf", state.url(s)) for s in state.servers if s.kind == "rack"]
     rows += [(f"{n.name} ({n.rack})", n.nbd) for n in state.nodes]
+    rows += [
+        (f"{n.name} agent", f"metrics http://{url_host(state.host)}:{n.metrics_port}/metrics")
+        for n in state.nodes
+    ]
     monitors = ", ".join(f"{s.name}:{s.http_port}" for s in state.servers)
     rows.append(("monitoring", f"http://{url_host(state.host)}:PORT/varz, PORT of {monitors}"))
     rows.append(("TLS", f"tls:// URLs verify with SSL_CERT_FILE={root / 'tls' / 'ca.pem'}"))
     rows.append(("logins", f"nats://USER:PASSWORD@..., users and passwords in {root / STATE_FILE}"))
     lines = [f"{label:<15}{value}" for label, value in rows]
     lines.append(f"export NBDNATS_DATA_URL={data} NBDNATS_CTL_URL={ctl}")
+    controller = state.cluster_url("ctl").replace("nats://", "nats://controller:PASSWORD@")
+    lines.append(f"nbd-nats ctl --ctl-url {controller} nodes")
     return lines
 
 

@@ -24,7 +24,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 from nbdnats import subjects
 from nbdnats.errors import NatsError
 
-STREAM = "CTL_EVENTS"
+STREAM = subjects.EVENTS_STREAM
 DEFINITION: dict[str, Any] = {
     "name": STREAM,
     "description": "ctl.evt.<node>.<kind>: every node's events, kept a week for replay",

@@ -14,19 +14,21 @@ from nbdnats.errors import UsageError
 
 Sample = tuple[str, dict[str, str], float]
 
+# Node-level series (the compose dashboard's contract, docs/dev-environment.md) and
+# per-transfer gauges. A scrape config adds the node label (compose/prometheus).
 HELP = {
     "nbdnats_agent_info": ("gauge", "The agent: node, role and version as labels"),
-    "nbdnats_transfer_bytes": ("gauge", "Disk bytes moved so far, per transfer"),
+    "nbdnats_transfer_bytes_total": ("counter", "Disk bytes completed (data and zeros)"),
+    "nbdnats_transfer_data_bytes_total": ("counter", "Payload bytes sent or written"),
+    "nbdnats_transfers_active": ("gauge", "Transfers running now"),
+    "nbdnats_transfers_total": ("counter", "Finished transfers by outcome"),
+    "nbdnats_frames_dropped_total": ("counter", "Frames dropped: bad, corrupt or duplicate"),
+    "nbdnats_commands_total": ("counter", "Commands received, by op and result"),
+    "nbdnats_transfer_done_bytes": ("gauge", "Disk bytes moved so far, per transfer"),
     "nbdnats_transfer_size_bytes": ("gauge", "Size of the disk being moved, per transfer"),
     "nbdnats_transfer_rate_bytes_per_second": ("gauge", "Mean rate of a transfer"),
-    "nbdnats_transfer_retransmits_total": ("counter", "Frames sent again, per transfer"),
-    "nbdnats_transfer_errors_total": (
-        "counter",
-        "Bad, corrupt frames and failure (1) of a transfer",
-    ),
-    "nbdnats_transfer_running": ("gauge", "1 while the transfer runs, then 0"),
-    "nbdnats_transfers_total": ("counter", "Finished transfers by result"),
-    "nbdnats_commands_total": ("counter", "Commands received, by op and result"),
+    "nbdnats_transfer_retransmits": ("gauge", "Frames sent again, per transfer"),
+    "nbdnats_transfer_errors": ("gauge", "Bad and corrupt frames, plus 1 if it failed"),
 }
 
 

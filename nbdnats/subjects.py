@@ -85,6 +85,8 @@ def ctl_queries(node: str) -> str:
 
 
 ALL_CTL_EVENTS = f"{CTL_EVT}.>"
+# The JetStream stream that stores ctl events (nbdnats/events.py defines it).
+EVENTS_STREAM = "CTL_EVENTS"
 
 
 # Permissions (nats-server `permissions` blocks) are subject patterns too, so they are made
@@ -100,7 +102,9 @@ def node_grants(plane: str, node: str) -> tuple[list[str], list[str]]:
     (the open handshake, ctl queries) need ``allow_responses``, not ``_INBOX.>``."""
     node = check_token(node, "node name")
     if plane == "ctl":
-        return [f"{CTL_EVT}.{node}.>"], [f"{CTL_CMD}.{node}.>", f"{CTL_QRY}.{node}.>", INBOX]
+        # Agents check that the events stream exists; creating it is the controller's.
+        publish = [f"{CTL_EVT}.{node}.>", f"$JS.API.STREAM.INFO.{EVENTS_STREAM}"]
+        return publish, [f"{CTL_CMD}.{node}.>", f"{CTL_QRY}.{node}.>", INBOX]
     if plane == "data":
         transfer = [f"{DATA_CMD}.*.open", f"{DATA_BLK}.*.c", f"{DATA_BLK}.*.a"]
         return [*transfer, f"{DATA_EVT}.*.*"], [*transfer, INBOX]
@@ -109,9 +113,11 @@ def node_grants(plane: str, node: str) -> tuple[list[str], list[str]]:
 
 def controller_grants(plane: str) -> tuple[list[str], list[str]]:
     """What the controller may (publish, subscribe): command and query every node, read
-    every event, use JetStream on the ctl plane."""
+    every event, use JetStream on the ctl plane (its API, and flow control replies of the
+    ordered consumers that read events)."""
     if plane == "ctl":
-        return [f"{CTL_CMD}.>", f"{CTL_QRY}.>", "$JS.API.>", INBOX], [f"{CTL_EVT}.>", INBOX]
+        publish = [f"{CTL_CMD}.>", f"{CTL_QRY}.>", "$JS.API.>", "$JS.FC.>", INBOX]
+        return publish, [f"{CTL_EVT}.>", INBOX]
     if plane == "data":
         return [f"{DATA_CMD}.>"], [f"{DATA_EVT}.>", INBOX]
     raise ValueError(f"unknown plane {plane!r}")

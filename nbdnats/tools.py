@@ -30,7 +30,8 @@ from nbdnats.policy import Policy
 from nbdnats.schemas import Tool
 
 IMAGE_NAME = "disk.img"
-STOP_GRACE = 5.0
+STOP_GRACE = 5.0  # SIGTERM, then this long before SIGKILL
+EXIT_GRACE = 0.3  # how long a tool that broke the stream gets to exit by itself
 
 
 def _need(value: str | None, option: str, kind: str) -> str:
@@ -181,6 +182,10 @@ class ToolRun:
     async def abort(self) -> str | None:
         """The stream failed: stop the tool before its pipe closes, so it saves nothing.
         Returns the tool's own error when it had already failed (often the real cause)."""
+        # A tool that failed by itself (and broke the stream) may not be reaped yet: give it
+        # a moment, so its own exit status and message are what we report.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), EXIT_GRACE)
         early = self.proc.returncode
         if early is None:
             with contextlib.suppress(ProcessLookupError):

@@ -3,6 +3,7 @@ JetStream: copy, VM<->bare-metal conversion, events, metrics, cancellation, shut
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from urllib.request import urlopen
 
 import pytest
 
+from nbdnats import Controller, OperationResult
 from nbdnats.embedded import free_port
 from tests.conftest import (
     AgentProc,
@@ -175,13 +177,17 @@ def test_agent_serves_prometheus_metrics(
     ok(ctl(url, "copy", f"a:{src}", f"b:{tmp_path}/dst.raw", "--id", "metered"))
     body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     labels = 'op="recv",role="recv",transfer="metered"'
-    assert f"nbdnats_transfer_bytes{{{labels}}} {6 * MiB}" in body
+    assert f"nbdnats_transfer_done_bytes{{{labels}}} {6 * MiB}" in body
     assert f"nbdnats_transfer_size_bytes{{{labels}}} {6 * MiB}" in body
-    assert f"nbdnats_transfer_errors_total{{{labels}}} 0" in body
-    assert f"nbdnats_transfer_retransmits_total{{{labels}}} 0" in body
-    assert 'nbdnats_transfers_total{result="done"} 1' in body
+    assert f"nbdnats_transfer_errors{{{labels}}} 0" in body
+    assert f"nbdnats_transfer_retransmits{{{labels}}} 0" in body
+    assert f'nbdnats_transfer_bytes_total{{role="recv"}} {6 * MiB}' in body
+    assert f'nbdnats_transfer_data_bytes_total{{role="recv"}} {6 * MiB}' in body
+    assert 'nbdnats_transfers_active{role="recv"} 0' in body
+    assert 'nbdnats_transfers_total{outcome="done",role="recv"} 1' in body
+    assert 'nbdnats_frames_dropped_total{reason="bad"} 0' in body
     assert 'nbdnats_commands_total{op="recv",result="ok"} 1' in body
-    assert "# TYPE nbdnats_transfer_bytes gauge" in body
+    assert "# TYPE nbdnats_transfer_bytes_total counter" in body
 
 
 def test_ctl_cancel_stops_both_ends(
@@ -289,3 +295,37 @@ def test_agent_stops_on_sigint_too(url: str, start_agent: Callable[..., AgentPro
     a.proc.send_signal(signal.SIGINT)
     assert a.proc.wait(30) == 0
     assert "Traceback" not in a.text()
+
+
+def test_controller_api_copy_events_and_resume_from_a_sequence(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+) -> None:
+    """The Python API as documented: copy returns both ends; events() replays from the
+    last sequence a controller saw, so a reconnecting controller misses nothing."""
+    src = tmp_path / "src.raw"
+    digest = make_image(src, 6 * MiB, [(0, 2 * MiB)])
+    for node in ("a", "b"):
+        start_agent(node, url, "--allow", str(tmp_path))
+
+    async def run() -> None:
+        async with await Controller.connect(url) as c:
+            seen: list[str] = []
+            result = await c.copy(("a", str(src)), ("b", f"{tmp_path}/one.raw"),
+                                  on_event=lambda e: seen.append(e.state))  # fmt: skip
+            assert isinstance(result, OperationResult) and result.ok
+            assert result.sender.digest == result.receiver.digest and "done" in seen
+            last = [e async for e in c.events(since_seq=1, follow=False)][-1].seq
+        # Away: another copy happens. Back: replay from the last sequence seen.
+        async with await Controller.connect(url) as c:
+            tid = await c.copy(("a", str(src)), ("b", f"{tmp_path}/two.raw"), wait=False)
+            assert isinstance(tid, str)
+            states = []
+            async for ev in c.events(since_seq=last + 1, kind="transfer"):
+                if ev.data["transfer_id"] == tid:
+                    states.append((ev.node, ev.data["state"]))
+                if {("a", "done"), ("b", "done")} <= set(states):
+                    break
+            assert ("b", "accepted") in states
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+    assert sha256_file(tmp_path / "two.raw") == digest

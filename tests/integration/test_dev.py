@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import nats
 import pytest
@@ -218,6 +220,32 @@ def test_node_permissions(topology: tuple[Path, dict[str, Any]]) -> None:
     asyncio.run(check())
 
 
+def test_agents_serve_the_controller_with_node_credentials(
+    topology: tuple[Path, dict[str, Any]],
+) -> None:
+    """Each node's agent runs logged in as that node; the controller (its own login) lists
+    them and copies node1's disk into node2's directory through them."""
+    _, state = topology
+    ctl_url = ",".join(url(state, f"ctl-{i}", "controller") for i in (1, 2, 3))
+    nodes = run_cli("ctl", "--ctl-url", ctl_url, "--json", "nodes")
+    assert nodes.returncode == 0, nodes.stderr.decode()
+    listed = {n["node"]: n for n in json.loads(nodes.stdout)}
+    assert sorted(listed) == ["node1", "node2"]
+    node1, node2 = state["nodes"]
+    assert listed["node1"]["exports"] == {"disk": node1["nbd"]}
+    dst = Path(node2["image"]).parent / "from-node1.img"
+    copy = run_cli("ctl", "--ctl-url", ctl_url, "copy", "node1:disk", f"node2:{dst}")
+    assert copy.returncode == 0, copy.stderr.decode()
+    assert sha256_nbd(node1["nbd"]) == hashlib.sha256(dst.read_bytes()).hexdigest()
+    # The agent's metrics port serves the transfer it just ran.
+    metrics = urlopen(f"http://127.0.0.1:{node2['metrics_port']}/metrics", timeout=5).read()
+    assert b'nbdnats_transfers_total{outcome="done",role="recv"} 1' in metrics
+    # A node's own login cannot command another node.
+    as_node1 = ",".join(url(state, f"ctl-{i}", "node1") for i in (1, 2, 3))
+    denied = run_cli("ctl", "--ctl-url", as_node1, "copy", "node1:disk", f"node2:{dst}")
+    assert denied.returncode != 0 and "Traceback" not in denied.stderr.decode()
+
+
 def test_ipv6_transfer_and_one_line_errors(tmp_path: Path) -> None:
     """--ipv6: everything on [::1]; send and recv given nats://[::1]:PORT. Mistakes
     (up twice, down or status with nothing up) are one line, no traceback."""
@@ -282,7 +310,7 @@ def test_exited_processes_are_reported_and_replaced(tmp_path: Path) -> None:
             if proc["name"] in ("nats-data-2", "qemu-nbd-node1"):
                 os.kill(proc["pid"], signal.SIGKILL)
         err = one_line_error(run_cli("dev", "status", "--state-dir", str(root)))
-        assert "2 of 8 processes exited (nats-data-2, qemu-nbd-node1)" in err
+        assert "2 of 9 processes exited (nats-data-2, qemu-nbd-node1)" in err
         for proc in state["processes"]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc["pid"], signal.SIGKILL)

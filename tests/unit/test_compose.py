@@ -18,7 +18,9 @@ import pytest
 import yaml
 
 from nbdnats import dev, subjects
+from nbdnats.cli import build_parser
 from nbdnats.embedded import nats_server_binary
+from nbdnats.metrics import HELP
 from tests.compose_file import COMPOSE, COMPOSE_DIR, ROOT, bind_mounts, container_path, load
 
 TOP_LEVEL = {"name", "services", "networks", "volumes", "configs", "secrets", "include"}
@@ -147,9 +149,12 @@ def test_same_topology_as_dev_up(services: dict[str, dict[str, Any]]) -> None:
     assert [a["command"][a["command"].index("--node") + 1] for a in agents] == [
         n.name for n in state.nodes
     ]
+    parser = build_parser()
     for agent in agents:
-        # The agent subcommand arrives with the control-plane issue; the command is ready.
-        assert agent["command"][:2] == ["nbd-nats", "agent"]
+        # The command parses as the CLI has it, and the agent may open only its volume.
+        args = parser.parse_args(agent["command"][1:])
+        assert args.command == "agent" and args.allow == ["/var/lib/nbdnats"]
+        assert any(v.endswith(":/var/lib/nbdnats") for v in agent["volumes"])
 
 
 def test_prometheus_scrapes_the_agents(services: dict[str, dict[str, Any]]) -> None:
@@ -161,7 +166,7 @@ def test_prometheus_scrapes_the_agents(services: dict[str, dict[str, Any]]) -> N
     assert sorted(t.split(":")[0] for t in targets) == agents
     for agent in agents:
         command = services[agent]["command"]
-        port = command[command.index("--metrics-port") + 1]
+        port = command[command.index("--metrics-addr") + 1].rsplit(":", 1)[1]
         assert f"{agent}:{port}" in targets
 
 
@@ -209,3 +214,9 @@ def test_stream_definitions() -> None:
     events = configs["CTL_EVENTS"]
     assert events["subjects"] == [f"{subjects.CTL_EVT}.>"]
     assert events["num_replicas"] == dev.CLUSTER_SIZE
+
+
+def test_dashboard_queries_only_metrics_the_agent_serves() -> None:
+    board = (COMPOSE_DIR / "grafana" / "dashboards" / "transfer-throughput.json").read_text()
+    used = set(re.findall(r"nbdnats_[a-z_]+", board))
+    assert used and used <= set(HELP), used - set(HELP)
