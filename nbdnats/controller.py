@@ -66,6 +66,7 @@ ATTEMPTS = 3
 QUIET = 5.0  # no event for this long: ask the agents how the transfer is doing
 DIGEST_TIMEOUT = 3600.0  # hashing an image reads all of it
 TERMINAL = ("done", "failed", "cancelled")
+LOST_AFTER = 3  # announce intervals without a word before a node counts as lost
 
 M = TypeVar("M", bound=msgspec.Struct)
 Endpoint = tuple[str, str]
@@ -155,13 +156,18 @@ class Controller:
     # -- queries ---------------------------------------------------------------------------
 
     async def nodes(self, *, include_stopped: bool = False) -> list[NodeInfo]:
-        """Each node's last announcement (from the event stream), by name."""
+        """Each node's last announcement (from the event stream), by name; a node silent
+        for three announce intervals is ``lost``; stopped ones only when asked."""
         found: dict[str, NodeInfo] = {}
+        now = dt.datetime.now(dt.UTC)
         async for ev in events.read(
             self.nc, subject=subjects.ctl_events("announce"), last_per_subject=True, follow=False
         ):
             with contextlib.suppress(msgspec.ValidationError):
                 info = msgspec.convert(ev.data, NodeInfo)
+                silent = (now - info.at).total_seconds() > LOST_AFTER * info.announce_interval
+                if info.state in ("up", "stopping") and silent:
+                    info = msgspec.structs.replace(info, state="lost")
                 if include_stopped or info.state != "stopped":
                     found[info.node] = info
         return [found[k] for k in sorted(found)]

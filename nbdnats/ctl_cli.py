@@ -179,7 +179,10 @@ def add_ctl_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print results as JSON")
     actions = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
 
-    actions.add_parser("nodes", help="the nodes whose agents announced themselves")
+    n = actions.add_parser(
+        "nodes", help="the nodes whose agents announced themselves (lost: silent too long)"
+    )
+    n.add_argument("--all", action="store_true", help="include nodes that stopped")
 
     def op(name: str, help_: str, *ends: tuple[str, str]) -> argparse.ArgumentParser:
         a: argparse.ArgumentParser = actions.add_parser(name, help=help_, description=help_)
@@ -311,7 +314,7 @@ async def run_ctl(args: argparse.Namespace) -> None:
     async with await Controller.connect(args.ctl_url) as c:
         cmd = args.ctl_command
         if cmd == "nodes":
-            nodes = await c.nodes()
+            nodes = await c.nodes(include_stopped=args.all)
             if args.json:
                 out(_json(nodes) + "\n")
             for n in [] if args.json else nodes:

@@ -49,7 +49,7 @@ def stream_config(replicas: int) -> StreamConfig:
 
 async def ensure_stream(nc: Client) -> str | None:
     """Create the stream if it is missing; returns why it cannot be used, or None."""
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=2.0)  # a node may lack the right to create it: do not hang
     try:
         await js.stream_info(STREAM)
         return None

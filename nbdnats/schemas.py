@@ -132,12 +132,14 @@ class InfoQuery(Message, kw_only=True):
 
 
 class NodeInfo(Message, kw_only=True):
-    """``ctl.evt.<node>.announce`` (on start, periodically, on stop) and the ``info`` query."""
+    """``ctl.evt.<node>.announce`` (on start, periodically, on stop) and the ``info`` query.
+    A controller marks a node ``lost`` when its last announcement is older than three
+    announce intervals (it died without saying so)."""
 
     node: str
     version: str
     role: Role
-    state: Literal["up", "stopping", "stopped"]
+    state: Literal["up", "stopping", "stopped", "lost"]
     capabilities: list[str]
     exports: dict[str, str] = msgspec.field(default_factory=dict)
     started: dt.datetime

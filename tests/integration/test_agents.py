@@ -329,3 +329,21 @@ def test_controller_api_copy_events_and_resume_from_a_sequence(
 
     asyncio.run(asyncio.wait_for(run(), 60))
     assert sha256_file(tmp_path / "two.raw") == digest
+
+
+def test_a_node_that_dies_silently_is_shown_lost(
+    url: str, start_agent: Callable[..., AgentProc]
+) -> None:
+    a = start_agent("a", url, "--announce-interval", "0.5")
+    start_agent("b", url)
+    a.proc.kill()
+    a.proc.wait()
+
+    def states() -> dict[str, str]:
+        return {n["node"]: n["state"] for n in json.loads(ok(ctl(url, "--json", "nodes")))}
+
+    wait_for(lambda: states().get("a") == "lost", "node a to be lost", timeout=20)
+    assert states()["b"] == "up"
+    assert "lost" in ok(ctl(url, "nodes"))
+    b_stopped = json.loads(ok(ctl(url, "--json", "nodes", "--all")))
+    assert {n["node"] for n in b_stopped} == {"a", "b"}
