@@ -22,6 +22,7 @@ __all__ = [
     "image_digest",
     "is_zero",
     "merge_extents",
+    "start_bridge",
     "start_recv",
     "start_send",
 ]
@@ -127,6 +128,24 @@ def start_recv(
     state_dir: str | None = None,
     resume: bool = False,
 ) -> Transfer: ...
+def start_bridge(
+    conn: DataConnection,
+    kind: str,
+    listen: str,
+    transfer_id: str,
+    subjects_: tuple[str, str, str],
+    done: _Done,
+    *,
+    size: int | None = None,
+    chunk_size: int | None = None,
+    window: int = ...,
+    timeout_s: float = 60.0,
+) -> Transfer:
+    """Listen on the unix socket ``listen`` for one client and push what it writes as a
+    stream of writes: ``kind`` "nbd" (an NBD export of ``size`` bytes; each write is
+    answered once the receiver wrote it) or "stream" (a byte stream). The socket exists
+    when this returns and is removed once the client is connected."""
+
 def image_digest(
     src: str, done: _Done, *, length: int | None = None, size: int | None = None
 ) -> None:

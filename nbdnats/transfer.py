@@ -233,6 +233,40 @@ async def start_recv(
     return TransferHandle(core, outcome, planes)
 
 
+async def start_bridge(
+    kind: str,
+    listen: str,
+    *,
+    transfer_id: str,
+    planes: Planes,
+    size: int | None = None,
+    chunk_size: int | None = None,
+    window: int = _core.DEFAULT_WINDOW,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> TransferHandle:
+    """Serve the unix socket ``listen`` for one local producer and send what it writes:
+    ``kind`` "nbd" (an NBD export of ``size`` bytes, e.g. for QEMU's mirror) or "stream"
+    (a byte stream, e.g. QEMU's migration). The receiver is an ordinary ``start_recv``
+    (an NBD export, or ``unix:PATH``). The socket exists when this returns."""
+    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
+    subs = subjects.transfer(transfer_id)
+    core, outcome = core_call(
+        lambda done: _core.start_bridge(
+            planes.data,
+            kind,
+            listen,
+            transfer_id,
+            subs,
+            done,
+            size=size,
+            chunk_size=chunk_size,
+            window=window,
+            timeout_s=timeout,
+        )
+    )
+    return TransferHandle(core, outcome, planes)
+
+
 @contextlib.asynccontextmanager
 async def _planes(
     planes: Planes | None, data_url: str | None, ctl_url: str | None, node: str | None

@@ -21,6 +21,9 @@ pub struct OpenRequest {
     pub verify: bool,
     /// The sender restarted mid-transfer and asks a running receiver to continue with it.
     pub resume: bool,
+    /// A stream of writes (a live producer): frames may address any offset, in sequence
+    /// order, rather than cut the disk from start to end. No journal, no verify.
+    pub writes: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! nbdnats core: NBD block streams over the NATS data plane. This file only registers the
 //! Python module; each concept lives in its own module.
 
+pub mod bridge;
 pub mod checksum;
 pub mod conn;
 pub mod digest;
@@ -13,6 +14,7 @@ pub mod io;
 pub mod journal;
 mod libnbd;
 mod micro;
+pub mod push;
 mod py;
 pub mod recv;
 pub mod send;

@@ -298,7 +298,10 @@ fn start_recv(
     let subjects = subjects(subjects_);
     let target = dst.clone();
     // Streams cannot be resumed, so they keep no journal.
-    let streaming = dst == "-" || dst == "null:" || dst.starts_with(crate::io::PIPE);
+    let streaming = dst == "-"
+        || dst == "null:"
+        || dst.starts_with(crate::io::PIPE)
+        || dst.starts_with(crate::io::UNIX);
     let journal = state_dir
         .filter(|_| !streaming)
         .map(|d| crate::journal::path_for(&d, &transfer_id));
@@ -319,6 +322,76 @@ fn start_recv(
         .boxed_send()
     })
 }
+
+/// Serve a local unix socket for one producer and push what it writes as transfer
+/// `transfer_id`: `kind` "nbd" (an NBD export of `size` bytes that QEMU's mirror writes
+/// into) or "stream" (a byte stream, such as QEMU's outgoing migration). The socket exists
+/// when this returns; see `_core.pyi`.
+#[pyfunction]
+#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0))]
+#[allow(clippy::too_many_arguments)]
+fn start_bridge(
+    conn: &DataConnection,
+    kind: String,
+    listen: String,
+    transfer_id: String,
+    subjects_: (String, String, String),
+    done: Py<PyAny>,
+    size: Option<u64>,
+    chunk_size: Option<u64>,
+    window: u64,
+    timeout_s: f64,
+) -> Transfer {
+    let conn = conn.conn.clone();
+    let subjects = subjects(subjects_);
+    let path = std::path::PathBuf::from(&listen);
+    let bound = crate::bridge::bind(&path);
+    start("send", transfer_id, done, move |progress, cancel| {
+        async move {
+            let listener = bound?;
+            let chunk = crate::conn::fit_chunk(chunk_size, conn.max_payload)?;
+            let (items, rx) = tokio::sync::mpsc::channel(2);
+            let stop = cancel.child_token();
+            let size = match (kind.as_str(), size) {
+                ("nbd", Some(size)) => {
+                    let serve =
+                        crate::bridge::serve_nbd(listener, path, size, chunk, items, stop.clone());
+                    tokio::spawn(serve);
+                    size
+                }
+                ("stream", None) => {
+                    tokio::spawn(crate::bridge::serve_stream(
+                        listener,
+                        path,
+                        chunk,
+                        items,
+                        stop.clone(),
+                    ));
+                    STREAM_BOUND
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(Error::Usage(format!(
+                        "bridge kind {kind:?}: use \"nbd\" with a size or \"stream\" without"
+                    )));
+                }
+            };
+            let opts = crate::push::PushOptions {
+                size,
+                chunk_size: Some(chunk),
+                window,
+                timeout: timeout(timeout_s),
+            };
+            let result = crate::push::push(&conn, rx, &subjects, &opts, &progress, &cancel).await;
+            stop.cancel();
+            result
+        }
+        .boxed_send()
+    })
+}
+
+/// The range a byte stream's frames may address (its length is not known in advance).
+const STREAM_BOUND: u64 = 1 << 62;
 
 /// The sha256 of a source's first `length` bytes (default: all of it), as
 /// `done(True, ("sha256:<hex>", length))`. Holes are hashed as zeros without reading them.
@@ -354,5 +427,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(start_send, m)?)?;
     m.add_function(wrap_pyfunction!(start_recv, m)?)?;
     m.add_function(wrap_pyfunction!(image_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(start_bridge, m)?)?;
     Ok(())
 }

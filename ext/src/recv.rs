@@ -119,6 +119,8 @@ struct Receiver<'a> {
     foreign_since: Option<Instant>,
     /// A checksummed frame of our session arrived since the main loop last looked.
     heard_sender: bool,
+    /// A stream of writes: frames address any offset (see `OpenRequest::writes`).
+    write_stream: bool,
 }
 
 impl Receiver<'_> {
@@ -303,7 +305,12 @@ impl Receiver<'_> {
                 break;
             };
             self.reorder_bytes -= payload.len();
-            if check_frame(&header, self.next_offset, self.size, self.chunk).is_err() {
+            let placed = if self.write_stream {
+                check_bounds(&header, self.size, self.chunk)
+            } else {
+                check_frame(&header, self.next_offset, self.size, self.chunk)
+            };
+            if placed.is_err() {
                 // Not the frame that belongs here (forged, or from a confused sender): drop
                 // it; the gap it leaves is named in the next ack and sent again.
                 Progress::add(&self.progress.bad_frames, 1);
@@ -497,7 +504,10 @@ pub async fn recv(
         cancel,
     )
     .await?;
-    if journal.is_none() {
+    if request.writes {
+        journal = None; // a live stream cannot be resumed
+    }
+    if journal.is_none() && !request.writes {
         if let Some(path) = &opts.journal {
             let header = journal::Header {
                 v: PROTOCOL_VERSION,
@@ -557,6 +567,7 @@ pub async fn recv(
         seen_own_session: false,
         foreign_since: None,
         heard_sender: false,
+        write_stream: request.writes,
     };
     let mut stall = Stall::new(opts.timeout);
     let mut tick = tokio::time::interval(NACK_INTERVAL);
@@ -834,6 +845,11 @@ async fn negotiate(
         return Err(Error::Nats(format!(
             "the receiver's server max_payload of {max_payload} bytes is too small"
         )));
+    }
+    if req.writes && (opts.verify || req.verify || req.resume) {
+        return Err(Error::Usage(
+            "a stream of writes can be neither verified nor resumed".into(),
+        ));
     }
     if (opts.verify || req.verify) && !sink.caps().can_read {
         return Err(Error::Usage(

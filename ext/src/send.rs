@@ -135,6 +135,7 @@ pub async fn send(
         digest: DIGEST_ALGORITHM.into(),
         verify: opts.verify,
         resume: opts.resume,
+        writes: false,
     };
     let reply = open(
         conn,
@@ -193,7 +194,7 @@ pub async fn send(
 }
 
 /// The open handshake: ask until a receiver answers, `stall` expires or we are cancelled.
-async fn open(
+pub(crate) async fn open(
     conn: &DataConn,
     subjects: &Subjects,
     request: &OpenRequest,

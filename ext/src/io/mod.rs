@@ -76,6 +76,9 @@ pub fn is_nbd_uri(spec: &str) -> bool {
 /// The prefix of a pipe endpoint (`pipe:PATH`): a FIFO or an inherited pipe, read or
 /// written as a stream in offset order.
 pub const PIPE: &str = "pipe:";
+/// A sink that connects to a listening unix stream socket and writes the stream into it
+/// (a QEMU migration socket): `unix:PATH`.
+pub const UNIX: &str = "unix:";
 
 /// Open a source: an NBD URI, `-` (stdin) or `pipe:PATH` (both need `size`), or a file or
 /// block device.
@@ -113,8 +116,8 @@ pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source
         .map(|f| Arc::new(f) as Arc<dyn Source>)
 }
 
-/// Open a sink: an NBD URI, `-` (stdout), `pipe:PATH`, `null:` (discard), or a file or
-/// block device.
+/// Open a sink: an NBD URI, `-` (stdout), `pipe:PATH`, `unix:PATH`, `null:` (discard), or
+/// a file or block device.
 pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
     if spec == "-" {
         return Ok(Arc::new(stdio::Stdout::open(stdio::Stream::Std)));
@@ -122,6 +125,11 @@ pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
     if let Some(path) = spec.strip_prefix(PIPE) {
         let path = path.to_string();
         let stream = blocking(move || stdio::Stream::open_pipe(&path, true)).await?;
+        return Ok(Arc::new(stdio::Stdout::open(stream)));
+    }
+    if let Some(path) = spec.strip_prefix(UNIX) {
+        let path = path.to_string();
+        let stream = blocking(move || stdio::Stream::connect_unix(&path)).await?;
         return Ok(Arc::new(stdio::Stdout::open(stream)));
     }
     if spec == "null:" {

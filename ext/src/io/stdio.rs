@@ -35,11 +35,12 @@ fn call<T: Send + 'static, R: Send + 'static>(
     .boxed()
 }
 
-/// Where a stream goes or comes from: the process's own stdin/stdout, or a pipe opened by
-/// path. `name` is what error messages call it.
+/// Where a stream goes or comes from: the process's own stdin/stdout, or a pipe or unix
+/// socket opened by path.
 pub enum Stream {
     Std,
     Pipe { path: String, fd: OwnedFd },
+    Unix { path: String, fd: OwnedFd },
 }
 
 impl Stream {
@@ -66,10 +67,29 @@ impl Stream {
         })
     }
 
+    /// Connect to a listening unix stream socket (`unix:PATH`), e.g. a QEMU migration
+    /// socket, and write the stream into it.
+    pub fn connect_unix(path: &str) -> Result<Stream> {
+        let sock = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| Error::Endpoint(format!("cannot connect to unix socket {path}: {e}")))?;
+        Ok(Stream::Unix {
+            path: path.to_string(),
+            fd: OwnedFd::from(sock),
+        })
+    }
+
     fn name(&self, std: &str) -> String {
         match self {
             Stream::Std => std.to_string(),
             Stream::Pipe { path, .. } => format!("pipe {path}"),
+            Stream::Unix { path, .. } => format!("unix socket {path}"),
+        }
+    }
+
+    fn fd(&self) -> Option<&OwnedFd> {
+        match self {
+            Stream::Std => None,
+            Stream::Pipe { fd, .. } | Stream::Unix { fd, .. } => Some(fd),
         }
     }
 }
@@ -105,9 +125,9 @@ impl Stdin {
                     let _ = reply.send(r);
                 }
             };
-            match &stream {
-                Stream::Std => serve(&mut std::io::stdin().lock()),
-                Stream::Pipe { fd, .. } => serve(&mut PipeReader(fd)),
+            match stream.fd() {
+                None => serve(&mut std::io::stdin().lock()),
+                Some(fd) => serve(&mut PipeReader(fd)),
             }
         });
         Stdin {
@@ -199,9 +219,9 @@ impl Stdout {
         };
         thread::spawn(move || {
             let stdout = std::io::stdout();
-            let out = match &stream {
-                Stream::Std => stdout.as_fd(),
-                Stream::Pipe { fd, .. } => fd.as_fd(),
+            let out = match stream.fd() {
+                None => stdout.as_fd(),
+                Some(fd) => fd.as_fd(),
             };
             let mut pos = 0u64;
             for req in rx {

@@ -1,0 +1,537 @@
+//! The push engine: a stream of writes that arrive from a live producer (QEMU's mirror
+//! writing into our NBD server, a migration stream), not read from a disk we can re-read.
+//!
+//! Frames carry each write where it belongs (the receiver runs in "writes" mode: frames
+//! need not be contiguous). Since nothing can be re-read, each sealed frame is kept until
+//! the receiver acknowledges it as written; the byte-counted window bounds that memory, and
+//! the producer waits (its requests are not answered, its socket is not read) while the
+//! window is full. A write's completion fires when its last frame is acknowledged, so the
+//! producer learns of a write only once the destination has it; a barrier (an NBD FLUSH)
+//! fires once everything before it is acknowledged. When the producer ends, END carries
+//! the digest as for a disk.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use async_nats::Message;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::checksum::{digest_hex, is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
+use crate::conn::{fit_chunk, DataConn};
+use crate::error::{Error, Result};
+use crate::frame::{
+    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_ZERO_LEN,
+    PROTOCOL_VERSION,
+};
+use crate::handshake::OpenRequest;
+use crate::send::{open, Stall, Subjects};
+use crate::stats::{Progress, State};
+use crate::window::{frame_cost, max_frames_in_window, Window, MIN_FRAME_COST};
+
+const RTO: Duration = Duration::from_secs(1);
+const KEEPALIVE: Duration = Duration::from_secs(2);
+const MAX_RETRIES: u32 = 10;
+
+/// Told when a write (or a barrier) is acknowledged as written, or that it never will be.
+pub type Done = oneshot::Sender<Result<()>>;
+
+/// What a producer hands the engine.
+pub enum Item {
+    /// Payload pieces of at most one chunk each, every one with `HEADER_LEN` bytes of
+    /// headroom in front (where the frame header goes), in offset order from `offset`.
+    Write {
+        offset: u64,
+        pieces: Vec<BytesMut>,
+        done: Option<Done>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        trim: bool,
+        done: Option<Done>,
+    },
+    /// Fires once every earlier item is acknowledged.
+    Barrier { done: Done },
+}
+
+pub struct PushOptions {
+    /// The range frames may address: the disk's size, or a stream's upper bound.
+    pub size: u64,
+    pub chunk_size: Option<u64>,
+    pub window: u64,
+    pub timeout: Option<Duration>,
+}
+
+/// Producers send `Ok(item)`; `Err` ends the transfer with that error; dropping the
+/// sender ends it normally (END).
+pub type Items = mpsc::Receiver<Result<Item>>;
+
+fn nats_err(e: impl std::fmt::Display) -> Error {
+    Error::Nats(format!("NATS: {e}"))
+}
+
+pub async fn push(
+    conn: &DataConn,
+    mut items: Items,
+    subjects: &Subjects,
+    opts: &PushOptions,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    progress.size.store(opts.size, Relaxed);
+    let chunk = fit_chunk(opts.chunk_size, conn.max_payload)?;
+    let mut acks = conn
+        .client
+        .subscribe(subjects.acks.clone())
+        .await
+        .map_err(nats_err)?;
+    progress.set_state(State::Waiting);
+    let request = OpenRequest {
+        v: PROTOCOL_VERSION,
+        size: opts.size,
+        chunk_size: chunk,
+        window: opts.window,
+        max_payload: conn.max_payload,
+        checksum: CHECKSUM_ALGORITHM.into(),
+        digest: DIGEST_ALGORITHM.into(),
+        writes: true,
+        ..Default::default()
+    };
+    let stall = Stall::new(opts.timeout);
+    let reply = open(
+        conn,
+        subjects,
+        &request,
+        stall,
+        &progress.transfer_id,
+        cancel,
+    )
+    .await?;
+    if reply.chunk_size < chunk {
+        return Err(Error::Protocol(format!(
+            "the receiver takes {}-byte chunks but this stream is cut in {chunk}",
+            reply.chunk_size
+        )));
+    }
+    if reply.resume_seq != 0 {
+        return Err(Error::Protocol(
+            "the receiver offers to resume, but a live stream cannot".into(),
+        ));
+    }
+    progress.chunk_size.store(chunk, Relaxed);
+    progress.window.store(reply.window, Relaxed);
+    progress.set_state(State::Running);
+    let mut window = Window::new(opts.window);
+    window.set_limit(reply.window);
+    let mut p = Pusher {
+        conn,
+        subjects,
+        progress,
+        session: reply.session,
+        size: opts.size,
+        timeout: opts.timeout,
+        window,
+        stored: BTreeMap::new(),
+        pending: VecDeque::new(),
+        waiters: VecDeque::new(),
+        resends: Vec::new(),
+        next_seq: 0,
+        acked: 0,
+        digest: Digest::default(),
+        received: 0,
+        end: None,
+        last_heard: Instant::now(),
+        last_progress: Instant::now(),
+        last_sent: Instant::now(),
+        backoff: 1,
+    };
+    let result = p.run(&mut items, &mut acks, cancel).await;
+    p.fail_waiters(&result);
+    if let Err(e) = &result {
+        if !matches!(e, Error::Remote { .. }) {
+            p.abort(e).await;
+        }
+    }
+    result
+}
+
+struct Pusher<'a> {
+    conn: &'a DataConn,
+    subjects: &'a Subjects,
+    progress: &'a Progress,
+    session: u32,
+    size: u64,
+    timeout: Option<Duration>,
+    window: Window,
+    /// Sealed frames not yet acknowledged, for sending again.
+    stored: BTreeMap<u64, Bytes>,
+    /// Frames cut from the current item, waiting for room in the window.
+    pending: VecDeque<(u64, Kind, u64, u64, Bytes)>,
+    /// Completions and the frame whose acknowledgement fires them.
+    waiters: VecDeque<(u64, Done)>,
+    /// Frames the receiver named as missing, to send again.
+    resends: Vec<u64>,
+    next_seq: u64,
+    /// Every frame below this is acknowledged as written.
+    acked: u64,
+    digest: Digest,
+    received: u64,
+    end: Option<(u64, EndSummary)>,
+    last_heard: Instant,
+    last_progress: Instant,
+    last_sent: Instant,
+    backoff: u32,
+}
+
+impl Pusher<'_> {
+    async fn run(
+        &mut self,
+        items: &mut Items,
+        acks: &mut async_nats::Subscriber,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let mut tick = tokio::time::interval(RTO / 4);
+        let mut producer_done = false;
+        loop {
+            self.send_pending().await?;
+            if producer_done && self.pending.is_empty() && self.end.is_none() {
+                self.send_end().await?;
+            }
+            let room = self.pending.is_empty() && !producer_done;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+                msg = acks.next() => {
+                    if let Some(digest) = self.on_ack(msg)? {
+                        return self.finish(digest).await;
+                    }
+                    for seq in std::mem::take(&mut self.resends) {
+                        self.resend(seq).await?;
+                    }
+                }
+                item = items.recv(), if room => match item {
+                    Some(Ok(item)) => self.cut(item),
+                    Some(Err(e)) => return Err(e),
+                    None => producer_done = true,
+                },
+                _ = tick.tick() => self.on_tick().await?,
+            }
+        }
+    }
+
+    /// Cut an item into frames (sealed now: the digest follows sequence order).
+    fn cut(&mut self, item: Item) {
+        let done = match item {
+            Item::Write {
+                mut offset,
+                pieces,
+                done,
+            } => {
+                for mut buf in pieces {
+                    let len = (buf.len() - HEADER_LEN) as u64;
+                    if len == 0 {
+                        continue;
+                    }
+                    if is_zero(&buf[HEADER_LEN..]) {
+                        self.frame(Kind::Zero, offset, len, None);
+                    } else {
+                        let header = self.header(Kind::Data, offset, len);
+                        let checksum = header.seal(&mut buf);
+                        self.queue(Kind::Data, offset, len, buf.freeze(), checksum);
+                    }
+                    offset += len;
+                }
+                done
+            }
+            Item::Zero {
+                mut offset,
+                mut len,
+                trim,
+                done,
+            } => {
+                let kind = if trim { Kind::Trim } else { Kind::Zero };
+                while len > 0 {
+                    let n = len.min(MAX_ZERO_LEN);
+                    self.frame(kind, offset, n, None);
+                    offset += n;
+                    len -= n;
+                }
+                done
+            }
+            Item::Barrier { done } => Some(done),
+        };
+        // It completes with the last frame cut so far: its own last frame, or for a
+        // barrier (or an empty write) the last frame before it.
+        if let Some(done) = done {
+            if self.next_seq <= self.acked {
+                let _ = done.send(Ok(()));
+            } else {
+                self.waiters.push_back((self.next_seq - 1, done));
+            }
+        }
+    }
+
+    fn header(&self, kind: Kind, offset: u64, length: u64) -> ChunkHeader {
+        ChunkHeader {
+            kind,
+            session: self.session,
+            seq: self.next_seq,
+            offset,
+            length,
+            checksum: 0,
+        }
+    }
+
+    fn frame(&mut self, kind: Kind, offset: u64, len: u64, payload: Option<&[u8]>) {
+        let (bytes, checksum) = self
+            .header(kind, offset, len)
+            .encode(payload.unwrap_or(&[]));
+        self.queue(kind, offset, len, bytes, checksum);
+    }
+
+    fn queue(&mut self, kind: Kind, offset: u64, len: u64, bytes: Bytes, checksum: u64) {
+        self.digest.update(checksum);
+        let counter = if kind == Kind::Data {
+            &self.progress.data_bytes
+        } else {
+            &self.progress.zero_bytes
+        };
+        Progress::add(counter, len);
+        Progress::add(&self.progress.frames, 1);
+        self.pending
+            .push_back((self.next_seq, kind, offset, len, bytes));
+        self.next_seq += 1;
+    }
+
+    async fn send_pending(&mut self) -> Result<()> {
+        while let Some((_, _, _, len, bytes)) = self.pending.front() {
+            let cost = if bytes.len() > HEADER_LEN {
+                frame_cost(*len)
+            } else {
+                MIN_FRAME_COST
+            };
+            if !self.window.can_send(cost) {
+                break;
+            }
+            let Some((seq, kind, offset, len, bytes)) = self.pending.pop_front() else {
+                break;
+            };
+            self.window.sent(seq, kind, offset, len, cost);
+            self.stored.insert(seq, bytes.clone());
+            self.publish(bytes).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, frame: Bytes) -> Result<()> {
+        self.last_sent = Instant::now();
+        Progress::add(
+            &self.progress.sent_bytes,
+            (frame.len() - HEADER_LEN.min(frame.len())) as u64,
+        );
+        self.conn
+            .client
+            .publish(self.subjects.chunks.clone(), frame)
+            .await
+            .map_err(nats_err)
+    }
+
+    async fn resend(&mut self, seq: u64) -> Result<()> {
+        let Some(entry) = self.window.get_mut(seq) else {
+            return Ok(());
+        };
+        if entry.last_sent.elapsed() < RTO / 4 {
+            return Ok(());
+        }
+        entry.retries += u32::from(entry.kind != Kind::End);
+        if entry.retries > MAX_RETRIES {
+            return Err(Error::Integrity(format!(
+                "frame {seq} at offset {} was lost or damaged {MAX_RETRIES} times; the path between the hosts is failing",
+                entry.offset
+            )));
+        }
+        entry.last_sent = std::time::Instant::now();
+        Progress::add(&self.progress.retransmits, 1);
+        if let Some(bytes) = self.stored.get(&seq).cloned() {
+            self.publish(bytes).await?;
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, msg: Option<Message>) -> Result<Option<[u8; 16]>> {
+        let msg = msg.ok_or_else(|| Error::Nats("the ack subscription ended".into()))?;
+        let ack = match Ack::decode(&msg.payload) {
+            Ok(a) if a.session == self.session => a,
+            _ => {
+                Progress::add(&self.progress.bad_frames, 1);
+                return Ok(None);
+            }
+        };
+        let sent = self.next_seq - self.pending.len() as u64 + u64::from(self.end.is_some());
+        let Ok(covered) = self.window.ack(ack.next_seq, sent) else {
+            Progress::add(&self.progress.bad_frames, 1);
+            return Ok(None);
+        };
+        self.last_heard = Instant::now();
+        if covered > 0 || ack.received > self.received {
+            self.last_progress = Instant::now();
+            self.backoff = 1;
+        }
+        Progress::add(&self.progress.done_bytes, covered);
+        self.received = self.received.max(ack.received);
+        if ack.next_seq > self.acked {
+            self.acked = ack.next_seq;
+            self.stored = self.stored.split_off(&ack.next_seq);
+            while self.waiters.front().is_some_and(|(s, _)| *s < self.acked) {
+                if let Some((_, done)) = self.waiters.pop_front() {
+                    let _ = done.send(Ok(()));
+                }
+            }
+        }
+        if ack.window > 0 {
+            self.window.set_limit(ack.window);
+        }
+        match (ack.kind, ack.body) {
+            (AckKind::Error, AckBody::Error { code, message }) => {
+                Err(Error::from_remote(&code, &message))
+            }
+            (AckKind::Done, AckBody::Done { digest, .. }) => match &self.end {
+                Some((end_seq, _)) if ack.next_seq == end_seq + 1 => Ok(Some(digest)),
+                _ => Err(Error::Protocol(format!(
+                    "receiver reported done at frame {} before the end",
+                    ack.next_seq
+                ))),
+            },
+            (AckKind::Ack, AckBody::Missing(ranges)) => {
+                let limit = max_frames_in_window(crate::window::MAX_WINDOW) as u64;
+                let seqs: Vec<u64> = ranges
+                    .into_iter()
+                    .flat_map(|(first, count)| {
+                        first..first.saturating_add(u64::from(count).min(limit))
+                    })
+                    .collect();
+                self.resends = seqs;
+                Ok(None)
+            }
+            (AckKind::Ack, _) => Ok(None),
+            _ => Err(Error::Protocol("malformed ack from the receiver".into())),
+        }
+    }
+
+    async fn on_tick(&mut self) -> Result<()> {
+        if !self.window.is_empty() {
+            let quiet = self.last_heard.elapsed();
+            if let Some(limit) = self.timeout {
+                if quiet >= limit {
+                    return Err(Error::Timeout(format!(
+                        "the receiver went quiet for {}s",
+                        limit.as_secs_f64()
+                    )));
+                }
+            }
+        }
+        if self.last_progress.elapsed() >= RTO * self.backoff {
+            if let Some(&seq) = self.window.overdue(self.received, RTO).last() {
+                self.resend(seq).await?;
+            }
+            self.backoff = (self.backoff * 2).min(8);
+        }
+        if self.window.is_empty() && self.last_sent.elapsed() >= KEEPALIVE {
+            let (ka, _) = ChunkHeader {
+                kind: Kind::Keepalive,
+                session: self.session,
+                seq: self.next_seq,
+                offset: 0,
+                length: 0,
+                checksum: 0,
+            }
+            .encode(&[]);
+            self.publish(ka).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_end(&mut self) -> Result<()> {
+        let total = self.next_seq;
+        let summary = EndSummary {
+            digest: self.digest.value(),
+            frames: total,
+            data_bytes: self.progress.data_bytes.load(Relaxed),
+            zero_bytes: self.progress.zero_bytes.load(Relaxed),
+        };
+        let header = ChunkHeader {
+            kind: Kind::End,
+            session: self.session,
+            seq: total,
+            offset: self.size,
+            length: 0,
+            checksum: 0,
+        };
+        let (frame, _) = header.encode(&summary.encode());
+        self.progress.set_state(State::Finishing);
+        self.progress.set_digest(digest_hex(&summary.digest));
+        self.window.sent(total, Kind::End, self.size, 0, 0);
+        self.stored.insert(total, frame.clone());
+        self.end = Some((total, summary));
+        self.publish(frame).await
+    }
+
+    async fn finish(&mut self, digest: [u8; 16]) -> Result<()> {
+        let Some((end_seq, summary)) = &self.end else {
+            return Err(Error::Protocol("DONE before END".into()));
+        };
+        let (end_seq, ours) = (*end_seq, summary.digest);
+        let (close, _) = ChunkHeader {
+            kind: Kind::Close,
+            session: self.session,
+            seq: end_seq + 1,
+            offset: 0,
+            length: 0,
+            checksum: 0,
+        }
+        .encode(&[]);
+        let _ = self.publish(close).await;
+        let _ = self.conn.client.flush().await;
+        if digest != ours {
+            return Err(Error::Integrity(format!(
+                "digest mismatch: sent {} but the receiver wrote {}",
+                digest_hex(&ours),
+                digest_hex(&digest)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Completions still waiting learn the outcome (an error if the stream failed).
+    fn fail_waiters(&mut self, result: &Result<()>) {
+        for (_, done) in self.waiters.drain(..) {
+            let _ = done.send(match result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(Error::Endpoint(format!("the stream failed: {e}"))),
+            });
+        }
+    }
+
+    async fn abort(&mut self, why: &Error) {
+        let (frame, _) = ChunkHeader {
+            kind: Kind::Abort,
+            session: self.session,
+            seq: self.next_seq,
+            offset: 0,
+            length: 0,
+            checksum: 0,
+        }
+        .encode(crate::frame::truncate(&why.to_string(), crate::frame::MAX_MESSAGE_LEN).as_bytes());
+        let _ = self
+            .conn
+            .client
+            .publish(self.subjects.chunks.clone(), frame)
+            .await;
+        let _ = self.conn.client.flush().await;
+    }
+}
