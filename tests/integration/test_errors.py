@@ -113,7 +113,7 @@ def test_invalid_transfer_id(src: Path, bad: str) -> None:
         (["--window", "lots"], "argument --window: 'lots' is not a size"),
         (["--timeout", "-1"], "--timeout"),
         (["--chunk-size", "5000"], "multiple of 4096"),
-        (["--size", "5"], "--size applies only to stdin"),
+        (["--size", "5"], "--size applies only to streams"),
     ],
 )
 def test_invalid_options(tmp_path: Path, src: Path, args: list[str], text: str) -> None:

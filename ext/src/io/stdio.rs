@@ -157,10 +157,15 @@ fn read_next(
     while filled < len {
         match input.read(&mut buf[headroom + filled..]) {
             Ok(0) => {
+                let said = if name == "stdin" {
+                    "--size says"
+                } else {
+                    "the image is"
+                };
                 return Err(Error::Endpoint(format!(
-                    "{name} ended after {} bytes but the size is {size}",
+                    "{name} ended after {} bytes but {said} {size}",
                     *pos + filled as u64
-                )))
+                )));
             }
             Ok(n) => filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
