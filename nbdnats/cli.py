@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from nbdnats import __version__, _core, dev, transfer
+from nbdnats import __version__, _core, dev, migrate, transfer
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.progress import ProgressBar
 from nbdnats.schemas import Report, from_stats
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_common(p, sender=sender, receiver=receiver)
     dev.add_parser(sub)
+    migrate.add_parser(sub)
     return parser
 
 
@@ -246,7 +247,12 @@ async def _main(args: argparse.Namespace) -> None:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    await (dev.run(args) if args.command == "dev" else _run(args))
+    if args.command == "dev":
+        await dev.run(args)
+    elif args.command == "migrate":
+        await migrate.run(args)
+    else:
+        await _run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,9 @@
      |    +-- RemoteError         the peer failed and said why
      +-- IntegrityError           checksum, digest or verify mismatch
      +-- TransferCancelled        the transfer was cancelled
+     +-- MigrationError           a live migration failed (the source VM keeps running
+          |                       when it failed before switchover)
+          +-- MigrationTimeout    a migration step made no progress within the timeout
 
 The core reports failures as ``(code, message)``; ``from_code`` maps a code to its class.
 """
@@ -69,6 +72,14 @@ class TransferCancelled(NbdNatsError):
     code = "cancelled"
 
 
+class MigrationError(NbdNatsError):
+    code = "migration"
+
+
+class MigrationTimeout(MigrationError):
+    code = "migration_timeout"
+
+
 _BY_CODE: dict[str, type[NbdNatsError]] = {
     cls.code: cls
     for cls in (
@@ -81,6 +92,8 @@ _BY_CODE: dict[str, type[NbdNatsError]] = {
         ProtocolError,
         IntegrityError,
         TransferCancelled,
+        MigrationError,
+        MigrationTimeout,
     )
 }
 
