@@ -57,7 +57,7 @@ from qemu.qmp import (
 
 from nbdnats.errors import MigrationError, MigrationTimeout, NbdNatsError, UsageError
 from nbdnats.transfer import resolve_state_dir
-from nbdnats.units import human
+from nbdnats.units import human, parse_size
 
 # How long a step may go without progress before the migration fails (--timeout).
 DEFAULT_TIMEOUT = 60.0
@@ -446,7 +446,9 @@ class _Run:
 
         listen = await self.path.listen()
         if self.disks:
-            await self.dst.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": listen.nbd}})
+            await self.dst.cmd(
+                "nbd-server-start", addr={"type": "unix", "data": {"path": listen.nbd}}
+            )
             self.nbd_server = True
             for i, disk in enumerate(self.disks):
                 await self.dst.cmd(
@@ -928,8 +930,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="cancel migration --id run by another nbd-nats migrate, or roll back what a "
         "migration left behind through --src-qmp (and --dst-qmp)",
     )
+    p.add_argument(
+        "--mirror-speed",
+        default="0",
+        metavar="BYTES",
+        help="cap the disks' bulk copy at BYTES per second, like 50M (default: no cap)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
-    p.add_argument("--quiet", "-q", action="store_true", help="no summary")
+    p.add_argument("--quiet", "-q", action="store_true", help="no state lines or summary")
     return p
 
 
@@ -955,7 +963,17 @@ async def run(args: argparse.Namespace) -> None:
         )
     if args.timeout < 0:
         raise UsageError("--timeout must be 0 (no limit) or more seconds")
+    speed = parse_size(args.mirror_speed, "--mirror-speed")
     migration_id = args.migration_id or uuid.uuid4().hex[:16]
+    seen: list[State] = []
+
+    def show(p: Progress) -> None:
+        # One line per state on stderr: what a person (or a script waiting for a state)
+        # needs; --json and --quiet keep stderr for errors.
+        if not seen or seen[-1] != p.state:
+            seen.append(p.state)
+            sys.stderr.write(f"nbd-nats: migration {migration_id}: {p.state.value}\n")
+
     with _recorded(migration_id, args):
         report = await migrate(
             args.src_qmp,
@@ -963,6 +981,8 @@ async def run(args: argparse.Namespace) -> None:
             path=DirectPath(),
             migration_id=migration_id,
             timeout=args.timeout,
+            mirror_speed=speed,
+            on_progress=None if (args.quiet or args.json) else show,
         )
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
