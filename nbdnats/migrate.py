@@ -149,7 +149,8 @@ class Path(Protocol):
         ...
 
     async def close(self) -> None:
-        """Tear the path down; called once, also after failures. Must not raise."""
+        """Tear the path down, ending every connection through it; called after
+        failures too, possibly twice. Must not raise."""
         ...
 
 
@@ -624,6 +625,9 @@ class _Run:
         if self.src.alive:
             if self.migrate_started:
                 await step("migrate_cancel", self._cancel_migration())
+            # Closing the path ends the streams' connections, which frees an NBD request
+            # stuck on a stalled stream, so the mirror can be cancelled.
+            await step("closing the data path", self.path.close())
             await step("cancelling the mirrors", cancel_jobs(self.src))
             await step("removing the mirror targets", remove_nodes(self.src))
             await step("restoring the capabilities", self.restore_caps())

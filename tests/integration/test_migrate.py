@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from bench import vm
 from nbdnats import migrate
-from nbdnats.errors import MigrationError, UsageError
+from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
 from tests.conftest import one_line_error, run_cli, start_cli
 
 MiB = 1 << 20
@@ -150,6 +151,41 @@ def test_destination_killed_mid_mirror(vms: Callable[..., vm.VM]) -> None:
     assert source.status() == "running"
     assert our_leftovers(source) == []
     assert not capability(source, "pause-before-switchover")
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
+
+
+def test_stalled_stream_times_out(vms: Callable[..., vm.VM]) -> None:
+    # The destination QEMU is frozen (SIGSTOP) mid-mirror: the mirror stops moving, and
+    # after --timeout without progress the migration fails and rolls back. It is thawed
+    # when the rollback starts, as a network that comes back would be.
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    dest = vms("dst", incoming=True)
+    assert dest.proc is not None
+    frozen: list[float] = []
+
+    def on_progress(p: migrate.Progress) -> None:
+        assert dest.proc is not None
+        if p.state == migrate.State.MIRRORING and p.disk_done > 0 and not frozen:
+            os.kill(dest.proc.pid, signal.SIGSTOP)
+            frozen.append(time.monotonic())
+        elif p.state == migrate.State.ROLLING_BACK and frozen:
+            os.kill(dest.proc.pid, signal.SIGCONT)
+
+    with pytest.raises(MigrationTimeout) as caught:
+        asyncio.run(
+            migrate.migrate(
+                source.qmp, dest.qmp, timeout=2, mirror_speed=4 * MiB, on_progress=on_progress
+            )
+        )
+    message = str(caught.value)
+    assert "mirroring the disks made no progress for 2 s" in message, message
+    assert "rolled back" in message, message
+    assert frozen
+    assert dest.proc.wait(20) == 0  # told to quit once thawed
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
     printed = source.last_counter()
     source.wait_counter(printed + 3, timeout=20)
 
