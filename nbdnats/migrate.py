@@ -56,6 +56,7 @@ from qemu.qmp import (
 )
 
 from nbdnats.errors import MigrationError, MigrationTimeout, NbdNatsError, UsageError
+from nbdnats.subjects import check_token
 from nbdnats.transfer import resolve_state_dir
 from nbdnats.units import human, parse_size
 
@@ -303,6 +304,14 @@ def _writable_disks(block: list[dict[str, Any]]) -> dict[str, tuple[str, int]]:
     return disks
 
 
+def disk_name(key: str) -> str:
+    """A disk's name for people: the device id of ``/machine/peripheral/<id>/...``."""
+    parts = key.split("/")
+    if key.startswith("/machine/peripheral/") and len(parts) > 3:
+        return parts[3]
+    return key
+
+
 def match_disks(source: list[dict[str, Any]], destination: list[dict[str, Any]]) -> list[Disk]:
     """Pair the source's disks with the destination's by guest device; the destination must
     have every one, of the same size."""
@@ -312,13 +321,14 @@ def match_disks(source: list[dict[str, Any]], destination: list[dict[str, Any]])
     for key, (node, size) in src.items():
         if key not in dst:
             raise UsageError(
-                f"the destination has no disk for the source's {key}: start it with the "
+                f"the destination has no disk {disk_name(key)}: start it with the "
                 "same devices (and ids)"
             )
         dst_node, dst_size = dst[key]
         if dst_size != size:
             raise UsageError(
-                f"disk {key}: the destination's is {dst_size} bytes, the source's {size}: "
+                f"disk {disk_name(key)}: the destination's is {dst_size} bytes, the source's "
+                f"{size}: "
                 "give the destination a disk of exactly the source's size"
             )
         disks.append(Disk(key, node, dst_node, size))
@@ -954,6 +964,9 @@ def _summary(r: MigrationReport) -> str:
 
 
 async def run(args: argparse.Namespace) -> None:
+    if args.migration_id is not None:
+        # It names a file here, and subjects once the migration travels over NATS.
+        check_token(args.migration_id, "migration id")
     if args.cancel:
         message = await cancel(args.migration_id, args.src_qmp, args.dst_qmp)
         if not args.quiet:
