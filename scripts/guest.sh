@@ -28,8 +28,9 @@ BUSYBOX=${BUSYBOX:-/bin/busybox}
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
 cache=${NBDNATS_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/nbdnats/guest}
 
-[ -x "$BUSYBOX" ] && "$BUSYBOX" --list | grep -x insmod >/dev/null \
-  || die "no static busybox at $BUSYBOX; install busybox-static (scripts/bootstrap.sh does)"
+if ! { [ -x "$BUSYBOX" ] && "$BUSYBOX" --list | grep -x insmod >/dev/null; }; then
+  die "no static busybox at $BUSYBOX; install busybox-static (scripts/bootstrap.sh does)"
+fi
 command -v apt-get >/dev/null || die "apt-get is needed to fetch the Debian kernel package"
 command -v cpio >/dev/null || die "cpio not found; install it (scripts/bootstrap.sh does)"
 
@@ -40,7 +41,7 @@ if [ -z "$pkg" ]; then
   [ -n "$pkg" ] || die "cannot resolve linux-image-amd64 to a kernel package (run apt-get update)"
 fi
 version=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
-[ -n "$version" ] && [ "$version" != "(none)" ] || die "no candidate version of $pkg"
+if [ -z "$version" ] || [ "$version" = "(none)" ]; then die "no candidate version of $pkg"; fi
 
 key=$({ echo "$pkg=$version"; sha256sum "$BUSYBOX" "$0" | cut -d' ' -f1; } | sha256sum | cut -c1-16)
 out=$cache/$key
@@ -55,14 +56,14 @@ trap 'rm -rf "$work"' EXIT
 # The kernel package is kept apart from the builds: a change of this script rebuilds the
 # initramfs without fetching 70 MB again.
 debs=$cache/debs/$pkg=$version
-if ! ls "$debs"/*.deb >/dev/null 2>&1; then
+if [ -z "$(find "$debs" -name '*.deb' 2>/dev/null)" ]; then
   say "fetching $pkg $version"
   mkdir -p "$work/debs"
   (cd "$work/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >/dev/null)
   mkdir -p "$cache/debs"
   mv -T "$work/debs" "$debs" 2>/dev/null || true
 fi
-dpkg-deb -x "$(ls "$debs"/*.deb | head -n1)" "$work/kernel"
+dpkg-deb -x "$(find "$debs" -name '*.deb' | head -n1)" "$work/kernel"
 
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,lib/modules}
