@@ -495,7 +495,8 @@ class _Run:
                 raise MigrationError(f"mirror {job} ended: {why}")
 
     async def mirror(self, source_side: Sockets) -> None:
-        self.enter(State.MIRRORING)
+        """Start a mirror job per disk (still part of preparing), then wait until every
+        one is READY (mirroring: from here on the jobs exist in the source)."""
         since = len(self.src.events)
         for i, disk in enumerate(self.disks):
             await self.src.cmd(
@@ -510,6 +511,7 @@ class _Run:
                 target=TARGET_NODE.format(i), sync="full", **args,
             )  # fmt: skip
         jobs = {MIRROR_JOB.format(i) for i in range(len(self.disks))}
+        self.enter(State.MIRRORING)
 
         def ready() -> bool | None:
             self._job_failure(since)
@@ -819,6 +821,15 @@ async def abort(src_qmp: str, dst_qmp: str | None = None) -> list[str]:
             ("cancelling the mirrors", cancel_jobs(src)),
             ("removing the mirror targets", remove_nodes(src)),
             ("resuming the source", resume(src)),
+            # The values before the migration died with its process; a capability left on
+            # would hold a later migration at pre-switchover for good.
+            (
+                "clearing pause-before-switchover",
+                src.cmd(
+                    "migrate-set-capabilities",
+                    capabilities=[{"capability": "pause-before-switchover", "state": False}],
+                ),
+            ),
         ):
             try:
                 await asyncio.wait_for(coro, CLEANUP_TIMEOUT)

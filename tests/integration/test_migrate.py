@@ -220,6 +220,39 @@ def test_cancel_from_another_invocation(vms: Callable[..., vm.VM]) -> None:
     source.wait_counter(printed + 3, timeout=20)
 
 
+def test_cancel_after_the_migrating_process_was_killed(vms: Callable[..., vm.VM]) -> None:
+    # A SIGKILLed nbd-nats leaves its mirror job, NBD node and capabilities in the source
+    # and a waiting destination; --cancel --id finds the sockets in its record and rolls
+    # all of it back through QMP.
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    dest = vms("dst", incoming=True)
+    running = start_cli(
+        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp,
+        "--id", "mig2", "--mirror-speed", "2M",
+    )  # fmt: skip
+    assert running.stderr is not None
+    for _ in range(20):
+        line = running.stderr.readline().decode()
+        if not line or "mirroring" in line:
+            break
+    assert "mirroring" in line, line
+    running.kill()
+    running.wait(10)
+    assert our_leftovers(source) != []  # what the killed process left
+    assert capability(source, "pause-before-switchover")
+
+    proc = run_cli("migrate", "--cancel", "--id", "mig2", timeout=90)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "the destination was stopped" in proc.stderr.decode()
+    assert dest.proc is not None and dest.proc.wait(20) == 0
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    assert not capability(source, "pause-before-switchover")
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
+
+
 def test_without_direct_the_nats_path_is_not_built() -> None:
     proc = run_cli("migrate", "--src-qmp", "/nonexistent/a", "--dst-qmp", "/nonexistent/b")
     line = one_line_error(proc)
