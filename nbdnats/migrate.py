@@ -759,6 +759,10 @@ async def migrate(
             if stop or isinstance(e, NbdNatsError):
                 raise
             raise MigrationError(f"migration failed while {failed_in.value}: {_describe(e)}") from e
+        if not run.committed and run.state == State.SWITCHOVER:
+            # The source may have completed just as this failed: then it is too late to
+            # roll back (the destination would be quit while it holds the only state).
+            run.committed = await _finish(_source_completed(run.src))
         if run.committed:
             if stop:
                 raise
@@ -770,6 +774,14 @@ async def migrate(
         raise _rolled_back(e, failed_in, problems) from e
     finally:
         await _finish(_close(run))
+
+
+async def _source_completed(src: _Qmp) -> bool:
+    try:
+        info = await asyncio.wait_for(src.cmd("query-migrate"), CLEANUP_TIMEOUT)
+    except (NbdNatsError, TimeoutError):
+        return False
+    return bool(info.get("status") == "completed")
 
 
 def _describe(e: BaseException) -> str:
