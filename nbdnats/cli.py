@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from nbdnats import __version__, _core, approval, ctl_cli, dev, transfer
+from nbdnats import __version__, _core, approval, ctl_cli, dev, migrate, transfer
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.progress import ProgressBar
 from nbdnats.schemas import Report, from_stats
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     approval.add_parser(sub)
     ctl_cli.add_digest_parser(sub)
     dev.add_parser(sub)
+    migrate.add_parser(sub)
     return parser
 
 
@@ -256,6 +257,7 @@ async def _main(args: argparse.Namespace) -> None:
         "ctl": ctl_cli.run_ctl,
         "approve": approval.run,
         "digest": ctl_cli.run_digest,
+        "migrate": migrate.run,
     }
     await runners.get(args.command, _run)(args)
 

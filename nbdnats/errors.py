@@ -13,10 +13,13 @@
      +-- IntegrityError           checksum, digest or verify mismatch
      +-- TransferCancelled        the transfer was cancelled
      +-- RefusedError             an agent refused a command before acting  (code "refused")
-          +-- SchemaError         not a valid message, unknown op or version (code "schema")
-          +-- PolicyError         outside the agent's allow-list or role     (code "denied")
-          +-- ApprovalError       a provisioning approval is missing or bad  (code "approval")
-          +-- ConflictError       an idempotency key reused for another command (code "conflict")
+     |    +-- SchemaError         not a valid message, unknown op or version (code "schema")
+     |    +-- PolicyError         outside the agent's allow-list or role     (code "denied")
+     |    +-- ApprovalError       a provisioning approval is missing or bad  (code "approval")
+     |    +-- ConflictError       an idempotency key reused for another command (code "conflict")
+     +-- MigrationError           a live migration failed (the source VM keeps running
+          |                       when it failed before switchover)
+          +-- MigrationTimeout    a migration step made no progress within the timeout
 
 The core reports failures as ``(code, message)``; ``from_code`` maps a code to its class.
 """
@@ -92,6 +95,12 @@ class ApprovalError(RefusedError):
 
 class ConflictError(RefusedError):
     code = "conflict"
+class MigrationError(NbdNatsError):
+    code = "migration"
+
+
+class MigrationTimeout(MigrationError):
+    code = "migration_timeout"
 
 
 _BY_CODE: dict[str, type[NbdNatsError]] = {
@@ -111,6 +120,8 @@ _BY_CODE: dict[str, type[NbdNatsError]] = {
         PolicyError,
         ApprovalError,
         ConflictError,
+        MigrationError,
+        MigrationTimeout,
     )
 }
 

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 APT_PACKAGES=(libnbd-dev libnbd-bin qemu-utils pkg-config restic openssl)
+# Live-migration tests: QEMU itself, and what scripts/guest.sh builds the test guest with.
+APT_PACKAGES+=(qemu-system-x86 busybox-static cpio xz-utils)
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -27,7 +29,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   say "installing ${missing[*]}"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian bookworm's own qemu-system-x86 (7.2) cannot sit beside a backported qemu-utils
+  # (they share qemu-block-extra): take QEMU from bookworm-backports when qemu-utils did.
+  target=()
+  if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]] \
+     && dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q '~bpo12'; then
+    if ! apt-cache policy | grep -q 'bookworm-backports'; then
+      say "adding the bookworm-backports apt source"
+      echo "deb http://deb.debian.org/debian bookworm-backports main" \
+        | $sudo tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+      $sudo apt-get update -qq
+    fi
+    target=(-t bookworm-backports)
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${target[@]}" "${missing[@]}" >/dev/null
 fi
 
 command -v cargo >/dev/null || die "no Rust toolchain (cargo); install one with rustup (1.89 or newer)"

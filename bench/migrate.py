@@ -1,0 +1,168 @@
+"""Live-migration baseline: ``nbd-nats migrate --direct`` (the QEMUs' unix sockets joined
+directly, no NATS) run N times on the test guest, so that the NATS path can later be
+reported as ratios to it, round by round.
+
+    python -m bench.migrate [--rounds N] [--data MIB] [--out DIR] [--mode direct]
+
+Each round boots a source VM (the test guest of bench/vm.py, which keeps writing a counter
+to its disk with O_DIRECT and fsync) on a 256 MiB qcow2 disk holding ``--data`` MiB of
+pattern data, waits until the guest writes, starts the destination with
+``-incoming defer -S`` and an empty disk of the same size, and times ``nbd-nats migrate``.
+Each run is checked: the destination must run on, and its disk must hold every write the
+guest saw acknowledged (a run that loses one fails the benchmark). Figures per run:
+
+- total_seconds: the tool's own clock, first QMP command to the destination resumed
+- wall_seconds: the whole ``nbd-nats migrate`` process, interpreter start included
+- downtime_ms: QEMU's ``query-migrate`` downtime (source VM stopped until sent)
+- paused_ms: the source's STOP event until the destination's RESUME event
+- disk_bytes, ram_bytes: the mirror's progress and the RAM sent
+
+Writes ``results.json`` (every run, median/min/max of each figure, the machine) into
+``bench/results/<UTC time>-migrate/`` unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import harness, vm
+
+REPO = Path(__file__).resolve().parent.parent
+NBD_NATS = str(Path(sys.executable).parent / "nbd-nats")
+DISK = 256 * vm.MiB
+FIGURES = ("total_seconds", "wall_seconds", "downtime_ms", "paused_ms", "disk_bytes", "ram_bytes")
+SCHEMA = 1
+
+
+def say(text: str) -> None:
+    print(f"bench.migrate: {text}", file=sys.stderr, flush=True)
+
+
+def one_run(work: Path, round_: int, data_mib: int, mode: str) -> dict[str, Any]:
+    d = work / f"round{round_}"
+    d.mkdir()
+    source = vm.VM("src", d, vm.make_disk(d / "src.qcow2", DISK, data_mib))
+    dest = vm.VM("dst", d, vm.make_disk(d / "dst.qcow2", DISK), incoming=True, paused=True)
+    try:
+        source.start()
+        source.wait_counter(10, timeout=120)
+        dest.start()
+        argv = [NBD_NATS, "migrate", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp, "--json"]
+        argv += ["--direct"] if mode == "direct" else []
+        start = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        wall = time.monotonic() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"round {round_}: nbd-nats migrate failed: {proc.stderr.strip()}")
+        report = json.loads(proc.stdout)
+        # The check: the guest goes on, and no acknowledged write is missing.
+        dest.wait_counter(source.last_counter() + 3, timeout=60)
+        dest.command("stop")
+        last = dest.last_counter()
+        dest.stop()
+        missing = vm.missing_writes(vm.disk_records(dest.disk, d), last)
+        if missing:
+            raise RuntimeError(f"round {round_}: acknowledged writes lost: {missing[:10]}")
+        return {"round": round_, "mode": mode, "wall_seconds": round(wall, 3), **report}
+    finally:
+        source.stop()
+        dest.stop()
+        for f in d.glob("*.qcow2"):
+            f.unlink()
+
+
+def machine() -> dict[str, Any]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout
+        except OSError:
+            return "unknown"
+        return out.strip().splitlines()[0] if out.strip() else "unknown"
+
+    return {
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "qemu": first_line([vm.QEMU, "--version"]),
+        "accel": vm.accel(),
+        "guest_memory_mib": vm.MEMORY_MIB,
+        "commit": first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+    }
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in FIGURES:
+        s = harness.spread(r.get(name) for r in runs)
+        out[name] = s.to_json() if s else None
+    return out
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.3f}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = ["| figure | median | min - max |", "|---|---|---|"]
+    for name in FIGURES:
+        s = summary.get(name)
+        if s:
+            lines.append(f"| {name} | {_num(s['median'])} | {_num(s['min'])} - {_num(s['max'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.migrate", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=5, help="migrations to run (default: 5)")
+    p.add_argument("--data", type=int, default=64, metavar="MIB",
+                   help="MiB of data on the 256 MiB source disk (default: 64)")  # fmt: skip
+    p.add_argument("--mode", default="direct", choices=["direct", "nats"],
+                   help="direct: the baseline; nats: the NATS path, once it exists")  # fmt: skip
+    p.add_argument("--out", type=Path, help="results directory")
+    p.add_argument("--workdir", type=Path, help="where the disks go (default: a temp dir)")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or not 0 <= args.data <= 200:
+        p.error("--rounds must be at least 1 and --data between 0 and 200")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = args.out or REPO / "bench" / "results" / f"{stamp}-migrate"
+    info = machine()
+    say(f"{args.rounds} rounds, {args.mode}, {info['accel']}, {args.data} MiB of disk data")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="nbdnats-bench-mig-", dir=args.workdir) as work:
+        for i in range(1, args.rounds + 1):
+            run = one_run(Path(work), i, args.data, args.mode)
+            say(
+                f"round {i}: total {run['total_seconds']:.2f} s, downtime "
+                f"{run['downtime_ms']} ms, paused {run['paused_ms']} ms"
+            )
+            runs.append(run)
+    summary = summarize(runs)
+    results = {
+        "schema": SCHEMA,
+        "benchmark": "migrate",
+        "mode": args.mode,
+        "config": {"rounds": args.rounds, "disk_bytes": DISK, "data_mib": args.data},
+        "machine": info,
+        "summary": summary,
+        "runs": runs,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(format_table(summary), flush=True)
+    say(f"wrote {out_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

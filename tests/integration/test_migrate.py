@@ -1,0 +1,285 @@
+"""``nbd-nats migrate --direct`` against real QEMU: the test guest (bench/vm.py,
+scripts/guest.sh) keeps writing an increasing counter to its disk while it is migrated.
+
+KVM when /dev/kvm can run a guest, TCG otherwise ($NBDNATS_TEST_ACCEL overrides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import vm
+from nbdnats import migrate
+from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
+from tests.conftest import one_line_error, run_cli, start_cli
+
+MiB = 1 << 20
+DISK = 64 * MiB
+
+
+@pytest.fixture(scope="session")
+def guest() -> tuple[Path, Path]:
+    """Build (or find cached) the guest once; a failure here fails the tests, no skip."""
+    return vm.guest_files()
+
+
+@pytest.fixture
+def vms(guest: tuple[Path, Path], tmp_path: Path) -> Iterator[Callable[..., vm.VM]]:
+    """Start test-guest VMs in tmp_path; every one is stopped at teardown."""
+    started: list[vm.VM] = []
+
+    def start(
+        name: str,
+        size: int = DISK,
+        data_mib: int = 0,
+        incoming: bool = False,
+        paused: bool = False,
+    ) -> vm.VM:
+        disk = vm.make_disk(tmp_path / f"{name}.qcow2", size, data_mib)
+        machine = vm.VM(name, tmp_path, disk, incoming=incoming, paused=paused)
+        started.append(machine)
+        return machine.start()
+
+    yield start
+    for machine in started:
+        if machine.proc and machine.proc.poll() is None:
+            machine.proc.kill()
+            machine.proc.wait(10)
+
+
+def our_leftovers(source: vm.VM) -> list[str]:
+    """Nodes or jobs nbd-nats left in the source QEMU."""
+    nodes = [n["node-name"] for n in source.command("query-named-block-nodes", flat=True)]
+    jobs = [j["device"] for j in source.command("query-block-jobs")]
+    return [x for x in nodes + jobs if x.startswith(migrate.PREFIX)]
+
+
+def capability(machine: vm.VM, name: str) -> bool:
+    caps = machine.command("query-migrate-capabilities")
+    return any(c["capability"] == name and c["state"] for c in caps)
+
+
+def test_migrate_while_the_guest_writes(vms: Callable[..., vm.VM], tmp_path: Path) -> None:
+    source = vms("src", data_mib=8)
+    before = source.wait_counter(10)
+    dest = vms("dst", incoming=True, paused=True)
+
+    proc = run_cli(
+        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp,
+        "--json", "--timeout", "30", timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    report = json.loads(proc.stdout)
+    assert report["mode"] == "direct" and report["disks"] == 1
+    assert report["disk_bytes"] >= DISK  # the whole disk went through the mirror
+    assert report["ram_bytes"] > 0 and report["downtime_ms"] > 0
+    assert report["total_seconds"] > 0 and report["paused_ms"] > 0
+
+    assert source.status() == "postmigrate"
+    assert dest.status() == "running"
+    assert not capability(source, "pause-before-switchover")  # restored
+
+    # Everything the source printed was printed before the switchover (it is stopped now).
+    last_on_source = source.last_counter()
+    assert last_on_source > before
+    # The same guest goes on counting on the destination, from where it stopped.
+    dest.wait_counter(last_on_source + 10, timeout=30)
+    on_dest = dest.counters()
+    assert on_dest[0] > last_on_source and on_dest[0] <= last_on_source + 2, on_dest[:3]
+    assert on_dest == list(range(on_dest[0], on_dest[0] + len(on_dest)))
+
+    # Stop the guest, then every write it saw acknowledged, on either host, is on the disk.
+    dest.command("stop")
+    last = dest.last_counter()
+    dest.stop()
+    records = vm.disk_records(dest.disk, tmp_path)
+    assert max(records.values()) >= last >= last_on_source
+    assert vm.missing_writes(records, last) == []
+
+
+def test_destination_disk_of_another_size(vms: Callable[..., vm.VM]) -> None:
+    source = vms("src")
+    source.wait_counter(0)
+    dest = vms("dst", size=DISK // 2, incoming=True)
+
+    proc = run_cli(
+        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp, "--quiet",
+    )  # fmt: skip
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "disk" in line and str(DISK // 2) in line and str(DISK) in line, line
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
+
+
+def test_destination_killed_mid_mirror(vms: Callable[..., vm.VM]) -> None:
+    # 32 MiB of data copied at 4 MiB/s: the mirror runs for seconds, long enough to kill
+    # the destination in the middle of it.
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    dest = vms("dst", incoming=True)
+    killed_at: list[int] = []
+
+    def on_progress(p: migrate.Progress) -> None:
+        if p.state == migrate.State.MIRRORING and p.disk_done > 0 and not killed_at:
+            assert dest.proc is not None
+            dest.proc.kill()
+            killed_at.append(p.disk_done)
+
+    with pytest.raises(MigrationError) as caught:
+        asyncio.run(
+            migrate.migrate(
+                source.qmp, dest.qmp, timeout=20, mirror_speed=4 * MiB, on_progress=on_progress
+            )
+        )
+    assert killed_at and killed_at[0] < DISK, killed_at
+    assert not isinstance(caught.value, UsageError)
+    message = str(caught.value)
+    assert "mirroring" in message and "rolled back" in message, message
+
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    assert not capability(source, "pause-before-switchover")
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
+
+
+def test_stalled_stream_times_out(vms: Callable[..., vm.VM]) -> None:
+    # The destination QEMU is frozen (SIGSTOP) mid-mirror: the mirror stops moving, and
+    # after --timeout without progress the migration fails and rolls back. It is thawed
+    # when the rollback starts, as a network that comes back would be.
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    dest = vms("dst", incoming=True)
+    assert dest.proc is not None
+    frozen: list[float] = []
+
+    def on_progress(p: migrate.Progress) -> None:
+        assert dest.proc is not None
+        if p.state == migrate.State.MIRRORING and p.disk_done > 0 and not frozen:
+            os.kill(dest.proc.pid, signal.SIGSTOP)
+            frozen.append(time.monotonic())
+        elif p.state == migrate.State.ROLLING_BACK and frozen:
+            os.kill(dest.proc.pid, signal.SIGCONT)
+
+    with pytest.raises(MigrationTimeout) as caught:
+        asyncio.run(
+            migrate.migrate(
+                source.qmp, dest.qmp, timeout=2, mirror_speed=4 * MiB, on_progress=on_progress
+            )
+        )
+    message = str(caught.value)
+    assert "mirroring the disks made no progress for 2 s" in message, message
+    assert "rolled back" in message, message
+    assert frozen
+    assert dest.proc.wait(20) == 0  # told to quit once thawed
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
+
+
+def test_cancel_from_another_invocation(vms: Callable[..., vm.VM]) -> None:
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    dest = vms("dst", incoming=True)
+    running = start_cli(
+        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp,
+        "--id", "mig1", "--mirror-speed", "2M",
+    )  # fmt: skip
+    assert running.stderr is not None
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = running.stderr.readline().decode()
+        lines.append(line)
+        if not line or "mirroring" in line:
+            break
+    assert lines and "mirroring" in lines[-1], lines
+
+    proc = run_cli("migrate", "--cancel", "--id", "mig1", timeout=90)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "cancelled migration mig1" in proc.stderr.decode()
+    # The migrating process was told to stop (SIGTERM), rolled back, and exited with 143.
+    assert running.wait(30) == 128 + signal.SIGTERM
+    assert dest.proc is not None and dest.proc.wait(20) == 0  # quit, not killed
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
+
+
+def test_cancel_after_the_migrating_process_was_killed(vms: Callable[..., vm.VM]) -> None:
+    # A SIGKILLed nbd-nats leaves its mirror job, NBD node and capabilities in the source
+    # and a waiting destination; --cancel --id finds the sockets in its record and rolls
+    # all of it back through QMP.
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    dest = vms("dst", incoming=True)
+    running = start_cli(
+        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp,
+        "--id", "mig2", "--mirror-speed", "2M",
+    )  # fmt: skip
+    assert running.stderr is not None
+    for _ in range(20):
+        line = running.stderr.readline().decode()
+        if not line or "mirroring" in line:
+            break
+    assert "mirroring" in line, line
+    running.kill()
+    running.wait(10)
+    assert our_leftovers(source) != []  # what the killed process left
+    assert capability(source, "pause-before-switchover")
+
+    proc = run_cli("migrate", "--cancel", "--id", "mig2", timeout=90)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "the destination was stopped" in proc.stderr.decode()
+    assert dest.proc is not None and dest.proc.wait(20) == 0
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    assert not capability(source, "pause-before-switchover")
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
+
+
+def test_without_direct_the_nats_path_is_not_built() -> None:
+    proc = run_cli("migrate", "--src-qmp", "/nonexistent/a", "--dst-qmp", "/nonexistent/b")
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and "NATS" in line and "--direct" in line
+
+
+def test_cancel_with_nothing_to_cancel() -> None:
+    proc = run_cli("migrate", "--cancel", "--id", "nothing-here")
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and "no running migration nothing-here" in line
+
+
+def test_unreachable_qmp_socket(tmp_path: Path) -> None:
+    proc = run_cli(
+        "migrate", "--direct", "--src-qmp", str(tmp_path / "none.qmp"),
+        "--dst-qmp", str(tmp_path / "none2.qmp"),
+    )  # fmt: skip
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and "source QMP socket" in line
+
+
+def test_guest_is_cached(guest: tuple[Path, Path]) -> None:
+    kernel, initrd = guest
+    assert kernel.stat().st_size > 1 * MiB and initrd.stat().st_size > 100_000
+    start = time.monotonic()
+    again = subprocess.run(
+        [str(vm.ROOT / "scripts" / "guest.sh")], capture_output=True, text=True, check=True
+    )
+    assert Path(again.stdout.strip()) == kernel.parent
+    assert time.monotonic() - start < 30
