@@ -1,8 +1,10 @@
-"""Live-migration baseline: ``nbd-nats migrate --direct`` (the QEMUs' unix sockets joined
-directly, no NATS) run N times on the test guest, so that the NATS path can later be
-reported as ratios to it, round by round.
+"""Live migration over NATS against its baseline, in one run: ``nbd-nats migrate`` (every
+byte between the QEMUs through the core and a nats-server) and ``nbd-nats migrate --direct``
+(the QEMUs' unix sockets joined, no NATS), interleaved round by round (nats, direct, nats,
+direct, ...) on the test guest; the NATS path's figures are reported as ratios to the
+baseline's medians.
 
-    python -m bench.migrate [--rounds N] [--data MIB] [--out DIR] [--mode direct]
+    python -m bench.migrate [--rounds N] [--data MIB] [--out DIR] [--modes nats,direct]
 
 Each round boots a source VM (the test guest of bench/vm.py, which keeps writing a counter
 to its disk with O_DIRECT and fsync) on a 256 MiB qcow2 disk holding ``--data`` MiB of
@@ -50,7 +52,7 @@ def say(text: str) -> None:
 
 
 def one_run(work: Path, round_: int, data_mib: int, mode: str) -> dict[str, Any]:
-    d = work / f"round{round_}"
+    d = work / f"round{round_}-{mode}"
     d.mkdir()
     source = vm.VM("src", d, vm.make_disk(d / "src.qcow2", DISK, data_mib))
     dest = vm.VM("dst", d, vm.make_disk(d / "dst.qcow2", DISK), incoming=True, paused=True)
@@ -101,6 +103,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def ratios(by_mode: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """nats / direct for the medians of total time, downtime and pause."""
+    out: dict[str, float | None] = {}
+    for name in ("total_seconds", "wall_seconds", "downtime_ms", "paused_ms"):
+        ours, base = (by_mode.get(m, {}).get(name) for m in ("nats", "direct"))
+        ok = ours and base and base["median"]
+        out[name] = round(ours["median"] / base["median"], 2) if ok else None  # type: ignore[index]
+    return out
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in FIGURES:
@@ -127,39 +139,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="migrations to run (default: 5)")
     p.add_argument("--data", type=int, default=64, metavar="MIB",
                    help="MiB of data on the 256 MiB source disk (default: 64)")  # fmt: skip
-    p.add_argument("--mode", default="direct", choices=["direct", "nats"],
-                   help="direct: the baseline; nats: the NATS path, once it exists")  # fmt: skip
+    p.add_argument("--modes", default="nats,direct",
+                   help="comma-separated, run interleaved: nats (through NATS), direct "
+                   "(the baseline); default both")  # fmt: skip
     p.add_argument("--out", type=Path, help="results directory")
     p.add_argument("--workdir", type=Path, help="where the disks go (default: a temp dir)")
     args = p.parse_args(argv)
     if args.rounds < 1 or not 0 <= args.data <= 200:
         p.error("--rounds must be at least 1 and --data between 0 and 200")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("nats", "direct") for m in modes):
+        p.error("--modes takes nats and/or direct")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir = args.out or REPO / "bench" / "results" / f"{stamp}-migrate"
     info = machine()
-    say(f"{args.rounds} rounds, {args.mode}, {info['accel']}, {args.data} MiB of disk data")
+    say(
+        f"{args.rounds} rounds of {', '.join(modes)}, {info['accel']}, {args.data} MiB of disk data"
+    )
     runs = []
     with tempfile.TemporaryDirectory(prefix="nbdnats-bench-mig-", dir=args.workdir) as work:
         for i in range(1, args.rounds + 1):
-            run = one_run(Path(work), i, args.data, args.mode)
-            say(
-                f"round {i}: total {run['total_seconds']:.2f} s, downtime "
-                f"{run['downtime_ms']} ms, paused {run['paused_ms']} ms"
-            )
-            runs.append(run)
-    summary = summarize(runs)
+            for mode in modes:
+                run = one_run(Path(work), i, args.data, mode)
+                say(
+                    f"round {i} {mode}: total {run['total_seconds']:.2f} s, downtime "
+                    f"{run['downtime_ms']} ms, paused {run['paused_ms']} ms"
+                )
+                runs.append(run)
+    summary = {m: summarize([r for r in runs if r["mode"] == m]) for m in modes}
     results = {
         "schema": SCHEMA,
         "benchmark": "migrate",
-        "mode": args.mode,
+        "modes": modes,
         "config": {"rounds": args.rounds, "disk_bytes": DISK, "data_mib": args.data},
         "machine": info,
         "summary": summary,
+        "ratio_nats_vs_direct": ratios(summary),
         "runs": runs,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(format_table(summary), flush=True)
+    for m in modes:
+        print(f"{m}:\n{format_table(summary[m])}", flush=True)
+    print(f"nats / direct (medians): {results['ratio_nats_vs_direct']}", flush=True)
     say(f"wrote {out_dir / 'results.json'}")
     return 0
 

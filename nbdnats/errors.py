@@ -95,6 +95,8 @@ class ApprovalError(RefusedError):
 
 class ConflictError(RefusedError):
     code = "conflict"
+
+
 class MigrationError(NbdNatsError):
     code = "migration"
 

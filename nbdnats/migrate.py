@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any, Protocol, TypeVar
@@ -125,10 +125,15 @@ ProgressCallback = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class Sockets:
-    """A pair of unix socket paths: the NBD server's and the migration stream's."""
+    """Unix socket paths: the NBD server's and the migration stream's. A path may serve
+    each export on a socket of its own (``nbd_exports``, by export name)."""
 
     nbd: str
     migration: str
+    nbd_exports: dict[str, str] = field(default_factory=dict)
+
+    def nbd_for(self, export: str) -> str:
+        return self.nbd_exports.get(export, self.nbd)
 
 
 class Path(Protocol):
@@ -143,10 +148,16 @@ class Path(Protocol):
         (``nbd-server-start``, ``migrate-incoming``)."""
         ...
 
-    async def start(self, destination: Sockets) -> Sockets:
+    async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
         """Sockets on the source's host that the source QEMU is to connect to: the NBD
-        client node of the mirror, and ``migrate``. Each connection made to them must reach
-        the matching destination socket, byte for byte, both directions."""
+        client node of the mirror (one connection per export of ``exports``, name: size),
+        and ``migrate``. What the source writes must reach the matching destination
+        socket in order; an NBD write completes once the destination has it."""
+        ...
+
+    async def drain(self) -> None:
+        """In the switchover, once the mirrors' NBD clients are gone: return when the
+        destination's disks hold and have flushed everything they were sent."""
         ...
 
     async def close(self) -> None:
@@ -169,8 +180,11 @@ class DirectPath:
         self._dir = tempfile.mkdtemp(prefix="nbdnats-mig-", dir=self._parent)
         return Sockets(nbd=f"{self._dir}/nbd.sock", migration=f"{self._dir}/migration.sock")
 
-    async def start(self, destination: Sockets) -> Sockets:
+    async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
         return destination
+
+    async def drain(self) -> None:
+        return None  # QEMU's own NBD client flushed before it disconnected
 
     async def close(self) -> None:
         if self._dir:
@@ -467,7 +481,8 @@ class _Run:
                     **{"node-name": disk.target_node}, name=EXPORT.format(i), writable=True,
                 )  # fmt: skip
         await self.dst.cmd("migrate-incoming", uri=f"unix:{listen.migration}")
-        return await self.path.start(listen)
+        exports = {EXPORT.format(i): disk.size for i, disk in enumerate(self.disks)}
+        return await self.path.start(listen, exports)
 
     async def _job_offsets(self) -> tuple[int, int]:
         jobs = await self.src.cmd("query-block-jobs")
@@ -501,7 +516,8 @@ class _Run:
         for i, disk in enumerate(self.disks):
             await self.src.cmd(
                 "blockdev-add", driver="nbd", **{"node-name": TARGET_NODE.format(i)},
-                server={"type": "unix", "path": source_side.nbd}, export=EXPORT.format(i),
+                server={"type": "unix", "path": source_side.nbd_for(EXPORT.format(i))},
+                export=EXPORT.format(i),
             )  # fmt: skip
             args: dict[str, Any] = {"copy-mode": "write-blocking"}
             if self.mirror_speed:
@@ -585,6 +601,7 @@ class _Run:
             disk_bytes = await self.wait("completing the mirrors", completed)
         for i in range(len(self.disks)):
             await self.src.cmd("blockdev-del", **{"node-name": TARGET_NODE.format(i)})
+        await self.path.drain()
         await self.src.cmd("migrate-continue", state="pre-switchover")
 
         def done() -> bool | None:
@@ -951,7 +968,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--direct",
         action="store_true",
-        help="both QEMUs are on this host: join their sockets directly, no NATS",
+        help="join the two QEMUs' sockets directly, no NATS (the baseline)",
+    )
+    p.add_argument(
+        "--data-url",
+        metavar="URL",
+        help="data-plane servers for the streams (default: $NBDNATS_DATA_URL, else an "
+        "embedded nats-server)",
     )
     p.add_argument(
         "--timeout",
@@ -978,6 +1001,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.asynccontextmanager
+async def _data_path(args: argparse.Namespace, migration_id: str) -> AsyncIterator[Path]:
+    """--direct, or NATS: the given data plane (or $NBDNATS_DATA_URL), else an embedded
+    nats-server for the duration."""
+    if args.direct:
+        yield DirectPath()
+        return
+    from nbdnats.embedded import EmbeddedServer
+    from nbdnats.natspath import NatsPath
+    from nbdnats.planes import Planes, urls_given
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = args.data_url
+        if not urls_given(url, None):
+            url = await stack.enter_async_context(EmbeddedServer())
+        planes = await Planes.connect(url, url, f"migrate-{migration_id}")
+        stack.push_async_callback(planes.close)
+        timeout = args.timeout or DEFAULT_TIMEOUT
+        yield NatsPath(planes, migration_id, timeout=timeout)
+
+
 def _summary(r: MigrationReport) -> str:
     return (
         f"migrated {r.disks} disk{'s' if r.disks != 1 else ''} ({human(r.disk_bytes)}) and "
@@ -997,10 +1041,8 @@ async def run(args: argparse.Namespace) -> None:
         return
     if not args.src_qmp or not args.dst_qmp:
         raise UsageError("migrate needs --src-qmp and --dst-qmp")
-    if not args.direct:
-        raise UsageError(
-            "migration over NATS is not built yet: use --direct (both QEMUs on this host)"
-        )
+    if args.direct and args.data_url:
+        raise UsageError("--direct joins the sockets without NATS: drop --data-url")
     if args.timeout < 0:
         raise UsageError("--timeout must be 0 (no limit) or more seconds")
     speed = parse_size(args.mirror_speed, "--mirror-speed")
@@ -1015,15 +1057,16 @@ async def run(args: argparse.Namespace) -> None:
             sys.stderr.write(f"nbd-nats: migration {migration_id}: {p.state.value}\n")
 
     with _recorded(migration_id, args):
-        report = await migrate(
-            args.src_qmp,
-            args.dst_qmp,
-            path=DirectPath(),
-            migration_id=migration_id,
-            timeout=args.timeout,
-            mirror_speed=speed,
-            on_progress=None if (args.quiet or args.json) else show,
-        )
+        async with _data_path(args, migration_id) as path:
+            report = await migrate(
+                args.src_qmp,
+                args.dst_qmp,
+                path=path,
+                migration_id=migration_id,
+                timeout=args.timeout,
+                mirror_speed=speed,
+                on_progress=None if (args.quiet or args.json) else show,
+            )
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     elif not args.quiet:

@@ -1,4 +1,5 @@
-"""``nbd-nats migrate --direct`` against real QEMU: the test guest (bench/vm.py,
+"""``nbd-nats migrate`` against real QEMU, through NATS (the core's bridge and an embedded
+nats-server) and ``--direct`` (the baseline): the test guest (bench/vm.py,
 scripts/guest.sh) keeps writing an increasing counter to its disk while it is migrated.
 
 KVM when /dev/kvm can run a guest, TCG otherwise ($NBDNATS_TEST_ACCEL overrides).
@@ -14,12 +15,16 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import vm
 from nbdnats import migrate
+from nbdnats.embedded import EmbeddedServer, free_port
 from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
+from nbdnats.natspath import NatsPath
+from nbdnats.planes import Planes
 from tests.conftest import one_line_error, run_cli, start_cli
 
 MiB = 1 << 20
@@ -56,6 +61,19 @@ def vms(guest: tuple[Path, Path], tmp_path: Path) -> Iterator[Callable[..., vm.V
             machine.proc.wait(10)
 
 
+async def migrate_via(mode: str, source: vm.VM, dest: vm.VM, **kw: Any) -> migrate.MigrationReport:
+    """``migrate.migrate`` on the direct path, or through an embedded nats-server."""
+    if mode == "direct":
+        return await migrate.migrate(source.qmp, dest.qmp, **kw)
+    async with EmbeddedServer() as url:
+        planes = await Planes.connect(url, url, "migrate-test")
+        try:
+            path = NatsPath(planes, "t1", timeout=float(kw.get("timeout") or 60))
+            return await migrate.migrate(source.qmp, dest.qmp, path=path, **kw)
+        finally:
+            await planes.close()
+
+
 def our_leftovers(source: vm.VM) -> list[str]:
     """Nodes or jobs nbd-nats left in the source QEMU."""
     nodes = [n["node-name"] for n in source.command("query-named-block-nodes", flat=True)]
@@ -68,18 +86,23 @@ def capability(machine: vm.VM, name: str) -> bool:
     return any(c["capability"] == name and c["state"] for c in caps)
 
 
-def test_migrate_while_the_guest_writes(vms: Callable[..., vm.VM], tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["nats", "direct"])
+def test_migrate_while_the_guest_writes(
+    mode: str, vms: Callable[..., vm.VM], tmp_path: Path
+) -> None:
+    """nats: every byte between the QEMUs through the core and a nats-server (embedded);
+    direct: the sockets joined, the baseline."""
     source = vms("src", data_mib=8)
     before = source.wait_counter(10)
     dest = vms("dst", incoming=True, paused=True)
 
     proc = run_cli(
-        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp,
-        "--json", "--timeout", "30", timeout=120,
+        "migrate", *(["--direct"] if mode == "direct" else []), "--src-qmp", source.qmp,
+        "--dst-qmp", dest.qmp, "--json", "--timeout", "30", timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
     report = json.loads(proc.stdout)
-    assert report["mode"] == "direct" and report["disks"] == 1
+    assert report["mode"] == mode and report["disks"] == 1
     assert report["disk_bytes"] >= DISK  # the whole disk went through the mirror
     assert report["ram_bytes"] > 0 and report["downtime_ms"] > 0
     assert report["total_seconds"] > 0 and report["paused_ms"] > 0
@@ -123,7 +146,8 @@ def test_destination_disk_of_another_size(vms: Callable[..., vm.VM]) -> None:
     source.wait_counter(printed + 3, timeout=20)
 
 
-def test_destination_killed_mid_mirror(vms: Callable[..., vm.VM]) -> None:
+@pytest.mark.parametrize("mode", ["nats", "direct"])
+def test_destination_killed_mid_mirror(mode: str, vms: Callable[..., vm.VM]) -> None:
     # 32 MiB of data copied at 4 MiB/s: the mirror runs for seconds, long enough to kill
     # the destination in the middle of it.
     source = vms("src", data_mib=32)
@@ -139,8 +163,8 @@ def test_destination_killed_mid_mirror(vms: Callable[..., vm.VM]) -> None:
 
     with pytest.raises(MigrationError) as caught:
         asyncio.run(
-            migrate.migrate(
-                source.qmp, dest.qmp, timeout=20, mirror_speed=4 * MiB, on_progress=on_progress
+            migrate_via(
+                mode, source, dest, timeout=20, mirror_speed=4 * MiB, on_progress=on_progress
             )
         )
     assert killed_at and killed_at[0] < DISK, killed_at
@@ -155,7 +179,8 @@ def test_destination_killed_mid_mirror(vms: Callable[..., vm.VM]) -> None:
     source.wait_counter(printed + 3, timeout=20)
 
 
-def test_stalled_stream_times_out(vms: Callable[..., vm.VM]) -> None:
+@pytest.mark.parametrize("mode", ["nats", "direct"])
+def test_stalled_stream_times_out(mode: str, vms: Callable[..., vm.VM]) -> None:
     # The destination QEMU is frozen (SIGSTOP) mid-mirror: the mirror stops moving, and
     # after --timeout without progress the migration fails and rolls back. It is thawed
     # when the rollback starts, as a network that comes back would be.
@@ -175,8 +200,8 @@ def test_stalled_stream_times_out(vms: Callable[..., vm.VM]) -> None:
 
     with pytest.raises(MigrationTimeout) as caught:
         asyncio.run(
-            migrate.migrate(
-                source.qmp, dest.qmp, timeout=2, mirror_speed=4 * MiB, on_progress=on_progress
+            migrate_via(
+                mode, source, dest, timeout=2, mirror_speed=4 * MiB, on_progress=on_progress
             )
         )
     message = str(caught.value)
@@ -190,13 +215,14 @@ def test_stalled_stream_times_out(vms: Callable[..., vm.VM]) -> None:
     source.wait_counter(printed + 3, timeout=20)
 
 
-def test_cancel_from_another_invocation(vms: Callable[..., vm.VM]) -> None:
+@pytest.mark.parametrize("mode", ["nats", "direct"])
+def test_cancel_from_another_invocation(mode: str, vms: Callable[..., vm.VM]) -> None:
     source = vms("src", data_mib=32)
     source.wait_counter(0)
     dest = vms("dst", incoming=True)
     running = start_cli(
-        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp,
-        "--id", "mig1", "--mirror-speed", "2M",
+        "migrate", *(["--direct"] if mode == "direct" else []), "--src-qmp", source.qmp,
+        "--dst-qmp", dest.qmp, "--id", "mig1", "--mirror-speed", "2M",
     )  # fmt: skip
     assert running.stderr is not None
     deadline = time.monotonic() + 60
@@ -253,10 +279,25 @@ def test_cancel_after_the_migrating_process_was_killed(vms: Callable[..., vm.VM]
     source.wait_counter(printed + 3, timeout=20)
 
 
-def test_without_direct_the_nats_path_is_not_built() -> None:
-    proc = run_cli("migrate", "--src-qmp", "/nonexistent/a", "--dst-qmp", "/nonexistent/b")
+def test_direct_takes_no_data_url() -> None:
+    proc = run_cli(
+        "migrate", "--direct", "--data-url", "nats://127.0.0.1:1", "--src-qmp", "/x/a",
+        "--dst-qmp", "/x/b",
+    )  # fmt: skip
     line = one_line_error(proc)
-    assert proc.returncode == 2 and "NATS" in line and "--direct" in line
+    assert proc.returncode == 2 and "drop --data-url" in line
+
+
+def test_unreachable_data_plane_is_one_line(vms: Callable[..., vm.VM]) -> None:
+    source = vms("src")
+    dest = vms("dst", incoming=True)
+    proc = run_cli(
+        "migrate", "--data-url", f"nats://127.0.0.1:{free_port()}", "--src-qmp", source.qmp,
+        "--dst-qmp", dest.qmp,
+    )  # fmt: skip
+    line = one_line_error(proc)
+    assert proc.returncode == 1 and "cannot connect" in line
+    assert source.status() == "running" and dest.status() == "inmigrate"  # untouched
 
 
 def test_cancel_with_nothing_to_cancel() -> None:

@@ -76,8 +76,8 @@ pub fn is_nbd_uri(spec: &str) -> bool {
 /// The prefix of a pipe endpoint (`pipe:PATH`): a FIFO or an inherited pipe, read or
 /// written as a stream in offset order.
 pub const PIPE: &str = "pipe:";
-/// A sink that connects to a listening unix stream socket and writes the stream into it
-/// (a QEMU migration socket): `unix:PATH`.
+/// A sink that connects to a listening unix stream socket when the first data comes and
+/// writes the stream into it (a QEMU migration socket): `unix:PATH`.
 pub const UNIX: &str = "unix:";
 
 /// Open a source: an NBD URI, `-` (stdin) or `pipe:PATH` (both need `size`), or a file or
@@ -128,8 +128,9 @@ pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
         return Ok(Arc::new(stdio::Stdout::open(stream)));
     }
     if let Some(path) = spec.strip_prefix(UNIX) {
-        let path = path.to_string();
-        let stream = blocking(move || stdio::Stream::connect_unix(&path)).await?;
+        let stream = stdio::Stream::UnixLater {
+            path: path.to_string(),
+        };
         return Ok(Arc::new(stdio::Stdout::open(stream)));
     }
     if spec == "null:" {

@@ -39,8 +39,20 @@ fn call<T: Send + 'static, R: Send + 'static>(
 /// socket opened by path.
 pub enum Stream {
     Std,
-    Pipe { path: String, fd: OwnedFd },
-    Unix { path: String, fd: OwnedFd },
+    Pipe {
+        path: String,
+        fd: OwnedFd,
+    },
+    Unix {
+        path: String,
+        fd: OwnedFd,
+    },
+    /// A unix socket connected to on the first write: its listener sees nothing until
+    /// data comes (a QEMU waiting for an incoming migration fails when a connection
+    /// closes, but not when none was made).
+    UnixLater {
+        path: String,
+    },
 }
 
 impl Stream {
@@ -67,6 +79,14 @@ impl Stream {
         })
     }
 
+    /// Connect a `UnixLater` now; nothing for the others.
+    fn connect(&mut self) -> Result<()> {
+        if let Stream::UnixLater { path } = self {
+            *self = Stream::connect_unix(path)?;
+        }
+        Ok(())
+    }
+
     /// Connect to a listening unix stream socket (`unix:PATH`), e.g. a QEMU migration
     /// socket, and write the stream into it.
     pub fn connect_unix(path: &str) -> Result<Stream> {
@@ -82,13 +102,15 @@ impl Stream {
         match self {
             Stream::Std => std.to_string(),
             Stream::Pipe { path, .. } => format!("pipe {path}"),
-            Stream::Unix { path, .. } => format!("unix socket {path}"),
+            Stream::Unix { path, .. } | Stream::UnixLater { path } => {
+                format!("unix socket {path}")
+            }
         }
     }
 
     fn fd(&self) -> Option<&OwnedFd> {
         match self {
-            Stream::Std => None,
+            Stream::Std | Stream::UnixLater { .. } => None,
             Stream::Pipe { fd, .. } | Stream::Unix { fd, .. } => Some(fd),
         }
     }
@@ -224,10 +246,7 @@ impl Stdout {
         };
         thread::spawn(move || {
             let stdout = std::io::stdout();
-            let out = match stream.fd() {
-                None => stdout.as_fd(),
-                Some(fd) => fd.as_fd(),
-            };
+            let mut stream = stream;
             let mut pos = 0u64;
             for req in rx {
                 match req {
@@ -237,7 +256,10 @@ impl Stdout {
                                 "{name} write at {offset} but the stream is at {pos}"
                             )))
                         } else {
-                            write_all(out, &name, &data).map(|()| pos += data.len() as u64)
+                            stream.connect().and_then(|()| {
+                                let out = stream.fd().map_or(stdout.as_fd(), |fd| fd.as_fd());
+                                write_all(out, &name, &data).map(|()| pos += data.len() as u64)
+                            })
                         };
                         let _ = reply.send(r);
                     }
