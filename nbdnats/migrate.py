@@ -977,6 +977,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "embedded nats-server)",
     )
     p.add_argument(
+        "--ctl-url",
+        metavar="URL",
+        help="ctl-plane servers for the migration's event (default: $NBDNATS_CTL_URL, else "
+        "the data URL)",
+    )
+    p.add_argument("--node", help="this node's name in ctl.evt.NODE.migration (default: hostname)")
+    p.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
@@ -1016,10 +1023,27 @@ async def _data_path(args: argparse.Namespace, migration_id: str) -> AsyncIterat
         url = args.data_url
         if not urls_given(url, None):
             url = await stack.enter_async_context(EmbeddedServer())
-        planes = await Planes.connect(url, url, f"migrate-{migration_id}")
+        ctl = args.ctl_url or (None if args.data_url else url)
+        planes = await Planes.connect(url, ctl, args.node)
         stack.push_async_callback(planes.close)
         timeout = args.timeout or DEFAULT_TIMEOUT
         yield NatsPath(planes, migration_id, timeout=timeout)
+
+
+async def _announce(path: Path, migration_id: str, state: str, **fields: Any) -> None:
+    """Report the end as ``ctl.evt.<node>.migration`` on the NATS path's ctl connection."""
+    planes = getattr(path, "planes", None)
+    if planes is None:
+        return
+    from nbdnats import subjects
+    from nbdnats.schemas import MigrationEvent
+
+    fields = {k: v for k, v in fields.items() if k in MigrationEvent.__struct_fields__}
+    fields.update(migration_id=migration_id, node=planes.node, state=state, mode=path.mode)
+    with contextlib.suppress(Exception):
+        event = msgspec.json.encode(MigrationEvent(**fields))
+        await planes.ctl.publish(subjects.ctl_event(planes.node, "migration"), event)
+        await planes.ctl.flush(timeout=2)
 
 
 def _summary(r: MigrationReport) -> str:
@@ -1058,15 +1082,20 @@ async def run(args: argparse.Namespace) -> None:
 
     with _recorded(migration_id, args):
         async with _data_path(args, migration_id) as path:
-            report = await migrate(
-                args.src_qmp,
-                args.dst_qmp,
-                path=path,
-                migration_id=migration_id,
-                timeout=args.timeout,
-                mirror_speed=speed,
-                on_progress=None if (args.quiet or args.json) else show,
-            )
+            try:
+                report = await migrate(
+                    args.src_qmp,
+                    args.dst_qmp,
+                    path=path,
+                    migration_id=migration_id,
+                    timeout=args.timeout,
+                    mirror_speed=speed,
+                    on_progress=None if (args.quiet or args.json) else show,
+                )
+            except NbdNatsError as e:
+                await _announce(path, migration_id, "failed", error_code=e.code, error=str(e))
+                raise
+            await _announce(path, migration_id, "done", **msgspec.structs.asdict(report))
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     elif not args.quiet:

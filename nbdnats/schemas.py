@@ -14,6 +14,7 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
     ctl.evt.<node>.announce    NodeInfo
     ctl.evt.<node>.transfer    TransferEvent
     ctl.evt.<node>.refused     RefusedEvent
+    ctl.evt.<node>.migration   MigrationEvent
 """
 
 from __future__ import annotations
@@ -220,6 +221,23 @@ class Report(msgspec.Struct, kw_only=True):
     retransmits: int
     resumes: int
     sent_bytes: int
+
+
+class MigrationEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``ctl.evt.<node>.migration``: a live migration ended (``done`` or ``failed``)."""
+
+    v: int = SCHEMA_VERSION
+    migration_id: str
+    node: str
+    state: str
+    mode: str
+    total_seconds: float = 0.0
+    downtime_ms: int = 0
+    paused_ms: int = 0
+    disk_bytes: int = 0
+    ram_bytes: int = 0
+    error_code: str | None = None
+    error: str | None = None
 
 
 class TransferList(Message, kw_only=True):

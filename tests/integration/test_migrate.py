@@ -25,7 +25,7 @@ from nbdnats.embedded import EmbeddedServer, free_port
 from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
 from nbdnats.natspath import NatsPath
 from nbdnats.planes import Planes
-from tests.conftest import one_line_error, run_cli, start_cli
+from tests.conftest import NatsServer, one_line_error, run_cli, start_cli
 
 MiB = 1 << 20
 DISK = 64 * MiB
@@ -88,21 +88,37 @@ def capability(machine: vm.VM, name: str) -> bool:
 
 @pytest.mark.parametrize("mode", ["nats", "direct"])
 def test_migrate_while_the_guest_writes(
-    mode: str, vms: Callable[..., vm.VM], tmp_path: Path
+    mode: str,
+    vms: Callable[..., vm.VM],
+    tmp_path: Path,
+    start_nats: Callable[..., NatsServer],
 ) -> None:
-    """nats: every byte between the QEMUs through the core and a nats-server (embedded);
-    direct: the sockets joined, the baseline."""
+    """nats: every byte between the QEMUs through the core and a nats-server, the result
+    reported as a ctl event; direct: the sockets joined, the baseline."""
     source = vms("src", data_mib=8)
     before = source.wait_counter(10)
     dest = vms("dst", incoming=True, paused=True)
+    url = start_nats(jetstream=True).url
+    path = ["--direct"] if mode == "direct" else ["--data-url", url, "--node", "hv1"]
+    # The events stream exists (a controller or agent made it); the migration reports there.
+    assert run_cli("ctl", "--ctl-url", url, "nodes").returncode == 0
 
     proc = run_cli(
-        "migrate", *(["--direct"] if mode == "direct" else []), "--src-qmp", source.qmp,
-        "--dst-qmp", dest.qmp, "--json", "--timeout", "30", timeout=120,
+        "migrate", *path, "--src-qmp", source.qmp, "--dst-qmp", dest.qmp, "--json",
+        "--timeout", "30", timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
     report = json.loads(proc.stdout)
     assert report["mode"] == mode and report["disks"] == 1
+    events = run_cli("ctl", "--ctl-url", url, "--json", "events", "--all", "--no-follow")
+    stored = [json.loads(line) for line in events.stdout.decode().splitlines()]
+    if mode == "nats":
+        (ev,) = [e for e in stored if e["subject"] == "ctl.evt.hv1.migration"]
+        assert ev["data"]["state"] == "done" and ev["data"]["mode"] == "nats"
+        assert ev["data"]["disk_bytes"] == report["disk_bytes"]
+        assert ev["data"]["downtime_ms"] == report["downtime_ms"]
+    else:
+        assert stored == []  # no NATS on the direct path
     assert report["disk_bytes"] >= DISK  # the whole disk went through the mirror
     assert report["ram_bytes"] > 0 and report["downtime_ms"] > 0
     assert report["total_seconds"] > 0 and report["paused_ms"] > 0
