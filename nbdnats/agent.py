@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -48,6 +49,7 @@ from nbdnats.errors import (
 from nbdnats.metrics import MetricsServer, Sample
 from nbdnats.planes import Planes
 from nbdnats.policy import Policy
+from nbdnats.remote import Incoming
 from nbdnats.schemas import (
     COMMANDS,
     QUERIES,
@@ -55,8 +57,13 @@ from nbdnats.schemas import (
     Command,
     DigestQuery,
     DigestReply,
+    IncomingCommand,
+    MigrateCommand,
+    MigrationEvent,
     NodeInfo,
     ProvisionCommand,
+    QmpCommand,
+    QmpEventsQuery,
     RecvCommand,
     RefusedEvent,
     Reply,
@@ -97,6 +104,8 @@ class AgentConfig:
     metrics_addr: str | None = None
     state_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # VMs this node's agent may migrate or receive: name -> QMP unix socket.
+    vms: dict[str, str] = field(default_factory=dict)
     announce_interval: float = ANNOUNCE_INTERVAL
     progress_interval: float = PROGRESS_INTERVAL
     drain_timeout: float = DRAIN_TIMEOUT
@@ -149,6 +158,10 @@ class Agent:
         self.metrics = (
             MetricsServer(config.metrics_addr, self._samples) if config.metrics_addr else None
         )
+        for name in config.vms:
+            subjects.check_token(name, "VM name")
+        self.incoming = Incoming(lambda: self.planes, config.vms)
+        self.migrations: dict[str, asyncio.Task[None]] = {}
         self.stream_problem: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -199,6 +212,7 @@ class Agent:
                 await sub.unsubscribe()
         await self._announce()
         running = [j.task for j in self.jobs.values() if j.running and j.task]
+        running += [t for t in self.migrations.values() if not t.done()]
         if running:
             grace = self.config.drain_timeout if drain_timeout is None else drain_timeout
             log.info("draining %d running job(s) for up to %.0f s", len(running), grace)
@@ -206,8 +220,11 @@ class Agent:
             for job in self.jobs.values():
                 if job.running and job.handle is not None:
                     job.handle.cancel()
+            for task in self.migrations.values():
+                task.cancel()  # rolls back before it ends
             if late:
                 await asyncio.wait(late, timeout=60)
+        await self.incoming.close_all()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -237,6 +254,8 @@ class Agent:
             caps.append("metrics")
         if self.config.role == "installer":
             caps.remove("recv")
+        if self.config.vms:
+            caps.append("migrate")
         return NodeInfo(
             node=self.node,
             version=_core.__version__,
@@ -248,6 +267,7 @@ class Agent:
             at=dt.datetime.now(dt.UTC),
             running=sum(j.running for j in self.jobs.values()),
             announce_interval=self.config.announce_interval,
+            vms=sorted(self.config.vms),
         )
 
     async def _publish(self, kind: str, payload: bytes) -> None:
@@ -294,9 +314,24 @@ class Agent:
                     f"unknown command {op!r}; this agent serves {', '.join(COMMANDS)}"
                 )
             cmd = decode(cls, msg.data, f"{op} command")
+            if isinstance(cmd, IncomingCommand | QmpCommand):
+                # The destination's side of a migration: its own replies.
+                answer = await (
+                    self.incoming.incoming(cmd)
+                    if isinstance(cmd, IncomingCommand)
+                    else self.incoming.qmp(cmd)
+                )
+                if not answer.ok:
+                    self._count(op, answer.code or "error")
+                    log.info("refused %s: %s", op, answer.error)
+                if msg.reply:
+                    with contextlib.suppress(Exception):
+                        await msg.respond(encode(answer))
+                return
             if isinstance(cmd, CancelCommand):
                 reply = self._cancel(cmd)
             else:
+                assert isinstance(cmd, Command)
                 reply = await self._once(op, cmd)
         except NbdNatsError as e:
             reply = Reply(ok=False, code=e.code, error=str(e))
@@ -361,6 +396,8 @@ class Agent:
             job = await self._start_recv(cmd)
         elif isinstance(cmd, ProvisionCommand):
             job = await self._start_provision(cmd)
+        elif isinstance(cmd, MigrateCommand):
+            return self._start_migration(cmd)
         else:  # pragma: no cover - COMMANDS and this dispatch are kept together
             raise SchemaError(f"unknown command {op!r}")
         self.jobs[job.transfer_id] = job
@@ -471,7 +508,71 @@ class Agent:
         job.approved_digest = cmd.approval.image_digest
         return job
 
+    def _start_migration(self, cmd: MigrateCommand) -> Reply:
+        if cmd.vm not in self.config.vms:
+            known = ", ".join(sorted(self.config.vms)) or "none"
+            raise PolicyError(f"no VM {cmd.vm!r} on {self.node} (its agent knows: {known}; --vm)")
+        subjects.check_token(cmd.to_node, "node name")
+        mid = cmd.transfer_id
+        if mid in self.migrations and not self.migrations[mid].done():
+            raise BusyError(f"migration {mid} is already running on {self.node}")
+        self.migrations[mid] = asyncio.create_task(self._migrate(cmd))
+        log.info("accepted migrate %s of %s to %s", mid, cmd.vm, cmd.to_node)
+        return Reply(ok=True, transfer_id=mid)
+
+    async def _migrate(self, cmd: MigrateCommand) -> None:
+        """Run a migration of one of this node's VMs; report each state and the end as
+        ``ctl.evt.<node>.migration``."""
+        from nbdnats import migrate
+        from nbdnats.remote import AgentPath, RemoteQmp
+
+        assert self.planes is not None
+        planes, mid = self.planes, cmd.transfer_id
+        seen: list[str] = []
+
+        def publish(state: str, **fields: Any) -> None:
+            event = MigrationEvent(migration_id=mid, node=self.node, state=state, mode="nats",
+                                   **fields)  # fmt: skip
+            task = asyncio.create_task(self._publish("migration", encode(event)))
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
+
+        def on_progress(p: migrate.Progress) -> None:
+            if not seen or seen[-1] != p.state.value:
+                seen.append(p.state.value)
+                if p.state not in (migrate.State.DONE, migrate.State.FAILED):
+                    publish(p.state.value)
+
+        path = AgentPath(planes, cmd.to_node, cmd.vm, mid, timeout=cmd.timeout)
+        try:
+            report = await migrate.migrate(
+                self.config.vms[cmd.vm], f"{cmd.to_node}:{cmd.vm}", path=path,
+                migration_id=mid, timeout=cmd.timeout, mirror_speed=cmd.mirror_speed,
+                on_progress=on_progress,
+                dst_monitor=lambda changed: RemoteQmp(planes.ctl, cmd.to_node, cmd.vm, mid,
+                                                      changed),
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            publish("cancelled", error_code="cancelled", error="cancelled (rolled back)")
+            log.info("migrate %s cancelled", mid)
+            return
+        except NbdNatsError as e:
+            publish("failed", error_code=e.code, error=str(e))
+            log.info("migrate %s failed: %s", mid, e)
+            return
+        except Exception as e:  # report, never leave a migration half-reported
+            log.exception("migrate %s failed", mid)
+            publish("failed", error_code="error", error=f"agent error: {e}")
+            return
+        fields = msgspec.structs.asdict(report)
+        publish("done", **{k: v for k, v in fields.items() if k in _MIGRATION_FIELDS})
+        log.info("migrate %s done: downtime %d ms", mid, report.downtime_ms)
+
     def _cancel(self, cmd: CancelCommand) -> Reply:
+        task = self.migrations.get(cmd.transfer_id)
+        if task is not None and not task.done():
+            task.cancel()
+            return Reply(ok=True, transfer_id=cmd.transfer_id)
         job = self.jobs.get(cmd.transfer_id)
         if job is None or not job.running:
             state = "finished" if job else "unknown"
@@ -562,6 +663,8 @@ class Agent:
                 payload = encode(self._transfers(query.transfer_id))
             elif isinstance(query, DigestQuery):
                 payload = encode(await self._digest(query))
+            elif isinstance(query, QmpEventsQuery):
+                payload = encode(await self.incoming.events(query))
             else:
                 payload = encode(self.info())
         except NbdNatsError as e:
@@ -630,6 +733,9 @@ def _tallies(role: str, s: _core.Stats) -> list[tuple[tuple[str, str], float]]:
         (("frames", "corrupt"), s.corrupt_frames),
         (("frames", "duplicate"), s.duplicate_frames),
     ]
+
+
+_MIGRATION_FIELDS = set(MigrationEvent.__struct_fields__) - {"v", "migration_id", "node", "mode"}
 
 
 def _with_state(event: TransferEvent, state: str) -> TransferEvent:

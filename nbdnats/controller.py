@@ -47,6 +47,8 @@ from nbdnats.schemas import (
     DigestReply,
     InfoQuery,
     Message,
+    MigrateCommand,
+    MigrationEvent,
     NodeInfo,
     ProvisionCommand,
     RecvCommand,
@@ -312,6 +314,54 @@ class Controller:
         )  # fmt: skip
         send = SendCommand(key=key, transfer_id=tid, src=src[1], options=opts)
         return await self._pair(src[0], send, dst[0], recv, wait, on_event)
+
+    async def migrate(
+        self,
+        src: Endpoint,
+        dst: str,
+        *,
+        migration_id: str | None = None,
+        timeout: float = 60.0,
+        mirror_speed: int = 0,
+        wait: bool = True,
+        on_event: Callable[[MigrationEvent], None] | None = None,
+    ) -> MigrationEvent | str:
+        """Live-migrate VM ``src[1]`` from node ``src[0]`` to node ``dst`` (whose agent knows
+        the destination QEMU by the same name). Returns the final ``MigrationEvent``
+        (``state == "done"``) or raises the migration's error."""
+        mid, key = self._ids(migration_id)
+        node, vm = src
+        subjects.check_token(dst, "node name")
+        queue: asyncio.Queue[MigrationEvent] = asyncio.Queue()
+
+        async def collect(msg: Any) -> None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                ev = msgspec.json.decode(msg.data, type=MigrationEvent)
+                if ev.migration_id == mid:
+                    queue.put_nowait(ev)
+
+        sub = await self.nc.subscribe(subjects.ctl_event(node, "migration"), cb=collect)
+        try:
+            cmd = MigrateCommand(key=key, transfer_id=mid, vm=vm, to_node=dst,
+                                 timeout=timeout, mirror_speed=mirror_speed)  # fmt: skip
+            await self._command(node, "migrate", cmd)
+            if not wait:
+                return mid
+            while True:
+                ev = await queue.get()
+                if on_event is not None:
+                    on_event(ev)
+                if ev.state == "done":
+                    return ev
+                if ev.state in TERMINAL:
+                    raise from_code(ev.error_code or "migration", f"{node}: {ev.error}")
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.cancel(mid, [node]))
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     # -- the two ends ----------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from nbdnats.approval import load_approval
 from nbdnats.controller import Controller, OperationResult, parse_endpoint
 from nbdnats.errors import UsageError
 from nbdnats.planes import default_node
-from nbdnats.schemas import Tool, TransferEvent, TransferOptions
+from nbdnats.schemas import MigrationEvent, Tool, TransferEvent, TransferOptions
 from nbdnats.units import human, parse_duration, parse_size
 
 AGENT_EPILOG = """\
@@ -42,6 +42,8 @@ config file (TOML; command-line options win, --allow and --export add to it):
   metrics_addr = "127.0.0.1:9464"
   [exports]
   vm1 = "nbd+unix:///vm1?socket=/run/vm/vm1.nbd"
+  [vms]                               # VMs to migrate or receive: name = QMP socket
+  vm1 = "/run/vm/vm1.qmp"
   [env]                               # for restic/kopia; never sent in commands
   RESTIC_PASSWORD_FILE = "/etc/nbdnats/restic.pass"
 
@@ -92,6 +94,14 @@ def add_agent_parser(sub: Any) -> None:
         metavar="NAME=URI",
         help="announce an endpoint by name (an NBD URI or path); repeatable",
     )
+    p.add_argument(
+        "--vm",
+        action="append",
+        default=[],
+        metavar="NAME=QMP",
+        help="a VM this node may migrate away or receive (ctl migrate), by its QMP unix "
+        "socket; repeatable",
+    )
     p.add_argument("--role", choices=["host", "installer"], help="host (default) or installer")
     p.add_argument("--trusted-keys", metavar="DIR", help="Ed25519 public keys (*.pub) of approvers")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics here")
@@ -132,6 +142,12 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
         if not sep or not name or not uri:
             raise UsageError(f"--export {item!r}: use NAME=URI")
         exports[name] = uri
+    vms = {str(k): str(v) for k, v in conf.get("vms", {}).items()}
+    for item in args.vm:
+        name, sep, qmp = item.partition("=")
+        if not sep or not name or not qmp:
+            raise UsageError(f"--vm {item!r}: use NAME=QMP_SOCKET")
+        vms[name] = qmp
     trusted = args.trusted_keys or conf.get("trusted_keys")
     try:
         return AgentConfig(
@@ -145,6 +161,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             metrics_addr=args.metrics_addr or conf.get("metrics_addr"),
             state_dir=args.state_dir or conf.get("state_dir"),
             env={str(k): str(v) for k, v in conf.get("env", {}).items()},
+            vms=vms,
             announce_interval=args.announce_interval
             or conf.get("announce_interval", ANNOUNCE_INTERVAL),
             progress_interval=conf.get("progress_interval", PROGRESS_INTERVAL),
@@ -225,6 +242,22 @@ def add_ctl_parser(sub: Any) -> None:
            ("src", "NODE:IMAGE  the image"), ("dst", "NODE:DEVICE  its disk"))  # fmt: skip
     v.add_argument("--approval", required=True, metavar="FILE", help="from nbd-nats approve")
 
+    m = actions.add_parser(
+        "migrate",
+        help="live-migrate a VM from one node's agent to another's",
+        description="Live-migrate VM (its QMP socket known to NODE's agent as --vm VM=...) "
+        "into the QEMU that DEST's agent knows by the same name, started with "
+        "-incoming defer. QMP, NBD and migration sockets stay local; the disks and the "
+        "RAM cross NATS.",
+    )
+    m.add_argument("src", metavar="NODE:VM")
+    m.add_argument("dst", metavar="DEST")
+    m.add_argument("--id", dest="transfer_id", metavar="ID", help="migration id (random)")
+    m.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="fail when a step makes no progress for S seconds (60)")  # fmt: skip
+    m.add_argument("--mirror-speed", type=_size, default=0, metavar="BYTES",
+                   help="cap the disks' bulk copy, bytes/s (default: none)")  # fmt: skip
+    m.add_argument("--detach", action="store_true", help="print the id and do not wait")
     ts = actions.add_parser("transfers", help="running and recent transfers")
     ts.add_argument("--node", action="append", help="only these nodes (repeatable)")
 
@@ -338,6 +371,9 @@ async def run_ctl(args: argparse.Namespace) -> None:
         if cmd == "events":
             await _events(c, args)
             return
+        if cmd == "migrate":
+            await _migrate(c, args)
+            return
         await _operation(c, args)
 
 
@@ -383,6 +419,30 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
         verb = {"copy": "copied", "backup": "backed up", "restore": "restored",
                 "provision": "provisioned"}[cmd]  # fmt: skip
         sys.stderr.write(_summary(verb, result) + "\n")
+
+
+async def _migrate(c: Controller, args: argparse.Namespace) -> None:
+    node, vm = parse_endpoint(args.src)
+    quiet = args.json or args.detach
+
+    def show(ev: MigrationEvent) -> None:
+        if not quiet and ev.state not in ("done", "failed", "cancelled"):
+            sys.stderr.write(f"nbd-nats: migration {ev.migration_id}: {ev.state}\n")
+
+    result = await c.migrate(
+        (node, vm), args.dst, migration_id=args.transfer_id, timeout=args.timeout,
+        mirror_speed=args.mirror_speed, wait=not args.detach, on_event=show,
+    )  # fmt: skip
+    if isinstance(result, str):
+        sys.stdout.write((_json({"migration_id": result}) if args.json else result) + "\n")
+    elif args.json:
+        sys.stdout.write(_json(result) + "\n")
+    else:
+        sys.stderr.write(
+            f"migrated {vm} {node} -> {args.dst}: {human(result.disk_bytes)} of disk and "
+            f"{human(result.ram_bytes)} of RAM in {result.total_seconds:.2f} s, downtime "
+            f"{result.downtime_ms} ms\n"
+        )
 
 
 async def _events(c: Controller, args: argparse.Namespace) -> None:

@@ -203,7 +203,28 @@ class _CommandFailed(MigrationError):
         self.error_class = error_class
 
 
-class _Qmp:
+class EventLog:
+    """A QEMU's events in arrival order, with the (monotonic) time each arrived."""
+
+    events: list[tuple[float, Message]]
+
+    def find(
+        self, name: str, since: int, match: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any] | None:
+        """The data of the first event ``name`` at or after index ``since`` that matches."""
+        for _, ev in self.events[since:]:
+            if ev["event"] == name and match(_data(ev)):
+                return _data(ev)
+        return None
+
+    def arrived(self, name: str, since: int = 0) -> float | None:
+        for at, ev in self.events[since:]:
+            if ev["event"] == name:
+                return at
+        return None
+
+
+class _Qmp(EventLog):
     """One QEMU's monitor: commands with timeouts and one-line errors; events kept in
     arrival order with the time they arrived."""
 
@@ -258,21 +279,6 @@ class _Qmp:
 
     async def status(self) -> str:
         return str((await self.cmd("query-status"))["status"])
-
-    def find(
-        self, name: str, since: int, match: Callable[[dict[str, Any]], bool]
-    ) -> dict[str, Any] | None:
-        """The data of the first event ``name`` at or after index ``since`` that matches."""
-        for _, ev in self.events[since:]:
-            if ev["event"] == name and match(_data(ev)):
-                return _data(ev)
-        return None
-
-    def arrived(self, name: str, since: int = 0) -> float | None:
-        for at, ev in self.events[since:]:
-            if ev["event"] == name:
-                return at
-        return None
 
     async def close(self) -> None:
         if self._pump:
@@ -373,7 +379,7 @@ async def _finish(coro: Coroutine[Any, Any, T]) -> T:
 @dataclass
 class _Run:
     src: _Qmp
-    dst: _Qmp
+    dst: Any  # _Qmp, or a monitor relayed by the destination's agent (nbdnats.remote)
     path: Path
     migration_id: str
     timeout: float
@@ -722,10 +728,13 @@ async def migrate(
     timeout: float = DEFAULT_TIMEOUT,
     mirror_speed: int = 0,
     on_progress: ProgressCallback | None = None,
+    dst_monitor: Callable[[asyncio.Event], Any] | None = None,
 ) -> MigrationReport:
     """Live-migrate the VM behind the source QMP socket into the destination QEMU (started
     with ``-incoming defer``). ``timeout``: seconds a step may go without progress (0: no
     limit). ``mirror_speed``: bytes/s cap of the disk mirrors' bulk copy (0: none).
+    ``dst_monitor``: how to reach the destination's monitor when it is not a local socket
+    (given the event that wakes the orchestration; ``nbdnats.remote``).
 
     Raises UsageError for what the user must change (sockets, sizes, states),
     MigrationTimeout for a stall, MigrationError otherwise; CancelledError passes through
@@ -734,7 +743,7 @@ async def migrate(
     changed = asyncio.Event()
     run = _Run(
         src=_Qmp("source", src_qmp, changed),
-        dst=_Qmp("destination", dst_qmp, changed),
+        dst=dst_monitor(changed) if dst_monitor else _Qmp("destination", dst_qmp, changed),
         path=path,
         migration_id=migration_id or uuid.uuid4().hex[:16],
         timeout=timeout,

@@ -36,6 +36,9 @@ MIN_STREAM_TIMEOUT = 10.0
 
 
 class NatsPath:
+    """Both ends in this process (``nbd-nats migrate``); ``nbdnats.remote.AgentPath`` puts
+    the destination's ends in the destination host's agent."""
+
     mode = "nats"
 
     def __init__(
@@ -53,47 +56,60 @@ class NatsPath:
         self.timeout = max(timeout, MIN_STREAM_TIMEOUT) if timeout else 0.0
         self._parent = socket_dir
         self._dirs: list[str] = []
-        self.disks: list[tuple[TransferHandle, TransferHandle]] = []
-        self.stream: tuple[TransferHandle, TransferHandle] | None = None
+        self.disk_senders: list[TransferHandle] = []
+        self.handles: list[TransferHandle] = []
 
     def _mkdir(self, side: str) -> str:
         d = tempfile.mkdtemp(prefix=f"nbdnats-{side}-", dir=self._parent)
         self._dirs.append(d)
         return d
 
+    def _options(self) -> dict[str, Any]:
+        return {"planes": self.planes, "window": self.window, "timeout": self.timeout}
+
+    # -- the destination's ends (overridden by AgentPath) --
+
     async def listen(self) -> Sockets:
-        d = self._mkdir("dst")
-        return Sockets(nbd=f"{d}/nbd.sock", migration=f"{d}/migration.sock")
+        return destination_sockets(self._mkdir("dst"))
+
+    async def start_receivers(self, destination: Sockets, exports: dict[str, int]) -> None:
+        self.handles += await start_receivers(
+            self.migration_id, destination, exports, **self._options()
+        )
+
+    async def close_receivers(self) -> None:
+        return None  # they are among self.handles
+
+    # -- the source's ends --
 
     async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
+        await self.start_receivers(destination, exports)
         src = self._mkdir("src")
-        common: dict[str, Any] = {
-            "planes": self.planes,
-            "window": self.window,
-            "timeout": self.timeout,
-        }
         per_export: dict[str, str] = {}
         for i, (name, size) in enumerate(exports.items()):
-            tid = f"{self.migration_id}-disk{i}"
-            rx = await start_recv(
-                f"nbd+unix:///{name}?socket={destination.nbd}", transfer_id=tid, **common
-            )
             sock = f"{src}/nbd-{i}.sock"
-            tx = await start_bridge("nbd", sock, transfer_id=tid, size=size, **common)
-            self.disks.append((tx, rx))
+            tx = await start_bridge(
+                "nbd", sock, transfer_id=disk_id(self.migration_id, i), size=size,
+                **self._options(),
+            )  # fmt: skip
+            self.disk_senders.append(tx)
+            self.handles.append(tx)
             per_export[name] = sock
-        tid = f"{self.migration_id}-ram"
-        rx = await start_recv(f"unix:{destination.migration}", transfer_id=tid, **common)
-        tx = await start_bridge("stream", f"{src}/migration.sock", transfer_id=tid, **common)
-        self.stream = (tx, rx)
+        tx = await start_bridge(
+            "stream", f"{src}/migration.sock", transfer_id=ram_id(self.migration_id),
+            **self._options(),
+        )  # fmt: skip
+        self.handles.append(tx)
         return Sockets(nbd="", migration=f"{src}/migration.sock", nbd_exports=per_export)
 
     async def drain(self) -> None:
-        """Every disk transfer ends (its NBD client is gone): destination flushed, digests
-        equal. A failure here fails the migration before it completes."""
-        ends = [h for pair in self.disks for h in pair]
+        """Every disk stream ends (its NBD client is gone): a sender ends once its receiver
+        reported DONE, i.e. flushed the destination and found the digests equal. A failure
+        here fails the migration before it completes."""
         try:
-            await asyncio.wait_for(asyncio.gather(*(h.wait() for h in ends)), DRAIN_TIMEOUT)
+            await asyncio.wait_for(
+                asyncio.gather(*(h.wait() for h in self.disk_senders)), DRAIN_TIMEOUT
+            )
         except TimeoutError:
             raise MigrationError(
                 f"the disks' streams did not finish within {DRAIN_TIMEOUT:g} s"
@@ -101,31 +117,59 @@ class NatsPath:
         except NbdNatsError as e:
             raise MigrationError(f"a disk's stream failed: {e}") from e
 
-    def moved(self) -> tuple[int, int]:
-        """(disk bytes, migration stream bytes) acknowledged by the destination so far."""
-        disk = sum(tx.stats().done_bytes for tx, _ in self.disks)
-        ram = self.stream[0].stats().done_bytes if self.stream else 0
-        return disk, ram
-
     async def close(self) -> None:
         """Let finished streams finish (the migration stream ends when the source closes
         it); cancel the rest, which ends their connections and frees a stuck request."""
-        ends = [h for pair in self.disks for h in pair]
-        if self.stream:
-            ends += list(self.stream)
-        if ends:
-            # Every outcome is collected (a failed end's error included), once.
-            waits = [asyncio.ensure_future(_quietly(h)) for h in ends]
-            _, late = await asyncio.wait(waits, timeout=STOP_TIMEOUT / 2)
-            for h in ends:
-                if not h.done():
-                    h.cancel()
-            if late:
-                await asyncio.wait(late, timeout=STOP_TIMEOUT)
-        self.disks, self.stream = [], None
+        await stop_all(self.handles)
+        self.handles, self.disk_senders = [], []
+        with contextlib.suppress(Exception):
+            await self.close_receivers()
         for d in self._dirs:
             shutil.rmtree(d, ignore_errors=True)
         self._dirs.clear()
+
+
+def disk_id(migration_id: str, i: int) -> str:
+    return f"{migration_id}-disk{i}"
+
+
+def ram_id(migration_id: str) -> str:
+    return f"{migration_id}-ram"
+
+
+def destination_sockets(directory: str) -> Sockets:
+    return Sockets(nbd=f"{directory}/nbd.sock", migration=f"{directory}/migration.sock")
+
+
+async def start_receivers(
+    migration_id: str, destination: Sockets, exports: dict[str, int], **options: Any
+) -> list[TransferHandle]:
+    """The destination's ends: a receiver per export into the destination QEMU's NBD
+    server, and one for the migration stream into its migrate-incoming socket."""
+    handles = []
+    for i, name in enumerate(exports):
+        uri = f"nbd+unix:///{name}?socket={destination.nbd}"
+        handles.append(await start_recv(uri, transfer_id=disk_id(migration_id, i), **options))
+    handles.append(
+        await start_recv(
+            f"unix:{destination.migration}", transfer_id=ram_id(migration_id), **options
+        )
+    )
+    return handles
+
+
+async def stop_all(handles: list[TransferHandle]) -> None:
+    """Collect every outcome (a failed end's error included, once); cancel what still runs
+    after a short wait."""
+    if not handles:
+        return
+    waits = [asyncio.ensure_future(_quietly(h)) for h in handles]
+    _, late = await asyncio.wait(waits, timeout=STOP_TIMEOUT / 2)
+    for h in handles:
+        if not h.done():
+            h.cancel()
+    if late:
+        await asyncio.wait(late, timeout=STOP_TIMEOUT)
 
 
 async def _quietly(h: TransferHandle) -> None:

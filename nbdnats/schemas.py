@@ -8,9 +8,13 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
     ctl.cmd.<node>.recv        RecvCommand       -> Reply
     ctl.cmd.<node>.provision   ProvisionCommand  -> Reply
     ctl.cmd.<node>.cancel      CancelCommand     -> Reply
+    ctl.cmd.<node>.migrate     MigrateCommand    -> Reply        (the source's agent)
+    ctl.cmd.<node>.incoming    IncomingCommand   -> IncomingReply (the destination's agent)
+    ctl.cmd.<node>.qmp         QmpCommand        -> QmpReply      (the destination's agent)
     ctl.qry.<node>.info        InfoQuery         -> NodeInfo
     ctl.qry.<node>.transfers   TransfersQuery    -> TransferList
     ctl.qry.<node>.digest      DigestQuery       -> DigestReply
+    ctl.qry.<node>.qmp-events  QmpEventsQuery    -> QmpEvents
     ctl.evt.<node>.announce    NodeInfo
     ctl.evt.<node>.transfer    TransferEvent
     ctl.evt.<node>.refused     RefusedEvent
@@ -119,6 +123,73 @@ class CancelCommand(Message, kw_only=True):
     transfer_id: str
 
 
+class MigrateCommand(Command, kw_only=True):
+    """Live-migrate the VM the source's agent knows as ``vm`` into the QEMU that agent
+    ``to_node`` knows by the same name (started with ``-incoming defer``); ``transfer_id``
+    is the migration id."""
+
+    vm: str
+    to_node: str
+    timeout: float = 60.0
+    mirror_speed: int = 0
+
+
+class IncomingCommand(Message, kw_only=True):
+    """The destination's side of a migration, run by its agent: ``listen`` (sockets for
+    its QEMU), ``recv`` (receivers for the exports, name: size, and the migration stream),
+    ``close`` (end them)."""
+
+    migration_id: str
+    vm: str
+    action: Literal["listen", "recv", "close"]
+    exports: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class IncomingReply(Message, kw_only=True):
+    ok: bool
+    nbd: str | None = None
+    migration: str | None = None
+    code: str | None = None
+    error: str | None = None
+
+
+class QmpCommand(Message, kw_only=True):
+    """One QMP command for the destination QEMU of a migration, which its agent runs only
+    if it is one a migration's destination needs, with the arguments it expects."""
+
+    migration_id: str
+    vm: str
+    command: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class QmpReply(Message, kw_only=True):
+    ok: bool
+    result: Any = None
+    code: str | None = None
+    error: str | None = None
+    error_class: str | None = None
+
+
+class QmpEventsQuery(Message, kw_only=True):
+    """The destination QEMU's events from index ``since`` on (it opens the session)."""
+
+    migration_id: str
+    vm: str
+    since: int = 0
+
+
+class QmpEvent(Message, kw_only=True):
+    event: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    age: float = 0.0  # seconds since it arrived at the agent
+
+
+class QmpEvents(Message, kw_only=True):
+    events: list[QmpEvent]
+    alive: bool
+
+
 class Reply(Message, kw_only=True):
     """The answer to every command: ``ok`` or an error ``code`` (``nbdnats.errors``)."""
 
@@ -147,6 +218,7 @@ class NodeInfo(Message, kw_only=True):
     at: dt.datetime
     running: int = 0
     announce_interval: float = 30.0
+    vms: list[str] = msgspec.field(default_factory=list)
 
 
 class TransfersQuery(Message, kw_only=True):
@@ -255,16 +327,20 @@ class RefusedEvent(Message, kw_only=True):
     error: str
 
 
-COMMANDS: dict[str, type[Command] | type[CancelCommand]] = {
+COMMANDS: dict[str, type[Message]] = {
     "send": SendCommand,
     "recv": RecvCommand,
     "provision": ProvisionCommand,
     "cancel": CancelCommand,
+    "migrate": MigrateCommand,
+    "incoming": IncomingCommand,
+    "qmp": QmpCommand,
 }
 QUERIES: dict[str, type[Message]] = {
     "info": InfoQuery,
     "transfers": TransfersQuery,
     "digest": DigestQuery,
+    "qmp-events": QmpEventsQuery,
 }
 
 encode = msgspec.json.encode

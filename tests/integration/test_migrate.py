@@ -17,15 +17,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import nats
 import pytest
 
 from bench import vm
-from nbdnats import migrate
+from nbdnats import migrate, subjects
 from nbdnats.embedded import EmbeddedServer, free_port
 from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
 from nbdnats.natspath import NatsPath
 from nbdnats.planes import Planes
-from tests.conftest import NatsServer, one_line_error, run_cli, start_cli
+from nbdnats.schemas import QmpCommand, encode
+from tests.conftest import (
+    AgentProc,
+    NatsServer,
+    one_line_error,
+    run_cli,
+    start_cli,
+    wait_for,
+)
 
 MiB = 1 << 20
 DISK = 64 * MiB
@@ -340,3 +350,118 @@ def test_guest_is_cached(guest: tuple[Path, Path]) -> None:
     )
     assert Path(again.stdout.strip()) == kernel.parent
     assert time.monotonic() - start < 30
+
+
+def test_ctl_migrate_between_agents(
+    vms: Callable[..., vm.VM],
+    tmp_path: Path,
+    start_nats: Callable[..., NatsServer],
+    start_agent: Callable[..., AgentProc],
+) -> None:
+    """``nbd-nats ctl migrate a:vm1 b``: each agent talks only to its own QEMU's QMP
+    socket; the destination's agent relays the few QMP commands a destination needs; the
+    disks and the RAM cross NATS; each state and the end are ctl events."""
+    source = vms("src", data_mib=8)
+    before = source.wait_counter(10)
+    dest = vms("dst", incoming=True, paused=True)
+    url = start_nats(jetstream=True).url
+    start_agent("hv-a", url, "--vm", f"vm1={source.qmp}")
+    start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
+
+    proc = run_cli("ctl", "--ctl-url", url, "migrate", "hv-a:vm1", "hv-b", "--id", "m1",
+                   "--timeout", "30", timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert "migration m1: mirroring" in err and "migrated vm1 hv-a -> hv-b" in err
+    assert source.status() == "postmigrate"
+    assert dest.status() == "running"
+    last_on_source = source.last_counter()
+    assert last_on_source > before
+    dest.wait_counter(last_on_source + 10, timeout=30)
+    on_dest = dest.counters()
+    assert on_dest[0] > last_on_source and on_dest[0] <= last_on_source + 2, on_dest[:3]
+    dest.command("stop")
+    last = dest.last_counter()
+    dest.stop()
+    records = vm.disk_records(dest.disk, tmp_path)
+    assert vm.missing_writes(records, last) == []
+
+    events = run_cli("ctl", "--ctl-url", url, "--json", "events", "--all", "--no-follow",
+                     "--kind", "migration")  # fmt: skip
+    states = [json.loads(line)["data"]["state"] for line in events.stdout.decode().splitlines()]
+    assert states[0] == "connecting" or states[0] == "inspecting"
+    assert states[-1] == "done" and "switchover" in states
+
+
+def test_ctl_migrate_refusals(
+    vms: Callable[..., vm.VM],
+    start_nats: Callable[..., NatsServer],
+    start_agent: Callable[..., AgentProc],
+) -> None:
+    """An unknown VM is refused; a destination's agent relays QMP only for a QEMU that
+    waits for an incoming migration, and only the commands such a destination needs."""
+    source = vms("src")
+    dest = vms("dst", incoming=True)
+    url = start_nats(jetstream=True).url
+    start_agent("hv-a", url, "--vm", f"vm1={source.qmp}")
+    start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
+    err = one_line_error(run_cli("ctl", "--ctl-url", url, "migrate", "hv-a:nope", "hv-b"))
+    assert "no VM 'nope' on hv-a (its agent knows: vm1" in err
+
+    async def relay(node: str, command: str, **arguments: Any) -> dict[str, Any]:
+        nc = await nats.connect(url)
+        try:
+            msg = QmpCommand(migration_id="x1", vm="vm1", command=command, arguments=arguments)
+            resp = await nc.request(subjects.ctl_command(node, "qmp"), encode(msg), timeout=20)
+            return dict(msgspec.json.decode(resp.data))
+        finally:
+            await nc.close()
+
+    # The running source is nobody's destination: no session, its monitor stays free.
+    reply = asyncio.run(relay("hv-a", "query-status"))
+    assert reply["code"] == "denied" and "is running, not waiting" in reply["error"]
+    assert source.status() == "running"
+    for command, args in [
+        ("human-monitor-command", {"command-line": "info registers"}),
+        ("blockdev-add", {"driver": "file", "filename": "/etc/shadow", "node-name": "x"}),
+        ("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "0.0.0.0", "port": "1"}}}),
+        ("migrate-incoming", {"uri": "tcp:0.0.0.0:4444"}),
+        ("migrate-set-capabilities", {"capabilities": [{"capability": "x-colo", "state": True}]}),
+        ("cont", {}),
+    ]:
+        reply = asyncio.run(relay("hv-b", command, **args))
+        assert reply["ok"] is False and reply["code"] == "denied", (command, reply)
+    assert asyncio.run(relay("hv-b", "query-status"))["result"]["status"] == "inmigrate"
+    # quit is allowed while it only waits: a migration's rollback needs it.
+    assert asyncio.run(relay("hv-b", "quit"))["ok"] is True
+    assert dest.proc is not None and dest.proc.wait(20) == 0
+
+
+def test_ctl_cancel_rolls_a_migration_back(
+    vms: Callable[..., vm.VM],
+    start_nats: Callable[..., NatsServer],
+    start_agent: Callable[..., AgentProc],
+) -> None:
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    dest = vms("dst", incoming=True)
+    url = start_nats(jetstream=True).url
+    a = start_agent("hv-a", url, "--vm", f"vm1={source.qmp}")
+    start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
+    running = start_cli("ctl", "--ctl-url", url, "migrate", "hv-a:vm1", "hv-b", "--id", "m2",
+                        "--mirror-speed", "2M")  # fmt: skip
+    wait_for(lambda: "migrate m2" in a.text() and "mirroring" in _states(url), "mirroring", 60)
+    assert run_cli("ctl", "--ctl-url", url, "cancel", "m2").returncode == 0
+    _, err = running.communicate(timeout=60)
+    assert running.returncode == 1 and "cancelled" in err.decode(), err.decode()
+    assert dest.proc is not None and dest.proc.wait(20) == 0  # quit through its agent
+    wait_for(lambda: "migrate m2 cancelled" in a.text(), "the agent's report", 20)
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
+
+
+def _states(url: str) -> str:
+    out = run_cli("ctl", "--ctl-url", url, "events", "--all", "--no-follow", "--kind", "migration")
+    return out.stdout.decode()

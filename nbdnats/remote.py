@@ -1,0 +1,328 @@
+"""Live migration between two hosts' agents (``nbd-nats ctl migrate a:VM b``).
+
+The source's agent runs the whole orchestration (``nbdnats.migrate``) with its own QEMU's
+monitor, and reaches the destination's through the destination's agent:
+
+- ``RemoteQmp`` stands in for the destination's monitor: each command is a
+  ``ctl.cmd.<b>.qmp`` request, events come from ``ctl.qry.<b>.qmp-events``.
+- ``AgentPath`` is the NATS path with the destination's ends (receivers, sockets) in the
+  destination's agent (``ctl.cmd.<b>.incoming``).
+- ``Incoming`` is the destination agent's side. It relays **only** what a migration's
+  destination needs, for VMs its admin named (``--vm NAME=QMP``): queries, the
+  capabilities ``events`` and ``late-block-activate``, ``nbd-server-start`` on the socket
+  it chose, ``block-export-add`` of that VM's nodes as ``nbdnats-*`` exports,
+  ``migrate-incoming`` on its socket, ``nbd-server-stop``, ``cont`` once the migration
+  was loaded, and ``quit`` only while the QEMU still waits for the migration — a QEMU
+  running a guest is never stopped from the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+
+from nbdnats import subjects
+from nbdnats.errors import (
+    MigrationError,
+    NbdNatsError,
+    PolicyError,
+    SchemaError,
+    TransferTimeout,
+    UsageError,
+    from_code,
+)
+from nbdnats.migrate import EXPORT, PREFIX, EventLog, Sockets, _CommandFailed, _data, _Qmp
+from nbdnats.natspath import NatsPath, destination_sockets, start_receivers, stop_all
+from nbdnats.planes import Planes
+from nbdnats.schemas import (
+    IncomingCommand,
+    IncomingReply,
+    QmpCommand,
+    QmpEvent,
+    QmpEvents,
+    QmpEventsQuery,
+    QmpReply,
+    Reply,
+    encode,
+)
+from nbdnats.transfer import TransferHandle
+
+REQUEST_TIMEOUT = 40.0  # a relayed QMP command waits up to 30 s for QEMU
+EVENT_POLL = 0.1
+
+
+async def _ask(nc: Client, subject: str, msg: msgspec.Struct, reply: type[Any]) -> Any:
+    node = subject.split(".")[2]
+    try:
+        resp = await nc.request(subject, encode(msg), timeout=REQUEST_TIMEOUT)
+    except nats.errors.NoRespondersError:
+        raise UsageError(f"no agent answers for node {node!r} (see: nbd-nats ctl nodes)") from None
+    except nats.errors.TimeoutError:
+        raise TransferTimeout(f"node {node} did not answer {subject}") from None
+    try:
+        return msgspec.json.decode(resp.data, type=reply)
+    except msgspec.ValidationError:
+        pass
+    try:
+        refused = msgspec.json.decode(resp.data, type=Reply)
+    except msgspec.ValidationError:
+        raise MigrationError(f"node {node} answered {subject} with {resp.data[:200]!r}") from None
+    raise from_code(refused.code or "error", f"{node}: {refused.error}")
+
+
+class RemoteQmp(EventLog):
+    """The destination's monitor, through its agent."""
+
+    side = "destination"
+
+    def __init__(
+        self, nc: Client, node: str, vm: str, migration_id: str, changed: asyncio.Event
+    ) -> None:
+        self.nc, self.node, self.vm, self.migration_id = nc, node, vm, migration_id
+        self.address = f"{node}:{vm}"
+        self.events = []
+        self._changed = changed
+        self._alive = False
+        self._poll: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    async def connect(self, timeout: float) -> None:
+        await self._fetch()
+        self._poll = asyncio.create_task(self._pump())
+
+    async def _fetch(self) -> None:
+        query = QmpEventsQuery(migration_id=self.migration_id, vm=self.vm, since=len(self.events))
+        got: QmpEvents = await _ask(
+            self.nc, subjects.ctl_query(self.node, "qmp-events"), query, QmpEvents
+        )
+        now = time.monotonic()
+        for ev in got.events:
+            self.events.append((now - ev.age, {"event": ev.event, "data": ev.data}))  # type: ignore[arg-type]
+        if got.events or got.alive != self._alive:
+            self._changed.set()
+        self._alive = got.alive
+
+    async def _pump(self) -> None:
+        while True:
+            await asyncio.sleep(EVENT_POLL)
+            with contextlib.suppress(NbdNatsError):
+                await self._fetch()
+
+    async def cmd(self, name: str, /, **args: Any) -> Any:
+        msg = QmpCommand(migration_id=self.migration_id, vm=self.vm, command=name, arguments=args)
+        reply: QmpReply = await _ask(self.nc, subjects.ctl_command(self.node, "qmp"), msg, QmpReply)
+        if reply.ok:
+            return reply.result
+        if reply.code == "qmp":
+            raise _CommandFailed(
+                f"destination QEMU: {name}: {reply.error}", reply.error_class or ""
+            )
+        raise from_code(reply.code or "error", f"{self.node}: {reply.error}")
+
+    async def status(self) -> str:
+        return str((await self.cmd("query-status"))["status"])
+
+    async def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll
+
+
+class AgentPath(NatsPath):
+    """The NATS path with the destination's receivers in the destination's agent."""
+
+    def __init__(self, planes: Planes, node: str, vm: str, migration_id: str, **kw: Any) -> None:
+        super().__init__(planes, migration_id, **kw)
+        self.node, self.vm = node, vm
+
+    async def _incoming(self, action: str, exports: dict[str, int] | None = None) -> IncomingReply:
+        msg = IncomingCommand(migration_id=self.migration_id, vm=self.vm, action=action,  # type: ignore[arg-type]
+                              exports=exports or {})  # fmt: skip
+        reply: IncomingReply = await _ask(
+            self.planes.ctl, subjects.ctl_command(self.node, "incoming"), msg, IncomingReply
+        )
+        if not reply.ok:
+            raise from_code(reply.code or "error", f"{self.node}: {reply.error}")
+        return reply
+
+    async def listen(self) -> Sockets:
+        reply = await self._incoming("listen")
+        assert reply.nbd is not None and reply.migration is not None
+        return Sockets(nbd=reply.nbd, migration=reply.migration)
+
+    async def start_receivers(self, destination: Sockets, exports: dict[str, int]) -> None:
+        await self._incoming("recv", exports)
+
+    async def close_receivers(self) -> None:
+        await self._incoming("close")
+
+
+# -- the destination's agent ----------------------------------------------------------------
+
+CAPABILITIES = {"events", "late-block-activate"}
+
+
+@dataclass
+class _Session:
+    vm: str
+    qmp: _Qmp
+    directory: str
+    sockets: Sockets
+    receivers: list[TransferHandle] = field(default_factory=list)
+    loaded: bool = False
+
+
+class Incoming:
+    """The migrations this agent receives: a QMP session per migration, its sockets and
+    receivers."""
+
+    def __init__(self, planes_of: Any, vms: dict[str, str], timeout: float = 60.0) -> None:
+        self._planes_of = planes_of  # a callable giving the agent's Planes
+        self.vms = vms
+        self.timeout = timeout
+        self.sessions: dict[str, _Session] = {}
+        self._changed = asyncio.Event()
+
+    async def _session(self, migration_id: str, vm: str) -> _Session:
+        subjects.check_token(migration_id, "migration id")
+        session = self.sessions.get(migration_id)
+        if session is not None:
+            if session.vm != vm:
+                raise PolicyError(f"migration {migration_id} is of VM {session.vm}, not {vm}")
+            return session
+        if vm not in self.vms:
+            known = ", ".join(sorted(self.vms)) or "none"
+            raise PolicyError(f"no VM {vm!r} on this node (its agent knows: {known}; --vm)")
+        qmp = _Qmp("destination", self.vms[vm], self._changed)
+        await qmp.connect(10.0)
+        # Only a QEMU waiting for an incoming migration: holding the monitor of one that
+        # runs a guest would lock its owner out (QMP serves one client at a time).
+        status = await qmp.status()
+        if status != "inmigrate":
+            await qmp.close()
+            raise PolicyError(
+                f"VM {vm} here is {status}, not waiting for an incoming migration "
+                "(start it with -incoming defer)"
+            )
+        directory = tempfile.mkdtemp(prefix=f"nbdnats-in-{migration_id}-")
+        session = _Session(vm, qmp, directory, destination_sockets(directory))
+        self.sessions[migration_id] = session
+        return session
+
+    async def qmp(self, cmd: QmpCommand) -> QmpReply:
+        try:
+            session = await self._session(cmd.migration_id, cmd.vm)
+            await self._allowed(session, cmd.command, cmd.arguments)
+            result = await session.qmp.cmd(cmd.command, **cmd.arguments)
+        except _CommandFailed as e:
+            return QmpReply(ok=False, code="qmp", error=str(e).split(": ", 2)[-1],
+                            error_class=e.error_class)  # fmt: skip
+        except NbdNatsError as e:
+            return QmpReply(ok=False, code=e.code, error=str(e))
+        return QmpReply(ok=True, result=result)
+
+    async def _allowed(self, s: _Session, command: str, args: dict[str, Any]) -> None:
+        """Only what a migration's destination needs, with the arguments it expects."""
+
+        def deny(why: str) -> PolicyError:
+            return PolicyError(f"QMP {command} refused: {why}")
+
+        if command in ("query-status", "query-block", "query-migrate", "nbd-server-stop"):
+            return
+        if command == "migrate-set-capabilities":
+            caps = args.get("capabilities") or []
+            if not all(isinstance(c, dict) and c.get("capability") in CAPABILITIES for c in caps):
+                raise deny(f"only {', '.join(sorted(CAPABILITIES))} may be set")
+            return
+        if command == "nbd-server-start":
+            if args != {"addr": {"type": "unix", "data": {"path": s.sockets.nbd}}}:
+                raise deny("only on the socket this agent chose for the migration")
+            return
+        if command == "block-export-add":
+            nodes = {
+                b["inserted"]["node-name"]
+                for b in await s.qmp.cmd("query-block")
+                if b.get("inserted") and not b["inserted"].get("ro")
+            }
+            names = {str(args.get("id")), str(args.get("name"))}
+            if (
+                args.get("type") != "nbd"
+                or not all(n.startswith(EXPORT.format("")) for n in names)
+                or args.get("node-name") not in nodes
+                or set(args) - {"type", "id", "name", "node-name", "writable"}
+            ):
+                raise deny("only the VM's writable disks, as nbdnats- NBD exports")
+            return
+        if command == "migrate-incoming":
+            if args != {"uri": f"unix:{s.sockets.migration}"}:
+                raise deny("only on the socket this agent chose for the migration")
+            return
+        if command in ("cont", "quit"):
+            status = await s.qmp.status()
+            if command == "quit" and status not in ("inmigrate", "prelaunch"):
+                raise deny(f"the QEMU is {status}; only one still waiting for the migration")
+            if command == "cont" and not s.qmp.find("MIGRATION", 0, _completed):
+                raise deny("the migration has not been loaded")
+            return
+        raise deny("not a command a migration's destination needs")
+
+    async def events(self, q: QmpEventsQuery) -> QmpEvents:
+        session = await self._session(q.migration_id, q.vm)
+        now = time.monotonic()
+        evs = [
+            QmpEvent(event=str(ev["event"]), data=_data(ev), age=now - at)
+            for at, ev in session.qmp.events[max(q.since, 0) :]
+        ]
+        return QmpEvents(events=evs, alive=session.qmp.alive)
+
+    async def incoming(self, cmd: IncomingCommand) -> IncomingReply:
+        try:
+            if cmd.action == "close":
+                await self.close(cmd.migration_id)
+                return IncomingReply(ok=True)
+            s = await self._session(cmd.migration_id, cmd.vm)
+            if cmd.action == "recv":
+                if s.receivers:
+                    raise SchemaError(f"migration {cmd.migration_id} already receives")
+                for name in cmd.exports:
+                    if not name.startswith(PREFIX):
+                        raise PolicyError(f"export {name!r} is not one of a migration")
+                s.receivers = await start_receivers(
+                    cmd.migration_id, s.sockets, cmd.exports, planes=self._planes_of(),
+                    timeout=self.timeout,
+                )  # fmt: skip
+            return IncomingReply(ok=True, nbd=s.sockets.nbd, migration=s.sockets.migration)
+        except NbdNatsError as e:
+            return IncomingReply(ok=False, code=e.code, error=str(e))
+
+    async def close(self, migration_id: str) -> None:
+        s = self.sessions.pop(migration_id, None)
+        if s is None:
+            return
+        await stop_all(s.receivers)
+        await s.qmp.close()
+        shutil.rmtree(s.directory, ignore_errors=True)
+
+    async def close_all(self) -> None:
+        for mid in list(self.sessions):
+            await self.close(mid)
+
+
+def _completed(data: dict[str, Any]) -> bool:
+    return data.get("status") == "completed"
+
+
+__all__ = ["AgentPath", "Incoming", "MigrationError", "RemoteQmp"]
