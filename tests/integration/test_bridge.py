@@ -132,7 +132,6 @@ def test_a_byte_stream_is_relayed_in_order(planes: Connect, tmp_path: Path) -> N
         loop = asyncio.get_running_loop()
         async with planes() as p:
             rx = await start_recv(f"unix:{dst_sock}", transfer_id="st1", planes=p)
-            conn, _ = await loop.sock_accept(server)
             tx = await start_bridge("stream", str(src_sock), transfer_id="st1", planes=p)
             _, writer = await asyncio.open_unix_connection(str(src_sock))
 
@@ -143,16 +142,18 @@ def test_a_byte_stream_is_relayed_in_order(planes: Connect, tmp_path: Path) -> N
                 writer.close()
                 await writer.wait_closed()
 
-            async def drain(conn: socket.socket) -> bytes:
+            async def drain() -> bytes:
+                # The receiver connects when the first bytes arrive, not before.
+                conn, _ = await loop.sock_accept(server)
                 got = bytearray()
                 while chunk := await loop.sock_recv(conn, 1 << 20):
                     got += chunk
+                conn.close()
                 return bytes(got)
 
             got, *_ = await asyncio.wait_for(
-                asyncio.gather(drain(conn), feed(writer), both(tx, rx)), 60
+                asyncio.gather(drain(), feed(writer), both(tx, rx)), 60
             )
-            conn.close()
             return got
 
     got = asyncio.run(go())
