@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::checksum::{digest_hex, is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
+use crate::checksum::{is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::frame::{
@@ -29,13 +29,14 @@ use crate::frame::{
     PROTOCOL_VERSION,
 };
 use crate::handshake::OpenRequest;
-use crate::send::{open, Stall, Subjects};
+use crate::send::{
+    close_and_compare, control_frame, end_frame, open, retry, send_abort, Stall, Subjects,
+};
 use crate::stats::{Progress, State};
 use crate::window::{frame_cost, max_frames_in_window, Window, MIN_FRAME_COST};
 
 const RTO: Duration = Duration::from_secs(1);
 const KEEPALIVE: Duration = Duration::from_secs(2);
-const MAX_RETRIES: u32 = 10;
 
 /// Told when a write (or a barrier) is acknowledged as written, or that it never will be.
 pub type Done = oneshot::Sender<Result<()>>;
@@ -348,15 +349,7 @@ impl Pusher<'_> {
         if entry.last_sent.elapsed() < RTO / 4 {
             return Ok(());
         }
-        entry.retries += u32::from(entry.kind != Kind::End);
-        if entry.retries > MAX_RETRIES {
-            return Err(Error::Integrity(format!(
-                "frame {seq} at offset {} was lost or damaged {MAX_RETRIES} times; the path between the hosts is failing",
-                entry.offset
-            )));
-        }
-        entry.last_sent = std::time::Instant::now();
-        Progress::add(&self.progress.retransmits, 1);
+        retry(entry, self.progress)?;
         if let Some(bytes) = self.stored.get(&seq).cloned() {
             self.publish(bytes).await?;
         }
@@ -442,15 +435,7 @@ impl Pusher<'_> {
             self.backoff = (self.backoff * 2).min(8);
         }
         if self.window.is_empty() && self.last_sent.elapsed() >= KEEPALIVE {
-            let (ka, _) = ChunkHeader {
-                kind: Kind::Keepalive,
-                session: self.session,
-                seq: self.next_seq,
-                offset: 0,
-                length: 0,
-                checksum: 0,
-            }
-            .encode(&[]);
+            let ka = control_frame(Kind::Keepalive, self.session, self.next_seq);
             self.publish(ka).await?;
         }
         Ok(())
@@ -458,23 +443,13 @@ impl Pusher<'_> {
 
     async fn send_end(&mut self) -> Result<()> {
         let total = self.next_seq;
-        let summary = EndSummary {
-            digest: self.digest.value(),
-            frames: total,
-            data_bytes: self.progress.data_bytes.load(Relaxed),
-            zero_bytes: self.progress.zero_bytes.load(Relaxed),
-        };
-        let header = ChunkHeader {
-            kind: Kind::End,
-            session: self.session,
-            seq: total,
-            offset: self.size,
-            length: 0,
-            checksum: 0,
-        };
-        let (frame, _) = header.encode(&summary.encode());
-        self.progress.set_state(State::Finishing);
-        self.progress.set_digest(digest_hex(&summary.digest));
+        let (frame, summary) = end_frame(
+            self.session,
+            total,
+            self.size,
+            self.progress,
+            self.digest.value(),
+        );
         self.window.sent(total, Kind::End, self.size, 0, 0);
         self.stored.insert(total, frame.clone());
         self.end = Some((total, summary));
@@ -486,25 +461,15 @@ impl Pusher<'_> {
             return Err(Error::Protocol("DONE before END".into()));
         };
         let (end_seq, ours) = (*end_seq, summary.digest);
-        let (close, _) = ChunkHeader {
-            kind: Kind::Close,
-            session: self.session,
-            seq: end_seq + 1,
-            offset: 0,
-            length: 0,
-            checksum: 0,
-        }
-        .encode(&[]);
-        let _ = self.publish(close).await;
-        let _ = self.conn.client.flush().await;
-        if digest != ours {
-            return Err(Error::Integrity(format!(
-                "digest mismatch: sent {} but the receiver wrote {}",
-                digest_hex(&ours),
-                digest_hex(&digest)
-            )));
-        }
-        Ok(())
+        close_and_compare(
+            self.conn,
+            self.subjects,
+            self.session,
+            end_seq,
+            ours,
+            digest,
+        )
+        .await
     }
 
     /// Completions still waiting learn the outcome (an error if the stream failed).
@@ -518,20 +483,6 @@ impl Pusher<'_> {
     }
 
     async fn abort(&mut self, why: &Error) {
-        let (frame, _) = ChunkHeader {
-            kind: Kind::Abort,
-            session: self.session,
-            seq: self.next_seq,
-            offset: 0,
-            length: 0,
-            checksum: 0,
-        }
-        .encode(crate::frame::truncate(&why.to_string(), crate::frame::MAX_MESSAGE_LEN).as_bytes());
-        let _ = self
-            .conn
-            .client
-            .publish(self.subjects.chunks.clone(), frame)
-            .await;
-        let _ = self.conn.client.flush().await;
+        send_abort(self.conn, self.subjects, self.session, self.next_seq, why).await;
     }
 }

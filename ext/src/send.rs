@@ -93,6 +93,97 @@ impl Stall {
     }
 }
 
+/// A payload-less frame (KEEPALIVE, CLOSE) of a session.
+pub(crate) fn control_frame(kind: Kind, session: u32, seq: u64) -> Bytes {
+    zero_frame(kind, session, seq, 0, 0).bytes
+}
+
+/// Tell the receiver we give up, so it fails at once rather than at its timeout.
+pub(crate) async fn send_abort(
+    conn: &DataConn,
+    subjects: &Subjects,
+    session: u32,
+    seq: u64,
+    why: &Error,
+) {
+    let header = ChunkHeader {
+        kind: Kind::Abort,
+        session,
+        seq,
+        offset: 0,
+        length: 0,
+        checksum: 0,
+    };
+    let (frame, _) =
+        header.encode(crate::frame::truncate(&why.to_string(), MAX_MESSAGE_LEN).as_bytes());
+    let _ = conn.client.publish(subjects.chunks.clone(), frame).await;
+    let _ = conn.client.flush().await;
+}
+
+/// The END frame: frame `total` at the end of the disk, with the summary of all before it.
+pub(crate) fn end_frame(
+    session: u32,
+    total: u64,
+    size: u64,
+    progress: &Progress,
+    digest: [u8; 16],
+) -> (Bytes, EndSummary) {
+    let summary = EndSummary {
+        digest,
+        frames: total,
+        data_bytes: progress.data_bytes.load(Relaxed),
+        zero_bytes: progress.zero_bytes.load(Relaxed),
+    };
+    let header = ChunkHeader {
+        kind: Kind::End,
+        session,
+        seq: total,
+        offset: size,
+        length: 0,
+        checksum: 0,
+    };
+    progress.set_state(State::Finishing);
+    progress.set_digest(digest_hex(&summary.digest));
+    (header.encode(&summary.encode()).0, summary)
+}
+
+/// The receiver reported DONE: say CLOSE (it may stop lingering), then compare digests.
+pub(crate) async fn close_and_compare(
+    conn: &DataConn,
+    subjects: &Subjects,
+    session: u32,
+    end_seq: u64,
+    ours: [u8; 16],
+    theirs: [u8; 16],
+) -> Result<()> {
+    let close = control_frame(Kind::Close, session, end_seq + 1);
+    let _ = conn.client.publish(subjects.chunks.clone(), close).await;
+    let _ = conn.client.flush().await;
+    if theirs != ours {
+        return Err(Error::Integrity(format!(
+            "digest mismatch: sent {} but the receiver wrote {}",
+            digest_hex(&ours),
+            digest_hex(&theirs)
+        )));
+    }
+    Ok(())
+}
+
+/// Count one more try of an outstanding frame; an error once it was tried too often.
+pub(crate) fn retry(entry: &mut crate::window::Sent, progress: &Progress) -> Result<()> {
+    // END is repeated while DONE is awaited (a long flush or verify); only data counts.
+    entry.retries += u32::from(entry.kind != Kind::End);
+    if entry.retries > MAX_RETRIES {
+        return Err(Error::Integrity(format!(
+            "frame {} at offset {} was lost or damaged {MAX_RETRIES} times; the path between the hosts is failing",
+            entry.seq, entry.offset
+        )));
+    }
+    entry.last_sent = std::time::Instant::now();
+    Progress::add(&progress.retransmits, 1);
+    Ok(())
+}
+
 struct Outgoing {
     seq: u64,
     bytes: Bytes,
@@ -454,24 +545,15 @@ impl Sender<'_> {
             .map_err(nats_err)
     }
 
-    /// Tell the receiver we give up, so it fails at once rather than at its timeout.
     async fn abort(&mut self, why: &Error) {
-        let header = ChunkHeader {
-            kind: Kind::Abort,
-            session: self.session,
-            seq: self.next_unsent,
-            offset: 0,
-            length: 0,
-            checksum: 0,
-        };
-        let (frame, _) =
-            header.encode(crate::frame::truncate(&why.to_string(), MAX_MESSAGE_LEN).as_bytes());
-        let _ = self
-            .conn
-            .client
-            .publish(self.subjects.chunks.clone(), frame)
-            .await;
-        let _ = self.conn.client.flush().await;
+        send_abort(
+            self.conn,
+            self.subjects,
+            self.session,
+            self.next_unsent,
+            why,
+        )
+        .await;
     }
 
     /// Queue frame `seq` to be sent again, re-reading it from the source.
@@ -483,16 +565,7 @@ impl Sender<'_> {
         if entry.last_sent.elapsed() < RTO / 4 {
             return Ok(()); // just sent: give it time
         }
-        // END is repeated while DONE is awaited (a long flush or verify); only data counts.
-        entry.retries += u32::from(entry.kind != Kind::End);
-        if entry.retries > MAX_RETRIES {
-            return Err(Error::Integrity(format!(
-                "frame {seq} at offset {} was lost or damaged {MAX_RETRIES} times; the path between the hosts is failing",
-                entry.offset
-            )));
-        }
-        entry.last_sent = std::time::Instant::now();
-        Progress::add(&self.progress.retransmits, 1);
+        retry(entry, self.progress)?;
         let (kind, offset, len) = (entry.kind, entry.offset, entry.len);
         let again = match (kind, &self.end) {
             (Kind::End, Some((_, bytes, _))) => {
@@ -719,23 +792,13 @@ impl Sender<'_> {
 
     async fn send_end(&mut self) -> Result<()> {
         let total = self.planner.seq;
-        let summary = EndSummary {
-            digest: self.digest.value(),
-            frames: total,
-            data_bytes: self.progress.data_bytes.load(Relaxed),
-            zero_bytes: self.progress.zero_bytes.load(Relaxed),
-        };
-        let header = ChunkHeader {
-            kind: Kind::End,
-            session: self.session,
-            seq: total,
-            offset: self.size,
-            length: 0,
-            checksum: 0,
-        };
-        let (frame, _) = header.encode(&summary.encode());
-        self.progress.set_state(State::Finishing);
-        self.progress.set_digest(digest_hex(&summary.digest));
+        let (frame, summary) = end_frame(
+            self.session,
+            total,
+            self.size,
+            self.progress,
+            self.digest.value(),
+        );
         self.window.sent(total, Kind::End, self.size, 0, 0);
         self.next_unsent = total + 1;
         self.end = Some((total, frame.clone(), summary));
@@ -747,16 +810,15 @@ impl Sender<'_> {
             return Err(Error::Protocol("DONE before END".into()));
         };
         let (end_seq, ours) = (*end_seq, summary.digest);
-        let close = zero_frame(Kind::Close, self.session, end_seq + 1, 0, 0);
-        let _ = self.publish(close.bytes).await;
-        let _ = self.conn.client.flush().await;
-        if digest != ours {
-            return Err(Error::Integrity(format!(
-                "digest mismatch: sent {} but the receiver wrote {}",
-                digest_hex(&ours),
-                digest_hex(&digest)
-            )));
-        }
+        close_and_compare(
+            self.conn,
+            self.subjects,
+            self.session,
+            end_seq,
+            ours,
+            digest,
+        )
+        .await?;
         if verify && !verified {
             return Err(Error::Integrity(
                 "the receiver did not verify the target".into(),
