@@ -25,7 +25,8 @@ EPILOG = """\
 SRC and DST: an NBD URI as libnbd takes it (nbd://host:port/export,
 nbd+unix:///export?socket=PATH), a file or block device (a file target is created
 or extended to the source size), or '-' for stdin/stdout as a raw image in offset
-order. DST may also be 'null:' (discard).
+order ('pipe:PATH' likewise for a FIFO). DST may also be 'null:' (discard) or
+'unix:PATH' (a listening unix socket, connected on the first byte).
 
 environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists)
 """

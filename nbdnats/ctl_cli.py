@@ -187,7 +187,7 @@ async def run_agent_command(args: argparse.Namespace) -> None:
 def add_ctl_parser(sub: Any) -> None:
     p = sub.add_parser(
         "ctl",
-        help="drive agents: nodes, copy, backup, restore, provision, transfers, events",
+        help="drive agents: nodes, copy, backup, restore, provision, migrate, transfers, events",
         description="The controller: commands to agents over the ctl plane.",
         epilog=CTL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
