@@ -24,16 +24,14 @@ use tokio_util::sync::CancellationToken;
 use crate::checksum::{is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
-use crate::frame::{
-    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_ZERO_LEN,
-    PROTOCOL_VERSION,
-};
+use crate::frame::{ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_ZERO_LEN, PROTOCOL_VERSION};
 use crate::handshake::OpenRequest;
 use crate::send::{
-    close_and_compare, control_frame, end_frame, open, retry, send_abort, Stall, Subjects,
+    ack_request, close_and_compare, control_frame, end_frame, open, read_ack, retry, send_abort,
+    AckRequest, Stall, Subjects,
 };
 use crate::stats::{Progress, State};
-use crate::window::{frame_cost, max_frames_in_window, Window, MIN_FRAME_COST};
+use crate::window::{frame_cost, Window, MIN_FRAME_COST};
 
 const RTO: Duration = Duration::from_secs(1);
 const KEEPALIVE: Duration = Duration::from_secs(2);
@@ -357,13 +355,8 @@ impl Pusher<'_> {
     }
 
     fn on_ack(&mut self, msg: Option<Message>) -> Result<Option<[u8; 16]>> {
-        let msg = msg.ok_or_else(|| Error::Nats("the ack subscription ended".into()))?;
-        let ack = match Ack::decode(&msg.payload) {
-            Ok(a) if a.session == self.session => a,
-            _ => {
-                Progress::add(&self.progress.bad_frames, 1);
-                return Ok(None);
-            }
+        let Some(ack) = read_ack(msg, self.session, self.progress)? else {
+            return Ok(None);
         };
         let sent = self.next_seq - self.pending.len() as u64 + u64::from(self.end.is_some());
         let Ok(covered) = self.window.ack(ack.next_seq, sent) else {
@@ -389,30 +382,13 @@ impl Pusher<'_> {
         if ack.window > 0 {
             self.window.set_limit(ack.window);
         }
-        match (ack.kind, ack.body) {
-            (AckKind::Error, AckBody::Error { code, message }) => {
-                Err(Error::from_remote(&code, &message))
-            }
-            (AckKind::Done, AckBody::Done { digest, .. }) => match &self.end {
-                Some((end_seq, _)) if ack.next_seq == end_seq + 1 => Ok(Some(digest)),
-                _ => Err(Error::Protocol(format!(
-                    "receiver reported done at frame {} before the end",
-                    ack.next_seq
-                ))),
-            },
-            (AckKind::Ack, AckBody::Missing(ranges)) => {
-                let limit = max_frames_in_window(crate::window::MAX_WINDOW) as u64;
-                let seqs: Vec<u64> = ranges
-                    .into_iter()
-                    .flat_map(|(first, count)| {
-                        first..first.saturating_add(u64::from(count).min(limit))
-                    })
-                    .collect();
+        match ack_request(ack, self.end.as_ref().map(|(seq, _)| *seq))? {
+            AckRequest::Done(digest, _) => Ok(Some(digest)),
+            AckRequest::Resend(seqs) => {
                 self.resends = seqs;
                 Ok(None)
             }
-            (AckKind::Ack, _) => Ok(None),
-            _ => Err(Error::Protocol("malformed ack from the receiver".into())),
+            AckRequest::Nothing => Ok(None),
         }
     }
 

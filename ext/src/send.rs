@@ -93,6 +93,61 @@ impl Stall {
     }
 }
 
+/// One ack of our session, or `None` for a message that is not one (counted as bad).
+pub(crate) fn read_ack(
+    msg: Option<Message>,
+    session: u32,
+    progress: &Progress,
+) -> Result<Option<Ack>> {
+    let msg = msg.ok_or_else(|| Error::Nats("the ack subscription ended".into()))?;
+    match Ack::decode(&msg.payload) {
+        Ok(a) if a.session == session => Ok(Some(a)),
+        _ => {
+            Progress::add(&progress.bad_frames, 1);
+            Ok(None)
+        }
+    }
+}
+
+/// What an ack asks of the sender, beyond moving the window.
+pub(crate) enum AckRequest {
+    Nothing,
+    /// Frames the receiver names as missing.
+    Resend(Vec<u64>),
+    /// DONE: the receiver's digest and whether it verified the target.
+    Done([u8; 16], bool),
+}
+
+/// Read an ack's kind and body: the receiver's error, DONE (only right after END, frame
+/// `end_seq`), or the missing frames it names.
+pub(crate) fn ack_request(ack: Ack, end_seq: Option<u64>) -> Result<AckRequest> {
+    match (ack.kind, ack.body) {
+        (AckKind::Error, AckBody::Error { code, message }) => {
+            Err(Error::from_remote(&code, &message))
+        }
+        (AckKind::Done, AckBody::Done { digest, verified }) => match end_seq {
+            Some(end) if ack.next_seq == end + 1 => Ok(AckRequest::Done(digest, verified)),
+            _ => Err(Error::Protocol(format!(
+                "receiver reported done at frame {} before the end",
+                ack.next_seq
+            ))),
+        },
+        (AckKind::Ack, AckBody::Missing(ranges)) => {
+            let limit = max_frames_in_window(crate::window::MAX_WINDOW) as u64;
+            Ok(AckRequest::Resend(
+                ranges
+                    .into_iter()
+                    .flat_map(|(first, count)| {
+                        first..first.saturating_add(u64::from(count).min(limit))
+                    })
+                    .collect(),
+            ))
+        }
+        (AckKind::Ack, _) => Ok(AckRequest::Nothing),
+        _ => Err(Error::Protocol("malformed ack from the receiver".into())),
+    }
+}
+
 /// A payload-less frame (KEEPALIVE, CLOSE) of a session.
 pub(crate) fn control_frame(kind: Kind, session: u32, seq: u64) -> Bytes {
     zero_frame(kind, session, seq, 0, 0).bytes
@@ -599,13 +654,8 @@ impl Sender<'_> {
 
     /// Handle one ack message; returns the receiver's digest once it reports DONE.
     fn on_ack(&mut self, msg: Option<Message>) -> Result<Option<([u8; 16], bool)>> {
-        let msg = msg.ok_or_else(|| Error::Nats("the ack subscription ended".into()))?;
-        let ack = match Ack::decode(&msg.payload) {
-            Ok(a) if a.session == self.session => a,
-            _ => {
-                Progress::add(&self.progress.bad_frames, 1);
-                return Ok(None);
-            }
+        let Some(ack) = read_ack(msg, self.session, self.progress)? else {
+            return Ok(None);
         };
         let Ok(covered) = self.window.ack(ack.next_seq, self.next_unsent) else {
             // It acknowledges frames never sent: not from our receiver.
@@ -622,30 +672,15 @@ impl Sender<'_> {
         if ack.window > 0 {
             self.window.set_limit(ack.window);
         }
-        match (ack.kind, ack.body) {
-            (AckKind::Error, AckBody::Error { code, message }) => {
-                Err(Error::from_remote(&code, &message))
-            }
-            (AckKind::Done, AckBody::Done { digest, verified }) => match &self.end {
-                Some((end_seq, _, _)) if ack.next_seq == end_seq + 1 => {
-                    Ok(Some((digest, verified)))
-                }
-                _ => Err(Error::Protocol(format!(
-                    "receiver reported done at frame {} before the end",
-                    ack.next_seq
-                ))),
-            },
-            (AckKind::Ack, AckBody::Missing(ranges)) => {
-                let limit = max_frames_in_window(crate::window::MAX_WINDOW) as u64;
-                for (first, count) in ranges {
-                    for seq in first..first.saturating_add(u64::from(count).min(limit)) {
-                        self.resend(seq)?;
-                    }
+        match ack_request(ack, self.end.as_ref().map(|(seq, _, _)| *seq))? {
+            AckRequest::Done(digest, verified) => Ok(Some((digest, verified))),
+            AckRequest::Resend(seqs) => {
+                for seq in seqs {
+                    self.resend(seq)?;
                 }
                 Ok(None)
             }
-            (AckKind::Ack, _) => Ok(None),
-            _ => Err(Error::Protocol("malformed ack from the receiver".into())),
+            AckRequest::Nothing => Ok(None),
         }
     }
 
