@@ -156,8 +156,9 @@ class Path(Protocol):
         ...
 
     async def drain(self) -> None:
-        """In the switchover, once the mirrors' NBD clients are gone: return when the
-        destination's disks hold and have flushed everything they were sent."""
+        """In the handover, before the destination's NBD server stops and its guest may
+        run: return when the destination's disks hold and have flushed everything they
+        were sent (the mirrors' NBD clients are gone by then)."""
         ...
 
     async def close(self) -> None:
@@ -607,7 +608,6 @@ class _Run:
             disk_bytes = await self.wait("completing the mirrors", completed)
         for i in range(len(self.disks)):
             await self.src.cmd("blockdev-del", **{"node-name": TARGET_NODE.format(i)})
-        await self.path.drain()
         await self.src.cmd("migrate-continue", state="pre-switchover")
 
         def done() -> bool | None:
@@ -629,6 +629,10 @@ class _Run:
             return None
 
         await self.wait("the destination loading the migration", incoming_done)
+        # Every disk write was acknowledged before the mirrors completed; the disks' streams
+        # end (destination flushed, digests compared) while the device state travels, and
+        # must have ended before the destination's guest may run.
+        await self.path.drain()
         since = len(self.dst.events)
         if self.nbd_server:
             await self.dst.cmd("nbd-server-stop")

@@ -9,10 +9,10 @@ wrote it, FLUSH once everything before it is) and one for the migration stream. 
 destination's ends are ordinary receivers of the core (an NBD export, ``unix:PATH``); both
 ends run in this process on one data connection (``nbd-nats migrate``).
 
-``drain()`` runs in the switchover, after the mirrors' NBD clients disconnected and before
-the migration completes: it waits until every disk transfer has ended with the
-destination flushed and the digests compared, so the destination's disks are complete and
-durable before its guest can run.
+``drain()`` runs in the handover, before the destination's NBD server stops and its guest
+may run: it waits until every disk transfer has ended with the destination flushed and the
+digests compared. Every write was acknowledged before the mirrors completed, so this
+overlaps with the device state's transfer instead of lengthening the switchover.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class NatsPath:
     async def drain(self) -> None:
         """Every disk stream ends (its NBD client is gone): a sender ends once its receiver
         reported DONE, i.e. flushed the destination and found the digests equal. A failure
-        here fails the migration before it completes."""
+        here leaves the destination paused, and is reported."""
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(h.wait() for h in self.disk_senders)), DRAIN_TIMEOUT
