@@ -127,6 +127,7 @@ def start_recv(
     target_is_zero: bool = False,
     state_dir: str | None = None,
     resume: bool = False,
+    return_subjects: tuple[str, str, str] | None = None,
 ) -> Transfer: ...
 def start_bridge(
     conn: DataConnection,
@@ -140,11 +141,13 @@ def start_bridge(
     chunk_size: int | None = None,
     window: int = ...,
     timeout_s: float = 60.0,
+    return_subjects: tuple[str, str, str] | None = None,
 ) -> Transfer:
     """Listen on the unix socket ``listen`` for one client and push what it writes as a
     stream of writes: ``kind`` "nbd" (an NBD export of ``size`` bytes; each write is
-    answered once the receiver wrote it) or "stream" (a byte stream). The socket exists
-    when this returns and is removed once the client is connected."""
+    answered once the receiver wrote it) or "stream" (a byte stream; with
+    ``return_subjects`` what comes back on them is written into the same connection).
+    The socket exists when this returns and is removed once the client is connected."""
 
 def image_digest(
     src: str, done: _Done, *, length: int | None = None, size: int | None = None

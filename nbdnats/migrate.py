@@ -465,7 +465,9 @@ class _Run:
 
     async def prepare(self) -> Sockets:
         self.enter(State.PREPARING)
-        wanted = {"events": True, "pause-before-switchover": True}
+        # return-path: the destination reports back (a failure to load the migration
+        # reaches the source, rather than the source declaring success).
+        wanted = {"events": True, "pause-before-switchover": True, "return-path": True}
         current = {
             c["capability"]: bool(c["state"])
             for c in await self.src.cmd("query-migrate-capabilities")
@@ -474,7 +476,9 @@ class _Run:
             k: current.get(k, False) for k, v in wanted.items() if current.get(k, False) != v
         }
         await self._set_caps(self.src, wanted)
-        await self._set_caps(self.dst, {"events": True, "late-block-activate": True})
+        await self._set_caps(
+            self.dst, {"events": True, "late-block-activate": True, "return-path": True}
+        )
 
         listen = await self.path.listen()
         if self.disks:

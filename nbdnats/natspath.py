@@ -97,7 +97,7 @@ class NatsPath:
             per_export[name] = sock
         tx = await start_bridge(
             "stream", f"{src}/migration.sock", transfer_id=ram_id(self.migration_id),
-            **self._options(),
+            return_id=return_id(self.migration_id), **self._options(),
         )  # fmt: skip
         self.handles.append(tx)
         return Sockets(nbd="", migration=f"{src}/migration.sock", nbd_exports=per_export)
@@ -137,6 +137,11 @@ def ram_id(migration_id: str) -> str:
     return f"{migration_id}-ram"
 
 
+def return_id(migration_id: str) -> str:
+    """The migration stream's other direction (QEMU's return path)."""
+    return f"{migration_id}-ram-back"
+
+
 def destination_sockets(directory: str) -> Sockets:
     return Sockets(nbd=f"{directory}/nbd.sock", migration=f"{directory}/migration.sock")
 
@@ -152,7 +157,10 @@ async def start_receivers(
         handles.append(await start_recv(uri, transfer_id=disk_id(migration_id, i), **options))
     handles.append(
         await start_recv(
-            f"unix:{destination.migration}", transfer_id=ram_id(migration_id), **options
+            f"unix:{destination.migration}",
+            transfer_id=ram_id(migration_id),
+            return_id=return_id(migration_id),
+            **options,
         )
     )
     return handles

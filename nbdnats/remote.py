@@ -172,7 +172,7 @@ class AgentPath(NatsPath):
 
 # -- the destination's agent ----------------------------------------------------------------
 
-CAPABILITIES = {"events", "late-block-activate"}
+CAPABILITIES = {"events", "late-block-activate", "return-path"}
 
 
 @dataclass

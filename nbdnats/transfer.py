@@ -212,9 +212,13 @@ async def start_recv(
     target_is_zero: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
+    return_id: str | None = None,
 ) -> TransferHandle:
+    """``return_id`` (a ``unix:PATH`` target only): what the other end of that connection
+    writes back is sent home as transfer ``return_id`` (a migration's return path)."""
     check_options(window=window, timeout=timeout)
     subs = subjects.transfer(transfer_id)
+    back = subjects.transfer(return_id) if return_id else None
     core, outcome = core_call(
         lambda done: _core.start_recv(
             planes.data,
@@ -228,6 +232,7 @@ async def start_recv(
             target_is_zero=target_is_zero,
             state_dir=str(resolve_state_dir(state_dir)),
             resume=resume,
+            return_subjects=back,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -243,13 +248,17 @@ async def start_bridge(
     chunk_size: int | None = None,
     window: int = _core.DEFAULT_WINDOW,
     timeout: float = DEFAULT_TIMEOUT,
+    return_id: str | None = None,
 ) -> TransferHandle:
     """Serve the unix socket ``listen`` for one local producer and send what it writes:
     ``kind`` "nbd" (an NBD export of ``size`` bytes, e.g. for QEMU's mirror) or "stream"
     (a byte stream, e.g. QEMU's migration). The receiver is an ordinary ``start_recv``
-    (an NBD export, or ``unix:PATH``). The socket exists when this returns."""
+    (an NBD export, or ``unix:PATH``). The socket exists when this returns. With
+    ``return_id`` ("stream" only), transfer ``return_id`` is received back into the same
+    connection: the stream is full-duplex."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     subs = subjects.transfer(transfer_id)
+    back = subjects.transfer(return_id) if return_id else None
     core, outcome = core_call(
         lambda done: _core.start_bridge(
             planes.data,
@@ -262,6 +271,7 @@ async def start_bridge(
             chunk_size=chunk_size,
             window=window,
             timeout_s=timeout,
+            return_subjects=back,
         )
     )
     return TransferHandle(core, outcome, planes)

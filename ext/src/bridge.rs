@@ -10,6 +10,7 @@
 //! knows the destination has it. READ is refused (EINVAL): the destination is written, not
 //! read, and nothing here could answer for it.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::frame::HEADER_LEN;
+use crate::io::stdio::OnConnect;
 use crate::push::Item;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -367,15 +369,23 @@ async fn read_pieces(
 }
 
 /// Relay one client's byte stream: each read becomes a write at the stream position.
+/// `on_accept` gets a second descriptor of the connection, to write what comes back.
 pub async fn serve_stream(
     listener: std::os::unix::net::UnixListener,
     path: PathBuf,
     chunk: u64,
     items: ItemSender,
     cancel: CancellationToken,
+    on_accept: Option<OnConnect>,
 ) {
     let result = async {
         let mut stream = accept_one(listener, &path, &cancel).await?;
+        if let Some(hand_over) = on_accept {
+            let fail = io_err("stream client");
+            let std = stream.into_std().map_err(&fail)?;
+            hand_over(OwnedFd::from(std.try_clone().map_err(&fail)?));
+            stream = UnixStream::from_std(std).map_err(&fail)?;
+        }
         let mut pos = 0u64;
         loop {
             let mut buf = BytesMut::with_capacity(HEADER_LEN + chunk as usize);
@@ -402,4 +412,39 @@ pub async fn serve_stream(
     if let Err(e) = result {
         let _ = items.send(Err(e)).await;
     }
+}
+
+/// Bytes per read of a return stream (a migration's return path carries little).
+const RETURN_PIECE: usize = 64 << 10;
+
+/// Relay what the other end of a connection writes back (a migration's return path): a
+/// thread reads the descriptor and hands each read to the push engine; the end of the
+/// connection ends the stream.
+pub fn relay_back(fd: OwnedFd, items: ItemSender) {
+    std::thread::spawn(move || {
+        let mut pos = 0u64;
+        loop {
+            let mut buf = BytesMut::zeroed(HEADER_LEN + RETURN_PIECE);
+            let n = match rustix::io::read(&fd, &mut buf[HEADER_LEN..]) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    let err = Error::Endpoint(format!("reading the return stream: {e}"));
+                    let _ = items.blocking_send(Err(err));
+                    return;
+                }
+            };
+            buf.truncate(HEADER_LEN + n);
+            let item = Item::Write {
+                offset: pos,
+                pieces: vec![buf],
+                done: None,
+            };
+            if items.blocking_send(Ok(item)).is_err() {
+                return;
+            }
+            pos += n as u64;
+        }
+    });
 }

@@ -279,7 +279,7 @@ fn start_send(
 
 /// Receive transfer `transfer_id` into `dst`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false, state_dir=None, resume=false))]
+#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_recv(
     conn: &DataConnection,
@@ -293,9 +293,11 @@ fn start_recv(
     target_is_zero: bool,
     state_dir: Option<std::path::PathBuf>,
     resume: bool,
+    return_subjects: Option<(String, String, String)>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
+    let back = return_subjects.map(self::subjects);
     let target = dst.clone();
     // Streams cannot be resumed, so they keep no journal.
     let streaming = dst == "-"
@@ -316,11 +318,57 @@ fn start_recv(
     };
     start("recv", transfer_id, done, move |progress, cancel| {
         async move {
-            let sink = open_sink(&dst).await?;
+            let sink = match (back, dst.strip_prefix(crate::io::UNIX)) {
+                (Some(back), Some(path)) => {
+                    // What the other end writes back goes home as a stream of its own.
+                    let on_connect = return_stream(&conn, back, &progress, &opts, &cancel)?;
+                    let stream = crate::io::stdio::Stream::UnixLater {
+                        path: path.to_string(),
+                        on_connect: Some(on_connect),
+                    };
+                    Arc::new(crate::io::stdio::Stdout::open(stream)) as Arc<dyn crate::io::Sink>
+                }
+                (Some(_), None) => {
+                    return Err(Error::Usage(
+                        "a return stream needs a unix:PATH target".into(),
+                    ))
+                }
+                (None, _) => open_sink(&dst).await?,
+            };
             recv(&conn, sink, &subjects, &opts, &progress, &cancel).await
         }
         .boxed_send()
     })
+}
+
+/// Push what comes back on a relayed connection as a stream of its own (a migration's
+/// return path), from when the connection exists (so the stream does not time out while
+/// the forward one has not started). It ends when the connection does; its outcome shows
+/// through QEMU, so it is not reported.
+fn return_stream(
+    conn: &Arc<DataConn>,
+    subjects: Subjects,
+    progress: &Progress,
+    opts: &RecvOptions,
+    cancel: &CancellationToken,
+) -> Result<crate::io::stdio::OnConnect> {
+    let chunk = crate::conn::fit_chunk(None, conn.max_payload)?;
+    let (conn, cancel) = (conn.clone(), cancel.child_token());
+    let id = format!("{}-back", progress.transfer_id);
+    let opts = crate::push::PushOptions {
+        size: STREAM_BOUND,
+        chunk_size: Some(chunk),
+        window: opts.window,
+        timeout: opts.timeout,
+    };
+    Ok(Box::new(move |fd| {
+        let (items, rx) = tokio::sync::mpsc::channel(2);
+        runtime().spawn(async move {
+            let back = Progress::new(&id, "send");
+            let _ = crate::push::push(&conn, rx, &subjects, &opts, &back, &cancel).await;
+        });
+        crate::bridge::relay_back(fd, items);
+    }))
 }
 
 /// Serve a local unix socket for one producer and push what it writes as transfer
@@ -328,7 +376,7 @@ fn start_recv(
 /// into) or "stream" (a byte stream, such as QEMU's outgoing migration). The socket exists
 /// when this returns; see `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0))]
+#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, return_subjects=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_bridge(
     conn: &DataConnection,
@@ -341,9 +389,11 @@ fn start_bridge(
     chunk_size: Option<u64>,
     window: u64,
     timeout_s: f64,
+    return_subjects: Option<(String, String, String)>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
+    let back = return_subjects.map(self::subjects);
     let path = std::path::PathBuf::from(&listen);
     let bound = crate::bridge::bind(&path);
     start("send", transfer_id, done, move |progress, cancel| {
@@ -360,13 +410,28 @@ fn start_bridge(
                     size
                 }
                 ("stream", None) => {
-                    tokio::spawn(crate::bridge::serve_stream(
+                    // What the client is sent back is received as a stream of its own and
+                    // written into the same connection.
+                    let on_accept = back.map(|back| {
+                        // Not `stop`: what comes back may still come after our direction ended.
+                        let (conn, progress, cancel) =
+                            (conn.clone(), progress.clone(), cancel.child_token());
+                        let timeout = timeout(timeout_s);
+                        Box::new(move |fd| {
+                            runtime().spawn(receive_back(
+                                conn, fd, back, window, timeout, progress, cancel,
+                            ));
+                        }) as crate::io::stdio::OnConnect
+                    });
+                    let serve = crate::bridge::serve_stream(
                         listener,
                         path,
                         chunk,
                         items,
                         stop.clone(),
-                    ));
+                        on_accept,
+                    );
+                    tokio::spawn(serve);
                     STREAM_BOUND
                 }
                 _ => {
@@ -388,6 +453,34 @@ fn start_bridge(
         }
         .boxed_send()
     })
+}
+
+/// Receive what comes back for a relayed connection into it (`fd`, a second descriptor).
+async fn receive_back(
+    conn: Arc<DataConn>,
+    fd: std::os::fd::OwnedFd,
+    subjects: Subjects,
+    window: u64,
+    timeout: Option<Duration>,
+    forward: Arc<Progress>,
+    cancel: CancellationToken,
+) {
+    let stream = crate::io::stdio::Stream::Unix {
+        path: "(the relayed connection)".into(),
+        fd,
+    };
+    let sink: Arc<dyn crate::io::Sink> = Arc::new(crate::io::stdio::Stdout::open(stream));
+    let progress = Progress::new(&format!("{}-back", forward.transfer_id), "recv");
+    let opts = RecvOptions {
+        window,
+        timeout,
+        verify: false,
+        target_is_zero: false,
+        journal: None,
+        resume: false,
+        target: "return stream".into(),
+    };
+    let _ = recv(&conn, sink, &subjects, &opts, &progress, &cancel).await;
 }
 
 /// The range a byte stream's frames may address (its length is not known in advance).

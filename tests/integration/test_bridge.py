@@ -192,3 +192,52 @@ def test_a_failing_destination_fails_the_writes_and_the_bridge(
     assert "write failed: Input/output error" in out, out
     assert all(isinstance(e, NbdNatsError) for e in errors), errors
     assert not os.path.exists(sock)
+
+
+def test_a_byte_stream_is_relayed_both_ways(planes: Connect, tmp_path: Path) -> None:
+    """The migration stream is full-duplex (QEMU's return path): what the listening side
+    writes back reaches the connecting side, in order, over a transfer of its own."""
+    data = random.Random(6).randbytes(3 * MiB + 7)
+    reply = random.Random(7).randbytes(2 * MiB + 3)
+    src_sock, dst_sock = tmp_path / "out.sock", tmp_path / "in.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(dst_sock))
+    server.listen(1)
+    server.setblocking(False)
+
+    async def go() -> tuple[bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        async with planes() as p:
+            rx = await start_recv(f"unix:{dst_sock}", transfer_id="fd1", planes=p,
+                                  return_id="fd1-back")  # fmt: skip
+            tx = await start_bridge("stream", str(src_sock), transfer_id="fd1", planes=p,
+                                    return_id="fd1-back")  # fmt: skip
+            reader, writer = await asyncio.open_unix_connection(str(src_sock))
+
+            async def listener() -> bytes:
+                conn, _ = await loop.sock_accept(server)
+                got = bytearray()
+                while len(got) < len(data):
+                    got += await loop.sock_recv(conn, 1 << 20)
+                await loop.sock_sendall(conn, reply)
+                conn.close()
+                return bytes(got)
+
+            async def client() -> bytes:
+                writer.write(data)
+                await writer.drain()
+                writer.write_eof()  # our direction ends; the reply still comes
+                back = await reader.read()
+                writer.close()
+                await writer.wait_closed()
+                return back
+
+            got, back, *_ = await asyncio.wait_for(
+                asyncio.gather(listener(), client(), both(tx, rx)), 60
+            )
+            return got, back
+
+    got, back = asyncio.run(go())
+    server.close()
+    assert got == data
+    assert back == reply

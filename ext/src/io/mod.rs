@@ -130,6 +130,7 @@ pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
     if let Some(path) = spec.strip_prefix(UNIX) {
         let stream = stdio::Stream::UnixLater {
             path: path.to_string(),
+            on_connect: None,
         };
         return Ok(Arc::new(stdio::Stdout::open(stream)));
     }

@@ -49,11 +49,16 @@ pub enum Stream {
     },
     /// A unix socket connected to on the first write: its listener sees nothing until
     /// data comes (a QEMU waiting for an incoming migration fails when a connection
-    /// closes, but not when none was made).
+    /// closes, but not when none was made). `on_connect` gets a second descriptor of the
+    /// connection, to read what the other end writes back.
     UnixLater {
         path: String,
+        on_connect: Option<OnConnect>,
     },
 }
+
+/// Given a descriptor of a connection once it exists (to read its other direction).
+pub type OnConnect = Box<dyn FnOnce(OwnedFd) + Send>;
 
 impl Stream {
     /// Open `pipe:PATH` for reading or writing; it must be a FIFO or a pipe, not a file.
@@ -81,8 +86,15 @@ impl Stream {
 
     /// Connect a `UnixLater` now; nothing for the others.
     fn connect(&mut self) -> Result<()> {
-        if let Stream::UnixLater { path } = self {
-            *self = Stream::connect_unix(path)?;
+        if let Stream::UnixLater { path, on_connect } = self {
+            let connected = Stream::connect_unix(path)?;
+            if let (Some(hand_over), Stream::Unix { fd, path }) = (on_connect.take(), &connected) {
+                let other = fd
+                    .try_clone()
+                    .map_err(|e| Error::Endpoint(format!("unix socket {path}: {e}")))?;
+                hand_over(other);
+            }
+            *self = connected;
         }
         Ok(())
     }
@@ -102,7 +114,7 @@ impl Stream {
         match self {
             Stream::Std => std.to_string(),
             Stream::Pipe { path, .. } => format!("pipe {path}"),
-            Stream::Unix { path, .. } | Stream::UnixLater { path } => {
+            Stream::Unix { path, .. } | Stream::UnixLater { path, .. } => {
                 format!("unix socket {path}")
             }
         }
@@ -279,6 +291,15 @@ fn write_all(out: std::os::fd::BorrowedFd<'_>, name: &str, mut data: &[u8]) -> R
         match rustix::io::write(out, data) {
             Ok(n) => data = &data[n..],
             Err(rustix::io::Errno::INTR) => {}
+            // A descriptor shared with an async reader is non-blocking: wait until the
+            // socket takes more.
+            Err(rustix::io::Errno::AGAIN) => {
+                let mut ready = [rustix::event::PollFd::new(
+                    &out,
+                    rustix::event::PollFlags::OUT,
+                )];
+                let _ = rustix::event::poll(&mut ready, None);
+            }
             Err(rustix::io::Errno::PIPE) => {
                 return Err(Error::Endpoint(format!(
                     "{name} was closed by the program reading it (broken pipe)"
