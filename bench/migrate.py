@@ -51,7 +51,9 @@ def say(text: str) -> None:
     print(f"bench.migrate: {text}", file=sys.stderr, flush=True)
 
 
-def one_run(work: Path, round_: int, data_mib: int, mode: str) -> dict[str, Any]:
+def one_run(
+    work: Path, round_: int, data_mib: int, mode: str, return_path: bool = False
+) -> dict[str, Any]:
     d = work / f"round{round_}-{mode}"
     d.mkdir()
     source = vm.VM("src", d, vm.make_disk(d / "src.qcow2", DISK, data_mib))
@@ -62,6 +64,7 @@ def one_run(work: Path, round_: int, data_mib: int, mode: str) -> dict[str, Any]
         dest.start()
         argv = [NBD_NATS, "migrate", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp, "--json"]
         argv += ["--direct"] if mode == "direct" else []
+        argv += ["--return-path"] if return_path else []
         start = time.monotonic()
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         wall = time.monotonic() - start
@@ -142,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--modes", default="nats,direct",
                    help="comma-separated, run interleaved: nats (through NATS), direct "
                    "(the baseline); default both")  # fmt: skip
+    p.add_argument("--return-path", action="store_true",
+                   help="migrate with QEMU's return path on (both paths)")  # fmt: skip
     p.add_argument("--out", type=Path, help="results directory")
     p.add_argument("--workdir", type=Path, help="where the disks go (default: a temp dir)")
     args = p.parse_args(argv)
@@ -160,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nbdnats-bench-mig-", dir=args.workdir) as work:
         for i in range(1, args.rounds + 1):
             for mode in modes:
-                run = one_run(Path(work), i, args.data, mode)
+                run = one_run(Path(work), i, args.data, mode, args.return_path)
                 say(
                     f"round {i} {mode}: total {run['total_seconds']:.2f} s, downtime "
                     f"{run['downtime_ms']} ms, paused {run['paused_ms']} ms"
@@ -171,7 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schema": SCHEMA,
         "benchmark": "migrate",
         "modes": modes,
-        "config": {"rounds": args.rounds, "disk_bytes": DISK, "data_mib": args.data},
+        "config": {
+            "rounds": args.rounds,
+            "disk_bytes": DISK,
+            "data_mib": args.data,
+            "return_path": args.return_path,
+        },
         "machine": info,
         "summary": summary,
         "ratio_nats_vs_direct": ratios(summary),

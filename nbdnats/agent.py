@@ -548,7 +548,7 @@ class Agent:
             report = await migrate.migrate(
                 self.config.vms[cmd.vm], f"{cmd.to_node}:{cmd.vm}", path=path,
                 migration_id=mid, timeout=cmd.timeout, mirror_speed=cmd.mirror_speed,
-                on_progress=on_progress,
+                on_progress=on_progress, return_path=cmd.return_path,
                 dst_monitor=lambda changed: RemoteQmp(planes.ctl, cmd.to_node, cmd.vm, mid,
                                                       changed),
             )  # fmt: skip

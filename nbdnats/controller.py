@@ -323,6 +323,7 @@ class Controller:
         migration_id: str | None = None,
         timeout: float = 60.0,
         mirror_speed: int = 0,
+        return_path: bool = False,
         wait: bool = True,
         on_event: Callable[[MigrationEvent], None] | None = None,
     ) -> MigrationEvent | str:
@@ -342,8 +343,8 @@ class Controller:
 
         sub = await self.nc.subscribe(subjects.ctl_event(node, "migration"), cb=collect)
         try:
-            cmd = MigrateCommand(key=key, transfer_id=mid, vm=vm, to_node=dst,
-                                 timeout=timeout, mirror_speed=mirror_speed)  # fmt: skip
+            cmd = MigrateCommand(key=key, transfer_id=mid, vm=vm, to_node=dst, timeout=timeout,
+                                 mirror_speed=mirror_speed, return_path=return_path)  # fmt: skip
             await self._command(node, "migrate", cmd)
             if not wait:
                 return mid

@@ -257,6 +257,8 @@ def add_ctl_parser(sub: Any) -> None:
                    help="fail when a step makes no progress for S seconds (60)")  # fmt: skip
     m.add_argument("--mirror-speed", type=_size, default=0, metavar="BYTES",
                    help="cap the disks' bulk copy, bytes/s (default: none)")  # fmt: skip
+    m.add_argument("--return-path", action="store_true",
+                   help="turn on QEMU's return path (see nbd-nats migrate --help)")  # fmt: skip
     m.add_argument("--detach", action="store_true", help="print the id and do not wait")
     ts = actions.add_parser("transfers", help="running and recent transfers")
     ts.add_argument("--node", action="append", help="only these nodes (repeatable)")
@@ -431,7 +433,8 @@ async def _migrate(c: Controller, args: argparse.Namespace) -> None:
 
     result = await c.migrate(
         (node, vm), args.dst, migration_id=args.transfer_id, timeout=args.timeout,
-        mirror_speed=args.mirror_speed, wait=not args.detach, on_event=show,
+        mirror_speed=args.mirror_speed, return_path=args.return_path, wait=not args.detach,
+        on_event=show,
     )  # fmt: skip
     if isinstance(result, str):
         sys.stdout.write((_json({"migration_id": result}) if args.json else result) + "\n")

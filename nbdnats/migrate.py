@@ -385,6 +385,7 @@ class _Run:
     migration_id: str
     timeout: float
     mirror_speed: int
+    return_path: bool
     on_progress: ProgressCallback | None
     changed: asyncio.Event
     state: State = State.CONNECTING
@@ -465,9 +466,12 @@ class _Run:
 
     async def prepare(self) -> Sockets:
         self.enter(State.PREPARING)
-        # return-path: the destination reports back (a failure to load the migration
-        # reaches the source, rather than the source declaring success).
-        wanted = {"events": True, "pause-before-switchover": True, "return-path": True}
+        # return-path (opt-in): the destination reports back, so a failure to load the
+        # migration reaches the source rather than the source declaring success; it costs
+        # downtime, since the source then waits for the destination to have loaded.
+        wanted = {"events": True, "pause-before-switchover": True}
+        if self.return_path:
+            wanted["return-path"] = True
         current = {
             c["capability"]: bool(c["state"])
             for c in await self.src.cmd("query-migrate-capabilities")
@@ -476,9 +480,10 @@ class _Run:
             k: current.get(k, False) for k, v in wanted.items() if current.get(k, False) != v
         }
         await self._set_caps(self.src, wanted)
-        await self._set_caps(
-            self.dst, {"events": True, "late-block-activate": True, "return-path": True}
-        )
+        dst_caps = {"events": True, "late-block-activate": True}
+        if self.return_path:
+            dst_caps["return-path"] = True
+        await self._set_caps(self.dst, dst_caps)
 
         listen = await self.path.listen()
         if self.disks:
@@ -737,6 +742,7 @@ async def migrate(
     mirror_speed: int = 0,
     on_progress: ProgressCallback | None = None,
     dst_monitor: Callable[[asyncio.Event], Any] | None = None,
+    return_path: bool = False,
 ) -> MigrationReport:
     """Live-migrate the VM behind the source QMP socket into the destination QEMU (started
     with ``-incoming defer``). ``timeout``: seconds a step may go without progress (0: no
@@ -756,6 +762,7 @@ async def migrate(
         migration_id=migration_id or uuid.uuid4().hex[:16],
         timeout=timeout,
         mirror_speed=mirror_speed,
+        return_path=return_path,
         on_progress=on_progress,
         changed=changed,
     )
@@ -1020,6 +1027,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="BYTES",
         help="cap the disks' bulk copy at BYTES per second, like 50M (default: no cap)",
     )
+    p.add_argument(
+        "--return-path",
+        action="store_true",
+        help="turn on QEMU's return path: a destination that fails to load tells the source "
+        "(costs downtime: the source waits for the destination to have loaded)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line with the results")
     p.add_argument("--quiet", "-q", action="store_true", help="no state lines or summary")
     return p
@@ -1107,6 +1120,7 @@ async def run(args: argparse.Namespace) -> None:
                     migration_id=migration_id,
                     timeout=args.timeout,
                     mirror_speed=speed,
+                    return_path=args.return_path,
                     on_progress=None if (args.quiet or args.json) else show,
                 )
             except NbdNatsError as e:

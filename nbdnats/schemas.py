@@ -132,6 +132,7 @@ class MigrateCommand(Command, kw_only=True):
     to_node: str
     timeout: float = 60.0
     mirror_speed: int = 0
+    return_path: bool = False
 
 
 class IncomingCommand(Message, kw_only=True):

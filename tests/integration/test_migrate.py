@@ -96,7 +96,7 @@ def capability(machine: vm.VM, name: str) -> bool:
     return any(c["capability"] == name and c["state"] for c in caps)
 
 
-@pytest.mark.parametrize("mode", ["nats", "direct"])
+@pytest.mark.parametrize("mode", ["nats", "nats-return-path", "direct"])
 def test_migrate_while_the_guest_writes(
     mode: str,
     vms: Callable[..., vm.VM],
@@ -104,12 +104,15 @@ def test_migrate_while_the_guest_writes(
     start_nats: Callable[..., NatsServer],
 ) -> None:
     """nats: every byte between the QEMUs through the core and a nats-server, the result
-    reported as a ctl event; direct: the sockets joined, the baseline."""
+    reported as a ctl event; with QEMU's return path on, the migration stream carries
+    bytes both ways; direct: the sockets joined, the baseline."""
     source = vms("src", data_mib=8)
     before = source.wait_counter(10)
     dest = vms("dst", incoming=True, paused=True)
     url = start_nats(jetstream=True).url
     path = ["--direct"] if mode == "direct" else ["--data-url", url, "--node", "hv1"]
+    path += ["--return-path"] if mode == "nats-return-path" else []
+    mode = mode.removesuffix("-return-path")
     # The events stream exists (a controller or agent made it); the migration reports there.
     assert run_cli("ctl", "--ctl-url", url, "nodes").returncode == 0
 
@@ -369,7 +372,7 @@ def test_ctl_migrate_between_agents(
     start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
 
     proc = run_cli("ctl", "--ctl-url", url, "migrate", "hv-a:vm1", "hv-b", "--id", "m1",
-                   "--timeout", "30", timeout=120)  # fmt: skip
+                   "--timeout", "30", "--return-path", timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
     err = proc.stderr.decode()
     assert "migration m1: mirroring" in err and "migrated vm1 hv-a -> hv-b" in err
