@@ -182,7 +182,7 @@ class _Session:
     directory: str
     sockets: Sockets
     receivers: list[TransferHandle] = field(default_factory=list)
-    loaded: bool = False
+    nbd_started: bool = False
 
 
 class Incoming:
@@ -240,7 +240,11 @@ class Incoming:
         def deny(why: str) -> PolicyError:
             return PolicyError(f"QMP {command} refused: {why}")
 
-        if command in ("query-status", "query-block", "query-migrate", "nbd-server-stop"):
+        if command in ("query-status", "query-block", "query-migrate"):
+            return
+        if command == "nbd-server-stop":
+            if not s.nbd_started:
+                raise deny("only the NBD server this migration started")
             return
         if command == "migrate-set-capabilities":
             caps = args.get("capabilities") or []
@@ -250,6 +254,7 @@ class Incoming:
         if command == "nbd-server-start":
             if args != {"addr": {"type": "unix", "data": {"path": s.sockets.nbd}}}:
                 raise deny("only on the socket this agent chose for the migration")
+            s.nbd_started = True
             return
         if command == "block-export-add":
             nodes = {

@@ -431,6 +431,7 @@ def test_ctl_migrate_refusals(
         ("migrate-incoming", {"uri": "tcp:0.0.0.0:4444"}),
         ("migrate-set-capabilities", {"capabilities": [{"capability": "x-colo", "state": True}]}),
         ("cont", {}),
+        ("nbd-server-stop", {}),
     ]:
         reply = asyncio.run(relay("hv-b", command, **args))
         assert reply["ok"] is False and reply["code"] == "denied", (command, reply)
