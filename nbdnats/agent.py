@@ -23,7 +23,6 @@ import datetime as dt
 import hashlib
 import logging
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -125,7 +124,6 @@ class Job:
     task: asyncio.Task[None] | None = None
     approved_digest: str | None = None
     final: TransferEvent | None = None
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def running(self) -> bool:
@@ -462,8 +460,7 @@ class Agent:
             raise SchemaError("recv command needs exactly one of 'dst' and 'tool'")
         run: tools.ToolRun | None = None
         if cmd.dst is not None:
-            endpoint = shown = self.policy.endpoint(cmd.dst)
-            shown = cmd.dst
+            endpoint, shown = self.policy.endpoint(cmd.dst), cmd.dst
         else:
             assert cmd.tool is not None
             tags = ["nbdnats", f"transfer={cmd.transfer_id}"]
