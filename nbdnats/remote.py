@@ -58,6 +58,7 @@ from nbdnats.transfer import TransferHandle
 
 REQUEST_TIMEOUT = 40.0  # a relayed QMP command waits up to 30 s for QEMU
 EVENT_POLL = 0.1
+AGENT_GONE = 5.0  # seconds the destination's agent may not answer before it counts as gone
 
 
 async def _ask(nc: Client, subject: str, msg: msgspec.Struct, reply: type[Any]) -> Any:
@@ -115,10 +116,17 @@ class RemoteQmp(EventLog):
         self._alive = got.alive
 
     async def _pump(self) -> None:
+        """Fetch events; an agent that stays unreachable counts as a QEMU gone away."""
+        since_ok = time.monotonic()
         while True:
             await asyncio.sleep(EVENT_POLL)
-            with contextlib.suppress(NbdNatsError):
+            try:
                 await self._fetch()
+                since_ok = time.monotonic()
+            except NbdNatsError:
+                if self._alive and time.monotonic() - since_ok > AGENT_GONE:
+                    self._alive = False
+                    self._changed.set()
 
     async def cmd(self, name: str, /, **args: Any) -> Any:
         msg = QmpCommand(migration_id=self.migration_id, vm=self.vm, command=name, arguments=args)

@@ -469,3 +469,31 @@ def test_ctl_cancel_rolls_a_migration_back(
 def _states(url: str) -> str:
     out = run_cli("ctl", "--ctl-url", url, "events", "--all", "--no-follow", "--kind", "migration")
     return out.stdout.decode()
+
+
+def test_ctl_migrate_survives_the_destination_agent_dying(
+    vms: Callable[..., vm.VM],
+    start_nats: Callable[..., NatsServer],
+    start_agent: Callable[..., AgentProc],
+) -> None:
+    """The destination's agent is killed mid-mirror: the source's agent notices within
+    seconds, rolls the source back (it runs on, nothing of ours left) and says what it
+    could not undo on the other side."""
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    dest = vms("dst", incoming=True)
+    url = start_nats(jetstream=True).url
+    start_agent("hv-a", url, "--vm", f"vm1={source.qmp}")
+    b = start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
+    running = start_cli("ctl", "--ctl-url", url, "migrate", "hv-a:vm1", "hv-b", "--id", "m3",
+                        "--mirror-speed", "2M", "--timeout", "60")  # fmt: skip
+    wait_for(lambda: "state=mirroring" in _states(url), "mirroring", 60)
+    b.proc.kill()
+    b.proc.wait()
+    _, err = running.communicate(timeout=90)
+    assert running.returncode == 1, err.decode()
+    assert "went away" in err.decode() or "no agent answers" in err.decode(), err.decode()
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=20)
