@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,21 +433,15 @@ class Agent:
                 size = await tools.image_size(cmd.tool, self.policy, self._env())
             run = await tools.ToolRun.start(argv, "restore", self._env())
             endpoint, shown = run.endpoint, " ".join(argv)
-        try:
-            handle = await start_send(
-                endpoint,
-                transfer_id=cmd.transfer_id,
-                planes=self.planes,
-                size=size,
-                chunk_size=cmd.chunk_size,
-                **self._options(cmd),
-            )
-        except BaseException:
-            if run is not None:
-                await run.abort()
-            raise
-        handle.ctl_events = False
-        return Job("send", "send", cmd.transfer_id, cmd.key, shown, handle, run)
+        started = start_send(
+            endpoint,
+            transfer_id=cmd.transfer_id,
+            planes=self.planes,
+            size=size,
+            chunk_size=cmd.chunk_size,
+            **self._options(cmd),
+        )
+        return await self._job("send", "send", cmd, shown, started, run)
 
     async def _start_recv(self, cmd: RecvCommand) -> Job:
         assert self.planes is not None
@@ -467,21 +461,35 @@ class Agent:
             argv = tools.backup_argv(cmd.tool, self.policy, tags)
             run = await tools.ToolRun.start(argv, "backup", self._env())
             endpoint, shown = run.endpoint, " ".join(argv)
+        started = start_recv(
+            endpoint,
+            transfer_id=cmd.transfer_id,
+            planes=self.planes,
+            target_is_zero=cmd.target_is_zero,
+            state_dir=self.config.state_dir,
+            **self._options(cmd),
+        )
+        return await self._job("recv", "recv", cmd, shown, started, run)
+
+    async def _job(
+        self,
+        op: str,
+        role: str,
+        cmd: Command,
+        shown: str,
+        started: Awaitable[TransferHandle],
+        run: tools.ToolRun | None = None,
+    ) -> Job:
+        """The job of a transfer being started; its tool is stopped if the start fails.
+        The agent publishes the job's ctl events itself (with op and tool)."""
         try:
-            handle = await start_recv(
-                endpoint,
-                transfer_id=cmd.transfer_id,
-                planes=self.planes,
-                target_is_zero=cmd.target_is_zero,
-                state_dir=self.config.state_dir,
-                **self._options(cmd),
-            )
+            handle = await started
         except BaseException:
             if run is not None:
                 await run.abort()
             raise
         handle.ctl_events = False
-        return Job("recv", "recv", cmd.transfer_id, cmd.key, shown, handle, run)
+        return Job(op, role, cmd.transfer_id, cmd.key, shown, handle, run)
 
     async def _start_provision(self, cmd: ProvisionCommand) -> Job:
         assert self.planes is not None
@@ -493,15 +501,14 @@ class Agent:
         self.trusted.verify(
             cmd.approval, node=self.node, device=device, image_digest=cmd.image_digest
         )
-        handle = await start_recv(
+        started = start_recv(
             device,
             transfer_id=cmd.transfer_id,
             planes=self.planes,
             state_dir=self.config.state_dir,
             **self._options(cmd),
         )
-        handle.ctl_events = False
-        job = Job("provision", "recv", cmd.transfer_id, cmd.key, cmd.device, handle)
+        job = await self._job("provision", "recv", cmd, cmd.device, started)
         job.approved_digest = cmd.approval.image_digest
         return job
 

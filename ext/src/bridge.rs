@@ -357,11 +357,23 @@ async fn read_pieces(
     let mut left = length;
     while left > 0 {
         let n = left.min(chunk) as usize;
+        // Only the header's room is zeroed; the payload is read into the spare capacity,
+        // and never past this write's end (the next request follows on the socket).
         let mut buf = BytesMut::with_capacity(HEADER_LEN + n);
-        buf.resize(HEADER_LEN + n, 0);
-        rd.read_exact(&mut buf[HEADER_LEN..])
-            .await
-            .map_err(io_err("NBD client"))?;
+        buf.resize(HEADER_LEN, 0);
+        let mut payload = (&mut *rd).take(n as u64);
+        while buf.len() < HEADER_LEN + n {
+            if payload
+                .read_buf(&mut buf)
+                .await
+                .map_err(io_err("NBD client"))?
+                == 0
+            {
+                return Err(Error::Endpoint(
+                    "NBD client: the write's data ended early".into(),
+                ));
+            }
+        }
         pieces.push(buf);
         left -= n as u64;
     }
@@ -423,9 +435,9 @@ const RETURN_PIECE: usize = 64 << 10;
 pub fn relay_back(fd: OwnedFd, items: ItemSender) {
     std::thread::spawn(move || {
         let mut pos = 0u64;
+        let mut read = vec![0u8; RETURN_PIECE];
         loop {
-            let mut buf = BytesMut::zeroed(HEADER_LEN + RETURN_PIECE);
-            let n = match rustix::io::read(&fd, &mut buf[HEADER_LEN..]) {
+            let n = match rustix::io::read(&fd, &mut read) {
                 Ok(0) => return,
                 Ok(n) => n,
                 Err(rustix::io::Errno::INTR) => continue,
@@ -435,7 +447,10 @@ pub fn relay_back(fd: OwnedFd, items: ItemSender) {
                     return;
                 }
             };
-            buf.truncate(HEADER_LEN + n);
+            // A frame buffer the size of what came (the return path carries little).
+            let mut buf = BytesMut::with_capacity(HEADER_LEN + n);
+            buf.resize(HEADER_LEN, 0);
+            buf.extend_from_slice(&read[..n]);
             let item = Item::Write {
                 offset: pos,
                 pieces: vec![buf],

@@ -304,12 +304,7 @@ impl Ack {
                 buf.put_slice(digest);
                 buf.put_u8(u8::from(*verified));
             }
-            AckBody::Error { code, message } => {
-                let code = truncate(code, 255);
-                buf.put_u8(code.len() as u8);
-                buf.put_slice(code.as_bytes());
-                buf.put_slice(truncate(message, MAX_MESSAGE_LEN).as_bytes());
-            }
+            AckBody::Error { code, message } => put_failure(&mut buf, code, message),
         }
         buf.freeze()
     }
@@ -352,18 +347,8 @@ impl Ack {
                 )
             }
             3 => {
-                let code_len = *payload.first().ok_or(FrameError::Payload("error"))? as usize;
-                let code = payload
-                    .get(1..1 + code_len)
-                    .ok_or(FrameError::Payload("error"))?;
-                let message = &payload[1 + code_len..];
-                (
-                    AckKind::Error,
-                    AckBody::Error {
-                        code: String::from_utf8_lossy(code).into_owned(),
-                        message: String::from_utf8_lossy(message).into_owned(),
-                    },
-                )
+                let (code, message) = failure(payload)?;
+                (AckKind::Error, AckBody::Error { code, message })
             }
             other => return Err(FrameError::Kind(other)),
         };
@@ -380,6 +365,28 @@ impl Ack {
 }
 
 /// Cut a string to at most `max` bytes on a character boundary.
+/// A failure as it travels (an ERROR ack's body, an ABORT frame's payload): the code's
+/// length (one byte), the code (an error code of `nbdnats/errors.py`), the message.
+pub fn put_failure(buf: &mut BytesMut, code: &str, message: &str) {
+    let code = truncate(code, 255);
+    buf.put_u8(code.len() as u8);
+    buf.put_slice(code.as_bytes());
+    buf.put_slice(truncate(message, MAX_MESSAGE_LEN).as_bytes());
+}
+
+/// The code and message of a failure (`put_failure`).
+pub fn failure(payload: &[u8]) -> Result<(String, String), FrameError> {
+    let code_len = *payload.first().ok_or(FrameError::Payload("error"))? as usize;
+    let code = payload
+        .get(1..1 + code_len)
+        .ok_or(FrameError::Payload("error"))?;
+    let message = &payload[1 + code_len..];
+    Ok((
+        String::from_utf8_lossy(code).into_owned(),
+        String::from_utf8_lossy(message).into_owned(),
+    ))
+}
+
 pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;

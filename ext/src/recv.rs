@@ -259,18 +259,13 @@ impl Receiver<'_> {
         self.heard_sender = true;
         match header.kind {
             Kind::Abort => {
-                let why = String::from_utf8_lossy(body);
-                // A cancelled sender says so in these words; its receiver ends cancelled
-                // too, rather than failed.
-                let code = if why == Error::Cancelled.to_string() {
-                    "cancelled"
-                } else {
-                    "aborted"
-                };
-                return Err(Error::Remote {
-                    code: code.into(),
-                    message: format!("the sender gave up: {why}"),
-                });
+                // The sender's own error code: a cancelled sender's receiver ends cancelled.
+                let (code, why) = crate::frame::failure(body)
+                    .unwrap_or_else(|_| ("aborted".into(), String::from_utf8_lossy(body).into()));
+                return Err(Error::from_remote(
+                    &code,
+                    &format!("the sender gave up: {why}"),
+                ));
             }
             Kind::Close | Kind::Keepalive => return Ok(false),
             _ => {}

@@ -23,8 +23,7 @@ use crate::error::{Error, Result};
 use crate::extents::{pieces, Extent};
 use crate::faults::{ChunkFate, Faults};
 use crate::frame::{
-    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_MESSAGE_LEN,
-    PROTOCOL_VERSION,
+    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION,
 };
 use crate::handshake::{decode, encode, OpenReply, OpenRequest};
 use crate::io::Source;
@@ -169,8 +168,9 @@ pub(crate) async fn send_abort(
         length: 0,
         checksum: 0,
     };
-    let (frame, _) =
-        header.encode(crate::frame::truncate(&why.to_string(), MAX_MESSAGE_LEN).as_bytes());
+    let mut payload = bytes::BytesMut::new();
+    crate::frame::put_failure(&mut payload, why.code(), &why.to_string());
+    let (frame, _) = header.encode(&payload);
     let _ = conn.client.publish(subjects.chunks.clone(), frame).await;
     let _ = conn.client.flush().await;
 }
