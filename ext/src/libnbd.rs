@@ -45,6 +45,7 @@ extern "C" {
     fn nbd_get_error() -> *const c_char;
     fn nbd_add_meta_context(h: *mut RawHandle, name: *const c_char) -> c_int;
     fn nbd_connect_uri(h: *mut RawHandle, uri: *const c_char) -> c_int;
+    fn nbd_set_pread_initialize(h: *mut RawHandle, request: bool) -> c_int;
     fn nbd_is_read_only(h: *mut RawHandle) -> c_int;
     fn nbd_can_flush(h: *mut RawHandle) -> c_int;
     fn nbd_can_trim(h: *mut RawHandle) -> c_int;
@@ -186,6 +187,12 @@ impl Handle {
         // SAFETY: `raw` is a live handle owned by `handle`; the strings outlive the calls.
         unsafe {
             if nbd_add_meta_context(handle.raw, ALLOCATION.as_ptr()) == -1 {
+                return Err(last_error());
+            }
+            // libnbd zeroes every read buffer before reading into it (a guard for callers
+            // that might look at a failed read's buffer). `retire` exposes a read's bytes
+            // only when it succeeded, so that memset is pure cost: 9% of the sender's CPU.
+            if nbd_set_pread_initialize(handle.raw, false) == -1 {
                 return Err(last_error());
             }
             if nbd_connect_uri(handle.raw, c_uri.as_ptr()) == -1 {
