@@ -11,9 +11,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
 
-use crate::checksum::Digest;
+use crate::checksum::{xxh3_64, Digest};
 use crate::error::{Error, Result};
 
 const HEADER: u8 = 1;
