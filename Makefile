@@ -22,11 +22,15 @@ help:
 bootstrap:
 	@scripts/bootstrap.sh
 
+# The editable install runs the package from this tree; compile its bytecode here, as a
+# wheel's installer would, so no run recompiles it (PYTHONDONTWRITEBYTECODE stops that).
 build-dev: bootstrap
 	@$(BIN)/maturin develop -q 2>&1 | { $(QUIET_PIP); }
+	@$(BIN)/python -m compileall -q nbdnats
 
 build-prod: bootstrap
 	@$(BIN)/maturin develop -q --release 2>&1 | { $(QUIET_PIP); }
+	@$(BIN)/python -m compileall -q nbdnats
 
 lint: build-prod
 	$(CARGO) fmt $(MANIFEST) -- --check

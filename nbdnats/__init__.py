@@ -3,10 +3,17 @@
 ``send``/``recv``/``copy`` move a disk as a block stream on the data plane; the core
 (``nbdnats._core``, Rust) owns the data connection and NBD I/O, Python owns the ctl plane:
 ``Controller`` drives the node agents (``nbd-nats agent``) that run those streams.
+
+The names below are loaded on first use, so ``nbd-nats send`` does not import the
+controller's and agent's dependencies it never touches.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from nbdnats._core import __version__
-from nbdnats.controller import Controller, OperationResult
 from nbdnats.errors import (
     ApprovalError,
     BusyError,
@@ -26,18 +33,51 @@ from nbdnats.errors import (
     TransferTimeout,
     UsageError,
 )
-from nbdnats.planes import Planes
-from nbdnats.schemas import Tool, TransferOptions
-from nbdnats.transfer import (
-    TransferHandle,
-    TransferStats,
-    copy,
-    image_digest,
-    recv,
-    send,
-    start_recv,
-    start_send,
-)
+
+if TYPE_CHECKING:
+    from nbdnats.controller import Controller, OperationResult
+    from nbdnats.planes import Planes
+    from nbdnats.schemas import Tool, TransferOptions
+    from nbdnats.transfer import (
+        TransferHandle,
+        TransferStats,
+        copy,
+        image_digest,
+        recv,
+        send,
+        start_recv,
+        start_send,
+    )
+
+_LAZY = {
+    "Controller": "nbdnats.controller",
+    "OperationResult": "nbdnats.controller",
+    "Planes": "nbdnats.planes",
+    "Tool": "nbdnats.schemas",
+    "TransferOptions": "nbdnats.schemas",
+    "TransferHandle": "nbdnats.transfer",
+    "TransferStats": "nbdnats.transfer",
+    "copy": "nbdnats.transfer",
+    "image_digest": "nbdnats.transfer",
+    "recv": "nbdnats.transfer",
+    "send": "nbdnats.transfer",
+    "start_recv": "nbdnats.transfer",
+    "start_send": "nbdnats.transfer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nbdnats' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ApprovalError",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import msgspec
 import pytest
 
@@ -126,3 +129,23 @@ def test_cli_parses_documented_options() -> None:
     assert a.target_is_zero and a.dst == "-"
     a = p.parse_args(["copy", "a", "b"])
     assert a.transfer_id is None
+
+
+def test_data_commands_do_not_import_the_control_plane() -> None:
+    """`send`/`recv`/`copy` start without the agent's, controller's and migration's
+    dependencies: each of those imports costs start-up time and memory on every transfer."""
+    probe = (
+        "import sys\n"
+        "from nbdnats import cli\n"
+        "args = cli.build_parser(full=False).parse_args(['send', 'x', '--id', 't'])\n"
+        "heavy = [m for m in ('nbdnats.controller', 'nbdnats.agent', 'nbdnats.migrate',\n"
+        "         'nbdnats.dev', 'nbdnats.events', 'nbdnats.approval', 'cryptography',\n"
+        "         'qemu.qmp') if m in sys.modules]\n"
+        "print(args.command, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "send []", out.stdout + out.stderr
+    full = build_parser()
+    assert {"agent", "ctl", "migrate", "dev", "approve", "digest"} <= set(
+        full._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    )

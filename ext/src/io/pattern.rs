@@ -22,10 +22,15 @@ impl Pattern {
             .strip_prefix("pattern:")
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or_else(|| Error::Usage(format!("invalid source {spec:?}: use pattern:BYTES")))?;
-        // Bytes 1..=251 repeating: never all-zero, so no chunk is sent as a zero frame.
-        let fill = (0..MAX_CHUNK as usize)
-            .map(|i| (i % 251) as u8 + 1)
-            .collect();
+        // Bytes 1..=251 repeating: never all-zero, so no chunk is sent as a zero frame. No
+        // read is longer than the image or a chunk, so the fill need not be either.
+        let period: Vec<u8> = (1..=251).collect();
+        let len = (size.min(MAX_CHUNK) as usize).max(period.len());
+        let mut fill = Vec::with_capacity(len);
+        while fill.len() < len {
+            let n = period.len().min(len - fill.len());
+            fill.extend_from_slice(&period[..n]);
+        }
         Ok(Pattern { size, fill })
     }
 }
@@ -47,7 +52,10 @@ impl Source for Pattern {
     ) -> BoxFuture<'static, Result<BytesMut>> {
         let mut buf = BytesMut::with_capacity(headroom + len);
         buf.resize(headroom, 0);
-        buf.extend_from_slice(&self.fill[..len.min(self.fill.len())]);
+        while buf.len() < headroom + len {
+            let n = self.fill.len().min(headroom + len - buf.len());
+            buf.extend_from_slice(&self.fill[..n]);
+        }
         futures::future::ready(Ok(buf)).boxed()
     }
 }
