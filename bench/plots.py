@@ -1,7 +1,8 @@
 """PNG plots of a results document (matplotlib, the ``bench`` extra).
 
 - ``throughput_vs_chunk.png``: MB/s against chunk size (nbdcopy: its request size) for the
-  three paths, median with min-max bars.
+  three paths, median with min-max bars; nbd-nats and the ceiling also at 2^k - 4 KiB
+  (dashed), the shape of the default chunk.
 - ``throughput_vs_window.png``: MB/s against the window for nbd-nats and the NATS ceiling.
 - ``cpu_per_gib.png``: CPU seconds per GiB, stacked by process, for each path and image.
 """
@@ -34,24 +35,33 @@ ROLE_COLORS = {
 }
 
 
+def _short(value: int) -> bool:
+    """A chunk 4 KiB short of a power of two (the default's shape), not a power itself."""
+    return value & (value - 1) != 0
+
+
 def _sweep_plot(
     points: list[dict[str, Any]], key: str, scale: int, unit: str, title: str, path: Path
 ) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
     for name in PATHS:
-        mine = sorted((p for p in points if p["path"] == name and p["mb_s"]), key=lambda p: p[key])
-        if not mine:
-            continue
-        xs = [p[key] / scale for p in mine]
-        med = [p["mb_s"]["median"] for p in mine]
-        lo = [p["mb_s"]["median"] - p["mb_s"]["min"] for p in mine]
-        hi = [p["mb_s"]["max"] - p["mb_s"]["median"] for p in mine]
-        ax.errorbar(
-            xs, med, yerr=[lo, hi], marker="o", capsize=3, label=LABELS[name],
-            color=PATH_COLORS[name],
-        )  # fmt: skip
-        drawn = True
+        ours = [p for p in points if p["path"] == name and p["mb_s"]]
+        # Chunk sizes come as powers of two and 4 KiB short of them: one line each.
+        for short in (False, True):
+            mine = sorted((p for p in ours if _short(p[key]) == short), key=lambda p: p[key])
+            if not mine:
+                continue
+            xs = [p[key] / scale for p in mine]
+            med = [p["mb_s"]["median"] for p in mine]
+            lo = [p["mb_s"]["median"] - p["mb_s"]["min"] for p in mine]
+            hi = [p["mb_s"]["max"] - p["mb_s"]["median"] for p in mine]
+            ax.errorbar(
+                xs, med, yerr=[lo, hi], marker="s" if short else "o", capsize=3,
+                linestyle="--" if short else "-", color=PATH_COLORS[name],
+                label=LABELS[name] + (", 2^k - 4 KiB" if short else ""),
+            )  # fmt: skip
+            drawn = True
     if not drawn:
         plt.close(fig)
         return None

