@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -236,6 +237,12 @@ def run_cli(
 
 
 _started: list[subprocess.Popen[bytes]] = []
+
+# A shell starts background jobs with SIGINT ignored, and children inherit that: a suite
+# run in the background would hand it to every nbd-nats it starts, which then (rightly)
+# ignores Ctrl-C. Restore the interactive default so the CLI's SIGINT handling is tested.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def start_cli(*args: str, **kw: object) -> subprocess.Popen[bytes]:
