@@ -32,8 +32,11 @@ use crate::window::{frame_cost, max_frames_in_window, Window};
 
 /// How much of the disk one extent query covers.
 const EXTENT_SPAN: u64 = 1 << 30;
-/// Bytes read ahead of the window (bounded so RSS stays near the window).
-const READ_AHEAD_BYTES: u64 = 16 << 20;
+/// Bytes of source reads in flight. A local NBD server answers a 1 MiB read in well under a
+/// millisecond, so a few keep it busy; more cost memory and cache. Measured against 16 MiB
+/// on the benchmark (1 GiB random image, 6 rounds): qemu-nbd's CPU per GiB 0.50 -> 0.38 s,
+/// the sender's 0.63 -> 0.61 s, throughput +5%.
+const READ_AHEAD_BYTES: u64 = 4 << 20;
 /// Frames the receiver has not seen for this long, with no progress meanwhile, are resent.
 const RTO: Duration = Duration::from_secs(1);
 /// No ack at all for this long: the receiver is gone; re-open the transfer until --timeout.
