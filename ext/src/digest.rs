@@ -62,7 +62,10 @@ pub async fn sha256(source: Arc<dyn Source>, length: Option<u64>) -> Result<(Str
         let source = source.clone();
         async move {
             match p {
-                Piece::Data(offset, len) => source.read(offset, len, 0).await.map(Hashed::Data),
+                Piece::Data(offset, len) => source
+                    .read(offset, len, Vec::with_capacity(len))
+                    .await
+                    .map(Hashed::Data),
                 Piece::Zero(n) => Ok(Hashed::Zeros(n)),
             }
         }
@@ -89,7 +92,7 @@ pub async fn sha256(source: Arc<dyn Source>, length: Option<u64>) -> Result<(Str
 }
 
 enum Hashed {
-    Data(bytes::BytesMut),
+    Data(Vec<u8>),
     Zeros(u64),
 }
 

@@ -14,6 +14,7 @@ pub mod io;
 pub mod journal;
 mod libnbd;
 mod micro;
+pub mod pool;
 pub mod push;
 mod py;
 pub mod recv;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 #[repr(C)]
 struct RawHandle {
@@ -130,7 +130,7 @@ pub enum Command {
     /// `len` bytes longer.
     Read {
         offset: u64,
-        buf: BytesMut,
+        buf: Vec<u8>,
         len: usize,
     },
     Write {
@@ -151,7 +151,7 @@ pub enum Command {
 
 /// A retired command: the buffer of a read, nothing otherwise.
 pub enum Completed {
-    Read(BytesMut),
+    Read(Vec<u8>),
     Other,
 }
 
@@ -163,7 +163,7 @@ pub struct Handle {
 
 enum Held {
     /// A read's buffer and how many bytes it will have when the read completes.
-    Read(BytesMut, usize),
+    Read(Vec<u8>, usize),
     Write(#[allow(dead_code)] Bytes),
 }
 

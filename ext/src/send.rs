@@ -27,6 +27,7 @@ use crate::frame::{
 };
 use crate::handshake::{decode, encode, OpenReply, OpenRequest};
 use crate::io::Source;
+use crate::pool::Pool;
 use crate::stats::{Progress, State};
 use crate::window::{frame_cost, max_frames_in_window, Window};
 
@@ -318,6 +319,12 @@ pub async fn send(
         resume_seq: 0,
         resume_offset: 0,
         planner: Planner::new(source, size, reply.chunk_size),
+        // Frames live from their read until async-nats has written them: the read-ahead
+        // and at most the window.
+        pool: Pool::new(
+            HEADER_LEN + reply.chunk_size as usize,
+            ((opts.window + READ_AHEAD_BYTES) / reply.chunk_size) as usize + 4,
+        ),
         planned_all: false,
         reads: FuturesOrdered::new(),
         ready: None,
@@ -470,10 +477,11 @@ fn zero_frame(kind: Kind, session: u32, seq: u64, offset: u64, len: u64) -> Outg
     }
 }
 
-/// Read one piece (unless it is known zero) and seal it as a frame. `detect_zeros` is off
-/// for retransmissions, which must repeat the original frame's kind.
+/// Read one piece (unless it is known zero) into a pool buffer and seal it as a frame.
+/// `detect_zeros` is off for retransmissions, which must repeat the original frame's kind.
 fn prepare(
     source: &Arc<dyn Source>,
+    pool: &Pool,
     piece: Extent,
     seq: u64,
     session: u32,
@@ -489,11 +497,15 @@ fn prepare(
         )))
         .boxed();
     }
+    let pool = pool.clone();
+    let mut buf = pool.take();
+    buf.resize(HEADER_LEN, 0);
     source
-        .read(piece.offset, piece.len as usize, HEADER_LEN)
+        .read(piece.offset, piece.len as usize, buf)
         .map(move |r| {
             let mut buf = r?;
             if detect_zeros && is_zero(&buf[HEADER_LEN..]) {
+                pool.put(buf);
                 return Ok(zero_frame(
                     Kind::Zero,
                     session,
@@ -513,7 +525,7 @@ fn prepare(
             let checksum = header.seal(&mut buf);
             Ok(Outgoing {
                 seq,
-                bytes: buf.freeze(),
+                bytes: pool.share(buf),
                 kind: Kind::Data,
                 offset: piece.offset,
                 len: piece.len,
@@ -542,6 +554,8 @@ struct Sender<'a> {
     resume_seq: u64,
     resume_offset: u64,
     planner: Planner,
+    /// Frame buffers, reused.
+    pool: Pool,
     /// The planner has handed out every frame of the disk.
     planned_all: bool,
     reads: FuturesOrdered<BoxFuture<'static, Result<Outgoing>>>,
@@ -640,6 +654,7 @@ impl Sender<'_> {
             }
             (Kind::Data, _) => prepare(
                 &self.source,
+                &self.pool,
                 Extent {
                     offset,
                     len,
@@ -766,10 +781,14 @@ impl Sender<'_> {
                     None => self.planned_all = true,
                     // Already written and already digested: nothing to do for it.
                     Some((seq, _)) if seq < self.resume_seq && seq < self.digest_next => {}
-                    Some((seq, piece)) => {
-                        self.reads
-                            .push_back(prepare(&self.source, piece, seq, self.session, true))
-                    }
+                    Some((seq, piece)) => self.reads.push_back(prepare(
+                        &self.source,
+                        &self.pool,
+                        piece,
+                        seq,
+                        self.session,
+                        true,
+                    )),
                 }
             }
             if let Some(frame) = self.ready.take() {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rustix::fs::{fallocate, FallocateFlags};
@@ -166,13 +166,14 @@ impl Source for File {
         &self,
         offset: u64,
         len: usize,
-        headroom: usize,
-    ) -> BoxFuture<'static, Result<BytesMut>> {
+        mut buf: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>>> {
         let this = self.clone_handle();
         blocking(move || {
-            let mut buf = BytesMut::zeroed(headroom + len);
+            let start = buf.len();
+            buf.resize(start + len, 0);
             this.handle()?
-                .read_exact_at(&mut buf[headroom..], offset)
+                .read_exact_at(&mut buf[start..], offset)
                 .map_err(|e| this.io_error("read", offset, e))?;
             Ok(buf)
         })

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
@@ -35,14 +35,10 @@ pub trait Source: Send + Sync {
     fn size(&self) -> u64;
     /// Allocation of `[offset, offset+len)`; may describe less, never more.
     fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>>;
-    /// Read `len` bytes at `offset` into a new buffer, after `headroom` spare bytes in front
-    /// (where the frame header will go, so the buffer is sent as it is).
-    fn read(
-        &self,
-        offset: u64,
-        len: usize,
-        headroom: usize,
-    ) -> BoxFuture<'static, Result<BytesMut>>;
+    /// Read `len` bytes at `offset`, appended to what `buf` already holds (the sender puts
+    /// the frame header's room there, so the buffer is sent as it is). The caller owns the
+    /// buffer: the sender's come from a pool and go back to it.
+    fn read(&self, offset: u64, len: usize, buf: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>>>;
 }
 
 pub trait Sink: Send + Sync {
@@ -203,8 +199,8 @@ pub fn read_back(
     len: usize,
 ) -> BoxFuture<'static, Result<Bytes>> {
     source
-        .read(offset, len, 0)
-        .map(|r| r.map(BytesMut::freeze))
+        .read(offset, len, Vec::with_capacity(len))
+        .map(|r| r.map(Bytes::from))
         .boxed()
 }
 

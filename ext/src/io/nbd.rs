@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::oneshot;
@@ -221,16 +221,8 @@ impl Source for Nbd {
         .boxed()
     }
 
-    fn read(
-        &self,
-        offset: u64,
-        len: usize,
-        headroom: usize,
-    ) -> BoxFuture<'static, Result<BytesMut>> {
-        // One allocation for header and data; only the header's room is zeroed, libnbd
-        // fills the rest (its `reserve` then finds the capacity already there).
-        let mut buf = BytesMut::with_capacity(headroom + len);
-        buf.resize(headroom, 0);
+    fn read(&self, offset: u64, len: usize, buf: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>>> {
+        // libnbd reads straight into the buffer's spare capacity, not zeroed first.
         self.command(Command::Read { offset, buf, len })
             .map(|r| match r? {
                 Completed::Read(buf) => Ok(buf),

@@ -2,7 +2,6 @@
 //! buffer. It measures the raw NATS ceiling of the transport (`bench/`); the copy stands in
 //! for the copy the kernel makes when an NBD read lands in our buffer.
 
-use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
@@ -48,12 +47,11 @@ impl Source for Pattern {
         &self,
         _offset: u64,
         len: usize,
-        headroom: usize,
-    ) -> BoxFuture<'static, Result<BytesMut>> {
-        let mut buf = BytesMut::with_capacity(headroom + len);
-        buf.resize(headroom, 0);
-        while buf.len() < headroom + len {
-            let n = self.fill.len().min(headroom + len - buf.len());
+        mut buf: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>>> {
+        let end = buf.len() + len;
+        while buf.len() < end {
+            let n = self.fill.len().min(end - buf.len());
             buf.extend_from_slice(&self.fill[..n]);
         }
         futures::future::ready(Ok(buf)).boxed()

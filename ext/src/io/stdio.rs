@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 use std::thread;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::oneshot;
@@ -136,15 +136,18 @@ impl Read for PipeReader<'_> {
     }
 }
 
+/// A read for the stream's thread: offset, length, the buffer to append to, the answer.
+type ReadRequest = (u64, usize, Vec<u8>, Reply<Vec<u8>>);
+
 pub struct Stdin {
     size: u64,
     name: &'static str,
-    tx: mpsc::Sender<(u64, usize, usize, Reply<BytesMut>)>,
+    tx: mpsc::Sender<ReadRequest>,
 }
 
 impl Stdin {
     pub fn open(size: u64, stream: Stream) -> Stdin {
-        let (tx, rx) = mpsc::channel::<(u64, usize, usize, Reply<BytesMut>)>();
+        let (tx, rx) = mpsc::channel::<ReadRequest>();
         let name = stream.name("stdin");
         let label: &'static str = if matches!(stream, Stream::Std) {
             "stdin"
@@ -154,8 +157,8 @@ impl Stdin {
         thread::spawn(move || {
             let mut pos = 0u64;
             let serve = |input: &mut dyn Read| {
-                for (offset, len, headroom, reply) in rx {
-                    let r = read_next(input, &name, &mut pos, size, offset, len, headroom);
+                for (offset, len, buf, reply) in rx {
+                    let r = read_next(input, &name, &mut pos, size, offset, len, buf);
                     let _ = reply.send(r);
                 }
             };
@@ -179,17 +182,18 @@ fn read_next(
     size: u64,
     offset: u64,
     len: usize,
-    headroom: usize,
-) -> Result<BytesMut> {
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>> {
     if offset != *pos {
         return Err(Error::Endpoint(format!(
             "{name} read at {offset} but the stream is at {pos}"
         )));
     }
-    let mut buf = BytesMut::zeroed(headroom + len);
+    let start = buf.len();
+    buf.resize(start + len, 0);
     let mut filled = 0;
     while filled < len {
-        match input.read(&mut buf[headroom + filled..]) {
+        match input.read(&mut buf[start + filled..]) {
             Ok(0) => {
                 let said = if name == "stdin" {
                     "--size says"
@@ -227,13 +231,8 @@ impl Source for Stdin {
         all_data(offset, len, self.size)
     }
 
-    fn read(
-        &self,
-        offset: u64,
-        len: usize,
-        headroom: usize,
-    ) -> BoxFuture<'static, Result<BytesMut>> {
-        call(&self.tx, |r| (offset, len, headroom, r), self.name)
+    fn read(&self, offset: u64, len: usize, buf: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>>> {
+        call(&self.tx, |r| (offset, len, buf, r), self.name)
     }
 }
 
