@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import nbdnats
-from bench import harness
+from bench import floor, harness
 from bench.harness import (
     CEILING,
     CHUNK_SWEEP,
@@ -811,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             services.close()
     micro_results = {} if args.no_micro else micro(out_dir, profile.micro_max_time)
+    say("measuring the kernel's floor (bench/floor.py)")
+    floor_results = floor.measure(min(profile.random_size, 1 * GiB))
     config = {
         "profile": profile.name,
         "rounds": profile.rounds,
@@ -834,6 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config=config,
         source_allocated=source_allocated,
         micro=micro_results,
+        floor=floor_results,
     )
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "summary.md").write_text(harness.format_markdown(results))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import harness
+from bench import floor, harness
 from bench.harness import CEILING, NBDCOPY, NBDNATS, RANDOM, SPARSE, STARTUP, GiB, MiB, Run
 from bench.report import rebuild
 from bench.run import kernel_version, micro_summary, sparse_layout
@@ -266,3 +266,41 @@ def test_report_rebuilds_a_results_folder(tmp_path: Path) -> None:
 def test_kernel_version_keeps_the_version_only() -> None:
     assert kernel_version("6.1.0-27-amd64") == "6.1.0"
     assert kernel_version("weird") == "weird"
+
+
+def test_bounds_follow_from_the_cpu_every_path_needs() -> None:
+    """good_runs: nbd-nats's processes take 1.5 CPU s/GiB (1.0 + 1.0 + 1.0 over 2 GiB), so
+    2 cores move at most 2 GiB / 1.5 s = 1431.7 MB/s: 1.333 x nbdcopy's median 1073.7 MB/s
+    (2.0 s) and 1.533 x the ceiling's 933.6 MB/s (2.3 s). The busiest process takes
+    0.5 s/GiB on every path."""
+    floor = {"sender_receiver": 0.6}
+    res = harness.build_results(
+        good_runs(), machine=MACHINE, config=CONFIG, source_allocated=256 * MiB, floor=floor
+    )
+    b = res["bounds"]
+    assert b["all_cores_busy"]["nbdnats_mb_s"] == pytest.approx(1431.7, abs=0.1)
+    assert b["all_cores_busy"]["ratio_vs_nbdcopy"] == pytest.approx(4 / 3, abs=1e-3)
+    assert b["all_cores_busy"]["ratio_vs_ceiling"] == pytest.approx(2.3 / 1.5, abs=1e-3)
+    assert b["core_per_process"]["ratio_vs_ceiling"] == pytest.approx(1.0)
+    assert b["cpu_floor_vs_nbdcopy"] == pytest.approx(0.6 / 0.5)
+    text = {t["name"]: t["text"] for t in res["targets"]}
+    assert "allows at most 1.33 (1432 MB/s with all 2 cores busy)" in text["throughput_vs_nbdcopy"]
+    assert "alone cost 0.6 s/GiB (1.2x)" in text["cpu_per_gib"]
+    assert build(good_runs())["bounds"]["cpu_floor_vs_nbdcopy"] is None
+
+
+def test_rss_text_names_the_default_chunk_when_a_sweep_is_worse() -> None:
+    runs = good_runs()
+    bad = nbdnats("chunk", 0, 2.4, rss=WINDOW + 100 * MiB)
+    bad.chunk = 8 * MiB
+    res = build([*runs, bad])
+    t = next(t for t in res["targets"] if t["name"] == "peak_rss_sender")
+    assert not t["met"]
+    assert "chunk 8.0 MiB" in t["text"] and "at the default chunk size worst 80.0 MiB" in t["text"]
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_floor_moves_every_byte_and_reports_both_ends(kind: str) -> None:
+    """bench/floor.py on real sockets: a short run, checked for completeness, not speed."""
+    send, recv = floor.socket_cost(kind, 16 * MiB)
+    assert send > 0 and recv > 0
