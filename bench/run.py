@@ -49,7 +49,7 @@ from bench.harness import (
     Run,
 )
 from nbdnats import _core, subjects
-from nbdnats.embedded import EmbeddedServer, free_port, nats_server_binary
+from nbdnats.embedded import EmbeddedServer, bulk_env, free_port, nats_server_binary
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -272,9 +272,21 @@ class Services:
         self.workdir = workdir
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, args: list[str], ready: Callable[[], bool]) -> int:
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        ready: Callable[[], bool],
+        env: dict[str, str] | None = None,
+    ) -> int:
         log = (self.workdir / f"{name}.log").open("wb")
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+        )
         log.close()
         self.procs.append((name, proc))
         wait_until(lambda: ready() or proc.poll() is not None, name)
@@ -289,7 +301,8 @@ class Services:
         cfg.port = free_port(cfg.host)
         conf = self.workdir / f"{name}.conf"
         conf.write_text(cfg.config(self.workdir / f"{name}-js"))
-        pid = self.start(name, [nats_server_binary(), "-c", str(conf)], lambda: port_open(cfg.port))
+        argv = [nats_server_binary(), "-c", str(conf)]
+        pid = self.start(name, argv, lambda: port_open(cfg.port), env=bulk_env())
         return cfg.url, pid
 
     def qemu_nbd(self, name: str, image: Path, *, read_only: bool) -> tuple[str, int]:

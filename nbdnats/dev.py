@@ -40,7 +40,7 @@ from typing import Any
 import nats
 
 from nbdnats import subjects
-from nbdnats.embedded import free_port, nats_server_binary
+from nbdnats.embedded import bulk_env, free_port, nats_server_binary
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.units import human, parse_size
 
@@ -348,6 +348,8 @@ def server_env(state: State, server: Server) -> dict[str, str]:
         env["NBDNATS_STORE_DIR"] = json.dumps(str(root / "jetstream" / server.name))
     if server.kind == "data":
         env["NBDNATS_LEAF_PORT"] = str(server.leaf_port)
+    if server.kind in ("data", "rack"):
+        env.update(bulk_env())  # they carry the block streams
     if server.kind == "rack":
         user = "rack" + server.name.split("-")[1]
         pw = state.passwords[user]
