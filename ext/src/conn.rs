@@ -91,18 +91,18 @@ pub fn fit_chunk(requested: Option<u64>, max_payload: u64) -> Result<u64> {
                     "--chunk-size {c} must be a multiple of 4096 between {MIN_CHUNK} and {MAX_CHUNK}"
                 )));
             }
-            if c > room && room >= MIN_CHUNK {
-                return Err(Error::Usage(format!(
+            let fits = room & !4095; // the largest multiple of 4096 that fits
+            if c <= room {
+                Ok(c)
+            } else if fits < MIN_CHUNK {
+                Err(too_small(max_payload))
+            } else {
+                Err(Error::Usage(format!(
                     "--chunk-size {c} does not fit the server's max_payload of {max_payload} bytes \
-                     (each frame adds a {HEADER_LEN}-byte header); use --chunk-size {} or less, \
-                     or raise max_payload in the nats-server config",
-                    room & !4095
-                )));
+                     (each frame adds a {HEADER_LEN}-byte header); use --chunk-size {fits} or less, \
+                     or raise max_payload in the nats-server config"
+                )))
             }
-            if c > room {
-                return Err(too_small(max_payload));
-            }
-            Ok(c)
         }
         None => {
             let c = largest_pow2(room.min(DEFAULT_CHUNK) + 4096) - 4096;

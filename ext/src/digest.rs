@@ -10,7 +10,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::io::{zeros, Source};
+use crate::io::{read_owned, zeros, Source};
 
 /// Bytes per read, and reads in flight ahead of the hash.
 const PIECE: u64 = 1 << 20;
@@ -62,10 +62,9 @@ pub async fn sha256(source: Arc<dyn Source>, length: Option<u64>) -> Result<(Str
         let source = source.clone();
         async move {
             match p {
-                Piece::Data(offset, len) => source
-                    .read(offset, len, Vec::with_capacity(len))
-                    .await
-                    .map(Hashed::Data),
+                Piece::Data(offset, len) => {
+                    read_owned(&*source, offset, len).await.map(Hashed::Data)
+                }
                 Piece::Zero(n) => Ok(Hashed::Zeros(n)),
             }
         }
@@ -92,7 +91,7 @@ pub async fn sha256(source: Arc<dyn Source>, length: Option<u64>) -> Result<(Str
 }
 
 enum Hashed {
-    Data(Vec<u8>),
+    Data(bytes::Bytes),
     Zeros(u64),
 }
 

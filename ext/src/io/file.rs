@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rustix::fs::{fallocate, FallocateFlags};
 
-use super::{blocking, read_back, zeros, Sink, SinkCaps, Source};
+use super::{blocking, read_owned, zeros, Sink, SinkCaps, Source};
 use crate::error::{Error, Result};
 use crate::extents::{push_merged, Extent};
 
@@ -285,7 +285,7 @@ impl Sink for File {
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>> {
-        read_back(self, offset, len)
+        read_owned(self, offset, len)
     }
 }
 

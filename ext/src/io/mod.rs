@@ -192,8 +192,8 @@ pub fn write_zeros(
     .boxed()
 }
 
-/// A sink's read-back for `--verify`, through its source-side read.
-pub fn read_back(
+/// One read into a buffer of its own (a sink's read-back for `--verify`, the digest's reads).
+pub fn read_owned(
     source: &dyn Source,
     offset: u64,
     len: usize,

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
-use super::{read_back, write_zeros, Sink, SinkCaps, Source};
+use super::{read_owned, write_zeros, Sink, SinkCaps, Source};
 use crate::error::{Error, Result};
 use crate::extents::{from_block_status, Extent};
 use crate::libnbd::{Caps, Command, Completed, Handle};
@@ -314,6 +314,6 @@ impl Sink for Nbd {
     }
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>> {
-        read_back(self, offset, len)
+        read_owned(self, offset, len)
     }
 }

@@ -23,13 +23,8 @@ impl Pattern {
             .ok_or_else(|| Error::Usage(format!("invalid source {spec:?}: use pattern:BYTES")))?;
         // Bytes 1..=251 repeating: never all-zero, so no chunk is sent as a zero frame. No
         // read is longer than the image or a chunk, so the fill need not be either.
-        let period: Vec<u8> = (1..=251).collect();
-        let len = (size.min(MAX_CHUNK) as usize).max(period.len());
-        let mut fill = Vec::with_capacity(len);
-        while fill.len() < len {
-            let n = period.len().min(len - fill.len());
-            fill.extend_from_slice(&period[..n]);
-        }
+        let len = (size.min(MAX_CHUNK) as usize).max(251);
+        let fill = (1..=251u8).cycle().take(len).collect();
         Ok(Pattern { size, fill })
     }
 }
