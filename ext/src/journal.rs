@@ -1,24 +1,38 @@
 //! The receiver's durable journal: what part of the target is known written.
 //!
-//! An append-only file of records `[u32 len][u8 type][body][u64 xxh3(type+body)]`:
-//! one header (JSON: target, size, chunk size), then checkpoints. A checkpoint says "every
-//! frame below `next_seq` is written *and flushed*" and carries those frames' checksums, so a
-//! resumed receiver rebuilds the transfer digest without re-reading the target. The target is
-//! always flushed before a checkpoint is appended; a torn last record is ignored and cut off.
+//! An append-only file of records `[u32 len][u8 type][body][u64 xxh3(type+body)]`: one
+//! header (JSON: target and its identity, size, chunk size, the sender's key hash), then
+//! checkpoints and key changes. A checkpoint says "every frame below `next_seq` is written
+//! *and flushed*" and carries each of those frames' kind, length and checksum, so a resumed
+//! receiver can rebuild the transfer digest, check that the target still holds what was
+//! written (`recv` re-reads it before it continues) and verify all of it at the end. The
+//! target is always flushed before a checkpoint is appended; a torn last record is ignored
+//! and cut off. The file is locked while a receiver uses it, so two receivers never share
+//! one journal.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::checksum::{xxh3_64, Digest};
 use crate::error::{Error, Result};
+use crate::frame::Kind;
 
+/// The journal's own format version (independent of the wire protocol's).
+pub const JOURNAL_VERSION: u8 = 3;
 const HEADER: u8 = 1;
 const CHECKPOINT: u8 = 2;
-/// Longest record we will read (a checkpoint of 2M frames); bigger means a damaged file.
+/// The sender's key hash changed (it resumed with its key and chose a new one).
+const KEY: u8 = 3;
+/// Longest record we will read (a checkpoint of about 900k frames); bigger means damage.
 const MAX_RECORD: usize = 16 << 20;
+/// Bytes of one frame in a checkpoint: kind, length, checksum.
+const FRAME_LEN: usize = 1 + 8 + 8;
+/// Bytes of a checkpoint's fixed part: next_seq, offset, data and zero bytes, frame count.
+const CHECKPOINT_HEAD: usize = 36;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
@@ -27,6 +41,19 @@ pub struct Header {
     pub target: String,
     pub size: u64,
     pub chunk_size: u64,
+    /// sha256 (hex) of the secret key of the sender this transfer belongs to: only a sender
+    /// that shows the key may continue it.
+    pub key_hash: String,
+    /// Device and inode of a file or block-device target, to notice a replaced target.
+    pub identity: Option<(u64, u64)>,
+}
+
+/// One written frame as the journal remembers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub length: u64,
+    pub checksum: u64,
 }
 
 /// Where the last checkpoint left the transfer.
@@ -38,6 +65,33 @@ pub struct Progress {
     pub zero_bytes: u64,
     /// Folded checksums of every frame below `next_seq`.
     pub digest: Digest,
+    /// Every frame below `next_seq`, in order (frame `i` starts where `i - 1` ended).
+    pub frames: Vec<Frame>,
+}
+
+impl Progress {
+    /// The progress of `frames` from the start (a prefix that checked out).
+    pub fn prefix(frames: &[Frame]) -> Option<Progress> {
+        let mut p = Progress::default();
+        for f in frames {
+            p.push(*f)?;
+        }
+        Some(p)
+    }
+
+    /// One more frame; `None` if a counter would overflow (a damaged journal).
+    fn push(&mut self, f: Frame) -> Option<()> {
+        self.next_seq = self.next_seq.checked_add(1)?;
+        self.offset = self.offset.checked_add(f.length)?;
+        if f.kind == Kind::Data {
+            self.data_bytes = self.data_bytes.checked_add(f.length)?;
+        } else {
+            self.zero_bytes = self.zero_bytes.checked_add(f.length)?;
+        }
+        self.digest.update(f.checksum);
+        self.frames.push(f);
+        Some(())
+    }
 }
 
 pub struct Journal {
@@ -66,27 +120,88 @@ fn record(kind: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+fn checkpoint_body(p: &Progress, frames: &[Frame]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(CHECKPOINT_HEAD + FRAME_LEN * frames.len());
+    for v in [p.next_seq, p.offset, p.data_bytes, p.zero_bytes] {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    body.extend_from_slice(&(frames.len() as u32).to_le_bytes());
+    for f in frames {
+        body.push(f.kind as u8);
+        body.extend_from_slice(&f.length.to_le_bytes());
+        body.extend_from_slice(&f.checksum.to_le_bytes());
+    }
+    body
+}
+
+/// Take the journal's lock, or say which receiver holds it.
+fn lock(file: &File, path: &Path) -> Result<()> {
+    use rustix::fs::{flock, FlockOperation};
+    flock(file, FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            Error::Busy(format!(
+                "another receiver is using the journal {} (it is still running): stop it first, \
+                 or let it finish",
+                path.display()
+            ))
+        } else {
+            io(path, e.into())
+        }
+    })
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Write a new journal file whole (header, then one checkpoint of `progress`), durably, and
+/// open it for appending. `replace` swaps it in for an existing one atomically.
+fn write_new(path: &Path, header: &Header, progress: &Progress, replace: bool) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    }
+    let body =
+        serde_json::to_vec(header).map_err(|e| Error::Endpoint(format!("journal header: {e}")))?;
+    let mut bytes = record(HEADER, &body);
+    if progress.next_seq > 0 {
+        bytes.extend(record(
+            CHECKPOINT,
+            &checkpoint_body(progress, &progress.frames),
+        ));
+    }
+    let staged = if replace {
+        path.with_extension("journal.new")
+    } else {
+        path.to_path_buf()
+    };
+    let mut options = OpenOptions::new();
+    options.mode(0o600);
+    if replace {
+        // Written from its start, so later records follow on at its end as appends would.
+        options.write(true).create(true).truncate(true);
+    } else {
+        options.append(true).create_new(true);
+    }
+    let mut file = options.open(&staged).map_err(|e| io(&staged, e))?;
+    lock(&file, path)?;
+    file.write_all(&bytes).map_err(|e| io(&staged, e))?;
+    file.sync_all().map_err(|e| io(&staged, e))?;
+    if replace {
+        std::fs::rename(&staged, path).map_err(|e| io(path, e))?;
+    }
+    sync_dir(path)?;
+    Ok(file)
+}
+
 impl Journal {
     /// Start a new journal (replacing none: an existing one is the caller's to handle).
     pub fn create(path: &Path, header: Header) -> Result<Journal> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        }
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| io(path, e))?;
-        let body = serde_json::to_vec(&header)
-            .map_err(|e| Error::Endpoint(format!("journal header: {e}")))?;
-        file.write_all(&record(HEADER, &body))
-            .map_err(|e| io(path, e))?;
-        file.sync_all().map_err(|e| io(path, e))?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io(dir, e))?;
-        }
+        let file = write_new(path, &header, &Progress::default(), false)?;
         Ok(Journal {
             path: path.to_path_buf(),
             file,
@@ -97,9 +212,10 @@ impl Journal {
 
     /// Read a journal back: its header and the last complete checkpoint.
     pub fn open(path: &Path) -> Result<Journal> {
-        let mut bytes = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(path)
             .map_err(|e| match e.kind() {
                 ErrorKind::NotFound => Error::Usage(format!(
                     "nothing to resume: no journal at {} (start without --resume)",
@@ -107,17 +223,38 @@ impl Journal {
                 )),
                 _ => io(path, e),
             })?;
+        lock(&file, path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| io(path, e))?;
         let mut header: Option<Header> = None;
         let mut progress = Progress::default();
         let mut pos = 0usize;
         while let Some((kind, body, next)) = next_record(&bytes, pos) {
-            match kind {
-                HEADER if header.is_none() => {
+            match (kind, header.as_mut()) {
+                (HEADER, None) => {
+                    let v = serde_json::from_slice::<serde_json::Value>(body)
+                        .ok()
+                        .and_then(|h| h.get("v").and_then(serde_json::Value::as_u64));
+                    if v != Some(u64::from(JOURNAL_VERSION)) {
+                        return Err(Error::Usage(format!(
+                            "the journal {} was written by another version of nbd-nats; \
+                             delete it to start the transfer over",
+                            path.display()
+                        )));
+                    }
                     header = serde_json::from_slice(body).ok();
+                    if header.is_none() {
+                        break;
+                    }
                 }
-                CHECKPOINT if header.is_some() => match apply_checkpoint(&progress, body) {
-                    Some(p) => progress = p,
-                    None => break,
+                (CHECKPOINT, Some(_)) => {
+                    if !apply_checkpoint(&mut progress, body) {
+                        break;
+                    }
+                }
+                (KEY, Some(h)) => match std::str::from_utf8(body) {
+                    Ok(k) if is_key_hash(k) => h.key_hash = k.to_string(),
+                    _ => break,
                 },
                 _ => break,
             }
@@ -129,10 +266,6 @@ impl Journal {
                 path.display()
             ))
         })?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|e| io(path, e))?;
         // Cut off a torn tail so the next append starts on a record boundary.
         file.set_len(pos as u64).map_err(|e| io(path, e))?;
         Ok(Journal {
@@ -143,36 +276,45 @@ impl Journal {
         })
     }
 
-    /// Record that frames `[progress.next_seq, next_seq)` with `checksums` are durable.
-    /// The caller has flushed the target first.
-    pub fn checkpoint(
-        &mut self,
-        next_seq: u64,
-        offset: u64,
-        data_bytes: u64,
-        zero_bytes: u64,
-        checksums: &[u64],
-    ) -> Result<()> {
-        let mut body = Vec::with_capacity(36 + 8 * checksums.len());
-        for v in [next_seq, offset, data_bytes, zero_bytes] {
-            body.extend_from_slice(&v.to_le_bytes());
+    /// Record that `frames` (from `progress.next_seq` on) are durable and where that leaves
+    /// the transfer. The caller has flushed the target first.
+    pub fn checkpoint(&mut self, frames: &[Frame]) -> Result<()> {
+        let mut next = self.progress.clone();
+        for f in frames {
+            next.push(*f)
+                .ok_or_else(|| Error::Endpoint("journal checkpoint past 2^64 bytes".into()))?;
         }
-        body.extend_from_slice(&(checksums.len() as u32).to_le_bytes());
-        for c in checksums {
-            body.extend_from_slice(&c.to_le_bytes());
-        }
-        let next = apply_checkpoint(&self.progress, &body).ok_or_else(|| {
-            Error::Endpoint("journal checkpoint does not follow the last one".into())
-        })?;
-        self.file
-            .write_all(&record(CHECKPOINT, &body))
-            .map_err(|e| io(&self.path, e))?;
-        self.file.sync_data().map_err(|e| io(&self.path, e))?;
+        let body = checkpoint_body(&next, frames);
+        self.append(CHECKPOINT, &body)?;
         self.progress = next;
         Ok(())
     }
 
-    /// The transfer finished: the journal has served its purpose.
+    /// The sender resumed and chose a new key: only the new one opens the transfer now.
+    pub fn set_key(&mut self, key_hash: &str) -> Result<()> {
+        self.append(KEY, key_hash.as_bytes())?;
+        self.header.key_hash = key_hash.to_string();
+        Ok(())
+    }
+
+    fn append(&mut self, kind: u8, body: &[u8]) -> Result<()> {
+        self.file
+            .write_all(&record(kind, body))
+            .map_err(|e| io(&self.path, e))?;
+        self.file.sync_data().map_err(|e| io(&self.path, e))
+    }
+
+    /// Keep only the first `n` frames: the target no longer holds what the rest wrote.
+    /// The file is rewritten (atomically) so a crash leaves either version.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        let kept = Progress::prefix(&self.progress.frames[..n.min(self.progress.frames.len())])
+            .unwrap_or_default();
+        self.file = write_new(&self.path, &self.header, &kept, true)?;
+        self.progress = kept;
+        Ok(())
+    }
+
+    /// The transfer finished, or can never be continued: the journal has served its purpose.
     pub fn remove(self) -> Result<()> {
         std::fs::remove_file(&self.path).map_err(|e| io(&self.path, e))
     }
@@ -180,6 +322,11 @@ impl Journal {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// A sha256 in hex, as key hashes are.
+pub fn is_key_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn next_record(bytes: &[u8], pos: usize) -> Option<(u8, &[u8], usize)> {
@@ -193,33 +340,45 @@ fn next_record(bytes: &[u8], pos: usize) -> Option<(u8, &[u8], usize)> {
     (xxh3_64(typed) == sum).then(|| (typed[0], &typed[1..], end))
 }
 
-/// The progress after checkpoint `body`, if it extends `prev` consistently.
-fn apply_checkpoint(prev: &Progress, body: &[u8]) -> Option<Progress> {
+/// Extend `progress` by checkpoint `body`; false (and `progress` unchanged) when the body
+/// is malformed or does not follow on consistently.
+fn apply_checkpoint(progress: &mut Progress, body: &[u8]) -> bool {
     let u64_at = |at: usize| {
         body.get(at..at + 8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
     };
-    let (next_seq, offset, data_bytes, zero_bytes) =
-        (u64_at(0)?, u64_at(8)?, u64_at(16)?, u64_at(24)?);
-    let n = u32::from_le_bytes(body.get(32..36)?.try_into().ok()?) as u64;
-    if next_seq != prev.next_seq.checked_add(n)?
-        || body.len() as u64 != 36 + 8 * n
-        || offset < prev.offset
-    {
-        return None;
+    let parsed = (|| {
+        let (next_seq, offset, data_bytes, zero_bytes) =
+            (u64_at(0)?, u64_at(8)?, u64_at(16)?, u64_at(24)?);
+        let n = u32::from_le_bytes(body.get(32..36)?.try_into().ok()?) as usize;
+        if body.len() != CHECKPOINT_HEAD + FRAME_LEN * n {
+            return None;
+        }
+        let mut next = progress.clone();
+        for i in 0..n {
+            let at = CHECKPOINT_HEAD + FRAME_LEN * i;
+            let kind = Kind::from_u8(body[at])?;
+            if !matches!(kind, Kind::Data | Kind::Zero | Kind::Trim) {
+                return None;
+            }
+            let (length, checksum) = (u64_at(at + 1)?, u64_at(at + 9)?);
+            next.push(Frame {
+                kind,
+                length,
+                checksum,
+            })?;
+        }
+        let expected = (next.next_seq, next.offset, next.data_bytes, next.zero_bytes);
+        (expected == (next_seq, offset, data_bytes, zero_bytes)).then_some(next)
+    })();
+    match parsed {
+        Some(next) => {
+            *progress = next;
+            true
+        }
+        None => false,
     }
-    let mut digest = prev.digest.clone();
-    for i in 0..n as usize {
-        digest.update(u64_at(36 + 8 * i)?);
-    }
-    Some(Progress {
-        next_seq,
-        offset,
-        data_bytes,
-        zero_bytes,
-        digest,
-    })
 }
 
 #[cfg(test)]
@@ -228,55 +387,124 @@ mod tests {
 
     fn header() -> Header {
         Header {
-            v: 2,
+            v: JOURNAL_VERSION,
             transfer_id: "t".into(),
             target: "/dev/x".into(),
             size: 100,
             chunk_size: 10,
+            key_hash: "a".repeat(64),
+            identity: Some((1, 2)),
         }
+    }
+
+    fn data(checksum: u64) -> Frame {
+        Frame {
+            kind: Kind::Data,
+            length: 10,
+            checksum,
+        }
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("nbdnats-journal-{}-{name}", std::process::id()));
+        let path = path_for(&dir, "t1");
+        let _ = std::fs::remove_file(&path);
+        path
     }
 
     #[test]
     fn checkpoints_survive_reopen_and_rebuild_the_digest() {
-        let dir = std::env::temp_dir().join(format!("nbdnats-journal-{}", std::process::id()));
-        let path = path_for(&dir, "t1");
-        let _ = std::fs::remove_file(&path);
+        let path = temp("reopen");
         let mut j = Journal::create(&path, header()).unwrap();
-        j.checkpoint(2, 20, 20, 0, &[11, 12]).unwrap();
-        j.checkpoint(3, 30, 20, 10, &[13]).unwrap();
-        assert!(
-            j.checkpoint(9, 40, 0, 0, &[1]).is_err(),
-            "gap must be refused"
-        );
+        j.checkpoint(&[data(11), data(12)]).unwrap();
+        let zero = Frame {
+            kind: Kind::Zero,
+            length: 10,
+            checksum: 13,
+        };
+        j.checkpoint(&[zero]).unwrap();
+        j.set_key(&"b".repeat(64)).unwrap();
         drop(j);
         // A torn record at the end (a crash mid-append) is ignored and cut off.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[40, 0, 0, 0, 2, 1, 2, 3]).unwrap();
         drop(f);
         let j = Journal::open(&path).unwrap();
-        assert_eq!(j.header, header());
+        assert_eq!(j.header.key_hash, "b".repeat(64));
+        assert_eq!(j.header.identity, Some((1, 2)));
+        let p = &j.progress;
         assert_eq!(
-            (
-                j.progress.next_seq,
-                j.progress.offset,
-                j.progress.zero_bytes
-            ),
-            (3, 30, 10)
+            (p.next_seq, p.offset, p.data_bytes, p.zero_bytes),
+            (3, 30, 20, 10)
         );
+        assert_eq!(p.frames, vec![data(11), data(12), zero]);
         let mut want = Digest::default();
         for c in [11, 12, 13] {
             want.update(c);
         }
-        assert_eq!(j.progress.digest.value(), want.value());
+        assert_eq!(p.digest.value(), want.value());
         j.remove().unwrap();
         assert!(matches!(Journal::open(&path), Err(Error::Usage(_))));
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_journal_in_use_is_not_opened_twice() {
+        let path = temp("lock");
+        let j = Journal::create(&path, header()).unwrap();
+        let again = Journal::open(&path).err().unwrap();
+        assert_eq!(again.code(), "busy");
+        assert!(again.to_string().contains("still running"), "{again}");
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        j.remove().unwrap();
+    }
+
+    #[test]
+    fn truncate_keeps_a_prefix_durably() {
+        let path = temp("truncate");
+        let mut j = Journal::create(&path, header()).unwrap();
+        j.checkpoint(&[data(1), data(2), data(3)]).unwrap();
+        j.truncate(1).unwrap();
+        assert_eq!(j.progress.next_seq, 1);
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.progress.frames, vec![data(1)]);
+        assert_eq!(j.progress.offset, 10);
+        j.remove().unwrap();
+    }
+
+    #[test]
+    fn an_older_journal_is_refused_with_what_to_do() {
+        let path = temp("old");
+        let mut old = header();
+        old.v = 2;
+        drop(Journal::create(&path, old).unwrap());
+        let err = Journal::open(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("another version") && err.contains("delete it"),
+            "{err}"
+        );
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
     fn garbage_is_no_journal() {
         assert!(next_record(&[255, 255, 255, 255, 1], 0).is_none());
         assert!(next_record(&[], 0).is_none());
-        assert!(apply_checkpoint(&Progress::default(), &[0; 10]).is_none());
+        let mut p = Progress::default();
+        assert!(!apply_checkpoint(&mut p, &[0; 10]));
+        // A frame whose length overflows the offset is damage, not progress.
+        let mut body = checkpoint_body(
+            &Progress::default(),
+            &[Frame {
+                kind: Kind::Data,
+                length: u64::MAX,
+                checksum: 0,
+            }; 2],
+        );
+        body[0] = 2;
+        assert!(!apply_checkpoint(&mut p, &body));
+        assert_eq!(p.next_seq, 0);
     }
 }
