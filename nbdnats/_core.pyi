@@ -113,6 +113,7 @@ def start_send(
     timeout_s: float = 60.0,
     verify: bool = False,
     resume: bool = False,
+    state_dir: str | None = None,
 ) -> Transfer: ...
 def start_recv(
     conn: DataConnection,
@@ -128,6 +129,7 @@ def start_recv(
     state_dir: str | None = None,
     resume: bool = False,
     return_subjects: tuple[str, str, str] | None = None,
+    expect_sha256: str | None = None,
 ) -> Transfer: ...
 def start_bridge(
     conn: DataConnection,

@@ -439,6 +439,7 @@ class Agent:
             planes=self.planes,
             size=size,
             chunk_size=cmd.chunk_size,
+            state_dir=self.config.state_dir,
             **self._options(cmd),
         )
         return await self._job("send", "send", cmd, shown, started, run)
@@ -501,11 +502,14 @@ class Agent:
         self.trusted.verify(
             cmd.approval, node=self.node, device=device, image_digest=cmd.image_digest
         )
+        # The approval names the image's sha256: the stream is hashed as it is written,
+        # and a different image leaves the device wiped at both ends, never bootable.
         started = start_recv(
             device,
             transfer_id=cmd.transfer_id,
             planes=self.planes,
             state_dir=self.config.state_dir,
+            expect_sha256=cmd.approval.image_digest,
             **self._options(cmd),
         )
         job = await self._job("provision", "recv", cmd, cmd.device, started)

@@ -113,13 +113,13 @@ def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> 
         help="continue an interrupted transfer: a receiver from its journal, a sender by "
         "taking over from its predecessor",
     )
+    t.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the receiver keeps its journal and the sender its key for --resume "
+        "(default: $NBDNATS_STATE_DIR, else $XDG_STATE_HOME/nbdnats or ~/.local/state/nbdnats)",
+    )
     if receiver:
-        t.add_argument(
-            "--state-dir",
-            metavar="DIR",
-            help="where the receiver keeps its journal (default: $NBDNATS_STATE_DIR, "
-            "else $XDG_STATE_HOME/nbdnats or ~/.local/state/nbdnats)",
-        )
         t.add_argument(
             "--target-is-zero",
             action="store_true",
@@ -210,6 +210,7 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
         "timeout": args.timeout,
         "verify": args.verify,
         "resume": args.resume,
+        "state_dir": args.state_dir,
     }
     call: Awaitable[_core.Stats]
     try:
@@ -224,7 +225,6 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
         elif args.command == "recv":
             call = nbdnats.recv(
                 args.dst,
-                state_dir=args.state_dir,
                 transfer_id=args.transfer_id,
                 target_is_zero=args.target_is_zero,
                 **common,
@@ -233,7 +233,6 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
             call = nbdnats.copy(
                 args.src,
                 args.dst,
-                state_dir=args.state_dir,
                 transfer_id=args.transfer_id,
                 size=args.size,
                 chunk_size=args.chunk_size,

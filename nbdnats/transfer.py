@@ -180,7 +180,10 @@ async def start_send(
     timeout: float = DEFAULT_TIMEOUT,
     verify: bool = False,
     resume: bool = False,
+    state_dir: str | None = None,
 ) -> TransferHandle:
+    """``state_dir``: where the sender keeps the key that binds the transfer to it (see
+    ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     subs = subjects.transfer(transfer_id)
     core, outcome = core_call(
@@ -196,6 +199,7 @@ async def start_send(
             timeout_s=timeout,
             verify=verify,
             resume=resume,
+            state_dir=str(resolve_state_dir(state_dir)),
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -213,9 +217,12 @@ async def start_recv(
     resume: bool = False,
     state_dir: str | None = None,
     return_id: str | None = None,
+    expect_sha256: str | None = None,
 ) -> TransferHandle:
     """``return_id`` (a ``unix:PATH`` target only): what the other end of that connection
-    writes back is sent home as transfer ``return_id`` (a migration's return path)."""
+    writes back is sent home as transfer ``return_id`` (a migration's return path).
+    ``expect_sha256`` (``sha256:<hex>``): the image must hash to this as it is written; if
+    it does not, both ends of the target are wiped and the transfer fails."""
     check_options(window=window, timeout=timeout)
     subs = subjects.transfer(transfer_id)
     back = subjects.transfer(return_id) if return_id else None
@@ -233,6 +240,7 @@ async def start_recv(
             state_dir=str(resolve_state_dir(state_dir)),
             resume=resume,
             return_subjects=back,
+            expect_sha256=expect_sha256,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -388,6 +396,7 @@ async def copy(
             timeout=timeout,
             verify=verify,
             resume=resume,
+            state_dir=state_dir,
         )
         return await _both(sender, receiver, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, ServerAddr};
+use async_nats::{Client, ConnectOptions, ServerAddr, Subject};
+use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::frame::HEADER_LEN;
@@ -23,6 +24,17 @@ const READ_BUFFER: u16 = 65535;
 pub const MIN_CHUNK: u64 = 4096;
 /// qemu-nbd serves requests of at most 32 MiB.
 pub const MAX_CHUNK: u64 = 32 << 20;
+
+/// How often the client pings its server. Two unanswered pings mark the connection dead
+/// and async-nats reconnects (to another server of the list, if there is one): a server
+/// that went silent (a blackholed link, a frozen host) is noticed in 10 to 15 s, where TCP
+/// alone keeps backing off its retransmissions for minutes.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest pause between reconnect attempts, so a path that comes back is used at once.
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// Bound on a flush or publish that only tidies up (after a failure, at close): a server
+/// that is gone must not hold the process.
+pub const TIDY_BOUND: Duration = Duration::from_secs(2);
 
 pub struct DataConn {
     pub client: Client,
@@ -60,6 +72,10 @@ pub async fn connect(servers: &str, name: &str) -> Result<DataConn> {
         .subscription_capacity(queue)
         .read_buffer_capacity(READ_BUFFER)
         .connection_timeout(Duration::from_secs(5))
+        .ping_interval(PING_INTERVAL)
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis(100 * attempts.min(10) as u64).min(RECONNECT_MAX)
+        })
         .connect(addrs)
         .await
         .map_err(|e| {
@@ -73,6 +89,39 @@ pub async fn connect(servers: &str, name: &str) -> Result<DataConn> {
         servers: servers.to_string(),
         max_payload,
     })
+}
+
+impl DataConn {
+    /// Publish, waiting at most `bound` for room in the client's queue (it fills while the
+    /// connection is down). `Ok(false)`: not queued in time.
+    pub async fn publish_within(
+        &self,
+        subject: &Subject,
+        payload: Bytes,
+        bound: Duration,
+    ) -> Result<bool> {
+        match tokio::time::timeout(bound, self.client.publish(subject.clone(), payload)).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(e)) => Err(Error::Nats(format!("NATS: {e}"))),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Publish and flush something that only tidies up (an abort, a last ack): best effort,
+    /// bounded by `TIDY_BOUND`.
+    pub async fn tidy(&self, subject: &Subject, payload: Bytes) {
+        if let Ok(true) = self.publish_within(subject, payload, TIDY_BOUND).await {
+            self.flush_within(TIDY_BOUND).await;
+        }
+    }
+
+    /// Flush, waiting at most `bound`; whether it completed.
+    pub async fn flush_within(&self, bound: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(bound, self.client.flush()).await,
+            Ok(Ok(()))
+        )
+    }
 }
 
 /// The largest chunk a frame can carry within `max_payload`.

@@ -58,6 +58,13 @@ impl Error {
         }
     }
 
+    /// Whether the transfer can go on after this failure with `--resume`: the peer or the
+    /// network went away, or the user interrupted it. (Not: bad data, a refused request,
+    /// a source or target that failed.)
+    pub fn resumable(&self) -> bool {
+        matches!(self.code(), "timeout" | "nats" | "cancelled")
+    }
+
     /// Rebuild an error a peer reported with its code, so both ends fail with the same class.
     pub fn from_remote(code: &str, message: &str) -> Error {
         let message = format!("peer: {message}");

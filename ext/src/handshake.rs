@@ -24,6 +24,10 @@ pub struct OpenRequest {
     /// A stream of writes (a live producer): frames may address any offset, in sequence
     /// order, rather than cut the disk from start to end. No journal, no verify.
     pub writes: bool,
+    /// The sender's key (`SenderKey::anchor`). The receiver binds the transfer to it: a
+    /// repeated open with the same key gets the same answer (an open whose reply was lost),
+    /// an open with another key is refused while the transfer runs.
+    pub key: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -44,6 +48,151 @@ pub struct OpenReply {
     /// already written. 0 for a fresh transfer.
     pub resume_seq: u64,
     pub resume_offset: u64,
+}
+
+/// Reply code of a receiver that is still checking its target before it continues a
+/// transfer: the sender keeps asking (the check shows the receiver is alive).
+pub const CHECKING: &str = "checking";
+
+/// How many times one transfer can be resumed by its sender (the length of its key chain).
+const CHAIN: u32 = 4096;
+/// How many links of the chain a resume may skip (keys a crashed sender used up without
+/// the receiver ever seeing them).
+const MAX_SKIP: u32 = 256;
+
+/// A sender's keys: a hash chain `K_i = sha256^(CHAIN - i)(seed)`. The first open carries
+/// `K_0` (the anchor); the i-th resume reveals `K_i`, which the receiver checks by hashing
+/// it back to the anchor it holds, then keeps as its new anchor. A key seen on the wire
+/// thus opens nothing any more, yet a sender that crashed mid-resume can still go on.
+#[derive(Clone)]
+pub struct SenderKey {
+    seed: [u8; 32],
+    used: u32,
+}
+
+impl SenderKey {
+    pub fn new() -> Result<SenderKey> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| Error::Endpoint(format!("no randomness: {e}")))?;
+        Ok(SenderKey { seed, used: 0 })
+    }
+
+    fn link(&self, i: u32) -> [u8; 32] {
+        let mut k = self.seed;
+        for _ in 0..CHAIN - i {
+            k = sha256(&k);
+        }
+        k
+    }
+
+    /// What the first open carries: the key the receiver binds the transfer to.
+    pub fn anchor(&self) -> String {
+        hex(&self.link(0))
+    }
+
+    /// The next key to reveal on a resume (it counts as used from now on).
+    pub fn advance(&mut self) -> Result<String> {
+        if self.used + 1 >= CHAIN {
+            return Err(Error::Usage(format!(
+                "this transfer was resumed {CHAIN} times; start it over"
+            )));
+        }
+        self.used += 1;
+        Ok(hex(&self.link(self.used)))
+    }
+
+    /// Keep the key where a later `send --resume` finds it (readable by its owner only),
+    /// replacing any earlier one atomically.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |e: std::io::Error| Error::Endpoint(format!("sender key {}: {e}", path.display()));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let staged = path.with_extension("key.new");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&staged)
+            .map_err(io)?;
+        writeln!(f, "{} {}", hex(&self.seed), self.used).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&staged, path).map_err(io)
+    }
+
+    /// The key an earlier sender of the same transfer saved.
+    pub fn load(path: &std::path::Path, id: &str) -> Result<SenderKey> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Usage(format!(
+                "cannot resume transfer {id}: no key of its sender at {} ({e}); only the sender \
+                 that started a transfer (with the same --state-dir) can continue it",
+                path.display()
+            ))
+        })?;
+        let damaged = || {
+            Error::Usage(format!(
+                "the sender key at {} is damaged; start the transfer over",
+                path.display()
+            ))
+        };
+        let mut parts = text.split_whitespace();
+        let seed = parts.next().and_then(unhex).ok_or_else(damaged)?;
+        let used = parts
+            .next()
+            .and_then(|u| u.parse::<u32>().ok())
+            .filter(|u| *u < CHAIN)
+            .ok_or_else(damaged)?;
+        Ok(SenderKey { seed, used })
+    }
+}
+
+/// Where a sender keeps its key for transfer `id`.
+pub fn key_path(state_dir: &std::path::Path, id: &str) -> std::path::PathBuf {
+    state_dir.join("journals").join(format!("send-{id}.key"))
+}
+
+/// Whether `key` (revealed by a resuming sender) hashes back to `anchor` within a few
+/// links: it is the next key of the chain the transfer is bound to. `key == anchor` is
+/// not a match: that key was already seen.
+pub fn key_follows(key: &str, anchor: &str) -> bool {
+    let (Some(mut k), Some(anchor)) = (unhex(key), unhex(anchor)) else {
+        return false;
+    };
+    for _ in 0..MAX_SKIP {
+        k = sha256(&k);
+        if k == anchor {
+            return true;
+        }
+    }
+    false
+}
+
+/// A key in the form the wire carries it: 64 hex digits.
+pub fn is_key(s: &str) -> bool {
+    unhex(s).is_some()
+}
+
+fn sha256(data: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 impl OpenReply {
@@ -78,6 +227,41 @@ mod tests {
         let req: OpenRequest = decode("open", br#"{"v":1,"probe":true}"#).unwrap();
         assert!(req.probe);
         assert_eq!(req.size, 0);
+    }
+
+    #[test]
+    fn each_resume_key_opens_once_and_only_after_its_anchor() {
+        let mut k = SenderKey::new().unwrap();
+        let other = SenderKey::new().unwrap();
+        let anchor = k.anchor();
+        let first = k.advance().unwrap();
+        assert!(key_follows(&first, &anchor));
+        assert!(
+            !key_follows(&anchor, &anchor),
+            "a key seen on the wire opens nothing"
+        );
+        assert!(!key_follows(&first, &first));
+        assert!(!key_follows(&other.anchor(), &anchor));
+        assert!(!key_follows("-x", &anchor) && !is_key("zz"));
+        // Keys a crashed sender used up without the receiver seeing them are skipped.
+        let skipped = (0..5).map(|_| k.advance().unwrap()).last().unwrap();
+        assert!(key_follows(&skipped, &first));
+        assert!(!key_follows(&first, &skipped), "never backwards");
+    }
+
+    #[test]
+    fn a_saved_key_continues_where_it_left_off() {
+        let path = std::env::temp_dir().join(format!("nbdnats-key-{}", std::process::id()));
+        let mut k = SenderKey::new().unwrap();
+        let anchor = k.anchor();
+        k.advance().unwrap();
+        k.save(&path).unwrap();
+        let mut again = SenderKey::load(&path, "t").unwrap();
+        assert_eq!(again.anchor(), anchor);
+        assert_eq!(again.advance().unwrap(), k.advance().unwrap());
+        std::fs::write(&path, "nonsense").unwrap();
+        assert!(SenderKey::load(&path, "t").is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

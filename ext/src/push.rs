@@ -99,6 +99,8 @@ pub async fn push(
         checksum: CHECKSUM_ALGORITHM.into(),
         digest: DIGEST_ALGORITHM.into(),
         writes: true,
+        // A live stream is never resumed: its key only binds the receiver to it.
+        key: crate::handshake::SenderKey::new()?.anchor(),
         ..Default::default()
     };
     let stall = Stall::new(opts.timeout);
@@ -148,6 +150,7 @@ pub async fn push(
         last_progress: Instant::now(),
         last_sent: Instant::now(),
         backoff: 1,
+        cancel: cancel.clone(),
     };
     let result = p.run(&mut items, &mut acks, cancel).await;
     p.fail_waiters(&result);
@@ -182,6 +185,7 @@ struct Pusher<'a> {
     received: u64,
     end: Option<(u64, EndSummary)>,
     last_heard: Instant,
+    cancel: CancellationToken,
     last_progress: Instant,
     last_sent: Instant,
     backoff: u32,
@@ -333,11 +337,15 @@ impl Pusher<'_> {
             &self.progress.sent_bytes,
             (frame.len() - HEADER_LEN.min(frame.len())) as u64,
         );
-        self.conn
-            .client
-            .publish(self.subjects.chunks.clone(), frame)
-            .await
-            .map_err(nats_err)
+        let deadline = self.last_heard + self.timeout.unwrap_or(crate::send::FOREVER);
+        crate::send::publish_frame(
+            self.conn,
+            &self.subjects.chunks,
+            frame,
+            deadline,
+            &self.cancel,
+        )
+        .await
     }
 
     async fn resend(&mut self, seq: u64) -> Result<()> {

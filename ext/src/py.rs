@@ -58,8 +58,34 @@ where
     });
 }
 
+/// A timeout in seconds as Python gives it; 0 (or less) waits forever. Values that are not
+/// a finite number of seconds a `Duration` can hold wait forever too: the Python layer
+/// refuses them first, and nothing that reaches the core may panic it.
 fn timeout(seconds: f64) -> Option<Duration> {
-    (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+    (seconds > 0.0)
+        .then(|| Duration::try_from_secs_f64(seconds).ok())
+        .flatten()
+}
+
+/// An expected image digest: `sha256:<64 hex>` (as approvals write it) or the bare hex.
+fn parse_sha256(text: &str) -> Result<[u8; 32]> {
+    let hex = text.strip_prefix("sha256:").unwrap_or(text);
+    let bad = || {
+        Error::Usage(format!(
+            "{text:?} is not a sha256 digest (sha256:<64 hex digits>)"
+        ))
+    };
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = hex
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or_else(bad)?;
+    }
+    Ok(out)
 }
 
 fn subjects((open, chunks, acks): (String, String, String)) -> Subjects {
@@ -98,15 +124,19 @@ impl DataConnection {
         });
     }
 
-    /// Flush what is buffered, then call `done(ok, None)`.
+    /// Flush what is buffered, then call `done(ok, None)`; gives up after a few seconds
+    /// (a server that is gone must not hold a closing process).
     fn flush(&self, done: Py<PyAny>) {
-        let client = self.conn.client.clone();
+        let conn = self.conn.clone();
         spawn(done, async move {
-            client
-                .flush()
-                .await
-                .map_err(|e| Error::Nats(format!("NATS flush: {e}")))?;
-            Ok(())
+            if conn.flush_within(conn::TIDY_BOUND).await {
+                Ok(())
+            } else {
+                Err(Error::Nats(
+                    "the NATS server did not take the last messages (the connection is down)"
+                        .into(),
+                ))
+            }
         });
     }
 }
@@ -244,7 +274,7 @@ fn start(
 
 /// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, resume=false))]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, resume=false, state_dir=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_send(
     conn: &DataConnection,
@@ -258,6 +288,7 @@ fn start_send(
     timeout_s: f64,
     verify: bool,
     resume: bool,
+    state_dir: Option<std::path::PathBuf>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
@@ -267,6 +298,7 @@ fn start_send(
         timeout: timeout(timeout_s),
         verify,
         resume,
+        key_file: state_dir.map(|d| crate::handshake::key_path(&d, &transfer_id)),
     };
     start("send", transfer_id, done, move |progress, cancel| {
         async move {
@@ -279,7 +311,7 @@ fn start_send(
 
 /// Receive transfer `transfer_id` into `dst`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None))]
+#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_recv(
     conn: &DataConnection,
@@ -294,11 +326,13 @@ fn start_recv(
     state_dir: Option<std::path::PathBuf>,
     resume: bool,
     return_subjects: Option<(String, String, String)>,
+    expect_sha256: Option<String>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
     let back = return_subjects.map(self::subjects);
     let target = dst.clone();
+    let expected = expect_sha256.as_deref().map(parse_sha256);
     // Streams cannot be resumed, so they keep no journal.
     let streaming = dst == "-"
         || dst == "null:"
@@ -315,9 +349,14 @@ fn start_recv(
         journal,
         resume,
         target,
+        expect_sha256: None,
     };
     start("recv", transfer_id, done, move |progress, cancel| {
         async move {
+            let opts = RecvOptions {
+                expect_sha256: expected.transpose()?,
+                ..opts
+            };
             let sink = match (back, dst.strip_prefix(crate::io::UNIX)) {
                 (Some(back), Some(path)) => {
                     // What the other end writes back goes home as a stream of its own.
@@ -479,6 +518,7 @@ async fn receive_back(
         journal: None,
         resume: false,
         target: "return stream".into(),
+        expect_sha256: None,
     };
     let _ = recv(&conn, sink, &subjects, &opts, &progress, &cancel).await;
 }

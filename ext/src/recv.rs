@@ -9,11 +9,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::Message;
+use async_nats::{Message, Subject};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
+use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::checksum::{digest_hex, is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
@@ -24,9 +25,9 @@ use crate::frame::{
     Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_NACK_RANGES,
     MAX_ZERO_LEN, PROTOCOL_VERSION,
 };
-use crate::handshake::{decode, encode, OpenReply, OpenRequest};
-use crate::io::Sink;
-use crate::journal::{self, Journal};
+use crate::handshake::{decode, encode, is_key, key_follows, OpenReply, OpenRequest, CHECKING};
+use crate::io::{zeros, Sink};
+use crate::journal::{self, Frame, Journal, JOURNAL_VERSION};
 use crate::send::{Stall, Subjects};
 use crate::stats::{Progress, State};
 use crate::window::{frame_cost, max_frames_in_window, MAX_WINDOW, MIN_FRAME_COST};
@@ -37,6 +38,9 @@ const WRITE_DEPTH: usize = 16;
 const KEEPALIVE: Duration = Duration::from_secs(2);
 /// How often missing frames are asked for again while they stay missing.
 const NACK_INTERVAL: Duration = Duration::from_millis(250);
+/// An ack that cannot be queued this soon (the connection is down) is dropped: acks are
+/// cumulative, the next one says the same and more.
+const ACK_BOUND: Duration = Duration::from_secs(1);
 /// A frame that arrives damaged this many times ends the transfer.
 const MAX_CORRUPT: u32 = 8;
 /// Checkpoint into the journal after this much progress, or this much time.
@@ -49,6 +53,9 @@ const REORDER_LIMIT: usize = 2 * MAX_WINDOW as usize;
 const RACE_LOST_AFTER: Duration = Duration::from_secs(3);
 /// How long a finished receiver keeps answering a sender that did not hear its DONE.
 const LINGER: Duration = Duration::from_secs(10);
+/// Bytes wiped at each end of a target that received an image other than the one expected
+/// (partition tables and boot sectors live there: GPT keeps a copy in the last sectors).
+const WIPE: u64 = 1 << 20;
 
 pub struct RecvOptions {
     pub window: u64,
@@ -62,18 +69,16 @@ pub struct RecvOptions {
     pub resume: bool,
     /// The target as the user named it, recorded in the journal.
     pub target: String,
-}
-
-/// What the receiver remembers of a frame to verify the target afterwards.
-struct Record {
-    header: ChunkHeader,
+    /// The sha256 the image must have (a provisioning approval's). The bytes are hashed in
+    /// order as they are written; a mismatch wipes both ends of the target before the
+    /// transfer fails, so a device never keeps an unapproved image in bootable shape.
+    pub expect_sha256: Option<[u8; 32]>,
 }
 
 /// A completed write: its sequence's cost in the window, disk bytes and kind.
 struct Written {
     cost: u64,
     len: u64,
-    kind: Kind,
 }
 
 struct Receiver<'a> {
@@ -101,17 +106,18 @@ struct Receiver<'a> {
     /// Every frame below this is written (the cumulative ack).
     written_frames: u64,
     written_bytes: u64,
-    written_data: u64,
-    written_zero: u64,
     unacked_cost: u64,
     digest: Digest,
-    /// Checksums of frames submitted since the last checkpoint, from its `next_seq` on.
-    unjournaled: VecDeque<u64>,
+    /// Frames submitted since the last checkpoint, from its `next_seq` on.
+    unjournaled: VecDeque<Frame>,
     journal: Option<Journal>,
     last_checkpoint: Instant,
     end: Option<(u64, EndSummary)>,
     corrupt: HashMap<u64, u32>,
-    records: Vec<Record>,
+    /// Every frame of the transfer (from the journal's and this run's), for `--verify`.
+    frames: Vec<Frame>,
+    /// The image's sha256 so far, when one is expected.
+    hasher: Option<Sha256>,
     last_ack: Instant,
     last_nack: Instant,
     seen_own_session: bool,
@@ -121,6 +127,10 @@ struct Receiver<'a> {
     heard_sender: bool,
     /// A stream of writes: frames address any offset (see `OpenRequest::writes`).
     write_stream: bool,
+    /// The key of the sender this transfer belongs to (see `SenderKey`).
+    key: String,
+    /// The answer to that sender's last open, repeated if it asks again (a lost reply).
+    reply: OpenReply,
 }
 
 impl Receiver<'_> {
@@ -143,8 +153,7 @@ impl Receiver<'_> {
         }
         let _ = self
             .conn
-            .client
-            .publish(self.subjects.acks.clone(), ack.encode())
+            .publish_within(&self.subjects.acks, ack.encode(), ACK_BOUND)
             .await;
     }
 
@@ -177,26 +186,16 @@ impl Receiver<'_> {
         self.last_ack = Instant::now();
     }
 
-    /// Report a failure to the sender (so it stops at once) and return it.
+    /// Report a failure to the sender (so it stops at once) and return it. A transfer that
+    /// can be continued keeps its journal and says how; any other failure removes it.
     async fn fail(&mut self, err: Error) -> Error {
         let body = AckBody::Error {
             code: err.code().to_string(),
             message: err.to_string(),
         };
         let ack = self.ack_frame(AckKind::Error, self.written_frames, body);
-        let _ = self
-            .conn
-            .client
-            .publish(self.subjects.acks.clone(), ack.encode())
-            .await;
-        let _ = self.conn.client.flush().await;
-        match (&err, &self.journal) {
-            (Error::Timeout(m), Some(j)) => Error::Timeout(format!(
-                "{m}; progress is kept in {}: run the same recv with --resume to continue",
-                j.path().display()
-            )),
-            _ => err,
-        }
+        self.conn.tidy(&self.subjects.acks, ack.encode()).await;
+        settle_journal(self.journal.take(), err)
     }
 
     /// Run `work`, sending keepalive acks meanwhile so the sender does not time out.
@@ -207,7 +206,7 @@ impl Receiver<'_> {
                 r = &mut work => return r,
                 _ = tokio::time::sleep(KEEPALIVE) => {
                     let ack = self.ack_frame(AckKind::Ack, self.written_frames, AckBody::None);
-                    let _ = self.conn.client.publish(self.subjects.acks.clone(), ack.encode()).await;
+                    self.publish_ack(ack).await;
                 }
             }
         }
@@ -321,21 +320,36 @@ impl Receiver<'_> {
             }
             self.next_offset += header.length;
             self.digest.update(header.checksum);
-            self.unjournaled.push_back(header.checksum);
             let (len, kind) = (header.length, header.kind);
+            let frame = Frame {
+                kind,
+                length: len,
+                checksum: header.checksum,
+            };
+            self.unjournaled.push_back(frame);
+            if self.verify {
+                self.frames.push(frame);
+            }
             Progress::add(&self.progress.frames, 1);
             let write = match kind {
                 Kind::Data => {
+                    let data = payload.slice(HEADER_LEN..);
+                    if let Some(h) = self.hasher.as_mut() {
+                        h.update(&data);
+                    }
                     Progress::add(&self.progress.data_bytes, len);
-                    self.sink.write(header.offset, payload.slice(HEADER_LEN..))
-                }
-                Kind::Zero if self.skip_zeros => {
-                    Progress::add(&self.progress.zero_bytes, len);
-                    futures::future::ready(Ok(())).boxed()
+                    self.sink.write(header.offset, data)
                 }
                 _ => {
+                    if let Some(h) = self.hasher.as_mut() {
+                        hash_zeros(h, len);
+                    }
                     Progress::add(&self.progress.zero_bytes, len);
-                    self.sink.zero(header.offset, len, kind == Kind::Trim)
+                    if kind == Kind::Zero && self.skip_zeros {
+                        futures::future::ready(Ok(())).boxed()
+                    } else {
+                        self.sink.zero(header.offset, len, kind == Kind::Trim)
+                    }
                 }
             };
             let cost = if kind == Kind::Data {
@@ -345,12 +359,9 @@ impl Receiver<'_> {
             };
             self.writes.push_back(
                 write
-                    .map(move |r| r.map(|()| Written { cost, len, kind }))
+                    .map(move |r| r.map(|()| Written { cost, len }))
                     .boxed(),
             );
-            if self.verify {
-                self.records.push(Record { header });
-            }
         }
         Ok(())
     }
@@ -358,11 +369,6 @@ impl Receiver<'_> {
     fn completed(&mut self, w: Written) {
         self.written_frames += 1;
         self.written_bytes += w.len;
-        if w.kind == Kind::Data {
-            self.written_data += w.len;
-        } else {
-            self.written_zero += w.len;
-        }
         self.unacked_cost += w.cost;
         Progress::add(&self.progress.done_bytes, w.len);
     }
@@ -382,18 +388,12 @@ impl Receiver<'_> {
         let sink = self.sink.clone();
         self.keepalive(sink.flush()).await?;
         let n = (self.written_frames - base) as usize;
-        let sums: Vec<u64> = self
+        let frames: Vec<Frame> = self
             .unjournaled
             .drain(..n.min(self.unjournaled.len()))
             .collect();
         if let Some(j) = self.journal.as_mut() {
-            j.checkpoint(
-                self.written_frames,
-                self.written_bytes,
-                self.written_data,
-                self.written_zero,
-                &sums,
-            )?;
+            j.checkpoint(&frames)?;
         }
         self.last_checkpoint = Instant::now();
         Ok(())
@@ -406,6 +406,85 @@ impl Receiver<'_> {
                     || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
         })
     }
+
+    /// An open while the transfer runs: the sender repeating an open whose reply it lost
+    /// gets the same reply; the sender resuming (it shows the next key of its chain) gets
+    /// a new session from where we are; anybody else is refused and changes nothing.
+    async fn on_open(&mut self, msg: Message) -> Result<()> {
+        let req = match decode::<OpenRequest>("open request", &msg.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                refuse(self.conn, msg, &e).await;
+                return Ok(());
+            }
+        };
+        let repeat = !req.probe && req.key == self.key;
+        if req.probe || !(repeat || (req.resume && key_follows(&req.key, &self.key))) {
+            let id = &self.progress.transfer_id;
+            refuse(
+                self.conn,
+                msg,
+                &Error::Busy(format!(
+                    "transfer {id} is already in progress; only its own sender may take it over \
+                     (with --resume and the same --state-dir)"
+                )),
+            )
+            .await;
+            return Ok(());
+        }
+        if !repeat {
+            // The sender restarted: continue from what we hold, in a new session.
+            self.session = new_session()?;
+            self.seen_own_session = false;
+            self.foreign_since = None;
+            self.corrupt.clear();
+            self.key = req.key.clone();
+            if let Some(j) = self.journal.as_mut() {
+                j.set_key(&req.key)?;
+            }
+            self.reply = OpenReply {
+                session: self.session,
+                resume_seq: self.next_submit,
+                resume_offset: self.next_offset,
+                ..self.reply.clone()
+            };
+        }
+        if let Some(to) = msg.reply {
+            let _ = self
+                .conn
+                .publish_within(&to, encode(&self.reply), ACK_BOUND)
+                .await;
+        }
+        Ok(())
+    }
+}
+
+fn hash_zeros(h: &mut Sha256, mut len: u64) {
+    while len > 0 {
+        let z = zeros(len.min(1 << 20) as usize);
+        h.update(&z);
+        len -= z.len() as u64;
+    }
+}
+
+/// After a failure: keep the journal only if the transfer can go on from it (the peer or
+/// the network went away, or the user interrupted it) and something was written;
+/// otherwise remove it, so nothing suggests a resume that cannot work.
+fn settle_journal(journal: Option<Journal>, err: Error) -> Error {
+    let Some(j) = journal else { return err };
+    if !err.resumable() || j.progress.next_seq == 0 {
+        let _ = j.remove();
+        return err;
+    }
+    let hint = format!(
+        "; progress is kept in {}: run the same recv with --resume to continue",
+        j.path().display()
+    );
+    match err {
+        Error::Timeout(m) => Error::Timeout(m + &hint),
+        Error::Nats(m) => Error::Nats(m + &hint),
+        other => other,
+    }
 }
 
 fn new_session() -> Result<u32> {
@@ -415,6 +494,16 @@ fn new_session() -> Result<u32> {
             return Ok(s);
         }
     }
+}
+
+/// Device and inode of a file or block-device target (symlinks followed), to notice on
+/// resume that the target was replaced. `None` for NBD and other URIs.
+fn identity(target: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    if !target.starts_with('/') && !target.starts_with('.') && target.contains(':') {
+        return None;
+    }
+    std::fs::metadata(target).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The journal to continue from, after checking it belongs to this target.
@@ -430,6 +519,13 @@ fn open_journal(opts: &RecvOptions, id: &str) -> Result<Option<Journal>> {
                     path.display(), j.header.transfer_id, j.header.target, opts.target
                 )));
             }
+            if j.header.identity.is_some() && j.header.identity != identity(&opts.target) {
+                return Err(Error::Usage(format!(
+                    "{} is not the target the interrupted transfer {id} wrote (it was replaced or \
+                     recreated since); delete the journal at {} to start over",
+                    opts.target, path.display()
+                )));
+            }
             Ok(Some(j))
         }
         (Some(path), false) if path.exists() => Err(Error::Usage(format!(
@@ -438,6 +534,67 @@ fn open_journal(opts: &RecvOptions, id: &str) -> Result<Option<Journal>> {
         ))),
         (Some(_), false) => Ok(None),
     }
+}
+
+/// Before continuing from a journal: re-read what it says is written and keep only the
+/// prefix the target still holds (a target changed while we were away is sent again from
+/// its first changed frame). Opens meanwhile are answered "checking", so the sender waits.
+/// Costs one read of the journaled part of the target, as the sender re-reads its source.
+async fn check_target(
+    conn: &DataConn,
+    sink: &Arc<dyn Sink>,
+    journal: &mut Journal,
+    opens: &mut async_nats::Subscriber,
+    chunk: u64,
+    hasher: Option<&mut Sha256>,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let frames = journal.progress.frames.clone();
+    if frames.is_empty() {
+        return Ok(());
+    }
+    // A target cut shorter than the image holds nothing of what was written past its end.
+    let mut end = 0u64;
+    let within = match sink.size() {
+        Some(s) => frames
+            .iter()
+            .take_while(|f| {
+                end += f.length;
+                end <= s
+            })
+            .count(),
+        None => frames.len(),
+    };
+    let mut check = Box::pin(first_mismatch(
+        sink.clone(),
+        &frames[..within],
+        chunk,
+        hasher,
+    ));
+    let bad = loop {
+        tokio::select! {
+            r = &mut check => break r?,
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+            m = opens.next() => {
+                let Some(m) = m else { continue };
+                if let Some(to) = m.reply {
+                    let wait = OpenReply {
+                        v: PROTOCOL_VERSION,
+                        ok: false,
+                        code: CHECKING.into(),
+                        message: "the receiver is checking its target before it continues".into(),
+                        ..Default::default()
+                    };
+                    let _ = conn.publish_within(&to, encode(&wait), ACK_BOUND).await;
+                }
+            }
+        }
+    };
+    let keep = bad.map_or(within, |(index, _)| index);
+    if keep < frames.len() {
+        journal.truncate(keep)?;
+    }
+    Ok(())
 }
 
 pub async fn recv(
@@ -460,12 +617,12 @@ pub async fn recv(
     let ask = async_nats::Request::new()
         .payload(probe)
         .timeout(Some(Duration::from_millis(500)));
-    if conn
-        .client
-        .send_request(subjects.open.clone(), ask)
-        .await
-        .is_ok()
-    {
+    let asked = tokio::time::timeout(
+        Duration::from_secs(2),
+        conn.client.send_request(subjects.open.clone(), ask),
+    )
+    .await;
+    if let Ok(Ok(_)) = asked {
         return Err(Error::Busy(format!(
             "another receiver already serves transfer {id}; stop it or use another --id"
         )));
@@ -481,14 +638,21 @@ pub async fn recv(
         .subscribe(subjects.chunks.clone())
         .await
         .map_err(nats)?;
-    conn.client
-        .flush()
-        .await
-        .map_err(|e| Error::Nats(format!("NATS: {e}")))?;
+    if !conn.flush_within(Duration::from_secs(5)).await {
+        return Err(Error::Nats(
+            "the NATS server does not answer; check --data-url and that nats-server is running"
+                .into(),
+        ));
+    }
     progress.set_state(State::Waiting);
 
+    let mut hasher = opts.expect_sha256.map(|_| Sha256::new());
+    if let Some(j) = journal.as_mut() {
+        let chunk = j.header.chunk_size;
+        check_target(conn, &sink, j, &mut opens, chunk, hasher.as_mut(), cancel).await?;
+    }
     let session = new_session()?;
-    let (request, chunk, window) = accept(
+    let (request, chunk, window, reply_to, reply) = accept(
         conn,
         &sink,
         &mut opens,
@@ -502,16 +666,40 @@ pub async fn recv(
     if request.writes {
         journal = None; // a live stream cannot be resumed
     }
-    if journal.is_none() && !request.writes {
-        if let Some(path) = &opts.journal {
+    // The journal exists before the sender hears yes: a receiver that cannot keep one
+    // refuses the open, so the sender fails at once with the reason.
+    let made = match (&mut journal, &opts.journal) {
+        (Some(j), _) => j.set_key(&request.key),
+        (None, Some(path)) if !request.writes => {
             let header = journal::Header {
-                v: PROTOCOL_VERSION,
+                v: JOURNAL_VERSION,
                 transfer_id: id.clone(),
                 target: opts.target.clone(),
                 size: request.size,
                 chunk_size: chunk,
+                key_hash: request.key.clone(),
+                identity: identity(&opts.target),
             };
-            journal = Some(Journal::create(path, header)?);
+            Journal::create(path, header).map(|j| journal = Some(j))
+        }
+        _ => Ok(()),
+    };
+    if let Err(e) = made {
+        if let Some(to) = reply_to {
+            let refusal = encode(&OpenReply::refuse(&e));
+            conn.tidy(&to, refusal).await;
+        }
+        return Err(e);
+    }
+    if let Some(to) = reply_to {
+        if !conn
+            .publish_within(&to, encode(&reply), Duration::from_secs(5))
+            .await?
+        {
+            return Err(settle_journal(
+                journal,
+                Error::Nats("the NATS connection is down: cannot answer the sender".into()),
+            ));
         }
     }
     let start = journal
@@ -525,6 +713,7 @@ pub async fn recv(
     progress.data_bytes.store(start.data_bytes, Relaxed);
     progress.zero_bytes.store(start.zero_bytes, Relaxed);
     progress.set_state(State::Running);
+    let verify = opts.verify || request.verify;
 
     let mut rx = Receiver {
         conn,
@@ -537,7 +726,7 @@ pub async fn recv(
         size: request.size,
         chunk,
         skip_zeros: opts.target_is_zero && !sink.caps().sequential,
-        verify: opts.verify || request.verify,
+        verify,
         next_submit: start.next_seq,
         next_offset: start.offset,
         reorder: BTreeMap::new(),
@@ -547,8 +736,6 @@ pub async fn recv(
         writes: FuturesOrdered::new(),
         written_frames: start.next_seq,
         written_bytes: start.offset,
-        written_data: start.data_bytes,
-        written_zero: start.zero_bytes,
         unacked_cost: 0,
         digest: start.digest.clone(),
         unjournaled: VecDeque::new(),
@@ -556,84 +743,66 @@ pub async fn recv(
         last_checkpoint: Instant::now(),
         end: None,
         corrupt: HashMap::new(),
-        records: Vec::new(),
+        frames: if verify { start.frames } else { Vec::new() },
+        hasher,
         last_ack: Instant::now(),
         last_nack: Instant::now(),
         seen_own_session: false,
         foreign_since: None,
         heard_sender: false,
         write_stream: request.writes,
+        key: request.key.clone(),
+        reply,
     };
+    match run(&mut rx, &mut chunks, &mut opens, opts, cancel).await {
+        Ok(end_seq) => finish(&mut rx, end_seq, &mut chunks, opts, cancel).await,
+        Err(e) => Err(rx.fail(e).await),
+    }
+}
+
+/// The main loop: take in frames, write them in order, acknowledge, checkpoint, answer
+/// opens, until END is written. Returns END's sequence number and the sender's summary.
+async fn run(
+    rx: &mut Receiver<'_>,
+    chunks: &mut async_nats::Subscriber,
+    opens: &mut async_nats::Subscriber,
+    opts: &RecvOptions,
+    cancel: &CancellationToken,
+) -> Result<(u64, EndSummary)> {
     let mut stall = Stall::new(opts.timeout);
     let mut tick = tokio::time::interval(NACK_INTERVAL);
-
     while !rx.finished() {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => return Err(rx.fail(Error::Cancelled).await),
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
             Some(done) = rx.writes.next() => {
-                match done {
-                    Ok(w) => rx.completed(w),
-                    Err(e) => return Err(rx.fail(e).await),
-                }
-                if let Err(e) = rx.submit() {
-                    return Err(rx.fail(e).await);
-                }
-                if rx.unacked_cost >= window / 4 || rx.writes.is_empty() {
+                rx.completed(done?);
+                rx.submit()?;
+                if rx.unacked_cost >= rx.window / 4 || rx.writes.is_empty() {
                     rx.ack().await;
                 }
                 if rx.checkpoint_due() {
-                    if let Err(e) = rx.checkpoint().await {
-                        return Err(rx.fail(e).await);
-                    }
+                    rx.checkpoint().await?;
                 }
             }
             msg = chunks.next() => {
                 let msg = msg.ok_or_else(|| Error::Nats("the chunk subscription ended".into()))?;
-                match rx.intake(msg.payload).await {
-                    Ok(urgent) => {
-                        // Only a genuine frame of this transfer shows the sender is alive:
-                        // garbage from others must not keep a dead transfer open.
-                        if std::mem::take(&mut rx.heard_sender) {
-                            stall.reset();
-                        }
-                        if urgent {
-                            rx.ack().await;
-                        }
-                    }
-                    Err(e) => return Err(rx.fail(e).await),
+                let urgent = rx.intake(msg.payload).await?;
+                // Only a genuine frame of this transfer shows the sender is alive: garbage
+                // from others must not keep a dead transfer open.
+                if std::mem::take(&mut rx.heard_sender) {
+                    stall.reset();
+                }
+                if urgent {
+                    rx.ack().await;
                 }
             }
             msg = opens.next() => {
                 let Some(msg) = msg else { continue };
-                match decode::<OpenRequest>("open request", &msg.payload) {
-                    Ok(req) if req.resume && !req.probe => {
-                        // The sender restarted: continue from what we hold, in a new session.
-                        rx.session = new_session()?;
-                        rx.seen_own_session = false;
-                        rx.foreign_since = None;
-                        rx.corrupt.clear();
-                        let reply = OpenReply {
-                            v: PROTOCOL_VERSION,
-                            ok: true,
-                            session: rx.session,
-                            chunk_size: chunk,
-                            window,
-                            max_payload: conn.max_payload,
-                            target: sink.caps(),
-                            target_size: sink.size(),
-                            resume_seq: rx.next_submit,
-                            resume_offset: rx.next_offset,
-                            ..Default::default()
-                        };
-                        if let Some(to) = msg.reply {
-                            let _ = conn.client.publish(to, encode(&reply)).await;
-                        }
-                        stall.reset();
-                    }
-                    _ => refuse(conn, msg, &Error::Busy(format!(
-                        "transfer {id} is already in progress; its sender may take it over with --resume"
-                    ))).await,
+                let session = rx.session;
+                rx.on_open(msg).await?;
+                if rx.session != session {
+                    stall.reset();
                 }
             }
             _ = tick.tick() => {
@@ -643,25 +812,33 @@ pub async fn recv(
                 }
             }
             _ = stall.expired() => {
-                let err = Error::Timeout(format!(
+                return Err(Error::Timeout(format!(
                     "the sender went quiet for {} at offset {} of {}",
                     stall.describe(), rx.written_bytes, rx.size
-                ));
-                return Err(rx.fail(err).await);
+                )));
             }
         }
     }
+    rx.end
+        .take()
+        .ok_or_else(|| Error::Protocol("transfer ended without END".into()))
+}
 
-    // Every write is complete; make them durable, then check the whole transfer.
-    let Some((end_seq, summary)) = rx.end else {
-        return Err(rx
-            .fail(Error::Protocol("transfer ended without END".into()))
-            .await);
-    };
+/// Every write is complete: make them durable, check the whole transfer (digest, the
+/// expected image, a re-read of the whole target with --verify), report DONE and linger
+/// until the sender has heard it.
+async fn finish(
+    rx: &mut Receiver<'_>,
+    (end_seq, summary): (u64, EndSummary),
+    chunks: &mut async_nats::Subscriber,
+    opts: &RecvOptions,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let progress = rx.progress;
+    let sink = rx.sink.clone();
     progress.set_state(State::Finishing);
     rx.ack().await;
-    let flushed = sink.flush();
-    if let Err(e) = rx.keepalive(flushed).await {
+    if let Err(e) = rx.keepalive(sink.flush()).await {
         return Err(rx.fail(e).await);
     }
     let ours = rx.digest.value();
@@ -675,10 +852,28 @@ pub async fn recv(
         ));
         return Err(rx.fail(err).await);
     }
+    if let (Some(want), Some(h)) = (opts.expect_sha256, rx.hasher.take()) {
+        let got: [u8; 32] = h.finalize().into();
+        if got != want {
+            let wiped = rx.keepalive(wipe(sink.clone(), rx.size).boxed()).await;
+            let what = match wiped {
+                Ok(()) => "its first and last MiB were zeroed, so it does not boot".to_string(),
+                Err(e) => format!("wiping its first and last MiB FAILED ({e}): do not boot it"),
+            };
+            let err = Error::Integrity(format!(
+                "the image written has sha256 {} but the approved one is {}: the target holds \
+                 an image nobody approved; {what}",
+                hex32(&got),
+                hex32(&want)
+            ));
+            return Err(rx.fail(err).await);
+        }
+    }
     if rx.verify {
-        let records = std::mem::take(&mut rx.records);
+        let frames = std::mem::take(&mut rx.frames);
+        let chunk = rx.chunk;
         if let Err(e) = rx
-            .keepalive(verify_target(sink.clone(), records, chunk).boxed())
+            .keepalive(verify_target(sink.clone(), frames, chunk).boxed())
             .await
         {
             return Err(rx.fail(e).await);
@@ -714,11 +909,28 @@ pub async fn recv(
             }
         }
     }
-    let _ = conn.client.flush().await;
+    rx.conn.flush_within(crate::conn::TIDY_BOUND).await;
     Ok(())
 }
 
-/// Answer the open handshake: wait for the sender's request, check it, prepare the target.
+/// Zero the first and last `WIPE` bytes of a target (where partition tables and boot code
+/// live), then flush.
+async fn wipe(sink: Arc<dyn Sink>, size: u64) -> Result<()> {
+    let head = size.min(WIPE);
+    sink.zero(0, head, false).await?;
+    let tail = size.saturating_sub(WIPE).max(head);
+    if tail < size {
+        sink.zero(tail, size - tail, false).await?;
+    }
+    sink.flush().await
+}
+
+fn hex32(b: &[u8; 32]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Answer the open handshake: wait for the sender's request and check it. The reply is
+/// returned, not sent: the caller sends it once the journal exists.
 #[allow(clippy::too_many_arguments)]
 async fn accept(
     conn: &DataConn,
@@ -729,7 +941,7 @@ async fn accept(
     session: u32,
     id: &str,
     cancel: &CancellationToken,
-) -> Result<(OpenRequest, u64, u64)> {
+) -> Result<(OpenRequest, u64, u64, Option<Subject>, OpenReply)> {
     let stall = Stall::new(opts.timeout);
     loop {
         let msg = tokio::select! {
@@ -756,6 +968,27 @@ async fn accept(
             .await;
             continue;
         }
+        // Who may open: any sender a fresh transfer (whoever can publish here: subject
+        // permissions decide), only the sender that started it a journaled one.
+        let denied = match journal {
+            _ if !is_key(&request.key) => Some(Error::Protocol(
+                "the open request carries no valid sender key".into(),
+            )),
+            Some(j) if !(request.resume && key_follows(&request.key, &j.header.key_hash)) => {
+                Some(Error::Busy(format!(
+                    "transfer {id} continues from a journal: only the sender that started it may \
+                     continue it (send --resume with its --state-dir); or delete the journal at {} \
+                     to start over",
+                    j.path().display()
+                )))
+            }
+            _ => None,
+        };
+        if let Some(e) = denied {
+            // Refused without ending: the rightful sender may still come.
+            refuse(conn, msg, &e).await;
+            continue;
+        }
         match negotiate(&request, conn.max_payload, opts, sink, journal).await {
             Ok((chunk, window)) => {
                 let resume = journal.map(|j| &j.progress);
@@ -772,13 +1005,7 @@ async fn accept(
                     resume_offset: resume.map_or(0, |p| p.offset),
                     ..Default::default()
                 };
-                if let Some(reply_to) = msg.reply {
-                    conn.client
-                        .publish(reply_to, encode(&reply))
-                        .await
-                        .map_err(|e| Error::Nats(format!("NATS: {e}")))?;
-                }
-                return Ok((request, chunk, window));
+                return Ok((request, chunk, window, msg.reply, reply));
             }
             Err(e) => {
                 refuse(conn, msg, &e).await;
@@ -841,7 +1068,7 @@ async fn negotiate(
             "the receiver's server max_payload of {max_payload} bytes is too small"
         )));
     }
-    if req.writes && (opts.verify || req.verify || req.resume) {
+    if req.writes && (opts.verify || req.verify || req.resume || opts.expect_sha256.is_some()) {
         return Err(Error::Usage(
             "a stream of writes can be neither verified nor resumed".into(),
         ));
@@ -862,8 +1089,7 @@ async fn negotiate(
 async fn refuse(conn: &DataConn, msg: Message, err: &Error) {
     if let Some(reply_to) = msg.reply {
         let _ = conn
-            .client
-            .publish(reply_to, encode(&OpenReply::refuse(err)))
+            .publish_within(&reply_to, encode(&OpenReply::refuse(err)), ACK_BOUND)
             .await;
     }
 }
@@ -909,54 +1135,83 @@ fn check_bounds(h: &ChunkHeader, size: u64, chunk: u64) -> Result<()> {
     }
 }
 
-/// Re-read the target and check every frame's checksum (and zeros) against what arrived.
-async fn verify_target(sink: Arc<dyn Sink>, records: Vec<Record>, chunk: u64) -> Result<()> {
-    let mut reads = FuturesOrdered::new();
-    let mut pending = records
-        .into_iter()
-        .flat_map(|r| split_for_reading(r, chunk));
-    loop {
-        while reads.len() < WRITE_DEPTH {
-            let Some((header, offset, len)) = pending.next() else {
-                break;
-            };
-            let read = sink.read(offset, len as usize);
-            reads.push_back(read.map(move |r| r.map(|b| (header, offset, b))));
-        }
-        let Some(next) = reads.next().await else {
-            return Ok(());
-        };
-        let (header, offset, data): (ChunkHeader, u64, Bytes) = next?;
-        let good = match header.kind {
-            Kind::Data => header.checksum_over(&data) == header.checksum,
-            _ => is_zero(&data),
-        };
-        if !good {
-            return Err(Error::Integrity(format!(
-                "verify: the target differs from what was sent at offset {offset} ({} bytes)",
-                data.len()
-            )));
-        }
+/// Re-read the whole target and check every frame's checksum (and zeros) against what was
+/// written: frames of earlier runs (from the journal) as well as this one's.
+async fn verify_target(sink: Arc<dyn Sink>, frames: Vec<Frame>, chunk: u64) -> Result<()> {
+    match first_mismatch(sink, &frames, chunk, None).await? {
+        None => Ok(()),
+        Some((_, offset)) => Err(Error::Integrity(format!(
+            "verify: the target differs from what was sent in the frame at offset {offset}"
+        ))),
     }
 }
 
-/// Data frames are read back whole; zero ranges in chunk-sized pieces; trims not at all.
-fn split_for_reading(r: Record, chunk: u64) -> Vec<(ChunkHeader, u64, u64)> {
-    let h = r.header;
-    match h.kind {
-        Kind::Data => vec![(h, h.offset, h.length)],
-        Kind::Zero => {
-            let mut out = Vec::new();
-            let mut pos = h.offset;
-            while pos < h.offset + h.length {
-                let n = chunk.min(h.offset + h.length - pos);
-                out.push((h, pos, n));
-                pos += n;
+/// Re-read `frames` (consecutive from offset 0) from the target; the index and offset of
+/// the first one it no longer holds, if any. Data frames are read whole, zero ranges in
+/// chunk-sized pieces, trims not at all (their contents are undefined). `hasher` is fed
+/// the bytes of every frame that checks out, in order, up to the first that does not.
+async fn first_mismatch(
+    sink: Arc<dyn Sink>,
+    frames: &[Frame],
+    chunk: u64,
+    mut hasher: Option<&mut Sha256>,
+) -> Result<Option<(usize, u64)>> {
+    // (frame index, frame offset, piece offset, piece length, last piece of its frame)
+    let mut pieces = Vec::new();
+    let mut offset = 0u64;
+    for (i, f) in frames.iter().enumerate() {
+        match f.kind {
+            Kind::Data => pieces.push((i, offset, offset, f.length, true)),
+            Kind::Zero => {
+                let mut pos = offset;
+                while pos < offset + f.length {
+                    let n = chunk.min(offset + f.length - pos);
+                    pieces.push((i, offset, pos, n, pos + n == offset + f.length));
+                    pos += n;
+                }
             }
-            out
+            _ => pieces.push((i, offset, offset, 0, true)),
         }
-        _ => Vec::new(),
+        offset += f.length;
     }
+    let mut reads = futures::stream::iter(pieces.into_iter().map(|(i, at, pos, len, last)| {
+        let read = if len == 0 {
+            futures::future::ready(Ok(Bytes::new())).boxed()
+        } else {
+            sink.read(pos, len as usize)
+        };
+        read.map(move |r| r.map(|b| (i, at, last, b)))
+    }))
+    .buffered(WRITE_DEPTH);
+    while let Some(next) = reads.next().await {
+        let (i, at, last, data) = next?;
+        let f = frames[i];
+        let good = match f.kind {
+            Kind::Data => {
+                let header = ChunkHeader {
+                    kind: f.kind,
+                    session: 0,
+                    seq: i as u64,
+                    offset: at,
+                    length: f.length,
+                    checksum: f.checksum,
+                };
+                header.verify(&data)
+            }
+            Kind::Zero => is_zero(&data),
+            _ => true,
+        };
+        if !good {
+            return Ok(Some((i, at)));
+        }
+        if let (Some(h), true) = (hasher.as_deref_mut(), last) {
+            match f.kind {
+                Kind::Data => h.update(&data),
+                _ => hash_zeros(h, f.length),
+            }
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -990,25 +1245,6 @@ mod tests {
         .is_err());
         assert!(check_frame(&h(Kind::End, 8192, 0), 8192, 8192, 4096).is_ok());
         assert!(check_frame(&h(Kind::End, 4096, 0), 4096, 8192, 4096).is_err());
-    }
-
-    #[test]
-    fn zero_ranges_are_read_back_in_chunks() {
-        let parts = split_for_reading(
-            Record {
-                header: h(Kind::Zero, 100, 10_000),
-            },
-            4096,
-        );
-        assert_eq!(parts.iter().map(|p| p.2).sum::<u64>(), 10_000);
-        assert!(parts.iter().all(|p| p.2 <= 4096));
-        assert!(split_for_reading(
-            Record {
-                header: h(Kind::Trim, 0, 10)
-            },
-            4096
-        )
-        .is_empty());
     }
 }
 
@@ -1062,8 +1298,8 @@ mod verify_tests {
         }
     }
 
-    fn record(kind: Kind, seq: u64, offset: u64, payload: &[u8], length: u64) -> Record {
-        let mut header = ChunkHeader {
+    fn frame(kind: Kind, seq: u64, offset: u64, payload: &[u8], length: u64) -> Frame {
+        let header = ChunkHeader {
             kind,
             session: 9,
             seq,
@@ -1071,34 +1307,59 @@ mod verify_tests {
             length,
             checksum: 0,
         };
-        header.checksum = header.checksum_over(payload);
-        Record { header }
+        Frame {
+            kind,
+            length,
+            checksum: header.checksum_over(payload),
+        }
     }
 
-    async fn run(flip_at: u64) -> Result<()> {
+    fn frames() -> Vec<Frame> {
         let payload = vec![0xabu8; 8192];
+        vec![
+            frame(Kind::Data, 0, 0, &payload, 8192),
+            frame(Kind::Zero, 1, 8192, &[], 8192),
+        ]
+    }
+
+    async fn sink(flip_at: u64) -> Arc<Corrupting> {
         let sink = Arc::new(Corrupting {
             data: Mutex::new(vec![0u8; 16384]),
             flip_at,
         });
-        sink.write(0, Bytes::from(payload.clone())).await?;
-        let records = vec![
-            record(Kind::Data, 0, 0, &payload, 8192),
-            record(Kind::Zero, 1, 8192, &[], 8192),
-        ];
-        verify_target(sink, records, 4096).await
+        sink.write(0, Bytes::from(vec![0xabu8; 8192]))
+            .await
+            .unwrap();
+        sink
     }
 
     #[tokio::test]
     async fn verify_passes_on_a_faithful_target() {
-        assert!(run(u64::MAX).await.is_ok());
+        assert!(verify_target(sink(u64::MAX).await, frames(), 4096)
+            .await
+            .is_ok());
     }
 
     #[tokio::test]
     async fn verify_names_the_offset_of_a_corrupted_write() {
-        let err = run(100).await.unwrap_err();
+        let err = verify_target(sink(100).await, frames(), 4096)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), "integrity");
         assert!(err.to_string().contains("at offset 0"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_zero_range_is_found_and_hashing_stops_before_it() {
+        let target = sink(u64::MAX).await;
+        target.data.lock().unwrap()[12000] = 1;
+        let mut h = Sha256::new();
+        let bad = first_mismatch(target, &frames(), 4096, Some(&mut h))
+            .await
+            .unwrap();
+        assert_eq!(bad, Some((1, 8192)));
+        let want: [u8; 32] = Sha256::digest(vec![0xabu8; 8192]).into();
+        assert_eq!(<[u8; 32]>::from(h.finalize()), want);
     }
 }
 

@@ -25,7 +25,7 @@ use crate::faults::{ChunkFate, Faults};
 use crate::frame::{
     Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION,
 };
-use crate::handshake::{decode, encode, OpenReply, OpenRequest};
+use crate::handshake::{decode, encode, OpenReply, OpenRequest, SenderKey, CHECKING};
 use crate::io::Source;
 use crate::pool::Pool;
 use crate::stats::{Progress, State};
@@ -63,7 +63,13 @@ pub struct SendOptions {
     pub verify: bool,
     /// Take over a transfer whose previous sender died (a running receiver continues).
     pub resume: bool,
+    /// Where this sender keeps its key (`SenderKey`), so that a later `--resume` can show
+    /// it is the transfer's own sender. `None`: nobody can resume this sender's transfer.
+    pub key_file: Option<std::path::PathBuf>,
 }
+
+/// What "wait forever" means for a deadline.
+pub(crate) const FOREVER: Duration = Duration::from_secs(86_400 * 365);
 
 /// A deadline that slides forward whenever the peer shows life.
 pub struct Stall {
@@ -82,7 +88,7 @@ impl Stall {
     }
     pub fn reset(&mut self) {
         // Far future when waiting forever.
-        self.at = Instant::now() + self.timeout.unwrap_or(Duration::from_secs(86_400 * 365));
+        self.at = Instant::now() + self.timeout.unwrap_or(FOREVER);
     }
     pub async fn expired(&self) {
         tokio::time::sleep_until(self.at).await
@@ -175,8 +181,7 @@ pub(crate) async fn send_abort(
     let mut payload = bytes::BytesMut::new();
     crate::frame::put_failure(&mut payload, why.code(), &why.to_string());
     let (frame, _) = header.encode(&payload);
-    let _ = conn.client.publish(subjects.chunks.clone(), frame).await;
-    let _ = conn.client.flush().await;
+    conn.tidy(&subjects.chunks, frame).await;
 }
 
 /// The END frame: frame `total` at the end of the disk, with the summary of all before it.
@@ -216,8 +221,7 @@ pub(crate) async fn close_and_compare(
     theirs: [u8; 16],
 ) -> Result<()> {
     let close = control_frame(Kind::Close, session, end_seq + 1);
-    let _ = conn.client.publish(subjects.chunks.clone(), close).await;
-    let _ = conn.client.flush().await;
+    conn.tidy(&subjects.chunks, close).await;
     if theirs != ours {
         return Err(Error::Integrity(format!(
             "digest mismatch: sent {} but the receiver wrote {}",
@@ -256,6 +260,56 @@ fn nats_err(e: impl std::fmt::Display) -> Error {
     Error::Nats(format!("NATS: {e}"))
 }
 
+/// Publish a frame, waiting for room in the client's queue (it fills while the connection
+/// is down) until `deadline`; cancellable.
+pub(crate) async fn publish_frame(
+    conn: &DataConn,
+    subject: &Subject,
+    frame: Bytes,
+    deadline: Instant,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Error::Cancelled),
+        _ = tokio::time::sleep_until(deadline) => Err(Error::Timeout(
+            "the connection to the NATS server was down for longer than --timeout".into(),
+        )),
+        r = conn.client.publish(subject.clone(), frame) => r.map_err(nats_err),
+    }
+}
+
+/// The sender's key for this transfer: a new one (kept in `key_file` for a later resume),
+/// or with `--resume` the one an earlier sender kept there, advanced to its next link.
+/// Returns the key and what the first open shows.
+fn sender_key(opts: &SendOptions, id: &str) -> Result<(SenderKey, String)> {
+    match (&opts.key_file, opts.resume) {
+        (Some(path), true) => {
+            let mut key = SenderKey::load(path, id)?;
+            let shown = key.advance()?;
+            key.save(path)?;
+            Ok((key, shown))
+        }
+        (path, _) => {
+            let key = SenderKey::new()?;
+            if let Some(path) = path {
+                key.save(path)?;
+            }
+            let shown = key.anchor();
+            Ok((key, shown))
+        }
+    }
+}
+
+/// After the transfer: its key is needed again only if the transfer can be continued.
+fn settle_key(opts: &SendOptions, result: &Result<()>) {
+    if let Some(path) = &opts.key_file {
+        if !result.as_ref().err().is_some_and(Error::resumable) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 pub async fn send(
     conn: &DataConn,
     source: Arc<dyn Source>,
@@ -268,12 +322,35 @@ pub async fn send(
     progress.size.store(size, Relaxed);
     let chunk = fit_chunk(opts.chunk_size, conn.max_payload)?;
     // Subscribe to acks before the receiver can send any.
-    let mut acks = conn
+    let acks = conn
         .client
         .subscribe(subjects.acks.clone())
         .await
         .map_err(nats_err)?;
     progress.set_state(State::Waiting);
+    let (key, shown) = sender_key(opts, &progress.transfer_id)?;
+    let result = send_keyed(
+        conn, source, subjects, opts, progress, cancel, acks, key, shown, chunk,
+    )
+    .await;
+    settle_key(opts, &result);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_keyed(
+    conn: &DataConn,
+    source: Arc<dyn Source>,
+    subjects: &Subjects,
+    opts: &SendOptions,
+    progress: &Progress,
+    cancel: &CancellationToken,
+    mut acks: async_nats::Subscriber,
+    key: SenderKey,
+    shown: String,
+    chunk: u64,
+) -> Result<()> {
+    let size = source.size();
     let request = OpenRequest {
         v: PROTOCOL_VERSION,
         probe: false,
@@ -286,6 +363,7 @@ pub async fn send(
         verify: opts.verify,
         resume: opts.resume,
         writes: false,
+        key: shown,
     };
     let reply = open(
         conn,
@@ -310,6 +388,9 @@ pub async fn send(
         size,
         chunk: reply.chunk_size,
         request,
+        key,
+        key_file: opts.key_file.clone(),
+        cancel: cancel.clone(),
         timeout: opts.timeout,
         faults: Faults::from_env(),
         session: 0,
@@ -354,7 +435,7 @@ pub(crate) async fn open(
     conn: &DataConn,
     subjects: &Subjects,
     request: &OpenRequest,
-    stall: Stall,
+    mut stall: Stall,
     id: &str,
     cancel: &CancellationToken,
 ) -> Result<OpenReply> {
@@ -362,7 +443,7 @@ pub(crate) async fn open(
     loop {
         if stall.is_expired() {
             return Err(Error::Timeout(if request.resume {
-                format!("no receiver for transfer {id} answered for {}; start `nbd-nats recv TARGET --id {id} --resume` on the target host, or raise --timeout", stall.describe())
+                format!("the receiver of transfer {id} has not answered for {} (it, or the NATS path to it, is gone); if its recv has ended, start it again with --resume, then this send with --resume; or raise --timeout", stall.describe())
             } else {
                 format!("no receiver for transfer {id} answered within {}; start `nbd-nats recv TARGET --id {id}` on the target host first, or raise --timeout", stall.describe())
             }));
@@ -372,11 +453,22 @@ pub(crate) async fn open(
             .timeout(Some(Duration::from_secs(1)));
         let answer = tokio::select! {
             _ = cancel.cancelled() => return Err(Error::Cancelled),
+            // The request itself may wait for room while the connection is down.
+            _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
             a = conn.client.send_request(subjects.open.clone(), ask) => a,
         };
         match answer {
             Ok(msg) => {
                 let reply: OpenReply = decode("open reply", &msg.payload)?;
+                if !reply.ok && reply.code == CHECKING {
+                    // Alive, re-reading its target before it continues: keep asking.
+                    stall.reset();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(Error::Cancelled),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
                 if !reply.ok {
                     return Err(Error::from_remote(&reply.code, &reply.message));
                 }
@@ -397,7 +489,10 @@ pub(crate) async fn open(
                 }
                 RequestErrorKind::TimedOut => {}
                 // Disconnected from the server: async-nats reconnects; keep asking.
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => tokio::select! {
+                    _ = cancel.cancelled() => return Err(Error::Cancelled),
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                },
             },
         }
     }
@@ -543,6 +638,10 @@ struct Sender<'a> {
     size: u64,
     chunk: u64,
     request: OpenRequest,
+    /// This sender's key: a reopen shows its next link.
+    key: SenderKey,
+    key_file: Option<std::path::PathBuf>,
+    cancel: CancellationToken,
     timeout: Option<Duration>,
     faults: Option<Faults>,
     session: u32,
@@ -610,11 +709,15 @@ impl Sender<'_> {
             Some(ChunkFate::Send(f)) => f,
             None => frame,
         };
-        self.conn
-            .client
-            .publish(self.subjects.chunks.clone(), frame)
-            .await
-            .map_err(nats_err)
+        let deadline = self.last_heard + self.timeout.unwrap_or(FOREVER);
+        publish_frame(
+            self.conn,
+            &self.subjects.chunks,
+            frame,
+            deadline,
+            &self.cancel,
+        )
+        .await
     }
 
     async fn abort(&mut self, why: &Error) {
@@ -706,9 +809,15 @@ impl Sender<'_> {
     /// journal's resume point) until --timeout since we last heard from it.
     async fn reopen(&mut self, cancel: &CancellationToken) -> Result<()> {
         let mut stall = Stall::new(self.timeout);
-        stall.at = self.last_heard + self.timeout.unwrap_or(Duration::from_secs(86_400 * 365));
+        stall.at = self.last_heard + self.timeout.unwrap_or(FOREVER);
         let mut request = self.request.clone();
         request.resume = true;
+        // The next link of our key chain proves it is us; the one shown is burnt, so it is
+        // kept first (a sender that dies now resumes with the link after it).
+        request.key = self.key.advance()?;
+        if let Some(path) = &self.key_file {
+            self.key.save(path)?;
+        }
         let reply = open(
             self.conn,
             self.subjects,
