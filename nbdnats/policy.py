@@ -103,14 +103,28 @@ class Policy:
 
     def _block_link_allowed(self, path: str) -> bool:
         """A link under an allowed prefix as given (no '..') that resolves to a block
-        device: ``/dev/disk/by-id/nvme-X`` -> ``/dev/nvme0n1``."""
+        device: ``/dev/disk/by-id/nvme-X`` -> ``/dev/nvme0n1``. The link and the
+        directories from the prefix down to it must be writable only by root (or this
+        agent's user), as udev's are: else anyone who may write there could point the
+        agent at any disk."""
         if ".." in path.split("/"):
             return False
         lexical = os.path.normpath(path)
-        if not any(_under(lexical, d) for d in self._lexical):
+        prefixes = [d for d in self._lexical if _under(lexical, d)]
+        if not prefixes:
             return False
         try:
-            return stat.S_ISBLK(os.stat(path).st_mode)
+            if not stat.S_ISBLK(os.stat(path).st_mode):
+                return False
+            owners = {0, os.geteuid()}
+            node = lexical
+            while True:
+                st = os.lstat(node)
+                if st.st_uid not in owners or (not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022):
+                    return False
+                if node in prefixes:
+                    return True
+                node = os.path.dirname(node)
         except OSError:
             return False
 

@@ -199,6 +199,17 @@ def test_a_by_id_link_to_a_block_device_is_allowed(tmp_path: Path) -> None:
             p.path(f"{by_id}/../by-id/nvme-DISK")  # '..' never takes the lexical rule
         with pytest.raises(PolicyError, match="outside"):
             Policy([str(tmp_path / "elsewhere")]).path(str(by_id / "nvme-DISK"))
+        # A directory anyone may write into is no by-id: a link there proves nothing.
+        by_id.chmod(0o777)
+        with pytest.raises(PolicyError, match="outside"):
+            p.path(str(by_id / "nvme-DISK"))
+        by_id.chmod(0o755)
+        nested = by_id / "open"
+        nested.mkdir(mode=0o755)
+        nested.chmod(0o757)
+        (nested / "disk").symlink_to(dev)
+        with pytest.raises(PolicyError, match="outside"):
+            p.path(str(nested / "disk"))
 
 
 # -- tool argv ------------------------------------------------------------------------------
