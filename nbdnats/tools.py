@@ -1,17 +1,22 @@
 """Backup tools at one end of a stream: restic, kopia, or any command, run by the agent.
 
 backup   the image arrives over NATS and goes into the tool's stdin, stored as disk.img:
-           restic backup --stdin --stdin-filename disk.img
-           kopia snapshot create SOURCE --stdin-file disk.img
+           restic --repo=REPO backup --stdin --stdin-filename disk.img --json --tag=...
+           kopia snapshot create --stdin-file disk.img -- SOURCE
 restore  the tool's stdout goes back over NATS into a target:
-           restic dump SNAPSHOT disk.img
-           kopia show OBJECT
+           restic --repo=REPO dump -- SNAPSHOT disk.img
+           kopia show -- OBJECT
+
+Every value a command supplies is checked before it joins an argv, and comes after ``--``:
+nothing from the network can be read as a tool's option. Every tool runs in a private
+empty working directory, removed when it ends.
 
 The core reads or writes the tool's pipe as ``pipe:/proc/self/fd/N``; the agent keeps its
 own copy of that pipe end until the transfer's outcome is known. So a failed transfer never
 looks like a short image to the tool: the agent stops the tool first, then lets the pipe
 close, and nothing partial is saved as a snapshot. Credentials (``RESTIC_PASSWORD``,
-``KOPIA_PASSWORD``, ...) come from the agent's environment and its config's ``[env]``.
+``KOPIA_PASSWORD``, ...) come from the agent's environment and its config's ``[env]``;
+they, and passwords in repository URLs, are shown as ``***`` in what the agent reports.
 """
 
 from __future__ import annotations
