@@ -16,8 +16,8 @@ checked here before anything is opened:
   an unknown one, a raw ``;`` or a control character is refused;
 - any other URI (``nbd://host:port/x``, a restic ``rest:`` repository) must start with an
   allowed entry that is itself a URI (``nbd://127.0.0.1:10809/``), and the match must end
-  at a boundary (``/``, ``?``, ``#``, ``:`` or the end), so ``nbd://10.0.0.5`` does not
-  allow ``nbd://10.0.0.50``;
+  at a boundary (``/``, ``?``, ``#`` or the end), so ``nbd://10.0.0.5`` allows neither
+  ``nbd://10.0.0.50`` nor ``nbd://10.0.0.5:x@evil/`` (whose host is ``evil``);
 - streams and test endpoints (``-``, ``pipe:``, ``null:``, ``pattern:``) and relative
   paths are never accepted from a command;
 - a pipe command's program must be on the allow-list, and every argument that names a
@@ -199,12 +199,12 @@ class Policy:
         return uri
 
     def _uri_allowed(self, uri: str) -> bool:
-        for prefix in self._uris:
-            if uri.startswith(prefix) and (
-                prefix.endswith(("/", ":")) or len(uri) == len(prefix) or uri[len(prefix)] in "/?#:"
-            ):
-                return True
-        return False
+        # Not ':' or '@' as a boundary: 'nbd://10.0.0.5' + ':x@evil/' names host evil.
+        return any(
+            uri.startswith(prefix)
+            and (prefix.endswith("/") or len(uri) == len(prefix) or uri[len(prefix)] in "/?#")
+            for prefix in self._uris
+        )
 
     def uri(self, uri: str, what: str = "endpoint") -> str:
         """A URI-like target (NBD over TCP, a remote repository) under an allowed prefix."""

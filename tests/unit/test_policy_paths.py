@@ -98,7 +98,12 @@ def test_tcp_nbd_uris_get_their_parameters_checked_too(dirs: tuple[Path, Path]) 
 def test_a_uri_prefix_ends_at_a_boundary() -> None:
     p = Policy(["nbd://10.0.0.5", "rest:https://backup.example/repos"])
     assert p.endpoint("nbd://10.0.0.5/x") == "nbd://10.0.0.5/x"
-    for bad in ("nbd://10.0.0.5.evil.example/x", "nbd://10.0.0.50/x"):
+    for bad in (
+        "nbd://10.0.0.5.evil.example/x",
+        "nbd://10.0.0.50/x",
+        "nbd://10.0.0.5:x@evil.example/x",  # userinfo '10.0.0.5:x', host evil.example
+        "nbd://10.0.0.5@evil.example/x",
+    ):
         with pytest.raises(PolicyError, match="outside"):
             p.endpoint(bad)
     assert p.location("rest:https://backup.example/repos/a", "repo")
