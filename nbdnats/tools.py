@@ -164,7 +164,12 @@ def scrub(text: str, env: Mapping[str, str]) -> str:
     variables of its environment (``RESTIC_PASSWORD``, ...) replaced by ***."""
     text = redact_url(text)
     for name, value in env.items():
-        if len(value) >= SECRET_MIN and _SECRET_NAME.search(name) and value in text:
+        if (
+            len(value) >= SECRET_MIN
+            and _SECRET_NAME.search(name)
+            and not name.upper().endswith(("_FILE", "_COMMAND"))  # where, not what
+            and value in text
+        ):
             text = text.replace(value, "***")
     return text
 

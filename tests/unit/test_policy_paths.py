@@ -17,7 +17,7 @@ from nbdnats.errors import PolicyError, UsageError
 from nbdnats.planes import redact_url
 from nbdnats.policy import Policy, nbd_query
 from nbdnats.schemas import Tool
-from nbdnats.tools import backup_argv, restore_argv, size_argv
+from nbdnats.tools import backup_argv, restore_argv, scrub, shown, size_argv
 
 
 @pytest.fixture
@@ -257,3 +257,26 @@ def test_tool_argv_puts_values_from_a_command_after_a_separator(tmp_path: Path) 
     for source in ("-x", "vms/vm1", "/vms/../etc", "/vms/\nx", "@x"):
         with pytest.raises(UsageError, match="kopia source"):
             backup_argv(Tool(kind="kopia", source=source), p, [])
+
+
+# -- secrets in tools' messages -------------------------------------------------------------
+
+
+def test_a_tools_message_is_shown_without_its_secrets() -> None:
+    env = {
+        "RESTIC_PASSWORD": "correct-horse-battery",
+        "RESTIC_PASSWORD_FILE": "/etc/nbdnats/restic.pass",
+        "KOPIA_PASSWORD": "short",
+        "HOME": "/root/home/dir",
+    }
+    said = (
+        "Fatal: rest:https://u:pw@h/r: key correct-horse-battery rejected; "
+        "read /etc/nbdnats/restic.pass; wrong short password in /root/home/dir"
+    )
+    assert scrub(said, env) == (
+        "Fatal: rest:https://u:***@h/r: key *** rejected; "
+        "read /etc/nbdnats/restic.pass; wrong short password in /root/home/dir"
+    )
+    assert shown(["restic", "--repo=rest:https://u:pw@h/r", "dump"]) == (
+        "restic --repo=rest:https://u:***@h/r dump"
+    )
