@@ -432,7 +432,7 @@ class Agent:
             if size is None:
                 size = await tools.image_size(cmd.tool, self.policy, self._env())
             run = await tools.ToolRun.start(argv, "restore", self._env())
-            endpoint, shown = run.endpoint, " ".join(argv)
+            endpoint, shown = run.endpoint, tools.shown(argv)
         started = start_send(
             endpoint,
             transfer_id=cmd.transfer_id,
@@ -461,7 +461,7 @@ class Agent:
             tags = ["nbdnats", f"transfer={cmd.transfer_id}"]
             argv = tools.backup_argv(cmd.tool, self.policy, tags)
             run = await tools.ToolRun.start(argv, "backup", self._env())
-            endpoint, shown = run.endpoint, " ".join(argv)
+            endpoint, shown = run.endpoint, tools.shown(argv)
         started = start_recv(
             endpoint,
             transfer_id=cmd.transfer_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -23,6 +24,21 @@ from nbdnats.subjects import check_token
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 CONNECT_TIMEOUT = 5.0
+
+
+_USERINFO = re.compile(r"(://)([^/?#\s]*)@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password (``user:pw@``) or token (``token@``) of every userinfo in
+    it shown as ``***``: ``rest:https://u:pw@h/`` -> ``rest:https://u:***@h/``. Also
+    for lists (``nats://a@h1,nats://b@h2``) and URLs inside another (restic's ``rest:``)."""
+
+    def mask(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"
+
+    return _USERINFO.sub(mask, url)
 
 
 def resolve_urls(data_url: str | None, ctl_url: str | None) -> tuple[str, str]:

@@ -59,6 +59,12 @@ class Tool(Message, kw_only=True):
     snapshot's source path); pipe ``command``.
     restore (the tool writes it on stdout): restic ``repo`` + ``snapshot``; kopia
     ``object`` (``<rootOID>/disk.img`` or a snapshot's object id); pipe ``command``.
+
+    The agent checks every value before it joins a command line (``nbdnats.tools``,
+    ``nbdnats.policy``): ``repo`` is under its allow-list; ``snapshot`` is hex or
+    ``latest``; ``object`` is an id with plain names after it; ``source`` an absolute
+    path of plain names; ``command``'s program is allowed, and every argument that names
+    a path names an absolute one under the allow-list.
     """
 
     kind: ToolKind
