@@ -44,8 +44,9 @@ pub struct Header {
     /// sha256 (hex) of the secret key of the sender this transfer belongs to: only a sender
     /// that shows the key may continue it.
     pub key_hash: String,
-    /// Device and inode of a file or block-device target, to notice a replaced target.
-    pub identity: Option<(u64, u64)>,
+    /// Device, inode and birth time of a file or block-device target, to notice a replaced
+    /// target.
+    pub identity: Option<(u64, u64, u64)>,
 }
 
 /// One written frame as the journal remembers it.
@@ -393,7 +394,7 @@ mod tests {
             size: 100,
             chunk_size: 10,
             key_hash: "a".repeat(64),
-            identity: Some((1, 2)),
+            identity: Some((1, 2, 3)),
         }
     }
 
@@ -432,7 +433,7 @@ mod tests {
         drop(f);
         let j = Journal::open(&path).unwrap();
         assert_eq!(j.header.key_hash, "b".repeat(64));
-        assert_eq!(j.header.identity, Some((1, 2)));
+        assert_eq!(j.header.identity, Some((1, 2, 3)));
         let p = &j.progress;
         assert_eq!(
             (p.next_seq, p.offset, p.data_bytes, p.zero_bytes),

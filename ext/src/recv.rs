@@ -496,14 +496,22 @@ fn new_session() -> Result<u32> {
     }
 }
 
-/// Device and inode of a file or block-device target (symlinks followed), to notice on
-/// resume that the target was replaced. `None` for NBD and other URIs.
-fn identity(target: &str) -> Option<(u64, u64)> {
+/// Device, inode and birth time (ns, 0 where the filesystem keeps none) of a file or
+/// block-device target, symlinks followed: to notice on resume that the target was replaced
+/// (a file deleted and created again often gets the same inode number back). `None` for
+/// NBD and other URIs.
+fn identity(target: &str) -> Option<(u64, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     if !target.starts_with('/') && !target.starts_with('.') && target.contains(':') {
         return None;
     }
-    std::fs::metadata(target).ok().map(|m| (m.dev(), m.ino()))
+    let m = std::fs::metadata(target).ok()?;
+    let born = m
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    Some((m.dev(), m.ino(), born))
 }
 
 /// The journal to continue from, after checking it belongs to this target.

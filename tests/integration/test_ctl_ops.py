@@ -19,7 +19,7 @@ import pytest
 
 from nbdnats import subjects
 from nbdnats.approval import load_private, sign
-from nbdnats.schemas import SCHEMA_VERSION, RecvCommand, encode
+from nbdnats.schemas import SCHEMA_VERSION, Approval, ProvisionCommand, RecvCommand, encode
 from tests.conftest import (
     AgentProc,
     MiB,
@@ -273,6 +273,45 @@ def test_provision_refuses_a_bad_approval_and_writes_nothing(
         and refused[-1]["code"] == "approval"
         and BAD_APPROVALS[case] in str(refused[-1]["error"])
     )
+
+
+def test_a_replayed_approval_with_another_stream_leaves_the_device_unbootable(
+    url: str, installer: dict[str, Path], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    """An attacker replays a valid approval in a command of its own and streams another
+    image: the installer hashes the stream as it writes it, wipes the device's first and
+    last MiB (partition tables, boot code) and fails, before anything reports success."""
+    src, want = disk
+    device = installer["device"]
+    approval = approve(tmp_path, installer["key"], "good", "--node", "inst1", "--device",
+                       str(device), "--image", str(src))  # fmt: skip
+    evil = tmp_path / "evil.raw"
+    make_image(evil, src.stat().st_size, [(0, src.stat().st_size)], seed=99)
+    cmd = ProvisionCommand(
+        key="replay-1",
+        transfer_id="replayed",
+        device=str(device),
+        approval=msgspec.json.decode(approval.read_bytes(), type=Approval),
+        image_digest=f"sha256:{want}",
+        size=src.stat().st_size,
+    )
+    reply = asyncio.run(_request(url, subjects.ctl_command("inst1", "provision"), encode(cmd)))
+    assert reply["ok"] is True, reply  # the approval itself is genuine
+    sent = run_cli("send", str(evil), "--id", "replayed", "--data-url", url)
+    assert sent.returncode == 1
+    assert "nobody approved" in one_line_error(sent)
+    data = device.read_bytes()
+    size = src.stat().st_size
+    assert data[:MiB] == bytes(MiB) and data[size - MiB : size] == bytes(MiB)
+    failed = []
+
+    def reported() -> bool:
+        failed[:] = [e for e in events(url, "transfer") if e["node"] == "inst1"]
+        return any(e["state"] == "failed" for e in failed)
+
+    wait_for(reported, "the installer's failure event")
+    assert not any(e["state"] == "done" for e in failed)
+    assert "first and last MiB were zeroed" in str(failed[-1]["error"])
 
 
 def test_provision_without_approval_file_is_a_usage_error(url: str, tmp_path: Path) -> None:
