@@ -1,4 +1,4 @@
-//! Wire format of the block stream (protocol version 1; `docs/protocol.md` is its prose twin).
+//! Wire format of the block stream (protocol version 3; `docs/protocol.md` is its prose twin).
 //!
 //! Chunk frames go sender → receiver on `data.blk.<id>.c`, ack frames receiver → sender on
 //! `data.blk.<id>.a`. Both start with a fixed little-endian header; the transfer id lives in
@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::checksum::frame_checksum;
 
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 pub const CHUNK_MAGIC: [u8; 2] = *b"NF";
 pub const ACK_MAGIC: [u8; 2] = *b"NA";
 /// Bytes of the chunk header in front of every payload.

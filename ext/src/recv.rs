@@ -979,6 +979,8 @@ async fn accept(
         // Who may open: any sender a fresh transfer (whoever can publish here: subject
         // permissions decide), only the sender that started it a journaled one.
         let denied = match journal {
+            // Another version's sender is refused by `negotiate`, naming both versions.
+            _ if request.v != PROTOCOL_VERSION => None,
             _ if !is_key(&request.key) => Some(Error::Protocol(
                 "the open request carries no valid sender key".into(),
             )),
