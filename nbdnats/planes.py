@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -47,19 +48,25 @@ def _split_userinfo(server: str) -> tuple[str, str | None, str]:
     return server[:start], server[start:at], server[at:]
 
 
+# What redact_url looks at: each run of text between commas and white space.
+_WORD = re.compile(r"[^\s,]+")
+
+
+def _mask(word: re.Match[str]) -> str:
+    scheme, userinfo, rest = _split_userinfo(word.group(0))
+    if userinfo is None:
+        return word.group(0)
+    user, sep, _ = userinfo.partition(":")
+    return f"{scheme}{user + ':***' if sep else '***'}{rest}"
+
+
 def redact_url(url: str) -> str:
-    """``url`` (a comma-separated server list, valid or not) with the password or token
-    of every server masked as ``***``; users and hosts stay. The core masks its own
-    messages the same way (tests/redact_cases.txt holds the cases of both)."""
-    out = []
-    for server in url.split(","):
-        scheme, userinfo, rest = _split_userinfo(server)
-        if userinfo is None:
-            out.append(server)
-            continue
-        user, sep, _ = userinfo.partition(":")
-        out.append(f"{scheme}{user + ':***' if sep else '***'}{rest}")
-    return ",".join(out)
+    """``url`` with the password or token of every userinfo in it masked as ``***``
+    (``user:pw@`` -> ``user:***@``, ``token@`` -> ``***@``); users and hosts stay. For a
+    URL, a comma-separated server list (valid or not, with or without a scheme), a URL
+    inside another (restic's ``rest:https://u:pw@h/``) and text that holds them. The core
+    masks its own messages the same way (tests/redact_cases.txt holds the cases of both)."""
+    return _WORD.sub(_mask, url)
 
 
 @dataclass(frozen=True)

@@ -99,28 +99,34 @@ fn percent_decode(s: &str) -> Result<String> {
     String::from_utf8(out).map_err(|_| bad())
 }
 
-/// `servers` (a comma-separated list, parseable or not) with the password or token of
-/// each server replaced by `***`; users and hosts are kept. The Python side's
-/// `nbdnats.planes.redact_url` does the same (tests/redact_cases.txt holds their cases).
+/// `servers` (a comma-separated list, parseable or not, or text holding URLs) with the
+/// password or token of every userinfo replaced by `***`; users and hosts are kept. The
+/// Python side's `nbdnats.planes.redact_url` does the same (tests/redact_cases.txt holds
+/// their cases).
 pub fn redact_servers(servers: &str) -> String {
     servers
-        .split(',')
-        .map(|server| {
-            let start = server.find("://").map_or(0, |i| i + 3);
-            let rest = &server[start..];
-            // The last `@` ends the credentials, wherever it is: a password may hold
-            // an unescaped `/`, `?` or `@`, and NATS URLs have no path to mistake.
-            let Some(at) = rest.rfind('@') else {
-                return server.to_string();
-            };
-            let masked = match rest[..at].split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                None => "***".to_string(),
-            };
-            format!("{}{masked}{}", &server[..start], &rest[at..])
+        .split_inclusive(|c: char| c == ',' || c.is_whitespace())
+        .map(|piece| {
+            let word = piece.trim_end_matches(|c: char| c == ',' || c.is_whitespace());
+            format!("{}{}", mask_userinfo(word), &piece[word.len()..])
         })
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect()
+}
+
+/// One word (no comma or white space in it) with its userinfo masked.
+fn mask_userinfo(word: &str) -> String {
+    let start = word.find("://").map_or(0, |i| i + 3);
+    let rest = &word[start..];
+    // The last `@` ends the credentials, wherever it is: a password may hold an
+    // unescaped `/`, `?` or `@`, and NATS URLs have no path to mistake.
+    let Some(at) = rest.rfind('@') else {
+        return word.to_string();
+    };
+    let masked = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{}{masked}{}", &word[..start], &rest[at..])
 }
 
 /// Parse a comma-separated server list as the nats tools take it.

@@ -18,4 +18,3 @@ CASES = [
 @pytest.mark.parametrize(("url", "want"), CASES)
 def test_redact_url_masks_passwords_and_tokens(url: str, want: str) -> None:
     assert redact_url(url) == want
-    assert "s3cret" not in redact_url(url) and "one" not in redact_url(url)
