@@ -4,9 +4,11 @@ in any error. Against nats-servers with `authorization` blocks; every end is a r
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -174,6 +176,78 @@ def test_nkey_logs_in_on_both_planes(
     _, err_r = recv.communicate(timeout=60)
     assert (send.returncode, recv.returncode) == (0, 0), (err_s, err_r)
     assert dst2.read_bytes() == image.read_bytes()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats: dict[str, object]) -> str:
+    """A NATS JWT (v2) of ``subject``, signed by ``issuer``, as `nsc` issues them."""
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    claims = {
+        "jti": _b64(os.urandom(24)).upper(),
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "name": name,
+        "sub": subject,
+        "nats": {**nats, "version": 2},
+    }
+    body = _b64(json.dumps(claims).encode())
+    return f"{header}.{body}.{_b64(issuer.sign(f'{header}.{body}'.encode()))}"
+
+
+def _keys(prefix: int) -> tuple[bytes, nkeys.KeyPair, str]:
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    pair = nkeys.from_seed(bytearray(seed))
+    return seed, pair, pair.public_key.decode()
+
+
+def test_creds_log_in_on_both_planes(tmp_path: Path, image: Path) -> None:
+    """--creds FILE (a user JWT and its seed, as `nsc` writes them) against a server in
+    operator mode, which knows no user but trusts the account that signed this one."""
+    _, operator, operator_pub = _keys(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account, account_pub = _keys(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, _, user_pub = _keys(nkeys.PREFIX_BYTE_USER)
+    unlimited = {"subs": -1, "data": -1, "payload": -1}
+    limits = {**unlimited, "imports": -1, "exports": -1, "wildcards": True, "conn": -1}
+    port = free_port()
+    conf = tmp_path / "operator.conf"
+    conf.write_text(
+        f'listen: "127.0.0.1:{port}"\nmax_payload: {8 * MiB}\n'
+        f"operator: {_jwt(operator, operator_pub, 'op', {'type': 'operator'})}\n"
+        "resolver: MEMORY\n"
+        f"resolver_preload: {{ {account_pub}: "
+        f"{_jwt(operator, account_pub, 'acc', {'type': 'account', 'limits': limits})} }}\n"
+    )
+    user = _jwt(account, user_pub, "u", {"type": "user", "pub": {}, "sub": {}, **unlimited})
+    creds = tmp_path / "user.creds"
+    creds.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{user}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n------END USER NKEY SEED------\n"
+    )
+    log = (tmp_path / "operator.log").open("wb")
+    server = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log)
+    log.close()
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), "nats-server")
+        url = f"nats://127.0.0.1:{port}"
+        dst = tmp_path / "dst.img"
+        done = run_cli("copy", str(image), str(dst), "--data-url", url, "--creds", str(creds))
+        assert done.returncode == 0, done.stderr.decode()
+        assert dst.read_bytes() == image.read_bytes()
+        env = {"NBDNATS_CREDS": str(creds)}
+        done = run_cli("copy", str(image), str(dst), "--data-url", url, env=env)
+        assert done.returncode == 0, done.stderr.decode()
+        refused = run_cli("copy", str(image), str(dst), "--data-url", url)
+        assert "authorization violation" in one_line_error(refused).lower()
+        not_creds = tmp_path / "not.creds"
+        not_creds.write_text("hello\n")
+        bad = run_cli("copy", str(image), str(dst), "--data-url", url, "--creds", str(not_creds))
+        assert f"--creds {not_creds}" in one_line_error(bad)
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_agent_and_ctl_take_nkey(
