@@ -70,13 +70,12 @@ def add_login_options(g: Any) -> None:
     g.add_argument(
         "--creds",
         metavar="FILE",
-        help="log in on both planes with this NATS .creds file (JWT and seed; "
-        "default: $NBDNATS_CREDS)",
+        help="log in to NATS with this .creds file (user JWT and seed; default: $NBDNATS_CREDS)",
     )
     g.add_argument(
         "--nkey",
         metavar="FILE",
-        help="log in on both planes with the NKey seed in FILE (default: $NBDNATS_NKEY)",
+        help="log in to NATS with the user NKey seed in FILE (default: $NBDNATS_NKEY)",
     )
 
 
