@@ -99,7 +99,14 @@ class Transfer:
     @property
     def transfer_id(self) -> str: ...
 
-def connect(servers: str, name: str, done: _Done) -> None: ...
+def connect(
+    servers: str, name: str, done: _Done, *, creds: str | None = None, nkey: str | None = None
+) -> None:
+    """Connect to the data plane, logged in with the credentials of the first server URL
+    that carries any (``user:password@``, ``token@``), or with ``creds`` (a ``.creds``
+    file) or ``nkey`` (a file holding an NKey seed); ``servers`` of the connection shows
+    the list with passwords and tokens masked."""
+
 def start_send(
     conn: DataConnection,
     src: str,

@@ -46,7 +46,7 @@ from nbdnats.errors import (
     UsageError,
 )
 from nbdnats.metrics import MetricsServer, Sample
-from nbdnats.planes import Planes
+from nbdnats.planes import Login, Planes, redact_url
 from nbdnats.policy import Policy
 from nbdnats.remote import Incoming
 from nbdnats.schemas import (
@@ -96,6 +96,9 @@ class AgentConfig:
     node: str
     data_url: str | None = None
     ctl_url: str | None = None
+    # Login files (--creds, --nkey; default $NBDNATS_CREDS/$NBDNATS_NKEY), read here only.
+    creds: str | None = None
+    nkey: str | None = None
     role: Role = "host"
     allow: list[str] = field(default_factory=list)
     exports: dict[str, str] = field(default_factory=dict)
@@ -165,7 +168,10 @@ class Agent:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.planes = await Planes.connect(self.config.data_url, self.config.ctl_url, self.node)
+        login = Login.resolve(self.config.creds, self.config.nkey)
+        self.planes = await Planes.connect(
+            self.config.data_url, self.config.ctl_url, self.node, login
+        )
         ctl = self.planes.ctl
         self.stream_problem = await events.ensure_stream(ctl)
         if self.stream_problem:
@@ -187,8 +193,8 @@ class Agent:
             "agent %s (%s) up on ctl %s, data %s%s",
             self.node,
             self.config.role,
-            ctl.connected_url.netloc if ctl.connected_url else "?",
-            self.planes.data.servers,
+            redact_url(ctl.connected_url.netloc) if ctl.connected_url else "?",
+            redact_url(self.planes.data.servers),
             f", metrics on {self.metrics.host}:{self.metrics.port}" if self.metrics else "",
         )
 

@@ -17,6 +17,7 @@ import msgspec
 
 from nbdnats import __version__, _core, transfer
 from nbdnats.errors import NbdNatsError, UsageError
+from nbdnats.planes import Login
 from nbdnats.progress import ProgressBar
 from nbdnats.schemas import Report, from_stats
 from nbdnats.units import human, parse_size
@@ -28,7 +29,8 @@ or extended to the source size), or '-' for stdin/stdout as a raw image in offse
 order ('pipe:PATH' likewise for a FIFO). DST may also be 'null:' (discard) or
 'unix:PATH' (a listening unix socket, connected on the first byte).
 
-environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists)
+environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists; a
+server may carry user:password@ or token@), NBDNATS_CREDS, NBDNATS_NKEY
 """
 
 
@@ -62,6 +64,21 @@ def _size(what: str) -> Callable[[str], int]:
     return parse
 
 
+def add_login_options(g: Any) -> None:
+    """--creds and --nkey: how a command logs in on both planes (besides credentials in
+    its URLs); the agent and ctl parsers take them too."""
+    g.add_argument(
+        "--creds",
+        metavar="FILE",
+        help="log in to NATS with this .creds file (user JWT and seed; default: $NBDNATS_CREDS)",
+    )
+    g.add_argument(
+        "--nkey",
+        metavar="FILE",
+        help="log in to NATS with the user NKey seed in FILE (default: $NBDNATS_NKEY)",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> None:
     g = p.add_argument_group("NATS")
     g.add_argument(
@@ -76,6 +93,7 @@ def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> 
         help="ctl-plane servers (default: $NBDNATS_CTL_URL or the data URL)",
     )
     g.add_argument("--node", help="this node's name on the ctl plane (default: the hostname)")
+    add_login_options(g)
     t = p.add_argument_group("transfer")
     if sender:
         t.add_argument(
@@ -200,11 +218,13 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
     import nbdnats
 
     to_stdout = getattr(args, "dst", None) == "-"
+    login = Login.resolve(args.creds, args.nkey)
     bar = ProgressBar(enabled=False if (args.quiet or args.json) else None)
     common: dict[str, Any] = {
         "data_url": args.data_url,
         "ctl_url": args.ctl_url,
         "node": args.node,
+        "login": login,
         "on_progress": bar,
         "window": args.window,
         "timeout": args.timeout,

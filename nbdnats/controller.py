@@ -38,7 +38,7 @@ from nbdnats.errors import (
     UsageError,
     from_code,
 )
-from nbdnats.planes import connect_ctl, resolve_urls
+from nbdnats.planes import Login, connect_ctl, resolve_urls
 from nbdnats.schemas import (
     Approval,
     CancelCommand,
@@ -102,9 +102,11 @@ class Controller:
         self.request_timeout = request_timeout
 
     @classmethod
-    async def connect(cls, ctl_url: str | None = None, **kw: Any) -> Controller:
+    async def connect(
+        cls, ctl_url: str | None = None, *, login: Login | None = None, **kw: Any
+    ) -> Controller:
         _, url = resolve_urls(None, ctl_url)
-        nc = await connect_ctl(url, "nbd-nats controller")
+        nc = await connect_ctl(url, "nbd-nats controller", login or Login.resolve())
         controller = cls(nc, **kw)
         await events.ensure_stream(nc)
         return controller

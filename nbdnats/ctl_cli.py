@@ -25,9 +25,10 @@ from nbdnats.agent import (
     run_agent,
 )
 from nbdnats.approval import load_approval
+from nbdnats.cli import add_login_options
 from nbdnats.controller import Controller, OperationResult, parse_endpoint
 from nbdnats.errors import UsageError
-from nbdnats.planes import default_node
+from nbdnats.planes import Login, default_node
 from nbdnats.schemas import MigrationEvent, Tool, TransferEvent, TransferOptions
 from nbdnats.units import human, parse_duration, parse_size
 
@@ -79,6 +80,7 @@ def add_agent_parser(sub: Any) -> None:
     p.add_argument("--node", help="this node's name (default: config, else the hostname)")
     p.add_argument("--ctl-url", metavar="URL", help="ctl-plane servers")
     p.add_argument("--data-url", metavar="URL", help="data-plane servers")
+    add_login_options(p)
     p.add_argument(
         "--allow",
         action="append",
@@ -154,6 +156,8 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             node=args.node or conf.get("node") or default_node(),
             ctl_url=args.ctl_url or conf.get("ctl_url"),
             data_url=args.data_url or conf.get("data_url"),
+            creds=args.creds or conf.get("creds"),
+            nkey=args.nkey or conf.get("nkey"),
             role=args.role or conf.get("role", "host"),
             allow=[*conf.get("allow", []), *args.allow],
             exports=exports,
@@ -193,6 +197,7 @@ def add_ctl_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ctl-url", metavar="URL", help="ctl-plane servers ($NBDNATS_CTL_URL)")
+    add_login_options(p)
     p.add_argument("--json", action="store_true", help="print results as JSON")
     actions = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
 
@@ -346,7 +351,9 @@ def _json(obj: Any) -> str:
 
 async def run_ctl(args: argparse.Namespace) -> None:
     out = sys.stdout.write
-    async with await Controller.connect(args.ctl_url) as c:
+    async with await Controller.connect(
+        args.ctl_url, login=Login.resolve(args.creds, args.nkey)
+    ) as c:
         cmd = args.ctl_command
         if cmd == "nodes":
             nodes = await c.nodes(include_stopped=args.all)

@@ -118,8 +118,9 @@ def render_accounts(plane: str, racks: int) -> str:
     each user's comes from the environment (``$NBDNATS_PASSWORD_<USER>``).
     """
     users = [
-        "# dev: who connects without credentials (no_auth_user). Development only: a lab",
-        "# or production config drops no_auth_user, and every client logs in.",
+        "# dev: a login for people trying things by hand (nats://dev:PASSWORD@...). There is",
+        "# no no_auth_user: a client without credentials is refused, so every connection is",
+        "# one of these users, with its permissions. Development only.",
         _user("dev"),
         "# The controller: commands and queries to every node, every event.",
         _user("controller", _permissions(subjects.controller_grants(plane), True)),
@@ -156,7 +157,6 @@ def render_accounts(plane: str, racks: int) -> str:
         "  }\n"
         "}\n"
         "system_account: SYS\n"
-        "no_auth_user: dev\n"
     )
 
 
@@ -224,8 +224,12 @@ class State:
     def cluster_url(self, kind: str, user: str | None = None) -> str:
         return ",".join(self.url(s, user) for s in self.servers if s.kind == kind)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, with_passwords: bool = True) -> dict[str, Any]:
+        """The state as JSON; ``with_passwords=False`` (what is printed) leaves the passwords out
+        and says where they are."""
         out = asdict(self)
+        if not with_passwords:
+            out["passwords"] = str(Path(self.state_dir) / STATE_FILE)
         out["urls"] = {
             "ctl": self.cluster_url("ctl"),
             "data": self.cluster_url("data"),
@@ -412,6 +416,7 @@ def _save(state: State) -> None:
     path = Path(state.state_dir) / STATE_FILE
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover .tmp keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as f:
         json.dump(state.to_json(), f, indent=1)
     tmp.replace(path)
@@ -512,9 +517,13 @@ async def _wait_ready(state: State) -> None:
 
 
 async def _create_streams(state: State, directory: Path) -> None:
-    """Create the ctl cluster's JetStream streams, once JetStream has a meta leader."""
+    """Create the ctl cluster's JetStream streams, once JetStream has a meta leader (as
+    the controller, whose job that is)."""
     nc = await nats.connect(
-        [state.url(s) for s in state.servers if s.kind == "ctl"], connect_timeout=5
+        [state.url(s) for s in state.servers if s.kind == "ctl"],
+        user="controller",
+        password=state.passwords["controller"],
+        connect_timeout=5,
     )
     try:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -701,8 +710,11 @@ def describe(state: State) -> list[str]:
     rows.append(("TLS", f"tls:// URLs verify with SSL_CERT_FILE={root / 'tls' / 'ca.pem'}"))
     rows.append(("logins", f"nats://USER:PASSWORD@..., users and passwords in {root / STATE_FILE}"))
     lines = [f"{label:<15}{value}" for label, value in rows]
-    lines.append(f"export NBDNATS_DATA_URL={data} NBDNATS_CTL_URL={ctl}")
-    controller = state.cluster_url("ctl").replace("nats://", "nats://controller:PASSWORD@")
+    # The first server's login serves the whole list; PASSWORD: the user's, in the file.
+    login = "nats://{}:PASSWORD@"
+    dev_data, dev_ctl = (u.replace("nats://", login.format("dev"), 1) for u in (data, ctl))
+    lines.append(f"export NBDNATS_DATA_URL={dev_data} NBDNATS_CTL_URL={dev_ctl}")
+    controller = ctl.replace("nats://", login.format("controller"), 1)
     lines.append(f"nbd-nats ctl --ctl-url {controller} nodes")
     return lines
 
@@ -777,7 +789,7 @@ async def run(args: argparse.Namespace) -> None:
             disk_size=parse_size(args.disk_size, "--disk-size"),
         )
         if args.json:
-            out(json.dumps(state.to_json()) + "\n")
+            out(json.dumps(state.to_json(with_passwords=False)) + "\n")
             return
         size = human(Path(state.nodes[0].image).stat().st_size)
         out(
@@ -796,7 +808,7 @@ async def run(args: argparse.Namespace) -> None:
             raise DevError(f"nothing runs: no dev topology in {root}")
         rows = await asyncio.to_thread(_status_rows, found)
         if args.json:
-            out(json.dumps({**found.to_json(), "status": rows}) + "\n")
+            out(json.dumps({**found.to_json(with_passwords=False), "status": rows}) + "\n")
         else:
             for r in rows:
                 extra = " ".join(

@@ -4,6 +4,13 @@
 ``ctl`` belongs to Python (nats-py): commands, queries and ctl events. Both default to the
 same server; ``--data-url``/``--ctl-url`` (env ``NBDNATS_DATA_URL``/``NBDNATS_CTL_URL``)
 split them, each a comma-separated server list as the nats tools take it.
+
+Logins: a server URL may carry ``user:password@`` or ``token@`` (percent-encoded); the
+first server of a list that carries credentials gives them to every server of that list.
+``--creds FILE`` (a ``.creds`` file: JWT and seed) or ``--nkey FILE`` (an NKey seed), env
+``NBDNATS_CREDS``/``NBDNATS_NKEY``, log in on both planes instead. The files are read by
+this process only. No password or token reaches a message: every URL shown goes through
+``redact_url``.
 """
 
 from __future__ import annotations
@@ -13,32 +20,89 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
 
 import nats
 from nats.aio.client import Client as CtlClient
 
 from nbdnats import _core
 from nbdnats._bridge import core_call
-from nbdnats.errors import NatsError
+from nbdnats.errors import NatsError, UsageError
 from nbdnats.subjects import check_token
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 CONNECT_TIMEOUT = 5.0
+CREDS_ENV = "NBDNATS_CREDS"
+NKEY_ENV = "NBDNATS_NKEY"
 
 
-_USERINFO = re.compile(r"(://)([^/?#\s]*)@")
+def _split_userinfo(server: str) -> tuple[str, str | None, str]:
+    """``server`` as (scheme://, credentials or None, @host...). The last ``@`` ends the
+    credentials wherever it is: a password may hold an unescaped ``/``, ``?`` or ``@``."""
+    start = server.find("://")
+    start = 0 if start < 0 else start + 3
+    at = server.rfind("@", start)
+    if at < 0:
+        return server[:start], None, server[start:]
+    return server[:start], server[start:at], server[at:]
+
+
+# What redact_url looks at: each run of text between commas and white space.
+_WORD = re.compile(r"[^\s,]+")
+
+
+def _mask(word: re.Match[str]) -> str:
+    scheme, userinfo, rest = _split_userinfo(word.group(0))
+    if userinfo is None:
+        return word.group(0)
+    user, sep, _ = userinfo.partition(":")
+    return f"{scheme}{user + ':***' if sep else '***'}{rest}"
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the password (``user:pw@``) or token (``token@``) of every userinfo in
-    it shown as ``***``: ``rest:https://u:pw@h/`` -> ``rest:https://u:***@h/``. Also
-    for lists (``nats://a@h1,nats://b@h2``) and URLs inside another (restic's ``rest:``)."""
+    """``url`` with the password or token of every userinfo in it masked as ``***``
+    (``user:pw@`` -> ``user:***@``, ``token@`` -> ``***@``); users and hosts stay. For a
+    URL, a comma-separated server list (valid or not, with or without a scheme), a URL
+    inside another (restic's ``rest:https://u:pw@h/``) and text that holds them. The core
+    masks its own messages the same way (tests/redact_cases.txt holds the cases of both)."""
+    return _WORD.sub(_mask, url)
 
-    def mask(m: re.Match[str]) -> str:
-        user, colon, _ = m.group(2).partition(":")
-        return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"
 
-    return _USERINFO.sub(mask, url)
+@dataclass(frozen=True)
+class Login:
+    """How a node logs in besides credentials in its URLs: a ``.creds`` file or an NKey
+    seed file (paths, read by this process when it connects; never sent anywhere)."""
+
+    creds: str | None = None
+    nkey: str | None = None
+
+    @classmethod
+    def resolve(cls, creds: str | None = None, nkey: str | None = None) -> Login:
+        """The files given, else those of ``$NBDNATS_CREDS``/``$NBDNATS_NKEY``."""
+        if creds is None and nkey is None:
+            creds = os.environ.get(CREDS_ENV) or None
+            nkey = os.environ.get(NKEY_ENV) or None
+        if creds and nkey:
+            raise UsageError("give --creds or --nkey, not both")
+        for option, path in (("--creds", creds), ("--nkey", nkey)):
+            if path is not None and not os.access(path, os.R_OK):
+                raise UsageError(f"cannot read {option} {path}: no such readable file")
+        return cls(creds, nkey)
+
+
+def _seed(path: str) -> str:
+    """The user NKey seed in ``path``: its first line starting with ``SU`` (as the core
+    reads it too)."""
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --nkey {path}: {e}") from None
+    seed = next((line for line in lines if line.startswith("SU")), None)
+    if seed is None:
+        raise UsageError(f"--nkey {path}: no user NKey seed (a line starting with SU) in it")
+    return seed
 
 
 def resolve_urls(data_url: str | None, ctl_url: str | None) -> tuple[str, str]:
@@ -62,18 +126,54 @@ def default_node() -> str:
     return cleaned or "node"
 
 
-async def connect_data(url: str, name: str) -> _core.DataConnection:
-    handle_fut = core_call(lambda done: _core.connect(url, name, done))[1]
+async def connect_data(url: str, name: str, login: Login | None = None) -> _core.DataConnection:
+    login = login or Login()
+    handle_fut = core_call(
+        lambda done: _core.connect(url, name, done, creds=login.creds, nkey=login.nkey)
+    )[1]
     conn = await handle_fut
     assert isinstance(conn, _core.DataConnection)
     return conn
 
 
-async def connect_ctl(url: str, name: str) -> CtlClient:
-    servers = [s.strip() for s in url.split(",") if s.strip()]
+def _ctl_auth(url: str, login: Login) -> tuple[list[str], dict[str, Any]]:
+    """The servers of ``url`` without credentials, and nats.connect's login options: the
+    first credentials in the list (percent-decoded, for every server, discovered ones
+    too), or the login's files."""
+    servers: list[str] = []
+    auth: dict[str, Any] = {}
+    for server in (s.strip() for s in url.split(",")):
+        if not server:
+            continue
+        scheme, userinfo, rest = _split_userinfo(server)
+        servers.append(scheme + rest[1:] if userinfo is not None else server)
+        if userinfo is not None and not auth:
+            user, sep, password = userinfo.partition(":")
+            auth = (
+                {"user": unquote(user), "password": unquote(password)}
+                if sep
+                else {"token": unquote(user)}
+            )
+    if auth and (login.creds or login.nkey):
+        raise UsageError(
+            f"the ctl URL {redact_url(url)} carries credentials and --creds/--nkey is "
+            "given too; use one"
+        )
+    if login.creds:
+        auth = {"user_credentials": login.creds}
+    elif login.nkey:
+        auth = {"nkeys_seed_str": _seed(login.nkey)}
+    return servers, auth
 
-    async def quiet(_: Exception) -> None:  # reconnects are reported by state, not logs
-        return None
+
+async def connect_ctl(url: str, name: str, login: Login | None = None) -> CtlClient:
+    servers, auth = _ctl_auth(url, login or Login())
+
+    failures: list[Exception] = []
+
+    async def quiet(e: Exception) -> None:  # reconnects are reported by state, not logs
+        if len(failures) < 8:
+            failures.append(e)
 
     try:
         nc = await asyncio.wait_for(
@@ -84,14 +184,17 @@ async def connect_ctl(url: str, name: str) -> CtlClient:
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0.2,
                 error_cb=quiet,
+                **auth,
             ),
             CONNECT_TIMEOUT,
         )
-    except (OSError, TimeoutError, nats.errors.Error) as e:
-        detail = str(e) or type(e).__name__
+    except (OSError, TimeoutError, ValueError, nats.errors.Error) as e:
+        # "no servers available" hides why: the last refusal (a bad login) says it.
+        cause = failures[-1] if isinstance(e, nats.errors.NoServersError) and failures else e
+        detail = redact_url(str(cause) or type(cause).__name__)
         raise NatsError(
-            f"cannot connect to the ctl NATS server at {url}: {detail}; "
-            "check --ctl-url and that nats-server is running"
+            f"cannot connect to the ctl NATS server at {redact_url(url)}: {detail}; "
+            "check --ctl-url, the credentials and that nats-server is running"
         ) from None
     # The first connect fails fast (one round of attempts); once connected, ride out any
     # server loss: nats-py reads these options at each reconnect.
@@ -110,12 +213,19 @@ class Planes:
 
     @classmethod
     async def connect(
-        cls, data_url: str | None = None, ctl_url: str | None = None, node: str | None = None
+        cls,
+        data_url: str | None = None,
+        ctl_url: str | None = None,
+        node: str | None = None,
+        login: Login | None = None,
     ) -> Planes:
+        """Both planes, each logged in with the credentials in its URL or with ``login``
+        (default: ``$NBDNATS_CREDS``/``$NBDNATS_NKEY``)."""
         data, ctl = resolve_urls(data_url, ctl_url)
         node = check_token(node or default_node(), "node name")
-        data_conn = await connect_data(data, f"nbd-nats {node} data")
-        ctl_conn = await connect_ctl(ctl, f"nbd-nats {node} ctl")
+        login = login or Login.resolve()
+        data_conn = await connect_data(data, f"nbd-nats {node} data", login)
+        ctl_conn = await connect_ctl(ctl, f"nbd-nats {node} ctl", login)
         return cls(data=data_conn, ctl=ctl_conn, node=node)
 
     async def close(self) -> None:

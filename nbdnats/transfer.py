@@ -21,7 +21,7 @@ from nbdnats import _core, subjects
 from nbdnats._bridge import core_call
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, UsageError
-from nbdnats.planes import Planes, urls_given
+from nbdnats.planes import Login, Planes, urls_given
 from nbdnats.schemas import TransferEvent, encode, from_stats
 
 TransferStats = _core.Stats
@@ -287,12 +287,16 @@ async def start_bridge(
 
 @contextlib.asynccontextmanager
 async def _planes(
-    planes: Planes | None, data_url: str | None, ctl_url: str | None, node: str | None
+    planes: Planes | None,
+    data_url: str | None,
+    ctl_url: str | None,
+    node: str | None,
+    login: Login | None,
 ) -> AsyncIterator[Planes]:
     if planes is not None:
         yield planes
         return
-    own = await Planes.connect(data_url, ctl_url, node)
+    own = await Planes.connect(data_url, ctl_url, node, login)
     try:
         yield own
     finally:
@@ -304,7 +308,7 @@ async def _one(
     endpoint: str,
     transfer_id: str,
     planes: Planes | None,
-    where: tuple[str | None, str | None, str | None],
+    where: tuple[str | None, str | None, str | None, Login | None],
     on_progress: ProgressCallback | None,
     options: dict[str, Any],
 ) -> TransferStats:
@@ -323,12 +327,13 @@ async def send(
     data_url: str | None = None,
     ctl_url: str | None = None,
     node: str | None = None,
+    login: Login | None = None,
     on_progress: ProgressCallback | None = None,
     **options: Any,
 ) -> TransferStats:
     """Send ``src`` (NBD URI, file, device or ``-``) as transfer ``transfer_id``."""
     return await _one(
-        start_send, src, transfer_id, planes, (data_url, ctl_url, node), on_progress, options
+        start_send, src, transfer_id, planes, (data_url, ctl_url, node, login), on_progress, options
     )
 
 
@@ -340,12 +345,13 @@ async def recv(
     data_url: str | None = None,
     ctl_url: str | None = None,
     node: str | None = None,
+    login: Login | None = None,
     on_progress: ProgressCallback | None = None,
     **options: Any,
 ) -> TransferStats:
     """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-``, ``null:``)."""
     return await _one(
-        start_recv, dst, transfer_id, planes, (data_url, ctl_url, node), on_progress, options
+        start_recv, dst, transfer_id, planes, (data_url, ctl_url, node, login), on_progress, options
     )
 
 
@@ -357,6 +363,7 @@ async def copy(
     data_url: str | None = None,
     ctl_url: str | None = None,
     node: str | None = None,
+    login: Login | None = None,
     on_progress: ProgressCallback | None = None,
     size: int | None = None,
     chunk_size: int | None = None,
@@ -373,7 +380,7 @@ async def copy(
     async with contextlib.AsyncExitStack() as stack:
         if not urls_given(data_url, ctl_url):
             data_url = await stack.enter_async_context(EmbeddedServer())
-        planes = await Planes.connect(data_url, ctl_url, node)
+        planes = await Planes.connect(data_url, ctl_url, node, login)
         stack.push_async_callback(planes.close)
         receiver = await start_recv(
             dst,

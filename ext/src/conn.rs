@@ -1,5 +1,6 @@
 //! The data-plane NATS connection (async-nats), sized so memory is bounded by the window.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, ServerAddr, Subject};
@@ -38,8 +39,106 @@ pub const TIDY_BOUND: Duration = Duration::from_secs(2);
 
 pub struct DataConn {
     pub client: Client,
+    /// The servers this connection was given, passwords and tokens masked.
     pub servers: String,
     pub max_payload: u64,
+}
+
+/// How the data connection logs in besides credentials in its URLs: a `.creds` file
+/// (JWT and seed) or a file holding an NKey seed, as the nats tools take them. The files
+/// are read by this process only.
+#[derive(Debug, Default, Clone)]
+pub struct Login {
+    pub creds: Option<PathBuf>,
+    pub nkey: Option<PathBuf>,
+}
+
+/// Credentials carried by a server URL (`user:password@` or `token@`), percent-decoded.
+#[derive(Debug, PartialEq, Eq)]
+enum UrlAuth {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The credentials of the first server in `addrs` that carries any (applied to every
+/// server of the list, as nats-py applies its options), and the list without them, so
+/// no error or log of the client can show them.
+fn take_url_auth(addrs: Vec<ServerAddr>) -> Result<(Option<UrlAuth>, Vec<ServerAddr>)> {
+    let mut auth = None;
+    let mut bare = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let mut url = addr.into_inner();
+        if auth.is_none() && !url.username().is_empty() {
+            let user = percent_decode(url.username())?;
+            auth = Some(match url.password() {
+                Some(pass) => UrlAuth::UserPassword(user, percent_decode(pass)?),
+                None => UrlAuth::Token(user),
+            });
+        }
+        // Setting these cannot fail on a nats:// or tls:// URL, which has a host.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        let stripped = redact_servers(url.as_str());
+        bare.push(
+            ServerAddr::from_url(url)
+                .map_err(|e| Error::Usage(format!("invalid NATS server URL '{stripped}': {e}")))?,
+        );
+    }
+    Ok((auth, bare))
+}
+
+/// `%XX` escapes of a URL's user or password to the bytes they stand for (UTF-8).
+fn percent_decode(s: &str) -> Result<String> {
+    let bad = || {
+        Error::Usage(
+            "the credentials in a NATS server URL are not valid percent-encoded UTF-8".into(),
+        )
+    };
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// `servers` (a comma-separated list, parseable or not, or text holding URLs) with the
+/// password or token of every userinfo replaced by `***`; users and hosts are kept. The
+/// Python side's `nbdnats.planes.redact_url` does the same (tests/redact_cases.txt holds
+/// their cases).
+pub fn redact_servers(servers: &str) -> String {
+    servers
+        .split_inclusive(|c: char| c == ',' || c.is_whitespace())
+        .map(|piece| {
+            let word = piece.trim_end_matches(|c: char| c == ',' || c.is_whitespace());
+            format!("{}{}", mask_userinfo(word), &piece[word.len()..])
+        })
+        .collect()
+}
+
+/// One word (no comma or white space in it) with its userinfo masked.
+fn mask_userinfo(word: &str) -> String {
+    let start = word.find("://").map_or(0, |i| i + 3);
+    let rest = &word[start..];
+    // The last `@` ends the credentials, wherever it is: a password may hold an
+    // unescaped `/`, `?` or `@`, and NATS URLs have no path to mistake.
+    let Some(at) = rest.rfind('@') else {
+        return word.to_string();
+    };
+    let masked = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{}{masked}{}", &word[..start], &rest[at..])
 }
 
 /// Parse a comma-separated server list as the nats tools take it.
@@ -49,8 +148,10 @@ pub fn parse_servers(servers: &str) -> Result<Vec<ServerAddr>> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
-            s.parse::<ServerAddr>()
-                .map_err(|e| Error::Usage(format!("invalid NATS server URL '{s}': {e}")))
+            s.parse::<ServerAddr>().map_err(|e| {
+                let s = redact_servers(s);
+                Error::Usage(format!("invalid NATS server URL '{s}': {e}"))
+            })
         })
         .collect::<Result<_>>()?;
     if addrs.is_empty() {
@@ -61,12 +162,36 @@ pub fn parse_servers(servers: &str) -> Result<Vec<ServerAddr>> {
     Ok(addrs)
 }
 
-pub async fn connect(servers: &str, name: &str) -> Result<DataConn> {
-    let addrs = parse_servers(servers)?;
+pub async fn connect(servers: &str, name: &str, login: &Login) -> Result<DataConn> {
+    let shown = redact_servers(servers);
+    let (url_auth, addrs) = take_url_auth(parse_servers(servers)?)?;
+    let mut options = ConnectOptions::new();
+    match (&login.creds, &login.nkey, url_auth) {
+        (Some(_), Some(_), _) => {
+            return Err(Error::Usage("give --creds or --nkey, not both".into()));
+        }
+        (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+            return Err(Error::Usage(format!(
+                "the data URL {shown} carries credentials and --creds/--nkey is given too; use one"
+            )));
+        }
+        (Some(path), None, None) => {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| Error::Usage(format!("cannot use --creds {}: {e}", path.display())))?;
+        }
+        (None, Some(path), None) => options = options.nkey(read_seed(path)?),
+        (None, None, Some(UrlAuth::UserPassword(user, pass))) => {
+            options = options.user_and_password(user, pass);
+        }
+        (None, None, Some(UrlAuth::Token(token))) => options = options.token(token),
+        (None, None, None) => {}
+    }
     // async-nats queues count messages, not bytes. The window bounds how many frames can
     // be outstanding, so these capacities never fill, and their memory is that window.
     let queue = max_frames_in_window(MAX_WINDOW) + 256;
-    let client = ConnectOptions::new()
+    let client = options
         .name(name)
         .client_capacity(queue)
         .subscription_capacity(queue)
@@ -80,13 +205,14 @@ pub async fn connect(servers: &str, name: &str) -> Result<DataConn> {
         .await
         .map_err(|e| {
             Error::Nats(format!(
-                "cannot connect to NATS at {servers}: {e}; check --data-url and that nats-server is running"
+                "cannot connect to NATS at {shown}: {e}; check --data-url, the credentials \
+                 and that nats-server is running"
             ))
         })?;
     let max_payload = client.server_info().max_payload as u64;
     Ok(DataConn {
         client,
-        servers: servers.to_string(),
+        servers: shown,
         max_payload,
     })
 }
@@ -122,6 +248,23 @@ impl DataConn {
             Ok(Ok(()))
         )
     }
+}
+
+/// The NKey seed in `path`: its first line that is a user seed (`SU...`), as the nats
+/// tools write it (alone, or in a file with comments around it).
+fn read_seed(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Usage(format!("cannot read --nkey {}: {e}", path.display())))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU"))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "--nkey {}: no user NKey seed (a line starting with SU) in it",
+                path.display()
+            ))
+        })
 }
 
 /// The largest chunk a frame can carry within `max_payload`.
@@ -203,6 +346,49 @@ mod tests {
         let tiny = fit_chunk(Some(8192), 1000).unwrap_err().to_string();
         assert!(tiny.contains("too small"), "{tiny}");
         assert!(fit_chunk(Some(64 << 20), 128 << 20).is_err());
+    }
+
+    /// The cases nbdnats.planes.redact_url is tested against too.
+    #[test]
+    fn redacted_servers_show_no_secret() {
+        let cases = include_str!("../../tests/redact_cases.txt");
+        let mut n = 0;
+        for line in cases.lines().filter(|l| !l.starts_with('#')) {
+            let (input, want) = line.split_once('\t').expect("a tab in every case");
+            assert_eq!(redact_servers(input), want, "{input}");
+            n += 1;
+        }
+        assert!(n >= 10);
+    }
+
+    #[test]
+    fn url_credentials_are_taken_decoded_and_stripped() {
+        let addrs =
+            parse_servers("nats://h1:1, nats://alice:p%40ss%3Aw@h2:2, nats://bob:x@h3:3").unwrap();
+        let (auth, bare) = take_url_auth(addrs).unwrap();
+        assert_eq!(
+            auth,
+            Some(UrlAuth::UserPassword("alice".into(), "p@ss:w".into()))
+        );
+        assert!(bare
+            .iter()
+            .all(|a| !a.has_user_pass() && a.password().is_none()));
+        assert_eq!(bare[1].as_url_str(), "nats://h2:2");
+        let (auth, _) = take_url_auth(parse_servers("tls://t%2Fok@h:1").unwrap()).unwrap();
+        assert_eq!(auth, Some(UrlAuth::Token("t/ok".into())));
+        let (auth, _) = take_url_auth(parse_servers("nats://h:1").unwrap()).unwrap();
+        assert_eq!(auth, None);
+        assert!(take_url_auth(parse_servers("nats://u:%ff@h:1").unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_bad_url_error_shows_no_password() {
+        let err = parse_servers("nats://alice:s3cret@host:notaport")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(err.contains("alice:***@host"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! into an awaitable (`nbdnats/_bridge.py`), so the event loop is never blocked.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -237,10 +238,20 @@ impl From<&Progress> for Stats {
 }
 
 /// Connect to the data plane; `done(True, DataConnection)` or `done(False, (code, msg))`.
+/// Credentials come from the URLs (`user:password@`, `token@`), or `creds` (a `.creds`
+/// file) or `nkey` (a file holding an NKey seed).
 #[pyfunction]
-fn connect(servers: String, name: String, done: Py<PyAny>) {
+#[pyo3(signature = (servers, name, done, *, creds=None, nkey=None))]
+fn connect(
+    servers: String,
+    name: String,
+    done: Py<PyAny>,
+    creds: Option<PathBuf>,
+    nkey: Option<PathBuf>,
+) {
     spawn(done, async move {
-        let conn = conn::connect(&servers, &name).await?;
+        let login = conn::Login { creds, nkey };
+        let conn = conn::connect(&servers, &name, &login).await?;
         Ok(DataConnection {
             conn: Arc::new(conn),
         })

@@ -32,12 +32,18 @@ def leftovers(root: Path) -> list[str]:
 
 
 def up(root: Path, *args: str) -> dict[str, Any]:
+    """dev up; its state as `dev status --json` prints it, with the passwords, which only
+    the state file holds (mode 0600), added."""
     done = run_cli("dev", "up", "--state-dir", str(root), *args, timeout=90)
     assert done.returncode == 0, done.stderr.decode()
     status = run_cli("dev", "status", "--state-dir", str(root), "--json")
     assert status.returncode == 0, status.stderr.decode()
     state: dict[str, Any] = json.loads(status.stdout)
     assert all(row["running"] for row in state["status"])
+    assert (root / "dev.json").stat().st_mode & 0o777 == 0o600
+    state["passwords"] = json.loads((root / "dev.json").read_text())["passwords"]
+    printed = done.stdout + status.stdout
+    assert not [u for u, p in state["passwords"].items() if p.encode() in printed]
     return state
 
 
@@ -246,6 +252,57 @@ def test_agents_serve_the_controller_with_node_credentials(
     assert denied.returncode != 0 and "Traceback" not in denied.stderr.decode()
 
 
+def monitor(state: dict[str, Any], name: str, path: str) -> dict[str, Any]:
+    server = next(s for s in state["servers"] if s["name"] == name)
+    found: dict[str, Any] = json.load(
+        urlopen(f"http://127.0.0.1:{server['http_port']}/{path}", timeout=5)
+    )
+    return found
+
+
+def test_each_agent_is_its_node_on_the_data_plane(topology: tuple[Path, dict[str, Any]]) -> None:
+    """Every agent's data connection is authorised as its node's user (nats-server's
+    /connz?auth=1), not as an all-powerful default user; a client without credentials
+    is refused by both clusters."""
+    _, state = topology
+    seen = {
+        c["name"]: c.get("authorized_user")
+        for i in (1, 2, 3)
+        for c in monitor(state, f"data-{i}", "connz?auth=1")["connections"]
+        if "data" in c.get("name", "")
+    }
+    assert seen == {"nbd-nats node1 data": "node1", "nbd-nats node2 data": "node2"}
+
+    def anonymous(server: str) -> bytes:
+        """What the server answers a CONNECT without credentials (the protocol, raw)."""
+        port = next(s["port"] for s in state["servers"] if s["name"] == server)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            reply = sock.recv(4096)  # INFO
+            sock.sendall(b'CONNECT {"verbose":false,"name":"anonymous"}\r\nPING\r\n')
+            while b"\r\n" not in reply.split(b"INFO", 1)[-1].split(b"\r\n", 1)[-1]:
+                more = sock.recv(4096)
+                if not more:
+                    break
+                reply += more
+        return reply.split(b"\r\n", 1)[-1]
+
+    for server in ("data-1", "rack-1", "ctl-1"):
+        assert anonymous(server).startswith(b"-ERR 'Authorization Violation'"), server
+
+
+def test_logs_and_status_hold_no_password(topology: tuple[Path, dict[str, Any]]) -> None:
+    """No password of dev.json in any log of the topology (agents', servers', qemu-nbd's)
+    nor in `dev status`; the agents' startup lines still name their servers."""
+    root, state = topology
+    logs = {p.name: p.read_bytes() for p in (root / "logs").iterdir()}
+    status = run_cli("dev", "status", "--state-dir", str(root)).stdout
+    for user, password in state["passwords"].items():
+        for name, text in [*logs.items(), ("dev status", status)]:
+            assert password.encode() not in text, f"{user}'s password in {name}"
+    assert b" up on ctl 127.0.0.1:" in logs["agent-node1.log"]
+    assert b", data nats://node1:***@127.0.0.1:" in logs["agent-node1.log"]
+
+
 def test_ipv6_transfer_and_one_line_errors(tmp_path: Path) -> None:
     """--ipv6: everything on [::1]; send and recv given nats://[::1]:PORT. Mistakes
     (up twice, down or status with nothing up) are one line, no traceback."""
@@ -265,8 +322,8 @@ def test_ipv6_transfer_and_one_line_errors(tmp_path: Path) -> None:
             "dev-v6",
             node1["nbd"],
             str(dst),
-            ["--data-url", url(state, "data-1")],
-            ["--data-url", url(state, "data-2")],
+            ends(state, "node1", "data-1", "ctl-1"),
+            ends(state, "node1", "data-2", "ctl-2"),
         )
         assert dst.read_bytes() == Path(node1["image"]).read_bytes()
     finally:
