@@ -601,7 +601,10 @@ class Agent:
         return Reply(ok=True, transfer_id=cmd.transfer_id)
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, **self.config.env}
+        """A tool's environment: the agent's, less its own NATS logins (URLs with passwords,
+        creds and NKey files are the node's, not the tool's), plus the config's ``[env]``."""
+        own = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_")}
+        return {**own, **self.config.env}
 
     # -- running jobs ----------------------------------------------------------------------
 

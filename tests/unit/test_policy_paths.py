@@ -280,3 +280,16 @@ def test_a_tools_message_is_shown_without_its_secrets() -> None:
     assert shown(["restic", "--repo=rest:https://u:pw@h/r", "dump"]) == (
         "restic --repo=rest:https://u:***@h/r dump"
     )
+
+
+def test_tools_do_not_inherit_the_agents_nats_logins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool the agent starts gets the agent's environment less its NATS URLs (with
+    passwords) and login files; the config's [env] still reaches it."""
+    from nbdnats.agent import Agent, AgentConfig
+
+    monkeypatch.setenv("NBDNATS_CTL_URL", "nats://node1:s3cret@127.0.0.1:4222")
+    monkeypatch.setenv("NBDNATS_NKEY", "/etc/nbdnats/node1.nk")
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = Agent(AgentConfig(node="n1", env={"RESTIC_PASSWORD": "p"}))._env()
+    assert not [k for k in env if k.startswith("NBDNATS_")]
+    assert env["RESTIC_PASSWORD"] == "p" and env["PATH"] == "/usr/bin"
