@@ -19,7 +19,7 @@ from nbdnats import __version__, _core, transfer
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.progress import ProgressBar
 from nbdnats.schemas import Report, from_stats
-from nbdnats.units import human, parse_size
+from nbdnats.units import MAX_TIMEOUT, human, size_arg, timeout_arg
 
 EPILOG = """\
 SRC and DST: an NBD URI as libnbd takes it (nbd://host:port/export,
@@ -50,18 +50,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"nbd-nats: error: {message} (see: {self.prog} --help)\n")
 
 
-def _size(what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            return parse_size(text, what)
-        except UsageError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a size: use bytes or a suffix like 4M, 1G, 512K"
-            ) from None
-
-    return parse
-
-
 def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> None:
     g = p.add_argument_group("NATS")
     g.add_argument(
@@ -80,29 +68,30 @@ def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> 
     if sender:
         t.add_argument(
             "--size",
-            type=_size("--size"),
+            type=size_arg,
             metavar="BYTES",
-            help="image size; required when SRC is '-' (stdin)",
+            help="image size; required when SRC is '-' (stdin); below 2^63",
         )
         t.add_argument(
             "--chunk-size",
-            type=_size("--chunk-size"),
+            type=size_arg,
             metavar="BYTES",
             help="bytes per frame (default: 1020K, or what the server's max_payload allows)",
         )
     t.add_argument(
         "--window",
-        type=_size("--window"),
+        type=size_arg,
         default=_core.DEFAULT_WINDOW,
         metavar="BYTES",
         help="bytes in flight before an ack (default: 32M, max 48M)",
     )
     t.add_argument(
         "--timeout",
-        type=float,
+        type=timeout_arg,
         default=transfer.DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help="how long to wait for the peer to appear or answer; 0 waits forever (default: 60)",
+        help="how long to wait for the peer to appear or answer; 0 waits forever, at most "
+        f"{MAX_TIMEOUT:.0f} (7 days) (default: 60)",
     )
     t.add_argument(
         "--verify", action="store_true", help="re-read the target after writing and compare"

@@ -24,17 +24,29 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from nbdnats.errors import SchemaError
+from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
 SCHEMA_VERSION = 1
 
 Op = Literal["send", "recv", "provision"]
 ToolKind = Literal["restic", "kopia", "pipe"]
 Role = Literal["host", "installer"]
+
+# Numbers that reach the core or a sleep are bounded here, so a message that would overflow
+# a u64, panic a Duration or sleep forever is refused as ``schema`` before anything runs
+# (JSON has no NaN or infinity; a number too large for a float is refused too).
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
+"""A size, length, offset or rate in bytes: 0 to 2^63 - 1."""
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT)]
+"""A timeout: 0 (no limit) to ``MAX_TIMEOUT`` (7 days)."""
+Interval = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT)]
+"""A period: more than 0, at most ``MAX_TIMEOUT``."""
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
 
 
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -70,8 +82,8 @@ class Tool(Message, kw_only=True):
 
 
 class TransferOptions(Message, kw_only=True):
-    window: int | None = None
-    timeout: float | None = None
+    window: Bytes | None = None
+    timeout: Seconds | None = None
     verify: bool = False
 
 
@@ -81,8 +93,8 @@ class SendCommand(Command, kw_only=True):
 
     src: str | None = None
     tool: Tool | None = None
-    size: int | None = None
-    chunk_size: int | None = None
+    size: Bytes | None = None
+    chunk_size: Bytes | None = None
     options: TransferOptions = msgspec.field(default_factory=TransferOptions)
 
 
@@ -115,7 +127,7 @@ class ProvisionCommand(Command, kw_only=True):
     device: str
     approval: Approval
     image_digest: str
-    size: int
+    size: Bytes
     options: TransferOptions = msgspec.field(default_factory=TransferOptions)
 
 
@@ -130,8 +142,8 @@ class MigrateCommand(Command, kw_only=True):
 
     vm: str
     to_node: str
-    timeout: float = 60.0
-    mirror_speed: int = 0
+    timeout: Seconds = 60.0
+    mirror_speed: Bytes = 0
     return_path: bool = False
 
 
@@ -143,7 +155,7 @@ class IncomingCommand(Message, kw_only=True):
     migration_id: str
     vm: str
     action: Literal["listen", "recv", "close"]
-    exports: dict[str, int] = msgspec.field(default_factory=dict)
+    exports: dict[str, Bytes] = msgspec.field(default_factory=dict)
 
 
 class IncomingReply(Message, kw_only=True):
@@ -177,7 +189,7 @@ class QmpEventsQuery(Message, kw_only=True):
 
     migration_id: str
     vm: str
-    since: int = 0
+    since: Count = 0
 
 
 class QmpEvent(Message, kw_only=True):
@@ -217,8 +229,8 @@ class NodeInfo(Message, kw_only=True):
     exports: dict[str, str] = msgspec.field(default_factory=dict)
     started: dt.datetime
     at: dt.datetime
-    running: int = 0
-    announce_interval: float = 30.0
+    running: Count = 0
+    announce_interval: Interval = 30.0
     vms: list[str] = msgspec.field(default_factory=list)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 import uuid
@@ -23,6 +24,7 @@ from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, UsageError
 from nbdnats.planes import Planes, urls_given
 from nbdnats.schemas import TransferEvent, encode, from_stats
+from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
 TransferStats = _core.Stats
 ProgressCallback = Callable[[TransferStats], None]
@@ -41,8 +43,11 @@ def check_options(
             f"--window {window} must be between 65536 and {_core.MAX_WINDOW} bytes "
             "(the window must stay below nats-server's 64 MiB max_pending)"
         )
-    if timeout < 0:
-        raise UsageError("--timeout must be 0 (wait forever) or a number of seconds")
+    if not (math.isfinite(timeout) and 0 <= timeout <= MAX_TIMEOUT):
+        raise UsageError(
+            f"--timeout {timeout} must be 0 (wait forever) or a number of seconds up to "
+            f"{MAX_TIMEOUT:.0f} (7 days)"
+        )
     if chunk_size is not None and (
         not _core.MIN_CHUNK <= chunk_size <= _core.MAX_CHUNK or chunk_size % 4096
     ):
@@ -50,8 +55,8 @@ def check_options(
             f"--chunk-size {chunk_size} must be a multiple of 4096 between "
             f"{_core.MIN_CHUNK} and {_core.MAX_CHUNK}"
         )
-    if size is not None and size < 0:
-        raise UsageError("--size must not be negative")
+    if size is not None and not 0 <= size <= MAX_SIZE:
+        raise UsageError(f"--size {size} must be from 0 to 2^63 - 1 bytes")
 
 
 def event_of(stats: TransferStats, node: str, **extra: Any) -> TransferEvent:
@@ -146,6 +151,9 @@ async def image_digest(
 ) -> tuple[str, int]:
     """The sha256 of an image's contents (``"sha256:<hex>"``) and the bytes hashed: what
     ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read."""
+    for what, n in (("length", length), ("size", size)):
+        if n is not None and not 0 <= n <= MAX_SIZE:
+            raise UsageError(f"digest {what} {n} must be from 0 to 2^63 - 1 bytes")
     result = await core_call(lambda done: _core.image_digest(src, done, length=length, size=size))[
         1
     ]
