@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -258,6 +259,10 @@ async def _main(args: argparse.Namespace) -> None:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     if args.command in DATA_COMMANDS:
+        # What the library only warns about (a lost ctl plane): one line, no traceback.
+        logging.basicConfig(
+            level=logging.WARNING, format="nbd-nats: warning: %(message)s", stream=sys.stderr
+        )
         await _run(args)
         return
     from nbdnats import approval, ctl_cli, dev, migrate

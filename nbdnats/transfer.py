@@ -32,6 +32,7 @@ ProgressCallback = Callable[[TransferStats], None]
 DEFAULT_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 0.25
 EVENT_INTERVAL = 1.0
+CANCEL_TIMEOUT = 15.0  # how long a cancelled transfer may take to tell its peer and stop
 
 
 def check_options(
@@ -116,8 +117,10 @@ class TransferHandle:
                 await asyncio.wait({self._outcome}, timeout=PROGRESS_INTERVAL)
         except asyncio.CancelledError:
             self.cancel()
+            # The core tells the peer and lets go of the endpoints; bounded, so a core stuck
+            # on a server that is gone cannot keep a cancelled caller waiting.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._outcome)
+                await asyncio.wait_for(asyncio.shield(self._outcome), CANCEL_TIMEOUT)
             raise
         try:
             result = self._outcome.result()
@@ -141,9 +144,10 @@ class TransferHandle:
         return result
 
     async def _ctl_event(self, stats: TransferStats) -> None:
-        with contextlib.suppress(Exception):
-            subject = subjects.ctl_event(self._planes.node, "transfer")
-            await self._planes.ctl.publish(subject, encode(event_of(stats, self._planes.node)))
+        # The transfer's result stands whatever becomes of the ctl plane.
+        subject = subjects.ctl_event(self._planes.node, "transfer")
+        payload = encode(event_of(stats, self._planes.node))
+        await self._planes.ctl_publish(subject, payload, "the transfer's ctl event")
 
 
 async def image_digest(

@@ -60,7 +60,8 @@ def test_send_and_recv_refuse_a_timeout_out_of_range(
     src: Path, tmp_path: Path, nats_url: str, command: str, value: str
 ) -> None:
     end = str(src) if command == "send" else str(tmp_path / "o.img")
-    proc = run_cli(command, end, "--id", "t", "--data-url", nats_url, "--timeout", value, timeout=30)
+    args = ("--id", "t", "--data-url", nats_url, "--timeout", value)
+    proc = run_cli(command, end, *args, timeout=30)
     assert f"argument --timeout: '{value}' {NOT_SECONDS}" in one_line_error(proc)
     assert proc.returncode == 2
 
@@ -131,8 +132,7 @@ def test_agent_refuses_a_command_with_an_out_of_range_number(
     url = start_nats().url
     agent = start_agent("a", url, "--allow", str(src.parent))
     payload = (
-        f'{{"key": "k", "transfer_id": "t", "src": "{src}", '
-        f'"options": {{"{field}": {value}}}}}'
+        f'{{"key": "k", "transfer_id": "t", "src": "{src}", "options": {{"{field}": {value}}}}}'
     ).encode()
     reply = asyncio.run(_request(url, subjects.ctl_command("a", "send"), payload))
     assert reply["ok"] is False and reply["code"] == "schema", reply
