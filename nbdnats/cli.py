@@ -170,10 +170,11 @@ def build_parser(*, full: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _report(stats: _core.Stats) -> Report:
+def _report(stats: _core.Stats, sender: _core.Stats | None = None) -> Report:
+    """The ``--json`` line; ``copy`` adds its sender's own report as ``sender``."""
     return from_stats(
         Report, stats, id=stats.transfer_id, seconds=round(stats.seconds, 3),
-        mb_per_s=round(stats.mb_per_s, 1),
+        mb_per_s=round(stats.mb_per_s, 1), sender=_report(sender) if sender else None,
     )  # fmt: skip
 
 
@@ -201,7 +202,8 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
         "verify": args.verify,
         "resume": args.resume,
     }
-    call: Awaitable[_core.Stats]
+    call: Awaitable[_core.Stats | transfer.CopyStats]
+    sender: _core.Stats | None = None
     try:
         if args.command == "send":
             call = nbdnats.send(
@@ -220,7 +222,7 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
                 **common,
             )
         else:
-            call = nbdnats.copy(
+            call = transfer.copy_ends(
                 args.src,
                 args.dst,
                 state_dir=args.state_dir,
@@ -230,13 +232,17 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
                 target_is_zero=args.target_is_zero,
                 **common,
             )
-        stats = await call
+        result = await call
     finally:
         bar.close()
+    if isinstance(result, transfer.CopyStats):
+        sender, stats = result
+    else:
+        stats = result
     # stdout may carry the image itself; then results go to stderr.
     out = sys.stderr if to_stdout else sys.stdout
     if args.json:
-        out.write(msgspec.json.encode(_report(stats)).decode() + "\n")
+        out.write(msgspec.json.encode(_report(stats, sender)).decode() + "\n")
     elif not args.quiet:
         verb = {"send": "sent", "recv": "received", "copy": "copied"}[args.command]
         sys.stderr.write(_summary(verb, stats) + "\n")

@@ -285,8 +285,11 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
 
 
-class Report(msgspec.Struct, kw_only=True):
-    """The one line ``--json`` prints when a transfer ends."""
+class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The one line ``--json`` prints when a transfer ends: this end's counters. ``copy``
+    prints the receiver's (``role`` "recv", as before) with the sender's own report nested
+    as ``sender``: only the sender counts ``retransmits`` and ``sent_bytes``, only the
+    receiver ``bad_frames``, ``duplicate_frames`` and ``corrupt_frames``."""
 
     id: str
     role: str
@@ -306,6 +309,7 @@ class Report(msgspec.Struct, kw_only=True):
     retransmits: int
     resumes: int
     sent_bytes: int
+    sender: Report | None = None
 
 
 class MigrationEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nbdnats import _core, subjects
 from nbdnats._bridge import core_call
@@ -33,6 +33,15 @@ DEFAULT_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 0.25
 EVENT_INTERVAL = 1.0
 CANCEL_TIMEOUT = 15.0  # how long a cancelled transfer may take to tell its peer and stop
+
+
+class CopyStats(NamedTuple):
+    """Both ends of a ``copy_ends``: each keeps its own counters (only the sender
+    retransmits and counts ``sent_bytes``; only the receiver counts bad, duplicate and
+    corrupt frames)."""
+
+    sender: TransferStats
+    receiver: TransferStats
 
 
 def check_options(
@@ -353,7 +362,7 @@ async def recv(
     )
 
 
-async def copy(
+async def copy_ends(
     src: str,
     dst: str,
     *,
@@ -370,8 +379,8 @@ async def copy(
     target_is_zero: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
-) -> TransferStats:
-    """Both ends in one process. Without any NATS URL, through an embedded nats-server."""
+) -> CopyStats:
+    """``copy``, returning both ends' final stats."""
     transfer_id = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     async with contextlib.AsyncExitStack() as stack:
@@ -405,9 +414,49 @@ async def copy(
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)
 
 
+async def copy(
+    src: str,
+    dst: str,
+    *,
+    transfer_id: str | None = None,
+    data_url: str | None = None,
+    ctl_url: str | None = None,
+    node: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    size: int | None = None,
+    chunk_size: int | None = None,
+    window: int = _core.DEFAULT_WINDOW,
+    timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = False,
+    target_is_zero: bool = False,
+    resume: bool = False,
+    state_dir: str | None = None,
+) -> TransferStats:
+    """Both ends in one process. Without any NATS URL, through an embedded nats-server.
+    Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both."""
+    ends = await copy_ends(
+        src,
+        dst,
+        transfer_id=transfer_id,
+        data_url=data_url,
+        ctl_url=ctl_url,
+        node=node,
+        on_progress=on_progress,
+        size=size,
+        chunk_size=chunk_size,
+        window=window,
+        timeout=timeout,
+        verify=verify,
+        target_is_zero=target_is_zero,
+        resume=resume,
+        state_dir=state_dir,
+    )
+    return ends.receiver
+
+
 async def _both(
     sender: TransferHandle, receiver: TransferHandle, on_progress: ProgressCallback | None
-) -> TransferStats:
+) -> CopyStats:
     """Wait for both ends; when one fails, stop the other and raise the first cause."""
     tasks = {
         asyncio.create_task(sender.wait(on_progress)): sender,
@@ -429,8 +478,8 @@ async def _both(
             causes = [t.exception() for t in tasks if t.exception() is not None]
             real = [e for e in causes if not isinstance(e, TransferCancelled)]
             raise (real or [first_error])[0]  # type: ignore[misc]
-        stats = next(t for t, h in tasks.items() if h is receiver).result()
-        return stats
+        ends = {h: t.result() for t, h in tasks.items()}
+        return CopyStats(sender=ends[sender], receiver=ends[receiver])
     except asyncio.CancelledError:
         for t in tasks:
             t.cancel()
