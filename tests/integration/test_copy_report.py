@@ -8,10 +8,26 @@ from pathlib import Path
 
 from tests.conftest import MiB, make_image, run_cli, sha256_file
 
-RECEIVER_FIELDS = (
-    "id role size data_bytes zero_bytes seconds mb_per_s digest verified chunk_size window "
-    "frames bad_frames duplicate_frames corrupt_frames retransmits resumes sent_bytes"
-).split()
+RECEIVER_FIELDS = [
+    "id",
+    "role",
+    "size",
+    "data_bytes",
+    "zero_bytes",
+    "seconds",
+    "mb_per_s",
+    "digest",
+    "verified",
+    "chunk_size",
+    "window",
+    "frames",
+    "bad_frames",
+    "duplicate_frames",
+    "corrupt_frames",
+    "retransmits",
+    "resumes",
+    "sent_bytes",
+]
 
 
 def test_copy_json_shows_the_senders_retransmits(tmp_path: Path) -> None:
