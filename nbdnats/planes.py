@@ -25,6 +25,7 @@ from nbdnats.subjects import check_token
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 CONNECT_TIMEOUT = 5.0
+DATA_CONNECT_TIMEOUT = 30.0
 # Every wait on a plane while shutting down ends within this: a server that is gone must
 # not keep a finished (or interrupted) process alive.
 CLOSE_TIMEOUT = 5.0
@@ -55,7 +56,14 @@ def default_node() -> str:
 
 async def connect_data(url: str, name: str) -> _core.DataConnection:
     handle_fut = core_call(lambda done: _core.connect(url, name, done))[1]
-    conn = await handle_fut
+    try:
+        # The core bounds each attempt; this bounds them all, whatever the server list.
+        conn = await asyncio.wait_for(handle_fut, DATA_CONNECT_TIMEOUT)
+    except TimeoutError:
+        raise NatsError(
+            f"cannot connect to NATS at {url}: no answer within {DATA_CONNECT_TIMEOUT:.0f} s; "
+            "check --data-url and that nats-server is running"
+        ) from None
     assert isinstance(conn, _core.DataConnection)
     return conn
 

@@ -7,15 +7,26 @@ its server at all.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
-from tests.conftest import MiB, allocated, make_image, start_cli, throttled_nbd, wait_for
+from tests.conftest import (
+    MiB,
+    NatsServer,
+    allocated,
+    make_image,
+    start_cli,
+    throttled_nbd,
+    wait_for,
+)
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -106,3 +117,46 @@ def test_sigkilled_copy_leaves_no_nats_server(slow_copy: tuple[str, Path]) -> No
     finally:
         if alive(server):
             os.kill(server, signal.SIGKILL)
+
+
+def test_idle_recv_whose_only_server_died_ends_within_its_timeout(
+    tmp_path: Path, start_nats: Callable[..., NatsServer]
+) -> None:
+    """Its --timeout holds when the server is gone: the process does not wait for ever on
+    a connection that reconnects for ever. (Needs the core's bounded waits too.)"""
+    server = start_nats()
+    proc = start_cli("recv", str(tmp_path / "o.img"), "--id", "idle", "--data-url", server.url,
+                     "--timeout", "10")  # fmt: skip
+    wait_for(lambda: _receiver_listens(server), "the receiver")
+    server.proc.kill()
+    server.proc.wait(10)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - started
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert proc.returncode == 1, err.decode()
+    assert len(lines) == 1 and lines[0].startswith("nbd-nats: error: "), lines
+    assert took < 10 + 15, took  # the timeout, and the bounded shutdown
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_ends_an_idle_recv_whose_only_server_died(
+    tmp_path: Path, start_nats: Callable[..., NatsServer], sig: signal.Signals, code: int
+) -> None:
+    server = start_nats()
+    proc = start_cli("recv", str(tmp_path / "o.img"), "--id", "idle", "--data-url", server.url,
+                     "--timeout", "0")  # fmt: skip
+    wait_for(lambda: _receiver_listens(server), "the receiver")
+    server.proc.kill()
+    server.proc.wait(10)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert proc.returncode == code, err.decode()
+    assert len(lines) == 1 and "Traceback" not in err.decode(), lines
+
+
+def _receiver_listens(server: NatsServer) -> bool:
+    url = f"http://127.0.0.1:{server.monitor}/subsz?subs=1&limit=100000"
+    subs = json.load(urlopen(url, timeout=2)).get("subscriptions_list", [])
+    return any(s["subject"] == "data.cmd.idle.open" for s in subs)
