@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,7 +21,7 @@ from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.planes import Login
 from nbdnats.progress import ProgressBar
 from nbdnats.schemas import Report, from_stats
-from nbdnats.units import human, parse_size
+from nbdnats.units import MAX_TIMEOUT, human, size_arg, timeout_arg
 
 EPILOG = """\
 SRC and DST: an NBD URI as libnbd takes it (nbd://host:port/export,
@@ -50,18 +51,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One shape for every error line, whichever subcommand's parser found it.
         self.exit(2, f"nbd-nats: error: {message} (see: {self.prog} --help)\n")
-
-
-def _size(what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            return parse_size(text, what)
-        except UsageError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a size: use bytes or a suffix like 4M, 1G, 512K"
-            ) from None
-
-    return parse
 
 
 def add_login_options(g: Any) -> None:
@@ -98,29 +87,30 @@ def _add_common(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> 
     if sender:
         t.add_argument(
             "--size",
-            type=_size("--size"),
+            type=size_arg,
             metavar="BYTES",
-            help="image size; required when SRC is '-' (stdin)",
+            help="image size; required when SRC is '-' (stdin); below 2^63",
         )
         t.add_argument(
             "--chunk-size",
-            type=_size("--chunk-size"),
+            type=size_arg,
             metavar="BYTES",
             help="bytes per frame (default: 1020K, or what the server's max_payload allows)",
         )
     t.add_argument(
         "--window",
-        type=_size("--window"),
+        type=size_arg,
         default=_core.DEFAULT_WINDOW,
         metavar="BYTES",
         help="bytes in flight before an ack (default: 32M, max 48M)",
     )
     t.add_argument(
         "--timeout",
-        type=float,
+        type=timeout_arg,
         default=transfer.DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help="how long to wait for the peer to appear or answer; 0 waits forever (default: 60)",
+        help="how long to wait for the peer to appear or answer; 0 waits forever, at most "
+        f"{MAX_TIMEOUT:.0f} (7 days) (default: 60)",
     )
     t.add_argument(
         "--verify", action="store_true", help="re-read the target after writing and compare"
@@ -198,10 +188,11 @@ def build_parser(*, full: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _report(stats: _core.Stats) -> Report:
+def _report(stats: _core.Stats, sender: _core.Stats | None = None) -> Report:
+    """The ``--json`` line; ``copy`` adds its sender's own report as ``sender``."""
     return from_stats(
         Report, stats, id=stats.transfer_id, seconds=round(stats.seconds, 3),
-        mb_per_s=round(stats.mb_per_s, 1),
+        mb_per_s=round(stats.mb_per_s, 1), sender=_report(sender) if sender else None,
     )  # fmt: skip
 
 
@@ -232,7 +223,8 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
         "resume": args.resume,
         "state_dir": args.state_dir,
     }
-    call: Awaitable[_core.Stats]
+    call: Awaitable[_core.Stats | transfer.CopyStats]
+    sender: _core.Stats | None = None
     try:
         if args.command == "send":
             call = nbdnats.send(
@@ -250,7 +242,7 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
                 **common,
             )
         else:
-            call = nbdnats.copy(
+            call = transfer.copy_ends(
                 args.src,
                 args.dst,
                 transfer_id=args.transfer_id,
@@ -259,13 +251,17 @@ async def _run(args: argparse.Namespace) -> _core.Stats:
                 target_is_zero=args.target_is_zero,
                 **common,
             )
-        stats = await call
+        result = await call
     finally:
         bar.close()
+    if isinstance(result, transfer.CopyStats):
+        sender, stats = result
+    else:
+        stats = result
     # stdout may carry the image itself; then results go to stderr.
     out = sys.stderr if to_stdout else sys.stdout
     if args.json:
-        out.write(msgspec.json.encode(_report(stats)).decode() + "\n")
+        out.write(msgspec.json.encode(_report(stats, sender)).decode() + "\n")
     elif not args.quiet:
         verb = {"send": "sent", "recv": "received", "copy": "copied"}[args.command]
         sys.stderr.write(_summary(verb, stats) + "\n")
@@ -288,6 +284,10 @@ async def _main(args: argparse.Namespace) -> None:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     if args.command in DATA_COMMANDS:
+        # What the library only warns about (a lost ctl plane): one line, no traceback.
+        logging.basicConfig(
+            level=logging.WARNING, format="nbd-nats: warning: %(message)s", stream=sys.stderr
+        )
         await _run(args)
         return
     from nbdnats import approval, ctl_cli, dev, migrate

@@ -30,7 +30,16 @@ from nbdnats.controller import Controller, OperationResult, parse_endpoint
 from nbdnats.errors import UsageError
 from nbdnats.planes import Login, default_node
 from nbdnats.schemas import MigrationEvent, Tool, TransferEvent, TransferOptions
-from nbdnats.units import human, parse_duration, parse_size
+from nbdnats.units import (
+    MAX_TIMEOUT,
+    count_arg,
+    human,
+    interval_arg,
+    parse_duration,
+    parse_timeout,
+    size_arg,
+    timeout_arg,
+)
 
 AGENT_EPILOG = """\
 config file (TOML; command-line options win, --allow and --export add to it):
@@ -110,11 +119,11 @@ def add_agent_parser(sub: Any) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="where receivers keep their journals")
     p.add_argument("--config", metavar="FILE", help="a TOML config file (see below)")
     p.add_argument(
-        "--announce-interval", type=float, metavar="S",
+        "--announce-interval", type=interval_arg, metavar="S",
         help=f"seconds between announcements (default {ANNOUNCE_INTERVAL:.0f})",
     )  # fmt: skip
     p.add_argument(
-        "--drain-timeout", type=float, metavar="S",
+        "--drain-timeout", type=timeout_arg, metavar="S",
         help=f"on SIGTERM, how long running transfers may finish (default {DRAIN_TIMEOUT:.0f})",
     )  # fmt: skip
 
@@ -134,6 +143,14 @@ def _load_config(path: str | None) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
     return data
+
+
+def _seconds(conf: dict[str, Any], key: str, default: float, *, zero: bool) -> float:
+    """A number of seconds from the config file, checked as the command line's are."""
+    value = conf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"--config: {key} must be a number of seconds")
+    return parse_timeout(repr(value), f"--config {key}", zero=zero)
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:
@@ -167,11 +184,11 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             env={str(k): str(v) for k, v in conf.get("env", {}).items()},
             vms=vms,
             announce_interval=args.announce_interval
-            or conf.get("announce_interval", ANNOUNCE_INTERVAL),
-            progress_interval=conf.get("progress_interval", PROGRESS_INTERVAL),
+            or _seconds(conf, "announce_interval", ANNOUNCE_INTERVAL, zero=False),
+            progress_interval=_seconds(conf, "progress_interval", PROGRESS_INTERVAL, zero=False),
             drain_timeout=args.drain_timeout
             if args.drain_timeout is not None
-            else conf.get("drain_timeout", DRAIN_TIMEOUT),
+            else _seconds(conf, "drain_timeout", DRAIN_TIMEOUT, zero=True),
         )
     except TypeError as e:
         raise UsageError(f"--config: {e}") from None
@@ -213,8 +230,9 @@ def add_ctl_parser(sub: Any) -> None:
         a.add_argument(
             "--id", dest="transfer_id", metavar="ID", help="transfer id (default: random)"
         )
-        a.add_argument("--window", type=_size, metavar="BYTES", help="bytes in flight (32M)")
-        a.add_argument("--timeout", type=float, metavar="S", help="peer timeout (60)")
+        a.add_argument("--window", type=size_arg, metavar="BYTES", help="bytes in flight (32M)")
+        a.add_argument("--timeout", type=timeout_arg, metavar="S",
+                       help=f"peer timeout (60; 0: none; at most {MAX_TIMEOUT:.0f})")  # fmt: skip
         a.add_argument("--verify", action="store_true", help="read the target back and compare")
         a.add_argument("--detach", action="store_true", help="print the id and do not wait")
         return a
@@ -222,7 +240,7 @@ def add_ctl_parser(sub: Any) -> None:
     c = op("copy", "copy a disk from one node to another",
            ("src", "NODE:SRC  export name, path or NBD URI on the sending node"),
            ("dst", "NODE:DST  export name, path or NBD URI on the receiving node"))  # fmt: skip
-    c.add_argument("--chunk-size", type=_size, metavar="BYTES", help="bytes per frame")
+    c.add_argument("--chunk-size", type=size_arg, metavar="BYTES", help="bytes per frame")
     c.add_argument("--target-is-zero", action="store_true", help="skip writing zero ranges")
 
     b = op("backup", "stream a node's disk into a backup tool on another node, as disk.img",
@@ -240,7 +258,7 @@ def add_ctl_parser(sub: Any) -> None:
     t.add_argument("--kopia", metavar="OBJECT", help="kopia show OBJECT (ROOT/disk.img)")
     t.add_argument("--pipe", metavar="CMD", help="a command writing the image on stdout")
     r.add_argument("--snapshot", default="latest", help="restic snapshot (default: latest)")
-    r.add_argument("--size", type=_size, metavar="BYTES", help="image size (needed for --pipe)")
+    r.add_argument("--size", type=size_arg, metavar="BYTES", help="image size (needed for --pipe)")
     r.add_argument("--target-is-zero", action="store_true", help="skip writing zero ranges")
 
     v = op("provision", "write an image onto an installer's disk under a signed approval",
@@ -258,9 +276,9 @@ def add_ctl_parser(sub: Any) -> None:
     m.add_argument("src", metavar="NODE:VM")
     m.add_argument("dst", metavar="DEST")
     m.add_argument("--id", dest="transfer_id", metavar="ID", help="migration id (random)")
-    m.add_argument("--timeout", type=float, default=60.0, metavar="S",
+    m.add_argument("--timeout", type=timeout_arg, default=60.0, metavar="S",
                    help="fail when a step makes no progress for S seconds (60)")  # fmt: skip
-    m.add_argument("--mirror-speed", type=_size, default=0, metavar="BYTES",
+    m.add_argument("--mirror-speed", type=size_arg, default=0, metavar="BYTES",
                    help="cap the disks' bulk copy, bytes/s (default: none)")  # fmt: skip
     m.add_argument("--return-path", action="store_true",
                    help="turn on QEMU's return path (see nbd-nats migrate --help)")  # fmt: skip
@@ -273,19 +291,12 @@ def add_ctl_parser(sub: Any) -> None:
 
     e = actions.add_parser("events", help="show events live (or replay stored ones)")
     e.add_argument("--since", metavar="DURATION", help="replay from this long ago (10m, 2h)")
-    e.add_argument("--seq", type=int, metavar="N", help="replay from stream sequence N")
+    e.add_argument("--seq", type=count_arg, metavar="N", help="replay from stream sequence N")
     e.add_argument("--all", action="store_true", help="replay everything stored")
     e.add_argument("--node", default="*", help="only this node's events")
     e.add_argument("--kind", default="*", help="only this kind (announce, transfer, refused)")
     e.add_argument("--no-follow", action="store_true", help="stop after the stored events")
-    e.add_argument("--count", type=int, metavar="N", help="stop after N events")
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except UsageError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (4M, 1G, ...)") from None
+    e.add_argument("--count", type=count_arg, metavar="N", help="stop after N events")
 
 
 def _tool(args: argparse.Namespace, restore: bool) -> Tool:
@@ -491,7 +502,7 @@ def add_digest_parser(sub: Any) -> None:
         "sha256sum prints it for the raw image; holes are hashed without being read.",
     )
     p.add_argument("src", metavar="SRC")
-    p.add_argument("--length", type=_size, metavar="BYTES", help="hash only the first BYTES")
+    p.add_argument("--length", type=size_arg, metavar="BYTES", help="hash only the first BYTES")
 
 
 async def run_digest(args: argparse.Namespace) -> None:

