@@ -1,0 +1,284 @@
+"""A NATS server that dies for good, or goes silent for a while.
+
+A server SIGKILLed and never restarted: ``--timeout`` bounds the time without a connection
+too, every end says so in one line, and SIGTERM/SIGINT end a process that waits forever.
+A server blackholed for longer than TCP's first retransmissions: the transfer recovers
+once the path is back, within the default ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.request import urlopen
+
+import pytest
+
+from nbdnats.embedded import EmbeddedServer, nats_server_binary
+from tests.conftest import (
+    NBD_NATS,
+    MiB,
+    NatsServer,
+    allocated,
+    cli_env,
+    make_image,
+    sha256_file,
+    start_cli,
+    throttled_nbd,
+    wait_for,
+)
+
+SIZE = 96 * MiB
+RATE = 8 * MiB  # a throttled source: about twelve seconds, so the server can die mid-way
+TIMEOUT = 10
+# A dead server is noticed at once (the socket closes) or by the pings (10 to 15 s); then
+# --timeout runs. Generous: the machine may be loaded.
+MARGIN = 25
+
+
+def kill_for_good(server: NatsServer) -> float:
+    """SIGKILL the server and never restart it; when it died."""
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    return time.monotonic()
+
+
+def ended(proc: subprocess.Popen[bytes], since: float, bound: float) -> tuple[int, str, float]:
+    """Wait for ``proc`` (at most ``bound`` seconds after ``since``); its exit code, stderr,
+    and how long after ``since`` it ended."""
+    try:
+        _, err = proc.communicate(timeout=max(0.1, since + bound - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"still running {bound:.0f} s after the server died; stderr={err.decode()!r}")
+    return proc.returncode, err.decode(), time.monotonic() - since
+
+
+def finish(proc: subprocess.Popen[bytes]) -> dict[str, object]:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def one_error_line(code: int, err: str) -> str:
+    assert code not in (0, None), err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got {lines!r}"
+    assert lines[0].startswith("nbd-nats: error: "), lines[0]
+    return lines[0]
+
+
+def connections(server: NatsServer) -> int:
+    """How many clients the server holds (its monitoring endpoint)."""
+    try:
+        url = f"http://127.0.0.1:{server.monitor}/connz"
+        return int(json.load(urlopen(url, timeout=2))["num_connections"])
+    except OSError:
+        return 0
+
+
+def test_transfer_gives_up_when_its_only_server_dies(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+    server = start_nats()
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src, SIZE, [(0, SIZE)])
+    common = ("--id", "gone", "--data-url", server.url, "--timeout", str(TIMEOUT))
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
+        recv = start_cli("recv", str(dst), *common)
+        send = start_cli("send", uri, *common)
+        wait_for(lambda: dst.exists() and dst.stat().st_blocks * 512 >= 8 * MiB, "data", 60)
+        died = kill_for_good(server)
+        for name, proc in (("sender", send), ("receiver", recv)):
+            code, err, took = ended(proc, died, TIMEOUT + MARGIN)
+            line = one_error_line(code, err)
+            print(f"{name} ended {took:.1f} s after the server died: {line}")
+
+
+def test_copy_gives_up_when_its_data_server_dies(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+    server = start_nats()
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src, SIZE, [(0, SIZE)])
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
+        copy = start_cli("copy", uri, str(dst), "--data-url", server.url, "--timeout", str(TIMEOUT))
+        wait_for(lambda: dst.exists() and dst.stat().st_blocks * 512 >= 8 * MiB, "data", 60)
+        died = kill_for_good(server)
+        code, err, took = ended(copy, died, TIMEOUT + MARGIN)
+    line = one_error_line(code, err)
+    print(f"copy ended {took:.1f} s after the server died: {line}")
+
+
+@pytest.mark.parametrize(("sig", "want"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("role", ["recv", "send"])
+def test_signal_ends_a_process_that_waits_forever_for_a_dead_server(  # type: ignore[no-untyped-def]
+    tmp_path: Path, start_nats, role: str, sig: signal.Signals, want: int
+) -> None:
+    server = start_nats()
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src, SIZE, [(0, SIZE)])
+    common = ("--id", "forever", "--data-url", server.url, "--timeout", "0")
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
+        recv = start_cli("recv", str(dst), *common)
+        send = start_cli("send", uri, *common)
+        wait_for(lambda: dst.exists() and dst.stat().st_blocks * 512 >= 8 * MiB, "data", 60)
+        kill_for_good(server)
+        victim = recv if role == "recv" else send
+        # Past the pings' 10-15 s: the connection is known dead, the process reconnecting.
+        time.sleep(3)
+        assert victim.poll() is None, victim.communicate()[1].decode()
+        victim.send_signal(sig)
+        sent = time.monotonic()
+        code, err, took = ended(victim, sent, 10)
+    assert code == want, err
+    assert "Traceback" not in err, err
+    print(f"{role} ended {took:.1f} s after {sig.name}: {err.strip()!r}")
+
+
+@dataclass
+class Netns:
+    """A nats-server in a network namespace of its own, its clients in a second one, the
+    two joined by a veth pair with IPv6 ULA addresses: nothing else is on that path, so
+    a route in the clients' namespace can cut it without touching any other traffic."""
+
+    server_ns: str
+    client_ns: str
+    server_addr: str
+
+    def run(self, ns: str, *args: str) -> None:
+        subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
+
+    def blackhole(self, on: bool) -> None:
+        verb = "add" if on else "del"
+        self.run(self.client_ns, "-6", "route", verb, "blackhole", f"{self.server_addr}/128")
+
+
+@contextlib.contextmanager
+def namespaces() -> Iterator[Netns]:
+    suffix = secrets.token_hex(3)
+    server_ns, client_ns = f"nbdnats-t-srv{suffix}", f"nbdnats-t-cli{suffix}"
+    made = subprocess.run(["ip", "netns", "add", server_ns], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace (needs root): {made.stderr.strip()}")
+    try:
+        subprocess.run(["ip", "netns", "add", client_ns], check=True, capture_output=True)
+        g = secrets.token_hex(5)  # a ULA prefix: fd + a random 40-bit global id, subnet 0
+        prefix = f"fd{g[:2]}:{g[2:6]}:{g[6:10]}:0"
+        net = Netns(server_ns, client_ns, f"{prefix}::2")
+        cli_if, srv_if = f"nbt{suffix}c", f"nbt{suffix}s"
+        subprocess.run(
+            ["ip", "-n", client_ns, "link", "add", cli_if, "type", "veth",
+             "peer", "name", srv_if, "netns", server_ns],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        for ns, ifname, addr in ((client_ns, cli_if, "1"), (server_ns, srv_if, "2")):
+            # nodad: usable at once, not after duplicate address detection.
+            net.run(ns, "addr", "add", f"{prefix}::{addr}/64", "dev", ifname, "nodad")
+            net.run(ns, "link", "set", ifname, "up")
+            net.run(ns, "link", "set", "lo", "up")
+        yield net
+    finally:
+        for ns in (client_ns, server_ns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_transfer_recovers_after_a_35s_blackhole(tmp_path: Path) -> None:
+    """The path to the only server is cut (packets dropped, nothing refused) for 35 s, then
+    restored: the pings notice the silent server, reconnects retry within a second, and a
+    transfer with the default 60 s --timeout finishes intact."""
+    size, rate, cut = 64 * MiB, 8 * MiB, 35.0
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, size, [(0, size)])
+    procs: list[subprocess.Popen[bytes]] = []
+    with namespaces() as net, throttled_nbd(src, tmp_path / "src.sock", read_bps=rate) as (_, uri):
+        try:
+            cfg = EmbeddedServer(net.server_addr, max_payload=8 * MiB)
+            cfg.port = 4222
+            conf = tmp_path / "nats.conf"
+            conf.write_text(cfg.config(tmp_path / "js"))
+            with (tmp_path / "nats.log").open("wb") as log:
+                server = subprocess.Popen(
+                    ["ip", "netns", "exec", net.server_ns, nats_server_binary(), "-c", str(conf)],
+                    stdout=log, stderr=log,
+                )  # fmt: skip
+            procs.append(server)
+
+            def in_clients(*args: str) -> subprocess.Popen[bytes]:
+                proc = subprocess.Popen(
+                    ["ip", "netns", "exec", net.client_ns, NBD_NATS, *args],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                )  # fmt: skip
+                procs.append(proc)
+                return proc
+
+            common = ("--id", "bh", "--data-url", cfg.url, "--json")
+            wait_for(lambda: "Server is ready" in (tmp_path / "nats.log").read_text(), "nats")
+            recv = in_clients("recv", str(dst), *common)
+            send = in_clients("send", uri, *common)
+            wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+            net.blackhole(True)
+            cut_at = time.monotonic()
+            # No fixed sleep could be replaced here: the cut lasts this long by design.
+            time.sleep(cut)
+            held = allocated(dst)
+            net.blackhole(False)
+            lifted = time.monotonic()
+            wait_for(lambda: allocated(dst) > held or recv.poll() is not None, "recovery", 60)
+            recovered = time.monotonic() - lifted
+            sent, got = finish(send), finish(recv)
+            done = time.monotonic() - lifted
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()
+    print(
+        f"blackhole {cut:.0f} s (began {cut_at:.0f}); data flowed again {recovered:.1f} s "
+        f"after it lifted, transfer done {done:.1f} s after"
+    )
+    assert sha256_file(dst) == want
+    assert sent["digest"] == got["digest"]
+
+
+def test_sender_does_not_call_a_frozen_receiver_gone(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+    """The receiver is frozen (SIGSTOP) for longer than the sender's --timeout: the sender
+    cannot tell a frozen receiver from a dead one, so it must not tell the user to start
+    `recv --resume` while that recv may still run. Thawed, the receiver ends too (its
+    sender left), keeps its journal and says how to resume; the resume then finishes."""
+    server = start_nats()
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, SIZE, [(0, SIZE)])
+    common = ("--id", "frozen", "--data-url", server.url, "--timeout", str(TIMEOUT))
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
+        recv = start_cli("recv", str(dst), *common)
+        send = start_cli("send", uri, *common)
+        # Past the receiver's first journal checkpoint (5 s in): there is progress to keep.
+        wait_for(lambda: dst.exists() and allocated(dst) >= 56 * MiB, "data", 60)
+        recv.send_signal(signal.SIGSTOP)
+        try:
+            code, err, took = ended(send, time.monotonic(), TIMEOUT + MARGIN)
+        finally:
+            recv.send_signal(signal.SIGCONT)
+        line = one_error_line(code, err)
+        print(f"sender ended {took:.1f} s after the receiver froze: {line}")
+        assert "no receiver" not in line and "start `nbd-nats recv" not in line, line
+        assert "if its recv has ended" in line, line
+        code, err, took = ended(recv, time.monotonic(), MARGIN)
+        line = one_error_line(code, err)
+        print(f"receiver ended {took:.1f} s after it thawed: {line}")
+        match = re.search(r"progress is kept in (\S+): run the same recv with --resume", line)
+        assert match, line
+        assert Path(match.group(1)).is_file(), line
+        # The hint holds: both ends resume and finish the transfer.
+        recv = start_cli("recv", str(dst), *common, "--resume", "--json")
+        send = start_cli("send", uri, *common, "--resume", "--json")
+        sent, got = finish(send), finish(recv)
+    assert sha256_file(dst) == want
+    assert sent["digest"] == got["digest"]
