@@ -483,6 +483,12 @@ fn settle_journal(journal: Option<Journal>, err: Error) -> Error {
     match err {
         Error::Timeout(m) => Error::Timeout(m + &hint),
         Error::Nats(m) => Error::Nats(m + &hint),
+        // The sender gave up (its abort carries its own code, e.g. timeout): the journal
+        // is kept, so say so here too.
+        Error::Remote { code, message } => Error::Remote {
+            code,
+            message: message + &hint,
+        },
         other => other,
     }
 }
@@ -1236,6 +1242,38 @@ mod tests {
             offset,
             length,
             checksum: 0,
+        }
+    }
+
+    #[test]
+    fn a_kept_journal_is_named_whoever_gave_up() {
+        let dir = std::env::temp_dir().join(format!("nbdnats-settle-{}", std::process::id()));
+        let path = crate::journal::path_for(&dir, "t");
+        let _ = std::fs::remove_file(&path);
+        let header = crate::journal::Header {
+            v: crate::journal::JOURNAL_VERSION,
+            transfer_id: "t".into(),
+            target: "/dev/x".into(),
+            size: 100,
+            chunk_size: 10,
+            key_hash: "a".repeat(64),
+            identity: None,
+        };
+        let frame = crate::journal::Frame {
+            kind: Kind::Data,
+            length: 10,
+            checksum: 1,
+        };
+        for err in [
+            Error::Timeout("the sender went quiet".into()),
+            Error::from_remote("timeout", "the sender gave up: its receiver was silent"),
+        ] {
+            let mut j = Journal::create(&path, header.clone()).unwrap();
+            j.checkpoint(&[frame]).unwrap();
+            let said = settle_journal(Some(j), err).to_string();
+            assert!(said.contains("run the same recv with --resume"), "{said}");
+            assert!(path.is_file(), "{said}");
+            std::fs::remove_file(&path).unwrap();
         }
     }
 
