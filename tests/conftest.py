@@ -5,6 +5,7 @@ Each is started on a random port or a fresh unix socket and killed at teardown.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -315,3 +316,22 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
         if a.proc.poll() is None:
             a.proc.kill()
             a.proc.wait()
+
+
+async def ctl_ask(url: str, subject: str, payload: bytes, timeout: float = 20) -> dict[str, object]:
+    """One raw request on the ctl plane (a crafted message, as an attacker would send it);
+    the reply decoded."""
+    import msgspec
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        msg = await nc.request(subject, payload, timeout=timeout)
+        return dict(msgspec.json.decode(msg.data))
+    finally:
+        await nc.close()
+
+
+def ctl_request(url: str, subject: str, payload: bytes, timeout: float = 20) -> dict[str, object]:
+    """``ctl_ask`` from synchronous code."""
+    return asyncio.run(ctl_ask(url, subject, payload, timeout))

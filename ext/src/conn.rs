@@ -241,6 +241,11 @@ impl DataConn {
         }
     }
 
+    /// Whether the client is connected to a server right now (it reconnects by itself).
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Flush, waiting at most `bound`; whether it completed.
     pub async fn flush_within(&self, bound: Duration) -> bool {
         matches!(

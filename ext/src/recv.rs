@@ -195,6 +195,12 @@ impl Receiver<'_> {
         };
         let ack = self.ack_frame(AckKind::Error, self.written_frames, body);
         self.conn.tidy(&self.subjects.acks, ack.encode()).await;
+        // What is written so far is worth keeping when the transfer can go on: record it
+        // (the target flushed first), however soon after the last checkpoint this is.
+        // (If that fails the journal keeps its last checkpoint: a resume re-checks anyway.)
+        if err.resumable() {
+            let _ = self.checkpoint().await;
+        }
         settle_journal(self.journal.take(), err)
     }
 
@@ -826,8 +832,13 @@ async fn run(
                 }
             }
             _ = stall.expired() => {
+                let who = if rx.conn.connected() {
+                    "the sender went quiet"
+                } else {
+                    "the connection to the NATS server was down"
+                };
                 return Err(Error::Timeout(format!(
-                    "the sender went quiet for {} at offset {} of {}",
+                    "{who} for {} at offset {} of {}",
                     stall.describe(), rx.written_bytes, rx.size
                 )));
             }

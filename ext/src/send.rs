@@ -322,111 +322,95 @@ pub async fn send(
     progress.size.store(size, Relaxed);
     let chunk = fit_chunk(opts.chunk_size, conn.max_payload)?;
     // Subscribe to acks before the receiver can send any.
-    let acks = conn
+    let mut acks = conn
         .client
         .subscribe(subjects.acks.clone())
         .await
         .map_err(nats_err)?;
     progress.set_state(State::Waiting);
     let (key, shown) = sender_key(opts, &progress.transfer_id)?;
-    let result = send_keyed(
-        conn, source, subjects, opts, progress, cancel, acks, key, shown, chunk,
-    )
+    // Whatever happens below, the key file is settled afterwards.
+    let result = async move {
+        let request = OpenRequest {
+            v: PROTOCOL_VERSION,
+            probe: false,
+            size,
+            chunk_size: chunk,
+            window: opts.window,
+            max_payload: conn.max_payload,
+            checksum: CHECKSUM_ALGORITHM.into(),
+            digest: DIGEST_ALGORITHM.into(),
+            verify: opts.verify,
+            resume: opts.resume,
+            writes: false,
+            key: shown,
+        };
+        let reply = open(
+            conn,
+            subjects,
+            &request,
+            Stall::new(opts.timeout),
+            &progress.transfer_id,
+            cancel,
+        )
+        .await?;
+        if reply.chunk_size == 0 || reply.chunk_size > crate::conn::chunk_room(conn.max_payload) {
+            return Err(Error::Protocol(format!(
+                "the receiver asks for {}-byte chunks, which do not fit here",
+                reply.chunk_size
+            )));
+        }
+        let mut tx = Sender {
+            conn,
+            subjects,
+            progress,
+            source: source.clone(),
+            size,
+            chunk: reply.chunk_size,
+            request,
+            key,
+            key_file: opts.key_file.clone(),
+            cancel: cancel.clone(),
+            timeout: opts.timeout,
+            faults: Faults::from_env(),
+            session: 0,
+            window: Window::new(opts.window),
+            digest: Digest::default(),
+            digest_next: 0,
+            resume_seq: 0,
+            resume_offset: 0,
+            planner: Planner::new(source, size, reply.chunk_size),
+            // Frames live from their read until async-nats has written them: the read-ahead
+            // and at most the window.
+            pool: Pool::new(
+                HEADER_LEN + reply.chunk_size as usize,
+                ((opts.window + READ_AHEAD_BYTES) / reply.chunk_size) as usize + 4,
+            ),
+            planned_all: false,
+            reads: FuturesOrdered::new(),
+            ready: None,
+            retransmits: FuturesUnordered::new(),
+            next_unsent: 0,
+            end: None,
+            received: 0,
+            last_heard: Instant::now(),
+            last_progress: Instant::now(),
+            last_sent: Instant::now(),
+            backoff: 1,
+        };
+        tx.restart_at(&reply);
+        progress.chunk_size.store(tx.chunk, Relaxed);
+        progress.set_state(State::Running);
+        let result = tx.run(&mut acks, opts.verify, cancel).await;
+        if let Err(e) = &result {
+            if !matches!(e, Error::Remote { .. }) {
+                tx.abort(e).await;
+            }
+        }
+        result
+    }
     .await;
     settle_key(opts, &result);
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn send_keyed(
-    conn: &DataConn,
-    source: Arc<dyn Source>,
-    subjects: &Subjects,
-    opts: &SendOptions,
-    progress: &Progress,
-    cancel: &CancellationToken,
-    mut acks: async_nats::Subscriber,
-    key: SenderKey,
-    shown: String,
-    chunk: u64,
-) -> Result<()> {
-    let size = source.size();
-    let request = OpenRequest {
-        v: PROTOCOL_VERSION,
-        probe: false,
-        size,
-        chunk_size: chunk,
-        window: opts.window,
-        max_payload: conn.max_payload,
-        checksum: CHECKSUM_ALGORITHM.into(),
-        digest: DIGEST_ALGORITHM.into(),
-        verify: opts.verify,
-        resume: opts.resume,
-        writes: false,
-        key: shown,
-    };
-    let reply = open(
-        conn,
-        subjects,
-        &request,
-        Stall::new(opts.timeout),
-        &progress.transfer_id,
-        cancel,
-    )
-    .await?;
-    if reply.chunk_size == 0 || reply.chunk_size > crate::conn::chunk_room(conn.max_payload) {
-        return Err(Error::Protocol(format!(
-            "the receiver asks for {}-byte chunks, which do not fit here",
-            reply.chunk_size
-        )));
-    }
-    let mut tx = Sender {
-        conn,
-        subjects,
-        progress,
-        source: source.clone(),
-        size,
-        chunk: reply.chunk_size,
-        request,
-        key,
-        key_file: opts.key_file.clone(),
-        cancel: cancel.clone(),
-        timeout: opts.timeout,
-        faults: Faults::from_env(),
-        session: 0,
-        window: Window::new(opts.window),
-        digest: Digest::default(),
-        digest_next: 0,
-        resume_seq: 0,
-        resume_offset: 0,
-        planner: Planner::new(source, size, reply.chunk_size),
-        // Frames live from their read until async-nats has written them: the read-ahead
-        // and at most the window.
-        pool: Pool::new(
-            HEADER_LEN + reply.chunk_size as usize,
-            ((opts.window + READ_AHEAD_BYTES) / reply.chunk_size) as usize + 4,
-        ),
-        planned_all: false,
-        reads: FuturesOrdered::new(),
-        ready: None,
-        retransmits: FuturesUnordered::new(),
-        next_unsent: 0,
-        end: None,
-        received: 0,
-        last_heard: Instant::now(),
-        last_progress: Instant::now(),
-        last_sent: Instant::now(),
-        backoff: 1,
-    };
-    tx.restart_at(&reply);
-    progress.chunk_size.store(tx.chunk, Relaxed);
-    progress.set_state(State::Running);
-    let result = tx.run(&mut acks, opts.verify, cancel).await;
-    if let Err(e) = &result {
-        if !matches!(e, Error::Remote { .. }) {
-            tx.abort(e).await;
-        }
-    }
     result
 }
 
@@ -442,8 +426,16 @@ pub(crate) async fn open(
     let payload = encode(request);
     loop {
         if stall.is_expired() {
+            if !conn.connected() {
+                return Err(Error::Timeout(format!(
+                    "the connection to the NATS server was down for {}; check the server and \
+                     the network, then run this command again{}",
+                    stall.describe(),
+                    if request.resume { " with --resume" } else { "" }
+                )));
+            }
             return Err(Error::Timeout(if request.resume {
-                format!("the receiver of transfer {id} has not answered for {} (it, or the NATS path to it, is gone); if its recv has ended, start it again with --resume, then this send with --resume; or raise --timeout", stall.describe())
+                format!("the receiver of transfer {id} has not answered for {} (it, or the NATS path to it, is gone); if its recv has ended, start it again with --resume, then run this command again with --resume; or raise --timeout", stall.describe())
             } else {
                 format!("no receiver for transfer {id} answered within {}; start `nbd-nats recv TARGET --id {id}` on the target host first, or raise --timeout", stall.describe())
             }));

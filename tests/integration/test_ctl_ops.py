@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 
 from nbdnats import subjects
@@ -24,6 +23,8 @@ from tests.conftest import (
     AgentProc,
     MiB,
     NatsServer,
+    ctl_ask,
+    ctl_request,
     make_image,
     one_line_error,
     run_cli,
@@ -295,7 +296,7 @@ def test_a_replayed_approval_with_another_stream_leaves_the_device_unbootable(
         image_digest=f"sha256:{want}",
         size=src.stat().st_size,
     )
-    reply = asyncio.run(_request(url, subjects.ctl_command("inst1", "provision"), encode(cmd)))
+    reply = ctl_request(url, subjects.ctl_command("inst1", "provision"), encode(cmd))
     assert reply["ok"] is True, reply  # the approval itself is genuine
     sent = run_cli("send", str(evil), "--id", "replayed", "--data-url", url)
     assert sent.returncode == 1
@@ -364,15 +365,6 @@ def test_paths_outside_the_allow_list_are_refused_before_a_byte_is_written(
     assert len(refused) == len(cases) + 1 and all(e["code"] == "denied" for e in refused)
 
 
-async def _request(url: str, subject: str, payload: bytes) -> dict[str, object]:
-    nc = await nats.connect(url)
-    try:
-        msg = await nc.request(subject, payload, timeout=10)
-        return dict(msgspec.json.decode(msg.data))
-    finally:
-        await nc.close()
-
-
 def test_bad_messages_get_an_error_reply_and_the_agent_carries_on(
     url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
 ) -> None:
@@ -390,10 +382,10 @@ def test_bad_messages_get_an_error_reply_and_the_agent_carries_on(
         (subjects.ctl_query("a", "secrets"), b"{}", "schema", "unknown query 'secrets'"),
     ]
     for subject, payload, code, message in cases:
-        reply = asyncio.run(_request(url, subject, payload))
+        reply = ctl_request(url, subject, payload)
         assert reply["ok"] is False and reply["code"] == code, (payload, reply)
         assert message in str(reply["error"]), (payload, reply)
-    info = asyncio.run(_request(url, subjects.ctl_query("a", "info"), b""))
+    info = ctl_request(url, subjects.ctl_query("a", "info"), b"")
     assert info["node"] == "a" and info["state"] == "up" and info["v"] == SCHEMA_VERSION
     assert a.proc.poll() is None and "Traceback" not in a.text()
 
@@ -406,10 +398,10 @@ def test_a_repeated_idempotency_key_never_starts_a_second_transfer(
     subject = subjects.ctl_command("b", "recv")
 
     async def twice() -> list[dict[str, object]]:
-        return list(await asyncio.gather(*(_request(url, subject, encode(cmd)) for _ in range(3))))
+        return list(await asyncio.gather(*(ctl_ask(url, subject, encode(cmd)) for _ in range(3))))
 
     replies = asyncio.run(twice())
-    again = asyncio.run(_request(url, subject, encode(cmd)))
+    again = ctl_request(url, subject, encode(cmd))
     assert all(r == {**replies[0]} for r in [*replies, again])
     assert replies[0]["ok"] is True and replies[0]["transfer_id"] == "once"
     rows = json.loads(ok(ctl(url, "--json", "transfers", "--node", "b")))
@@ -418,9 +410,9 @@ def test_a_repeated_idempotency_key_never_starts_a_second_transfer(
     assert len(accepted) == 1
     # The same key for another command is a conflict; a new key for the same id is busy.
     other = msgspec.structs.replace(cmd, dst=str(tmp_path / "other.raw"))
-    reply = asyncio.run(_request(url, subject, encode(other)))
+    reply = ctl_request(url, subject, encode(other))
     assert reply["code"] == "conflict" and "used for a different command" in str(reply["error"])
     fresh = msgspec.structs.replace(cmd, key="k-2")
-    reply = asyncio.run(_request(url, subject, encode(fresh)))
+    reply = ctl_request(url, subject, encode(fresh))
     assert reply["code"] == "busy" and "already running" in str(reply["error"])
     ok(ctl(url, "cancel", "once"))

@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
-import nats
 import pytest
 
 from nbdnats import subjects
-from tests.conftest import AgentProc, MiB, NatsServer, make_image, one_line_error, run_cli
+from tests.conftest import (
+    AgentProc,
+    MiB,
+    NatsServer,
+    ctl_request,
+    make_image,
+    one_line_error,
+    run_cli,
+)
 
 TOO_BIG = "is more than the largest size, 2^63 - 1 bytes"
 NOT_SECONDS = "is not a number of seconds from 0 (no limit) to 604800 (7 days)"
@@ -101,15 +106,6 @@ def test_agent_config_file_timeout_out_of_range(tmp_path: Path, nats_url: str) -
     assert proc.returncode == 2
 
 
-async def _request(url: str, subject: str, payload: bytes) -> dict[str, object]:
-    nc = await nats.connect(url)
-    try:
-        msg = await nc.request(subject, payload, timeout=10)
-        return dict(msgspec.json.decode(msg.data))
-    finally:
-        await nc.close()
-
-
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -134,10 +130,10 @@ def test_agent_refuses_a_command_with_an_out_of_range_number(
     payload = (
         f'{{"key": "k", "transfer_id": "t", "src": "{src}", "options": {{"{field}": {value}}}}}'
     ).encode()
-    reply = asyncio.run(_request(url, subjects.ctl_command("a", "send"), payload))
+    reply = ctl_request(url, subjects.ctl_command("a", "send"), payload)
     assert reply["ok"] is False and reply["code"] == "schema", reply
     # The agent is still there and well.
-    info = asyncio.run(_request(url, subjects.ctl_query("a", "info"), b""))
+    info = ctl_request(url, subjects.ctl_query("a", "info"), b"")
     assert info["state"] == "up"
     assert agent.proc.poll() is None and "Traceback" not in agent.text()
 
@@ -162,6 +158,6 @@ def test_agent_refuses_other_numbers_out_of_range(
 ) -> None:
     url = start_nats().url
     agent = start_agent("a", url, "--allow", str(tmp_path))
-    reply = asyncio.run(_request(url, subjects.ctl_command("a", op), payload.encode()))
+    reply = ctl_request(url, subjects.ctl_command("a", op), payload.encode())
     assert reply["ok"] is False and reply["code"] == "schema", reply
     assert agent.proc.poll() is None and "Traceback" not in agent.text()

@@ -6,7 +6,6 @@ marker must never exist, and the refusal is one line with its code."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -14,8 +13,6 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
-import nats
 import pytest
 
 from nbdnats import subjects
@@ -24,6 +21,7 @@ from tests.conftest import (
     AgentProc,
     MiB,
     NatsServer,
+    ctl_request,
     make_image,
     one_line_error,
     run_cli,
@@ -57,15 +55,6 @@ def restic(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
 def stored_events(url: str, kind: str) -> list[dict[str, object]]:
     out = ok(ctl(url, "--json", "events", "--all", "--no-follow", "--kind", kind))
     return [json.loads(x)["data"] for x in out.splitlines()]
-
-
-async def _request(url: str, subject: str, payload: bytes) -> dict[str, object]:
-    nc = await nats.connect(url)
-    try:
-        msg = await nc.request(subject, payload, timeout=20)
-        return dict(msgspec.json.decode(msg.data))
-    finally:
-        await nc.close()
 
 
 @pytest.fixture
@@ -152,7 +141,7 @@ def test_crafted_tool_values_are_refused_before_any_tool_runs(
             cmd = SendCommand(key=f"k{i}", transfer_id=f"t{i}", tool=tool, size=MiB)
         else:
             cmd = RecvCommand(key=f"k{i}", transfer_id=f"t{i}", tool=tool)
-        reply = asyncio.run(_request(url, subjects.ctl_command("b", op), encode(cmd)))
+        reply = ctl_request(url, subjects.ctl_command("b", op), encode(cmd))
         assert reply["ok"] is False, (tool, reply)
         assert reply["code"] in ("usage", "denied"), (tool, reply)
         error = str(reply["error"])
