@@ -142,13 +142,21 @@ class TransferHandle:
 
 
 async def image_digest(
-    src: str, *, length: int | None = None, size: int | None = None
+    src: str,
+    *,
+    length: int | None = None,
+    size: int | None = None,
+    allow_local_file: bool = False,
 ) -> tuple[str, int]:
     """The sha256 of an image's contents (``"sha256:<hex>"``) and the bytes hashed: what
-    ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read."""
-    result = await core_call(lambda done: _core.image_digest(src, done, length=length, size=size))[
-        1
-    ]
+    ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read.
+    ``allow_local_file``: ``src`` comes from the local user, so an NBD URI may name local
+    files (``tls-psk-file=``); leave it False for an endpoint that came in a message."""
+    result = await core_call(
+        lambda done: _core.image_digest(
+            src, done, length=length, size=size, allow_local_file=allow_local_file
+        )
+    )[1]
     assert isinstance(result, tuple)
     digest, hashed = result
     return str(digest), int(hashed)
@@ -180,7 +188,9 @@ async def start_send(
     timeout: float = DEFAULT_TIMEOUT,
     verify: bool = False,
     resume: bool = False,
+    allow_local_file: bool = False,
 ) -> TransferHandle:
+    """``allow_local_file`` as for ``image_digest`` (also on ``start_recv``)."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     subs = subjects.transfer(transfer_id)
     core, outcome = core_call(
@@ -196,6 +206,7 @@ async def start_send(
             timeout_s=timeout,
             verify=verify,
             resume=resume,
+            allow_local_file=allow_local_file,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -213,6 +224,7 @@ async def start_recv(
     resume: bool = False,
     state_dir: str | None = None,
     return_id: str | None = None,
+    allow_local_file: bool = False,
 ) -> TransferHandle:
     """``return_id`` (a ``unix:PATH`` target only): what the other end of that connection
     writes back is sent home as transfer ``return_id`` (a migration's return path)."""
@@ -233,6 +245,7 @@ async def start_recv(
             state_dir=str(resolve_state_dir(state_dir)),
             resume=resume,
             return_subjects=back,
+            allow_local_file=allow_local_file,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -318,7 +331,13 @@ async def send(
     on_progress: ProgressCallback | None = None,
     **options: Any,
 ) -> TransferStats:
-    """Send ``src`` (NBD URI, file, device or ``-``) as transfer ``transfer_id``."""
+    """Send ``src`` (NBD URI, file, device or ``-``) as transfer ``transfer_id``.
+
+    ``send``, ``recv`` and ``copy`` take their endpoints from the local user, so an NBD URI
+    may name local files (``tls-psk-file=``) unless ``allow_local_file=False`` is passed;
+    the ``start_*`` calls and ``image_digest`` (which the agent uses for endpoints that came
+    in a message) allow it only when asked."""
+    options.setdefault("allow_local_file", True)
     return await _one(
         start_send, src, transfer_id, planes, (data_url, ctl_url, node), on_progress, options
     )
@@ -335,7 +354,9 @@ async def recv(
     on_progress: ProgressCallback | None = None,
     **options: Any,
 ) -> TransferStats:
-    """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-``, ``null:``)."""
+    """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-``, ``null:``);
+    ``allow_local_file`` as for ``send``."""
+    options.setdefault("allow_local_file", True)
     return await _one(
         start_recv, dst, transfer_id, planes, (data_url, ctl_url, node), on_progress, options
     )
@@ -358,8 +379,10 @@ async def copy(
     target_is_zero: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
+    allow_local_file: bool = True,
 ) -> TransferStats:
-    """Both ends in one process. Without any NATS URL, through an embedded nats-server."""
+    """Both ends in one process. Without any NATS URL, through an embedded nats-server.
+    ``allow_local_file`` as for ``send``."""
     transfer_id = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     async with contextlib.AsyncExitStack() as stack:
@@ -377,6 +400,7 @@ async def copy(
             target_is_zero=target_is_zero,
             resume=resume,
             state_dir=state_dir,
+            allow_local_file=allow_local_file,
         )
         sender = await start_send(
             src,
@@ -388,6 +412,7 @@ async def copy(
             timeout=timeout,
             verify=verify,
             resume=resume,
+            allow_local_file=allow_local_file,
         )
         return await _both(sender, receiver, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)
