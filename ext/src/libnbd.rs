@@ -47,7 +47,9 @@ extern "C" {
     fn nbd_close(h: *mut RawHandle);
     fn nbd_get_error() -> *const c_char;
     fn nbd_add_meta_context(h: *mut RawHandle, name: *const c_char) -> c_int;
-    fn nbd_connect_uri(h: *mut RawHandle, uri: *const c_char) -> c_int;
+    fn nbd_aio_connect_uri(h: *mut RawHandle, uri: *const c_char) -> c_int;
+    fn nbd_aio_is_connecting(h: *mut RawHandle) -> c_int;
+    fn nbd_aio_is_ready(h: *mut RawHandle) -> c_int;
     fn nbd_set_uri_allow_local_file(h: *mut RawHandle, allow: bool) -> c_int;
     fn nbd_get_strict_mode(h: *mut RawHandle) -> u32;
     fn nbd_set_strict_mode(h: *mut RawHandle, flags: u32) -> c_int;
@@ -225,7 +227,14 @@ impl Handle {
     /// libnbd's client-side alignment check is turned off: the caller aligns its requests
     /// to `Caps::block_min` itself, and must be able to try the final partial block of an
     /// export whose size is not a multiple of it (a server may accept it).
-    pub fn connect(uri: &str, allow_local_file: bool) -> Result<Handle, String> {
+    ///
+    /// A server that has not finished the handshake after `deadline` is given up on.
+    pub fn connect(
+        uri: &str,
+        allow_local_file: bool,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<Handle, String> {
+        let started = std::time::Instant::now();
         let c_uri = CString::new(uri).map_err(|_| "URI contains a NUL byte".to_string())?;
         // SAFETY: nbd_create has no preconditions; NULL means failure and is checked.
         let raw = unsafe { nbd_create() };
@@ -254,7 +263,21 @@ impl Handle {
             if nbd_set_strict_mode(handle.raw, strict) == -1 {
                 return Err(last_error());
             }
-            if nbd_connect_uri(handle.raw, c_uri.as_ptr()) == -1 {
+            if nbd_aio_connect_uri(handle.raw, c_uri.as_ptr()) == -1 {
+                return Err(last_error());
+            }
+            while nbd_aio_is_connecting(handle.raw) == 1 {
+                if deadline.is_some_and(|d| started.elapsed() >= d) {
+                    return Err(format!(
+                        "the server did not finish the NBD handshake in {} s",
+                        started.elapsed().as_secs()
+                    ));
+                }
+                if nbd_poll(handle.raw, 500) == -1 {
+                    return Err(last_error());
+                }
+            }
+            if nbd_aio_is_ready(handle.raw) != 1 {
                 return Err(last_error());
             }
         }

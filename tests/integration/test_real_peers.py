@@ -245,6 +245,18 @@ def test_stopped_source_server_times_out(tmp_path: Path, nbdkit) -> None:
     assert f"NBD source {uri}" in err.decode() and "answered none" in err.decode()
 
 
+def test_source_server_stopped_before_the_handshake_times_out(tmp_path: Path, nbdkit) -> None:
+    """The socket accepts (the kernel's backlog) but nobody speaks NBD: --timeout ends it."""
+    server, uri = nbdkit("memory", "1M")
+    os.kill(server.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    proc = run_cli("copy", uri, str(tmp_path / "out.img"), "--timeout", "4", timeout=60)
+    assert time.monotonic() - start < 30
+    line = one_line_error(proc)
+    assert f"cannot connect to NBD source {uri}" in line
+    assert "did not finish the NBD handshake in 4 s" in line
+
+
 def test_slow_source_is_not_a_timeout(tmp_path: Path, src, nbdkit) -> None:
     """Each read takes 2 s (nbdkit's delay filter): slow, not dead, with default settings."""
     path, want = src

@@ -174,7 +174,7 @@ impl Nbd {
         thread::Builder::new()
             .name("nbd-io".into())
             .spawn(move || {
-                let connected = Handle::connect(&worker_uri, allow_local_file)
+                let connected = Handle::connect(&worker_uri, allow_local_file, access.stall)
                     .and_then(|h| Ok((h.size()?, h.caps(), h)));
                 match connected {
                     Ok((size, caps, handle)) => {
