@@ -173,6 +173,25 @@ def test_qemu_nbd_target_with_64k_alignment(tmp_path: Path, src) -> None:
     assert sha256_file(dst) == want
 
 
+def test_qemu_nbd_compress_target(tmp_path: Path, src) -> None:
+    """qemu-nbd's compress driver asks for 64 KiB blocks, and each qcow2 cluster can be
+    written only once: the parts of a block that frames split are gathered and written
+    together, never read-modify-written twice."""
+    path, _ = src
+    dst = tmp_path / "dst.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dst), "8M"], check=True)
+    sock = tmp_path / "q.sock"
+    opts = f"driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename={dst}"
+    proc = subprocess.Popen(["qemu-nbd", "-x", "disk", "-k", str(sock), "--image-opts", opts])
+    try:
+        wait_for(sock.exists, "qemu-nbd")
+        ok(run_cli("copy", str(path), f"nbd+unix:///disk?socket={sock}"))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    subprocess.run(["qemu-img", "compare", "-q", str(path), str(dst)], check=True)
+
+
 def psk_file(tmp_path: Path, user: str) -> Path:
     keys = tmp_path / "keys.psk"
     keys.write_text(f"{user}:{secrets.token_hex(32)}\n")

@@ -39,6 +39,8 @@ const DEFAULT_MAX_REQUEST: u64 = 32 << 20;
 const LIBNBD_MAX_REQUEST: u64 = 64 << 20;
 /// Locks serialising read-modify-writes of blocks, by block number modulo this.
 const RMW_LOCKS: usize = 64;
+/// How long the first part of a block waits for the rest before it is read-modify-written.
+const GATHER_WAIT: Duration = Duration::from_millis(250);
 
 /// A command for the worker and where its outcome goes.
 type Request = (Command, Reply);
@@ -59,6 +61,8 @@ struct Inner {
     blocks: Blocks,
     /// Two read-modify-writes of one block must not interleave, or one undoes the other.
     rmw: Vec<tokio::sync::Mutex<()>>,
+    /// Partial blocks whose other parts are awaited, by block start.
+    gathering: std::sync::Mutex<HashMap<u64, Partial>>,
     tx: mpsc::Sender<Request>,
     /// Still worth asking for fast zeroing (cleared after the server refuses it once).
     fast_zero: AtomicBool,
@@ -206,6 +210,7 @@ impl Nbd {
                 rmw: (0..RMW_LOCKS)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
+                gathering: std::sync::Mutex::new(HashMap::new()),
                 tx,
                 fast_zero,
                 closed,
@@ -331,29 +336,96 @@ impl Nbd {
         all(parts).boxed()
     }
 
-    /// Put `patch` at `at` inside the block `[start, end)`: read the block, patch it, write
-    /// it whole, holding the block's lock throughout.
+    /// Put `patch` at `at` inside the block `[start, end)`. Frames come in offset order, so
+    /// the rest of the block usually comes with the next write (or zeroing): the parts are
+    /// gathered and the block is written once, whole, without reading it (a qcow2 cluster
+    /// behind qemu's compress driver can be written only once). When the rest does not
+    /// come within `GATHER_WAIT`, the block is read, patched with what came, and written
+    /// (read-modify-write), holding the block's lock. Every part's future ends with the
+    /// block's write.
     fn patch_block(
         &self,
         (start, end): (u64, u64),
         at: u64,
         patch: Bytes,
     ) -> BoxFuture<'static, Result<()>> {
+        let (tx, mut rx) = oneshot::channel();
+        let whole = {
+            let mut gathering = self.gathering();
+            let n = (end - start) as usize;
+            let part = gathering.entry(start).or_insert_with(|| Partial {
+                buf: vec![0; n],
+                filled: Vec::new(),
+                waiters: Vec::new(),
+            });
+            let lo = (at - start) as usize;
+            part.buf[lo..lo + patch.len()].copy_from_slice(&patch);
+            part.fill(lo, lo + patch.len());
+            part.waiters.push(tx);
+            if part.filled == [(0, n)] {
+                gathering.remove(&start)
+            } else {
+                None
+            }
+        };
+        if let Some(part) = whole {
+            // Whole: write it (the command is sent now) and answer every part, even if
+            // this future is dropped, so no part is left without its outcome.
+            let write = self.done(Command::Write {
+                offset: start,
+                data: Bytes::from(part.buf),
+            });
+            tokio::spawn(async move { settle(part.waiters, write.await) });
+        }
         let this = self.clone();
         async move {
-            let stripe = ((start / this.inner.blocks.min) % RMW_LOCKS as u64) as usize;
-            let _held = this.inner.rmw[stripe].lock().await;
-            let n = (end - start) as usize;
-            let mut block = this.read_range(start, n, Vec::with_capacity(n)).await?;
-            let lo = (at - start) as usize;
-            block[lo..lo + patch.len()].copy_from_slice(&patch);
-            this.done(Command::Write {
-                offset: start,
-                data: Bytes::from(block),
-            })
-            .await
+            if let Ok(r) = tokio::time::timeout(GATHER_WAIT, &mut rx).await {
+                return r.map_err(|_| this.lost())?.map_err(Error::Endpoint);
+            }
+            // The rest did not come: write what did. (Unless another part already took
+            // the block; then its write answers this one too.)
+            if let Some(part) = this.gathering().remove(&start) {
+                tokio::spawn(this.clone().read_modify_write((start, end), part));
+            }
+            rx.await.map_err(|_| this.lost())?.map_err(Error::Endpoint)
         }
         .boxed()
+    }
+
+    /// Write the parts of block `[start, end)` that came into it as it is, holding the
+    /// block's lock, and answer every part.
+    async fn read_modify_write(self, (start, end): (u64, u64), part: Partial) {
+        let stripe = ((start / self.inner.blocks.min) % RMW_LOCKS as u64) as usize;
+        let _held = self.inner.rmw[stripe].lock().await;
+        let n = (end - start) as usize;
+        let written = match self.read_range(start, n, Vec::with_capacity(n)).await {
+            Ok(mut block) => {
+                for &(lo, hi) in &part.filled {
+                    block[lo..hi].copy_from_slice(&part.buf[lo..hi]);
+                }
+                self.done(Command::Write {
+                    offset: start,
+                    data: Bytes::from(block),
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        settle(part.waiters, written);
+    }
+
+    fn gathering(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Partial>> {
+        self.inner
+            .gathering
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lost(&self) -> Error {
+        Error::Endpoint(format!(
+            "{}: a partial block's write was abandoned",
+            self.name()
+        ))
     }
 
     /// Zero whole blocks `[offset, offset+len)` the cheapest way the server offers.
@@ -420,6 +492,39 @@ fn connect_error(role: &str, uri: &str, e: &str, allow_local_file: bool) -> Stri
         ""
     };
     format!("cannot connect to NBD {role} {uri}: {e}{hint}")
+}
+
+/// A block being gathered from the parts of several writes.
+struct Partial {
+    /// The block, as far as its parts came (zeros elsewhere).
+    buf: Vec<u8>,
+    /// The ranges that came, sorted and merged.
+    filled: Vec<(usize, usize)>,
+    /// The futures of the parts, answered when the block is written.
+    waiters: Vec<oneshot::Sender<std::result::Result<(), String>>>,
+}
+
+impl Partial {
+    fn fill(&mut self, lo: usize, hi: usize) {
+        self.filled.push((lo, hi));
+        self.filled.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.filled.len());
+        for &(a, b) in &self.filled {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        self.filled = merged;
+    }
+}
+
+/// Answer every part of a block with the outcome of its write.
+fn settle(waiters: Vec<oneshot::Sender<std::result::Result<(), String>>>, written: Result<()>) {
+    let shared = written.map_err(|e| e.to_string());
+    for w in waiters {
+        let _ = w.send(shared.clone());
+    }
 }
 
 /// Run the futures together; the first failure wins.
@@ -753,6 +858,21 @@ mod tests {
             };
             assert!(Blocks::new(&caps, 1 << 20).is_err(), "{min} {max}");
         }
+    }
+
+    #[test]
+    fn parts_of_a_block_are_merged_until_it_is_whole() {
+        let mut p = Partial {
+            buf: vec![0; 100],
+            filled: Vec::new(),
+            waiters: Vec::new(),
+        };
+        p.fill(60, 100);
+        p.fill(0, 20);
+        assert_eq!(p.filled, vec![(0, 20), (60, 100)]);
+        p.fill(10, 30); // a part sent again overlaps
+        p.fill(30, 60);
+        assert_eq!(p.filled, vec![(0, 100)]);
     }
 
     #[test]
