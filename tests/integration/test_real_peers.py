@@ -94,6 +94,17 @@ def test_copy_to_target_with_64k_minimum_block_size(tmp_path: Path, src, nbdkit)
     assert read_back(uri, tmp_path / "back.img") == want
 
 
+def test_partial_blocks_whose_rest_never_comes_are_read_modify_written(
+    tmp_path: Path, src, nbdkit
+) -> None:
+    """With --target-is-zero the zero frames are not written: the data's partial blocks
+    wait for a rest that never comes, then are read, patched and written."""
+    path, want = src
+    _, uri = nbdkit(POLICY, "memory", "8M", *STRICT_64K)
+    ok(run_cli("copy", str(path), uri, "--target-is-zero", "--verify"))
+    assert read_back(uri, tmp_path / "back.img") == want
+
+
 def test_copy_from_source_with_64k_minimum_block_size(tmp_path: Path, src, nbdkit) -> None:
     path, want = src
     _, uri = nbdkit("--readonly", POLICY, "file", str(path), *STRICT_64K)
