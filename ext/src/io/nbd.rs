@@ -5,8 +5,9 @@
 //! Requests obey the server's block size constraints, as nbdcopy's do: offsets and lengths
 //! are multiples of its minimum block size (a compressing qemu-nbd asks 64 KiB) and reads
 //! and writes are cut at its maximum. Callers may ask for any range: a read reads the
-//! blocks around it, a write or zeroing that covers part of a block reads that block,
-//! patches it and writes it whole (read-modify-write, one block at a time). An export
+//! blocks around it; the parts of a block that several writes or zeroings cover are
+//! gathered and the block written once, whole, or, when the rest does not come, read,
+//! patched and written (read-modify-write, one at a time per block). An export
 //! whose size is not a multiple of the minimum ends in a partial block, which is asked for
 //! as it is; a server that refuses it is reported as such.
 
