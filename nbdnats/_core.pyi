@@ -121,6 +121,7 @@ def start_send(
     verify: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
+    allow_local_file: bool = False,
 ) -> Transfer: ...
 def start_recv(
     conn: DataConnection,
@@ -137,6 +138,7 @@ def start_recv(
     resume: bool = False,
     return_subjects: tuple[str, str, str] | None = None,
     expect_sha256: str | None = None,
+    allow_local_file: bool = False,
 ) -> Transfer: ...
 def start_bridge(
     conn: DataConnection,
@@ -159,10 +161,17 @@ def start_bridge(
     The socket exists when this returns and is removed once the client is connected."""
 
 def image_digest(
-    src: str, done: _Done, *, length: int | None = None, size: int | None = None
+    src: str,
+    done: _Done,
+    *,
+    length: int | None = None,
+    size: int | None = None,
+    allow_local_file: bool = False,
 ) -> None:
     """sha256 of the first ``length`` bytes of ``src`` (default: all of it):
-    ``done(True, ("sha256:<hex>", length))``. Holes are hashed without being read."""
+    ``done(True, ("sha256:<hex>", length))``. Holes are hashed without being read.
+    ``allow_local_file`` (also on ``start_send``/``start_recv``): an NBD URI may name local
+    files (``tls-psk-file=``); only for endpoints the local user gave, never a message's."""
 
 # Micro-benchmark entry points (bench/micro): the per-chunk hot paths.
 def checksum_of(payload: bytes) -> int: ...

@@ -200,7 +200,7 @@ async def run(args: argparse.Namespace) -> None:
     else:
         from nbdnats.transfer import image_digest
 
-        digest, _ = await image_digest(args.image)
+        digest, _ = await image_digest(args.image, allow_local_file=True)
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=parse_duration(args.expires))
     approval = sign(key, node=args.node, image_digest=digest, device=args.device, expires=expires)
     text = msgspec.json.format(encode(approval)).decode() + "\n"

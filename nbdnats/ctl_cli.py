@@ -508,5 +508,5 @@ def add_digest_parser(sub: Any) -> None:
 async def run_digest(args: argparse.Namespace) -> None:
     from nbdnats.transfer import image_digest
 
-    digest, _ = await image_digest(args.src, length=args.length)
+    digest, _ = await image_digest(args.src, length=args.length, allow_local_file=True)
     sys.stdout.write(f"{digest}  {args.src}\n")

@@ -160,16 +160,24 @@ class TransferHandle:
 
 
 async def image_digest(
-    src: str, *, length: int | None = None, size: int | None = None
+    src: str,
+    *,
+    length: int | None = None,
+    size: int | None = None,
+    allow_local_file: bool = False,
 ) -> tuple[str, int]:
     """The sha256 of an image's contents (``"sha256:<hex>"``) and the bytes hashed: what
-    ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read."""
+    ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read.
+    ``allow_local_file``: ``src`` comes from the local user, so an NBD URI may name local
+    files (``tls-psk-file=``); leave it False for an endpoint that came in a message."""
     for what, n in (("length", length), ("size", size)):
         if n is not None and not 0 <= n <= MAX_SIZE:
             raise UsageError(f"digest {what} {n} must be from 0 to 2^63 - 1 bytes")
-    result = await core_call(lambda done: _core.image_digest(src, done, length=length, size=size))[
-        1
-    ]
+    result = await core_call(
+        lambda done: _core.image_digest(
+            src, done, length=length, size=size, allow_local_file=allow_local_file
+        )
+    )[1]
     assert isinstance(result, tuple)
     digest, hashed = result
     return str(digest), int(hashed)
@@ -202,9 +210,11 @@ async def start_send(
     verify: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
+    allow_local_file: bool = False,
 ) -> TransferHandle:
     """``state_dir``: where the sender keeps the key that binds the transfer to it (see
-    ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer."""
+    ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer.
+    ``allow_local_file`` as for ``image_digest`` (also on ``start_recv``)."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     subs = subjects.transfer(transfer_id)
     core, outcome = core_call(
@@ -221,6 +231,7 @@ async def start_send(
             verify=verify,
             resume=resume,
             state_dir=str(resolve_state_dir(state_dir)),
+            allow_local_file=allow_local_file,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -239,6 +250,7 @@ async def start_recv(
     state_dir: str | None = None,
     return_id: str | None = None,
     expect_sha256: str | None = None,
+    allow_local_file: bool = False,
 ) -> TransferHandle:
     """``return_id`` (a ``unix:PATH`` target only): what the other end of that connection
     writes back is sent home as transfer ``return_id`` (a migration's return path).
@@ -262,6 +274,7 @@ async def start_recv(
             resume=resume,
             return_subjects=back,
             expect_sha256=expect_sha256,
+            allow_local_file=allow_local_file,
         )
     )
     return TransferHandle(core, outcome, planes)
@@ -352,7 +365,13 @@ async def send(
     on_progress: ProgressCallback | None = None,
     **options: Any,
 ) -> TransferStats:
-    """Send ``src`` (NBD URI, file, device or ``-``) as transfer ``transfer_id``."""
+    """Send ``src`` (NBD URI, file, device or ``-``) as transfer ``transfer_id``.
+
+    ``send``, ``recv`` and ``copy`` take their endpoints from the local user, so an NBD URI
+    may name local files (``tls-psk-file=``) unless ``allow_local_file=False`` is passed;
+    the ``start_*`` calls and ``image_digest`` (which the agent uses for endpoints that came
+    in a message) allow it only when asked."""
+    options.setdefault("allow_local_file", True)
     return await _one(
         start_send, src, transfer_id, planes, (data_url, ctl_url, node, login), on_progress, options
     )
@@ -370,7 +389,9 @@ async def recv(
     on_progress: ProgressCallback | None = None,
     **options: Any,
 ) -> TransferStats:
-    """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-``, ``null:``)."""
+    """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-``, ``null:``);
+    ``allow_local_file`` as for ``send``."""
+    options.setdefault("allow_local_file", True)
     return await _one(
         start_recv, dst, transfer_id, planes, (data_url, ctl_url, node, login), on_progress, options
     )
@@ -394,8 +415,9 @@ async def copy_ends(
     target_is_zero: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
+    allow_local_file: bool = True,
 ) -> CopyStats:
-    """``copy``, returning both ends' final stats."""
+    """``copy``, returning both ends' final stats. ``allow_local_file`` as for ``send``."""
     transfer_id = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     async with contextlib.AsyncExitStack() as stack:
@@ -413,6 +435,7 @@ async def copy_ends(
             target_is_zero=target_is_zero,
             resume=resume,
             state_dir=state_dir,
+            allow_local_file=allow_local_file,
         )
         sender = await start_send(
             src,
@@ -425,6 +448,7 @@ async def copy_ends(
             verify=verify,
             resume=resume,
             state_dir=state_dir,
+            allow_local_file=allow_local_file,
         )
         return await _both(sender, receiver, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)
@@ -448,9 +472,11 @@ async def copy(
     target_is_zero: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
+    allow_local_file: bool = True,
 ) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server.
-    Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both."""
+    Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both.
+    ``allow_local_file`` as for ``send``."""
     ends = await copy_ends(
         src,
         dst,
@@ -468,6 +494,7 @@ async def copy(
         target_is_zero=target_is_zero,
         resume=resume,
         state_dir=state_dir,
+        allow_local_file=allow_local_file,
     )
     return ends.receiver
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
-APT_PACKAGES=(libnbd-dev libnbd-bin qemu-utils pkg-config restic openssl)
+APT_PACKAGES=(libnbd-dev libnbd-bin qemu-utils pkg-config restic openssl nbdkit)
 # Live-migration tests: QEMU itself, and what scripts/guest.sh builds the test guest with.
 APT_PACKAGES+=(qemu-system-x86 busybox-static cpio xz-utils)
 

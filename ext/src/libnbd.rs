@@ -36,6 +36,9 @@ const NO_COMPLETION: CompletionCallback = CompletionCallback {
     free: None,
 };
 const CMD_FLAG_FAST_ZERO: u32 = 0x10;
+const SIZE_MINIMUM: c_int = 0;
+const SIZE_MAXIMUM: c_int = 2;
+const STRICT_ALIGN: u32 = 0x10;
 const ALLOCATION: &CStr = c"base:allocation";
 
 #[link(name = "nbd")]
@@ -44,7 +47,13 @@ extern "C" {
     fn nbd_close(h: *mut RawHandle);
     fn nbd_get_error() -> *const c_char;
     fn nbd_add_meta_context(h: *mut RawHandle, name: *const c_char) -> c_int;
-    fn nbd_connect_uri(h: *mut RawHandle, uri: *const c_char) -> c_int;
+    fn nbd_aio_connect_uri(h: *mut RawHandle, uri: *const c_char) -> c_int;
+    fn nbd_aio_is_connecting(h: *mut RawHandle) -> c_int;
+    fn nbd_aio_is_ready(h: *mut RawHandle) -> c_int;
+    fn nbd_set_uri_allow_local_file(h: *mut RawHandle, allow: bool) -> c_int;
+    fn nbd_get_strict_mode(h: *mut RawHandle) -> u32;
+    fn nbd_set_strict_mode(h: *mut RawHandle, flags: u32) -> c_int;
+    fn nbd_get_block_size(h: *mut RawHandle, size_type: c_int) -> i64;
     fn nbd_set_pread_initialize(h: *mut RawHandle, request: bool) -> c_int;
     fn nbd_is_read_only(h: *mut RawHandle) -> c_int;
     fn nbd_can_flush(h: *mut RawHandle) -> c_int;
@@ -88,13 +97,14 @@ extern "C" {
     fn nbd_aio_peek_command_completed(h: *mut RawHandle) -> i64;
     fn nbd_aio_in_flight(h: *mut RawHandle) -> c_int;
     fn nbd_poll(h: *mut RawHandle, timeout: c_int) -> c_int;
-    fn nbd_block_status(
+    fn nbd_aio_block_status(
         h: *mut RawHandle,
         count: u64,
         offset: u64,
-        cb: ExtentCallback,
+        extent: ExtentCallback,
+        cb: CompletionCallback,
         flags: u32,
-    ) -> c_int;
+    ) -> i64;
     fn nbd_shutdown(h: *mut RawHandle, flags: u32) -> c_int;
 }
 
@@ -121,6 +131,9 @@ pub struct Caps {
     pub can_zero: bool,
     pub can_fast_zero: bool,
     pub has_allocation: bool,
+    /// The server's minimum block size and largest read or write; 0 where it named none.
+    pub block_min: u64,
+    pub block_max: u64,
 }
 
 /// An asynchronous command and the memory it needs until it is retired.
@@ -147,11 +160,19 @@ pub enum Command {
         len: u64,
     },
     Flush,
+    /// Allocation (`base:allocation`) from `offset`, as `(length, flags)` pairs; the
+    /// server may describe less than `len`.
+    BlockStatus {
+        offset: u64,
+        len: u64,
+    },
 }
 
-/// A retired command: the buffer of a read, nothing otherwise.
+/// A retired command: the buffer of a read, the extents of a block status, nothing
+/// otherwise.
 pub enum Completed {
     Read(Vec<u8>),
+    Extents(Vec<(u64, u32)>),
     Other,
 }
 
@@ -165,6 +186,33 @@ enum Held {
     /// A read's buffer and how many bytes it will have when the read completes.
     Read(Vec<u8>, usize),
     Write(#[allow(dead_code)] Bytes),
+    /// Where a block status command's callback collects the extents (boxed: its address
+    /// is given to libnbd and must not move, while `held` may move this value).
+    #[allow(clippy::box_collection)]
+    Extents(Box<Vec<(u64, u32)>>),
+}
+
+/// The extent callback of a block status command: appends to the `Vec` in `user`.
+extern "C" fn collect_extents(
+    user: *mut c_void,
+    context: *const c_char,
+    _offset: u64,
+    entries: *mut u32,
+    n: usize,
+    _error: *mut c_int,
+) -> c_int {
+    // SAFETY: libnbd passes our `user_data` (the boxed Vec held under the command's cookie
+    // until it is retired, and called only before that, on the thread that polls), a
+    // NUL-terminated context name and `n` u32s.
+    unsafe {
+        if CStr::from_ptr(context) != ALLOCATION {
+            return 0;
+        }
+        let out = &mut *user.cast::<Vec<(u64, u32)>>();
+        let pairs = std::slice::from_raw_parts(entries, n);
+        out.extend(pairs.chunks_exact(2).map(|p| (u64::from(p[0]), p[1])));
+    }
+    0
 }
 
 // SAFETY: a libnbd handle may be used from any thread (libnbd locks it internally); the
@@ -173,7 +221,20 @@ unsafe impl Send for Handle {}
 
 impl Handle {
     /// Connect to an NBD URI exactly as libnbd parses it, asking for `base:allocation`.
-    pub fn connect(uri: &str) -> Result<Handle, String> {
+    /// `allow_local_file` lets the URI name local files (`tls-psk-file`): only for URIs
+    /// the local user gave, never for one that came in a message.
+    ///
+    /// libnbd's client-side alignment check is turned off: the caller aligns its requests
+    /// to `Caps::block_min` itself, and must be able to try the final partial block of an
+    /// export whose size is not a multiple of it (a server may accept it).
+    ///
+    /// A server that has not finished the handshake after `deadline` is given up on.
+    pub fn connect(
+        uri: &str,
+        allow_local_file: bool,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<Handle, String> {
+        let started = std::time::Instant::now();
         let c_uri = CString::new(uri).map_err(|_| "URI contains a NUL byte".to_string())?;
         // SAFETY: nbd_create has no preconditions; NULL means failure and is checked.
         let raw = unsafe { nbd_create() };
@@ -195,7 +256,28 @@ impl Handle {
             if nbd_set_pread_initialize(handle.raw, false) == -1 {
                 return Err(last_error());
             }
-            if nbd_connect_uri(handle.raw, c_uri.as_ptr()) == -1 {
+            if nbd_set_uri_allow_local_file(handle.raw, allow_local_file) == -1 {
+                return Err(last_error());
+            }
+            let strict = nbd_get_strict_mode(handle.raw) & !STRICT_ALIGN;
+            if nbd_set_strict_mode(handle.raw, strict) == -1 {
+                return Err(last_error());
+            }
+            if nbd_aio_connect_uri(handle.raw, c_uri.as_ptr()) == -1 {
+                return Err(last_error());
+            }
+            while nbd_aio_is_connecting(handle.raw) == 1 {
+                if deadline.is_some_and(|d| started.elapsed() >= d) {
+                    return Err(format!(
+                        "the server did not finish the NBD handshake in {} s",
+                        started.elapsed().as_secs()
+                    ));
+                }
+                if nbd_poll(handle.raw, 500) == -1 {
+                    return Err(last_error());
+                }
+            }
+            if nbd_aio_is_ready(handle.raw) != 1 {
                 return Err(last_error());
             }
         }
@@ -210,6 +292,10 @@ impl Handle {
 
     pub fn caps(&self) -> Caps {
         let flag = |v: c_int| v == 1;
+        let block = |kind: c_int| {
+            // SAFETY: live connected handle; returns a value saved from the handshake.
+            u64::try_from(unsafe { nbd_get_block_size(self.raw, kind) }).unwrap_or(0)
+        };
         // SAFETY: live connected handle; these calls only read negotiated flags.
         unsafe {
             Caps {
@@ -219,6 +305,8 @@ impl Handle {
                 can_zero: flag(nbd_can_zero(self.raw)),
                 can_fast_zero: flag(nbd_can_fast_zero(self.raw)),
                 has_allocation: flag(nbd_can_meta_context(self.raw, ALLOCATION.as_ptr())),
+                block_min: block(SIZE_MINIMUM),
+                block_max: block(SIZE_MAXIMUM),
             }
         }
     }
@@ -262,6 +350,21 @@ impl Handle {
                     (nbd_aio_trim(self.raw, len, offset, NO_COMPLETION, 0), None)
                 }
                 Command::Flush => (nbd_aio_flush(self.raw, NO_COMPLETION, 0), None),
+                Command::BlockStatus { offset, len } => {
+                    let mut out: Box<Vec<(u64, u32)>> = Box::default();
+                    let extent = ExtentCallback {
+                        callback: Some(collect_extents),
+                        user_data: (&mut *out as *mut Vec<(u64, u32)>).cast(),
+                        free: None,
+                    };
+                    // NBD lengths in block status requests are 32-bit: the largest multiple
+                    // of any minimum block size (at most 64 KiB) that fits.
+                    let len = len.min(u64::from(u32::MAX) & !0xffff_u64);
+                    (
+                        nbd_aio_block_status(self.raw, len, offset, extent, NO_COMPLETION, 0),
+                        Some(Held::Extents(out)),
+                    )
+                }
             }
         };
         let cookie = u64::try_from(cookie).map_err(|_| last_error())?;
@@ -305,47 +408,10 @@ impl Handle {
                     unsafe { buf.set_len(buf.len() + len) };
                     Completed::Read(buf)
                 }
+                Some(Held::Extents(out)) => Completed::Extents(*out),
                 _ => Completed::Other,
             }),
         ))
-    }
-
-    /// Allocation extents from `offset` as `(length, flags)` pairs; the server may describe
-    /// less than `len`. Synchronous: call it with no command in flight.
-    pub fn block_status(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>, String> {
-        extern "C" fn collect(
-            user: *mut c_void,
-            context: *const c_char,
-            _offset: u64,
-            entries: *mut u32,
-            n: usize,
-            _error: *mut c_int,
-        ) -> c_int {
-            // SAFETY: libnbd passes our `user_data` (a live &mut Vec for the duration of the
-            // synchronous nbd_block_status call), a NUL-terminated context name and `n` u32s.
-            unsafe {
-                if CStr::from_ptr(context) != ALLOCATION {
-                    return 0;
-                }
-                let out = &mut *user.cast::<Vec<(u64, u32)>>();
-                let pairs = std::slice::from_raw_parts(entries, n);
-                out.extend(pairs.chunks_exact(2).map(|p| (u64::from(p[0]), p[1])));
-            }
-            0
-        }
-        let mut out: Vec<(u64, u32)> = Vec::new();
-        let cb = ExtentCallback {
-            callback: Some(collect),
-            user_data: (&mut out as *mut Vec<(u64, u32)>).cast(),
-            free: None,
-        };
-        // NBD lengths in block status requests are 32-bit.
-        let len = len.min(u64::from(u32::MAX) & !0xfff_u64);
-        // SAFETY: live handle; `out` outlives the synchronous call that uses `cb`.
-        if unsafe { nbd_block_status(self.raw, len, offset, cb, 0) } == -1 {
-            return Err(last_error());
-        }
-        Ok(out)
     }
 }
 

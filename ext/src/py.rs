@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::conn::{self, DataConn};
 use crate::error::{Error, Result};
-use crate::io::{open_sink, open_source};
+use crate::io::{open_sink, open_source, Access};
 use crate::recv::{recv, RecvOptions};
 use crate::send::{send, SendOptions, Subjects};
 use crate::stats::{Progress, State};
@@ -285,7 +285,7 @@ fn start(
 
 /// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, resume=false, state_dir=None))]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, resume=false, state_dir=None, allow_local_file=false))]
 #[allow(clippy::too_many_arguments)]
 fn start_send(
     conn: &DataConnection,
@@ -300,6 +300,7 @@ fn start_send(
     verify: bool,
     resume: bool,
     state_dir: Option<std::path::PathBuf>,
+    allow_local_file: bool,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
@@ -313,7 +314,11 @@ fn start_send(
     };
     start("send", transfer_id, done, move |progress, cancel| {
         async move {
-            let source = open_source(&src, size).await?;
+            let access = Access {
+                allow_local_file,
+                stall: opts.timeout,
+            };
+            let source = open_source(&src, size, access).await?;
             send(&conn, source, &subjects, &opts, &progress, &cancel).await
         }
         .boxed_send()
@@ -322,7 +327,7 @@ fn start_send(
 
 /// Receive transfer `transfer_id` into `dst`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None))]
+#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None, allow_local_file=false))]
 #[allow(clippy::too_many_arguments)]
 fn start_recv(
     conn: &DataConnection,
@@ -338,6 +343,7 @@ fn start_recv(
     resume: bool,
     return_subjects: Option<(String, String, String)>,
     expect_sha256: Option<String>,
+    allow_local_file: bool,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
@@ -347,6 +353,7 @@ fn start_recv(
     // Streams cannot be resumed, so they keep no journal.
     let streaming = dst == "-"
         || dst == "null:"
+        || crate::io::null::is_null_device(&dst)
         || dst.starts_with(crate::io::PIPE)
         || dst.starts_with(crate::io::UNIX);
     let journal = state_dir
@@ -383,7 +390,13 @@ fn start_recv(
                         "a return stream needs a unix:PATH target".into(),
                     ))
                 }
-                (None, _) => open_sink(&dst).await?,
+                (None, _) => {
+                    let access = Access {
+                        allow_local_file,
+                        stall: opts.timeout,
+                    };
+                    open_sink(&dst, access).await?
+                }
             };
             recv(&conn, sink, &subjects, &opts, &progress, &cancel).await
         }
@@ -537,13 +550,27 @@ async fn receive_back(
 /// The range a byte stream's frames may address (its length is not known in advance).
 const STREAM_BOUND: u64 = 1 << 62;
 
+/// How long a digest's NBD source may answer nothing before it is taken for dead (the
+/// transfers' default `--timeout`).
+const DIGEST_STALL: Duration = Duration::from_secs(60);
+
 /// The sha256 of a source's first `length` bytes (default: all of it), as
 /// `done(True, ("sha256:<hex>", length))`. Holes are hashed as zeros without reading them.
 #[pyfunction]
-#[pyo3(signature = (src, done, *, length=None, size=None))]
-fn image_digest(src: String, done: Py<PyAny>, length: Option<u64>, size: Option<u64>) {
+#[pyo3(signature = (src, done, *, length=None, size=None, allow_local_file=false))]
+fn image_digest(
+    src: String,
+    done: Py<PyAny>,
+    length: Option<u64>,
+    size: Option<u64>,
+    allow_local_file: bool,
+) {
     spawn(done, async move {
-        let source = open_source(&src, size).await?;
+        let access = Access {
+            allow_local_file,
+            stall: Some(DIGEST_STALL),
+        };
+        let source = open_source(&src, size, access).await?;
         crate::digest::sha256(source, length).await
     });
 }

@@ -56,6 +56,18 @@ pub trait Sink: Send + Sync {
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>>;
 }
 
+/// How an endpoint is opened: what its spec may name, how long its server may stall.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Access {
+    /// The spec came from the local user (the command line, the API's direct calls), so an
+    /// NBD URI may name local files (`tls-psk-file=`, `tls-certificates=`). Never for a
+    /// spec that came in a message.
+    pub allow_local_file: bool,
+    /// An NBD server that answers none of the requests in flight for this long is taken
+    /// for dead; `None` waits forever.
+    pub stall: Option<std::time::Duration>,
+}
+
 pub fn is_nbd_uri(spec: &str) -> bool {
     [
         "nbd://",
@@ -78,7 +90,7 @@ pub const UNIX: &str = "unix:";
 
 /// Open a source: an NBD URI, `-` (stdin) or `pipe:PATH` (both need `size`), or a file or
 /// block device.
-pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source>> {
+pub async fn open_source(spec: &str, size: Option<u64>, access: Access) -> Result<Arc<dyn Source>> {
     if spec == "-" || spec.starts_with(PIPE) {
         let size = size.ok_or_else(|| {
             Error::Usage(format!(
@@ -101,7 +113,7 @@ pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source
         ));
     }
     if is_nbd_uri(spec) {
-        return Ok(Arc::new(nbd::Nbd::open(spec).await?));
+        return Ok(Arc::new(nbd::Nbd::open(spec, "source", access).await?));
     }
     if spec.starts_with("pattern:") {
         return Ok(Arc::new(pattern::Pattern::parse(spec)?));
@@ -112,9 +124,9 @@ pub async fn open_source(spec: &str, size: Option<u64>) -> Result<Arc<dyn Source
         .map(|f| Arc::new(f) as Arc<dyn Source>)
 }
 
-/// Open a sink: an NBD URI, `-` (stdout), `pipe:PATH`, `unix:PATH`, `null:` (discard), or
-/// a file or block device.
-pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
+/// Open a sink: an NBD URI, `-` (stdout), `pipe:PATH`, `unix:PATH`, `null:` or the null
+/// device (discard), or a file or block device.
+pub async fn open_sink(spec: &str, access: Access) -> Result<Arc<dyn Sink>> {
     if spec == "-" {
         return Ok(Arc::new(stdio::Stdout::open(stdio::Stream::Std)));
     }
@@ -130,11 +142,11 @@ pub async fn open_sink(spec: &str) -> Result<Arc<dyn Sink>> {
         };
         return Ok(Arc::new(stdio::Stdout::open(stream)));
     }
-    if spec == "null:" {
+    if spec == "null:" || null::is_null_device(spec) {
         return Ok(Arc::new(null::Null));
     }
     if is_nbd_uri(spec) {
-        let nbd = nbd::Nbd::open(spec).await?;
+        let nbd = nbd::Nbd::open(spec, "target", access).await?;
         if nbd.read_only() {
             return Err(Error::Endpoint(format!(
                 "NBD target {spec} is read-only; export it writable"

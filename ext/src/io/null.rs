@@ -1,4 +1,6 @@
-//! `null:` — a sink that discards everything (benchmarks, dry runs), like nbdcopy's.
+//! `null:` — a sink that discards everything (benchmarks, dry runs), like nbdcopy's. The
+//! null device (`/dev/null`, or any name for it) is the same sink, as with nbdcopy: it
+//! takes writes of any size and keeps nothing.
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -8,6 +10,17 @@ use super::{Sink, SinkCaps};
 use crate::error::{Error, Result};
 
 pub struct Null;
+
+/// Whether `path` names the null device (the character device `/dev/null` is).
+pub fn is_null_device(path: &str) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (Ok(this), Ok(null)) = (std::fs::metadata(path), std::fs::metadata("/dev/null")) else {
+        return false;
+    };
+    this.file_type().is_char_device()
+        && null.file_type().is_char_device()
+        && this.rdev() == null.rdev()
+}
 
 fn ok() -> BoxFuture<'static, Result<()>> {
     futures::future::ready(Ok(())).boxed()
