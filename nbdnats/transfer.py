@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from nbdnats import _core, subjects
 from nbdnats._bridge import core_call
 from nbdnats.embedded import EmbeddedServer
-from nbdnats.errors import TransferCancelled, UsageError
+from nbdnats.errors import TransferCancelled, TransferTimeout, UsageError
 from nbdnats.planes import Login, Planes, urls_given
 from nbdnats.schemas import TransferEvent, encode, from_stats
 from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
@@ -31,6 +31,8 @@ ProgressCallback = Callable[[TransferStats], None]
 
 DEFAULT_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 0.25
+# How long copy lets one end finish failing by itself after the other failed.
+PEER_GRACE = 5.0
 EVENT_INTERVAL = 1.0
 CANCEL_TIMEOUT = 15.0  # how long a cancelled transfer may take to tell its peer and stop
 
@@ -502,7 +504,12 @@ async def copy(
 async def _both(
     sender: TransferHandle, receiver: TransferHandle, on_progress: ProgressCallback | None
 ) -> CopyStats:
-    """Wait for both ends; when one fails, stop the other and raise the first cause."""
+    """Wait for both ends; when one fails, stop the other and raise the first cause.
+
+    The end that failed tells its peer (ABORT, or an error ack), and the peer then fails
+    with the same cause: a receiver whose sender's source failed removes its journal, one
+    whose transfer was interrupted keeps it. So the peer gets ``PEER_GRACE`` seconds to end
+    by itself before it is cancelled (which would make any failure look interrupted)."""
     tasks = {
         asyncio.create_task(sender.wait(on_progress)): sender,
         asyncio.create_task(receiver.wait()): receiver,
@@ -516,13 +523,19 @@ async def _both(
                 err = t.exception()
                 if err is not None and first_error is None:
                     first_error = err
+                    if pending:
+                        _, pending = await asyncio.wait(pending, timeout=PEER_GRACE)
                     for other in pending:
                         tasks[other].cancel()
         if first_error is not None:
-            # A peer's cancellation is a consequence; report the cause.
+            # The first failure is the cause and the peer's a consequence (its echo, its
+            # cancellation) — except that a cancellation or a timeout is usually the wait
+            # for an end that failed otherwise: then that other failure is the cause.
             causes = [t.exception() for t in tasks if t.exception() is not None]
-            real = [e for e in causes if not isinstance(e, TransferCancelled)]
-            raise (real or [first_error])[0]  # type: ignore[misc]
+            real = [e for e in causes if not isinstance(e, TransferCancelled | TransferTimeout)]
+            if isinstance(first_error, TransferCancelled | TransferTimeout) and real:
+                raise real[0]  # type: ignore[misc]
+            raise first_error
         ends = {h: t.result() for t, h in tasks.items()}
         return CopyStats(sender=ends[sender], receiver=ends[receiver])
     except asyncio.CancelledError:

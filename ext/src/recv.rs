@@ -1088,7 +1088,15 @@ async fn negotiate(
             }
             j.header.chunk_size
         }
-        None => req.chunk_size.min(room),
+        // Chunks a multiple of the target's block size (a power of two, at most 32 MiB):
+        // frames of data then never share a block (they still may at the edges of a hole).
+        None => {
+            let chunk = req.chunk_size.min(room);
+            match sink.caps().min_block {
+                b if b > 4096 && b <= chunk => chunk / b * b,
+                _ => chunk,
+            }
+        }
     };
     if chunk < MIN_CHUNK {
         return Err(Error::Nats(format!(

@@ -194,6 +194,7 @@ impl Sink for File {
             can_flush: true,
             can_read: true,
             sequential: false,
+            min_block: 0,
         }
     }
 

@@ -29,6 +29,11 @@ pub struct SinkCaps {
     pub can_read: bool,
     /// Every byte is written in offset order (stdout): zeros must be written out.
     pub sequential: bool,
+    /// Writes must cover whole blocks of this many bytes (an NBD server's minimum block
+    /// size; 0 or 1: any). The receiver cuts chunks to a multiple of it, so that frames
+    /// of data share no block and are written without read-modify-write.
+    #[serde(default)]
+    pub min_block: u64,
 }
 
 pub trait Source: Send + Sync {

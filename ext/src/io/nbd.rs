@@ -707,6 +707,7 @@ impl Sink for Nbd {
             can_flush: self.inner.caps.can_flush,
             can_read: true,
             sequential: false,
+            min_block: self.inner.blocks.min,
         }
     }
 

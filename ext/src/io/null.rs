@@ -38,6 +38,7 @@ impl Sink for Null {
             can_flush: true,
             can_read: false,
             sequential: false,
+            min_block: 0,
         }
     }
     fn prepare(&self, _size: u64) -> BoxFuture<'static, Result<()>> {
