@@ -5,6 +5,7 @@ Each is started on a random port or a fresh unix socket and killed at teardown.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -36,6 +37,15 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
             return
         time.sleep(0.02)
     raise TimeoutError(f"{what} did not come up within {timeout}s")
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """``wait_for`` for a test running an event loop: polls without blocking it."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(0.02)
 
 
 def port_open(host: str, port: int) -> bool:
