@@ -177,9 +177,12 @@ def test_a_failing_destination_fails_the_writes_and_the_bridge(
         await until(dsock.exists, "qemu-nbd's socket", 60)
         async with planes() as p:
             rx = await start_recv(f"nbd+unix:///?socket={dsock}", transfer_id="br3", planes=p,
-                                  timeout=30)  # fmt: skip
+                                  timeout=5)  # fmt: skip
             tx = await start_bridge("nbd", str(sock), transfer_id="br3", planes=p, size=SIZE,
-                                    timeout=30)  # fmt: skip
+                                    timeout=5)  # fmt: skip
+            # Kill only once the receiver holds its NBD connection (it connects, then
+            # listens): its writes must fail, not its connect.
+            await until(lambda: rx.stats().state != "connecting", "the receiver's NBD connection")
             qnbd.kill()  # the receiver is connected; its writes will fail
             qnbd.wait()
             rc, out = await run("qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}",
@@ -190,6 +193,7 @@ def test_a_failing_destination_fails_the_writes_and_the_bridge(
     _, out, errors = asyncio.run(go())
     assert "write failed: Input/output error" in out, out
     assert all(isinstance(e, NbdNatsError) for e in errors), errors
+    assert all("NBD" in str(e) for e in errors), errors  # the writes failed, no timeout
     assert not os.path.exists(sock)
 
 
