@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.request import urlopen
 
 import pytest
@@ -38,6 +39,15 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
     raise TimeoutError(f"{what} did not come up within {timeout}s")
 
 
+async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """``wait_for`` for a test running an event loop: polls without blocking it."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
@@ -53,10 +63,23 @@ class NatsServer:
     port: int
     monitor: int = 0
 
+    def monitoring(self, endpoint: str) -> dict[str, Any]:
+        """The JSON of a monitoring endpoint: ``varz``, ``connz``, ``subsz``..."""
+        url = f"http://127.0.0.1:{self.monitor}/{endpoint}"
+        return json.load(urlopen(url, timeout=2))  # type: ignore[no-any-return]
+
     def subscriptions(self) -> int:
         """How many subscriptions the server holds (its monitoring endpoint)."""
-        url = f"http://127.0.0.1:{self.monitor}/subsz"
-        return int(json.load(urlopen(url, timeout=2))["num_subscriptions"])
+        return int(self.monitoring("subsz")["num_subscriptions"])
+
+    def has_subscription(self, subject: str) -> bool:
+        """Whether some client has subscribed to exactly ``subject``: a receiver listening
+        on its transfer's open subject is ready for a sender."""
+        subs = self.monitoring("subsz?subs=1&limit=100000")["subscriptions_list"]
+        return any(s["subject"] == subject for s in subs)
+
+    def connections(self) -> int:
+        return int(self.monitoring("connz")["num_connections"])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -110,7 +133,7 @@ def nats_cluster(tmp_path: Path) -> Iterator[Callable[[], list[NatsServer]]]:
             log = (tmp_path / f"node{i}.log").open("wb")
             proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log)
             log.close()
-            servers.append(NatsServer(f"nats://127.0.0.1:{ports[i]}", proc, ports[i]))
+            servers.append(NatsServer(f"nats://127.0.0.1:{ports[i]}", proc, ports[i], monitors[i]))
 
         def meshed() -> bool:
             try:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.request import urlopen
@@ -150,15 +149,23 @@ def test_events_are_stored_and_replayed(
 
 
 def test_ctl_events_shows_progress_live(
-    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+    start_nats: Callable[..., NatsServer], start_agent: Callable[..., AgentProc], tmp_path: Path
 ) -> None:
+    server = start_nats(jetstream=True)
+    url = server.url
     image = tmp_path / "slow.raw"
     make_image(image, 24 * MiB, [(0, 24 * MiB)])
     with throttled_nbd(image, tmp_path / "slow.sock", read_bps=8 * MiB) as (_, uri):
         for node in ("a", "b"):
             start_agent(node, url, "--allow", str(tmp_path))
+        consumers = server.monitoring("jsz")["consumers"]
         watcher = start_cli("ctl", "--ctl-url", url, "events", "--kind", "transfer", "--count", "4")
-        time.sleep(0.5)  # let the watcher subscribe; the assertion does not depend on it
+        # It takes new events only: the copy starts once its consumer is on the stream.
+        wait_for(
+            lambda: server.monitoring("jsz")["consumers"] > consumers or watcher.poll() is not None,
+            "the watcher's consumer",
+            60,
+        )
         ok(ctl(url, "copy", f"a:{uri}", f"b:{tmp_path}/dst.raw", "--id", "live"))
         out, err = watcher.communicate(timeout=60)
     assert watcher.returncode == 0, err.decode()

@@ -15,7 +15,7 @@ import nbdnats
 from nbdnats import subjects
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.schemas import TransferEvent
-from tests.conftest import MiB, make_image, sha256_file, throttled_nbd
+from tests.conftest import MiB, make_image, sha256_file, throttled_nbd, until
 
 
 @contextlib.contextmanager
@@ -53,7 +53,14 @@ def test_copy_returns_stats_and_publishes_events(tmp_path: Path) -> None:
                 on_progress=seen.append,
                 verify=True,
             )
-            await asyncio.sleep(0.3)
+            # Events are published as things happen; wait until the last ones arrived.
+            await until(
+                lambda: (
+                    len(ctl_events) >= 2
+                    and {e.role for e in data_events if e.state == "done"} == {"send", "recv"}
+                ),
+                "the done events",
+            )
             await watcher.close()
             return stats, data_events, ctl_events
 
@@ -77,7 +84,7 @@ def test_transfer_does_not_block_the_event_loop(tmp_path: Path) -> None:
     async def ticker() -> None:
         nonlocal ticks
         while True:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the tick under test: runs only if the loop is free
             ticks += 1
 
     async def main() -> None:
@@ -106,7 +113,8 @@ def test_cancel_stops_both_ends(tmp_path: Path) -> None:
                     send = await nbdnats.start_send(uri, transfer_id="c1", planes=planes)
                     recv_task = asyncio.create_task(recv.wait())
                     send_task = asyncio.create_task(send.wait())
-                    await asyncio.sleep(1.5)
+                    # Mid-transfer (16 s at 4 MiB/s): the receiver has written something.
+                    await until(lambda: recv.stats().done_bytes >= MiB, "the first writes", 60)
                     recv_task.cancel()
                     results = await asyncio.gather(recv_task, send_task, return_exceptions=True)
                     return results[0], results[1], recv.stats().state  # type: ignore[return-value]

@@ -19,7 +19,7 @@ import pytest
 from nbdnats.errors import NbdNatsError
 from nbdnats.planes import Planes
 from nbdnats.transfer import TransferHandle, start_bridge, start_recv
-from tests.conftest import MiB, NatsServer, make_image, sha256_file
+from tests.conftest import MiB, NatsServer, make_image, sha256_file, until
 
 SIZE = 64 * MiB
 Connect = Callable[[], contextlib.AbstractAsyncContextManager[Planes]]
@@ -174,13 +174,15 @@ def test_a_failing_destination_fails_the_writes_and_the_bridge(
     sock = tmp_path / "bridge.sock"
 
     async def go() -> tuple[int, str, list[BaseException | None]]:
-        while not dsock.exists():
-            await asyncio.sleep(0.02)
+        await until(dsock.exists, "qemu-nbd's socket", 60)
         async with planes() as p:
             rx = await start_recv(f"nbd+unix:///?socket={dsock}", transfer_id="br3", planes=p,
                                   timeout=5)  # fmt: skip
             tx = await start_bridge("nbd", str(sock), transfer_id="br3", planes=p, size=SIZE,
                                     timeout=5)  # fmt: skip
+            # Kill only once the receiver holds its NBD connection (it connects, then
+            # listens): its writes must fail, not its connect.
+            await until(lambda: rx.stats().state != "connecting", "the receiver's NBD connection")
             qnbd.kill()  # the receiver is connected; its writes will fail
             qnbd.wait()
             rc, out = await run("qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}",
@@ -191,6 +193,7 @@ def test_a_failing_destination_fails_the_writes_and_the_bridge(
     _, out, errors = asyncio.run(go())
     assert "write failed: Input/output error" in out, out
     assert all(isinstance(e, NbdNatsError) for e in errors), errors
+    assert all("NBD" in str(e) for e in errors), errors  # the writes failed, no timeout
     assert not os.path.exists(sock)
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from urllib.request import urlopen
 import nats
 import pytest
 
-from tests.conftest import NBD_NATS, one_line_error, run_cli, sha256_nbd
+from tests.conftest import NBD_NATS, one_line_error, run_cli, sha256_nbd, until
 
 
 def leftovers(root: Path) -> list[str]:
@@ -186,22 +187,21 @@ def test_node_permissions(topology: tuple[Path, dict[str, Any]]) -> None:
         try:
             events = await controller.subscribe("ctl.evt.>")
             await controller.flush()
-            for _ in range(100):  # the interest crosses the route to ctl-1
+            deadline = time.monotonic() + 60  # until the interest crosses the route to ctl-1
+            while True:
                 await node1.publish("ctl.evt.node1.hello", b"1")
                 try:
                     msg = await events.next_msg(timeout=0.1)
                     break
                 except TimeoutError:
-                    continue
+                    if time.monotonic() > deadline:
+                        raise
             assert msg.subject == "ctl.evt.node1.hello"
             for subject in ("ctl.evt.node2.hello", "ctl.cmd.node2.stop", "data.blk.x.c"):
                 await node1.publish(subject, b"x")
             await node1.subscribe("ctl.cmd.node2.>")
             await node1.flush()
-            for _ in range(100):
-                if len(errors) >= 4:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: len(errors) >= 4, "the four permission violations", 60)
             violations = " ".join(errors)
             for subject in ("ctl.evt.node2.hello", "ctl.cmd.node2.stop", "data.blk.x.c"):
                 assert f'publish to "{subject}"' in violations

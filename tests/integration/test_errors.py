@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
+from nbdnats import subjects
 from tests.conftest import (
     MiB,
+    allocated,
     make_image,
     one_line_error,
     run_cli,
     sha256_file,
     start_cli,
     throttled_nbd,
+    wait_for,
 )
 
 
@@ -145,10 +147,14 @@ def test_missing_arguments_are_usage_errors() -> None:
     assert "the following arguments are required" in proc.stderr.decode()
 
 
-def test_second_receiver_for_the_same_id(tmp_path: Path, nats_url: str) -> None:
+def test_second_receiver_for_the_same_id(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+    server = start_nats()
+    nats_url = server.url
     first = start_cli("recv", str(tmp_path / "a.img"), "--id", "dup", "--data-url", nats_url)
     try:
-        time.sleep(1.0)
+        # The first receiver answers on the open subject once it has subscribed there.
+        open_subject = subjects.transfer("dup")[0]
+        wait_for(lambda: server.has_subscription(open_subject), "the first receiver", 60)
         proc = run_cli("recv", str(tmp_path / "b.img"), "--id", "dup", "--data-url", nats_url)
         assert "another receiver already serves transfer dup" in one_line_error(proc)
         assert first.poll() is None  # the first one is unharmed
@@ -179,7 +185,9 @@ def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str)
     with throttled_nbd(src, tmp_path / "slow.sock", read_bps=8 * MiB) as (nbd, uri):
         recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "cut", "--data-url", nats_url)
         send = start_cli("send", uri, "--id", "cut", "--data-url", nats_url)
-        time.sleep(2.0)
+        # Mid-transfer: the receiver has written a first part of the 8-second copy.
+        dst = tmp_path / "dst.img"
+        wait_for(lambda: dst.exists() and allocated(dst) >= 4 * MiB, "the first writes", 60)
         nbd.kill()
         _, s_err = send.communicate(timeout=60)
         _, r_err = recv.communicate(timeout=60)
@@ -201,7 +209,9 @@ def test_signal_cancels_and_tells_the_peer(
     with throttled_nbd(src, tmp_path / "slow.sock", read_bps=8 * MiB) as (_, uri):
         recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "sig", "--data-url", nats_url)
         send = start_cli("send", uri, "--id", "sig", "--data-url", nats_url)
-        time.sleep(2.0)
+        # Mid-transfer: the receiver has written a first part of the 8-second copy.
+        dst = tmp_path / "dst.img"
+        wait_for(lambda: dst.exists() and allocated(dst) >= 4 * MiB, "the first writes", 60)
         recv.send_signal(sig)
         _, r_err = recv.communicate(timeout=30)
         _, s_err = send.communicate(timeout=30)

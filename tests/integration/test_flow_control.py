@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd
+from nbdnats import subjects
+from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd, wait_for
 
 WINDOW = 8 * MiB
 TARGET_BPS = 16 * MiB  # an unthrottled copy here runs at hundreds of MB/s: >10x faster
@@ -18,9 +19,9 @@ def rss(pid: int) -> int:
     return 0
 
 
-def test_slow_receiver_loses_nothing_and_memory_stays_bounded(
-    tmp_path: Path, nats_url: str
-) -> None:
+def test_slow_receiver_loses_nothing_and_memory_stays_bounded(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+    server = start_nats()
+    nats_url = server.url
     src = tmp_path / "src.img"
     want = make_image(src, 128 * MiB, [(0, 128 * MiB)])
     dst = tmp_path / "dst.img"
@@ -29,19 +30,23 @@ def test_slow_receiver_loses_nothing_and_memory_stays_bounded(
         recv = start_cli(
             "recv", uri, "--id", "slow", "--data-url", nats_url, "--window", str(WINDOW)
         )
-        time.sleep(1.0)  # idle receiver: interpreter, runtime and connections loaded
+        # Idle receiver: interpreter, runtime and connections loaded, listening.
+        ready = subjects.transfer("slow")[0]
+        wait_for(lambda: server.has_subscription(ready), "the receiver", 60)
         recv_base = rss(recv.pid)
+        conns = server.connections()
         send = start_cli(
             "send", str(src), "--id", "slow", "--data-url", nats_url, "--window", str(WINDOW)
         )
-        time.sleep(0.5)
+        # The sender's base: interpreter and runtime loaded, connected.
+        wait_for(lambda: server.connections() > conns or send.poll() is not None, "sender", 60)
         send_base = rss(send.pid)
         peaks = {"recv": 0, "send": 0}
         while recv.poll() is None or send.poll() is None:
             for name, proc in (("recv", recv), ("send", send)):
                 if proc.poll() is None:
                     peaks[name] = max(peaks[name], rss(proc.pid))
-            time.sleep(0.05)
+            time.sleep(0.05)  # the sampling interval of the peaks, not a wait
         _, r_err = recv.communicate()
         _, s_err = send.communicate()
     assert recv.returncode == 0, r_err.decode()

@@ -16,7 +16,7 @@ import nats
 
 from nbdnats import _core, subjects
 from nbdnats.schemas import TransferEvent
-from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd
+from tests.conftest import MiB, allocated, make_image, sha256_file, start_cli, throttled_nbd, until
 
 SIZE = 48 * MiB
 HOSTILE_KINDS = 8  # messages `attack` publishes
@@ -51,10 +51,8 @@ async def attack(url: str, tid: str) -> list[TransferEvent]:
     for frame in hostile:
         await nc.publish(chunks, frame)
     await nc.flush()
-    for _ in range(300):  # until the receiver reports done (bounded: 30 s)
-        if any(e.role == "recv" and e.state == "done" for e in events):
-            break
-        await asyncio.sleep(0.1)
+    done = lambda: any(e.role == "recv" and e.state == "done" for e in events)  # noqa: E731
+    await until(done, "the receiver's done event", 120)
     await nc.close()
     return events
 
@@ -93,13 +91,14 @@ def test_garbage_does_not_keep_a_dead_transfer_open(tmp_path: Path, nats_url: st
 
         async def haunt() -> int | None:
             nc = await nats.connect(nats_url)
-            await asyncio.sleep(1.5)
+            # The sender dies mid-transfer: once the receiver has written a first part.
+            await until(lambda: dst.exists() and allocated(dst) >= MiB, "the first writes", 60)
             send.kill()
             for _ in range(150):  # 30 s of garbage at most, or until the receiver gives up
                 await nc.publish(subjects.transfer("ghost")[1], b"boo" * 50)
                 if recv.poll() is not None:
                     break
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the garbage's rate, not a wait
             await nc.close()
             return recv.poll()
 

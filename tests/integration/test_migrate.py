@@ -144,7 +144,7 @@ def test_migrate_while_the_guest_writes(
     last_on_source = source.last_counter()
     assert last_on_source > before
     # The same guest goes on counting on the destination, from where it stopped.
-    dest.wait_counter(last_on_source + 10, timeout=30)
+    dest.wait_counter(last_on_source + 10, timeout=120)
     on_dest = dest.counters()
     assert on_dest[0] > last_on_source and on_dest[0] <= last_on_source + 2, on_dest[:3]
     assert on_dest == list(range(on_dest[0], on_dest[0] + len(on_dest)))
@@ -172,7 +172,7 @@ def test_destination_disk_of_another_size(vms: Callable[..., vm.VM]) -> None:
     assert source.status() == "running"
     assert our_leftovers(source) == []
     printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=20)
+    source.wait_counter(printed + 3, timeout=120)
 
 
 @pytest.mark.parametrize("mode", ["nats", "direct"])
@@ -205,7 +205,7 @@ def test_destination_killed_mid_mirror(mode: str, vms: Callable[..., vm.VM]) -> 
     assert our_leftovers(source) == []
     assert not capability(source, "pause-before-switchover")
     printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=20)
+    source.wait_counter(printed + 3, timeout=120)
 
 
 @pytest.mark.parametrize("mode", ["nats", "direct"])
@@ -237,11 +237,11 @@ def test_stalled_stream_times_out(mode: str, vms: Callable[..., vm.VM]) -> None:
     assert "mirroring the disks made no progress for 2 s" in message, message
     assert "rolled back" in message, message
     assert frozen
-    assert dest.proc.wait(20) == 0  # told to quit once thawed
+    assert dest.proc.wait(60) == 0  # told to quit once thawed
     assert source.status() == "running"
     assert our_leftovers(source) == []
     printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=20)
+    source.wait_counter(printed + 3, timeout=120)
 
 
 @pytest.mark.parametrize("mode", ["nats", "direct"])
@@ -267,12 +267,12 @@ def test_cancel_from_another_invocation(mode: str, vms: Callable[..., vm.VM]) ->
     assert proc.returncode == 0, proc.stderr.decode()
     assert "cancelled migration mig1" in proc.stderr.decode()
     # The migrating process was told to stop (SIGTERM), rolled back, and exited with 143.
-    assert running.wait(30) == 128 + signal.SIGTERM
-    assert dest.proc is not None and dest.proc.wait(20) == 0  # quit, not killed
+    assert running.wait(60) == 128 + signal.SIGTERM
+    assert dest.proc is not None and dest.proc.wait(60) == 0  # quit, not killed
     assert source.status() == "running"
     assert our_leftovers(source) == []
     printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=20)
+    source.wait_counter(printed + 3, timeout=120)
 
 
 def test_cancel_after_the_migrating_process_was_killed(vms: Callable[..., vm.VM]) -> None:
@@ -300,12 +300,12 @@ def test_cancel_after_the_migrating_process_was_killed(vms: Callable[..., vm.VM]
     proc = run_cli("migrate", "--cancel", "--id", "mig2", timeout=90)
     assert proc.returncode == 0, proc.stderr.decode()
     assert "the destination was stopped" in proc.stderr.decode()
-    assert dest.proc is not None and dest.proc.wait(20) == 0
+    assert dest.proc is not None and dest.proc.wait(60) == 0
     assert source.status() == "running"
     assert our_leftovers(source) == []
     assert not capability(source, "pause-before-switchover")
     printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=20)
+    source.wait_counter(printed + 3, timeout=120)
 
 
 def test_direct_takes_no_data_url() -> None:
@@ -380,7 +380,7 @@ def test_ctl_migrate_between_agents(
     assert dest.status() == "running"
     last_on_source = source.last_counter()
     assert last_on_source > before
-    dest.wait_counter(last_on_source + 10, timeout=30)
+    dest.wait_counter(last_on_source + 10, timeout=120)
     on_dest = dest.counters()
     assert on_dest[0] > last_on_source and on_dest[0] <= last_on_source + 2, on_dest[:3]
     dest.command("stop")
@@ -438,7 +438,7 @@ def test_ctl_migrate_refusals(
     assert asyncio.run(relay("hv-b", "query-status"))["result"]["status"] == "inmigrate"
     # quit is allowed while it only waits: a migration's rollback needs it.
     assert asyncio.run(relay("hv-b", "quit"))["ok"] is True
-    assert dest.proc is not None and dest.proc.wait(20) == 0
+    assert dest.proc is not None and dest.proc.wait(60) == 0
 
 
 def test_ctl_cancel_rolls_a_migration_back(
@@ -458,12 +458,12 @@ def test_ctl_cancel_rolls_a_migration_back(
     assert run_cli("ctl", "--ctl-url", url, "cancel", "m2").returncode == 0
     _, err = running.communicate(timeout=60)
     assert running.returncode == 1 and "cancelled" in err.decode(), err.decode()
-    assert dest.proc is not None and dest.proc.wait(20) == 0  # quit through its agent
-    wait_for(lambda: "migrate m2 cancelled" in a.text(), "the agent's report", 20)
+    assert dest.proc is not None and dest.proc.wait(60) == 0  # quit through its agent
+    wait_for(lambda: "migrate m2 cancelled" in a.text(), "the agent's report", 60)
     assert source.status() == "running"
     assert our_leftovers(source) == []
     printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=20)
+    source.wait_counter(printed + 3, timeout=120)
 
 
 def _states(url: str) -> str:
@@ -496,4 +496,4 @@ def test_ctl_migrate_survives_the_destination_agent_dying(
     assert source.status() == "running"
     assert our_leftovers(source) == []
     printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=20)
+    source.wait_counter(printed + 3, timeout=120)

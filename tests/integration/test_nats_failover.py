@@ -11,10 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd
+from tests.conftest import (
+    MiB,
+    allocated,
+    make_image,
+    sha256_file,
+    start_cli,
+    throttled_nbd,
+    wait_for,
+)
 
 SIZE = 96 * MiB
 RATE = 16 * MiB  # a throttled source: about six seconds, so a server can die in the middle
+
+
+def under_way(dst: Path) -> None:
+    """Wait until the receiver has written a first part (a sixth) of the six-second copy."""
+    wait_for(lambda: dst.exists() and allocated(dst) >= SIZE // 6, "the first writes", 120)
+    assert allocated(dst) < SIZE, "the copy ended before a server could die in its middle"
 
 
 def finish(proc: subprocess.Popen[bytes]) -> dict[str, object]:
@@ -32,7 +46,7 @@ def test_cluster_node_killed(tmp_path: Path, nats_cluster, victim: str) -> None:
         # Each side is given only its own node; the others it learns from the cluster.
         recv = start_cli("recv", str(dst), "--id", "fo", "--data-url", n3.url, "--json")
         send = start_cli("send", uri, "--id", "fo", "--data-url", n1.url, "--json")
-        time.sleep(2.5)
+        under_way(dst)
         (n1 if victim == "sender's" else n3).proc.send_signal(signal.SIGKILL)
         sent, got = finish(send), finish(recv)
     assert sha256_file(dst) == want
@@ -46,10 +60,10 @@ def test_single_server_restarted(tmp_path: Path, start_nats) -> None:  # type: i
     with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
         recv = start_cli("recv", str(dst), "--id", "rs", "--data-url", server.url, "--json")
         send = start_cli("send", uri, "--id", "rs", "--data-url", server.url, "--json")
-        time.sleep(2.5)
+        under_way(dst)
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait()
-        time.sleep(1.0)
+        time.sleep(1.0)  # the outage under test: a second without a server, not a wait
         start_nats(port=server.port)  # the same address comes back
         sent, got = finish(send), finish(recv)
     assert sha256_file(dst) == want

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.conftest import MiB, make_image, sha256_file, start_cli
+from nbdnats import subjects
+from tests.conftest import MiB, make_image, sha256_file, start_cli, wait_for
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> tuple[int, bytes, bytes]:
@@ -17,12 +17,16 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> tuple[int, by
     return proc.returncode, out, err
 
 
-def test_receiver_first(tmp_path: Path, nats_url: str, qemu_nbd) -> None:
+def test_receiver_first(tmp_path: Path, start_nats, qemu_nbd) -> None:  # type: ignore[no-untyped-def]
+    server = start_nats()
+    nats_url = server.url
     src = tmp_path / "src.img"
     want = make_image(src, 24 * MiB, [(MiB, 6 * MiB)])
     dst = tmp_path / "dst.img"
     recv = start_cli("recv", str(dst), "--id", "vm42-disk0", "--data-url", nats_url, "--json")
-    time.sleep(0.5)
+    # First means listening: the receiver has subscribed to the transfer's open subject.
+    ready = subjects.transfer("vm42-disk0")[0]
+    wait_for(lambda: server.has_subscription(ready), "the receiver", 60)
     send = start_cli(
         "send",
         qemu_nbd(src, read_only=True),
@@ -41,14 +45,19 @@ def test_receiver_first(tmp_path: Path, nats_url: str, qemu_nbd) -> None:
     assert sha256_file(dst) == want
 
 
-def test_sender_first_waits_for_receiver(tmp_path: Path, nats_url: str) -> None:
+def test_sender_first_waits_for_receiver(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+    server = start_nats()
+    nats_url = server.url
     src = tmp_path / "src.img"
     want = make_image(src, 8 * MiB, [(0, 8 * MiB)])
     dst = tmp_path / "dst.img"
     send = start_cli(
         "send", str(src), "--id", "late", "--data-url", nats_url, "--timeout", "30", "--json"
     )
-    time.sleep(2.0)  # the sender keeps asking on data.cmd.late.open meanwhile
+    # The sender keeps asking on data.cmd.late.open: wait until it has asked (unanswered)
+    # at least twice, as the server counts messages in.
+    asked = lambda: server.monitoring("varz")["in_msgs"] >= 2 or send.poll() is not None  # noqa: E731
+    wait_for(asked, "the sender's open requests", 60)
     assert send.poll() is None
     recv = start_cli("recv", str(dst), "--id", "late", "--data-url", nats_url, "--json")
     assert finish(send)[0] == 0
