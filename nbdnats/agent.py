@@ -446,6 +446,8 @@ class Agent:
             size=size,
             chunk_size=cmd.chunk_size,
             state_dir=self.config.state_dir,
+            # The policy has checked every file an NBD URI names (policy.nbd_uri).
+            allow_local_file=True,
             **self._options(cmd),
         )
         return await self._job("send", "send", cmd, shown, started, run)
@@ -474,6 +476,8 @@ class Agent:
             planes=self.planes,
             target_is_zero=cmd.target_is_zero,
             state_dir=self.config.state_dir,
+            # The policy has checked every file an NBD URI names (policy.nbd_uri).
+            allow_local_file=True,
             **self._options(cmd),
         )
         return await self._job("recv", "recv", cmd, shown, started, run)
@@ -696,7 +700,9 @@ class Agent:
 
     async def _digest(self, query: DigestQuery) -> DigestReply:
         try:
-            digest, size = await image_digest(self.policy.endpoint(query.src))
+            digest, size = await image_digest(
+                self.policy.endpoint(query.src), allow_local_file=True
+            )
         except NbdNatsError as e:
             return DigestReply(ok=False, code=e.code, error=str(e))
         return DigestReply(ok=True, digest=digest, size=size)

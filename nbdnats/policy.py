@@ -192,6 +192,12 @@ class Policy:
             raise PolicyError(f"NBD URI {shown} names no socket: it needs exactly one socket=PATH")
         if not unix and "socket" in params:
             raise PolicyError(f"NBD URI {shown}: socket= applies only to nbd+unix://")
+        if scheme.startswith("nbds") and not params.keys() & {"tls-certificates", "tls-psk-file"}:
+            # libnbd would encrypt, yet accept any server: name what authenticates it.
+            raise PolicyError(
+                f"NBD URI {shown} uses TLS without tls-certificates=DIR or tls-psk-file=FILE, "
+                "so the server would not be authenticated; name one of them"
+            )
         for name, value in params.items():
             self.path(value, "NBD socket" if name == "socket" else f"NBD {name}")
         if not unix:

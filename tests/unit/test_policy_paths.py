@@ -84,6 +84,18 @@ def test_allowed_nbd_uris_still_pass(dirs: tuple[Path, Path]) -> None:
         assert p.endpoint(uri) == uri
 
 
+def test_tls_from_a_command_must_authenticate_the_server(dirs: tuple[Path, Path]) -> None:
+    """libnbd encrypts an nbds:// connection without tls-certificates or tls-psk-file, but
+    accepts any server: an agent refuses such a URI."""
+    allowed, _ = dirs
+    p = Policy([str(allowed), "nbds://10.0.0.5:10809/"])
+    for uri in (f"nbds+unix:///disk?socket={allowed}/s.sock", "nbds://10.0.0.5:10809/d"):
+        with pytest.raises(PolicyError, match="would not be authenticated"):
+            p.endpoint(uri)
+    with_ca = f"nbds://10.0.0.5:10809/d?tls-certificates={allowed}"
+    assert p.endpoint(with_ca) == with_ca
+
+
 def test_tcp_nbd_uris_get_their_parameters_checked_too(dirs: tuple[Path, Path]) -> None:
     allowed, outside = dirs
     p = Policy([str(allowed), "nbd://10.0.0.5:10809/"])
