@@ -197,7 +197,8 @@ async def connect_ctl(url: str, name: str, login: Login | None = None) -> CtlCli
                 servers=servers,
                 name=name,
                 connect_timeout=2,
-                max_reconnect_attempts=1,
+                # A few quick tries: each may lose the server's reason to a reset.
+                max_reconnect_attempts=2,
                 reconnect_time_wait=0.2,
                 error_cb=quiet,
                 **auth,
@@ -205,8 +206,13 @@ async def connect_ctl(url: str, name: str, login: Login | None = None) -> CtlCli
             CONNECT_TIMEOUT,
         )
     except (OSError, TimeoutError, ValueError, nats.errors.Error) as e:
-        # "no servers available" hides why: the last refusal (a bad login) says it.
-        cause = failures[-1] if isinstance(e, nats.errors.NoServersError) and failures else e
+        # "no servers available" hides why: a refusal (a bad login) says it. The server
+        # sends its -ERR and closes; the client may see only the reset that follows, so
+        # an authorization error seen on any attempt is the one to name.
+        cause: BaseException = e
+        if isinstance(e, nats.errors.NoServersError) and failures:
+            refused = [f for f in failures if "authoriz" in str(f).lower()]
+            cause = (refused or failures)[-1]
         detail = redact_url(str(cause) or type(cause).__name__)
         raise NatsError(
             f"cannot connect to the ctl NATS server at {redact_url(url)}: {detail}; "

@@ -122,7 +122,10 @@ def test_wrong_password_is_one_line_without_the_password(
     )  # fmt: skip
     err = one_line_error(done)
     assert "WRONG-s3cret-pw" not in err and ENCODED not in err
-    assert "authorization violation" in err.lower()
+    # nats-py (the ctl plane) may see the reset after the server's -ERR instead of the
+    # -ERR itself (see test_agent_and_ctl_take_nkey).
+    said = ["authorization violation"] + (["connection reset by peer"] if plane == "ctl" else [])
+    assert any(s in err.lower() for s in said), err
     assert "nats://alice:***@" in err
 
 
@@ -270,10 +273,13 @@ def test_agent_and_ctl_take_nkey(
     )  # fmt: skip
     assert copy.returncode == 0, copy.stderr.decode()
     assert dst.read_bytes() == image.read_bytes()
-    assert (
-        "authorization violation"
-        in one_line_error(run_cli("ctl", "--ctl-url", url, "nodes")).lower()
-    )
+    # Refused without the key. nats-server sends "-ERR 'Authorization Violation'" and
+    # closes; when the client's next write meets the closed socket, the reset can discard
+    # that line before it is read, so either is what a refusal looks like.
+    refused = run_cli("ctl", "--ctl-url", url, "nodes")
+    assert refused.returncode == 1
+    line = one_line_error(refused).lower()
+    assert "authorization violation" in line or "connection reset by peer" in line, line
 
 
 @pytest.mark.parametrize(
