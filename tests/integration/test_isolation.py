@@ -9,14 +9,13 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from urllib.request import urlopen
 
 import pytest
 
 import nbdnats
-from tests.conftest import MiB, NatsServer, make_image, sha256_file, throttled_nbd
+from tests.conftest import MiB, NatsServer, make_image, sha256_file, throttled_nbd, until
 
 # The core's allocator hands freed pages back on a background thread once they have been
 # free for dirty_decay_ms (1 s, in .cargo/config.toml); glibc's (Python's) on malloc_trim.
@@ -36,14 +35,6 @@ async def idle_rss() -> int:
 
 def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def _subsz(server: NatsServer) -> tuple[int, list[str]]:
