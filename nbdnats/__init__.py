@@ -35,7 +35,7 @@ from nbdnats.errors import (
 )
 
 if TYPE_CHECKING:
-    from nbdnats.controller import Controller, OperationResult
+    from nbdnats.ctl.controller import Controller, OperationResult
     from nbdnats.planes import Planes
     from nbdnats.schemas import Tool, TransferOptions
     from nbdnats.transfer import (
@@ -50,8 +50,8 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
-    "Controller": "nbdnats.controller",
-    "OperationResult": "nbdnats.controller",
+    "Controller": "nbdnats.ctl.controller",
+    "OperationResult": "nbdnats.ctl.controller",
     "Planes": "nbdnats.planes",
     "Tool": "nbdnats.schemas",
     "TransferOptions": "nbdnats.schemas",

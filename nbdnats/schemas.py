@@ -72,8 +72,8 @@ class Tool(Message, kw_only=True):
     restore (the tool writes it on stdout): restic ``repo`` + ``snapshot``; kopia
     ``object`` (``<rootOID>/disk.img`` or a snapshot's object id); pipe ``command``.
 
-    The agent checks every value before it joins a command line (``nbdnats.tools``,
-    ``nbdnats.policy``): ``repo`` is under its allow-list; ``snapshot`` is hex or
+    The agent checks every value before it joins a command line (``nbdnats.ctl.tools``,
+    ``nbdnats.ctl.policy``): ``repo`` is under its allow-list; ``snapshot`` is hex or
     ``latest``; ``object`` is an id with plain names after it; ``source`` an absolute
     path of plain names; ``command``'s program is allowed, and every argument that names
     a path names an absolute one under the allow-list.

@@ -85,7 +85,7 @@ def ctl_queries(node: str) -> str:
 
 
 ALL_CTL_EVENTS = f"{CTL_EVT}.>"
-# The JetStream stream that stores ctl events (nbdnats/events.py defines it).
+# The JetStream stream that stores ctl events (nbdnats/ctl/events.py defines it).
 EVENTS_STREAM = "CTL_EVENTS"
 
 

@@ -22,10 +22,11 @@ import nats
 import pytest
 
 from bench import vm
-from nbdnats import migrate, subjects
+from nbdnats import subjects
 from nbdnats.embedded import EmbeddedServer, free_port
 from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
-from nbdnats.natspath import NatsPath
+from nbdnats.migration import run as migrate
+from nbdnats.migration.paths import NatsPath
 from nbdnats.planes import Planes
 from nbdnats.schemas import QmpCommand, encode
 from tests.conftest import (

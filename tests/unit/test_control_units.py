@@ -10,14 +10,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from nbdnats import events
 from nbdnats.approval import TrustedKeys, load_private, new_key, sign
-from nbdnats.controller import parse_endpoint
+from nbdnats.ctl import events
+from nbdnats.ctl.controller import parse_endpoint
+from nbdnats.ctl.metrics import parse_addr, render
+from nbdnats.ctl.policy import Policy
+from nbdnats.ctl.tools import snapshot_id
 from nbdnats.errors import ApprovalError, PolicyError, SchemaError, UsageError
-from nbdnats.metrics import parse_addr, render
-from nbdnats.policy import Policy
 from nbdnats.schemas import COMMANDS, Approval, SendCommand, decode, encode
-from nbdnats.tools import snapshot_id
 from nbdnats.units import parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from nbdnats.ctl.policy import Policy, nbd_query
+from nbdnats.ctl.tools import backup_argv, restore_argv, scrub, shown, size_argv
 from nbdnats.errors import PolicyError, UsageError
 from nbdnats.planes import redact_url
-from nbdnats.policy import Policy, nbd_query
 from nbdnats.schemas import Tool
-from nbdnats.tools import backup_argv, restore_argv, scrub, shown, size_argv
 
 
 @pytest.fixture
@@ -297,7 +297,7 @@ def test_a_tools_message_is_shown_without_its_secrets() -> None:
 def test_tools_do_not_inherit_the_agents_nats_logins(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tool the agent starts gets the agent's environment less its NATS URLs (with
     passwords) and login files; the config's [env] still reaches it."""
-    from nbdnats.agent import Agent, AgentConfig
+    from nbdnats.ctl.agent import Agent, AgentConfig
 
     monkeypatch.setenv("NBDNATS_CTL_URL", "nats://node1:s3cret@127.0.0.1:4222")
     monkeypatch.setenv("NBDNATS_NKEY", "/etc/nbdnats/node1.nk")

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from nbdnats import errors, subjects
-from nbdnats.cli import build_parser
+from nbdnats.cli.main import build_parser
 from nbdnats.planes import resolve_urls
 from nbdnats.schemas import TransferEvent
 from nbdnats.transfer import check_options
@@ -136,12 +136,12 @@ def test_data_commands_do_not_import_the_control_plane() -> None:
     dependencies: each of those imports costs start-up time and memory on every transfer."""
     probe = (
         "import contextlib, io, sys\n"
-        "from nbdnats import cli\n"
+        "from nbdnats.cli import main as cli\n"
         "with contextlib.redirect_stdout(io.StringIO()) as help, contextlib.suppress(SystemExit):\n"
         "    cli.main(['send', '--help'])\n"
-        "heavy = [m for m in ('nbdnats.controller', 'nbdnats.agent', 'nbdnats.migrate',\n"
-        "         'nbdnats.dev', 'nbdnats.events', 'nbdnats.approval', 'cryptography',\n"
-        "         'qemu.qmp') if m in sys.modules]\n"
+        "heavy = [m for m in ('nbdnats.ctl.controller', 'nbdnats.ctl.agent',\n"
+        "         'nbdnats.migration.run', 'nbdnats.dev.topology', 'nbdnats.ctl.events',\n"
+        "         'nbdnats.approval', 'cryptography', 'qemu.qmp') if m in sys.modules]\n"
         "print('--chunk-size' in help.getvalue(), heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 import msgspec
 
 from nbdnats import __version__, _core, transfer
+from nbdnats.cli.output import ProgressBar
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.planes import Login
-from nbdnats.progress import ProgressBar
 from nbdnats.schemas import Report, from_stats
 from nbdnats.units import MAX_TIMEOUT, human, size_arg, timeout_arg
 
@@ -177,7 +177,10 @@ def build_parser(*, full: bool = True) -> argparse.ArgumentParser:
         _add_common(p, sender=sender, receiver=receiver)
     if not full:
         return parser
-    from nbdnats import approval, ctl_cli, dev, migrate
+    from nbdnats import approval
+    from nbdnats.cli import ctl as ctl_cli
+    from nbdnats.dev import topology as dev
+    from nbdnats.migration import run as migrate
 
     ctl_cli.add_agent_parser(sub)
     ctl_cli.add_ctl_parser(sub)
@@ -290,7 +293,10 @@ async def _main(args: argparse.Namespace) -> None:
         )
         await _run(args)
         return
-    from nbdnats import approval, ctl_cli, dev, migrate
+    from nbdnats import approval
+    from nbdnats.cli import ctl as ctl_cli
+    from nbdnats.dev import topology as dev
+    from nbdnats.migration import run as migrate
 
     runners = {
         "dev": dev.run,

@@ -1,6 +1,6 @@
 """Live migration between two hosts' agents (``nbd-nats ctl migrate a:VM b``).
 
-The source's agent runs the whole orchestration (``nbdnats.migrate``) with its own QEMU's
+The source's agent runs the whole orchestration (``nbdnats.migration.run``) with its own QEMU's
 monitor, and reaches the destination's through the destination's agent:
 
 - ``RemoteQmp`` stands in for the destination's monitor: each command is a
@@ -40,8 +40,8 @@ from nbdnats.errors import (
     UsageError,
     from_code,
 )
-from nbdnats.migrate import EXPORT, PREFIX, EventLog, Sockets, _CommandFailed, _data, _Qmp
-from nbdnats.natspath import NatsPath, destination_sockets, start_receivers, stop_all
+from nbdnats.migration.paths import NatsPath, destination_sockets, start_receivers, stop_all
+from nbdnats.migration.run import EXPORT, PREFIX, EventLog, Sockets, _CommandFailed, _data, _Qmp
 from nbdnats.planes import Planes
 from nbdnats.schemas import (
     IncomingCommand,

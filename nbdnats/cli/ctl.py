@@ -17,16 +17,16 @@ from typing import Any
 
 import msgspec
 
-from nbdnats.agent import (
+from nbdnats.approval import load_approval
+from nbdnats.cli.main import add_login_options
+from nbdnats.ctl.agent import (
     ANNOUNCE_INTERVAL,
     DRAIN_TIMEOUT,
     PROGRESS_INTERVAL,
     AgentConfig,
     run_agent,
 )
-from nbdnats.approval import load_approval
-from nbdnats.cli import add_login_options
-from nbdnats.controller import Controller, OperationResult, parse_endpoint
+from nbdnats.ctl.controller import Controller, OperationResult, parse_endpoint
 from nbdnats.errors import UsageError
 from nbdnats.planes import Login, default_node
 from nbdnats.schemas import MigrationEvent, Tool, TransferEvent, TransferOptions

@@ -11,7 +11,7 @@ subscribes and announces; ``stop()`` stops taking commands, lets running jobs fi
 announces ``stopped`` and closes. SIGTERM and SIGINT call ``stop()``.
 
 Every command is checked before anything is opened: schema and version, idempotency key,
-role, allow-list (``nbdnats.policy``), approval (``nbdnats.approval``). A refusal is the
+role, allow-list (``nbdnats.ctl.policy``), approval (``nbdnats.approval``). A refusal is the
 reply's error and a ``ctl.evt.<node>.refused`` event; the agent carries on.
 """
 
@@ -33,8 +33,11 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from nbdnats import _core, events, subjects, tools
+from nbdnats import _core, subjects
 from nbdnats.approval import TrustedKeys
+from nbdnats.ctl import events, tools
+from nbdnats.ctl.metrics import MetricsServer, Sample
+from nbdnats.ctl.policy import Policy
 from nbdnats.errors import (
     BusyError,
     ConflictError,
@@ -45,10 +48,8 @@ from nbdnats.errors import (
     TransferCancelled,
     UsageError,
 )
-from nbdnats.metrics import MetricsServer, Sample
+from nbdnats.migration.remote import Incoming
 from nbdnats.planes import Login, Planes, redact_url
-from nbdnats.policy import Policy
-from nbdnats.remote import Incoming
 from nbdnats.schemas import (
     COMMANDS,
     QUERIES,
@@ -83,7 +84,7 @@ from nbdnats.transfer import (
     start_send,
 )
 
-log = logging.getLogger("nbdnats.agent")
+log = logging.getLogger("nbdnats.ctl.agent")
 
 ANNOUNCE_INTERVAL = 30.0  # seconds between announcements (NodeInfo.announce_interval)
 PROGRESS_INTERVAL = 1.0  # at most one progress event per job per this many seconds
@@ -541,8 +542,8 @@ class Agent:
     async def _migrate(self, cmd: MigrateCommand) -> None:
         """Run a migration of one of this node's VMs; report each state and the end as
         ``ctl.evt.<node>.migration``."""
-        from nbdnats import migrate
-        from nbdnats.remote import AgentPath, RemoteQmp
+        from nbdnats.migration import run as migrate
+        from nbdnats.migration.remote import AgentPath, RemoteQmp
 
         assert self.planes is not None
         planes, mid = self.planes, cmd.transfer_id

@@ -380,7 +380,7 @@ async def _finish(coro: Coroutine[Any, Any, T]) -> T:
 @dataclass
 class _Run:
     src: _Qmp
-    dst: Any  # _Qmp, or a monitor relayed by the destination's agent (nbdnats.remote)
+    dst: Any  # _Qmp, or a monitor relayed by the destination's agent (nbdnats.migration.remote)
     path: Path
     migration_id: str
     timeout: float
@@ -748,7 +748,7 @@ async def migrate(
     with ``-incoming defer``). ``timeout``: seconds a step may go without progress (0: no
     limit). ``mirror_speed``: bytes/s cap of the disk mirrors' bulk copy (0: none).
     ``dst_monitor``: how to reach the destination's monitor when it is not a local socket
-    (given the event that wakes the orchestration; ``nbdnats.remote``).
+    (given the event that wakes the orchestration; ``nbdnats.migration.remote``).
 
     Raises UsageError for what the user must change (sockets, sizes, states),
     MigrationTimeout for a stall, MigrationError otherwise; CancelledError passes through
@@ -1046,7 +1046,7 @@ async def _data_path(args: argparse.Namespace, migration_id: str) -> AsyncIterat
         yield DirectPath()
         return
     from nbdnats.embedded import EmbeddedServer
-    from nbdnats.natspath import NatsPath
+    from nbdnats.migration.paths import NatsPath
     from nbdnats.planes import Planes, urls_given
 
     async with contextlib.AsyncExitStack() as stack:

@@ -32,9 +32,9 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from nbdnats.ctl.policy import Policy
 from nbdnats.errors import EndpointError, UsageError
 from nbdnats.planes import redact_url
-from nbdnats.policy import Policy
 from nbdnats.schemas import Tool
 
 IMAGE_NAME = "disk.img"

@@ -29,7 +29,8 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from nbdnats import events, subjects
+from nbdnats import subjects
+from nbdnats.ctl import events
 from nbdnats.errors import (
     NbdNatsError,
     TransferCancelled,

@@ -25,7 +25,7 @@ from typing import Any
 
 from nbdnats import _core
 from nbdnats.errors import MigrationError, NbdNatsError
-from nbdnats.migrate import Sockets
+from nbdnats.migration.run import Sockets
 from nbdnats.planes import Planes
 from nbdnats.transfer import TransferHandle, start_bridge, start_recv
 
@@ -36,7 +36,7 @@ MIN_STREAM_TIMEOUT = 10.0
 
 
 class NatsPath:
-    """Both ends in this process (``nbd-nats migrate``); ``nbdnats.remote.AgentPath`` puts
+    """Both ends in this process (``nbd-nats migrate``); ``nbdnats.migration.remote.AgentPath`` puts
     the destination's ends in the destination host's agent."""
 
     mode = "nats"

@@ -1,0 +1,1 @@
+"""The control plane: agents, the controller, their events, policy and tools."""
