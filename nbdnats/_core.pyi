@@ -5,11 +5,13 @@ from typing import final
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
     "HEADER_LEN",
     "MAX_CHUNK",
     "MAX_WINDOW",
     "MIN_CHUNK",
+    "MIN_WINDOW",
     "PROTOCOL_VERSION",
     "DataConnection",
     "Stats",
@@ -32,6 +34,8 @@ PROTOCOL_VERSION: int
 HEADER_LEN: int
 DEFAULT_WINDOW: int
 MAX_WINDOW: int
+MIN_WINDOW: int
+DEFAULT_TIMEOUT: float
 DEFAULT_CHUNK: int
 MIN_CHUNK: int
 MAX_CHUNK: int
@@ -117,7 +121,7 @@ def start_send(
     size: int | None = None,
     chunk_size: int | None = None,
     window: int = ...,
-    timeout_s: float = 60.0,
+    timeout_s: float = ...,
     verify: bool = False,
     resume: bool = False,
     state_dir: str | None = None,
@@ -131,7 +135,7 @@ def start_recv(
     done: _Done,
     *,
     window: int = ...,
-    timeout_s: float = 60.0,
+    timeout_s: float = ...,
     verify: bool = False,
     target_is_zero: bool = False,
     state_dir: str | None = None,
@@ -151,7 +155,7 @@ def start_bridge(
     size: int | None = None,
     chunk_size: int | None = None,
     window: int = ...,
-    timeout_s: float = 60.0,
+    timeout_s: float = ...,
     return_subjects: tuple[str, str, str] | None = None,
 ) -> Transfer:
     """Listen on the unix socket ``listen`` for one client and push what it writes as a

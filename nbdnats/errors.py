@@ -18,8 +18,11 @@
      |    +-- ApprovalError       a provisioning approval is missing or bad  (code "approval")
      |    +-- ConflictError       an idempotency key reused for another command (code "conflict")
      +-- MigrationError           a live migration failed (the source VM keeps running
-          |                       when it failed before switchover)
-          +-- MigrationTimeout    a migration step made no progress within the timeout
+     |    |                       when it failed before switchover)
+     |    +-- MigrationTimeout    a migration step made no progress within the timeout
+     |    +-- QmpCommandError     a QEMU answered a QMP command with an error
+     |                           (``error_class`` holds QEMU's class; code "migration")
+     +-- DevError                 the dev topology could not be made, started or found (code "dev")
 
 The core reports failures as ``(code, message)``; ``from_code`` maps a code to its class.
 """
@@ -105,6 +108,19 @@ class MigrationTimeout(MigrationError):
     code = "migration_timeout"
 
 
+class QmpCommandError(MigrationError):
+    """QEMU answered a command with an error; ``error_class`` is QEMU's (``GenericError``,
+    ``DeviceNotFound``, ...), so callers can tell "already gone" from a real failure."""
+
+    def __init__(self, message: str, error_class: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class DevError(NbdNatsError):
+    code = "dev"
+
+
 _BY_CODE: dict[str, type[NbdNatsError]] = {
     cls.code: cls
     for cls in (
@@ -124,6 +140,7 @@ _BY_CODE: dict[str, type[NbdNatsError]] = {
         ConflictError,
         MigrationError,
         MigrationTimeout,
+        DevError,
     )
 }
 

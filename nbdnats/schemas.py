@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from nbdnats import _core
 from nbdnats.errors import SchemaError
 from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
@@ -148,7 +149,7 @@ class MigrateCommand(Command, kw_only=True):
 
     vm: str
     to_node: str
-    timeout: Seconds = 60.0
+    timeout: Seconds = _core.DEFAULT_TIMEOUT
     mirror_speed: Bytes = 0
     return_path: bool = False
 

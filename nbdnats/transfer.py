@@ -29,7 +29,7 @@ from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 TransferStats = _core.Stats
 ProgressCallback = Callable[[TransferStats], None]
 
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = _core.DEFAULT_TIMEOUT
 PROGRESS_INTERVAL = 0.25
 # How long copy lets one end finish failing by itself after the other failed.
 PEER_GRACE = 5.0
@@ -50,9 +50,9 @@ def check_options(
     *, window: int, timeout: float, chunk_size: int | None = None, size: int | None = None
 ) -> None:
     """Reject bad numbers before anything connects (the core checks them again)."""
-    if not 64 * 1024 <= window <= _core.MAX_WINDOW:
+    if not _core.MIN_WINDOW <= window <= _core.MAX_WINDOW:
         raise UsageError(
-            f"--window {window} must be between 65536 and {_core.MAX_WINDOW} bytes "
+            f"--window {window} must be between {_core.MIN_WINDOW} and {_core.MAX_WINDOW} bytes "
             "(the window must stay below nats-server's 64 MiB max_pending)"
         )
     if not (math.isfinite(timeout) and 0 <= timeout <= MAX_TIMEOUT):

@@ -36,6 +36,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// Bound on a flush or publish that only tidies up (after a failure, at close): a server
 /// that is gone must not hold the process.
 pub const TIDY_BOUND: Duration = Duration::from_secs(2);
+/// How long a peer may stay silent (not show up, not answer) before a transfer fails, in
+/// seconds; every timeout option of the CLI, the Python API and the ctl plane defaults to it.
+pub const DEFAULT_TIMEOUT_S: f64 = 60.0;
 
 pub struct DataConn {
     pub client: Client,

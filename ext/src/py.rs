@@ -285,7 +285,7 @@ fn start(
 
 /// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, resume=false, state_dir=None, allow_local_file=false))]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false))]
 #[allow(clippy::too_many_arguments)]
 fn start_send(
     conn: &DataConnection,
@@ -327,7 +327,7 @@ fn start_send(
 
 /// Receive transfer `transfer_id` into `dst`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None, allow_local_file=false))]
+#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None, allow_local_file=false))]
 #[allow(clippy::too_many_arguments)]
 fn start_recv(
     conn: &DataConnection,
@@ -439,7 +439,7 @@ fn return_stream(
 /// into) or "stream" (a byte stream, such as QEMU's outgoing migration). The socket exists
 /// when this returns; see `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=60.0, return_subjects=None))]
+#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, return_subjects=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_bridge(
     conn: &DataConnection,
@@ -588,6 +588,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HEADER_LEN", crate::frame::HEADER_LEN)?;
     m.add("DEFAULT_WINDOW", crate::window::DEFAULT_WINDOW)?;
     m.add("MAX_WINDOW", crate::window::MAX_WINDOW)?;
+    m.add("MIN_WINDOW", crate::window::MIN_FRAME_COST)?;
+    m.add("DEFAULT_TIMEOUT", conn::DEFAULT_TIMEOUT_S)?;
     m.add("DEFAULT_CHUNK", conn::DEFAULT_CHUNK)?;
     m.add("MIN_CHUNK", conn::MIN_CHUNK)?;
     m.add("MAX_CHUNK", conn::MAX_CHUNK)?;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame::Kind;
 
+/// Smallest window a receiver grants, and what any frame costs at least.
 pub const MIN_FRAME_COST: u64 = 64 * 1024;
 /// Largest window a receiver grants: well under nats-server's 64 MiB `max_pending`
 /// (publishers stall at 75% of it), since the whole window may sit in the server.

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from nbdnats import _core
 from nbdnats.approval import load_approval
 from nbdnats.cli.main import add_login_options
 from nbdnats.ctl.agent import (
@@ -231,8 +232,12 @@ def add_ctl_parser(sub: Any) -> None:
             "--id", dest="transfer_id", metavar="ID", help="transfer id (default: random)"
         )
         a.add_argument("--window", type=size_arg, metavar="BYTES", help="bytes in flight (32M)")
-        a.add_argument("--timeout", type=timeout_arg, metavar="S",
-                       help=f"peer timeout (60; 0: none; at most {MAX_TIMEOUT:.0f})")  # fmt: skip
+        a.add_argument(
+            "--timeout",
+            type=timeout_arg,
+            metavar="S",
+            help=f"peer timeout ({_core.DEFAULT_TIMEOUT:.0f}; 0: none; at most {MAX_TIMEOUT:.0f})",
+        )
         a.add_argument("--verify", action="store_true", help="read the target back and compare")
         a.add_argument("--detach", action="store_true", help="print the id and do not wait")
         return a
@@ -276,8 +281,13 @@ def add_ctl_parser(sub: Any) -> None:
     m.add_argument("src", metavar="NODE:VM")
     m.add_argument("dst", metavar="DEST")
     m.add_argument("--id", dest="transfer_id", metavar="ID", help="migration id (random)")
-    m.add_argument("--timeout", type=timeout_arg, default=60.0, metavar="S",
-                   help="fail when a step makes no progress for S seconds (60)")  # fmt: skip
+    m.add_argument(
+        "--timeout",
+        type=timeout_arg,
+        default=_core.DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"fail when a step makes no progress for S seconds ({_core.DEFAULT_TIMEOUT:.0f})",
+    )
     m.add_argument("--mirror-speed", type=size_arg, default=0, metavar="BYTES",
                    help="cap the disks' bulk copy, bytes/s (default: none)")  # fmt: skip
     m.add_argument("--return-path", action="store_true",

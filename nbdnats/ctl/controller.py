@@ -29,7 +29,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from nbdnats import subjects
+from nbdnats import _core, subjects
 from nbdnats.ctl import events
 from nbdnats.errors import (
     NbdNatsError,
@@ -324,7 +324,7 @@ class Controller:
         dst: str,
         *,
         migration_id: str | None = None,
-        timeout: float = 60.0,
+        timeout: float = _core.DEFAULT_TIMEOUT,
         mirror_speed: int = 0,
         return_path: bool = False,
         wait: bool = True,

@@ -41,7 +41,7 @@ import nats
 
 from nbdnats import subjects
 from nbdnats.embedded import bulk_env, free_port, nats_server_binary
-from nbdnats.errors import NbdNatsError, UsageError
+from nbdnats.errors import DevError, UsageError
 from nbdnats.units import human, parse_size
 
 STATE_ENV = "NBDNATS_STATE_DIR"
@@ -63,10 +63,6 @@ SOCKET_PATH_MAX = 107
 CONFIGS = ("ctl-cluster.conf", "data-cluster.conf", "rack-leaf.conf")
 # JetStream streams of the ctl cluster, in the JSON of the JetStream API (STREAM.CREATE).
 STREAMS = "streams"
-
-
-class DevError(NbdNatsError):
-    code = "dev"
 
 
 # --- rendering: the one place that writes what differs per topology -------------------

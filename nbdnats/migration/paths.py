@@ -47,7 +47,7 @@ class NatsPath:
         migration_id: str,
         *,
         window: int = _core.DEFAULT_WINDOW,
-        timeout: float = 60.0,
+        timeout: float = _core.DEFAULT_TIMEOUT,
         socket_dir: str | None = None,
     ) -> None:
         self.planes = planes

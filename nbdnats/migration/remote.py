@@ -30,18 +30,19 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 
-from nbdnats import subjects
+from nbdnats import _core, subjects
 from nbdnats.errors import (
     MigrationError,
     NbdNatsError,
     PolicyError,
+    QmpCommandError,
     SchemaError,
     TransferTimeout,
     UsageError,
     from_code,
 )
 from nbdnats.migration.paths import NatsPath, destination_sockets, start_receivers, stop_all
-from nbdnats.migration.run import EXPORT, PREFIX, EventLog, Sockets, _CommandFailed, _data, _Qmp
+from nbdnats.migration.run import EXPORT, PREFIX, EventLog, Sockets, _data, _Qmp
 from nbdnats.planes import Planes
 from nbdnats.schemas import (
     IncomingCommand,
@@ -134,7 +135,7 @@ class RemoteQmp(EventLog):
         if reply.ok:
             return reply.result
         if reply.code == "qmp":
-            raise _CommandFailed(
+            raise QmpCommandError(
                 f"destination QEMU: {name}: {reply.error}", reply.error_class or ""
             )
         raise from_code(reply.code or "error", f"{self.node}: {reply.error}")
@@ -197,7 +198,9 @@ class Incoming:
     """The migrations this agent receives: a QMP session per migration, its sockets and
     receivers."""
 
-    def __init__(self, planes_of: Any, vms: dict[str, str], timeout: float = 60.0) -> None:
+    def __init__(
+        self, planes_of: Any, vms: dict[str, str], timeout: float = _core.DEFAULT_TIMEOUT
+    ) -> None:
         self._planes_of = planes_of  # a callable giving the agent's Planes
         self.vms = vms
         self.timeout = timeout
@@ -235,7 +238,7 @@ class Incoming:
             session = await self._session(cmd.migration_id, cmd.vm)
             await self._allowed(session, cmd.command, cmd.arguments)
             result = await session.qmp.cmd(cmd.command, **cmd.arguments)
-        except _CommandFailed as e:
+        except QmpCommandError as e:
             return QmpReply(ok=False, code="qmp", error=str(e).split(": ", 2)[-1],
                             error_class=e.error_class)  # fmt: skip
         except NbdNatsError as e:

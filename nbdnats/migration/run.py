@@ -55,13 +55,20 @@ from qemu.qmp import (
     Runstate,
 )
 
-from nbdnats.errors import MigrationError, MigrationTimeout, NbdNatsError, UsageError
+from nbdnats import _core
+from nbdnats.errors import (
+    MigrationError,
+    MigrationTimeout,
+    NbdNatsError,
+    QmpCommandError,
+    UsageError,
+)
 from nbdnats.subjects import check_token
 from nbdnats.transfer import resolve_state_dir
 from nbdnats.units import human, parse_size, timeout_arg
 
 # How long a step may go without progress before the migration fails (--timeout).
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = _core.DEFAULT_TIMEOUT
 # One QMP command's answer; rollback steps; how often counters are polled.
 COMMAND_TIMEOUT = 30.0
 CLEANUP_TIMEOUT = 10.0
@@ -196,14 +203,6 @@ class DirectPath:
 # --- QMP --------------------------------------------------------------------------------
 
 
-class _CommandFailed(MigrationError):
-    """QEMU answered a command with an error."""
-
-    def __init__(self, message: str, error_class: str) -> None:
-        super().__init__(message)
-        self.error_class = error_class
-
-
 class EventLog:
     """A QEMU's events in arrival order, with the (monotonic) time each arrived."""
 
@@ -268,7 +267,7 @@ class _Qmp(EventLog):
         try:
             return await asyncio.wait_for(self.client.execute(name, args or None), timeout)
         except ExecuteError as e:
-            raise _CommandFailed(f"{self.side} QEMU: {name}: {e}", e.error_class) from None
+            raise QmpCommandError(f"{self.side} QEMU: {name}: {e}", e.error_class) from None
         except TimeoutError:
             raise MigrationTimeout(
                 f"{self.side} QEMU did not answer {name} within {timeout:g} s"
@@ -698,7 +697,7 @@ async def cancel_jobs(src: _Qmp) -> None:
     """Cancel (force) every block job of ours and wait until they are gone."""
     for job in await src.cmd("query-block-jobs"):
         if str(job.get("device", "")).startswith(PREFIX):
-            with contextlib.suppress(_CommandFailed):
+            with contextlib.suppress(QmpCommandError):
                 await src.cmd("block-job-cancel", device=job["device"], force=True)
     while any(
         str(j.get("device", "")).startswith(PREFIX) for j in await src.cmd("query-block-jobs")
