@@ -6,7 +6,7 @@
 //! nothing to digest, and both ends compute it from what they sent or accepted.
 
 // twox-hash picks AVX2 or SSE2 at run time. (xxhash-rust uses only what the build targets,
-// SSE2 for a portable x86-64 wheel: half the throughput on the benchmark machine.)
+// SSE2 for a portable x86-64 wheel, which is slower where AVX2 is there.)
 use twox_hash::{XxHash3_128, XxHash3_64};
 
 /// Name carried in the handshake so a future algorithm can be negotiated.

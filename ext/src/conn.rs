@@ -10,14 +10,14 @@ use crate::error::{Error, Result};
 use crate::frame::HEADER_LEN;
 use crate::window::{max_frames_in_window, MAX_WINDOW};
 
-/// 1 MiB less 4 KiB. About 1 MiB is measured faster than 4 MiB end to end (qemu-nbd serves
-/// requests up to about 1 MiB without faulting in fresh buffers) and keeps both sides'
-/// memory lower. Not 1 MiB itself: async-nats reads each message into a buffer that grows
-/// by doubling from `READ_BUFFER` bytes, and two frames of a power-of-two chunk (with their
-/// header and the MSG line) need just over such a doubled size, so every other frame the
-/// receiver copied its partial message into a fresh, larger allocation. At 2^k - 4 KiB two
-/// frames fit: the receiver's CPU per GiB fell by a quarter and its peak RSS from 160 to
-/// 95 MiB (bench/README.md). It also fits nats-server's default `max_payload` of 1 MiB.
+/// 1 MiB less 4 KiB. About 1 MiB rather than 4 MiB: qemu-nbd serves requests up to about
+/// 1 MiB without faulting in fresh buffers, and both sides keep less memory. Not 1 MiB
+/// itself: async-nats reads each message into a buffer that grows by doubling from
+/// `READ_BUFFER` bytes, and two frames of a power-of-two chunk (with their header and the
+/// MSG line) need just over such a doubled size, so every other frame the receiver copied
+/// its partial message into a fresh, larger allocation. At 2^k - 4 KiB two frames fit
+/// (bench/README.md, "Chunk sizes"). It also fits nats-server's default `max_payload` of
+/// 1 MiB.
 pub const DEFAULT_CHUNK: u64 = (1 << 20) - 4096;
 /// async-nats's read buffer starts this large (its default, pinned here because the chunk
 /// sizes above are chosen against its growth).

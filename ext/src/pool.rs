@@ -2,8 +2,8 @@
 //! async-nats has written them, on other threads; handing the same few buffers round again
 //! (the one freed last first, so it is likely still in cache) keeps the memory they take at
 //! what the read-ahead and the window hold. Fresh allocations of every frame's size, freed
-//! on other threads, let the allocator's footprint grow well past that: the sender's peak
-//! RSS fell from about 90 to 66 MiB at the default 32 MiB window.
+//! on other threads, let the allocator's footprint grow well past that (bench/README.md,
+//! "Measured before 2026-12").
 
 use std::sync::{Arc, Mutex};
 
