@@ -23,8 +23,9 @@ def _settle(fut: asyncio.Future[object], ok: bool, value: object) -> None:
     if ok:
         fut.set_result(value)
     else:
-        assert isinstance(value, tuple) and len(value) == 2
-        fut.set_exception(from_code(str(value[0]), str(value[1])))
+        assert isinstance(value, tuple) and len(value) == 3
+        code, message, from_peer = value
+        fut.set_exception(from_code(str(code), str(message), from_peer=bool(from_peer)))
 
 
 def core_call(start: Callable[[Done], T]) -> tuple[T, asyncio.Future[object]]:

@@ -7,12 +7,14 @@ __all__ = [
     "DEFAULT_CHUNK",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
+    "ERROR_CODES",
     "HEADER_LEN",
     "MAX_CHUNK",
     "MAX_WINDOW",
     "MIN_CHUNK",
     "MIN_WINDOW",
     "PROTOCOL_VERSION",
+    "STATS_FIELDS",
     "DataConnection",
     "Stats",
     "Transfer",
@@ -39,9 +41,13 @@ DEFAULT_TIMEOUT: float
 DEFAULT_CHUNK: int
 MIN_CHUNK: int
 MAX_CHUNK: int
+# Every code a core failure carries (``nbdnats.errors`` maps each to its own class).
+ERROR_CODES: tuple[str, ...]
+# The attributes of a ``Stats``, in order.
+STATS_FIELDS: tuple[str, ...]
 
-# done(True, value) on success, done(False, (code, message)) on failure; called from a
-# core thread.
+# done(True, value) on success, done(False, (code, message, from_peer)) on failure (from_peer:
+# the peer reported it); called from a core thread.
 _Done = Callable[[bool, object], None]
 
 @final
@@ -152,10 +158,10 @@ def start_bridge(
     subjects_: tuple[str, str, str],
     done: _Done,
     *,
-    size: int | None = None,
-    chunk_size: int | None = None,
     window: int = ...,
     timeout_s: float = ...,
+    size: int | None = None,
+    chunk_size: int | None = None,
     return_subjects: tuple[str, str, str] | None = None,
 ) -> Transfer:
     """Listen on the unix socket ``listen`` for one client and push what it writes as a

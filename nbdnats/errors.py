@@ -24,16 +24,20 @@
      |                           (``error_class`` holds QEMU's class; code "migration")
      +-- DevError                 the dev topology could not be made, started or found (code "dev")
 
-The core reports failures as ``(code, message)``; ``from_code`` maps a code to its class.
+The core reports failures as ``(code, message, from_peer)``; ``from_code`` maps a code to its
+class (every code of ``_core.ERROR_CODES`` has its own).
 """
 
 from __future__ import annotations
 
 
 class NbdNatsError(Exception):
-    """Base of every nbdnats error; ``str(err)`` is a one-line message for the user."""
+    """Base of every nbdnats error; ``str(err)`` is a one-line message for the user.
+    ``from_peer``: the other end of a transfer failed and reported this (its message then
+    starts "peer: "), so this end's failure is a consequence."""
 
     code = "error"
+    from_peer = False
 
 
 class UsageError(NbdNatsError):
@@ -145,6 +149,8 @@ _BY_CODE: dict[str, type[NbdNatsError]] = {
 }
 
 
-def from_code(code: str, message: str) -> NbdNatsError:
+def from_code(code: str, message: str, *, from_peer: bool = False) -> NbdNatsError:
     """The exception for a core failure; unknown codes (a peer's own) become RemoteError."""
-    return _BY_CODE.get(code, RemoteError)(message)
+    err = _BY_CODE.get(code, RemoteError)(message)
+    err.from_peer = from_peer
+    return err

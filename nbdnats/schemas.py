@@ -290,6 +290,8 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     sent_bytes: int = 0
     error_code: str | None = None
     error: str | None = None
+    # The error is the peer's (reported to this end), so this end's failure is a consequence.
+    from_peer: bool = False
 
 
 class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -400,7 +402,7 @@ M = TypeVar("M", bound=Message)
 
 
 def from_stats(cls: type[S], stats: object, **fields: Any) -> S:
-    """Build ``cls`` from a core ``Stats``: every field of ``cls`` that ``stats`` has, by
-    name, then ``fields`` on top."""
-    taken = {f: getattr(stats, f) for f in cls.__struct_fields__ if hasattr(stats, f)}
+    """Build ``cls`` from a core ``Stats``: every field of ``cls`` that is one of the core's
+    ``STATS_FIELDS``, by name, then ``fields`` on top."""
+    taken = {f: getattr(stats, f) for f in cls.__struct_fields__ if f in _core.STATS_FIELDS}
     return cls(**{**taken, **fields})

@@ -143,6 +143,7 @@ class TransferHandle:
                     self._planes.node,
                     error_code=getattr(e, "code", "error"),
                     error=str(e),
+                    from_peer=getattr(e, "from_peer", False),
                 ),
             )
             raise

@@ -20,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::frame::HEADER_LEN;
 use crate::io::stdio::OnConnect;
 use crate::push::Item;
@@ -95,10 +95,6 @@ async fn accept_one(
     Ok(accepted?.0)
 }
 
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Endpoint(format!("{what}: {e}"))
-}
-
 /// Serve one NBD client of an export of `size` bytes, cutting its writes into `chunk`s.
 pub async fn serve_nbd(
     listener: std::os::unix::net::UnixListener,
@@ -123,7 +119,7 @@ pub async fn serve_nbd(
 }
 
 async fn read_u32(rd: &mut (impl AsyncReadExt + Unpin)) -> Result<u32> {
-    rd.read_u32().await.map_err(io_err("NBD client"))
+    rd.read_u32().await.endpoint("NBD client")
 }
 
 /// The option haggling; true once the client entered transmission.
@@ -136,7 +132,7 @@ async fn handshake(
     hello.put_u64(NBDMAGIC);
     hello.put_u64(IHAVEOPT);
     hello.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    wr.write_all(&hello).await.map_err(io_err("NBD client"))?;
+    wr.write_all(&hello).await.endpoint("NBD client")?;
     let client_flags = read_u32(rd).await?;
     if client_flags & u32::from(FLAG_FIXED_NEWSTYLE) == 0 {
         return Err(Error::Protocol(
@@ -145,7 +141,7 @@ async fn handshake(
     }
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
     loop {
-        let magic = rd.read_u64().await.map_err(io_err("NBD client"))?;
+        let magic = rd.read_u64().await.endpoint("NBD client")?;
         if magic != IHAVEOPT {
             return Err(Error::Protocol(format!("bad NBD option magic {magic:#x}")));
         }
@@ -155,9 +151,7 @@ async fn handshake(
             return Err(Error::Protocol(format!("NBD option of {len} bytes")));
         }
         let mut data = vec![0u8; len as usize];
-        rd.read_exact(&mut data)
-            .await
-            .map_err(io_err("NBD client"))?;
+        rd.read_exact(&mut data).await.endpoint("NBD client")?;
         match opt {
             OPT_EXPORT_NAME => {
                 let mut out = BytesMut::with_capacity(10 + 124);
@@ -166,7 +160,7 @@ async fn handshake(
                 if !no_zeroes {
                     out.put_bytes(0, 124);
                 }
-                wr.write_all(&out).await.map_err(io_err("NBD client"))?;
+                wr.write_all(&out).await.endpoint("NBD client")?;
                 return Ok(true);
             }
             OPT_GO | OPT_INFO => {
@@ -225,7 +219,7 @@ async fn option_reply(wr: &mut OwnedWriteHalf, opt: u32, kind: u32, data: &[u8])
     out.put_u32(kind);
     out.put_u32(data.len() as u32);
     out.put_slice(data);
-    wr.write_all(&out).await.map_err(io_err("NBD client"))
+    wr.write_all(&out).await.endpoint("NBD client")
 }
 
 fn simple_reply(cookie: u64, error: u32) -> Bytes {
@@ -363,12 +357,7 @@ async fn read_pieces(
         buf.resize(HEADER_LEN, 0);
         let mut payload = (&mut *rd).take(n as u64);
         while buf.len() < HEADER_LEN + n {
-            if payload
-                .read_buf(&mut buf)
-                .await
-                .map_err(io_err("NBD client"))?
-                == 0
-            {
+            if payload.read_buf(&mut buf).await.endpoint("NBD client")? == 0 {
                 return Err(Error::Endpoint(
                     "NBD client: the write's data ended early".into(),
                 ));
@@ -393,10 +382,9 @@ pub async fn serve_stream(
     let result = async {
         let mut stream = accept_one(listener, &path, &cancel).await?;
         if let Some(hand_over) = on_accept {
-            let fail = io_err("stream client");
-            let std = stream.into_std().map_err(&fail)?;
-            hand_over(OwnedFd::from(std.try_clone().map_err(&fail)?));
-            stream = UnixStream::from_std(std).map_err(&fail)?;
+            let std = stream.into_std().endpoint("stream client")?;
+            hand_over(OwnedFd::from(std.try_clone().endpoint("stream client")?));
+            stream = UnixStream::from_std(std).endpoint("stream client")?;
         }
         let mut pos = 0u64;
         loop {
@@ -404,7 +392,7 @@ pub async fn serve_stream(
             buf.resize(HEADER_LEN, 0);
             let n = tokio::select! {
                 _ = cancel.cancelled() => return Err(Error::Cancelled),
-                r = stream.read_buf(&mut buf) => r.map_err(io_err("stream client"))?,
+                r = stream.read_buf(&mut buf) => r.endpoint("stream client")?,
             };
             if n == 0 {
                 return Ok(());

@@ -1,7 +1,8 @@
 //! The crate's one error type.
 //!
-//! Every failure carries a stable `code()` (shared with the Python exception tree in
-//! `nbdnats/errors.py`) and a message that says what failed and what to do next.
+//! Every failure carries a stable `code()` (the table below, exported to Python as
+//! `_core.ERROR_CODES`, where `nbdnats/errors.py` maps each to an exception class) and a
+//! message that says what failed and what to do next.
 
 use std::io;
 
@@ -39,25 +40,57 @@ pub enum Error {
     /// The transfer was cancelled by its owner.
     #[error("transfer cancelled")]
     Cancelled,
+    /// A failure the peer reported (with its code), so both ends fail with the same class:
+    /// a kind of ours, or `Remote` for a code that stays the peer's.
+    #[error("peer: {0}")]
+    Peer(Box<Error>),
+}
+
+/// The code table: each kind with a message, and its stable code. A peer's failure with a
+/// code of the first list is rebuilt as the same kind; one of the second list (or a code of
+/// the peer's own) stays `Remote` with the peer's code: the peer has ended already, so it
+/// is not answered with an ABORT.
+macro_rules! code_table {
+    (rebuilt: $($r:ident = $rc:literal),* ; kept: $($k:ident = $kc:literal),* ;) => {
+        /// Every code the core reports.
+        pub const CODES: &[&str] = &[$($rc,)* $($kc,)* "cancelled"];
+
+        impl Error {
+            /// Stable machine-readable code.
+            pub fn code(&self) -> &str {
+                match self {
+                    $(Error::$r(_) => $rc,)*
+                    $(Error::$k(_) => $kc,)*
+                    Error::Cancelled => "cancelled",
+                    Error::Remote { code, .. } => code,
+                    Error::Peer(e) => e.code(),
+                }
+            }
+
+            /// Rebuild an error a peer reported with its code, so both ends fail with the
+            /// same class; its message says it is the peer's ("peer: ...").
+            pub fn from_remote(code: &str, message: &str) -> Error {
+                let message = message.to_string();
+                let kind = match code {
+                    $($rc => Error::$r(message),)*
+                    _ => Error::Remote {
+                        code: code.to_string(),
+                        message,
+                    },
+                };
+                Error::Peer(Box::new(kind))
+            }
+        }
+    };
+}
+
+code_table! {
+    rebuilt: Usage = "usage", Endpoint = "endpoint", TargetTooSmall = "target_too_small",
+        Protocol = "protocol", Integrity = "integrity", Busy = "busy";
+    kept: Nats = "nats", Timeout = "timeout";
 }
 
 impl Error {
-    /// Stable machine-readable code; `nbdnats/errors.py` maps each to an exception class.
-    pub fn code(&self) -> &str {
-        match self {
-            Error::Usage(_) => "usage",
-            Error::Endpoint(_) => "endpoint",
-            Error::TargetTooSmall(_) => "target_too_small",
-            Error::Nats(_) => "nats",
-            Error::Timeout(_) => "timeout",
-            Error::Protocol(_) => "protocol",
-            Error::Remote { code, .. } => code,
-            Error::Integrity(_) => "integrity",
-            Error::Busy(_) => "busy",
-            Error::Cancelled => "cancelled",
-        }
-    }
-
     /// Whether the transfer can go on after this failure with `--resume`: the peer or the
     /// network went away, or the user interrupted it. (Not: bad data, a refused request,
     /// a source or target that failed.)
@@ -65,24 +98,60 @@ impl Error {
         matches!(self.code(), "timeout" | "nats" | "cancelled")
     }
 
-    /// Rebuild an error a peer reported with its code, so both ends fail with the same class.
-    pub fn from_remote(code: &str, message: &str) -> Error {
-        let message = format!("peer: {message}");
-        match code {
-            "target_too_small" => Error::TargetTooSmall(message),
-            "busy" => Error::Busy(message),
-            "integrity" => Error::Integrity(message),
-            "usage" => Error::Usage(message),
-            "endpoint" => Error::Endpoint(message),
-            "protocol" => Error::Protocol(message),
-            _ => Error::Remote {
-                code: code.to_string(),
-                message,
-            },
-        }
+    /// Whether the peer reported this failure (its message then starts "peer: ").
+    pub fn from_peer(&self) -> bool {
+        matches!(self, Error::Peer(_))
+    }
+
+    /// A failure the peer reported under a code that stays its own: the peer has ended
+    /// already and need not be told.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Error::Peer(e) if matches!(**e, Error::Remote { .. }))
     }
 
     pub fn endpoint_io(what: &str, err: io::Error) -> Error {
         Error::Endpoint(format!("{what}: {err}"))
+    }
+}
+
+/// Every async-nats error (publish, subscribe, flush...) is a failure of the NATS link.
+impl<K> From<async_nats::error::Error<K>> for Error
+where
+    K: Clone + std::fmt::Debug + std::fmt::Display + PartialEq,
+{
+    fn from(e: async_nats::error::Error<K>) -> Error {
+        Error::Nats(format!("NATS: {e}"))
+    }
+}
+
+/// An I/O error with what failed: `result.endpoint("NBD client")?`.
+pub trait IoContext<T> {
+    fn endpoint(self, what: &str) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::result::Result<T, io::Error> {
+    fn endpoint(self, what: &str) -> Result<T> {
+        self.map_err(|e| Error::endpoint_io(what, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_a_peer_reports_comes_back_as_its_own() {
+        for code in CODES {
+            let err = Error::from_remote(code, "it failed");
+            assert_eq!(err.code(), *code);
+            assert_eq!(err.to_string(), "peer: it failed");
+            assert!(err.from_peer());
+        }
+        let theirs = Error::from_remote("aborted", "gone");
+        assert_eq!(theirs.code(), "aborted");
+        assert!(theirs.is_remote());
+        assert!(!Error::from_remote("busy", "taken").is_remote());
+        assert!(Error::from_remote("timeout", "quiet").is_remote());
+        assert!(!Error::Timeout("quiet".into()).from_peer());
     }
 }

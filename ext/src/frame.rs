@@ -399,11 +399,9 @@ pub fn truncate(s: &str, max: usize) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn header(kind: Kind, length: u64) -> ChunkHeader {
+impl ChunkHeader {
+    /// A header of session 7, frame 3, at offset 4096: for tests.
+    pub(crate) fn sample(kind: Kind, length: u64) -> ChunkHeader {
         ChunkHeader {
             kind,
             session: 7,
@@ -412,6 +410,16 @@ mod tests {
             length,
             checksum: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header(kind: Kind, length: u64) -> ChunkHeader {
+        ChunkHeader::sample(kind, length)
     }
 
     #[test]

@@ -18,7 +18,6 @@ use async_nats::Message;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::checksum::{is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
@@ -26,15 +25,12 @@ use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::frame::{ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_ZERO_LEN, PROTOCOL_VERSION};
 use crate::handshake::OpenRequest;
-use crate::send::{
-    ack_request, close_and_compare, control_frame, end_frame, open, read_ack, retry, send_abort,
-    AckRequest, Stall, Subjects,
+use crate::link::{
+    ack_request, close_and_compare, control_frame, open, read_ack, retry, send_abort, AckRequest,
+    Peer, Stall, Subjects, RTO,
 };
 use crate::stats::{Progress, State};
 use crate::window::{frame_cost, Window, MIN_FRAME_COST};
-
-const RTO: Duration = Duration::from_secs(1);
-const KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// Told when a write (or a barrier) is acknowledged as written, or that it never will be.
 pub type Done = oneshot::Sender<Result<()>>;
@@ -70,10 +66,6 @@ pub struct PushOptions {
 /// sender ends it normally (END).
 pub type Items = mpsc::Receiver<Result<Item>>;
 
-fn nats_err(e: impl std::fmt::Display) -> Error {
-    Error::Nats(format!("NATS: {e}"))
-}
-
 pub async fn push(
     conn: &DataConn,
     mut items: Items,
@@ -84,11 +76,7 @@ pub async fn push(
 ) -> Result<()> {
     progress.size.store(opts.size, Relaxed);
     let chunk = fit_chunk(opts.chunk_size, conn.max_payload)?;
-    let mut acks = conn
-        .client
-        .subscribe(subjects.acks.clone())
-        .await
-        .map_err(nats_err)?;
+    let mut acks = conn.client.subscribe(subjects.acks.clone()).await?;
     progress.set_state(State::Waiting);
     let request = OpenRequest {
         v: PROTOCOL_VERSION,
@@ -135,8 +123,7 @@ pub async fn push(
         progress,
         session: reply.session,
         size: opts.size,
-        timeout: opts.timeout,
-        window,
+        peer: Peer::new(window, opts.timeout),
         stored: BTreeMap::new(),
         pending: VecDeque::new(),
         waiters: VecDeque::new(),
@@ -144,18 +131,13 @@ pub async fn push(
         next_seq: 0,
         acked: 0,
         digest: Digest::default(),
-        received: 0,
         end: None,
-        last_heard: Instant::now(),
-        last_progress: Instant::now(),
-        last_sent: Instant::now(),
-        backoff: 1,
         cancel: cancel.clone(),
     };
     let result = p.run(&mut items, &mut acks, cancel).await;
     p.fail_waiters(&result);
     if let Err(e) = &result {
-        if !matches!(e, Error::Remote { .. }) {
+        if !e.is_remote() {
             p.abort(e).await;
         }
     }
@@ -168,8 +150,7 @@ struct Pusher<'a> {
     progress: &'a Progress,
     session: u32,
     size: u64,
-    timeout: Option<Duration>,
-    window: Window,
+    peer: Peer,
     /// Sealed frames not yet acknowledged, for sending again.
     stored: BTreeMap<u64, Bytes>,
     /// Frames cut from the current item, waiting for room in the window.
@@ -182,13 +163,8 @@ struct Pusher<'a> {
     /// Every frame below this is acknowledged as written.
     acked: u64,
     digest: Digest,
-    received: u64,
     end: Option<(u64, EndSummary)>,
-    last_heard: Instant,
     cancel: CancellationToken,
-    last_progress: Instant,
-    last_sent: Instant,
-    backoff: u32,
 }
 
 impl Pusher<'_> {
@@ -318,13 +294,13 @@ impl Pusher<'_> {
             } else {
                 MIN_FRAME_COST
             };
-            if !self.window.can_send(cost) {
+            if !self.peer.window.can_send(cost) {
                 break;
             }
             let Some((seq, kind, offset, len, bytes)) = self.pending.pop_front() else {
                 break;
             };
-            self.window.sent(seq, kind, offset, len, cost);
+            self.peer.window.sent(seq, kind, offset, len, cost);
             self.stored.insert(seq, bytes.clone());
             self.publish(bytes).await?;
         }
@@ -332,24 +308,14 @@ impl Pusher<'_> {
     }
 
     async fn publish(&mut self, frame: Bytes) -> Result<()> {
-        self.last_sent = Instant::now();
-        Progress::add(
-            &self.progress.sent_bytes,
-            (frame.len() - HEADER_LEN.min(frame.len())) as u64,
-        );
-        let deadline = self.last_heard + self.timeout.unwrap_or(crate::send::FOREVER);
-        crate::send::publish_frame(
-            self.conn,
-            &self.subjects.chunks,
-            frame,
-            deadline,
-            &self.cancel,
-        )
-        .await
+        let (conn, subjects, progress) = (self.conn, self.subjects, self.progress);
+        (self.peer)
+            .publish(conn, subjects, frame, progress, None, &self.cancel)
+            .await
     }
 
     async fn resend(&mut self, seq: u64) -> Result<()> {
-        let Some(entry) = self.window.get_mut(seq) else {
+        let Some(entry) = self.peer.window.get_mut(seq) else {
             return Ok(());
         };
         if entry.last_sent.elapsed() < RTO / 4 {
@@ -367,17 +333,9 @@ impl Pusher<'_> {
             return Ok(None);
         };
         let sent = self.next_seq - self.pending.len() as u64 + u64::from(self.end.is_some());
-        let Ok(covered) = self.window.ack(ack.next_seq, sent) else {
-            Progress::add(&self.progress.bad_frames, 1);
+        if !self.peer.take(&ack, sent, self.progress) {
             return Ok(None);
-        };
-        self.last_heard = Instant::now();
-        if covered > 0 || ack.received > self.received {
-            self.last_progress = Instant::now();
-            self.backoff = 1;
         }
-        Progress::add(&self.progress.done_bytes, covered);
-        self.received = self.received.max(ack.received);
         if ack.next_seq > self.acked {
             self.acked = ack.next_seq;
             self.stored = self.stored.split_off(&ack.next_seq);
@@ -386,9 +344,6 @@ impl Pusher<'_> {
                     let _ = done.send(Ok(()));
                 }
             }
-        }
-        if ack.window > 0 {
-            self.window.set_limit(ack.window);
         }
         match ack_request(ack, self.end.as_ref().map(|(seq, _)| *seq))? {
             AckRequest::Done(digest, _) => Ok(Some(digest)),
@@ -401,24 +356,11 @@ impl Pusher<'_> {
     }
 
     async fn on_tick(&mut self) -> Result<()> {
-        if !self.window.is_empty() {
-            let quiet = self.last_heard.elapsed();
-            if let Some(limit) = self.timeout {
-                if quiet >= limit {
-                    return Err(Error::Timeout(format!(
-                        "the receiver went quiet for {}s",
-                        limit.as_secs_f64()
-                    )));
-                }
-            }
+        self.peer.stalled()?;
+        if let Some(Some(seq)) = self.peer.probe() {
+            self.resend(seq).await?;
         }
-        if self.last_progress.elapsed() >= RTO * self.backoff {
-            if let Some(&seq) = self.window.overdue(self.received, RTO).last() {
-                self.resend(seq).await?;
-            }
-            self.backoff = (self.backoff * 2).min(8);
-        }
-        if self.window.is_empty() && self.last_sent.elapsed() >= KEEPALIVE {
+        if self.peer.keepalive_due() {
             let ka = control_frame(Kind::Keepalive, self.session, self.next_seq);
             self.publish(ka).await?;
         }
@@ -427,33 +369,20 @@ impl Pusher<'_> {
 
     async fn send_end(&mut self) -> Result<()> {
         let total = self.next_seq;
-        let (frame, summary) = end_frame(
-            self.session,
-            total,
-            self.size,
-            self.progress,
-            self.digest.value(),
-        );
-        self.window.sent(total, Kind::End, self.size, 0, 0);
+        let digest = self.digest.value();
+        let (frame, summary) =
+            (self.peer).end(self.session, total, self.size, self.progress, digest);
         self.stored.insert(total, frame.clone());
         self.end = Some((total, summary));
         self.publish(frame).await
     }
 
     async fn finish(&mut self, digest: [u8; 16]) -> Result<()> {
-        let Some((end_seq, summary)) = &self.end else {
-            return Err(Error::Protocol("DONE before END".into()));
-        };
-        let (end_seq, ours) = (*end_seq, summary.digest);
-        close_and_compare(
-            self.conn,
-            self.subjects,
-            self.session,
-            end_seq,
-            ours,
-            digest,
-        )
-        .await
+        let end = self
+            .end
+            .as_ref()
+            .map(|(seq, summary)| (*seq, summary.digest));
+        close_and_compare(self.conn, self.subjects, self.session, end, digest).await
     }
 
     /// Completions still waiting learn the outcome (an error if the stream failed).

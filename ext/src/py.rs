@@ -11,13 +11,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::{self, DataConn};
 use crate::error::{Error, Result};
 use crate::io::{open_sink, open_source, Access};
+use crate::link::Subjects;
 use crate::recv::{recv, RecvOptions};
-use crate::send::{send, SendOptions, Subjects};
+use crate::relay::{self, BridgeOptions};
+use crate::send::{send, SendOptions};
 use crate::stats::{Progress, State};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -32,7 +35,8 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// Deliver an outcome to Python's `done(ok, value)`; a failure is `(code, message)`.
+/// Deliver an outcome to Python's `done(ok, value)`; a failure is `(code, message,
+/// from_peer)`: its code, its message, and whether the peer reported it.
 fn settle<T>(done: Py<PyAny>, result: Result<T>)
 where
     T: for<'py> IntoPyObject<'py> + Send,
@@ -40,7 +44,10 @@ where
     Python::attach(|py| {
         let called = match result {
             Ok(v) => done.call1(py, (true, v)),
-            Err(e) => done.call1(py, (false, (e.code().to_string(), e.to_string()))),
+            Err(e) => {
+                let failure = (e.code().to_string(), e.to_string(), e.from_peer());
+                done.call1(py, (false, failure))
+            }
         };
         if let Err(e) = called {
             e.print(py);
@@ -167,28 +174,55 @@ impl Transfer {
     }
 }
 
-/// Statistics of a transfer at one moment.
-#[pyclass(frozen, get_all, module = "nbdnats._core")]
-pub struct Stats {
-    transfer_id: String,
-    role: String,
-    state: String,
-    size: u64,
-    done_bytes: u64,
-    data_bytes: u64,
-    zero_bytes: u64,
-    frames: u64,
-    bad_frames: u64,
-    duplicate_frames: u64,
-    corrupt_frames: u64,
-    retransmits: u64,
-    resumes: u64,
-    sent_bytes: u64,
-    chunk_size: u64,
-    window: u64,
-    seconds: f64,
-    digest: Option<String>,
-    verified: bool,
+/// Statistics of a transfer at one moment: each field, its type and how it is read from
+/// the engine's `Progress`, listed once. `STATS_FIELDS` names them (and the derived
+/// `mb_per_s`) for Python.
+/// The counters (`u64`, read from `Progress`'s atomic of the same name) sit between the
+/// fields read otherwise.
+macro_rules! stats {
+    ($p:ident =>
+     { $($head:ident: $hty:ty = $hget:expr,)* }
+     counters [ $($counter:ident),* ]
+     { $($tail:ident: $tty:ty = $tget:expr,)* }) => {
+        #[pyclass(frozen, get_all, module = "nbdnats._core")]
+        pub struct Stats {
+            $($head: $hty,)*
+            $($counter: u64,)*
+            $($tail: $tty,)*
+        }
+
+        /// The attributes of a `Stats`, in order.
+        pub const STATS_FIELDS: &[&str] = &[
+            $(stringify!($head),)* $(stringify!($counter),)* $(stringify!($tail),)* "mb_per_s"
+        ];
+
+        impl From<&Progress> for Stats {
+            fn from($p: &Progress) -> Stats {
+                Stats {
+                    $($head: $hget,)*
+                    $($counter: $p.$counter.load(Relaxed),)*
+                    $($tail: $tget,)*
+                }
+            }
+        }
+    };
+}
+
+stats! { p =>
+    {
+        transfer_id: String = p.transfer_id.clone(),
+        role: String = p.role.to_string(),
+        state: String = p.state().name().to_string(),
+    }
+    counters [
+        size, done_bytes, data_bytes, zero_bytes, frames, bad_frames, duplicate_frames,
+        corrupt_frames, retransmits, resumes, sent_bytes, chunk_size, window
+    ]
+    {
+        seconds: f64 = p.seconds(),
+        digest: Option<String> = p.digest(),
+        verified: bool = p.verified.load(Relaxed),
+    }
 }
 
 #[pymethods]
@@ -211,33 +245,7 @@ impl Stats {
     }
 }
 
-impl From<&Progress> for Stats {
-    fn from(p: &Progress) -> Stats {
-        Stats {
-            transfer_id: p.transfer_id.clone(),
-            role: p.role.to_string(),
-            state: p.state().name().to_string(),
-            size: p.size.load(Relaxed),
-            done_bytes: p.done_bytes.load(Relaxed),
-            data_bytes: p.data_bytes.load(Relaxed),
-            zero_bytes: p.zero_bytes.load(Relaxed),
-            frames: p.frames.load(Relaxed),
-            bad_frames: p.bad_frames.load(Relaxed),
-            duplicate_frames: p.duplicate_frames.load(Relaxed),
-            corrupt_frames: p.corrupt_frames.load(Relaxed),
-            retransmits: p.retransmits.load(Relaxed),
-            resumes: p.resumes.load(Relaxed),
-            sent_bytes: p.sent_bytes.load(Relaxed),
-            chunk_size: p.chunk_size.load(Relaxed),
-            window: p.window.load(Relaxed),
-            seconds: p.seconds(),
-            digest: p.digest(),
-            verified: p.verified.load(Relaxed),
-        }
-    }
-}
-
-/// Connect to the data plane; `done(True, DataConnection)` or `done(False, (code, msg))`.
+/// Connect to the data plane; `done(True, DataConnection)` or `done(False, failure)`.
 /// Credentials come from the URLs (`user:password@`, `token@`), or `creds` (a `.creds`
 /// file) or `nkey` (a file holding an NKey seed).
 #[pyfunction]
@@ -378,12 +386,7 @@ fn start_recv(
             let sink = match (back, dst.strip_prefix(crate::io::UNIX)) {
                 (Some(back), Some(path)) => {
                     // What the other end writes back goes home as a stream of its own.
-                    let on_connect = return_stream(&conn, back, &progress, &opts, &cancel)?;
-                    let stream = crate::io::stdio::Stream::UnixLater {
-                        path: path.to_string(),
-                        on_connect: Some(on_connect),
-                    };
-                    Arc::new(crate::io::stdio::Stdout::open(stream)) as Arc<dyn crate::io::Sink>
+                    relay::returning_sink(&conn, path, back, &progress, &opts, &cancel)?
                 }
                 (Some(_), None) => {
                     return Err(Error::Usage(
@@ -404,42 +407,12 @@ fn start_recv(
     })
 }
 
-/// Push what comes back on a relayed connection as a stream of its own (a migration's
-/// return path), from when the connection exists (so the stream does not time out while
-/// the forward one has not started). It ends when the connection does; its outcome shows
-/// through QEMU, so it is not reported.
-fn return_stream(
-    conn: &Arc<DataConn>,
-    subjects: Subjects,
-    progress: &Progress,
-    opts: &RecvOptions,
-    cancel: &CancellationToken,
-) -> Result<crate::io::stdio::OnConnect> {
-    let chunk = crate::conn::fit_chunk(None, conn.max_payload)?;
-    let (conn, cancel) = (conn.clone(), cancel.child_token());
-    let id = format!("{}-back", progress.transfer_id);
-    let opts = crate::push::PushOptions {
-        size: STREAM_BOUND,
-        chunk_size: Some(chunk),
-        window: opts.window,
-        timeout: opts.timeout,
-    };
-    Ok(Box::new(move |fd| {
-        let (items, rx) = tokio::sync::mpsc::channel(2);
-        runtime().spawn(async move {
-            let back = Progress::new(&id, "send");
-            let _ = crate::push::push(&conn, rx, &subjects, &opts, &back, &cancel).await;
-        });
-        crate::bridge::relay_back(fd, items);
-    }))
-}
-
 /// Serve a local unix socket for one producer and push what it writes as transfer
 /// `transfer_id`: `kind` "nbd" (an NBD export of `size` bytes that QEMU's mirror writes
 /// into) or "stream" (a byte stream, such as QEMU's outgoing migration). The socket exists
 /// when this returns; see `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, return_subjects=None))]
+#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, size=None, chunk_size=None, return_subjects=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_bridge(
     conn: &DataConnection,
@@ -448,111 +421,32 @@ fn start_bridge(
     transfer_id: String,
     subjects_: (String, String, String),
     done: Py<PyAny>,
-    size: Option<u64>,
-    chunk_size: Option<u64>,
     window: u64,
     timeout_s: f64,
+    size: Option<u64>,
+    chunk_size: Option<u64>,
     return_subjects: Option<(String, String, String)>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
-    let back = return_subjects.map(self::subjects);
     let path = std::path::PathBuf::from(&listen);
     let bound = crate::bridge::bind(&path);
+    let opts = BridgeOptions {
+        kind,
+        size,
+        chunk_size,
+        window,
+        timeout: timeout(timeout_s),
+        back: return_subjects.map(self::subjects),
+    };
     start("send", transfer_id, done, move |progress, cancel| {
         async move {
             let listener = bound?;
-            let chunk = crate::conn::fit_chunk(chunk_size, conn.max_payload)?;
-            let (items, rx) = tokio::sync::mpsc::channel(2);
-            let stop = cancel.child_token();
-            let size = match (kind.as_str(), size) {
-                ("nbd", Some(size)) => {
-                    let serve =
-                        crate::bridge::serve_nbd(listener, path, size, chunk, items, stop.clone());
-                    tokio::spawn(serve);
-                    size
-                }
-                ("stream", None) => {
-                    // What the client is sent back is received as a stream of its own and
-                    // written into the same connection.
-                    let on_accept = back.map(|back| {
-                        // Not `stop`: what comes back may still come after our direction ended.
-                        let (conn, progress, cancel) =
-                            (conn.clone(), progress.clone(), cancel.child_token());
-                        let timeout = timeout(timeout_s);
-                        Box::new(move |fd| {
-                            runtime().spawn(receive_back(
-                                conn, fd, back, window, timeout, progress, cancel,
-                            ));
-                        }) as crate::io::stdio::OnConnect
-                    });
-                    let serve = crate::bridge::serve_stream(
-                        listener,
-                        path,
-                        chunk,
-                        items,
-                        stop.clone(),
-                        on_accept,
-                    );
-                    tokio::spawn(serve);
-                    STREAM_BOUND
-                }
-                _ => {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(Error::Usage(format!(
-                        "bridge kind {kind:?}: use \"nbd\" with a size or \"stream\" without"
-                    )));
-                }
-            };
-            let opts = crate::push::PushOptions {
-                size,
-                chunk_size: Some(chunk),
-                window,
-                timeout: timeout(timeout_s),
-            };
-            let result = crate::push::push(&conn, rx, &subjects, &opts, &progress, &cancel).await;
-            stop.cancel();
-            result
+            relay::bridge(conn, listener, path, subjects, opts, progress, cancel).await
         }
         .boxed_send()
     })
 }
-
-/// Receive what comes back for a relayed connection into it (`fd`, a second descriptor).
-async fn receive_back(
-    conn: Arc<DataConn>,
-    fd: std::os::fd::OwnedFd,
-    subjects: Subjects,
-    window: u64,
-    timeout: Option<Duration>,
-    forward: Arc<Progress>,
-    cancel: CancellationToken,
-) {
-    let stream = crate::io::stdio::Stream::Unix {
-        path: "(the relayed connection)".into(),
-        fd,
-    };
-    let sink: Arc<dyn crate::io::Sink> = Arc::new(crate::io::stdio::Stdout::open(stream));
-    let progress = Progress::new(&format!("{}-back", forward.transfer_id), "recv");
-    let opts = RecvOptions {
-        window,
-        timeout,
-        verify: false,
-        target_is_zero: false,
-        journal: None,
-        resume: false,
-        target: "return stream".into(),
-        expect_sha256: None,
-    };
-    let _ = recv(&conn, sink, &subjects, &opts, &progress, &cancel).await;
-}
-
-/// The range a byte stream's frames may address (its length is not known in advance).
-const STREAM_BOUND: u64 = 1 << 62;
-
-/// How long a digest's NBD source may answer nothing before it is taken for dead (the
-/// transfers' default `--timeout`).
-const DIGEST_STALL: Duration = Duration::from_secs(60);
 
 /// The sha256 of a source's first `length` bytes (default: all of it), as
 /// `done(True, ("sha256:<hex>", length))`. Holes are hashed as zeros without reading them.
@@ -568,7 +462,8 @@ fn image_digest(
     spawn(done, async move {
         let access = Access {
             allow_local_file,
-            stall: Some(DIGEST_STALL),
+            // A source that answers nothing for the transfers' default timeout is dead.
+            stall: timeout(conn::DEFAULT_TIMEOUT_S),
         };
         let source = open_source(&src, size, access).await?;
         crate::digest::sha256(source, length).await
@@ -593,6 +488,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_CHUNK", conn::DEFAULT_CHUNK)?;
     m.add("MIN_CHUNK", conn::MIN_CHUNK)?;
     m.add("MAX_CHUNK", conn::MAX_CHUNK)?;
+    m.add("ERROR_CODES", PyTuple::new(m.py(), crate::error::CODES)?)?;
+    m.add("STATS_FIELDS", PyTuple::new(m.py(), STATS_FIELDS)?)?;
     m.add_class::<DataConnection>()?;
     m.add_class::<Transfer>()?;
     m.add_class::<Stats>()?;

@@ -28,14 +28,12 @@ use crate::frame::{
 use crate::handshake::{decode, encode, is_key, key_follows, OpenReply, OpenRequest, CHECKING};
 use crate::io::{zeros, Sink};
 use crate::journal::{self, Frame, Journal, JOURNAL_VERSION};
-use crate::send::{Stall, Subjects};
+use crate::link::{Stall, Subjects, KEEPALIVE};
 use crate::stats::{Progress, State};
 use crate::window::{frame_cost, max_frames_in_window, MAX_WINDOW, MIN_FRAME_COST};
 
 /// Writes in flight to the target; NBD pipelines them on its connection.
 const WRITE_DEPTH: usize = 16;
-/// Longest gap between acks while the receiver is alive (also while it flushes or verifies).
-const KEEPALIVE: Duration = Duration::from_secs(2);
 /// How often missing frames are asked for again while they stay missing.
 const NACK_INTERVAL: Duration = Duration::from_millis(250);
 /// An ack that cannot be queued this soon (the connection is down) is dropped: acks are
@@ -486,15 +484,20 @@ fn settle_journal(journal: Option<Journal>, err: Error) -> Error {
         "; progress is kept in {}: run the same recv with --resume to continue",
         j.path().display()
     );
+    with_hint(err, &hint)
+}
+
+fn with_hint(err: Error, hint: &str) -> Error {
     match err {
-        Error::Timeout(m) => Error::Timeout(m + &hint),
-        Error::Nats(m) => Error::Nats(m + &hint),
+        Error::Timeout(m) => Error::Timeout(m + hint),
+        Error::Nats(m) => Error::Nats(m + hint),
         // The sender gave up (its abort carries its own code, e.g. timeout): the journal
         // is kept, so say so here too.
         Error::Remote { code, message } => Error::Remote {
             code,
-            message: message + &hint,
+            message: message + hint,
         },
+        Error::Peer(e) => Error::Peer(Box::new(with_hint(*e, hint))),
         other => other,
     }
 }
@@ -625,10 +628,26 @@ pub async fn recv(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let id = progress.transfer_id.clone();
-    let mut journal = open_journal(opts, &id)?;
-    // Is someone already serving this id? (A race between two new receivers is settled
-    // by the session: frames carry the session of the receiver the sender picked.)
+    let id = &progress.transfer_id;
+    let journal = open_journal(opts, id)?;
+    let (mut opens, mut chunks) = listen(conn, subjects, id).await?;
+    progress.set_state(State::Waiting);
+    let opened = open(conn, &sink, &mut opens, opts, journal, id, cancel).await?;
+    let mut rx = Receiver::new(conn, subjects, progress, sink, opts, opened);
+    match run(&mut rx, &mut chunks, &mut opens, opts, cancel).await {
+        Ok(end_seq) => finish(&mut rx, end_seq, &mut chunks, opts, cancel).await,
+        Err(e) => Err(rx.fail(e).await),
+    }
+}
+
+/// Subscribe to the transfer's open and chunk subjects, unless another receiver already
+/// serves it. (A race between two new receivers is settled by the session: frames carry
+/// the session of the receiver the sender picked.)
+async fn listen(
+    conn: &DataConn,
+    subjects: &Subjects,
+    id: &str,
+) -> Result<(async_nats::Subscriber, async_nats::Subscriber)> {
     let probe = encode(&OpenRequest {
         v: PROTOCOL_VERSION,
         probe: true,
@@ -647,39 +666,54 @@ pub async fn recv(
             "another receiver already serves transfer {id}; stop it or use another --id"
         )));
     }
-    let nats = |e: async_nats::SubscribeError| Error::Nats(format!("NATS: {e}"));
-    let mut opens = conn
-        .client
-        .subscribe(subjects.open.clone())
-        .await
-        .map_err(nats)?;
-    let mut chunks = conn
-        .client
-        .subscribe(subjects.chunks.clone())
-        .await
-        .map_err(nats)?;
+    let opens = conn.client.subscribe(subjects.open.clone()).await?;
+    let chunks = conn.client.subscribe(subjects.chunks.clone()).await?;
     if !conn.flush_within(Duration::from_secs(5)).await {
         return Err(Error::Nats(
             "the NATS server does not answer; check --data-url and that nats-server is running"
                 .into(),
         ));
     }
-    progress.set_state(State::Waiting);
+    Ok((opens, chunks))
+}
 
+/// A transfer the receiver said yes to: what the sender asked for, what was agreed, and
+/// where it starts (the journal's progress, or nothing).
+struct Opened {
+    request: OpenRequest,
+    session: u32,
+    chunk: u64,
+    window: u64,
+    reply: OpenReply,
+    journal: Option<Journal>,
+    hasher: Option<Sha256>,
+}
+
+/// The open handshake: check the target against the journal (when resuming), wait for a
+/// sender, keep a journal for it, and answer it.
+async fn open(
+    conn: &DataConn,
+    sink: &Arc<dyn Sink>,
+    opens: &mut async_nats::Subscriber,
+    opts: &RecvOptions,
+    mut journal: Option<Journal>,
+    id: &str,
+    cancel: &CancellationToken,
+) -> Result<Opened> {
     let mut hasher = opts.expect_sha256.map(|_| Sha256::new());
     if let Some(j) = journal.as_mut() {
         let chunk = j.header.chunk_size;
-        check_target(conn, &sink, j, &mut opens, chunk, hasher.as_mut(), cancel).await?;
+        check_target(conn, sink, j, opens, chunk, hasher.as_mut(), cancel).await?;
     }
     let session = new_session()?;
     let (request, chunk, window, reply_to, reply) = accept(
         conn,
-        &sink,
-        &mut opens,
+        sink,
+        opens,
         opts,
         journal.as_ref(),
         session,
-        &id,
+        id,
         cancel,
     )
     .await?;
@@ -688,23 +722,7 @@ pub async fn recv(
     }
     // The journal exists before the sender hears yes: a receiver that cannot keep one
     // refuses the open, so the sender fails at once with the reason.
-    let made = match (&mut journal, &opts.journal) {
-        (Some(j), _) => j.set_key(&request.key),
-        (None, Some(path)) if !request.writes => {
-            let header = journal::Header {
-                v: JOURNAL_VERSION,
-                transfer_id: id.clone(),
-                target: opts.target.clone(),
-                size: request.size,
-                chunk_size: chunk,
-                key_hash: request.key.clone(),
-                identity: identity(&opts.target),
-            };
-            Journal::create(path, header).map(|j| journal = Some(j))
-        }
-        _ => Ok(()),
-    };
-    if let Err(e) = made {
+    if let Err(e) = keep_journal(&mut journal, opts, id, &request, chunk) {
         if let Some(to) = reply_to {
             let refusal = encode(&OpenReply::refuse(&e));
             conn.tidy(&to, refusal).await;
@@ -722,61 +740,109 @@ pub async fn recv(
             ));
         }
     }
-    let start = journal
-        .as_ref()
-        .map(|j| j.progress.clone())
-        .unwrap_or_default();
-    progress.size.store(request.size, Relaxed);
-    progress.chunk_size.store(chunk, Relaxed);
-    progress.window.store(window, Relaxed);
-    progress.done_bytes.store(start.offset, Relaxed);
-    progress.data_bytes.store(start.data_bytes, Relaxed);
-    progress.zero_bytes.store(start.zero_bytes, Relaxed);
-    progress.set_state(State::Running);
-    let verify = opts.verify || request.verify;
-
-    let mut rx = Receiver {
-        conn,
-        subjects,
-        progress,
-        sink: sink.clone(),
-        faults: Faults::from_env(),
+    Ok(Opened {
+        request,
         session,
-        window,
-        size: request.size,
         chunk,
-        skip_zeros: opts.target_is_zero && !sink.caps().sequential,
-        verify,
-        next_submit: start.next_seq,
-        next_offset: start.offset,
-        reorder: BTreeMap::new(),
-        reorder_bytes: 0,
-        max_ahead: max_frames_in_window(MAX_WINDOW) as u64 + 8,
-        received: start.next_seq,
-        writes: FuturesOrdered::new(),
-        written_frames: start.next_seq,
-        written_bytes: start.offset,
-        unacked_cost: 0,
-        digest: start.digest.clone(),
-        unjournaled: VecDeque::new(),
-        journal,
-        last_checkpoint: Instant::now(),
-        end: None,
-        corrupt: HashMap::new(),
-        frames: if verify { start.frames } else { Vec::new() },
-        hasher,
-        last_ack: Instant::now(),
-        last_nack: Instant::now(),
-        seen_own_session: false,
-        foreign_since: None,
-        heard_sender: false,
-        write_stream: request.writes,
-        key: request.key.clone(),
+        window,
         reply,
-    };
-    match run(&mut rx, &mut chunks, &mut opens, opts, cancel).await {
-        Ok(end_seq) => finish(&mut rx, end_seq, &mut chunks, opts, cancel).await,
-        Err(e) => Err(rx.fail(e).await),
+        journal,
+        hasher,
+    })
+}
+
+/// Bind the journal to the sender that was accepted: the resumed one takes its key, a new
+/// transfer (not a live stream) gets a new journal.
+fn keep_journal(
+    journal: &mut Option<Journal>,
+    opts: &RecvOptions,
+    id: &str,
+    request: &OpenRequest,
+    chunk: u64,
+) -> Result<()> {
+    match (journal.as_mut(), &opts.journal) {
+        (Some(j), _) => j.set_key(&request.key),
+        (None, Some(path)) if !request.writes => {
+            let header = journal::Header {
+                v: JOURNAL_VERSION,
+                transfer_id: id.to_string(),
+                target: opts.target.clone(),
+                size: request.size,
+                chunk_size: chunk,
+                key_hash: request.key.clone(),
+                identity: identity(&opts.target),
+            };
+            *journal = Some(Journal::create(path, header)?);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+impl<'a> Receiver<'a> {
+    /// Start receiving an opened transfer, from its journal's progress if it has one.
+    fn new(
+        conn: &'a DataConn,
+        subjects: &'a Subjects,
+        progress: &'a Progress,
+        sink: Arc<dyn Sink>,
+        opts: &RecvOptions,
+        opened: Opened,
+    ) -> Receiver<'a> {
+        let Opened {
+            request, journal, ..
+        } = opened;
+        let start = journal
+            .as_ref()
+            .map(|j| j.progress.clone())
+            .unwrap_or_default();
+        progress.size.store(request.size, Relaxed);
+        progress.chunk_size.store(opened.chunk, Relaxed);
+        progress.window.store(opened.window, Relaxed);
+        progress.done_bytes.store(start.offset, Relaxed);
+        progress.data_bytes.store(start.data_bytes, Relaxed);
+        progress.zero_bytes.store(start.zero_bytes, Relaxed);
+        progress.set_state(State::Running);
+        let verify = opts.verify || request.verify;
+        Receiver {
+            conn,
+            subjects,
+            progress,
+            skip_zeros: opts.target_is_zero && !sink.caps().sequential,
+            sink,
+            faults: Faults::from_env(),
+            session: opened.session,
+            window: opened.window,
+            size: request.size,
+            chunk: opened.chunk,
+            verify,
+            next_submit: start.next_seq,
+            next_offset: start.offset,
+            reorder: BTreeMap::new(),
+            reorder_bytes: 0,
+            max_ahead: max_frames_in_window(MAX_WINDOW) as u64 + 8,
+            received: start.next_seq,
+            writes: FuturesOrdered::new(),
+            written_frames: start.next_seq,
+            written_bytes: start.offset,
+            unacked_cost: 0,
+            digest: start.digest.clone(),
+            unjournaled: VecDeque::new(),
+            journal,
+            last_checkpoint: Instant::now(),
+            end: None,
+            corrupt: HashMap::new(),
+            frames: if verify { start.frames } else { Vec::new() },
+            hasher: opened.hasher,
+            last_ack: Instant::now(),
+            last_nack: Instant::now(),
+            seen_own_session: false,
+            foreign_since: None,
+            heard_sender: false,
+            write_stream: request.writes,
+            key: request.key,
+            reply: opened.reply,
+        }
     }
 }
 
@@ -1443,14 +1509,7 @@ mod fuzz {
     const CHUNK: u64 = 1 << 20;
 
     fn seeds() -> Vec<Vec<u8>> {
-        let h = |kind, length| ChunkHeader {
-            kind,
-            session: 7,
-            seq: 3,
-            offset: 4096,
-            length,
-            checksum: 0,
-        };
+        let h = ChunkHeader::sample;
         let mut data = vec![0u8; HEADER_LEN + 64];
         data[HEADER_LEN..].fill(0xa5);
         h(Kind::Data, 64).seal(&mut data);

@@ -8,8 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::client::RequestErrorKind;
-use async_nats::{Message, Subject};
+use async_nats::Message;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
@@ -17,43 +16,30 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::checksum::{digest_hex, is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
+use crate::checksum::{is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::extents::{pieces, Extent};
-use crate::faults::{ChunkFate, Faults};
-use crate::frame::{
-    Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION,
-};
-use crate::handshake::{decode, encode, OpenReply, OpenRequest, SenderKey, CHECKING};
+use crate::faults::Faults;
+use crate::frame::{ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION};
+use crate::handshake::{OpenReply, OpenRequest, SenderKey};
 use crate::io::Source;
+use crate::link::{
+    ack_request, close_and_compare, control_frame, open, read_ack, retry, send_abort, AckRequest,
+    Peer, Stall, Subjects, RTO,
+};
 use crate::pool::Pool;
 use crate::stats::{Progress, State};
-use crate::window::{frame_cost, max_frames_in_window, Window};
+use crate::window::{frame_cost, Window};
 
 /// How much of the disk one extent query covers.
 const EXTENT_SPAN: u64 = 1 << 30;
 /// Bytes of source reads in flight. A local NBD server answers a 1 MiB read in well under a
-/// millisecond, so a few keep it busy; more cost memory and cache. Measured against 16 MiB
-/// on the benchmark (1 GiB random image, 6 rounds): qemu-nbd's CPU per GiB 0.50 -> 0.38 s,
-/// the sender's 0.63 -> 0.61 s, throughput +5%.
+/// millisecond, so a few keep it busy; more cost memory and cache (bench/README.md,
+/// "Measured before 2026-12").
 const READ_AHEAD_BYTES: u64 = 4 << 20;
-/// Frames the receiver has not seen for this long, with no progress meanwhile, are resent.
-const RTO: Duration = Duration::from_secs(1);
 /// No ack at all for this long: the receiver is gone; re-open the transfer until --timeout.
 const SILENCE: Duration = Duration::from_secs(6);
-/// A frame sent this many times without being written ends the transfer.
-const MAX_RETRIES: u32 = 10;
-/// How often the sender says it is alive while it has nothing to send.
-const KEEPALIVE: Duration = Duration::from_secs(2);
-
-/// The subjects of one transfer, formatted by the Python `subjects` module.
-#[derive(Clone)]
-pub struct Subjects {
-    pub open: Subject,
-    pub chunks: Subject,
-    pub acks: Subject,
-}
 
 pub struct SendOptions {
     pub chunk_size: Option<u64>,
@@ -68,185 +54,6 @@ pub struct SendOptions {
     pub key_file: Option<std::path::PathBuf>,
 }
 
-/// What "wait forever" means for a deadline.
-pub(crate) const FOREVER: Duration = Duration::from_secs(86_400 * 365);
-
-/// A deadline that slides forward whenever the peer shows life.
-pub struct Stall {
-    timeout: Option<Duration>,
-    at: Instant,
-}
-
-impl Stall {
-    pub fn new(timeout: Option<Duration>) -> Stall {
-        let mut s = Stall {
-            timeout,
-            at: Instant::now(),
-        };
-        s.reset();
-        s
-    }
-    pub fn reset(&mut self) {
-        // Far future when waiting forever.
-        self.at = Instant::now() + self.timeout.unwrap_or(FOREVER);
-    }
-    pub async fn expired(&self) {
-        tokio::time::sleep_until(self.at).await
-    }
-    pub fn is_expired(&self) -> bool {
-        Instant::now() >= self.at
-    }
-    pub fn describe(&self) -> String {
-        self.timeout
-            .map_or_else(|| "ever".into(), |t| format!("{}s", t.as_secs_f64()))
-    }
-}
-
-/// One ack of our session, or `None` for a message that is not one (counted as bad).
-pub(crate) fn read_ack(
-    msg: Option<Message>,
-    session: u32,
-    progress: &Progress,
-) -> Result<Option<Ack>> {
-    let msg = msg.ok_or_else(|| Error::Nats("the ack subscription ended".into()))?;
-    match Ack::decode(&msg.payload) {
-        Ok(a) if a.session == session => Ok(Some(a)),
-        _ => {
-            Progress::add(&progress.bad_frames, 1);
-            Ok(None)
-        }
-    }
-}
-
-/// What an ack asks of the sender, beyond moving the window.
-pub(crate) enum AckRequest {
-    Nothing,
-    /// Frames the receiver names as missing.
-    Resend(Vec<u64>),
-    /// DONE: the receiver's digest and whether it verified the target.
-    Done([u8; 16], bool),
-}
-
-/// Read an ack's kind and body: the receiver's error, DONE (only right after END, frame
-/// `end_seq`), or the missing frames it names.
-pub(crate) fn ack_request(ack: Ack, end_seq: Option<u64>) -> Result<AckRequest> {
-    match (ack.kind, ack.body) {
-        (AckKind::Error, AckBody::Error { code, message }) => {
-            Err(Error::from_remote(&code, &message))
-        }
-        (AckKind::Done, AckBody::Done { digest, verified }) => match end_seq {
-            Some(end) if ack.next_seq == end + 1 => Ok(AckRequest::Done(digest, verified)),
-            _ => Err(Error::Protocol(format!(
-                "receiver reported done at frame {} before the end",
-                ack.next_seq
-            ))),
-        },
-        (AckKind::Ack, AckBody::Missing(ranges)) => {
-            let limit = max_frames_in_window(crate::window::MAX_WINDOW) as u64;
-            Ok(AckRequest::Resend(
-                ranges
-                    .into_iter()
-                    .flat_map(|(first, count)| {
-                        first..first.saturating_add(u64::from(count).min(limit))
-                    })
-                    .collect(),
-            ))
-        }
-        (AckKind::Ack, _) => Ok(AckRequest::Nothing),
-        _ => Err(Error::Protocol("malformed ack from the receiver".into())),
-    }
-}
-
-/// A payload-less frame (KEEPALIVE, CLOSE) of a session.
-pub(crate) fn control_frame(kind: Kind, session: u32, seq: u64) -> Bytes {
-    zero_frame(kind, session, seq, 0, 0).bytes
-}
-
-/// Tell the receiver we give up, so it fails at once rather than at its timeout.
-pub(crate) async fn send_abort(
-    conn: &DataConn,
-    subjects: &Subjects,
-    session: u32,
-    seq: u64,
-    why: &Error,
-) {
-    let header = ChunkHeader {
-        kind: Kind::Abort,
-        session,
-        seq,
-        offset: 0,
-        length: 0,
-        checksum: 0,
-    };
-    let mut payload = bytes::BytesMut::new();
-    crate::frame::put_failure(&mut payload, why.code(), &why.to_string());
-    let (frame, _) = header.encode(&payload);
-    conn.tidy(&subjects.chunks, frame).await;
-}
-
-/// The END frame: frame `total` at the end of the disk, with the summary of all before it.
-pub(crate) fn end_frame(
-    session: u32,
-    total: u64,
-    size: u64,
-    progress: &Progress,
-    digest: [u8; 16],
-) -> (Bytes, EndSummary) {
-    let summary = EndSummary {
-        digest,
-        frames: total,
-        data_bytes: progress.data_bytes.load(Relaxed),
-        zero_bytes: progress.zero_bytes.load(Relaxed),
-    };
-    let header = ChunkHeader {
-        kind: Kind::End,
-        session,
-        seq: total,
-        offset: size,
-        length: 0,
-        checksum: 0,
-    };
-    progress.set_state(State::Finishing);
-    progress.set_digest(digest_hex(&summary.digest));
-    (header.encode(&summary.encode()).0, summary)
-}
-
-/// The receiver reported DONE: say CLOSE (it may stop lingering), then compare digests.
-pub(crate) async fn close_and_compare(
-    conn: &DataConn,
-    subjects: &Subjects,
-    session: u32,
-    end_seq: u64,
-    ours: [u8; 16],
-    theirs: [u8; 16],
-) -> Result<()> {
-    let close = control_frame(Kind::Close, session, end_seq + 1);
-    conn.tidy(&subjects.chunks, close).await;
-    if theirs != ours {
-        return Err(Error::Integrity(format!(
-            "digest mismatch: sent {} but the receiver wrote {}",
-            digest_hex(&ours),
-            digest_hex(&theirs)
-        )));
-    }
-    Ok(())
-}
-
-/// Count one more try of an outstanding frame; an error once it was tried too often.
-pub(crate) fn retry(entry: &mut crate::window::Sent, progress: &Progress) -> Result<()> {
-    // END is repeated while DONE is awaited (a long flush or verify); only data counts.
-    entry.retries += u32::from(entry.kind != Kind::End);
-    if entry.retries > MAX_RETRIES {
-        return Err(Error::Integrity(format!(
-            "frame {} at offset {} was lost or damaged {MAX_RETRIES} times; the path between the hosts is failing",
-            entry.seq, entry.offset
-        )));
-    }
-    entry.last_sent = std::time::Instant::now();
-    Progress::add(&progress.retransmits, 1);
-    Ok(())
-}
-
 struct Outgoing {
     seq: u64,
     bytes: Bytes,
@@ -254,29 +61,6 @@ struct Outgoing {
     offset: u64,
     len: u64,
     checksum: u64,
-}
-
-fn nats_err(e: impl std::fmt::Display) -> Error {
-    Error::Nats(format!("NATS: {e}"))
-}
-
-/// Publish a frame, waiting for room in the client's queue (it fills while the connection
-/// is down) until `deadline`; cancellable.
-pub(crate) async fn publish_frame(
-    conn: &DataConn,
-    subject: &Subject,
-    frame: Bytes,
-    deadline: Instant,
-    cancel: &CancellationToken,
-) -> Result<()> {
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => Err(Error::Cancelled),
-        _ = tokio::time::sleep_until(deadline) => Err(Error::Timeout(
-            "the connection to the NATS server was down for longer than --timeout".into(),
-        )),
-        r = conn.client.publish(subject.clone(), frame) => r.map_err(nats_err),
-    }
 }
 
 /// The sender's key for this transfer: a new one (kept in `key_file` for a later resume),
@@ -322,11 +106,7 @@ pub async fn send(
     progress.size.store(size, Relaxed);
     let chunk = fit_chunk(opts.chunk_size, conn.max_payload)?;
     // Subscribe to acks before the receiver can send any.
-    let mut acks = conn
-        .client
-        .subscribe(subjects.acks.clone())
-        .await
-        .map_err(nats_err)?;
+    let mut acks = conn.client.subscribe(subjects.acks.clone()).await?;
     progress.set_state(State::Waiting);
     let (key, shown) = sender_key(opts, &progress.transfer_id)?;
     // Whatever happens below, the key file is settled afterwards.
@@ -371,10 +151,9 @@ pub async fn send(
             key,
             key_file: opts.key_file.clone(),
             cancel: cancel.clone(),
-            timeout: opts.timeout,
             faults: Faults::from_env(),
             session: 0,
-            window: Window::new(opts.window),
+            peer: Peer::new(Window::new(opts.window), opts.timeout),
             digest: Digest::default(),
             digest_next: 0,
             resume_seq: 0,
@@ -392,18 +171,13 @@ pub async fn send(
             retransmits: FuturesUnordered::new(),
             next_unsent: 0,
             end: None,
-            received: 0,
-            last_heard: Instant::now(),
-            last_progress: Instant::now(),
-            last_sent: Instant::now(),
-            backoff: 1,
         };
         tx.restart_at(&reply);
         progress.chunk_size.store(tx.chunk, Relaxed);
         progress.set_state(State::Running);
         let result = tx.run(&mut acks, opts.verify, cancel).await;
         if let Err(e) = &result {
-            if !matches!(e, Error::Remote { .. }) {
+            if !e.is_remote() {
                 tx.abort(e).await;
             }
         }
@@ -412,82 +186,6 @@ pub async fn send(
     .await;
     settle_key(opts, &result);
     result
-}
-
-/// The open handshake: ask until a receiver answers, `stall` expires or we are cancelled.
-pub(crate) async fn open(
-    conn: &DataConn,
-    subjects: &Subjects,
-    request: &OpenRequest,
-    mut stall: Stall,
-    id: &str,
-    cancel: &CancellationToken,
-) -> Result<OpenReply> {
-    let payload = encode(request);
-    loop {
-        if stall.is_expired() {
-            if !conn.connected() {
-                return Err(Error::Timeout(format!(
-                    "the connection to the NATS server was down for {}; check the server and \
-                     the network, then run this command again{}",
-                    stall.describe(),
-                    if request.resume { " with --resume" } else { "" }
-                )));
-            }
-            return Err(Error::Timeout(if request.resume {
-                format!("the receiver of transfer {id} has not answered for {} (it, or the NATS path to it, is gone); if its recv has ended, start it again with --resume, then run this command again with --resume; or raise --timeout", stall.describe())
-            } else {
-                format!("no receiver for transfer {id} answered within {}; start `nbd-nats recv TARGET --id {id}` on the target host first, or raise --timeout", stall.describe())
-            }));
-        }
-        let ask = async_nats::Request::new()
-            .payload(payload.clone())
-            .timeout(Some(Duration::from_secs(1)));
-        let answer = tokio::select! {
-            _ = cancel.cancelled() => return Err(Error::Cancelled),
-            // The request itself may wait for room while the connection is down.
-            _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
-            a = conn.client.send_request(subjects.open.clone(), ask) => a,
-        };
-        match answer {
-            Ok(msg) => {
-                let reply: OpenReply = decode("open reply", &msg.payload)?;
-                if !reply.ok && reply.code == CHECKING {
-                    // Alive, re-reading its target before it continues: keep asking.
-                    stall.reset();
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Err(Error::Cancelled),
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                    continue;
-                }
-                if !reply.ok {
-                    return Err(Error::from_remote(&reply.code, &reply.message));
-                }
-                if reply.v != PROTOCOL_VERSION {
-                    return Err(Error::Protocol(format!(
-                        "receiver speaks protocol version {} (this build speaks {PROTOCOL_VERSION})",
-                        reply.v
-                    )));
-                }
-                return Ok(reply);
-            }
-            Err(e) => match e.kind() {
-                RequestErrorKind::NoResponders => {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Err(Error::Cancelled),
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                }
-                RequestErrorKind::TimedOut => {}
-                // Disconnected from the server: async-nats reconnects; keep asking.
-                _ => tokio::select! {
-                    _ = cancel.cancelled() => return Err(Error::Cancelled),
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                },
-            },
-        }
-    }
 }
 
 struct Planner {
@@ -634,10 +332,9 @@ struct Sender<'a> {
     key: SenderKey,
     key_file: Option<std::path::PathBuf>,
     cancel: CancellationToken,
-    timeout: Option<Duration>,
     faults: Option<Faults>,
     session: u32,
-    window: Window,
+    peer: Peer,
     /// Digest over frames `[0, digest_next)`, each folded exactly once.
     digest: Digest,
     digest_next: u64,
@@ -656,21 +353,14 @@ struct Sender<'a> {
     next_unsent: u64,
     /// The END frame once sent, and its sequence number.
     end: Option<(u64, Bytes, EndSummary)>,
-    /// One past the highest frame the receiver has seen.
-    received: u64,
-    last_heard: Instant,
-    last_progress: Instant,
-    last_sent: Instant,
-    /// Multiplies RTO while tail probes go unanswered.
-    backoff: u32,
 }
 
 impl Sender<'_> {
     /// Start (or restart) the stream at the receiver's resume point, in its session.
     fn restart_at(&mut self, reply: &OpenReply) {
         self.session = reply.session;
-        self.window.clear();
-        self.window.set_limit(reply.window);
+        self.peer.window.clear();
+        self.peer.window.set_limit(reply.window);
         self.resume_seq = reply.resume_seq;
         self.resume_offset = reply.resume_offset;
         self.planner = Planner::new(self.source.clone(), self.size, self.chunk);
@@ -680,10 +370,12 @@ impl Sender<'_> {
         self.retransmits = FuturesUnordered::new();
         self.next_unsent = reply.resume_seq;
         self.end = None;
-        self.received = reply.resume_seq;
-        self.last_heard = Instant::now();
-        self.last_progress = Instant::now();
-        self.progress.window.store(self.window.limit(), Relaxed);
+        self.peer.received = reply.resume_seq;
+        self.peer.last_heard = Instant::now();
+        self.peer.last_progress = Instant::now();
+        self.progress
+            .window
+            .store(self.peer.window.limit(), Relaxed);
         self.progress.done_bytes.store(reply.resume_offset, Relaxed);
         if reply.resume_seq > 0 {
             Progress::add(&self.progress.resumes, 1);
@@ -691,25 +383,11 @@ impl Sender<'_> {
     }
 
     async fn publish(&mut self, frame: Bytes) -> Result<()> {
-        self.last_sent = Instant::now();
-        Progress::add(
-            &self.progress.sent_bytes,
-            (frame.len() - HEADER_LEN.min(frame.len())) as u64,
-        );
-        let frame = match self.faults.as_mut().map(|f| f.chunk(frame.clone())) {
-            Some(ChunkFate::Drop) => return Ok(()),
-            Some(ChunkFate::Send(f)) => f,
-            None => frame,
-        };
-        let deadline = self.last_heard + self.timeout.unwrap_or(FOREVER);
-        publish_frame(
-            self.conn,
-            &self.subjects.chunks,
-            frame,
-            deadline,
-            &self.cancel,
-        )
-        .await
+        let (conn, subjects, progress) = (self.conn, self.subjects, self.progress);
+        let faults = self.faults.as_mut();
+        (self.peer)
+            .publish(conn, subjects, frame, progress, faults, &self.cancel)
+            .await
     }
 
     async fn abort(&mut self, why: &Error) {
@@ -726,7 +404,7 @@ impl Sender<'_> {
     /// Queue frame `seq` to be sent again, re-reading it from the source.
     fn resend(&mut self, seq: u64) -> Result<()> {
         let session = self.session;
-        let Some(entry) = self.window.get_mut(seq) else {
+        let Some(entry) = self.peer.window.get_mut(seq) else {
             return Ok(());
         };
         if entry.last_sent.elapsed() < RTO / 4 {
@@ -770,20 +448,8 @@ impl Sender<'_> {
         let Some(ack) = read_ack(msg, self.session, self.progress)? else {
             return Ok(None);
         };
-        let Ok(covered) = self.window.ack(ack.next_seq, self.next_unsent) else {
-            // It acknowledges frames never sent: not from our receiver.
-            Progress::add(&self.progress.bad_frames, 1);
+        if !self.peer.take(&ack, self.next_unsent, self.progress) {
             return Ok(None);
-        };
-        self.last_heard = Instant::now();
-        if covered > 0 || ack.received > self.received {
-            self.last_progress = Instant::now();
-            self.backoff = 1;
-        }
-        Progress::add(&self.progress.done_bytes, covered);
-        self.received = self.received.max(ack.received);
-        if ack.window > 0 {
-            self.window.set_limit(ack.window);
         }
         match ack_request(ack, self.end.as_ref().map(|(seq, _, _)| *seq))? {
             AckRequest::Done(digest, verified) => Ok(Some((digest, verified))),
@@ -800,8 +466,7 @@ impl Sender<'_> {
     /// The receiver went silent: ask for it again (a resumed receiver answers with its
     /// journal's resume point) until --timeout since we last heard from it.
     async fn reopen(&mut self, cancel: &CancellationToken) -> Result<()> {
-        let mut stall = Stall::new(self.timeout);
-        stall.at = self.last_heard + self.timeout.unwrap_or(FOREVER);
+        let stall = Stall::since(self.peer.timeout, self.peer.last_heard);
         let mut request = self.request.clone();
         request.resume = true;
         // The next link of our key chain proves it is us; the one shown is burnt, so it is
@@ -855,11 +520,12 @@ impl Sender<'_> {
             )));
         }
         let cost = frame_cost(frame.bytes.len() as u64 - HEADER_LEN as u64);
-        if !self.window.can_send(cost) {
+        if !self.peer.window.can_send(cost) {
             self.ready = Some(frame);
             return Ok(false);
         }
-        self.window
+        self.peer
+            .window
             .sent(frame.seq, frame.kind, frame.offset, frame.len, cost);
         self.next_unsent = self.next_unsent.max(frame.seq + 1);
         self.publish(frame.bytes).await?;
@@ -873,7 +539,7 @@ impl Sender<'_> {
         cancel: &CancellationToken,
     ) -> Result<()> {
         // Read ahead at most half the window, so memory stays near the window.
-        let ahead = READ_AHEAD_BYTES.min(self.window.limit() / 2);
+        let ahead = READ_AHEAD_BYTES.min(self.peer.window.limit() / 2);
         let depth = (ahead / self.chunk).clamp(2, 32) as usize;
         let mut tick = tokio::time::interval(RTO / 4);
         loop {
@@ -914,34 +580,30 @@ impl Sender<'_> {
                 }
                 Some(r) = self.retransmits.next() => {
                     let frame = r?;
-                    if self.window.get_mut(frame.seq).is_some() {
+                    if self.peer.window.get_mut(frame.seq).is_some() {
                         self.publish(frame.bytes).await?;
                     }
                 }
                 Some(r) = self.reads.next(), if self.ready.is_none() => self.ready = Some(r?),
                 _ = tick.tick() => {
-                    if !self.window.is_empty() && self.last_heard.elapsed() >= SILENCE {
+                    if !self.peer.window.is_empty() && self.peer.last_heard.elapsed() >= SILENCE {
                         self.reopen(cancel).await?;
-                    } else if self.last_progress.elapsed() >= RTO * self.backoff {
-                        // Tail loss probe: the highest frame the receiver has not seen. It
-                        // shows the receiver the whole gap, which it then names in one ack.
-                        // Back off while nothing is heard, so a dead receiver costs little.
-                        if let Some(&seq) = self.window.overdue(self.received, RTO).last() {
+                    } else if let Some(probe) = self.peer.probe() {
+                        if let Some(seq) = probe {
                             self.resend(seq)?;
                         }
-                        self.backoff = (self.backoff * 2).min(8);
                         // END arrived but DONE did not (or was lost): say END again, the
                         // receiver answers every END with DONE.
                         if let Some((end_seq, _, _)) = self.end {
-                            let quiet = self.last_heard.elapsed() >= RTO;
-                            if quiet && self.window.get_mut(end_seq).is_some_and(|e| e.last_sent.elapsed() >= RTO) {
+                            let quiet = self.peer.last_heard.elapsed() >= RTO;
+                            if quiet && self.peer.window.get_mut(end_seq).is_some_and(|e| e.last_sent.elapsed() >= RTO) {
                                 self.resend(end_seq)?;
                             }
                         }
                     }
-                    if self.window.is_empty() && self.last_sent.elapsed() >= KEEPALIVE {
-                        let ka = zero_frame(Kind::Keepalive, self.session, self.next_unsent, 0, 0);
-                        self.publish(ka.bytes).await?;
+                    if self.peer.keepalive_due() {
+                        let ka = control_frame(Kind::Keepalive, self.session, self.next_unsent);
+                        self.publish(ka).await?;
                     }
                 }
             }
@@ -950,33 +612,20 @@ impl Sender<'_> {
 
     async fn send_end(&mut self) -> Result<()> {
         let total = self.planner.seq;
-        let (frame, summary) = end_frame(
-            self.session,
-            total,
-            self.size,
-            self.progress,
-            self.digest.value(),
-        );
-        self.window.sent(total, Kind::End, self.size, 0, 0);
+        let digest = self.digest.value();
+        let (frame, summary) =
+            (self.peer).end(self.session, total, self.size, self.progress, digest);
         self.next_unsent = total + 1;
         self.end = Some((total, frame.clone(), summary));
         self.publish(frame).await
     }
 
     async fn finish(&mut self, digest: [u8; 16], verified: bool, verify: bool) -> Result<()> {
-        let Some((end_seq, _, summary)) = &self.end else {
-            return Err(Error::Protocol("DONE before END".into()));
-        };
-        let (end_seq, ours) = (*end_seq, summary.digest);
-        close_and_compare(
-            self.conn,
-            self.subjects,
-            self.session,
-            end_seq,
-            ours,
-            digest,
-        )
-        .await?;
+        let end = self
+            .end
+            .as_ref()
+            .map(|(seq, _, summary)| (*seq, summary.digest));
+        close_and_compare(self.conn, self.subjects, self.session, end, digest).await?;
         if verify && !verified {
             return Err(Error::Integrity(
                 "the receiver did not verify the target".into(),

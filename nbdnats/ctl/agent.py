@@ -628,6 +628,7 @@ class Agent:
             cause = await job.tool.abort() if job.tool is not None else None
             state = "cancelled" if isinstance(e, TransferCancelled) else "failed"
             extra |= {"error_code": e.code, "error": cause or str(e)}
+            extra["from_peer"] = e.from_peer and not cause
         except Exception as e:  # report, never leave a job half-reported
             log.exception("job %s failed", job.transfer_id)
             if job.tool is not None:

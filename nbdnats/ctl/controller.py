@@ -476,10 +476,10 @@ class Controller:
 
 def _cause(result: OperationResult) -> NbdNatsError:
     """The real failure of two ends: a peer's cancellation, or an error that only relays
-    the peer's ("peer: ..."), is a consequence."""
+    the peer's (``from_peer``), is a consequence."""
     ends = [result.sender, result.receiver]
     failed = [e for e in ends if e.state == "failed"] or [e for e in ends if e.state != "done"]
-    own = [e for e in failed if not (e.error or "").startswith("peer: ")]
+    own = [e for e in failed if not e.from_peer]
     ev = (own or failed)[0]
     err = from_code(ev.error_code or "error", f"{ev.node}: {ev.error or ev.state}")
     if ev.state == "cancelled" and not isinstance(err, TransferCancelled):

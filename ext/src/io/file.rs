@@ -187,15 +187,7 @@ impl Sink for File {
     }
 
     fn caps(&self) -> SinkCaps {
-        SinkCaps {
-            can_zero: true,
-            can_fast_zero: true,
-            can_trim: true,
-            can_flush: true,
-            can_read: true,
-            sequential: false,
-            min_block: 0,
-        }
+        SinkCaps::LOCAL
     }
 
     fn prepare(&self, size: u64) -> BoxFuture<'static, Result<()>> {

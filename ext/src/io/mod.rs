@@ -36,6 +36,19 @@ pub struct SinkCaps {
     pub min_block: u64,
 }
 
+impl SinkCaps {
+    /// A local target that does everything at once, in any order (a file, a device).
+    pub const LOCAL: SinkCaps = SinkCaps {
+        can_zero: true,
+        can_fast_zero: true,
+        can_trim: true,
+        can_flush: true,
+        can_read: true,
+        sequential: false,
+        min_block: 0,
+    };
+}
+
 pub trait Source: Send + Sync {
     fn size(&self) -> u64;
     /// Allocation of `[offset, offset+len)`; may describe less, never more.

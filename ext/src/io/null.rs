@@ -31,14 +31,10 @@ impl Sink for Null {
         None
     }
     fn caps(&self) -> SinkCaps {
+        // Nothing to read back: what was written is gone.
         SinkCaps {
-            can_zero: true,
-            can_fast_zero: true,
-            can_trim: true,
-            can_flush: true,
             can_read: false,
-            sequential: false,
-            min_block: 0,
+            ..SinkCaps::LOCAL
         }
     }
     fn prepare(&self, _size: u64) -> BoxFuture<'static, Result<()>> {
