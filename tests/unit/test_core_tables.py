@@ -8,7 +8,8 @@ from pathlib import Path
 
 from nbdnats import _core, errors
 from nbdnats._bridge import _settle
-from nbdnats.schemas import Report
+from nbdnats.ctl.controller import OperationResult, _cause
+from nbdnats.schemas import Report, TransferEvent
 
 STUB = Path(__file__).parents[2] / "nbdnats" / "_core.pyi"
 
@@ -61,3 +62,22 @@ def test_every_stats_field_is_an_attribute_of_stats() -> None:
 def test_the_report_takes_its_counters_from_the_stats_fields() -> None:
     own = {"id", "sender"}  # set by the caller, not read from the core
     assert set(Report.__struct_fields__) - own <= set(_core.STATS_FIELDS)
+
+
+def test_the_controller_blames_the_end_whose_failure_is_its_own() -> None:
+    def end(node: str, role: str, code: str, error: str, from_peer: bool) -> TransferEvent:
+        return TransferEvent(
+            transfer_id="t",
+            node=node,
+            role=role,
+            state="failed",
+            error_code=code,
+            error=error,
+            from_peer=from_peer,
+        )
+
+    sender = end("a", "send", "timeout", "peer: the receiver gave up", True)
+    receiver = end("b", "recv", "endpoint", "cannot write the target", False)
+    err = _cause(OperationResult("t", sender, receiver))
+    assert isinstance(err, errors.EndpointError)
+    assert str(err) == "b: cannot write the target"
