@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdnats.dev import topology as dev
+from nbdnats import dev
 from nbdnats.embedded import nats_server_binary
 from tests import compose_file
 

@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from nbdnats import subjects
+from nbdnats import dev, subjects
 from nbdnats.cli.main import build_parser
 from nbdnats.ctl.metrics import HELP
-from nbdnats.dev import topology as dev
 from nbdnats.embedded import nats_server_binary
 from tests.compose_file import COMPOSE, COMPOSE_DIR, ROOT, bind_mounts, container_path, load
 
