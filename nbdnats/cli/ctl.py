@@ -16,11 +16,11 @@ from typing import Any
 from nbdnats import _core
 from nbdnats.approval import load_approval
 from nbdnats.cli.options import add_command, add_login_options, add_size_option
-from nbdnats.cli.output import EndsProgress, print_json, print_result, print_started
+from nbdnats.cli.output import EndsProgress, print_json, print_result, print_rows, print_started
 from nbdnats.ctl.controller import Controller, OperationResult, parse_endpoint
 from nbdnats.errors import UsageError
 from nbdnats.planes import Login
-from nbdnats.schemas import MigrationEvent, Tool, TransferOptions
+from nbdnats.schemas import MigrationEvent, NodeInfo, Tool, TransferEvent, TransferOptions
 from nbdnats.units import MAX_TIMEOUT, count_arg, human, parse_duration, timeout_arg
 
 EPILOG = """\
@@ -52,10 +52,8 @@ def add_parser(sub: Any) -> None:
     )
     n.add_argument("--all", action="store_true", help="include nodes that stopped")
 
-    def op(name: str, help_: str, *ends: tuple[str, str]) -> argparse.ArgumentParser:
+    def op(name: str, help_: str) -> argparse.ArgumentParser:
         a: argparse.ArgumentParser = actions.add_parser(name, help=help_, description=help_)
-        for end, text in ends:
-            a.add_argument(end, help=text)
         a.add_argument(
             "--id", dest="transfer_id", metavar="ID", help="transfer id (default: random)"
         )
@@ -70,46 +68,30 @@ def add_parser(sub: Any) -> None:
         a.add_argument("--detach", action="store_true", help="print the id and do not wait")
         return a
 
-    c = op(
-        "copy",
-        "copy a disk from one node to another",
-        ("src", "NODE:SRC  export name, path or NBD URI on the sending node"),
-        ("dst", "NODE:DST  export name, path or NBD URI on the receiving node"),
-    )
+    # Positional arguments are listed apart from options, so adding them after the
+    # options op() adds changes neither --help nor parsing.
+    c = op("copy", "copy a disk from one node to another")
+    c.add_argument("src", help="NODE:SRC  export name, path or NBD URI on the sending node")
+    c.add_argument("dst", help="NODE:DST  export name, path or NBD URI on the receiving node")
     add_size_option(c, "--chunk-size", "bytes per frame")
     c.add_argument("--target-is-zero", action="store_true", help="skip writing zero ranges")
 
-    b = op(
-        "backup",
-        "stream a node's disk into a backup tool on another node, as disk.img",
-        ("src", "NODE:SRC  the disk"),
-        ("node", "the node running the tool"),
-    )
-    t = b.add_mutually_exclusive_group(required=True)
-    t.add_argument("--restic", metavar="REPO", help="restic backup --stdin into REPO")
-    t.add_argument("--kopia", metavar="SOURCE", help="kopia snapshot create SOURCE --stdin-file")
-    t.add_argument("--pipe", metavar="CMD", help="a command reading the image on stdin")
+    b = op("backup", "stream a node's disk into a backup tool on another node, as disk.img")
+    b.add_argument("src", help="NODE:SRC  the disk")
+    b.add_argument("node", help="the node running the tool")
+    _add_tool_options(b, "backup")
 
-    r = op(
-        "restore",
-        "stream a backup from a node's backup tool into a target",
-        ("node", "the node that runs the backup tool"),
-        ("dst", "NODE:DST  the target"),
-    )
-    t = r.add_mutually_exclusive_group(required=True)
-    t.add_argument("--restic", metavar="REPO", help="restic dump SNAPSHOT disk.img from REPO")
-    t.add_argument("--kopia", metavar="OBJECT", help="kopia show OBJECT (ROOT/disk.img)")
-    t.add_argument("--pipe", metavar="CMD", help="a command writing the image on stdout")
+    r = op("restore", "stream a backup from a node's backup tool into a target")
+    r.add_argument("node", help="the node that runs the backup tool")
+    r.add_argument("dst", help="NODE:DST  the target")
+    _add_tool_options(r, "restore")
     r.add_argument("--snapshot", default="latest", help="restic snapshot (default: latest)")
     add_size_option(r, "--size", "image size (needed for --pipe)")
     r.add_argument("--target-is-zero", action="store_true", help="skip writing zero ranges")
 
-    v = op(
-        "provision",
-        "write an image onto an installer's disk under a signed approval",
-        ("src", "NODE:IMAGE  the image"),
-        ("dst", "NODE:DEVICE  its disk"),
-    )
+    v = op("provision", "write an image onto an installer's disk under a signed approval")
+    v.add_argument("src", help="NODE:IMAGE  the image")
+    v.add_argument("dst", help="NODE:DEVICE  its disk")
     v.add_argument("--approval", required=True, metavar="FILE", help="from nbd-nats approve")
 
     m = actions.add_parser(
@@ -155,6 +137,27 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--count", type=count_arg, metavar="N", help="stop after N events")
 
 
+# The backup tool, exactly one of them: (metavar, help) for backup and for restore.
+_TOOL_OPTIONS = {
+    "backup": {
+        "--restic": ("REPO", "restic backup --stdin into REPO"),
+        "--kopia": ("SOURCE", "kopia snapshot create SOURCE --stdin-file"),
+        "--pipe": ("CMD", "a command reading the image on stdin"),
+    },
+    "restore": {
+        "--restic": ("REPO", "restic dump SNAPSHOT disk.img from REPO"),
+        "--kopia": ("OBJECT", "kopia show OBJECT (ROOT/disk.img)"),
+        "--pipe": ("CMD", "a command writing the image on stdout"),
+    },
+}
+
+
+def _add_tool_options(a: argparse.ArgumentParser, op: str) -> None:
+    t = a.add_mutually_exclusive_group(required=True)
+    for flag, (metavar, help_) in _TOOL_OPTIONS[op].items():
+        t.add_argument(flag, metavar=metavar, help=help_)
+
+
 def _tool(args: argparse.Namespace, restore: bool) -> Tool:
     if args.restic:
         return Tool(kind="restic", repo=args.restic, snapshot=getattr(args, "snapshot", "latest"))
@@ -189,6 +192,22 @@ def _summary(verb: str, r: OperationResult) -> str:
     return text
 
 
+def _node_line(n: NodeInfo) -> str:
+    exports = ", ".join(f"{k}={v}" for k, v in n.exports.items()) or "-"
+    return (
+        f"{n.node:16} {n.role:9} {n.state:8} v{n.version:8} running={n.running} "
+        f"caps={','.join(n.capabilities)} exports={exports}"
+    )
+
+
+def _transfer_line(t: TransferEvent) -> str:
+    error = "  " + t.error if t.error else ""
+    return (
+        f"{t.transfer_id:18} {t.node:12} {t.op or t.role:9} {t.state:9} "
+        f"{human(t.done_bytes)}/{human(t.size)} {t.endpoint or ''}{error}"
+    )
+
+
 VERBS = {"copy": "copied", "backup": "backed up", "restore": "restored", "provision": "provisioned"}
 
 
@@ -200,25 +219,10 @@ async def run(args: argparse.Namespace) -> None:
         cmd = args.ctl_command
         if cmd == "nodes":
             nodes = await c.nodes(include_stopped=args.all)
-            if args.json:
-                print_json(nodes)
-            for n in [] if args.json else nodes:
-                exports = ", ".join(f"{k}={v}" for k, v in n.exports.items()) or "-"
-                out(
-                    f"{n.node:16} {n.role:9} {n.state:8} v{n.version:8} running={n.running} "
-                    f"caps={','.join(n.capabilities)} exports={exports}\n"
-                )
+            print_rows(nodes, _node_line, as_json=args.json)
             return
         if cmd == "transfers":
-            rows = await c.transfers(args.node)
-            if args.json:
-                print_json(rows)
-            for t in [] if args.json else rows:
-                error = "  " + t.error if t.error else ""
-                out(
-                    f"{t.transfer_id:18} {t.node:12} {t.op or t.role:9} {t.state:9} "
-                    f"{human(t.done_bytes)}/{human(t.size)} {t.endpoint or ''}{error}\n"
-                )
+            print_rows(await c.transfers(args.node), _transfer_line, as_json=args.json)
             return
         if cmd == "cancel":
             where = await c.cancel(args.transfer_id)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO, TypeVar
 
 import msgspec
 
 from nbdnats import _core
 from nbdnats.schemas import TransferEvent
 from nbdnats.units import human
+
+T = TypeVar("T")
 
 
 def print_json(obj: Any, out: TextIO | None = None) -> None:
@@ -24,6 +27,14 @@ def print_json(obj: Any, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     out.write(msgspec.json.encode(obj).decode() + "\n")
     out.flush()
+
+
+def print_rows(rows: Sequence[T], line: Callable[[T], str], *, as_json: bool) -> None:
+    """A list a query answered: one JSON line with --json, else a ``line`` per row."""
+    if as_json:
+        print_json(rows)
+    else:
+        sys.stdout.write("".join(line(row) + "\n" for row in rows))
 
 
 def print_result(
