@@ -305,3 +305,22 @@ def test_tools_do_not_inherit_the_agents_nats_logins(monkeypatch: pytest.MonkeyP
     env = Agent(AgentConfig(node="n1", env={"RESTIC_PASSWORD": "p"}))._env()
     assert not [k for k in env if k.startswith("NBDNATS_")]
     assert env["RESTIC_PASSWORD"] == "p" and env["PATH"] == "/usr/bin"
+
+
+def test_policy_paths_resolve_before_the_prefix_check(tmp_path: Path) -> None:
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "link").symlink_to("/etc")
+    p = Policy([str(allowed)], {"vm1": "nbd+unix:///vm1?socket=/run/vm1.sock"})
+    assert p.endpoint(f"{allowed}/a.raw") == f"{allowed}/a.raw"
+    assert p.endpoint("vm1") == "nbd+unix:///vm1?socket=/run/vm1.sock"
+    for bad in (f"{allowed}2/a.raw", f"{allowed}/../x", f"{allowed}/link/passwd", "x.raw", "-"):
+        with pytest.raises(PolicyError):
+            p.endpoint(bad)
+    with pytest.raises(PolicyError, match="exactly one socket"):
+        p.endpoint("nbd+unix:///x")
+    assert Policy(["nbd://10.0.0.5:10809/"]).endpoint("nbd://10.0.0.5:10809/d") == (
+        "nbd://10.0.0.5:10809/d"
+    )
+    with pytest.raises(PolicyError):
+        Policy(["nbd://10.0.0.5:10809/"]).endpoint("nbd://10.0.0.6:10809/d")
