@@ -280,7 +280,7 @@ def test_ctl_with_no_server_says_so(tmp_path: Path) -> None:
         (["copy", "a b:/x", "b:/y"], "invalid node name"),
     ],
 )
-def test_ctl_endpoint_mistakes(url: str, args: list[str], message: str) -> None:
+def test_a_malformed_ctl_endpoint_is_a_usage_error(url: str, args: list[str], message: str) -> None:
     proc = ctl(url, *args)
     assert proc.returncode == 2
     assert message in one_line_error(proc)

@@ -38,7 +38,9 @@ def finish(proc: subprocess.Popen[bytes]) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("victim", ["sender's", "receiver's"])
-def test_cluster_node_killed(tmp_path: Path, nats_cluster, victim: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_transfer_survives_its_cluster_node_being_killed(
+    tmp_path: Path, nats_cluster, victim: str
+) -> None:  # type: ignore[no-untyped-def]
     n1, _, n3 = nats_cluster()
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     want = make_image(src, SIZE, [(0, SIZE)])
@@ -53,7 +55,7 @@ def test_cluster_node_killed(tmp_path: Path, nats_cluster, victim: str) -> None:
     assert sent["digest"] == got["digest"]
 
 
-def test_single_server_restarted(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
+def test_a_transfer_survives_its_only_server_restarting(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
     server = start_nats()
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     want = make_image(src, SIZE, [(0, SIZE)])

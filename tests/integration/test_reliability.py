@@ -54,20 +54,22 @@ def transfer(
     return finish(send), finish(recv), want, dst
 
 
-def test_one_percent_of_chunks_dropped(tmp_path: Path, nats_url: str) -> None:
+def test_dropped_chunks_are_retransmitted(tmp_path: Path, nats_url: str) -> None:
     sent, got, want, dst = transfer(tmp_path, nats_url, send_faults="drop_chunk=0.01,seed=3")
     assert sha256_file(dst) == want
     assert sent["digest"] == got["digest"]
     assert int(sent["retransmits"]) > 0  # type: ignore[call-overload]
 
 
-def test_acks_dropped(tmp_path: Path, nats_url: str) -> None:
+def test_dropped_acks_lose_nothing(tmp_path: Path, nats_url: str) -> None:
     sent, got, want, dst = transfer(tmp_path, nats_url, recv_faults="drop_ack=0.2,seed=5")
     assert sha256_file(dst) == want
     assert sent["digest"] == got["digest"]
 
 
-def test_drops_both_ways_and_corruption(tmp_path: Path, nats_url: str) -> None:
+def test_drops_both_ways_and_corrupt_chunks_still_deliver_the_image(
+    tmp_path: Path, nats_url: str
+) -> None:
     sent, got, want, dst = transfer(
         tmp_path,
         nats_url,

@@ -14,7 +14,7 @@ from nbdnats.errors import ApprovalError, UsageError
 from nbdnats.schemas import Approval, decode, encode
 
 
-def test_approvals_sign_and_verify(tmp_path: Path) -> None:
+def test_an_approval_verifies_only_for_its_node_device_image_and_time(tmp_path: Path) -> None:
     key_path, pub = new_key(tmp_path / "ops")
     assert oct(os.stat(key_path).st_mode & 0o777) == "0o600"
     with pytest.raises(UsageError, match="exists"):

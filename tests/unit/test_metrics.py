@@ -8,7 +8,7 @@ from nbdnats.ctl.metrics import parse_addr, render
 from nbdnats.errors import UsageError
 
 
-def test_metrics_text_format() -> None:
+def test_metrics_render_prometheus_text_and_addresses_parse() -> None:
     text = render(
         [
             ("nbdnats_transfer_bytes", {"transfer": 't"1', "role": "recv"}, 5.0),

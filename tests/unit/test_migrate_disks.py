@@ -62,6 +62,6 @@ def test_a_missing_destination_disk_is_refused() -> None:
         match_disks([block(VDA, "a", MiB), block(VDB, "b", MiB)], [block(VDA, "c", MiB)])
 
 
-def test_disk_names() -> None:
+def test_a_disk_is_named_by_its_device_or_drive() -> None:
     assert disk_name(VDA) == "vda"
     assert disk_name("virtio0") == "virtio0"
