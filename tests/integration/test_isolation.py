@@ -25,6 +25,8 @@ ALLOCATOR_REST = 2.0
 async def idle_rss() -> int:
     """Resident memory of this process once it has been idle long enough for both allocators
     to return freed pages, so the figure is live memory, not a cache kept for reuse."""
+    # The idle time itself is the condition, not a wait for an event: the allocators return
+    # pages by their age, and nothing shows from outside when they have.
     await asyncio.sleep(ALLOCATOR_REST)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -122,7 +122,8 @@ def test_signal_ends_a_process_that_waits_forever_for_a_dead_server(  # type: ig
         kill_for_good(server)
         victim = recv if role == "recv" else send
         # Its socket closed with the server, so it has been reconnecting (to a dead port)
-        # since: let it do so for a while, as a user would before giving up.
+        # since: let it do so for a while, as a user would before giving up. The wait is
+        # the case under test (it must still be waiting after it), not a synchronisation.
         time.sleep(2)
         assert victim.poll() is None, victim.communicate()[1].decode()
         victim.send_signal(sig)
