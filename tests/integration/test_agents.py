@@ -29,15 +29,7 @@ from tests.conftest import (
     throttled_nbd,
     wait_for,
 )
-
-
-def ctl(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    return run_cli("ctl", "--ctl-url", url, *args, timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
+from tests.ctl_cli import ctl, ok
 
 
 @pytest.fixture

@@ -57,6 +57,16 @@ async def both(tx: TransferHandle, rx: TransferHandle) -> None:
     await asyncio.wait_for(asyncio.gather(tx.wait(), rx.wait()), 60)
 
 
+async def nbd_bridge(
+    p: Planes, sock: Path, dst: str, tid: str
+) -> tuple[TransferHandle, TransferHandle]:
+    """An NBD bridge listening on ``sock`` and the receiver that writes what it takes into
+    ``dst``: the sending and the receiving ends."""
+    rx = await start_recv(dst, transfer_id=tid, planes=p)
+    tx = await start_bridge("nbd", str(sock), transfer_id=tid, planes=p, size=SIZE)
+    return tx, rx
+
+
 def test_qemu_nbd_client_writes_through_the_bridge(
     planes: Connect, qemu_nbd: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -69,8 +79,7 @@ def test_qemu_nbd_client_writes_through_the_bridge(
 
     async def go() -> str:
         async with planes() as p:
-            rx = await start_recv(dst, transfer_id="br1", planes=p)
-            tx = await start_bridge("nbd", str(sock), transfer_id="br1", planes=p, size=SIZE)
+            tx, rx = await nbd_bridge(p, sock, dst, "br1")
             assert sock.exists()
             rc, out = await run(
                 "qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}",
@@ -107,8 +116,7 @@ def test_libnbd_client_copies_an_image_through_the_bridge(
 
     async def go() -> None:
         async with planes() as p:
-            rx = await start_recv(dst, transfer_id="br2", planes=p)
-            tx = await start_bridge("nbd", str(sock), transfer_id="br2", planes=p, size=SIZE)
+            tx, rx = await nbd_bridge(p, sock, dst, "br2")
             rc, out = await run("nbdcopy", "--flush", str(src), f"nbd+unix:///?socket={sock}")
             assert rc == 0, out
             await both(tx, rx)
@@ -118,15 +126,22 @@ def test_libnbd_client_copies_an_image_through_the_bridge(
     assert sha256_file(target) == digest
 
 
+def listening(path: Path) -> socket.socket:
+    """A unix socket listening at ``path``, non-blocking for the event loop to accept on:
+    the destination a stream's receiver connects to."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.setblocking(False)
+    return server
+
+
 def test_a_byte_stream_is_relayed_in_order(planes: Connect, tmp_path: Path) -> None:
     """The migration stream's shape: one client writes bytes into the source socket; the
     receiver connects to a listening socket on the other side and writes them there."""
     data = random.Random(5).randbytes(20 * MiB + 12345)
     src_sock, dst_sock = tmp_path / "out.sock", tmp_path / "in.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(dst_sock))
-    server.listen(1)
-    server.setblocking(False)
+    server = listening(dst_sock)
 
     async def go() -> bytes:
         loop = asyncio.get_running_loop()
@@ -203,10 +218,7 @@ def test_a_byte_stream_is_relayed_both_ways(planes: Connect, tmp_path: Path) -> 
     data = random.Random(6).randbytes(3 * MiB + 7)
     reply = random.Random(7).randbytes(2 * MiB + 3)
     src_sock, dst_sock = tmp_path / "out.sock", tmp_path / "in.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(dst_sock))
-    server.listen(1)
-    server.setblocking(False)
+    server = listening(dst_sock)
 
     async def go() -> tuple[bytes, bytes]:
         loop = asyncio.get_running_loop()

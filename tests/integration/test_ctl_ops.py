@@ -33,22 +33,7 @@ from tests.conftest import (
     throttled_nbd,
     wait_for,
 )
-
-RESTIC_ENV = {"RESTIC_PASSWORD": "agent-secret"}
-
-
-def ctl(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return run_cli("ctl", "--ctl-url", url, *args)
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def events(url: str, kind: str) -> list[dict[str, object]]:
-    out = ok(ctl(url, "--json", "events", "--all", "--no-follow", "--kind", kind))
-    return [json.loads(x)["data"] for x in out.splitlines()]
+from tests.ctl_cli import RESTIC_ENV, ctl, ok, restic, stored_events
 
 
 @pytest.fixture
@@ -61,11 +46,6 @@ def disk(tmp_path: Path) -> tuple[Path, str]:
     src = tmp_path / "disks" / "vm1.raw"
     src.parent.mkdir()
     return src, make_image(src, 20 * MiB + 4096, [(0, 2 * MiB), (9 * MiB + 77, 3 * MiB)])
-
-
-def restic(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, **RESTIC_ENV, "RESTIC_REPOSITORY": str(repo)}
-    return subprocess.run(["restic", *args], env=env, capture_output=True, check=True)
 
 
 # -- backup and restore ---------------------------------------------------------------------
@@ -221,7 +201,9 @@ def test_provision_with_a_signed_approval_writes_and_verifies(
     ok(out)
     assert f"verified sha256:{want}" in out.stderr.decode()
     assert sha256_file(installer["device"], src.stat().st_size) == want
-    done = [e for e in events(url, "transfer") if e["state"] == "done" and e["node"] == "inst1"]
+    done = [
+        e for e in stored_events(url, "transfer") if e["state"] == "done" and e["node"] == "inst1"
+    ]
     assert done[0]["image_digest"] == f"sha256:{want}" and done[0]["op"] == "provision"
 
 
@@ -268,7 +250,7 @@ def test_provision_refuses_a_bad_approval_and_writes_nothing(
     assert proc.returncode == 1
     assert BAD_APPROVALS[case] in err
     assert sha256_file(device) == before
-    refused = [e for e in events(url, "refused") if e["node"] == "inst1"]
+    refused = [e for e in stored_events(url, "refused") if e["node"] == "inst1"]
     assert (
         refused
         and refused[-1]["code"] == "approval"
@@ -307,7 +289,7 @@ def test_a_replayed_approval_with_another_stream_leaves_the_device_unbootable(
     failed = []
 
     def reported() -> bool:
-        failed[:] = [e for e in events(url, "transfer") if e["node"] == "inst1"]
+        failed[:] = [e for e in stored_events(url, "transfer") if e["node"] == "inst1"]
         return any(e["state"] == "failed" for e in failed)
 
     wait_for(reported, "the installer's failure event")
@@ -361,7 +343,7 @@ def test_paths_outside_the_allow_list_are_refused_before_a_byte_is_written(
     assert "(that is /etc/x.raw) is outside" in err
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".raw") == []
     assert list(inside.iterdir()) == [inside / "etc"]
-    refused = events(url, "refused")
+    refused = stored_events(url, "refused")
     assert len(refused) == len(cases) + 1 and all(e["code"] == "denied" for e in refused)
 
 
@@ -406,7 +388,7 @@ def test_a_repeated_idempotency_key_never_starts_a_second_transfer(
     assert replies[0]["ok"] is True and replies[0]["transfer_id"] == "once"
     rows = json.loads(ok(ctl(url, "--json", "transfers", "--node", "b")))
     assert [(r["transfer_id"], r["state"]) for r in rows] == [("once", "running")]
-    accepted = [e for e in events(url, "transfer") if e["state"] == "accepted"]
+    accepted = [e for e in stored_events(url, "transfer") if e["state"] == "accepted"]
     assert len(accepted) == 1
     # The same key for another command is a conflict; a new key for the same id is busy.
     other = msgspec.structs.replace(cmd, dst=str(tmp_path / "other.raw"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ import pytest
 from nbdnats import subjects
 from tests.conftest import (
     MiB,
-    allocated,
+    holds,
     make_image,
     one_line_error,
     run_cli,
@@ -180,16 +183,24 @@ def test_receiver_without_sender_times_out(tmp_path: Path, nats_url: str) -> Non
     assert not (tmp_path / "o.img").exists()
 
 
-def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str) -> None:
-    """qemu-nbd killed while a (throttled) copy runs: sender fails, receiver is told why."""
+@contextlib.contextmanager
+def mid_transfer(
+    tmp_path: Path, nats_url: str, tid: str
+) -> Iterator[tuple[subprocess.Popen[bytes], ...]]:
+    """A throttled 8-second transfer ``tid`` from qemu-nbd into dst.img, once the receiver
+    has written a first part: the qemu-nbd, sender and receiver processes."""
     src = tmp_path / "src.img"
     make_image(src, 64 * MiB, [(0, 64 * MiB)])
     with throttled_nbd(src, tmp_path / "slow.sock", read_bps=8 * MiB) as (nbd, uri):
-        recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "cut", "--data-url", nats_url)
-        send = start_cli("send", uri, "--id", "cut", "--data-url", nats_url)
-        # Mid-transfer: the receiver has written a first part of the 8-second copy.
-        dst = tmp_path / "dst.img"
-        wait_for(lambda: dst.exists() and allocated(dst) >= 4 * MiB, "the first writes", 60)
+        recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", tid, "--data-url", nats_url)
+        send = start_cli("send", uri, "--id", tid, "--data-url", nats_url)
+        wait_for(holds(tmp_path / "dst.img", 4 * MiB), "the first writes", 60)
+        yield nbd, send, recv
+
+
+def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str) -> None:
+    """qemu-nbd killed while a (throttled) copy runs: sender fails, receiver is told why."""
+    with mid_transfer(tmp_path, nats_url, "cut") as (nbd, send, recv):
         nbd.kill()
         _, s_err = send.communicate(timeout=60)
         _, r_err = recv.communicate(timeout=60)
@@ -206,14 +217,7 @@ def test_signal_cancels_and_tells_the_peer(
     tmp_path: Path, nats_url: str, sig: int, code: int, word: str
 ) -> None:
     """Ctrl-C or SIGTERM on the receiver: it exits at once and the sender learns why."""
-    src = tmp_path / "src.img"
-    make_image(src, 64 * MiB, [(0, 64 * MiB)])
-    with throttled_nbd(src, tmp_path / "slow.sock", read_bps=8 * MiB) as (_, uri):
-        recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "sig", "--data-url", nats_url)
-        send = start_cli("send", uri, "--id", "sig", "--data-url", nats_url)
-        # Mid-transfer: the receiver has written a first part of the 8-second copy.
-        dst = tmp_path / "dst.img"
-        wait_for(lambda: dst.exists() and allocated(dst) >= 4 * MiB, "the first writes", 60)
+    with mid_transfer(tmp_path, nats_url, "sig") as (_, send, recv):
         recv.send_signal(sig)
         _, r_err = recv.communicate(timeout=30)
         _, s_err = send.communicate(timeout=30)

@@ -29,6 +29,8 @@ from tests.conftest import (
     NatsServer,
     allocated,
     cli_env,
+    finish_json,
+    holds,
     make_image,
     one_line_error,
     sha256_file,
@@ -67,12 +69,6 @@ def ended(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), took
 
 
-def finish(proc: subprocess.Popen[bytes]) -> dict[str, object]:
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err.decode()
-    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 def test_transfer_gives_up_when_its_only_server_dies(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
     """The only server is SIGKILLed mid-transfer and never comes back: both ends fail with
     one line within --timeout (plus the bounded shutdown), not reconnect for ever."""
@@ -83,7 +79,7 @@ def test_transfer_gives_up_when_its_only_server_dies(tmp_path: Path, start_nats)
     with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
-        wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+        wait_for(holds(dst, 8 * MiB), "data", 60)
         died = kill_for_good(server)
         for name, proc in (("sender", send), ("receiver", recv)):
             done, took = ended(proc, died, TIMEOUT + MARGIN)
@@ -98,7 +94,7 @@ def test_copy_gives_up_when_its_data_server_dies(tmp_path: Path, start_nats) -> 
     make_image(src, SIZE, [(0, SIZE)])
     with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
         copy = start_cli("copy", uri, str(dst), "--data-url", server.url, "--timeout", str(TIMEOUT))
-        wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+        wait_for(holds(dst, 8 * MiB), "data", 60)
         died = kill_for_good(server)
         done, took = ended(copy, died, TIMEOUT + MARGIN)
     line = one_line_error(done)
@@ -118,7 +114,7 @@ def test_signal_ends_a_process_that_waits_forever_for_a_dead_server(  # type: ig
     with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
-        wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+        wait_for(holds(dst, 8 * MiB), "data", 60)
         kill_for_good(server)
         victim = recv if role == "recv" else send
         # Its socket closed with the server, so it has been reconnecting (to a dead port)
@@ -249,7 +245,7 @@ def test_transfer_recovers_after_a_35s_blackhole(tmp_path: Path) -> None:
             wait_for(lambda: "Server is ready" in (tmp_path / "nats.log").read_text(), "nats")
             recv = in_clients("recv", str(dst), *common)
             send = in_clients("send", uri, *common)
-            wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+            wait_for(holds(dst, 8 * MiB), "data", 60)
             net.blackhole(True)
             # No fixed sleep could be replaced here: the cut lasts this long by design.
             time.sleep(cut)
@@ -258,7 +254,7 @@ def test_transfer_recovers_after_a_35s_blackhole(tmp_path: Path) -> None:
             lifted = time.monotonic()
             wait_for(lambda: allocated(dst) > held or recv.poll() is not None, "recovery", 60)
             recovered = time.monotonic() - lifted
-            sent, got = finish(send), finish(recv)
+            sent, got = finish_json(send), finish_json(recv)
             done = time.monotonic() - lifted
         finally:
             for proc in procs:
@@ -291,7 +287,7 @@ def test_sender_does_not_call_a_frozen_receiver_gone(tmp_path: Path, start_nats)
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
         # Past the receiver's first journal checkpoint (5 s in): there is progress to keep.
-        wait_for(lambda: dst.exists() and allocated(dst) >= 56 * MiB, "data", 60)
+        wait_for(holds(dst, 56 * MiB), "data", 60)
         recv.send_signal(signal.SIGSTOP)
         try:
             done, took = ended(send, time.monotonic(), TIMEOUT + MARGIN)
@@ -310,6 +306,6 @@ def test_sender_does_not_call_a_frozen_receiver_gone(tmp_path: Path, start_nats)
         # The hint holds: both ends resume and finish the transfer.
         recv = start_cli("recv", str(dst), *common, "--resume", "--json")
         send = start_cli("send", uri, *common, "--resume", "--json")
-        sent, got = finish(send), finish(recv)
+        sent, got = finish_json(send), finish_json(recv)
     assert sha256_file(dst) == want
     assert sent["digest"] == got["digest"]

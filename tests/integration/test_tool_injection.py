@@ -24,37 +24,16 @@ from tests.conftest import (
     ctl_request,
     make_image,
     one_line_error,
-    run_cli,
     start_cli,
     throttled_nbd,
     wait_for,
 )
-
-RESTIC_ENV = {"RESTIC_PASSWORD": "agent-secret"}
+from tests.ctl_cli import RESTIC_ENV, ctl, ok, restic, stored_events
 
 
 @pytest.fixture
 def url(start_nats: Callable[..., NatsServer]) -> str:
     return start_nats(jetstream=True).url
-
-
-def ctl(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return run_cli("ctl", "--ctl-url", url, *args)
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def restic(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, **RESTIC_ENV, "RESTIC_REPOSITORY": str(repo)}
-    return subprocess.run(["restic", *args], env=env, capture_output=True, check=True)
-
-
-def stored_events(url: str, kind: str) -> list[dict[str, object]]:
-    out = ok(ctl(url, "--json", "events", "--all", "--no-follow", "--kind", kind))
-    return [json.loads(x)["data"] for x in out.splitlines()]
 
 
 @pytest.fixture

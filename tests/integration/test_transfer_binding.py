@@ -23,7 +23,7 @@ from nbdnats import subjects
 from tests.conftest import (
     MiB,
     NatsServer,
-    allocated,
+    holds,
     make_image,
     sha256_file,
     start_cli,
@@ -90,8 +90,7 @@ def test_another_client_cannot_take_over_a_running_transfer(
 
     async def scenario(uri: str) -> tuple[list[dict[str, object]], tuple[int, str, str]]:
         started = asyncio.Event()
-        written = lambda: dst.exists() and allocated(dst) > 0  # noqa: E731
-        attack = asyncio.create_task(hijack(server.url, "mine", started, written))
+        attack = asyncio.create_task(hijack(server.url, "mine", started, holds(dst)))
         await started.wait()
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
