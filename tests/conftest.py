@@ -342,8 +342,10 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [NBD_NATS, "agent", "--node", node, "--ctl-url", url, "--data-url", url, *args],
-                stdout=out, stderr=out, env=cli_env(env),
-            )  # fmt: skip
+                stdout=out,
+                stderr=out,
+                env=cli_env(env),
+            )
         agent = AgentProc(node, proc, log)
         agents.append(agent)
         wait_for(lambda: " up on " in agent.text() or proc.poll() is not None, f"agent {node}")

@@ -269,9 +269,8 @@ def test_agent_and_ctl_take_nkey(
     assert sorted(n["node"] for n in json.loads(nodes.stdout)) == ["nk-a", "nk-b"]
     dst = tmp_path / "copied.img"
     copy = run_cli(
-        "ctl", "--ctl-url", url, "--nkey", str(seed),
-        "copy", f"nk-a:{image}", f"nk-b:{dst}",
-    )  # fmt: skip
+        "ctl", "--ctl-url", url, "--nkey", str(seed), "copy", f"nk-a:{image}", f"nk-b:{dst}"
+    )
     assert copy.returncode == 0, copy.stderr.decode()
     assert dst.read_bytes() == image.read_bytes()
     # Refused without the key. nats-server sends "-ERR 'Authorization Violation'" and

@@ -57,6 +57,11 @@ async def both(tx: TransferHandle, rx: TransferHandle) -> None:
     await asyncio.wait_for(asyncio.gather(tx.wait(), rx.wait()), 60)
 
 
+def commands(ops: list[str]) -> list[str]:
+    """qemu-io's arguments for running ``ops`` in turn."""
+    return [arg for op in ops for arg in ("-c", op)]
+
+
 async def nbd_bridge(
     p: Planes, sock: Path, dst: str, tid: str
 ) -> tuple[TransferHandle, TransferHandle]:
@@ -81,12 +86,11 @@ def test_qemu_nbd_client_writes_through_the_bridge(
         async with planes() as p:
             tx, rx = await nbd_bridge(p, sock, dst, "br1")
             assert sock.exists()
+            ops = ["write -P 0xab 0 3M", "write -P 0xcd 1M 1M", "write -z 2M 512k", "flush"]
+            ops += ["discard 8M 4M", "write -P 0x11 60M 4M", "read 0 4k"]
             rc, out = await run(
-                "qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}",
-                "-c", "write -P 0xab 0 3M", "-c", "write -P 0xcd 1M 1M",
-                "-c", "write -z 2M 512k", "-c", "flush", "-c", "discard 8M 4M",
-                "-c", "write -P 0x11 60M 4M", "-c", "read 0 4k",
-            )  # fmt: skip
+                "qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}", *commands(ops)
+            )
             await both(tx, rx)
             assert not sock.exists()  # removed once its one client connected
             return f"{rc}\n{out}"
@@ -184,24 +188,29 @@ def test_a_failing_destination_fails_the_writes_and_the_bridge(
     target = tmp_path / "dst.raw"
     blank(target)
     dsock = tmp_path / "dst.sock"
-    qnbd = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(dsock), "--persistent",
-                             str(target)])  # fmt: skip
+    qnbd = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "-k", str(dsock), "--persistent", str(target)]
+    )
     sock = tmp_path / "bridge.sock"
 
     async def go() -> tuple[int, str, list[BaseException | None]]:
         await until(dsock.exists, "qemu-nbd's socket", 60)
         async with planes() as p:
-            rx = await start_recv(f"nbd+unix:///?socket={dsock}", transfer_id="br3", planes=p,
-                                  timeout=5)  # fmt: skip
-            tx = await start_bridge("nbd", str(sock), transfer_id="br3", planes=p, size=SIZE,
-                                    timeout=5)  # fmt: skip
+            rx = await start_recv(
+                f"nbd+unix:///?socket={dsock}", transfer_id="br3", planes=p, timeout=5
+            )
+            tx = await start_bridge(
+                "nbd", str(sock), transfer_id="br3", planes=p, size=SIZE, timeout=5
+            )
             # Kill only once the receiver holds its NBD connection (it connects, then
             # listens): its writes must fail, not its connect.
             await until(lambda: rx.stats().state != "connecting", "the receiver's NBD connection")
             qnbd.kill()  # the receiver is connected; its writes will fail
             qnbd.wait()
-            rc, out = await run("qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}",
-                                "-c", "write -P 2 0 1M", "-c", "flush")  # fmt: skip
+            ops = ["write -P 2 0 1M", "flush"]
+            rc, out = await run(
+                "qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}", *commands(ops)
+            )
             results = await asyncio.gather(tx.wait(), rx.wait(), return_exceptions=True)
             return rc, out, [r if isinstance(r, BaseException) else None for r in results]
 
@@ -223,10 +232,12 @@ def test_a_byte_stream_is_relayed_both_ways(planes: Connect, tmp_path: Path) -> 
     async def go() -> tuple[bytes, bytes]:
         loop = asyncio.get_running_loop()
         async with planes() as p:
-            rx = await start_recv(f"unix:{dst_sock}", transfer_id="fd1", planes=p,
-                                  return_id="fd1-back")  # fmt: skip
-            tx = await start_bridge("stream", str(src_sock), transfer_id="fd1", planes=p,
-                                    return_id="fd1-back")  # fmt: skip
+            rx = await start_recv(
+                f"unix:{dst_sock}", transfer_id="fd1", planes=p, return_id="fd1-back"
+            )
+            tx = await start_bridge(
+                "stream", str(src_sock), transfer_id="fd1", planes=p, return_id="fd1-back"
+            )
             reader, writer = await asyncio.open_unix_connection(str(src_sock))
 
             async def listener() -> bytes:

@@ -154,8 +154,10 @@ class Netns:
     def mac(self, ns: str, ifname: str) -> str:
         out = subprocess.run(
             ["ip", "-n", ns, "-j", "link", "show", "dev", ifname],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         return str(json.loads(out)[0]["address"])
 
     def blackhole(self, on: bool) -> None:
@@ -183,11 +185,12 @@ def namespaces() -> Iterator[Netns]:
         net = Netns(server_ns, router_ns, client_ns, f"{server_net}::1", f"{client_net}::1")
         for end, subnet, side in ((server_ns, server_net, "s"), (client_ns, client_net, "c")):
             outer, inner = f"nbt{suffix}{side}0", f"nbt{suffix}{side}1"
+            peer = ("peer", "name", inner, "netns", router_ns)
             subprocess.run(
-                ["ip", "-n", end, "link", "add", outer, "type", "veth",
-                 "peer", "name", inner, "netns", router_ns],
-                check=True, capture_output=True,
-            )  # fmt: skip
+                ["ip", "-n", end, "link", "add", outer, "type", "veth", *peer],
+                check=True,
+                capture_output=True,
+            )
             for ns, ifname in ((end, outer), (router_ns, inner), (end, "lo")):
                 net.run(ns, "link", "set", ifname, "up")
             # nodad: usable at once, not after duplicate address detection; and fixed
@@ -199,13 +202,14 @@ def namespaces() -> Iterator[Netns]:
                 (router_ns, inner, end, outer, "1"),
             ):
                 mac = net.mac(peer_ns, peer_if)
-                net.run(ns, "-6", "neigh", "replace", f"{subnet}::{peer}", "lladdr", mac,
-                        "dev", ifname, "nud", "permanent")  # fmt: skip
+                entry = ("lladdr", mac, "dev", ifname, "nud", "permanent")
+                net.run(ns, "-6", "neigh", "replace", f"{subnet}::{peer}", *entry)
             net.run(end, "-6", "route", "add", "default", "via", f"{subnet}::2")
         subprocess.run(
             ["ip", "netns", "exec", router_ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+        )
         yield net
     finally:
         for ns in names:
@@ -229,15 +233,18 @@ def test_transfer_recovers_after_a_35s_blackhole(tmp_path: Path) -> None:
             with (tmp_path / "nats.log").open("wb") as log:
                 server = subprocess.Popen(
                     ["ip", "netns", "exec", net.server_ns, nats_server_binary(), "-c", str(conf)],
-                    stdout=log, stderr=log,
-                )  # fmt: skip
+                    stdout=log,
+                    stderr=log,
+                )
             procs.append(server)
 
             def in_clients(*args: str) -> subprocess.Popen[bytes]:
                 proc = subprocess.Popen(
                     ["ip", "netns", "exec", net.client_ns, NBD_NATS, *args],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
-                )  # fmt: skip
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=cli_env(),
+                )
                 procs.append(proc)
                 return proc
 

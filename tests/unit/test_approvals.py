@@ -25,8 +25,9 @@ def test_an_approval_verifies_only_for_its_node_device_image_and_time(tmp_path: 
     trusted = TrustedKeys(trusted_dir)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     digest = "sha256:" + "ab" * 32
-    approval = sign(load_private(key_path), node="n1", image_digest=digest, device="/dev/sda",
-                    expires=later)  # fmt: skip
+    approval = sign(
+        load_private(key_path), node="n1", image_digest=digest, device="/dev/sda", expires=later
+    )
     # Through its JSON, as it travels.
     approval = decode(Approval, encode(approval), "approval")
     trusted.verify(approval, node="n1", device="/dev/sda", image_digest=digest)

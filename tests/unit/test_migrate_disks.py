@@ -14,8 +14,7 @@ MiB = 1 << 20
 
 
 def block(qdev: str, node: str, size: int, **extra: Any) -> dict[str, Any]:
-    inserted = {"node-name": node, "ro": extra.pop("ro", False),
-                "image": {"virtual-size": size}}  # fmt: skip
+    inserted = {"node-name": node, "ro": extra.pop("ro", False), "image": {"virtual-size": size}}
     entry: dict[str, Any] = {"device": "", "qdev": qdev, "removable": False, "locked": False}
     entry.update(extra)
     if not entry.pop("empty", False):
