@@ -21,15 +21,11 @@ WINDOW, CHUNK = 32 * MiB, 4 * MiB
 
 def nbdcopy(workload: str, rnd: int, seconds: float, cpu: float) -> Run:
     size = 2 * GiB if workload == RANDOM else 4 * GiB
+    cpus = {"nbdcopy": cpu, "qemu_nbd_src": 0.5, "qemu_nbd_dst": 0.5}
+    rss = {"nbdcopy": 90 * MiB}
+    target = 256 * MiB if workload == SPARSE else None
     return Run(
-        workload,
-        NBDCOPY,
-        rnd,
-        size,
-        seconds,
-        cpu={"nbdcopy": cpu, "qemu_nbd_src": 0.5, "qemu_nbd_dst": 0.5},
-        peak_rss={"nbdcopy": 90 * MiB},
-        target_allocated=256 * MiB if workload == SPARSE else None,
+        workload, NBDCOPY, rnd, size, seconds, cpu=cpus, peak_rss=rss, target_allocated=target
     )
 
 
