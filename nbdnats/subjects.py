@@ -74,6 +74,14 @@ def ctl_query(node: str, what: str) -> str:
     return f"{CTL_QRY}.{check_token(node, 'node name')}.{check_token(what, 'query')}"
 
 
+def node_of(subject: str) -> str:
+    """The node a ``ctl.cmd``, ``ctl.qry`` or ``ctl.evt`` subject is addressed to or from."""
+    tokens = subject.split(".")
+    if len(tokens) != 4 or ".".join(tokens[:2]) not in (CTL_CMD, CTL_QRY, CTL_EVT):
+        raise ValueError(f"{subject!r} is not a ctl subject")
+    return tokens[2]
+
+
 def ctl_commands(node: str) -> str:
     """Every command to a node (its agent's subscription)."""
     return f"{CTL_CMD}.{check_token(node, 'node name')}.*"

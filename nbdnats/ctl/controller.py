@@ -26,16 +26,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 
 from nbdnats import _core, subjects
 from nbdnats.ctl import events
+from nbdnats.ctl.request import request
 from nbdnats.errors import (
     NbdNatsError,
     TransferCancelled,
     TransferError,
-    TransferTimeout,
     UsageError,
     from_code,
 )
@@ -60,7 +59,6 @@ from nbdnats.schemas import (
     TransferList,
     TransferOptions,
     TransfersQuery,
-    encode,
 )
 from nbdnats.transfer import new_transfer_id
 
@@ -130,30 +128,8 @@ class Controller:
         self, subject: str, msg: Message, reply_type: type[M], *, timeout: float | None = None
     ) -> M:
         """Request with retries (same bytes, so the same idempotency key)."""
-        node = subject.split(".")[2]
         timeout = timeout or self.request_timeout
-        for attempt in range(ATTEMPTS):
-            try:
-                resp = await self.nc.request(subject, encode(msg), timeout=timeout)
-                break
-            except nats.errors.NoRespondersError:
-                raise UsageError(
-                    f"no agent answers for node {node!r} (see: nbd-nats ctl nodes)"
-                ) from None
-            except nats.errors.TimeoutError:
-                if attempt == ATTEMPTS - 1:
-                    raise TransferTimeout(
-                        f"node {node} did not answer {subject} in {timeout:.0f} s "
-                        f"({ATTEMPTS} tries)"
-                    ) from None
-        try:
-            reply = msgspec.json.decode(resp.data, type=reply_type)
-        except msgspec.ValidationError:
-            err = msgspec.json.decode(resp.data, type=Reply)
-            raise from_code(err.code or "error", f"{node}: {err.error}") from None
-        if isinstance(reply, (Reply, DigestReply)) and not reply.ok:
-            raise from_code(reply.code or "error", f"{node}: {reply.error}")
-        return reply
+        return await request(self.nc, subject, msg, reply_type, timeout=timeout, attempts=ATTEMPTS)
 
     async def _command(self, node: str, op: str, cmd: Message) -> Reply:
         return await self._request(subjects.ctl_command(node, op), cmd, Reply)
