@@ -352,22 +352,6 @@ class RefusedEvent(Message, kw_only=True):
     error: str
 
 
-COMMANDS: dict[str, type[Message]] = {
-    "send": SendCommand,
-    "recv": RecvCommand,
-    "provision": ProvisionCommand,
-    "cancel": CancelCommand,
-    "migrate": MigrateCommand,
-    "incoming": IncomingCommand,
-    "qmp": QmpCommand,
-}
-QUERIES: dict[str, type[Message]] = {
-    "info": InfoQuery,
-    "transfers": TransfersQuery,
-    "digest": DigestQuery,
-    "qmp-events": QmpEventsQuery,
-}
-
 encode = msgspec.json.encode
 
 
