@@ -289,7 +289,7 @@ class Agent:
         return op
 
     async def _on_command(self, msg: Msg) -> None:
-        name = msg.subject.rsplit(".", 1)[-1]
+        _, name = subjects.ctl_address(msg.subject)
         cmd: Any = None
         reply: Answer
         try:
@@ -357,7 +357,7 @@ class Agent:
         return reply
 
     async def _on_query(self, msg: Msg) -> None:
-        name = msg.subject.rsplit(".", 1)[-1]
+        _, name = subjects.ctl_address(msg.subject)
         try:
             op = self._op(name, query=True)
             query = decode(op.schema, msg.data or b"{}", f"{name} query")

@@ -36,7 +36,7 @@ async def request(
 ) -> R:
     """Ask ``subject``'s node and decode its answer; with ``check``, a failure reply is
     raised rather than returned."""
-    node = subjects.node_of(subject)
+    node, _ = subjects.ctl_address(subject)
     for attempt in range(attempts):
         try:
             resp = await nc.request(subject, encode(msg), timeout=timeout)
