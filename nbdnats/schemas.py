@@ -19,6 +19,10 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
     ctl.evt.<node>.transfer    TransferEvent
     ctl.evt.<node>.refused     RefusedEvent
     ctl.evt.<node>.migration   MigrationEvent
+
+Every reply is an ``Answer`` (``ok``, or an error ``code``) and ``raise_for`` turns a failed
+one into its exception. The agent's one table (``nbdnats.ctl.agent``) maps each op above to
+its schema and its handler.
 """
 
 from __future__ import annotations

@@ -149,6 +149,7 @@ class Agent:
         )
         self.incoming = Incoming(lambda: self.planes, config.vms)
         self.stream_problem: str | None = None
+        # Everything this agent serves (the subjects are listed in nbdnats.schemas).
         self.ops: dict[str, Op] = {
             "send": Op(SendCommand, self.jobs.send),
             "recv": Op(RecvCommand, self.jobs.recv),
