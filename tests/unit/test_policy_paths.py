@@ -333,7 +333,7 @@ def test_tools_do_not_inherit_the_agents_nats_logins(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("NBDNATS_CTL_URL", "nats://node1:s3cret@127.0.0.1:4222")
     monkeypatch.setenv("NBDNATS_NKEY", "/etc/nbdnats/node1.nk")
     monkeypatch.setenv("PATH", "/usr/bin")
-    env = Agent(AgentConfig(node="n1", env={"RESTIC_PASSWORD": "p"}))._env()
+    env = Agent(AgentConfig(node="n1", env={"RESTIC_PASSWORD": "p"})).jobs.env()
     assert not [k for k in env if k.startswith("NBDNATS_")]
     assert env["RESTIC_PASSWORD"] == "p" and env["PATH"] == "/usr/bin"
 
