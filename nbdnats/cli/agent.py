@@ -10,13 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from nbdnats.cli.options import add_command, add_login_options
-from nbdnats.ctl.agent import (
-    ANNOUNCE_INTERVAL,
-    DRAIN_TIMEOUT,
-    PROGRESS_INTERVAL,
-    AgentConfig,
-    run_agent,
-)
+from nbdnats.ctl.agent import run_agent
+from nbdnats.ctl.config import ANNOUNCE_INTERVAL, DRAIN_TIMEOUT, PROGRESS_INTERVAL, AgentConfig
 from nbdnats.errors import UsageError
 from nbdnats.planes import default_node
 from nbdnats.units import interval_arg, parse_timeout, timeout_arg

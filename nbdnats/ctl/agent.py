@@ -27,8 +27,7 @@ import datetime as dt
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -37,6 +36,7 @@ from nats.aio.subscription import Subscription
 from nbdnats import _core, subjects
 from nbdnats.approval import TrustedKeys
 from nbdnats.ctl import events
+from nbdnats.ctl.config import AgentConfig
 from nbdnats.ctl.jobs import Jobs
 from nbdnats.ctl.metrics import MetricsServer, Sample
 from nbdnats.ctl.policy import Policy
@@ -65,7 +65,6 @@ from nbdnats.schemas import (
     RecvCommand,
     RefusedEvent,
     Reply,
-    Role,
     SendCommand,
     TransfersQuery,
     decode,
@@ -73,32 +72,6 @@ from nbdnats.schemas import (
 )
 
 log = logging.getLogger("nbdnats.ctl.agent")
-
-ANNOUNCE_INTERVAL = 30.0  # seconds between announcements (NodeInfo.announce_interval)
-PROGRESS_INTERVAL = 1.0  # at most one progress event per job per this many seconds
-DRAIN_TIMEOUT = 30.0  # on SIGTERM, how long running jobs may take to finish
-
-
-@dataclass
-class AgentConfig:
-    node: str
-    data_url: str | None = None
-    ctl_url: str | None = None
-    # Login files (--creds, --nkey; default $NBDNATS_CREDS/$NBDNATS_NKEY), read here only.
-    creds: str | None = None
-    nkey: str | None = None
-    role: Role = "host"
-    allow: list[str] = field(default_factory=list)
-    exports: dict[str, str] = field(default_factory=dict)
-    trusted_keys: Path | None = None
-    metrics_addr: str | None = None
-    state_dir: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    # VMs this node's agent may migrate or receive: name -> QMP unix socket.
-    vms: dict[str, str] = field(default_factory=dict)
-    announce_interval: float = ANNOUNCE_INTERVAL
-    progress_interval: float = PROGRESS_INTERVAL
-    drain_timeout: float = DRAIN_TIMEOUT
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ from nbdnats.transfer import (
 )
 
 if TYPE_CHECKING:
-    from nbdnats.ctl.agent import AgentConfig
+    from nbdnats.ctl.config import AgentConfig
 
 log = logging.getLogger("nbdnats.ctl.jobs")
 

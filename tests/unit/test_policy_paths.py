@@ -328,7 +328,8 @@ def test_a_tools_message_is_shown_without_its_secrets() -> None:
 def test_tools_do_not_inherit_the_agents_nats_logins(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tool the agent starts gets the agent's environment less its NATS URLs (with
     passwords) and login files; the config's [env] still reaches it."""
-    from nbdnats.ctl.agent import Agent, AgentConfig
+    from nbdnats.ctl.agent import Agent
+    from nbdnats.ctl.config import AgentConfig
 
     monkeypatch.setenv("NBDNATS_CTL_URL", "nats://node1:s3cret@127.0.0.1:4222")
     monkeypatch.setenv("NBDNATS_NKEY", "/etc/nbdnats/node1.nk")

@@ -7,7 +7,8 @@ import json
 import msgspec
 import pytest
 
-from nbdnats.ctl.agent import Agent, AgentConfig
+from nbdnats.ctl.agent import Agent
+from nbdnats.ctl.config import AgentConfig
 from nbdnats.errors import SchemaError
 from nbdnats.schemas import SendCommand, TransferEvent, decode, encode
 
