@@ -71,7 +71,7 @@ bench-quick: build-prod bench-deps
 clean:
 	rm -rf ext/target .demo .pytest_cache .mypy_cache .ruff_cache
 
-# control/accounts-*.conf are rendered by nbdnats.dev.topology for the compose topology.
+# control/accounts-*.conf are rendered by nbdnats.dev.accounts for the compose topology.
 .PHONY: control
 control: build-prod
-	$(BIN)/python -c 'from nbdnats.dev.topology import control_dir, write_accounts; write_accounts(control_dir())'
+	$(BIN)/python -c 'from nbdnats.dev import control_dir, write_accounts; write_accounts(control_dir())'

@@ -1,7 +1,8 @@
 """Signed provisioning approvals: Ed25519 over (node, image digest, device, expiry).
 
 An installer writes an image onto a disk only with an approval signed by a key in its
-``--trusted-keys DIR`` (``*.pub``, PEM). ``nbd-nats approve`` makes keys and approvals:
+``--trusted-keys DIR`` (``*.pub``, PEM). ``nbd-nats approve`` (``nbdnats.cli.approve``) makes
+keys and approvals:
 
     nbd-nats approve --new-key ops            # ops.key (private, 0600) and ops.pub
     nbd-nats approve --key ops.key --node rack1-07 --device /dev/sda \\
@@ -14,14 +15,11 @@ first 16 hex digits of the sha256 of its raw public key.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as dt
 import hashlib
 import os
-import sys
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -30,7 +28,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from nbdnats.errors import ApprovalError, UsageError
 from nbdnats.schemas import Approval, decode, encode
-from nbdnats.units import parse_duration
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -152,59 +149,3 @@ class TrustedKeys:
                 f"approval is for image {approval.image_digest}, but the source holds "
                 f"{image_digest}"
             )
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "approve",
-        help="create a signed provisioning approval (or a key pair)",
-        description="Sign an approval that lets installer NODE write one image onto DEVICE "
-        "until it expires; or, with --new-key, make an Ed25519 key pair.",
-        epilog="examples:\n"
-        "  nbd-nats approve --new-key ops\n"
-        "  nbd-nats approve --key ops.key --node rack1-07 --device /dev/sda \\\n"
-        "      --image /srv/images/debian.raw --expires 2h -o approval.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--new-key", metavar="STEM", help="write STEM.key and STEM.pub, then exit")
-    p.add_argument("--key", metavar="FILE", help="the private key to sign with (PEM)")
-    p.add_argument("--node", help="the installer node the approval is for")
-    p.add_argument("--device", help="the device the image may be written to")
-    img = p.add_mutually_exclusive_group()
-    img.add_argument("--image", metavar="SRC", help="compute the digest of this image")
-    img.add_argument("--digest", metavar="sha256:HEX", help="the image's digest (nbd-nats digest)")
-    p.add_argument(
-        "--expires", default="1h", metavar="DURATION", help="validity, e.g. 30m, 2h, 1d (1h)"
-    )
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
-
-
-async def run(args: argparse.Namespace) -> None:
-    if args.new_key:
-        key_path, pub_path = new_key(Path(args.new_key))
-        sys.stderr.write(
-            f"wrote {key_path} (keep it secret) and {pub_path} (copy it into installers' "
-            "--trusted-keys)\n"
-        )
-        return
-    missing = [f"--{n}" for n in ("key", "node", "device") if not getattr(args, n)]
-    if not (args.image or args.digest):
-        missing.append("--image or --digest")
-    if missing:
-        raise UsageError(f"approve needs {', '.join(missing)}")
-    key = load_private(Path(args.key))
-    if args.digest:
-        if not args.digest.startswith("sha256:") or len(args.digest) != 71:
-            raise UsageError("--digest must be sha256: and 64 hex digits (see nbd-nats digest)")
-        digest = args.digest
-    else:
-        from nbdnats.transfer import image_digest
-
-        digest, _ = await image_digest(args.image, allow_local_file=True)
-    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=parse_duration(args.expires))
-    approval = sign(key, node=args.node, image_digest=digest, device=args.device, expires=expires)
-    text = msgspec.json.format(encode(approval)).decode() + "\n"
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
-        sys.stdout.write(text)

@@ -19,6 +19,10 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
     ctl.evt.<node>.transfer    TransferEvent
     ctl.evt.<node>.refused     RefusedEvent
     ctl.evt.<node>.migration   MigrationEvent
+
+Every reply is an ``Answer`` (``ok``, or an error ``code``) and ``raise_for`` turns a failed
+one into its exception. The agent's one table (``nbdnats.ctl.agent``) maps each op above to
+its schema and its handler.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from nbdnats import _core
-from nbdnats.errors import SchemaError
+from nbdnats.errors import QmpCommandError, SchemaError, from_code
 from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
 SCHEMA_VERSION = 1
@@ -165,12 +169,18 @@ class IncomingCommand(Message, kw_only=True):
     exports: dict[str, Bytes] = msgspec.field(default_factory=dict)
 
 
-class IncomingReply(Message, kw_only=True):
+class Answer(Message, kw_only=True):
+    """Base of every reply: ``ok``, or an error ``code`` (``nbdnats.errors``) and its
+    message; ``raise_for`` turns a failure into its exception."""
+
     ok: bool
-    nbd: str | None = None
-    migration: str | None = None
     code: str | None = None
     error: str | None = None
+
+
+class IncomingReply(Answer, kw_only=True):
+    nbd: str | None = None
+    migration: str | None = None
 
 
 class QmpCommand(Message, kw_only=True):
@@ -183,11 +193,11 @@ class QmpCommand(Message, kw_only=True):
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class QmpReply(Message, kw_only=True):
-    ok: bool
+class QmpReply(Answer, kw_only=True):
+    """A relayed QMP command's answer. Code ``qmp``: QEMU itself refused the command
+    (``error_class`` is QEMU's); any other code: the agent refused to relay it."""
+
     result: Any = None
-    code: str | None = None
-    error: str | None = None
     error_class: str | None = None
 
 
@@ -210,13 +220,11 @@ class QmpEvents(Message, kw_only=True):
     alive: bool
 
 
-class Reply(Message, kw_only=True):
-    """The answer to every command: ``ok`` or an error ``code`` (``nbdnats.errors``)."""
+class Reply(Answer, kw_only=True):
+    """The answer to a command that names no other reply, and any refusal (an unknown op,
+    an invalid message) whatever the reply would have been."""
 
-    ok: bool
     transfer_id: str | None = None
-    code: str | None = None
-    error: str | None = None
 
 
 class InfoQuery(Message, kw_only=True):
@@ -249,12 +257,9 @@ class DigestQuery(Message, kw_only=True):
     src: str
 
 
-class DigestReply(Message, kw_only=True):
-    ok: bool
+class DigestReply(Answer, kw_only=True):
     digest: str | None = None
     size: int | None = None
-    code: str | None = None
-    error: str | None = None
 
 
 class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -353,23 +358,19 @@ class RefusedEvent(Message, kw_only=True):
     error: str
 
 
-COMMANDS: dict[str, type[Message]] = {
-    "send": SendCommand,
-    "recv": RecvCommand,
-    "provision": ProvisionCommand,
-    "cancel": CancelCommand,
-    "migrate": MigrateCommand,
-    "incoming": IncomingCommand,
-    "qmp": QmpCommand,
-}
-QUERIES: dict[str, type[Message]] = {
-    "info": InfoQuery,
-    "transfers": TransfersQuery,
-    "digest": DigestQuery,
-    "qmp-events": QmpEventsQuery,
-}
-
 encode = msgspec.json.encode
+
+
+def raise_for(reply: Answer, node: str, *, command: str = "") -> None:
+    """Raise the error of the tree that a failure reply from ``node`` stands for; nothing
+    when it is ``ok``. QEMU's own refusal of a relayed QMP ``command`` is a
+    ``QmpCommandError`` with QEMU's class."""
+    if reply.ok:
+        return
+    if isinstance(reply, QmpReply) and reply.code == "qmp":
+        message = f"destination QEMU: {command}: {reply.error}"
+        raise QmpCommandError(message, reply.error_class or "")
+    raise from_code(reply.code or "error", f"{node}: {reply.error}")
 
 
 class _Versioned(msgspec.Struct):

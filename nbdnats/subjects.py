@@ -74,6 +74,15 @@ def ctl_query(node: str, what: str) -> str:
     return f"{CTL_QRY}.{check_token(node, 'node name')}.{check_token(what, 'query')}"
 
 
+def ctl_address(subject: str) -> tuple[str, str]:
+    """(node, op) of ``ctl.cmd.<node>.<op>``, (node, what) of a query, (node, kind) of an
+    event: what a ctl subject is addressed to or comes from, and what it is."""
+    tokens = subject.split(".")
+    if len(tokens) < 4 or ".".join(tokens[:2]) not in (CTL_CMD, CTL_QRY, CTL_EVT):
+        raise ValueError(f"{subject!r} is not a ctl subject")
+    return tokens[2], tokens[3]
+
+
 def ctl_commands(node: str) -> str:
     """Every command to a node (its agent's subscription)."""
     return f"{CTL_CMD}.{check_token(node, 'node name')}.*"

@@ -75,7 +75,8 @@ class NatsServer:
     def has_subscription(self, subject: str) -> bool:
         """Whether some client has subscribed to exactly ``subject``: a receiver listening
         on its transfer's open subject is ready for a sender."""
-        subs = self.monitoring("subsz?subs=1&limit=100000")["subscriptions_list"]
+        # The server leaves the list out when it is empty.
+        subs = self.monitoring("subsz?subs=1&limit=100000").get("subscriptions_list", [])
         return any(s["subject"] == subject for s in subs)
 
     def connections(self) -> int:
@@ -237,6 +238,12 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def holds(path: Path, least: int = 1) -> Callable[[], bool]:
+    """A check for ``wait_for``/``until``: ``path`` exists and has at least ``least`` bytes
+    allocated (data written, not just a size set)."""
+    return lambda: path.exists() and allocated(path) >= least
+
+
 @pytest.fixture(autouse=True)
 def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test's journals go to its own state dir, never the user's."""
@@ -258,6 +265,15 @@ def run_cli(
     return subprocess.run(
         [NBD_NATS, *args], input=input, capture_output=True, timeout=timeout, env=cli_env(env)
     )
+
+
+def finish_json(proc: subprocess.Popen[bytes], timeout: float = 180) -> dict[str, object]:
+    """Wait for a ``--json`` run to end, assert it exited 0, and return its report: the last
+    line of stdout (of stderr when stdout carried the data)."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode().strip() or err.decode().strip()
+    return json.loads(text.splitlines()[-1])  # type: ignore[no-any-return]
 
 
 _started: list[subprocess.Popen[bytes]] = []
@@ -326,8 +342,10 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [NBD_NATS, "agent", "--node", node, "--ctl-url", url, "--data-url", url, *args],
-                stdout=out, stderr=out, env=cli_env(env),
-            )  # fmt: skip
+                stdout=out,
+                stderr=out,
+                env=cli_env(env),
+            )
         agent = AgentProc(node, proc, log)
         agents.append(agent)
         wait_for(lambda: " up on " in agent.text() or proc.poll() is not None, f"agent {node}")

@@ -26,16 +26,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 
 from nbdnats import _core, subjects
 from nbdnats.ctl import events
+from nbdnats.ctl.request import request
 from nbdnats.errors import (
     NbdNatsError,
     TransferCancelled,
     TransferError,
-    TransferTimeout,
     UsageError,
     from_code,
 )
@@ -60,7 +59,6 @@ from nbdnats.schemas import (
     TransferList,
     TransferOptions,
     TransfersQuery,
-    encode,
 )
 from nbdnats.transfer import new_transfer_id
 
@@ -130,30 +128,8 @@ class Controller:
         self, subject: str, msg: Message, reply_type: type[M], *, timeout: float | None = None
     ) -> M:
         """Request with retries (same bytes, so the same idempotency key)."""
-        node = subject.split(".")[2]
         timeout = timeout or self.request_timeout
-        for attempt in range(ATTEMPTS):
-            try:
-                resp = await self.nc.request(subject, encode(msg), timeout=timeout)
-                break
-            except nats.errors.NoRespondersError:
-                raise UsageError(
-                    f"no agent answers for node {node!r} (see: nbd-nats ctl nodes)"
-                ) from None
-            except nats.errors.TimeoutError:
-                if attempt == ATTEMPTS - 1:
-                    raise TransferTimeout(
-                        f"node {node} did not answer {subject} in {timeout:.0f} s "
-                        f"({ATTEMPTS} tries)"
-                    ) from None
-        try:
-            reply = msgspec.json.decode(resp.data, type=reply_type)
-        except msgspec.ValidationError:
-            err = msgspec.json.decode(resp.data, type=Reply)
-            raise from_code(err.code or "error", f"{node}: {err.error}") from None
-        if isinstance(reply, (Reply, DigestReply)) and not reply.ok:
-            raise from_code(reply.code or "error", f"{node}: {reply.error}")
-        return reply
+        return await request(self.nc, subject, msg, reply_type, timeout=timeout, attempts=ATTEMPTS)
 
     async def _command(self, node: str, op: str, cmd: Message) -> Reply:
         return await self._request(subjects.ctl_command(node, op), cmd, Reply)
@@ -186,17 +162,18 @@ class Controller:
         out: list[TransferEvent] = []
         for node in names:
             with contextlib.suppress(NbdNatsError):
-                lst = await self._request(
-                    subjects.ctl_query(node, "transfers"), TransfersQuery(), TransferList
-                )
-                out += lst.transfers
+                out += await self._transfers(node)
         return out
 
+    async def _transfers(self, node: str, transfer_id: str | None = None) -> list[TransferEvent]:
+        subject = subjects.ctl_query(node, "transfers")
+        query = TransfersQuery(transfer_id=transfer_id)
+        return (await self._request(subject, query, TransferList)).transfers
+
     async def digest(self, node: str, src: str) -> tuple[str, int]:
-        reply = await self._request(
-            subjects.ctl_query(node, "digest"), DigestQuery(src=src), DigestReply,
-            timeout=DIGEST_TIMEOUT,
-        )  # fmt: skip
+        subject = subjects.ctl_query(node, "digest")
+        query = DigestQuery(src=src)
+        reply = await self._request(subject, query, DigestReply, timeout=DIGEST_TIMEOUT)
         assert reply.digest is not None and reply.size is not None
         return reply.digest, reply.size
 
@@ -248,12 +225,9 @@ class Controller:
         on_event: EventCallback | None = None,
     ) -> OperationResult | str:
         """Copy a disk from one node to another (VM<->VM, VM<->bare metal, ...)."""
-        tid, key = self._ids(transfer_id)
-        opts = options or TransferOptions()
-        recv = RecvCommand(key=key, transfer_id=tid, dst=dst[1], target_is_zero=target_is_zero,
-                           options=opts)  # fmt: skip
-        send = SendCommand(key=key, transfer_id=tid, src=src[1], chunk_size=chunk_size,
-                           options=opts)  # fmt: skip
+        both = self._both(transfer_id, options)
+        recv = RecvCommand(dst=dst[1], target_is_zero=target_is_zero, **both)
+        send = SendCommand(src=src[1], chunk_size=chunk_size, **both)
         return await self._pair(src[0], send, dst[0], recv, wait, on_event)
 
     async def backup(
@@ -268,10 +242,9 @@ class Controller:
         on_event: EventCallback | None = None,
     ) -> OperationResult | str:
         """Stream a disk of one node into a backup tool on ``node``, stored as disk.img."""
-        tid, key = self._ids(transfer_id)
-        opts = options or TransferOptions()
-        recv = RecvCommand(key=key, transfer_id=tid, tool=tool, options=opts)
-        send = SendCommand(key=key, transfer_id=tid, src=src[1], options=opts)
+        both = self._both(transfer_id, options)
+        recv = RecvCommand(tool=tool, **both)
+        send = SendCommand(src=src[1], **both)
         return await self._pair(src[0], send, node, recv, wait, on_event)
 
     async def restore(
@@ -288,11 +261,9 @@ class Controller:
         on_event: EventCallback | None = None,
     ) -> OperationResult | str:
         """Stream a backup tool's image on ``node`` back into a target."""
-        tid, key = self._ids(transfer_id)
-        opts = options or TransferOptions()
-        recv = RecvCommand(key=key, transfer_id=tid, dst=dst[1], target_is_zero=target_is_zero,
-                           options=opts)  # fmt: skip
-        send = SendCommand(key=key, transfer_id=tid, tool=tool, size=size, options=opts)
+        both = self._both(transfer_id, options)
+        recv = RecvCommand(dst=dst[1], target_is_zero=target_is_zero, **both)
+        send = SendCommand(tool=tool, size=size, **both)
         return await self._pair(node, send, dst[0], recv, wait, on_event)
 
     async def provision(
@@ -308,14 +279,12 @@ class Controller:
     ) -> OperationResult | str:
         """Write an image onto an installer's device under a signed approval. The source's
         digest is asked first, so the installer can refuse before a byte is written."""
-        tid, key = self._ids(transfer_id)
-        opts = options or TransferOptions()
+        both = self._both(transfer_id, options)
         digest, size = await self.digest(*src)
         recv = ProvisionCommand(
-            key=key, transfer_id=tid, device=dst[1], approval=approval, image_digest=digest,
-            size=size, options=opts,
-        )  # fmt: skip
-        send = SendCommand(key=key, transfer_id=tid, src=src[1], options=opts)
+            device=dst[1], approval=approval, image_digest=digest, size=size, **both
+        )
+        send = SendCommand(src=src[1], **both)
         return await self._pair(src[0], send, dst[0], recv, wait, on_event)
 
     async def migrate(
@@ -346,8 +315,15 @@ class Controller:
 
         sub = await self.nc.subscribe(subjects.ctl_event(node, "migration"), cb=collect)
         try:
-            cmd = MigrateCommand(key=key, transfer_id=mid, vm=vm, to_node=dst, timeout=timeout,
-                                 mirror_speed=mirror_speed, return_path=return_path)  # fmt: skip
+            cmd = MigrateCommand(
+                key=key,
+                transfer_id=mid,
+                vm=vm,
+                to_node=dst,
+                timeout=timeout,
+                mirror_speed=mirror_speed,
+                return_path=return_path,
+            )
             await self._command(node, "migrate", cmd)
             if not wait:
                 return mid
@@ -373,6 +349,12 @@ class Controller:
     def _ids(transfer_id: str | None) -> tuple[str, str]:
         tid = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
         return tid, uuid.uuid4().hex
+
+    def _both(self, transfer_id: str | None, options: TransferOptions | None) -> dict[str, Any]:
+        """What the commands to both ends share: the transfer, one idempotency key and the
+        options."""
+        tid, key = self._ids(transfer_id)
+        return {"key": key, "transfer_id": tid, "options": options or TransferOptions()}
 
     async def _pair(
         self,
@@ -461,11 +443,7 @@ class Controller:
         for role, node in ends.items():
             if role in final:
                 continue
-            lst = await self._request(
-                subjects.ctl_query(node, "transfers"), TransfersQuery(transfer_id=tid),
-                TransferList,
-            )  # fmt: skip
-            mine = [e for e in lst.transfers if e.role == role]
+            mine = [e for e in await self._transfers(node, tid) if e.role == role]
             if not mine:
                 raise TransferError(
                     f"node {node} no longer knows transfer {tid} (its agent restarted?)"

@@ -134,7 +134,10 @@ async def read(
 
 
 def _event(msg: Any) -> Event:
-    parts = msg.subject.split(".")
+    try:
+        node, kind = subjects.ctl_address(msg.subject)
+    except ValueError:
+        node, kind = "", ""
     meta = msg.metadata
     try:
         data = msgspec.json.decode(msg.data)
@@ -143,8 +146,8 @@ def _event(msg: Any) -> Event:
     return Event(
         seq=meta.sequence.stream,
         subject=msg.subject,
-        node=parts[2] if len(parts) > 3 else "",
-        kind=parts[3] if len(parts) > 3 else "",
+        node=node,
+        kind=kind,
         time=meta.timestamp,
         data=data if isinstance(data, dict) else {"value": data},
     )

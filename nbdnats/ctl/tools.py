@@ -111,10 +111,8 @@ def backup_argv(tool: Tool, policy: Policy, tags: list[str]) -> list[str]:
     if tool.kind == "restic":
         repo = _restic_repo(tool, policy)
         tag_args = [f"--tag={t}" for t in tags]
-        return [
-            "restic", repo, "backup", "--stdin", "--stdin-filename", IMAGE_NAME, "--json",
-            *tag_args,
-        ]  # fmt: skip
+        stdin = ["--stdin", "--stdin-filename", IMAGE_NAME]
+        return ["restic", repo, "backup", *stdin, "--json", *tag_args]
     if tool.kind == "kopia":
         source = kopia_source(_need(tool.source, "a source path", "kopia"))
         return ["kopia", "snapshot", "create", "--stdin-file", IMAGE_NAME, "--", source]
@@ -187,9 +185,13 @@ async def _run(argv: list[str], env: Mapping[str, str]) -> str:
     with _workdir() as cwd:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, env=dict(env), cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
+                *argv,
+                env=dict(env),
+                cwd=cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
         except FileNotFoundError:
             raise EndpointError(f"{argv[0]} is not installed on this node") from None
         out, err = await proc.communicate()

@@ -26,20 +26,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-import nats.errors
 from nats.aio.client import Client
 
 from nbdnats import _core, subjects
+from nbdnats.ctl.request import request
 from nbdnats.errors import (
     MigrationError,
     NbdNatsError,
     PolicyError,
     QmpCommandError,
     SchemaError,
-    TransferTimeout,
-    UsageError,
-    from_code,
 )
 from nbdnats.migration.paths import NatsPath, destination_sockets, start_receivers, stop_all
 from nbdnats.migration.run import EXPORT, PREFIX, EventLog, Sockets, _data, _Qmp
@@ -52,33 +48,13 @@ from nbdnats.schemas import (
     QmpEvents,
     QmpEventsQuery,
     QmpReply,
-    Reply,
-    encode,
+    raise_for,
 )
 from nbdnats.transfer import TransferHandle
 
 REQUEST_TIMEOUT = 40.0  # a relayed QMP command waits up to 30 s for QEMU
 EVENT_POLL = 0.1
 AGENT_GONE = 5.0  # seconds the destination's agent may not answer before it counts as gone
-
-
-async def _ask(nc: Client, subject: str, msg: msgspec.Struct, reply: type[Any]) -> Any:
-    node = subject.split(".")[2]
-    try:
-        resp = await nc.request(subject, encode(msg), timeout=REQUEST_TIMEOUT)
-    except nats.errors.NoRespondersError:
-        raise UsageError(f"no agent answers for node {node!r} (see: nbd-nats ctl nodes)") from None
-    except nats.errors.TimeoutError:
-        raise TransferTimeout(f"node {node} did not answer {subject}") from None
-    try:
-        return msgspec.json.decode(resp.data, type=reply)
-    except msgspec.ValidationError:
-        pass
-    try:
-        refused = msgspec.json.decode(resp.data, type=Reply)
-    except msgspec.ValidationError:
-        raise MigrationError(f"node {node} answered {subject} with {resp.data[:200]!r}") from None
-    raise from_code(refused.code or "error", f"{node}: {refused.error}")
 
 
 class RemoteQmp(EventLog):
@@ -106,9 +82,8 @@ class RemoteQmp(EventLog):
 
     async def _fetch(self) -> None:
         query = QmpEventsQuery(migration_id=self.migration_id, vm=self.vm, since=len(self.events))
-        got: QmpEvents = await _ask(
-            self.nc, subjects.ctl_query(self.node, "qmp-events"), query, QmpEvents
-        )
+        subject = subjects.ctl_query(self.node, "qmp-events")
+        got = await request(self.nc, subject, query, QmpEvents, timeout=REQUEST_TIMEOUT)
         now = time.monotonic()
         for ev in got.events:
             self.events.append((now - ev.age, {"event": ev.event, "data": ev.data}))  # type: ignore[arg-type]
@@ -131,14 +106,10 @@ class RemoteQmp(EventLog):
 
     async def cmd(self, name: str, /, **args: Any) -> Any:
         msg = QmpCommand(migration_id=self.migration_id, vm=self.vm, command=name, arguments=args)
-        reply: QmpReply = await _ask(self.nc, subjects.ctl_command(self.node, "qmp"), msg, QmpReply)
-        if reply.ok:
-            return reply.result
-        if reply.code == "qmp":
-            raise QmpCommandError(
-                f"destination QEMU: {name}: {reply.error}", reply.error_class or ""
-            )
-        raise from_code(reply.code or "error", f"{self.node}: {reply.error}")
+        subject = subjects.ctl_command(self.node, "qmp")
+        reply = await request(self.nc, subject, msg, QmpReply, timeout=REQUEST_TIMEOUT, check=False)
+        raise_for(reply, self.node, command=name)
+        return reply.result
 
     async def status(self) -> str:
         return str((await self.cmd("query-status"))["status"])
@@ -160,12 +131,8 @@ class AgentPath(NatsPath):
     async def _incoming(self, action: str, exports: dict[str, int] | None = None) -> IncomingReply:
         msg = IncomingCommand(migration_id=self.migration_id, vm=self.vm, action=action,  # type: ignore[arg-type]
                               exports=exports or {})  # fmt: skip
-        reply: IncomingReply = await _ask(
-            self.planes.ctl, subjects.ctl_command(self.node, "incoming"), msg, IncomingReply
-        )
-        if not reply.ok:
-            raise from_code(reply.code or "error", f"{self.node}: {reply.error}")
-        return reply
+        subject = subjects.ctl_command(self.node, "incoming")
+        return await request(self.planes.ctl, subject, msg, IncomingReply, timeout=REQUEST_TIMEOUT)
 
     async def listen(self) -> Sockets:
         reply = await self._incoming("listen")

@@ -29,15 +29,7 @@ from tests.conftest import (
     throttled_nbd,
     wait_for,
 )
-
-
-def ctl(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    return run_cli("ctl", "--ctl-url", url, *args, timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
+from tests.ctl_cli import ctl, ok
 
 
 @pytest.fixture
@@ -205,8 +197,9 @@ def test_ctl_cancel_stops_both_ends(
     with throttled_nbd(image, tmp_path / "slow.sock", read_bps=4 * MiB) as (_, uri):
         for node in ("a", "b"):
             start_agent(node, url, "--allow", str(tmp_path))
-        copy = start_cli("ctl", "--ctl-url", url, "copy", f"a:{uri}", f"b:{tmp_path}/d.raw",
-                         "--id", "doomed")  # fmt: skip
+        copy = start_cli(
+            "ctl", "--ctl-url", url, "copy", f"a:{uri}", f"b:{tmp_path}/d.raw", "--id", "doomed"
+        )
         wait_for(lambda: "doomed" in ok(ctl(url, "transfers")), "the transfer", timeout=20)
         out = ok(ctl(url, "cancel", "doomed"))
         assert "cancelled doomed on" in out
@@ -245,15 +238,16 @@ def test_sigterm_past_the_drain_timeout_cancels_and_reports(
     with throttled_nbd(image, tmp_path / "slow.sock", read_bps=4 * MiB) as (_, uri):
         start_agent("a", url, "--allow", str(tmp_path))
         b = start_agent("b", url, "--allow", str(tmp_path), "--drain-timeout", "1")
-        copy = start_cli("ctl", "--ctl-url", url, "copy", f"a:{uri}", f"b:{tmp_path}/d.raw",
-                         "--id", "cut")  # fmt: skip
+        copy = start_cli(
+            "ctl", "--ctl-url", url, "copy", f"a:{uri}", f"b:{tmp_path}/d.raw", "--id", "cut"
+        )
         wait_for(lambda: "accepted recv" in b.text(), "the transfer", timeout=20)
         assert b.stop() == 0
         _, err = copy.communicate(timeout=60)
     assert copy.returncode == 1
     assert "cancelled" in err.decode()
-    evs = [json.loads(x) for x in ok(ctl(url, "--json", "events", "--all", "--no-follow",
-                                         "--kind", "transfer")).splitlines()]  # fmt: skip
+    out = ok(ctl(url, "--json", "events", "--all", "--no-follow", "--kind", "transfer"))
+    evs = [json.loads(x) for x in out.splitlines()]
     ends = {
         (e["data"]["node"], e["data"]["state"]) for e in evs if e["data"]["transfer_id"] == "cut"
     }
@@ -280,7 +274,7 @@ def test_ctl_with_no_server_says_so(tmp_path: Path) -> None:
         (["copy", "a b:/x", "b:/y"], "invalid node name"),
     ],
 )
-def test_ctl_endpoint_mistakes(url: str, args: list[str], message: str) -> None:
+def test_a_malformed_ctl_endpoint_is_a_usage_error(url: str, args: list[str], message: str) -> None:
     proc = ctl(url, *args)
     assert proc.returncode == 2
     assert message in one_line_error(proc)
@@ -317,8 +311,11 @@ def test_controller_api_copy_events_and_resume_from_a_sequence(
     async def run() -> None:
         async with await Controller.connect(url) as c:
             seen: list[str] = []
-            result = await c.copy(("a", str(src)), ("b", f"{tmp_path}/one.raw"),
-                                  on_event=lambda e: seen.append(e.state))  # fmt: skip
+            result = await c.copy(
+                ("a", str(src)),
+                ("b", f"{tmp_path}/one.raw"),
+                on_event=lambda e: seen.append(e.state),
+            )
             assert isinstance(result, OperationResult) and result.ok
             assert result.sender.digest == result.receiver.digest and "done" in seen
             last = [e async for e in c.events(since_seq=1, follow=False)][-1].seq

@@ -128,7 +128,7 @@ def test_cancel_stops_both_ends(tmp_path: Path) -> None:
     assert "peer" in str(send_result) and "cancelled" in str(send_result)
 
 
-def test_progress_iterator(tmp_path: Path) -> None:
+def test_progress_yields_growing_figures_while_the_transfer_runs(tmp_path: Path) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     want = make_image(src, 24 * MiB, [(0, 24 * MiB)])
 

@@ -109,17 +109,23 @@ def test_credentials_of_one_server_log_in_to_every_server_of_the_list(
     assert dst.read_bytes() == image.read_bytes()
 
 
+def copy_with_a_bad_url(
+    image: Path, dst: Path, plane: str, bad: str, alice: str
+) -> subprocess.CompletedProcess[bytes]:
+    """``copy`` with ``bad`` as the URL of ``plane`` and alice's good login on the other."""
+    good = f"nats://alice:{ENCODED}@{alice}"
+    urls = {"data": bad, "ctl": good} if plane == "data" else {"data": good, "ctl": bad}
+    return run_cli(
+        "copy", str(image), str(dst), "--data-url", urls["data"], "--ctl-url", urls["ctl"]
+    )
+
+
 @pytest.mark.parametrize("plane", ["data", "ctl"])
 def test_wrong_password_is_one_line_without_the_password(
     alice: str, image: Path, tmp_path: Path, plane: str
 ) -> None:
-    good = f"nats://alice:{ENCODED}@{alice}"
     bad = f"nats://alice:WRONG-s3cret-pw@{alice}"
-    urls = {"data": bad, "ctl": good} if plane == "data" else {"data": good, "ctl": bad}
-    done = run_cli(
-        "copy", str(image), str(tmp_path / "dst.img"),
-        "--data-url", urls["data"], "--ctl-url", urls["ctl"],
-    )  # fmt: skip
+    done = copy_with_a_bad_url(image, tmp_path / "dst.img", plane, bad, alice)
     err = one_line_error(done)
     assert "WRONG-s3cret-pw" not in err and ENCODED not in err
     # nats-py (the ctl plane) may see the reset after the server's -ERR instead of the
@@ -137,12 +143,7 @@ def test_no_credentials_are_refused(alice: str, image: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("plane", ["data", "ctl"])
 def test_bad_url_error_has_no_password(alice: str, image: Path, tmp_path: Path, plane: str) -> None:
     bad = "nats://alice:s3cret-pw@127.0.0.1:notaport"
-    good = f"nats://alice:{ENCODED}@{alice}"
-    urls = {"data": bad, "ctl": good} if plane == "data" else {"data": good, "ctl": bad}
-    done = run_cli(
-        "copy", str(image), str(tmp_path / "d.img"),
-        "--data-url", urls["data"], "--ctl-url", urls["ctl"],
-    )  # fmt: skip
+    done = copy_with_a_bad_url(image, tmp_path / "d.img", plane, bad, alice)
     err = one_line_error(done)
     assert "s3cret-pw" not in err and ENCODED not in err
     assert "alice:***@127.0.0.1" in err
@@ -268,9 +269,8 @@ def test_agent_and_ctl_take_nkey(
     assert sorted(n["node"] for n in json.loads(nodes.stdout)) == ["nk-a", "nk-b"]
     dst = tmp_path / "copied.img"
     copy = run_cli(
-        "ctl", "--ctl-url", url, "--nkey", str(seed),
-        "copy", f"nk-a:{image}", f"nk-b:{dst}",
-    )  # fmt: skip
+        "ctl", "--ctl-url", url, "--nkey", str(seed), "copy", f"nk-a:{image}", f"nk-b:{dst}"
+    )
     assert copy.returncode == 0, copy.stderr.decode()
     assert dst.read_bytes() == image.read_bytes()
     # Refused without the key. nats-server sends "-ERR 'Authorization Violation'" and

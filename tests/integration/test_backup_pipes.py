@@ -21,8 +21,10 @@ def test_backup_into_restic_and_restore(tmp_path: Path, nats_url: str, qemu_nbd)
     backup = subprocess.Popen(
         f"{NBD_NATS} recv - --id bk1 --data-url {nats_url} -q"
         " | restic backup -q --stdin --stdin-filename disk.img",
-        shell=True, env=env, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        shell=True,
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     send = start_cli("send", qemu_nbd(src, read_only=True), "--id", "bk1", "--data-url", nats_url)
     assert send.communicate(timeout=120)[0] is not None and send.returncode == 0
     _, err = backup.communicate(timeout=120)
@@ -35,8 +37,11 @@ def test_backup_into_restic_and_restore(tmp_path: Path, nats_url: str, qemu_nbd)
     restore = subprocess.run(
         f"restic dump -q latest disk.img | {NBD_NATS} send - --id rs1 --size {SIZE}"
         f" --data-url {nats_url} -q",
-        shell=True, env=env, capture_output=True, timeout=120,
-    )  # fmt: skip
+        shell=True,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     assert restore.returncode == 0, restore.stderr.decode()
     recv.communicate(timeout=60)
     assert recv.returncode == 0

@@ -57,6 +57,21 @@ async def both(tx: TransferHandle, rx: TransferHandle) -> None:
     await asyncio.wait_for(asyncio.gather(tx.wait(), rx.wait()), 60)
 
 
+def commands(ops: list[str]) -> list[str]:
+    """qemu-io's arguments for running ``ops`` in turn."""
+    return [arg for op in ops for arg in ("-c", op)]
+
+
+async def nbd_bridge(
+    p: Planes, sock: Path, dst: str, tid: str
+) -> tuple[TransferHandle, TransferHandle]:
+    """An NBD bridge listening on ``sock`` and the receiver that writes what it takes into
+    ``dst``: the sending and the receiving ends."""
+    rx = await start_recv(dst, transfer_id=tid, planes=p)
+    tx = await start_bridge("nbd", str(sock), transfer_id=tid, planes=p, size=SIZE)
+    return tx, rx
+
+
 def test_qemu_nbd_client_writes_through_the_bridge(
     planes: Connect, qemu_nbd: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -69,15 +84,13 @@ def test_qemu_nbd_client_writes_through_the_bridge(
 
     async def go() -> str:
         async with planes() as p:
-            rx = await start_recv(dst, transfer_id="br1", planes=p)
-            tx = await start_bridge("nbd", str(sock), transfer_id="br1", planes=p, size=SIZE)
+            tx, rx = await nbd_bridge(p, sock, dst, "br1")
             assert sock.exists()
+            ops = ["write -P 0xab 0 3M", "write -P 0xcd 1M 1M", "write -z 2M 512k", "flush"]
+            ops += ["discard 8M 4M", "write -P 0x11 60M 4M", "read 0 4k"]
             rc, out = await run(
-                "qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}",
-                "-c", "write -P 0xab 0 3M", "-c", "write -P 0xcd 1M 1M",
-                "-c", "write -z 2M 512k", "-c", "flush", "-c", "discard 8M 4M",
-                "-c", "write -P 0x11 60M 4M", "-c", "read 0 4k",
-            )  # fmt: skip
+                "qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}", *commands(ops)
+            )
             await both(tx, rx)
             assert not sock.exists()  # removed once its one client connected
             return f"{rc}\n{out}"
@@ -107,8 +120,7 @@ def test_libnbd_client_copies_an_image_through_the_bridge(
 
     async def go() -> None:
         async with planes() as p:
-            rx = await start_recv(dst, transfer_id="br2", planes=p)
-            tx = await start_bridge("nbd", str(sock), transfer_id="br2", planes=p, size=SIZE)
+            tx, rx = await nbd_bridge(p, sock, dst, "br2")
             rc, out = await run("nbdcopy", "--flush", str(src), f"nbd+unix:///?socket={sock}")
             assert rc == 0, out
             await both(tx, rx)
@@ -118,15 +130,22 @@ def test_libnbd_client_copies_an_image_through_the_bridge(
     assert sha256_file(target) == digest
 
 
+def listening(path: Path) -> socket.socket:
+    """A unix socket listening at ``path``, non-blocking for the event loop to accept on:
+    the destination a stream's receiver connects to."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    server.setblocking(False)
+    return server
+
+
 def test_a_byte_stream_is_relayed_in_order(planes: Connect, tmp_path: Path) -> None:
     """The migration stream's shape: one client writes bytes into the source socket; the
     receiver connects to a listening socket on the other side and writes them there."""
     data = random.Random(5).randbytes(20 * MiB + 12345)
     src_sock, dst_sock = tmp_path / "out.sock", tmp_path / "in.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(dst_sock))
-    server.listen(1)
-    server.setblocking(False)
+    server = listening(dst_sock)
 
     async def go() -> bytes:
         loop = asyncio.get_running_loop()
@@ -169,24 +188,29 @@ def test_a_failing_destination_fails_the_writes_and_the_bridge(
     target = tmp_path / "dst.raw"
     blank(target)
     dsock = tmp_path / "dst.sock"
-    qnbd = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(dsock), "--persistent",
-                             str(target)])  # fmt: skip
+    qnbd = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "-k", str(dsock), "--persistent", str(target)]
+    )
     sock = tmp_path / "bridge.sock"
 
     async def go() -> tuple[int, str, list[BaseException | None]]:
         await until(dsock.exists, "qemu-nbd's socket", 60)
         async with planes() as p:
-            rx = await start_recv(f"nbd+unix:///?socket={dsock}", transfer_id="br3", planes=p,
-                                  timeout=5)  # fmt: skip
-            tx = await start_bridge("nbd", str(sock), transfer_id="br3", planes=p, size=SIZE,
-                                    timeout=5)  # fmt: skip
+            rx = await start_recv(
+                f"nbd+unix:///?socket={dsock}", transfer_id="br3", planes=p, timeout=5
+            )
+            tx = await start_bridge(
+                "nbd", str(sock), transfer_id="br3", planes=p, size=SIZE, timeout=5
+            )
             # Kill only once the receiver holds its NBD connection (it connects, then
             # listens): its writes must fail, not its connect.
             await until(lambda: rx.stats().state != "connecting", "the receiver's NBD connection")
             qnbd.kill()  # the receiver is connected; its writes will fail
             qnbd.wait()
-            rc, out = await run("qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}",
-                                "-c", "write -P 2 0 1M", "-c", "flush")  # fmt: skip
+            ops = ["write -P 2 0 1M", "flush"]
+            rc, out = await run(
+                "qemu-io", "-f", "raw", f"nbd+unix:///?socket={sock}", *commands(ops)
+            )
             results = await asyncio.gather(tx.wait(), rx.wait(), return_exceptions=True)
             return rc, out, [r if isinstance(r, BaseException) else None for r in results]
 
@@ -203,18 +227,17 @@ def test_a_byte_stream_is_relayed_both_ways(planes: Connect, tmp_path: Path) -> 
     data = random.Random(6).randbytes(3 * MiB + 7)
     reply = random.Random(7).randbytes(2 * MiB + 3)
     src_sock, dst_sock = tmp_path / "out.sock", tmp_path / "in.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(dst_sock))
-    server.listen(1)
-    server.setblocking(False)
+    server = listening(dst_sock)
 
     async def go() -> tuple[bytes, bytes]:
         loop = asyncio.get_running_loop()
         async with planes() as p:
-            rx = await start_recv(f"unix:{dst_sock}", transfer_id="fd1", planes=p,
-                                  return_id="fd1-back")  # fmt: skip
-            tx = await start_bridge("stream", str(src_sock), transfer_id="fd1", planes=p,
-                                    return_id="fd1-back")  # fmt: skip
+            rx = await start_recv(
+                f"unix:{dst_sock}", transfer_id="fd1", planes=p, return_id="fd1-back"
+            )
+            tx = await start_bridge(
+                "stream", str(src_sock), transfer_id="fd1", planes=p, return_id="fd1-back"
+            )
             reader, writer = await asyncio.open_unix_connection(str(src_sock))
 
             async def listener() -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdnats.dev import topology as dev
+from nbdnats import dev
 from nbdnats.embedded import nats_server_binary
 from tests import compose_file
 
@@ -84,7 +84,7 @@ def test_rendered_accounts_for_more_racks_pass(tls_state: dev.State, tmp_path: P
         assert done.returncode == 0, (server.name, done.stderr)
 
 
-def test_dev_tls_material(tmp_path: Path) -> None:
+def test_dev_tls_keys_are_private_and_certificates_verify(tmp_path: Path) -> None:
     script = CONTROL / "gen-dev-tls.sh"
     subprocess.run([str(script), str(tmp_path), "extra-host"], check=True)
     for key in ("ca.key", "server.key", "client.key"):

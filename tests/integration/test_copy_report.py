@@ -35,10 +35,8 @@ def test_copy_json_shows_the_senders_retransmits(tmp_path: Path) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     size = 32 * MiB
     want = make_image(src, size, [(0, 24 * MiB)])
-    proc = run_cli(
-        "copy", str(src), str(dst), "--json", "--chunk-size", "256K",
-        env={"NBDNATS_FAULTS": "drop_chunk=0.05,seed=3"},
-    )  # fmt: skip
+    faults = {"NBDNATS_FAULTS": "drop_chunk=0.05,seed=3"}
+    proc = run_cli("copy", str(src), str(dst), "--json", "--chunk-size", "256K", env=faults)
     assert proc.returncode == 0, proc.stderr.decode()
     report = json.loads(proc.stdout)
     assert sha256_file(dst) == want

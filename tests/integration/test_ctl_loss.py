@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.conftest import (
     MiB,
     NatsServer,
-    allocated,
+    holds,
     make_image,
     sha256_file,
     start_cli,
@@ -34,7 +34,7 @@ def test_losing_the_ctl_server_mid_transfer_keeps_the_result(
     with throttled_nbd(src, tmp_path / "slow.sock", read_bps=16 * MiB) as (_, uri):
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
-        wait_for(lambda: dst.exists() and allocated(dst) > 0, "the transfer", timeout=30)
+        wait_for(holds(dst), "the transfer", timeout=30)
         ctl.proc.send_signal(signal.SIGKILL)
         ctl.proc.wait(10)
         s_out, s_err = send.communicate(timeout=60)

@@ -33,22 +33,7 @@ from tests.conftest import (
     throttled_nbd,
     wait_for,
 )
-
-RESTIC_ENV = {"RESTIC_PASSWORD": "agent-secret"}
-
-
-def ctl(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return run_cli("ctl", "--ctl-url", url, *args)
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def events(url: str, kind: str) -> list[dict[str, object]]:
-    out = ok(ctl(url, "--json", "events", "--all", "--no-follow", "--kind", kind))
-    return [json.loads(x)["data"] for x in out.splitlines()]
+from tests.ctl_cli import RESTIC_ENV, ctl, ok, restic, stored_events
 
 
 @pytest.fixture
@@ -61,11 +46,6 @@ def disk(tmp_path: Path) -> tuple[Path, str]:
     src = tmp_path / "disks" / "vm1.raw"
     src.parent.mkdir()
     return src, make_image(src, 20 * MiB + 4096, [(0, 2 * MiB), (9 * MiB + 77, 3 * MiB)])
-
-
-def restic(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, **RESTIC_ENV, "RESTIC_REPOSITORY": str(repo)}
-    return subprocess.run(["restic", *args], env=env, capture_output=True, check=True)
 
 
 # -- backup and restore ---------------------------------------------------------------------
@@ -91,8 +71,8 @@ def test_backup_into_restic_and_restore_through_agents(
     assert len(dumped) == src.stat().st_size
 
     target = tmp_path / "disks" / "restored.raw"
-    doc = json.loads(ok(ctl(url, "--json", "restore", "b", f"a:{target}", "--restic", str(repo),
-                            "--snapshot", snaps[0]["short_id"])))  # fmt: skip
+    restore = ("--json", "restore", "b", f"a:{target}", "--restic", str(repo))
+    doc = json.loads(ok(ctl(url, *restore, "--snapshot", snaps[0]["short_id"])))
     assert doc["ok"] and doc["sender"]["tool"] == "restic"
     assert sha256_file(target) == want
 
@@ -110,8 +90,8 @@ def test_failed_backup_saves_no_snapshot(
     with throttled_nbd(image, tmp_path / "disks" / "slow.sock", read_bps=8 * MiB) as (_, uri):
         start_agent("a", url, "--allow", str(tmp_path / "disks"))
         b = start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
-        run = start_cli("ctl", "--ctl-url", url, "backup", f"a:{uri}", "b", "--restic",
-                        str(repo), "--id", "half")  # fmt: skip
+        backup = ("backup", f"a:{uri}", "b", "--restic", str(repo), "--id", "half")
+        run = start_cli("ctl", "--ctl-url", url, *backup)
         wait_for(lambda: "accepted recv half" in b.text(), "the backup", timeout=20)
         wait_for(lambda: '"done_bytes":0' not in ok(ctl(url, "--json", "transfers")), "data")
         ok(ctl(url, "cancel", "half"))
@@ -149,8 +129,8 @@ def test_backup_and_restore_through_a_pipe_command(
     size = str(src.stat().st_size)
     subprocess.run(["gzip", "-k", str(store / "vm1.img")], check=True)
     target = src.parent / "back.raw"
-    ok(ctl(url, "restore", "b", f"a:{target}", "--pipe", f"gzip -dc {store}/vm1.img.gz",
-           "--size", size))  # fmt: skip
+    pipe = ("--pipe", f"gzip -dc {store}/vm1.img.gz", "--size", size)
+    ok(ctl(url, "restore", "b", f"a:{target}", *pipe))
     assert sha256_file(target) == want
     # A pipe restore must be told the size; a program off the allow-list is refused.
     err = one_line_error(ctl(url, "restore", "b", f"a:{target}", "--pipe", "gzip -dc x"))
@@ -164,10 +144,16 @@ def test_backup_into_kopia_and_restore(
     url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
 ) -> None:
     src, want = disk
-    env = {"KOPIA_PASSWORD": "agent-secret", "KOPIA_CONFIG_PATH": str(tmp_path / "kopia.config"),
-           "KOPIA_CACHE_DIRECTORY": str(tmp_path / "kcache")}  # fmt: skip
-    subprocess.run(["kopia", "repository", "create", "filesystem", "--path",
-                    str(tmp_path / "krepo")], env={**os.environ, **env}, check=True)  # fmt: skip
+    env = {
+        "KOPIA_PASSWORD": "agent-secret",
+        "KOPIA_CONFIG_PATH": str(tmp_path / "kopia.config"),
+        "KOPIA_CACHE_DIRECTORY": str(tmp_path / "kcache"),
+    }
+    subprocess.run(
+        ["kopia", "repository", "create", "filesystem", "--path", str(tmp_path / "krepo")],
+        env={**os.environ, **env},
+        check=True,
+    )
     start_agent("a", url, "--allow", str(src.parent))
     start_agent("b", url, env=env)
     out = ctl(url, "backup", f"a:{src}", "b", "--kopia", "/vms/vm1")
@@ -197,8 +183,9 @@ def installer(
     device = devdir / "sda"
     device.write_bytes(b"\xa5" * (32 * MiB))
     start_agent("images", url, "--allow", str(disk[0].parent))
-    start_agent("inst1", url, "--role", "installer", "--trusted-keys", str(keys),
-                "--allow", str(devdir))  # fmt: skip
+    start_agent(
+        "inst1", url, "--role", "installer", "--trusted-keys", str(keys), "--allow", str(devdir)
+    )
     return {"key": tmp_path / "ops.key", "rogue": untrusted / "rogue.key", "device": device}
 
 
@@ -214,14 +201,16 @@ def test_provision_with_a_signed_approval_writes_and_verifies(
     src, want = disk
     digest = ok(run_cli("digest", str(src))).split()[0]
     assert digest == f"sha256:{want}"
-    approval = approve(tmp_path, installer["key"], "good", "--node", "inst1", "--device",
-                       str(installer["device"]), "--image", str(src))  # fmt: skip
-    out = ctl(url, "provision", f"images:{src}", f"inst1:{installer['device']}",
-              "--approval", str(approval))  # fmt: skip
+    for_it = ("--node", "inst1", "--device", str(installer["device"]), "--image", str(src))
+    approval = approve(tmp_path, installer["key"], "good", *for_it)
+    target = f"inst1:{installer['device']}"
+    out = ctl(url, "provision", f"images:{src}", target, "--approval", str(approval))
     ok(out)
     assert f"verified sha256:{want}" in out.stderr.decode()
     assert sha256_file(installer["device"], src.stat().st_size) == want
-    done = [e for e in events(url, "transfer") if e["state"] == "done" and e["node"] == "inst1"]
+    done = [
+        e for e in stored_events(url, "transfer") if e["state"] == "done" and e["node"] == "inst1"
+    ]
     assert done[0]["image_digest"] == f"sha256:{want}" and done[0]["op"] == "provision"
 
 
@@ -252,13 +241,18 @@ def test_provision_refuses_a_bad_approval_and_writes_nothing(
     if case == "untrusted":
         args["key"] = installer["rogue"]
     image = ["--digest", str(args["digest"])] if args["digest"] else ["--image", str(src)]
-    approval = approve(tmp_path, Path(str(args["key"])), case, "--node", str(args["node"]),
-                       "--device", str(args["device"]), *image)  # fmt: skip
+    for_it = ("--node", str(args["node"]), "--device", str(args["device"]), *image)
+    approval = approve(tmp_path, Path(str(args["key"])), case, *for_it)
     doc = json.loads(approval.read_text())
     if case == "expired":  # signed properly, but its time is up
         key = load_private(installer["key"])
-        signed = sign(key, node="inst1", image_digest=doc["image_digest"], device=str(device),
-                      expires=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))  # fmt: skip
+        signed = sign(
+            key,
+            node="inst1",
+            image_digest=doc["image_digest"],
+            device=str(device),
+            expires=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+        )
         approval.write_bytes(encode(signed))
     if case == "tampered":  # a valid approval with a later expiry written in
         doc["expires"] = "2099-01-01T00:00:00Z"
@@ -268,7 +262,7 @@ def test_provision_refuses_a_bad_approval_and_writes_nothing(
     assert proc.returncode == 1
     assert BAD_APPROVALS[case] in err
     assert sha256_file(device) == before
-    refused = [e for e in events(url, "refused") if e["node"] == "inst1"]
+    refused = [e for e in stored_events(url, "refused") if e["node"] == "inst1"]
     assert (
         refused
         and refused[-1]["code"] == "approval"
@@ -284,8 +278,8 @@ def test_a_replayed_approval_with_another_stream_leaves_the_device_unbootable(
     last MiB (partition tables, boot code) and fails, before anything reports success."""
     src, want = disk
     device = installer["device"]
-    approval = approve(tmp_path, installer["key"], "good", "--node", "inst1", "--device",
-                       str(device), "--image", str(src))  # fmt: skip
+    for_it = ("--node", "inst1", "--device", str(device), "--image", str(src))
+    approval = approve(tmp_path, installer["key"], "good", *for_it)
     evil = tmp_path / "evil.raw"
     make_image(evil, src.stat().st_size, [(0, src.stat().st_size)], seed=99)
     cmd = ProvisionCommand(
@@ -307,7 +301,7 @@ def test_a_replayed_approval_with_another_stream_leaves_the_device_unbootable(
     failed = []
 
     def reported() -> bool:
-        failed[:] = [e for e in events(url, "transfer") if e["node"] == "inst1"]
+        failed[:] = [e for e in stored_events(url, "transfer") if e["node"] == "inst1"]
         return any(e["state"] == "failed" for e in failed)
 
     wait_for(reported, "the installer's failure event")
@@ -361,7 +355,7 @@ def test_paths_outside_the_allow_list_are_refused_before_a_byte_is_written(
     assert "(that is /etc/x.raw) is outside" in err
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".raw") == []
     assert list(inside.iterdir()) == [inside / "etc"]
-    refused = events(url, "refused")
+    refused = stored_events(url, "refused")
     assert len(refused) == len(cases) + 1 and all(e["code"] == "denied" for e in refused)
 
 
@@ -406,7 +400,7 @@ def test_a_repeated_idempotency_key_never_starts_a_second_transfer(
     assert replies[0]["ok"] is True and replies[0]["transfer_id"] == "once"
     rows = json.loads(ok(ctl(url, "--json", "transfers", "--node", "b")))
     assert [(r["transfer_id"], r["state"]) for r in rows] == [("once", "running")]
-    accepted = [e for e in events(url, "transfer") if e["state"] == "accepted"]
+    accepted = [e for e in stored_events(url, "transfer") if e["state"] == "accepted"]
     assert len(accepted) == 1
     # The same key for another command is a conflict; a new key for the same id is busy.
     other = msgspec.structs.replace(cmd, dst=str(tmp_path / "other.raw"))

@@ -169,7 +169,9 @@ def test_transfer_between_rack_leafnodes_over_tls(
     assert dst.read_bytes() == Path(node1["image"]).read_bytes()
 
 
-def test_node_permissions(topology: tuple[Path, dict[str, Any]]) -> None:
+def test_a_node_publishes_and_subscribes_only_on_its_own_subjects(
+    topology: tuple[Path, dict[str, Any]],
+) -> None:
     """A node publishes only its own ctl events and subscribes only to its own commands;
     the controller, on another server of the ctl cluster, sees the allowed event only."""
     _, state = topology
@@ -351,7 +353,9 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
         (["--state-dir", "/tmp/" + "d" * 100], "too deep for unix sockets"),
     ],
 )
-def test_bad_up_options(tmp_path: Path, args: list[str], message: str) -> None:
+def test_out_of_range_up_options_are_one_line_usage_errors(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     done = run_cli("dev", "up", "--state-dir", str(tmp_path / "s"), *args)  # last one wins
     assert message in one_line_error(done)
     assert done.returncode == 2

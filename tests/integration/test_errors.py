@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ import pytest
 from nbdnats import subjects
 from tests.conftest import (
     MiB,
-    allocated,
+    holds,
     make_image,
     one_line_error,
     run_cli,
@@ -27,13 +30,13 @@ def src(tmp_path: Path) -> Path:
     return path
 
 
-def test_malformed_nbd_uri(tmp_path: Path) -> None:
+def test_a_malformed_nbd_uri_writes_no_target(tmp_path: Path) -> None:
     line = one_line_error(run_cli("copy", "nbd://bad:host:x/", str(tmp_path / "out.img")))
     assert "unable to parse URI" in line
     assert not (tmp_path / "out.img").exists()
 
 
-def test_unreachable_nbd_socket(tmp_path: Path) -> None:
+def test_a_missing_nbd_socket_cannot_be_connected(tmp_path: Path) -> None:
     uri = f"nbd+unix:///disk?socket={tmp_path}/missing.sock"
     line = one_line_error(run_cli("copy", uri, str(tmp_path / "out.img")))
     assert "cannot connect to NBD" in line and "No such file" in line
@@ -46,12 +49,12 @@ def test_missing_source_file_creates_no_target(tmp_path: Path) -> None:
     assert not (tmp_path / "out.img").exists()
 
 
-def test_missing_target_directory(tmp_path: Path, src: Path) -> None:
+def test_a_missing_target_directory_is_named(tmp_path: Path, src: Path) -> None:
     line = one_line_error(run_cli("copy", str(src), str(tmp_path / "no" / "out.img")))
     assert "target directory" in line and "does not exist" in line
 
 
-def test_directory_as_source(tmp_path: Path) -> None:
+def test_a_directory_as_source_is_refused(tmp_path: Path) -> None:
     assert "is a directory" in one_line_error(run_cli("copy", str(tmp_path), str(tmp_path / "o")))
 
 
@@ -72,21 +75,21 @@ def test_read_only_nbd_target(tmp_path: Path, src: Path, qemu_nbd) -> None:
     assert "read-only" in one_line_error(run_cli("copy", str(src), qemu_nbd(dst, read_only=True)))
 
 
-def test_unreachable_nats(src: Path) -> None:
+def test_an_unreachable_data_server_names_its_url_and_option(src: Path) -> None:
     proc = run_cli("send", str(src), "--id", "x", "--data-url", "nats://127.0.0.1:1")
     line = one_line_error(proc)
     assert proc.returncode == 1
     assert "cannot connect to NATS at nats://127.0.0.1:1" in line and "--data-url" in line
 
 
-def test_unreachable_ctl_server(src: Path, nats_url: str) -> None:
+def test_an_unreachable_ctl_server_is_named_as_such(src: Path, nats_url: str) -> None:
     proc = run_cli(
         "send", str(src), "--id", "x", "--data-url", nats_url, "--ctl-url", "nats://127.0.0.1:1"
     )
     assert "ctl NATS server at nats://127.0.0.1:1" in one_line_error(proc)
 
 
-def test_unreachable_nats_from_environment(src: Path) -> None:
+def test_an_unreachable_url_from_the_environment_is_named(src: Path) -> None:
     proc = run_cli("send", str(src), "--id", "x", env={"NBDNATS_DATA_URL": "nats://127.0.0.1:1"})
     assert "nats://127.0.0.1:1" in one_line_error(proc)
 
@@ -102,7 +105,7 @@ def test_chunk_above_max_payload_is_refused(tmp_path: Path, src: Path, start_nat
 
 
 @pytest.mark.parametrize("bad", ["a.b", "a b", "*", ">", "x" * 65, ""])
-def test_invalid_transfer_id(src: Path, bad: str) -> None:
+def test_a_transfer_id_with_subject_syntax_is_a_usage_error(src: Path, bad: str) -> None:
     proc = run_cli("send", str(src), "--id", bad)
     assert "invalid transfer id" in one_line_error(proc)
     assert proc.returncode == 2
@@ -118,7 +121,9 @@ def test_invalid_transfer_id(src: Path, bad: str) -> None:
         (["--size", "5"], "--size applies only to streams"),
     ],
 )
-def test_invalid_options(tmp_path: Path, src: Path, args: list[str], text: str) -> None:
+def test_out_of_range_options_are_usage_errors_and_write_nothing(
+    tmp_path: Path, src: Path, args: list[str], text: str
+) -> None:
     proc = run_cli("copy", str(src), str(tmp_path / "o.img"), *args)
     assert text in one_line_error(proc)
     assert proc.returncode == 2
@@ -178,16 +183,24 @@ def test_receiver_without_sender_times_out(tmp_path: Path, nats_url: str) -> Non
     assert not (tmp_path / "o.img").exists()
 
 
-def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str) -> None:
-    """qemu-nbd killed while a (throttled) copy runs: sender fails, receiver is told why."""
+@contextlib.contextmanager
+def mid_transfer(
+    tmp_path: Path, nats_url: str, tid: str
+) -> Iterator[tuple[subprocess.Popen[bytes], ...]]:
+    """A throttled 8-second transfer ``tid`` from qemu-nbd into dst.img, once the receiver
+    has written a first part: the qemu-nbd, sender and receiver processes."""
     src = tmp_path / "src.img"
     make_image(src, 64 * MiB, [(0, 64 * MiB)])
     with throttled_nbd(src, tmp_path / "slow.sock", read_bps=8 * MiB) as (nbd, uri):
-        recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "cut", "--data-url", nats_url)
-        send = start_cli("send", uri, "--id", "cut", "--data-url", nats_url)
-        # Mid-transfer: the receiver has written a first part of the 8-second copy.
-        dst = tmp_path / "dst.img"
-        wait_for(lambda: dst.exists() and allocated(dst) >= 4 * MiB, "the first writes", 60)
+        recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", tid, "--data-url", nats_url)
+        send = start_cli("send", uri, "--id", tid, "--data-url", nats_url)
+        wait_for(holds(tmp_path / "dst.img", 4 * MiB), "the first writes", 60)
+        yield nbd, send, recv
+
+
+def test_source_lost_mid_transfer_fails_both_ends(tmp_path: Path, nats_url: str) -> None:
+    """qemu-nbd killed while a (throttled) copy runs: sender fails, receiver is told why."""
+    with mid_transfer(tmp_path, nats_url, "cut") as (nbd, send, recv):
         nbd.kill()
         _, s_err = send.communicate(timeout=60)
         _, r_err = recv.communicate(timeout=60)
@@ -204,14 +217,7 @@ def test_signal_cancels_and_tells_the_peer(
     tmp_path: Path, nats_url: str, sig: int, code: int, word: str
 ) -> None:
     """Ctrl-C or SIGTERM on the receiver: it exits at once and the sender learns why."""
-    src = tmp_path / "src.img"
-    make_image(src, 64 * MiB, [(0, 64 * MiB)])
-    with throttled_nbd(src, tmp_path / "slow.sock", read_bps=8 * MiB) as (_, uri):
-        recv = start_cli("recv", str(tmp_path / "dst.img"), "--id", "sig", "--data-url", nats_url)
-        send = start_cli("send", uri, "--id", "sig", "--data-url", nats_url)
-        # Mid-transfer: the receiver has written a first part of the 8-second copy.
-        dst = tmp_path / "dst.img"
-        wait_for(lambda: dst.exists() and allocated(dst) >= 4 * MiB, "the first writes", 60)
+    with mid_transfer(tmp_path, nats_url, "sig") as (_, send, recv):
         recv.send_signal(sig)
         _, r_err = recv.communicate(timeout=30)
         _, s_err = send.communicate(timeout=30)

@@ -16,7 +16,7 @@ import nats
 
 from nbdnats import _core, subjects
 from nbdnats.schemas import TransferEvent
-from tests.conftest import MiB, allocated, make_image, sha256_file, start_cli, throttled_nbd, until
+from tests.conftest import MiB, holds, make_image, sha256_file, start_cli, throttled_nbd, until
 
 SIZE = 48 * MiB
 HOSTILE_KINDS = 8  # messages `attack` publishes
@@ -92,7 +92,7 @@ def test_garbage_does_not_keep_a_dead_transfer_open(tmp_path: Path, nats_url: st
         async def haunt() -> int | None:
             nc = await nats.connect(nats_url)
             # The sender dies mid-transfer: once the receiver has written a first part.
-            await until(lambda: dst.exists() and allocated(dst) >= MiB, "the first writes", 60)
+            await until(holds(dst, MiB), "the first writes", 60)
             send.kill()
             for _ in range(150):  # 30 s of garbage at most, or until the receiver gives up
                 await nc.publish(subjects.transfer("ghost")[1], b"boo" * 50)

@@ -141,14 +141,21 @@ def test_agent_refuses_a_command_with_an_out_of_range_number(
 @pytest.mark.parametrize(
     ("op", "payload"),
     [
-        ("send", '{"key": "k", "transfer_id": "t", "tool": {"kind": "pipe", "command": ["cat"]},'
-                 ' "size": 18446744073709551616}'),
-        ("migrate", '{"key": "k", "transfer_id": "m", "vm": "v", "to_node": "b",'
-                    ' "timeout": 1e300}'),
-        ("migrate", '{"key": "k", "transfer_id": "m", "vm": "v", "to_node": "b",'
-                    ' "mirror_speed": -1}'),
+        (
+            "send",
+            '{"key": "k", "transfer_id": "t", "tool": {"kind": "pipe", "command": ["cat"]},'
+            ' "size": 18446744073709551616}',
+        ),
+        (
+            "migrate",
+            '{"key": "k", "transfer_id": "m", "vm": "v", "to_node": "b", "timeout": 1e300}',
+        ),
+        (
+            "migrate",
+            '{"key": "k", "transfer_id": "m", "vm": "v", "to_node": "b", "mirror_speed": -1}',
+        ),
     ],
-)  # fmt: skip
+)
 def test_agent_refuses_other_numbers_out_of_range(
     start_nats: Callable[..., NatsServer],
     start_agent: Callable[..., AgentProc],

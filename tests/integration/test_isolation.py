@@ -25,6 +25,8 @@ ALLOCATOR_REST = 2.0
 async def idle_rss() -> int:
     """Resident memory of this process once it has been idle long enough for both allocators
     to return freed pages, so the figure is live memory, not a cache kept for reuse."""
+    # The idle time itself is the condition, not a wait for an event: the allocators return
+    # pages by their age, and nothing shows from outside when they have.
     await asyncio.sleep(ALLOCATOR_REST)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -75,10 +77,12 @@ def test_ten_concurrent_transfers_no_cross_talk(tmp_path: Path, start_nats) -> N
             # A connection's first request creates its shared reply inbox, kept for good.
             await pair(planes, str(srcs[0]), str(tmp_path / "warm.img"), "warm")
             base = await settled_subscriptions(server, "warm")
-            await asyncio.gather(*(
-                pair(planes, str(s), str(tmp_path / f"dst{i}.img"), f"iso{i}", chunk_size=MiB)
-                for i, s in enumerate(srcs)
-            ))  # fmt: skip
+            await asyncio.gather(
+                *(
+                    pair(planes, str(s), str(tmp_path / f"dst{i}.img"), f"iso{i}", chunk_size=MiB)
+                    for i, s in enumerate(srcs)
+                )
+            )
             return base, await settled_subscriptions(server, *(f"iso{i}" for i in range(10)))
         finally:
             await planes.close()
@@ -101,8 +105,9 @@ def test_cancelled_transfer_frees_subscriptions_and_memory(tmp_path: Path, start
             base_subs = await settled_subscriptions(server, "warm")
             base_rss = await idle_rss()
             with throttled_nbd(src, tmp_path / "src.sock", read_bps=32 * MiB) as (_, uri):
-                recv = await nbdnats.start_recv(str(tmp_path / "dst.img"), transfer_id="cx",
-                                                planes=planes)  # fmt: skip
+                recv = await nbdnats.start_recv(
+                    str(tmp_path / "dst.img"), transfer_id="cx", planes=planes
+                )
                 send = await nbdnats.start_send(uri, transfer_id="cx", planes=planes)
                 task = asyncio.ensure_future(asyncio.gather(send.wait(), recv.wait()))
                 await until(lambda: recv.stats().done_bytes > 0, "the transfer's first write")

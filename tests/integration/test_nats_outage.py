@@ -29,6 +29,8 @@ from tests.conftest import (
     NatsServer,
     allocated,
     cli_env,
+    finish_json,
+    holds,
     make_image,
     one_line_error,
     sha256_file,
@@ -67,12 +69,6 @@ def ended(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), took
 
 
-def finish(proc: subprocess.Popen[bytes]) -> dict[str, object]:
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err.decode()
-    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 def test_transfer_gives_up_when_its_only_server_dies(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
     """The only server is SIGKILLed mid-transfer and never comes back: both ends fail with
     one line within --timeout (plus the bounded shutdown), not reconnect for ever."""
@@ -83,7 +79,7 @@ def test_transfer_gives_up_when_its_only_server_dies(tmp_path: Path, start_nats)
     with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
-        wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+        wait_for(holds(dst, 8 * MiB), "data", 60)
         died = kill_for_good(server)
         for name, proc in (("sender", send), ("receiver", recv)):
             done, took = ended(proc, died, TIMEOUT + MARGIN)
@@ -98,7 +94,7 @@ def test_copy_gives_up_when_its_data_server_dies(tmp_path: Path, start_nats) -> 
     make_image(src, SIZE, [(0, SIZE)])
     with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
         copy = start_cli("copy", uri, str(dst), "--data-url", server.url, "--timeout", str(TIMEOUT))
-        wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+        wait_for(holds(dst, 8 * MiB), "data", 60)
         died = kill_for_good(server)
         done, took = ended(copy, died, TIMEOUT + MARGIN)
     line = one_line_error(done)
@@ -118,11 +114,12 @@ def test_signal_ends_a_process_that_waits_forever_for_a_dead_server(  # type: ig
     with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
-        wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+        wait_for(holds(dst, 8 * MiB), "data", 60)
         kill_for_good(server)
         victim = recv if role == "recv" else send
         # Its socket closed with the server, so it has been reconnecting (to a dead port)
-        # since: let it do so for a while, as a user would before giving up.
+        # since: let it do so for a while, as a user would before giving up. The wait is
+        # the case under test (it must still be waiting after it), not a synchronisation.
         time.sleep(2)
         assert victim.poll() is None, victim.communicate()[1].decode()
         victim.send_signal(sig)
@@ -157,8 +154,10 @@ class Netns:
     def mac(self, ns: str, ifname: str) -> str:
         out = subprocess.run(
             ["ip", "-n", ns, "-j", "link", "show", "dev", ifname],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         return str(json.loads(out)[0]["address"])
 
     def blackhole(self, on: bool) -> None:
@@ -186,11 +185,12 @@ def namespaces() -> Iterator[Netns]:
         net = Netns(server_ns, router_ns, client_ns, f"{server_net}::1", f"{client_net}::1")
         for end, subnet, side in ((server_ns, server_net, "s"), (client_ns, client_net, "c")):
             outer, inner = f"nbt{suffix}{side}0", f"nbt{suffix}{side}1"
+            peer = ("peer", "name", inner, "netns", router_ns)
             subprocess.run(
-                ["ip", "-n", end, "link", "add", outer, "type", "veth",
-                 "peer", "name", inner, "netns", router_ns],
-                check=True, capture_output=True,
-            )  # fmt: skip
+                ["ip", "-n", end, "link", "add", outer, "type", "veth", *peer],
+                check=True,
+                capture_output=True,
+            )
             for ns, ifname in ((end, outer), (router_ns, inner), (end, "lo")):
                 net.run(ns, "link", "set", ifname, "up")
             # nodad: usable at once, not after duplicate address detection; and fixed
@@ -202,13 +202,14 @@ def namespaces() -> Iterator[Netns]:
                 (router_ns, inner, end, outer, "1"),
             ):
                 mac = net.mac(peer_ns, peer_if)
-                net.run(ns, "-6", "neigh", "replace", f"{subnet}::{peer}", "lladdr", mac,
-                        "dev", ifname, "nud", "permanent")  # fmt: skip
+                entry = ("lladdr", mac, "dev", ifname, "nud", "permanent")
+                net.run(ns, "-6", "neigh", "replace", f"{subnet}::{peer}", *entry)
             net.run(end, "-6", "route", "add", "default", "via", f"{subnet}::2")
         subprocess.run(
             ["ip", "netns", "exec", router_ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+        )
         yield net
     finally:
         for ns in names:
@@ -232,15 +233,18 @@ def test_transfer_recovers_after_a_35s_blackhole(tmp_path: Path) -> None:
             with (tmp_path / "nats.log").open("wb") as log:
                 server = subprocess.Popen(
                     ["ip", "netns", "exec", net.server_ns, nats_server_binary(), "-c", str(conf)],
-                    stdout=log, stderr=log,
-                )  # fmt: skip
+                    stdout=log,
+                    stderr=log,
+                )
             procs.append(server)
 
             def in_clients(*args: str) -> subprocess.Popen[bytes]:
                 proc = subprocess.Popen(
                     ["ip", "netns", "exec", net.client_ns, NBD_NATS, *args],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
-                )  # fmt: skip
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=cli_env(),
+                )
                 procs.append(proc)
                 return proc
 
@@ -248,7 +252,7 @@ def test_transfer_recovers_after_a_35s_blackhole(tmp_path: Path) -> None:
             wait_for(lambda: "Server is ready" in (tmp_path / "nats.log").read_text(), "nats")
             recv = in_clients("recv", str(dst), *common)
             send = in_clients("send", uri, *common)
-            wait_for(lambda: dst.exists() and allocated(dst) >= 8 * MiB, "data", 60)
+            wait_for(holds(dst, 8 * MiB), "data", 60)
             net.blackhole(True)
             # No fixed sleep could be replaced here: the cut lasts this long by design.
             time.sleep(cut)
@@ -257,7 +261,7 @@ def test_transfer_recovers_after_a_35s_blackhole(tmp_path: Path) -> None:
             lifted = time.monotonic()
             wait_for(lambda: allocated(dst) > held or recv.poll() is not None, "recovery", 60)
             recovered = time.monotonic() - lifted
-            sent, got = finish(send), finish(recv)
+            sent, got = finish_json(send), finish_json(recv)
             done = time.monotonic() - lifted
         finally:
             for proc in procs:
@@ -290,7 +294,7 @@ def test_sender_does_not_call_a_frozen_receiver_gone(tmp_path: Path, start_nats)
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
         # Past the receiver's first journal checkpoint (5 s in): there is progress to keep.
-        wait_for(lambda: dst.exists() and allocated(dst) >= 56 * MiB, "data", 60)
+        wait_for(holds(dst, 56 * MiB), "data", 60)
         recv.send_signal(signal.SIGSTOP)
         try:
             done, took = ended(send, time.monotonic(), TIMEOUT + MARGIN)
@@ -309,6 +313,6 @@ def test_sender_does_not_call_a_frozen_receiver_gone(tmp_path: Path, start_nats)
         # The hint holds: both ends resume and finish the transfer.
         recv = start_cli("recv", str(dst), *common, "--resume", "--json")
         send = start_cli("send", uri, *common, "--resume", "--json")
-        sent, got = finish(send), finish(recv)
+        sent, got = finish_json(send), finish_json(recv)
     assert sha256_file(dst) == want
     assert sent["digest"] == got["digest"]

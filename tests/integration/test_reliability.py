@@ -7,17 +7,18 @@ damages them. Crashes are real SIGKILLs.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import re
 import signal
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.conftest import (
     MiB,
-    allocated,
+    finish_json,
+    holds,
     make_image,
     sha256_file,
     start_cli,
@@ -26,13 +27,6 @@ from tests.conftest import (
 )
 
 CHUNK = "256K"
-
-
-def finish(proc: subprocess.Popen[bytes], timeout: float = 180) -> dict[str, object]:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err.decode()
-    text = out.decode().strip() or err.decode().strip()
-    return json.loads(text.splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def transfer(
@@ -51,23 +45,25 @@ def transfer(
     send = start_cli(
         "send", str(src), *common, "--chunk-size", CHUNK, env={"NBDNATS_FAULTS": send_faults}
     )
-    return finish(send), finish(recv), want, dst
+    return finish_json(send), finish_json(recv), want, dst
 
 
-def test_one_percent_of_chunks_dropped(tmp_path: Path, nats_url: str) -> None:
+def test_dropped_chunks_are_retransmitted(tmp_path: Path, nats_url: str) -> None:
     sent, got, want, dst = transfer(tmp_path, nats_url, send_faults="drop_chunk=0.01,seed=3")
     assert sha256_file(dst) == want
     assert sent["digest"] == got["digest"]
     assert int(sent["retransmits"]) > 0  # type: ignore[call-overload]
 
 
-def test_acks_dropped(tmp_path: Path, nats_url: str) -> None:
+def test_dropped_acks_lose_nothing(tmp_path: Path, nats_url: str) -> None:
     sent, got, want, dst = transfer(tmp_path, nats_url, recv_faults="drop_ack=0.2,seed=5")
     assert sha256_file(dst) == want
     assert sent["digest"] == got["digest"]
 
 
-def test_drops_both_ways_and_corruption(tmp_path: Path, nats_url: str) -> None:
+def test_drops_both_ways_and_corrupt_chunks_still_deliver_the_image(
+    tmp_path: Path, nats_url: str
+) -> None:
     sent, got, want, dst = transfer(
         tmp_path,
         nats_url,
@@ -115,21 +111,27 @@ def checkpoints(journal: Path) -> int:
     return count
 
 
-def written(dst: Path, least: int) -> Callable[[], bool]:
-    """A check that the receiver has written at least ``least`` bytes of ``dst``."""
-    return lambda: dst.exists() and allocated(dst) >= least
+@contextlib.contextmanager
+def throttled_transfer(
+    tmp_path: Path, size: int, common: tuple[str, ...]
+) -> Iterator[tuple[str, str, subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    """src.img, ``size`` bytes of data, sent through a throttled qemu-nbd into dst.img, both
+    ends given ``common``: the image's sha256, the source URI, the sender and the receiver."""
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, size, [(0, size)])
+    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
+        recv = start_cli("recv", str(dst), *common)
+        send = start_cli("send", uri, *common)
+        yield want, uri, send, recv
 
 
 def test_receiver_killed_and_resumed_from_its_journal(tmp_path: Path, nats_url: str) -> None:
     """SIGKILL the receiver mid-transfer; `recv --resume` continues from its journal and the
     sender, which kept the transfer open, carries on with it."""
     size = 160 * MiB
-    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
-    want = make_image(src, size, [(0, size)])
+    dst = tmp_path / "dst.img"
     common = ("--id", "crash-r", "--data-url", nats_url, "--json")
-    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
-        recv = start_cli("recv", str(dst), *common)
-        send = start_cli("send", uri, *common)
+    with throttled_transfer(tmp_path, size, common) as (want, _, send, recv):
         journal = tmp_path / "state" / "journals" / "recv-crash-r.journal"
         wait_for(lambda: checkpoints(journal) >= 1, "the journal's first checkpoint", 60)
         recv.send_signal(signal.SIGKILL)
@@ -139,7 +141,7 @@ def test_receiver_killed_and_resumed_from_its_journal(tmp_path: Path, nats_url: 
         _, err = again.communicate(timeout=60)
         assert again.returncode == 2 and "add --resume" in err.decode()
         resumed = start_cli("recv", str(dst), *common, "--resume")
-        sent, got = finish(send), finish(resumed)
+        sent, got = finish_json(send), finish_json(resumed)
     assert sha256_file(dst) == want
     assert sent["digest"] == got["digest"]
     assert int(sent["resumes"]) >= 1  # type: ignore[call-overload]
@@ -154,17 +156,14 @@ def test_sender_killed_and_taken_over(tmp_path: Path, nats_url: str) -> None:
     """SIGKILL the sender mid-transfer; `send --resume` takes over from what the running
     receiver holds, re-reading (not re-sending) the prefix to rebuild the whole digest."""
     size = 96 * MiB
-    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
-    want = make_image(src, size, [(0, size)])
+    dst = tmp_path / "dst.img"
     common = ("--id", "crash-s", "--data-url", nats_url, "--json")
-    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
-        recv = start_cli("recv", str(dst), *common)
-        send = start_cli("send", uri, *common)
-        wait_for(written(dst, 32 * MiB), "32 MiB written", 60)
+    with throttled_transfer(tmp_path, size, common) as (want, uri, send, recv):
+        wait_for(holds(dst, 32 * MiB), "32 MiB written", 60)
         send.send_signal(signal.SIGKILL)
         send.communicate()
         taken = start_cli("send", uri, *common, "--resume")
-        sent, got = finish(taken), finish(recv)
+        sent, got = finish_json(taken), finish_json(recv)
     assert sha256_file(dst) == want
     assert sent["digest"] == got["digest"]
     assert sent["resumes"] == 1
@@ -174,12 +173,9 @@ def test_sender_killed_and_taken_over(tmp_path: Path, nats_url: str) -> None:
 
 def test_second_sender_without_resume_is_refused(tmp_path: Path, nats_url: str) -> None:
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
-    make_image(src, 64 * MiB, [(0, 64 * MiB)])
     common = ("--id", "twice", "--data-url", nats_url)
-    with throttled_nbd(src, tmp_path / "src.sock", read_bps=RATE) as (_, uri):
-        recv = start_cli("recv", str(dst), *common)
-        send = start_cli("send", uri, *common)
-        wait_for(written(dst, 1), "the first write", 60)
+    with throttled_transfer(tmp_path, 64 * MiB, common) as (_, _, send, recv):
+        wait_for(holds(dst, 1), "the first write", 60)
         second = start_cli("send", str(src), *common)  # qemu-nbd serves one client
         _, err = second.communicate(timeout=60)
         for p in (send, recv):

@@ -17,7 +17,7 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> tuple[int, by
     return proc.returncode, out, err
 
 
-def test_receiver_first(tmp_path: Path, start_nats, qemu_nbd) -> None:  # type: ignore[no-untyped-def]
+def test_a_receiver_started_first_gets_the_image(tmp_path: Path, start_nats, qemu_nbd) -> None:  # type: ignore[no-untyped-def]
     server = start_nats()
     nats_url = server.url
     src = tmp_path / "src.img"

@@ -7,14 +7,12 @@ its server at all.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.request import urlopen
 
 import pytest
 
@@ -119,17 +117,25 @@ def test_sigkilled_copy_leaves_no_nats_server(slow_copy: tuple[str, Path]) -> No
             os.kill(server, signal.SIGKILL)
 
 
+def idle_recv_whose_server_died(
+    tmp_path: Path, server: NatsServer, timeout: str
+) -> subprocess.Popen[bytes]:
+    """A receiver with ``--timeout`` ``timeout``, listening for its sender, once its only
+    server has died."""
+    args = ("--id", "idle", "--data-url", server.url, "--timeout", timeout)
+    proc = start_cli("recv", str(tmp_path / "o.img"), *args)
+    wait_for(lambda: server.has_subscription("data.cmd.idle.open"), "the receiver")
+    server.proc.kill()
+    server.proc.wait(10)
+    return proc
+
+
 def test_idle_recv_whose_only_server_died_ends_within_its_timeout(
     tmp_path: Path, start_nats: Callable[..., NatsServer]
 ) -> None:
     """Its --timeout holds when the server is gone: the process does not wait for ever on
     a connection that reconnects for ever. (Needs the core's bounded waits too.)"""
-    server = start_nats()
-    proc = start_cli("recv", str(tmp_path / "o.img"), "--id", "idle", "--data-url", server.url,
-                     "--timeout", "10")  # fmt: skip
-    wait_for(lambda: _receiver_listens(server), "the receiver")
-    server.proc.kill()
-    server.proc.wait(10)
+    proc = idle_recv_whose_server_died(tmp_path, start_nats(), "10")
     started = time.monotonic()
     _, err = proc.communicate(timeout=60)
     took = time.monotonic() - started
@@ -143,20 +149,9 @@ def test_idle_recv_whose_only_server_died_ends_within_its_timeout(
 def test_a_signal_ends_an_idle_recv_whose_only_server_died(
     tmp_path: Path, start_nats: Callable[..., NatsServer], sig: signal.Signals, code: int
 ) -> None:
-    server = start_nats()
-    proc = start_cli("recv", str(tmp_path / "o.img"), "--id", "idle", "--data-url", server.url,
-                     "--timeout", "0")  # fmt: skip
-    wait_for(lambda: _receiver_listens(server), "the receiver")
-    server.proc.kill()
-    server.proc.wait(10)
+    proc = idle_recv_whose_server_died(tmp_path, start_nats(), "0")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     lines = [line for line in err.decode().splitlines() if line.strip()]
     assert proc.returncode == code, err.decode()
     assert len(lines) == 1 and "Traceback" not in err.decode(), lines
-
-
-def _receiver_listens(server: NatsServer) -> bool:
-    url = f"http://127.0.0.1:{server.monitor}/subsz?subs=1&limit=100000"
-    subs = json.load(urlopen(url, timeout=2)).get("subscriptions_list", [])
-    return any(s["subject"] == "data.cmd.idle.open" for s in subs)

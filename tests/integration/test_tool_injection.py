@@ -24,37 +24,16 @@ from tests.conftest import (
     ctl_request,
     make_image,
     one_line_error,
-    run_cli,
     start_cli,
     throttled_nbd,
     wait_for,
 )
-
-RESTIC_ENV = {"RESTIC_PASSWORD": "agent-secret"}
+from tests.ctl_cli import RESTIC_ENV, ctl, ok, restic, stored_events
 
 
 @pytest.fixture
 def url(start_nats: Callable[..., NatsServer]) -> str:
     return start_nats(jetstream=True).url
-
-
-def ctl(url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return run_cli("ctl", "--ctl-url", url, *args)
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def restic(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, **RESTIC_ENV, "RESTIC_REPOSITORY": str(repo)}
-    return subprocess.run(["restic", *args], env=env, capture_output=True, check=True)
-
-
-def stored_events(url: str, kind: str) -> list[dict[str, object]]:
-    out = ok(ctl(url, "--json", "events", "--all", "--no-follow", "--kind", kind))
-    return [json.loads(x)["data"] for x in out.splitlines()]
 
 
 @pytest.fixture
@@ -67,9 +46,12 @@ def backup_node(url: str, start_agent: Callable[..., AgentProc], tmp_path: Path)
     image = tmp_path / "img"
     make_image(image, 1 * MiB, [(0, MiB)])
     with image.open("rb") as f:
-        subprocess.run(["restic", "backup", "-q", "--stdin", "--stdin-filename", "disk.img"],
-                       stdin=f, env={**os.environ, **RESTIC_ENV, "RESTIC_REPOSITORY": str(repo)},
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["restic", "backup", "-q", "--stdin", "--stdin-filename", "disk.img"],
+            stdin=f,
+            env={**os.environ, **RESTIC_ENV, "RESTIC_REPOSITORY": str(repo)},
+            check=True,
+        )
     store = tmp_path / "store"
     store.mkdir()
     outside = tmp_path / "outside"
@@ -79,8 +61,8 @@ def backup_node(url: str, start_agent: Callable[..., AgentProc], tmp_path: Path)
     disks = tmp_path / "disks"
     disks.mkdir()
     start_agent("a", url, "--allow", str(disks))
-    start_agent("b", url, "--allow", str(repo.parent), "--allow", str(store), "--allow", zstd,
-                env=RESTIC_ENV)  # fmt: skip
+    allow = ("--allow", str(repo.parent), "--allow", str(store), "--allow", zstd)
+    start_agent("b", url, *allow, env=RESTIC_ENV)
     return {"repo": repo, "store": store, "outside": outside, "disks": disks}
 
 
@@ -91,8 +73,8 @@ def test_restore_snapshot_option_cannot_inject(
     value as an option); the agent refuses it before restic starts."""
     marker = tmp_path / "pwned"
     target = backup_node["disks"] / "restored.raw"
-    proc = ctl(url, "restore", "b", f"a:{target}", "--restic", str(backup_node["repo"]),
-               f"--snapshot=--password-command=touch {marker}")  # fmt: skip
+    snapshot = f"--snapshot=--password-command=touch {marker}"
+    proc = ctl(url, "restore", "b", f"a:{target}", "--restic", str(backup_node["repo"]), snapshot)
     err = one_line_error(proc)
     assert proc.returncode == 2  # the agent's code is "usage": a bad value, not a failure
     assert "restic snapshot" in err and "not a snapshot id" in err, err
@@ -185,8 +167,9 @@ def test_repository_password_never_appears_in_errors_events_or_logs(
     src = disks / "vm1.raw"
     make_image(src, 2 * MiB, [(0, MiB)])
     a = start_agent("a", url, "--allow", str(disks))
-    b = start_agent("b", url, "--allow", "rest:http://backup:s3cret-pw@127.0.0.1:9/",
-                    env=RESTIC_ENV)  # fmt: skip
+    b = start_agent(
+        "b", url, "--allow", "rest:http://backup:s3cret-pw@127.0.0.1:9/", env=RESTIC_ENV
+    )
     allowed = "rest:http://backup:s3cret-pw@127.0.0.1:9/repo"
     refused = "rest:http://backup:s3cret-pw@127.0.0.2:9/repo"
     shown = []
@@ -217,11 +200,13 @@ def test_ctl_backup_stores_no_snapshot_when_the_sender_dies(
     with throttled_nbd(image, tmp_path / "disks" / "slow.sock", read_bps=8 * MiB) as (_, uri):
         a = start_agent("a", url, "--allow", str(tmp_path / "disks"))
         b = start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
-        run = start_cli("ctl", "--ctl-url", url, "backup", f"a:{uri}", "b", "--restic",
-                        str(repo), "--id", "dies", "--timeout", "3")  # fmt: skip
+        backup = ("backup", f"a:{uri}", "b", "--restic", str(repo), "--id", "dies")
+        run = start_cli("ctl", "--ctl-url", url, *backup, "--timeout", "3")
         wait_for(lambda: "accepted recv dies" in b.text(), "the backup", timeout=20)
-        wait_for(lambda: '"done_bytes":0' not in ok(ctl(url, "--json", "transfers",
-                                                        "--node", "b")), "data")  # fmt: skip
+        wait_for(
+            lambda: '"done_bytes":0' not in ok(ctl(url, "--json", "transfers", "--node", "b")),
+            "data",
+        )
         a.proc.kill()
         a.proc.wait()
         _, err = run.communicate(timeout=90)

@@ -23,11 +23,13 @@ from nbdnats import subjects
 from tests.conftest import (
     MiB,
     NatsServer,
-    allocated,
+    holds,
     make_image,
     sha256_file,
     start_cli,
     throttled_nbd,
+    until,
+    wait_for,
 )
 
 SIZE = 64 * MiB
@@ -57,18 +59,10 @@ async def hijack(
         def senders() -> list[dict[str, object]]:  # not the receiver's own probe
             return [o for o in map(json.loads, seen) if not o.get("probe")]
 
-        for _ in range(300):
-            if senders():
-                break
-            await asyncio.sleep(0.05)
-        assert senders(), "the sender's open was never seen"
+        await until(lambda: bool(senders()), "the sender's open", 15)
         original = senders()[0]
         await sub.unsubscribe()
-        for _ in range(600):
-            if running():
-                break
-            await asyncio.sleep(0.05)
-        assert running(), "the transfer never started writing"
+        await until(running, "the transfer's first write", 30)
         tries = [
             {**original, "resume": True, "key": "ab" * 32},  # a key of our own
             {**original, "resume": True, "key": ""},
@@ -96,8 +90,7 @@ def test_another_client_cannot_take_over_a_running_transfer(
 
     async def scenario(uri: str) -> tuple[list[dict[str, object]], tuple[int, str, str]]:
         started = asyncio.Event()
-        written = lambda: dst.exists() and allocated(dst) > 0  # noqa: E731
-        attack = asyncio.create_task(hijack(server.url, "mine", started, written))
+        attack = asyncio.create_task(hijack(server.url, "mine", started, holds(dst)))
         await started.wait()
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
@@ -129,9 +122,8 @@ def test_a_sender_whose_first_reply_was_lost_is_still_served(tmp_path: Path, sta
     want = make_image(src, 8 * MiB, [(0, 8 * MiB)])
     common = ("--id", "paused", "--data-url", server.url)
     recv = start_cli("recv", str(dst), *common)
-    deadline = time.monotonic() + 30
-    while server.subscriptions() < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the receiver listens (its open and chunk subscriptions)
+    # The receiver listens once its open and chunk subscriptions are on the server.
+    wait_for(lambda: server.subscriptions() >= 2, "the receiver's subscriptions", 30)
     recv.send_signal(signal.SIGSTOP)
     try:
         send = start_cli("send", str(src), *common)

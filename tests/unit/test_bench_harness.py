@@ -21,12 +21,12 @@ WINDOW, CHUNK = 32 * MiB, 4 * MiB
 
 def nbdcopy(workload: str, rnd: int, seconds: float, cpu: float) -> Run:
     size = 2 * GiB if workload == RANDOM else 4 * GiB
+    cpus = {"nbdcopy": cpu, "qemu_nbd_src": 0.5, "qemu_nbd_dst": 0.5}
+    rss = {"nbdcopy": 90 * MiB}
+    target = 256 * MiB if workload == SPARSE else None
     return Run(
-        workload, NBDCOPY, rnd, size, seconds,
-        cpu={"nbdcopy": cpu, "qemu_nbd_src": 0.5, "qemu_nbd_dst": 0.5},
-        peak_rss={"nbdcopy": 90 * MiB},
-        target_allocated=256 * MiB if workload == SPARSE else None,
-    )  # fmt: skip
+        workload, NBDCOPY, rnd, size, seconds, cpu=cpus, peak_rss=rss, target_allocated=target
+    )
 
 
 def nbdnats(
@@ -42,12 +42,18 @@ def nbdnats(
 ) -> Run:
     size = 4 * GiB if workload == SPARSE else 2 * GiB
     return Run(
-        workload, path, rnd, size, seconds, core_seconds=seconds * 0.9,
-        granted_chunk=CHUNK, granted_window=WINDOW,
+        workload,
+        path,
+        rnd,
+        size,
+        seconds,
+        core_seconds=seconds * 0.9,
+        granted_chunk=CHUNK,
+        granted_window=WINDOW,
         cpu={"sender": sender, "receiver": receiver, "nats_server": 1.0},
         peak_rss={"sender": rss, "receiver": rss},
         target_allocated=allocated if workload == SPARSE and path == NBDNATS else None,
-    )  # fmt: skip
+    )
 
 
 def good_runs() -> list[Run]:
@@ -62,9 +68,16 @@ def good_runs() -> list[Run]:
             nbdnats(RANDOM, rnd, ceil_s, path=CEILING),
             nbdcopy(SPARSE, rnd, 1.0, cpu=0.2),
             nbdnats(SPARSE, rnd, 1.2),
-            Run(STARTUP, CEILING, rnd, MiB, 0.3, granted_window=WINDOW,
-                peak_rss={"sender": 50 * MiB, "receiver": 50 * MiB}),
-        ]  # fmt: skip
+            Run(
+                STARTUP,
+                CEILING,
+                rnd,
+                MiB,
+                0.3,
+                granted_window=WINDOW,
+                peak_rss={"sender": 50 * MiB, "receiver": 50 * MiB},
+            ),
+        ]
     return runs
 
 
@@ -108,11 +121,20 @@ def test_headline_figures_are_medians_and_paired_ratios() -> None:
     assert res["startup_seconds_nbdnats"] == pytest.approx(0.3)
     assert res["window"] == WINDOW and res["chunk_size"] == CHUNK
     for key in (
-        "nbdcopy_mb_s", "nbdnats_mb_s", "nats_ceiling_mb_s", "ratio_vs_nbdcopy",
-        "ratio_vs_ceiling", "sparse_seconds_nbdcopy", "sparse_seconds_nbdnats",
-        "cpu_s_per_gib_sender", "cpu_s_per_gib_receiver", "peak_rss_sender",
-        "peak_rss_receiver", "target_allocated", "machine",
-    ):  # fmt: skip
+        "nbdcopy_mb_s",
+        "nbdnats_mb_s",
+        "nats_ceiling_mb_s",
+        "ratio_vs_nbdcopy",
+        "ratio_vs_ceiling",
+        "sparse_seconds_nbdcopy",
+        "sparse_seconds_nbdnats",
+        "cpu_s_per_gib_sender",
+        "cpu_s_per_gib_receiver",
+        "peak_rss_sender",
+        "peak_rss_receiver",
+        "target_allocated",
+        "machine",
+    ):
         assert res[key] is not None, key
     assert len(res["runs"]) == len(good_runs())  # type: ignore[arg-type]
     json.dumps(res)
@@ -201,13 +223,19 @@ def test_reports_show_every_target() -> None:
 def test_micro_summary_reports_gb_per_second() -> None:
     doc = {
         "benchmarks": [
-            {"name": "test_checksum[4M]", "stats": {"median": 0.001},
-             "extra_info": {"bytes": 4 * MiB}},
-            {"name": "test_merge_extents", "stats": {"median": 0.002},
-             "extra_info": {"bytes": GiB, "entries": 16384}},
+            {
+                "name": "test_checksum[4M]",
+                "stats": {"median": 0.001},
+                "extra_info": {"bytes": 4 * MiB},
+            },
+            {
+                "name": "test_merge_extents",
+                "stats": {"median": 0.002},
+                "extra_info": {"bytes": GiB, "entries": 16384},
+            },
             {"name": "no_bytes", "stats": {"median": 0.001}, "extra_info": {}},
         ]
-    }  # fmt: skip
+    }
     got = micro_summary(doc)
     assert got["test_checksum[4M]"]["gb_s"] == pytest.approx(4 * MiB / 0.001 / 1e9, rel=1e-3)
     assert got["test_merge_extents"]["m_entries_s"] == pytest.approx(8.19)

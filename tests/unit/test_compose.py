@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from nbdnats import subjects
+from nbdnats import dev, subjects
 from nbdnats.cli.main import build_parser
 from nbdnats.ctl.metrics import HELP
-from nbdnats.dev import topology as dev
 from nbdnats.embedded import nats_server_binary
 from tests.compose_file import COMPOSE, COMPOSE_DIR, ROOT, bind_mounts, container_path, load
 
@@ -49,7 +48,7 @@ def test_valid_against_the_compose_spec_schema() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_top_level_keys(compose: dict[str, Any]) -> None:
+def test_only_compose_spec_top_level_keys_and_some_services(compose: dict[str, Any]) -> None:
     keys = {k for k in compose if not k.startswith("x-")}
     assert keys <= TOP_LEVEL, keys - TOP_LEVEL
     assert compose["services"]
@@ -208,7 +207,7 @@ def test_nats_image_matches_the_tested_server() -> None:
     assert images == {f"nats:{major_minor}-alpine"}
 
 
-def test_stream_definitions() -> None:
+def test_the_events_stream_keeps_every_ctl_event_across_the_cluster() -> None:
     """control/streams/: JetStream API stream configs; CTL_EVENTS keeps every ctl event."""
     streams = sorted((ROOT / "control" / "streams").glob("*.json"))
     configs = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in streams}

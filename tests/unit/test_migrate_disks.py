@@ -14,8 +14,7 @@ MiB = 1 << 20
 
 
 def block(qdev: str, node: str, size: int, **extra: Any) -> dict[str, Any]:
-    inserted = {"node-name": node, "ro": extra.pop("ro", False),
-                "image": {"virtual-size": size}}  # fmt: skip
+    inserted = {"node-name": node, "ro": extra.pop("ro", False), "image": {"virtual-size": size}}
     entry: dict[str, Any] = {"device": "", "qdev": qdev, "removable": False, "locked": False}
     entry.update(extra)
     if not entry.pop("empty", False):
@@ -62,6 +61,6 @@ def test_a_missing_destination_disk_is_refused() -> None:
         match_disks([block(VDA, "a", MiB), block(VDB, "b", MiB)], [block(VDA, "c", MiB)])
 
 
-def test_disk_names() -> None:
+def test_a_disk_is_named_by_its_device_or_drive() -> None:
     assert disk_name(VDA) == "vda"
     assert disk_name("virtio0") == "virtio0"

@@ -240,25 +240,56 @@ def test_tool_argv_puts_values_from_a_command_after_a_separator(tmp_path: Path) 
     p = Policy([str(tmp_path)])
     restic = Tool(kind="restic", repo=str(repo), snapshot="1a2b3c4d")
     assert restore_argv(restic, p) == [
-        "restic", f"--repo={repo}", "dump", "--", "1a2b3c4d", "disk.img",
-    ]  # fmt: skip
+        "restic",
+        f"--repo={repo}",
+        "dump",
+        "--",
+        "1a2b3c4d",
+        "disk.img",
+    ]
     assert size_argv(restic, p) == [
-        "restic", f"--repo={repo}", "ls", "--json", "--", "1a2b3c4d", "/disk.img",
-    ]  # fmt: skip
+        "restic",
+        f"--repo={repo}",
+        "ls",
+        "--json",
+        "--",
+        "1a2b3c4d",
+        "/disk.img",
+    ]
     assert backup_argv(Tool(kind="restic", repo=str(repo)), p, ["nbdnats", "transfer=t1"]) == [
-        "restic", f"--repo={repo}", "backup", "--stdin", "--stdin-filename", "disk.img",
-        "--json", "--tag=nbdnats", "--tag=transfer=t1",
-    ]  # fmt: skip
+        "restic",
+        f"--repo={repo}",
+        "backup",
+        "--stdin",
+        "--stdin-filename",
+        "disk.img",
+        "--json",
+        "--tag=nbdnats",
+        "--tag=transfer=t1",
+    ]
     root = "k" + "0123456789abcdef" * 2
     assert backup_argv(Tool(kind="kopia", source="/vms/vm1"), p, []) == [
-        "kopia", "snapshot", "create", "--stdin-file", "disk.img", "--", "/vms/vm1",
-    ]  # fmt: skip
+        "kopia",
+        "snapshot",
+        "create",
+        "--stdin-file",
+        "disk.img",
+        "--",
+        "/vms/vm1",
+    ]
     assert restore_argv(Tool(kind="kopia", object=f"{root}/disk.img"), p) == [
-        "kopia", "show", "--", f"{root}/disk.img",
-    ]  # fmt: skip
+        "kopia",
+        "show",
+        "--",
+        f"{root}/disk.img",
+    ]
     assert size_argv(Tool(kind="kopia", object=f"{root}/disk.img"), p) == [
-        "kopia", "ls", "-l", "--", root,
-    ]  # fmt: skip
+        "kopia",
+        "ls",
+        "-l",
+        "--",
+        root,
+    ]
     assert restore_argv(Tool(kind="restic", repo=str(repo), snapshot="latest"), p)[4] == "latest"
     for snap in ("--password-command=x", "-1", "latest disk.img", "LATEST", "1a2b3c4g", "a" * 65):
         with pytest.raises(UsageError, match="not a snapshot id"):
@@ -297,11 +328,31 @@ def test_a_tools_message_is_shown_without_its_secrets() -> None:
 def test_tools_do_not_inherit_the_agents_nats_logins(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tool the agent starts gets the agent's environment less its NATS URLs (with
     passwords) and login files; the config's [env] still reaches it."""
-    from nbdnats.ctl.agent import Agent, AgentConfig
+    from nbdnats.ctl.agent import Agent
+    from nbdnats.ctl.config import AgentConfig
 
     monkeypatch.setenv("NBDNATS_CTL_URL", "nats://node1:s3cret@127.0.0.1:4222")
     monkeypatch.setenv("NBDNATS_NKEY", "/etc/nbdnats/node1.nk")
     monkeypatch.setenv("PATH", "/usr/bin")
-    env = Agent(AgentConfig(node="n1", env={"RESTIC_PASSWORD": "p"}))._env()
+    env = Agent(AgentConfig(node="n1", env={"RESTIC_PASSWORD": "p"})).jobs.env()
     assert not [k for k in env if k.startswith("NBDNATS_")]
     assert env["RESTIC_PASSWORD"] == "p" and env["PATH"] == "/usr/bin"
+
+
+def test_policy_paths_resolve_before_the_prefix_check(tmp_path: Path) -> None:
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "link").symlink_to("/etc")
+    p = Policy([str(allowed)], {"vm1": "nbd+unix:///vm1?socket=/run/vm1.sock"})
+    assert p.endpoint(f"{allowed}/a.raw") == f"{allowed}/a.raw"
+    assert p.endpoint("vm1") == "nbd+unix:///vm1?socket=/run/vm1.sock"
+    for bad in (f"{allowed}2/a.raw", f"{allowed}/../x", f"{allowed}/link/passwd", "x.raw", "-"):
+        with pytest.raises(PolicyError):
+            p.endpoint(bad)
+    with pytest.raises(PolicyError, match="exactly one socket"):
+        p.endpoint("nbd+unix:///x")
+    assert Policy(["nbd://10.0.0.5:10809/"]).endpoint("nbd://10.0.0.5:10809/d") == (
+        "nbd://10.0.0.5:10809/d"
+    )
+    with pytest.raises(PolicyError):
+        Policy(["nbd://10.0.0.5:10809/"]).endpoint("nbd://10.0.0.6:10809/d")

@@ -163,7 +163,9 @@ def test_lab_urls_from_the_environment() -> None:
         ({"profile": "vm", "vm-os": "windows"}, "unknown --vm-os"),
     ],
 )
-def test_bad_arguments_fail(args: dict[str, str], message: str) -> None:
+def test_an_unknown_profile_or_os_or_a_lab_without_urls_fails(
+    args: dict[str, str], message: str
+) -> None:
     with pytest.raises(TiltFail, match=message):
         Tilt(args).run()
 
@@ -175,7 +177,7 @@ def test_scripts_are_executable_bash(script: Path) -> None:
 
 
 @pytest.mark.parametrize("vm_os", ["kairos", "talos"])
-def test_vm_node_dry_run(tmp_path: Path, vm_os: str) -> None:
+def test_vm_node_writes_the_seed_and_boots_the_overlay_disk(tmp_path: Path, vm_os: str) -> None:
     """scripts/vm-node.sh up to QEMU: with stand-ins for qemu-system-x86_64, genisoimage,
     talosctl and docker, it writes the NoCloud seed and boots the overlay disk."""
     stubs = tmp_path / "bin"

@@ -1,0 +1,27 @@
+"""``nbd-nats digest``: the sha256 of an image's contents, as approvals name it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from nbdnats.cli.options import add_command, add_size_option
+from nbdnats.transfer import image_digest
+
+
+def add_parser(sub: Any) -> None:
+    p = add_command(
+        sub,
+        "digest",
+        help="print the sha256 of an image's contents (as approvals name it)",
+        description="The sha256 of the raw disk SRC holds (an NBD URI, file or device), as "
+        "sha256sum prints it for the raw image; holes are hashed without being read.",
+    )
+    p.add_argument("src", metavar="SRC")
+    add_size_option(p, "--length", "hash only the first BYTES")
+
+
+async def run(args: argparse.Namespace) -> None:
+    digest, _ = await image_digest(args.src, length=args.length, allow_local_file=True)
+    sys.stdout.write(f"{digest}  {args.src}\n")

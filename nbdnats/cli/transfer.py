@@ -1,0 +1,234 @@
+"""``nbd-nats send``, ``recv`` and ``copy``: the data commands' options and their run.
+
+This module is all a transfer's command line imports of the CLI (see ``main``): it must not
+bring the control plane with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Awaitable
+from typing import Any
+
+from nbdnats import _core
+from nbdnats.cli.options import add_login_options, add_size_option
+from nbdnats.cli.output import ProgressBar, print_result
+from nbdnats.planes import Login
+from nbdnats.schemas import Report, from_stats
+from nbdnats.transfer import CopyStats, copy_ends
+from nbdnats.units import MAX_TIMEOUT, human, timeout_arg
+
+EPILOG = """\
+SRC and DST: an NBD URI as libnbd takes it (nbd://host:port/export,
+nbd+unix:///export?socket=PATH), a file or block device (a file target is created
+or extended to the source size), or '-' for stdin/stdout as a raw image in offset
+order ('pipe:PATH' likewise for a FIFO). DST may also be 'null:' (discard) or
+'unix:PATH' (a listening unix socket, connected on the first byte).
+
+environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists; a
+server may carry user:password@ or token@), NBDNATS_CREDS, NBDNATS_NKEY
+"""
+
+
+# name, help, description, positional endpoints, has sender options, has receiver options
+COMMANDS = [
+    (
+        "send",
+        "send a disk image as transfer ID",
+        "Send SRC as transfer ID to the receiver of that id.",
+        ["SRC"],
+        True,
+        False,
+    ),
+    (
+        "recv",
+        "receive transfer ID into a target",
+        "Receive transfer ID into DST.",
+        ["DST"],
+        False,
+        True,
+    ),
+    (
+        "copy",
+        "copy SRC to DST through NATS in one command",
+        "Copy SRC to DST through NATS (both ends in this process). "
+        "Without --data-url an embedded nats-server is started.",
+        ["SRC", "DST"],
+        True,
+        True,
+    ),
+]
+NAMES = {name for name, *_ in COMMANDS}
+VERBS = {"send": "sent", "recv": "received", "copy": "copied"}
+
+
+def add_parsers(sub: Any) -> None:
+    """``send``, ``recv`` and ``copy``."""
+    for name, help_, description, ends, sender, receiver in COMMANDS:
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=description,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for end in ends:
+            p.add_argument(end.lower(), metavar=end)
+        id_help = "transfer id (default: random)" if name == "copy" else "transfer id of both ends"
+        p.add_argument(
+            "--id", required=name != "copy", dest="transfer_id", metavar="ID", help=id_help
+        )
+        _add_options(p, sender=sender, receiver=receiver)
+
+
+def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) -> None:
+    g = p.add_argument_group("NATS")
+    g.add_argument(
+        "--data-url",
+        metavar="URL",
+        help="data-plane servers (default: "
+        "$NBDNATS_DATA_URL or nats://127.0.0.1:4222; copy: an embedded server)",
+    )
+    g.add_argument(
+        "--ctl-url",
+        metavar="URL",
+        help="ctl-plane servers (default: $NBDNATS_CTL_URL or the data URL)",
+    )
+    g.add_argument("--node", help="this node's name on the ctl plane (default: the hostname)")
+    add_login_options(g)
+    t = p.add_argument_group("transfer")
+    if sender:
+        add_size_option(t, "--size", "image size; required when SRC is '-' (stdin); below 2^63")
+        add_size_option(
+            t,
+            "--chunk-size",
+            "bytes per frame (default: 1020K, or what the server's max_payload allows)",
+        )
+    add_size_option(
+        t,
+        "--window",
+        "bytes in flight before an ack (default: 32M, max 48M)",
+        default=_core.DEFAULT_WINDOW,
+    )
+    t.add_argument(
+        "--timeout",
+        type=timeout_arg,
+        default=_core.DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the peer to appear or answer; 0 waits forever, at most "
+        f"{MAX_TIMEOUT:.0f} (7 days) (default: 60)",
+    )
+    t.add_argument(
+        "--verify", action="store_true", help="re-read the target after writing and compare"
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted transfer: a receiver from its journal, a sender by "
+        "taking over from its predecessor",
+    )
+    t.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the receiver keeps its journal and the sender its key for --resume "
+        "(default: $NBDNATS_STATE_DIR, else $XDG_STATE_HOME/nbdnats or ~/.local/state/nbdnats)",
+    )
+    if receiver:
+        t.add_argument(
+            "--target-is-zero",
+            action="store_true",
+            help="the target already reads as zeros: skip writing zero ranges",
+        )
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+
+def _report(stats: _core.Stats, sender: _core.Stats | None = None) -> Report:
+    """The ``--json`` line; ``copy`` adds its sender's own report as ``sender``."""
+    return from_stats(
+        Report,
+        stats,
+        id=stats.transfer_id,
+        seconds=round(stats.seconds, 3),
+        mb_per_s=round(stats.mb_per_s, 1),
+        sender=_report(sender) if sender else None,
+    )
+
+
+def _summary(verb: str, stats: _core.Stats) -> str:
+    verified = ", verified" if stats.verified else ""
+    return (
+        f"{verb} {human(stats.size)} ({human(stats.data_bytes)} data, "
+        f"{human(stats.zero_bytes)} zeros) in {stats.seconds:.2f} s, "
+        f"{stats.mb_per_s:.1f} MB/s, {stats.digest}{verified}"
+    )
+
+
+async def run(args: argparse.Namespace) -> _core.Stats:
+    import nbdnats
+
+    # What the library only warns about (a lost ctl plane): one line, no traceback.
+    logging.basicConfig(
+        level=logging.WARNING, format="nbd-nats: warning: %(message)s", stream=sys.stderr
+    )
+    to_stdout = getattr(args, "dst", None) == "-"
+    login = Login.resolve(args.creds, args.nkey)
+    bar = ProgressBar(enabled=False if (args.quiet or args.json) else None)
+    common: dict[str, Any] = {
+        "data_url": args.data_url,
+        "ctl_url": args.ctl_url,
+        "node": args.node,
+        "login": login,
+        "on_progress": bar,
+        "window": args.window,
+        "timeout": args.timeout,
+        "verify": args.verify,
+        "resume": args.resume,
+        "state_dir": args.state_dir,
+    }
+    call: Awaitable[_core.Stats | CopyStats]
+    sender: _core.Stats | None = None
+    try:
+        if args.command == "send":
+            call = nbdnats.send(
+                args.src,
+                transfer_id=args.transfer_id,
+                size=args.size,
+                chunk_size=args.chunk_size,
+                **common,
+            )
+        elif args.command == "recv":
+            call = nbdnats.recv(
+                args.dst,
+                transfer_id=args.transfer_id,
+                target_is_zero=args.target_is_zero,
+                **common,
+            )
+        else:
+            call = copy_ends(
+                args.src,
+                args.dst,
+                transfer_id=args.transfer_id,
+                size=args.size,
+                chunk_size=args.chunk_size,
+                target_is_zero=args.target_is_zero,
+                **common,
+            )
+        result = await call
+    finally:
+        bar.close()
+    if isinstance(result, CopyStats):
+        sender, stats = result
+    else:
+        stats = result
+    # stdout may carry the image itself; then results go to stderr.
+    print_result(
+        _report(stats, sender),
+        None if args.quiet else _summary(VERBS[args.command], stats),
+        as_json=args.json,
+        out=sys.stderr if to_stdout else sys.stdout,
+    )
+    return stats

@@ -1,0 +1,36 @@
+"""An agent's configuration (``nbd-nats agent`` options and its ``--config`` file), apart
+from the agent so the parts it runs (``nbdnats.ctl.jobs``) can read it without importing
+the agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nbdnats.schemas import Role
+
+ANNOUNCE_INTERVAL = 30.0  # seconds between announcements (NodeInfo.announce_interval)
+PROGRESS_INTERVAL = 1.0  # at most one progress event per job per this many seconds
+DRAIN_TIMEOUT = 30.0  # on SIGTERM, how long running jobs may take to finish
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    data_url: str | None = None
+    ctl_url: str | None = None
+    # Login files (--creds, --nkey; default $NBDNATS_CREDS/$NBDNATS_NKEY), read here only.
+    creds: str | None = None
+    nkey: str | None = None
+    role: Role = "host"
+    allow: list[str] = field(default_factory=list)
+    exports: dict[str, str] = field(default_factory=dict)
+    trusted_keys: Path | None = None
+    metrics_addr: str | None = None
+    state_dir: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    # VMs this node's agent may migrate or receive: name -> QMP unix socket.
+    vms: dict[str, str] = field(default_factory=dict)
+    announce_interval: float = ANNOUNCE_INTERVAL
+    progress_interval: float = PROGRESS_INTERVAL
+    drain_timeout: float = DRAIN_TIMEOUT

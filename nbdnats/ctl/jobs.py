@@ -1,0 +1,488 @@
+"""The agent's jobs: what an accepted command runs, from its start to its one final report.
+
+A transfer job is one end of a transfer, with a backup tool (``nbdnats.ctl.tools``) or a
+provisioning approval around it; the agent publishes its events itself (``accepted``,
+``running`` each progress interval, then ``done``/``failed``/``cancelled`` once the whole
+job, tool included, has ended). A provisioned image is read back from the device before it
+counts as done. A migration job runs ``nbdnats.migration`` with the destination's monitor
+and ends reached through the destination's agent, and reports ``ctl.evt.<node>.migration``.
+
+Finished jobs are kept (``KEEP_FINISHED``) for queries, metrics and idempotent replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from nbdnats import _core, subjects
+from nbdnats.approval import TrustedKeys
+from nbdnats.ctl import tools
+from nbdnats.ctl.metrics import Sample
+from nbdnats.ctl.policy import Policy
+from nbdnats.errors import (
+    BusyError,
+    IntegrityError,
+    NbdNatsError,
+    PolicyError,
+    SchemaError,
+    TransferCancelled,
+)
+from nbdnats.planes import Planes
+from nbdnats.schemas import (
+    CancelCommand,
+    Command,
+    DigestQuery,
+    DigestReply,
+    MigrateCommand,
+    MigrationEvent,
+    ProvisionCommand,
+    RecvCommand,
+    Reply,
+    SendCommand,
+    TransferEvent,
+    TransferList,
+    TransfersQuery,
+    encode,
+)
+from nbdnats.transfer import (
+    DEFAULT_TIMEOUT,
+    TransferHandle,
+    event_of,
+    image_digest,
+    start_recv,
+    start_send,
+)
+
+if TYPE_CHECKING:
+    from nbdnats.ctl.config import AgentConfig
+
+log = logging.getLogger("nbdnats.ctl.jobs")
+
+KEEP_FINISHED = 256  # finished jobs kept for queries, metrics and idempotent replies
+
+Publish = Callable[[str, bytes], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Job:
+    """One accepted command: one end of a transfer, with whatever runs around it."""
+
+    op: str
+    role: str
+    transfer_id: str
+    key: str
+    endpoint: str
+    handle: TransferHandle | None = None
+    tool: tools.ToolRun | None = None
+    task: asyncio.Task[None] | None = None
+    approved_digest: str | None = None
+    final: TransferEvent | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.final is None
+
+
+class Jobs:
+    """A node's jobs and the counters of finished ones. ``planes_of`` gives the agent's
+    planes once it is connected; ``publish(kind, payload)`` sends a ``ctl.evt.<node>.<kind>``
+    event; ``forget(key)`` is told the idempotency key of a job no longer kept."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        policy: Policy,
+        trusted: TrustedKeys | None,
+        planes_of: Callable[[], Planes | None],
+        publish: Publish,
+        forget: Callable[[str], object],
+    ) -> None:
+        self.node = config.node
+        self.config = config
+        self.policy = policy
+        self.trusted = trusted
+        self._planes_of = planes_of
+        self._publish = publish
+        self._forget = forget
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.migrations: dict[str, asyncio.Task[None]] = {}
+        self._publishing: set[asyncio.Task[None]] = set()
+        # Counters of finished jobs (running ones are added at each scrape).
+        self._outcomes: dict[tuple[str, str], int] = {}
+        self._totals: dict[tuple[str, str], float] = {}
+
+    @property
+    def planes(self) -> Planes:
+        planes = self._planes_of()
+        assert planes is not None, "the agent is not connected"
+        return planes
+
+    def running(self) -> int:
+        return sum(j.running for j in self.jobs.values())
+
+    def is_running(self, transfer_id: str) -> bool:
+        job = self.jobs.get(transfer_id)
+        return job is not None and job.running
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """What the agent waits for when it drains: running jobs and migrations."""
+        running = [j.task for j in self.jobs.values() if j.running and j.task]
+        return running + [t for t in self.migrations.values() if not t.done()]
+
+    def cancel_all(self) -> None:
+        for job in self.jobs.values():
+            if job.running and job.handle is not None:
+                job.handle.cancel()
+        for task in self.migrations.values():
+            task.cancel()  # rolls back before it ends
+
+    def env(self) -> dict[str, str]:
+        """A tool's environment: the agent's, less its own NATS logins (URLs with passwords,
+        creds and NKey files are the node's, not the tool's), plus the config's ``[env]``."""
+        own = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_")}
+        return {**own, **self.config.env}
+
+    # -- events ----------------------------------------------------------------------------
+
+    def event(self, job: Job, state: str | None = None, **extra: Any) -> TransferEvent:
+        context = {
+            "op": job.op,
+            "key": job.key,
+            "endpoint": job.endpoint,
+            "tool": job.tool.name if job.tool else None,
+            **extra,
+        }
+        if job.handle is not None:
+            ev = event_of(job.handle.stats(), self.node, **context)
+            return ev if state is None else msgspec.structs.replace(ev, state=state)
+        return TransferEvent(
+            transfer_id=job.transfer_id,
+            node=self.node,
+            role=job.role,
+            state=state or "accepted",
+            **context,
+        )
+
+    async def progress(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.running and job.handle is not None and not job.handle.done():
+                await self._publish("transfer", encode(self.event(job, "running")))
+
+    async def transfers(self, query: TransfersQuery) -> TransferList:
+        jobs = [j for j in self.jobs.values() if query.transfer_id in (None, j.transfer_id)]
+        return TransferList(transfers=[j.final or self.event(j, "running") for j in jobs])
+
+    async def digest(self, query: DigestQuery) -> DigestReply:
+        try:
+            digest, size = await image_digest(
+                self.policy.endpoint(query.src), allow_local_file=True
+            )
+        except NbdNatsError as e:
+            return DigestReply(ok=False, code=e.code, error=str(e))
+        return DigestReply(ok=True, digest=digest, size=size)
+
+    # -- starting transfers ----------------------------------------------------------------
+
+    def _ends(self, cmd: SendCommand | RecvCommand | ProvisionCommand) -> dict[str, Any]:
+        """What every end the agent starts is given: the command's transfer and options."""
+        o = cmd.options
+        return {
+            "transfer_id": cmd.transfer_id,
+            "planes": self.planes,
+            "state_dir": self.config.state_dir,
+            "window": o.window or _core.DEFAULT_WINDOW,
+            "timeout": DEFAULT_TIMEOUT if o.timeout is None else o.timeout,
+            "verify": o.verify,
+        }
+
+    async def send(self, cmd: SendCommand) -> Reply:
+        if (cmd.src is None) == (cmd.tool is None):
+            raise SchemaError("send command needs exactly one of 'src' and 'tool'")
+        run: tools.ToolRun | None = None
+        size: int | None = None
+        if cmd.src is not None:
+            endpoint = self.policy.endpoint(cmd.src)
+            shown = cmd.src
+            if cmd.size is not None:
+                raise SchemaError("'size' applies only to a tool's output")
+        else:
+            assert cmd.tool is not None
+            argv = tools.restore_argv(cmd.tool, self.policy)
+            size = cmd.size
+            if size is None:
+                size = await tools.image_size(cmd.tool, self.policy, self.env())
+            run = await tools.ToolRun.start(argv, "restore", self.env())
+            endpoint, shown = run.endpoint, tools.shown(argv)
+        # The policy has checked every file an NBD URI names (policy.nbd_uri).
+        started = start_send(
+            endpoint, size=size, chunk_size=cmd.chunk_size, allow_local_file=True, **self._ends(cmd)
+        )
+        return await self._accept("send", "send", cmd, shown, started, run)
+
+    async def recv(self, cmd: RecvCommand) -> Reply:
+        if self.config.role == "installer":
+            raise PolicyError(
+                f"{self.node} is an installer: it writes its disks only through 'provision' "
+                "with a signed approval"
+            )
+        if (cmd.dst is None) == (cmd.tool is None):
+            raise SchemaError("recv command needs exactly one of 'dst' and 'tool'")
+        run: tools.ToolRun | None = None
+        if cmd.dst is not None:
+            endpoint, shown = self.policy.endpoint(cmd.dst), cmd.dst
+        else:
+            assert cmd.tool is not None
+            tags = ["nbdnats", f"transfer={cmd.transfer_id}"]
+            argv = tools.backup_argv(cmd.tool, self.policy, tags)
+            run = await tools.ToolRun.start(argv, "backup", self.env())
+            endpoint, shown = run.endpoint, tools.shown(argv)
+        # The policy has checked every file an NBD URI names (policy.nbd_uri).
+        started = start_recv(
+            endpoint, target_is_zero=cmd.target_is_zero, allow_local_file=True, **self._ends(cmd)
+        )
+        return await self._accept("recv", "recv", cmd, shown, started, run)
+
+    async def provision(self, cmd: ProvisionCommand) -> Reply:
+        if self.trusted is None:
+            raise PolicyError(
+                f"{self.node} has no --trusted-keys: it accepts no provisioning approvals"
+            )
+        device = self.policy.path(cmd.device, "device")
+        self.trusted.verify(
+            cmd.approval, node=self.node, device=device, image_digest=cmd.image_digest
+        )
+        # The approval names the image's sha256: the stream is hashed as it is written,
+        # and a different image leaves the device wiped at both ends, never bootable.
+        digest = cmd.approval.image_digest
+        started = start_recv(device, expect_sha256=digest, **self._ends(cmd))
+        return await self._accept("provision", "recv", cmd, cmd.device, started, None, digest)
+
+    async def _accept(
+        self,
+        op: str,
+        role: str,
+        cmd: Command,
+        shown: str,
+        started: Awaitable[TransferHandle],
+        run: tools.ToolRun | None,
+        approved_digest: str | None = None,
+    ) -> Reply:
+        """Keep and watch the job of a transfer being started; its tool is stopped if the
+        start fails. The agent publishes the job's ctl events itself (with op and tool)."""
+        try:
+            handle = await started
+        except BaseException:
+            if run is not None:
+                await run.abort()
+            raise
+        handle.ctl_events = False
+        job = Job(op, role, cmd.transfer_id, cmd.key, shown, handle, run)
+        job.approved_digest = approved_digest
+        self.jobs[job.transfer_id] = job
+        self.jobs.move_to_end(job.transfer_id)
+        self._trim()
+        job.task = asyncio.create_task(self._watch(job))
+        log.info("accepted %s %s (%s)", op, job.transfer_id, job.endpoint)
+        await self._publish("transfer", encode(self.event(job, "accepted")))
+        return Reply(ok=True, transfer_id=job.transfer_id)
+
+    def _trim(self) -> None:
+        finished = [k for k, j in self.jobs.items() if not j.running]
+        for k in finished[: max(0, len(self.jobs) - KEEP_FINISHED)]:
+            self._forget(self.jobs.pop(k).key)
+
+    async def cancel(self, cmd: CancelCommand) -> Reply:
+        task = self.migrations.get(cmd.transfer_id)
+        if task is not None and not task.done():
+            task.cancel()
+            return Reply(ok=True, transfer_id=cmd.transfer_id)
+        job = self.jobs.get(cmd.transfer_id)
+        if job is None or not job.running:
+            state = "finished" if job else "unknown"
+            return Reply(
+                ok=False,
+                transfer_id=cmd.transfer_id,
+                code="usage",
+                error=f"no running transfer {cmd.transfer_id} on {self.node} ({state})",
+            )
+        if job.handle is not None:
+            job.handle.cancel()
+        return Reply(ok=True, transfer_id=cmd.transfer_id)
+
+    # -- running transfers -----------------------------------------------------------------
+
+    async def _watch(self, job: Job) -> None:
+        """Wait for a job's end, finish or stop its tool, check its digest, report once."""
+        assert job.handle is not None
+        extra: dict[str, Any] = {}
+        try:
+            stats = await job.handle.wait()
+            if job.tool is not None:
+                extra["tool_output"] = await job.tool.finish()
+            if job.approved_digest is not None:
+                extra["image_digest"] = await self._read_back(job, stats.size)
+            state = "done"
+        except NbdNatsError as e:
+            cause = await job.tool.abort() if job.tool is not None else None
+            state = "cancelled" if isinstance(e, TransferCancelled) else "failed"
+            extra |= {"error_code": e.code, "error": cause or str(e)}
+            extra["from_peer"] = e.from_peer and not cause
+        except Exception as e:  # report, never leave a job half-reported
+            log.exception("job %s failed", job.transfer_id)
+            if job.tool is not None:
+                await job.tool.abort()
+            state, extra = "failed", {"error_code": "error", "error": f"agent error: {e}"}
+        job.final = self.event(job, state, **extra)
+        outcome = (job.role, state)
+        self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+        for key, value in _tallies(job.role, job.handle.stats()):
+            self._totals[key] = self._totals.get(key, 0) + value
+        log.info(
+            "%s %s %s%s",
+            job.op,
+            job.transfer_id,
+            state,
+            f": {extra['error']}" if "error" in extra else "",
+        )
+        await self._publish("transfer", encode(job.final))
+
+    async def _read_back(self, job: Job, size: int) -> str:
+        """Read the written image back from the device (not the page cache) and compare."""
+        path = job.endpoint
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        digest, _ = await image_digest(self.policy.path(path, "device"), length=size)
+        if digest != job.approved_digest:
+            raise IntegrityError(
+                f"{path} reads back as {digest}, not the approved {job.approved_digest}"
+            )
+        return digest
+
+    # -- migrations ------------------------------------------------------------------------
+
+    async def migrate(self, cmd: MigrateCommand) -> Reply:
+        if cmd.vm not in self.config.vms:
+            known = ", ".join(sorted(self.config.vms)) or "none"
+            raise PolicyError(f"no VM {cmd.vm!r} on {self.node} (its agent knows: {known}; --vm)")
+        subjects.check_token(cmd.to_node, "node name")
+        mid = cmd.transfer_id
+        if mid in self.migrations and not self.migrations[mid].done():
+            raise BusyError(f"migration {mid} is already running on {self.node}")
+        self.migrations[mid] = asyncio.create_task(self._migrate(cmd))
+        log.info("accepted migrate %s of %s to %s", mid, cmd.vm, cmd.to_node)
+        return Reply(ok=True, transfer_id=mid)
+
+    async def _migrate(self, cmd: MigrateCommand) -> None:
+        """Run a migration of one of this node's VMs; report each state and the end as
+        ``ctl.evt.<node>.migration``."""
+        from nbdnats.migration import run as migrate
+        from nbdnats.migration.remote import AgentPath, RemoteQmp
+
+        planes, mid = self.planes, cmd.transfer_id
+        seen: list[str] = []
+
+        def publish(state: str, **fields: Any) -> None:
+            event = MigrationEvent(
+                migration_id=mid, node=self.node, state=state, mode="nats", **fields
+            )
+            task = asyncio.create_task(self._publish("migration", encode(event)))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+        def on_progress(p: migrate.Progress) -> None:
+            if not seen or seen[-1] != p.state.value:
+                seen.append(p.state.value)
+                if p.state not in (migrate.State.DONE, migrate.State.FAILED):
+                    publish(p.state.value)
+
+        def dst_monitor(changed: asyncio.Event) -> RemoteQmp:
+            return RemoteQmp(planes.ctl, cmd.to_node, cmd.vm, mid, changed)
+
+        path = AgentPath(planes, cmd.to_node, cmd.vm, mid, timeout=cmd.timeout)
+        try:
+            report = await migrate.migrate(
+                self.config.vms[cmd.vm],
+                f"{cmd.to_node}:{cmd.vm}",
+                path=path,
+                migration_id=mid,
+                timeout=cmd.timeout,
+                mirror_speed=cmd.mirror_speed,
+                on_progress=on_progress,
+                return_path=cmd.return_path,
+                dst_monitor=dst_monitor,
+            )
+        except asyncio.CancelledError:
+            publish("cancelled", error_code="cancelled", error="cancelled (rolled back)")
+            log.info("migrate %s cancelled", mid)
+            return
+        except NbdNatsError as e:
+            publish("failed", error_code=e.code, error=str(e))
+            log.info("migrate %s failed: %s", mid, e)
+            return
+        except Exception as e:  # report, never leave a migration half-reported
+            log.exception("migrate %s failed", mid)
+            publish("failed", error_code="error", error=f"agent error: {e}")
+            return
+        fields = msgspec.structs.asdict(report)
+        publish("done", **{k: v for k, v in fields.items() if k in _MIGRATION_FIELDS})
+        log.info("migrate %s done: downtime %d ms", mid, report.downtime_ms)
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def samples(self) -> Iterable[Sample]:
+        """Each job's gauges and the node's transfer counters."""
+        totals: dict[tuple[str, str], float] = dict(self._totals)
+        active = {"send": 0, "recv": 0}
+        for job in self.jobs.values():
+            if job.handle is None:
+                continue
+            s = job.handle.stats()
+            labels = {"transfer": job.transfer_id, "op": job.op, "role": job.role}
+            failed = 1 if job.final is not None and job.final.state == "failed" else 0
+            yield ("nbdnats_transfer_done_bytes", labels, s.done_bytes)
+            yield ("nbdnats_transfer_size_bytes", labels, s.size)
+            yield ("nbdnats_transfer_rate_bytes_per_second", labels, s.mb_per_s * 1e6)
+            yield ("nbdnats_transfer_retransmits", labels, s.retransmits)
+            yield ("nbdnats_transfer_errors", labels, s.bad_frames + s.corrupt_frames + failed)
+            if job.running:
+                active[job.role] += 1
+                for key, value in _tallies(job.role, s):
+                    totals[key] = totals.get(key, 0) + value
+        for role in ("send", "recv"):
+            by_role = {"role": role}
+            yield ("nbdnats_transfer_bytes_total", by_role, totals.get(("bytes", role), 0))
+            yield ("nbdnats_transfer_data_bytes_total", by_role, totals.get(("data", role), 0))
+            yield ("nbdnats_transfers_active", by_role, active[role])
+        for reason in ("bad", "corrupt", "duplicate"):
+            dropped = totals.get(("frames", reason), 0)
+            yield ("nbdnats_frames_dropped_total", {"reason": reason}, dropped)
+        for (role, outcome), n in sorted(self._outcomes.items()):
+            yield ("nbdnats_transfers_total", {"role": role, "outcome": outcome}, n)
+
+
+def _tallies(role: str, s: _core.Stats) -> list[tuple[tuple[str, str], float]]:
+    """What a job adds to the node's counters."""
+    return [
+        (("bytes", role), s.done_bytes),
+        (("data", role), s.data_bytes),
+        (("frames", "bad"), s.bad_frames),
+        (("frames", "corrupt"), s.corrupt_frames),
+        (("frames", "duplicate"), s.duplicate_frames),
+    ]
+
+
+_MIGRATION_FIELDS = set(MigrationEvent.__struct_fields__) - {"v", "migration_id", "node", "mode"}

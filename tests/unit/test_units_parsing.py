@@ -1,0 +1,42 @@
+"""Sizes and durations as people write them, and sizes as people read them."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbdnats import errors
+from nbdnats.errors import UsageError
+from nbdnats.units import human, parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("4K", 4096),
+        ("4KiB", 4096),
+        ("1M", 1 << 20),
+        ("1.5G", 3 << 29),
+        ("2mb", 2 << 20),
+    ],
+)
+def test_sizes_take_binary_suffixes_and_fractions(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "x", "1.5", "-1", "4Q"])
+def test_a_malformed_size_is_a_usage_error(bad: str) -> None:
+    with pytest.raises(errors.UsageError):
+        parse_size(bad)
+
+
+def test_human_sizes_use_binary_units_with_one_decimal() -> None:
+    assert human(512) == "512 B"
+    assert human(1536) == "1.5 KiB"
+    assert human(3 << 30) == "3.0 GiB"
+
+
+def test_durations_are_seconds_or_suffixed_and_never_negative() -> None:
+    assert parse_duration("90") == 90 and parse_duration("2h") == 7200
+    with pytest.raises(UsageError):
+        parse_duration("-1m")
