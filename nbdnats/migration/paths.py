@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from nbdnats import _core
+from nbdnats import _core, subjects
 from nbdnats.errors import MigrationError, NbdNatsError
 from nbdnats.migration.run import Sockets
 from nbdnats.planes import Planes
@@ -85,20 +85,23 @@ class NatsPath:
     async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
         await self.start_receivers(destination, exports)
         src = self._mkdir("src")
+        mid = self.migration_id
         per_export: dict[str, str] = {}
         for i, (name, size) in enumerate(exports.items()):
             sock = f"{src}/nbd-{i}.sock"
-            tx = await start_bridge(
-                "nbd", sock, transfer_id=disk_id(self.migration_id, i), size=size,
-                **self._options(),
-            )  # fmt: skip
+            disk = subjects.migration_disk_id(mid, i)
+            tx = await start_bridge("nbd", sock, transfer_id=disk, size=size, **self._options())
             self.disk_senders.append(tx)
             self.handles.append(tx)
             per_export[name] = sock
+        ram = subjects.migration_ram_id(mid)
         tx = await start_bridge(
-            "stream", f"{src}/migration.sock", transfer_id=ram_id(self.migration_id),
-            return_id=return_id(self.migration_id), **self._options(),
-        )  # fmt: skip
+            "stream",
+            f"{src}/migration.sock",
+            transfer_id=ram,
+            return_id=subjects.return_id(ram),
+            **self._options(),
+        )
         self.handles.append(tx)
         return Sockets(nbd="", migration=f"{src}/migration.sock", nbd_exports=per_export)
 
@@ -129,19 +132,6 @@ class NatsPath:
         self._dirs.clear()
 
 
-def disk_id(migration_id: str, i: int) -> str:
-    return f"{migration_id}-disk{i}"
-
-
-def ram_id(migration_id: str) -> str:
-    return f"{migration_id}-ram"
-
-
-def return_id(migration_id: str) -> str:
-    """The migration stream's other direction (QEMU's return path)."""
-    return f"{migration_id}-ram-back"
-
-
 def destination_sockets(directory: str) -> Sockets:
     return Sockets(nbd=f"{directory}/nbd.sock", migration=f"{directory}/migration.sock")
 
@@ -154,14 +144,12 @@ async def start_receivers(
     handles = []
     for i, name in enumerate(exports):
         uri = f"nbd+unix:///{name}?socket={destination.nbd}"
-        handles.append(await start_recv(uri, transfer_id=disk_id(migration_id, i), **options))
+        disk = subjects.migration_disk_id(migration_id, i)
+        handles.append(await start_recv(uri, transfer_id=disk, **options))
+    ram = subjects.migration_ram_id(migration_id)
+    migration = f"unix:{destination.migration}"
     handles.append(
-        await start_recv(
-            f"unix:{destination.migration}",
-            transfer_id=ram_id(migration_id),
-            return_id=return_id(migration_id),
-            **options,
-        )
+        await start_recv(migration, transfer_id=ram, return_id=subjects.return_id(ram), **options)
     )
     return handles
 

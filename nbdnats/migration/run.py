@@ -38,7 +38,6 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
@@ -63,7 +62,7 @@ from nbdnats.errors import (
     QmpCommandError,
     UsageError,
 )
-from nbdnats.subjects import check_token
+from nbdnats.subjects import check_token, new_id
 from nbdnats.transfer import resolve_state_dir
 from nbdnats.units import human, parse_size, timeout_arg
 
@@ -758,7 +757,7 @@ async def migrate(
         src=_Qmp("source", src_qmp, changed),
         dst=dst_monitor(changed) if dst_monitor else _Qmp("destination", dst_qmp, changed),
         path=path,
-        migration_id=migration_id or uuid.uuid4().hex[:16],
+        migration_id=migration_id or new_id(),
         timeout=timeout,
         mirror_speed=mirror_speed,
         return_path=return_path,
@@ -1099,7 +1098,7 @@ async def run(args: argparse.Namespace) -> None:
     if args.timeout < 0:
         raise UsageError("--timeout must be 0 (no limit) or more seconds")
     speed = parse_size(args.mirror_speed, "--mirror-speed")
-    migration_id = args.migration_id or uuid.uuid4().hex[:16]
+    migration_id = args.migration_id or new_id()
     seen: list[State] = []
 
     def show(p: Progress) -> None:
