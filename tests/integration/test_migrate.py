@@ -26,6 +26,7 @@ from nbdnats import subjects
 from nbdnats.embedded import EmbeddedServer, free_port
 from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
 from nbdnats.migration import run as migrate
+from nbdnats.migration.disks import PREFIX
 from nbdnats.migration.paths import NatsPath
 from nbdnats.planes import Planes
 from nbdnats.schemas import QmpCommand, encode
@@ -89,7 +90,7 @@ def our_leftovers(source: vm.VM) -> list[str]:
     """Nodes or jobs nbd-nats left in the source QEMU."""
     nodes = [n["node-name"] for n in source.command("query-named-block-nodes", flat=True)]
     jobs = [j["device"] for j in source.command("query-block-jobs")]
-    return [x for x in nodes + jobs if x.startswith(migrate.PREFIX)]
+    return [x for x in nodes + jobs if x.startswith(PREFIX)]
 
 
 def capability(machine: vm.VM, name: str) -> bool:
