@@ -160,7 +160,7 @@ def require(*states: State) -> Callable[[Step[P, T]], Step[P, T]]:
         @functools.wraps(step)
         async def guarded(run: _Run, /, *args: P.args, **kwargs: P.kwargs) -> T:
             if run.state not in states:
-                allowed = ", ".join(s.value for s in states)
+                allowed = ", ".join(s.value for s in State if s in states)
                 raise StateError(
                     f"{step.__name__} may start only while {allowed}, not {run.state.value}"
                 )
