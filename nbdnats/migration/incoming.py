@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbdnats import _core, subjects
+from nbdnats import subjects
 from nbdnats.errors import NbdNatsError, PolicyError, QmpCommandError, SchemaError
 from nbdnats.migration.disks import EXPORT, PREFIX
 from nbdnats.migration.paths import Sockets, destination_sockets, start_receivers, stop_all
@@ -52,12 +52,9 @@ class Incoming:
     """The migrations this agent receives: a QMP session per migration, its sockets and
     receivers."""
 
-    def __init__(
-        self, planes_of: Any, vms: dict[str, str], timeout: float = _core.DEFAULT_TIMEOUT
-    ) -> None:
+    def __init__(self, planes_of: Any, vms: dict[str, str]) -> None:
         self._planes_of = planes_of  # a callable giving the agent's Planes
         self.vms = vms
-        self.timeout = timeout
         self.sessions: dict[str, _Session] = {}
         self._changed = asyncio.Event()
 
@@ -171,9 +168,12 @@ class Incoming:
                     if not name.startswith(PREFIX):
                         raise PolicyError(f"export {name!r} is not one of a migration")
                 s.receivers = await start_receivers(
-                    cmd.migration_id, s.sockets, cmd.exports, planes=self._planes_of(),
-                    timeout=self.timeout,
-                )  # fmt: skip
+                    cmd.migration_id,
+                    s.sockets,
+                    cmd.exports,
+                    planes=self._planes_of(),
+                    timeout=cmd.timeout,
+                )
             return IncomingReply(ok=True, nbd=s.sockets.nbd, migration=s.sockets.migration)
         except NbdNatsError as e:
             return IncomingReply(ok=False, code=e.code, error=str(e))

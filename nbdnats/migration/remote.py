@@ -116,7 +116,11 @@ class AgentPath(NatsPath):
         self, action: Literal["listen", "recv", "close"], exports: dict[str, int] | None = None
     ) -> IncomingReply:
         msg = IncomingCommand(
-            migration_id=self.migration_id, vm=self.vm, action=action, exports=exports or {}
+            migration_id=self.migration_id,
+            vm=self.vm,
+            action=action,
+            exports=exports or {},
+            timeout=self.timeout,
         )
         subject = subjects.ctl_command(self.node, "incoming")
         return await request(self.planes.ctl, subject, msg, IncomingReply, timeout=REQUEST_TIMEOUT)

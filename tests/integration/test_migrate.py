@@ -22,12 +22,13 @@ import nats
 import pytest
 
 from bench import vm
-from nbdnats import subjects
+from nbdnats import _core, subjects
 from nbdnats.embedded import EmbeddedServer, free_port
 from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
 from nbdnats.migration import run as migrate
 from nbdnats.migration.disks import PREFIX
 from nbdnats.migration.paths import NatsPath
+from nbdnats.migration.remote import AgentPath
 from nbdnats.planes import Planes
 from nbdnats.schemas import QmpCommand, encode
 from tests.conftest import (
@@ -36,6 +37,7 @@ from tests.conftest import (
     one_line_error,
     run_cli,
     start_cli,
+    until,
     wait_for,
 )
 
@@ -426,6 +428,40 @@ def test_ctl_migrate_refusals(
     # quit is allowed while it only waits: a migration's rollback needs it.
     assert asyncio.run(relay("hv-b", "quit"))["ok"] is True
     assert dest.proc is not None and dest.proc.wait(60) == 0
+
+
+def test_ctl_migrate_timeout_reaches_the_destination_receivers(
+    vms: Callable[..., vm.VM],
+    start_nats: Callable[..., NatsServer],
+    start_agent: Callable[..., AgentProc],
+) -> None:
+    """The source's agent asks the destination's for receivers with the migration's stream
+    timeout (``ctl migrate --timeout``), then never sends: the destination's receiver gives
+    up after that timeout, not after the default."""
+    dest = vms("dst", incoming=True)
+    server = start_nats(jetstream=True)
+    start_agent("hv-b", server.url, "--vm", f"vm1={dest.qmp}")
+    asked = 12.0
+    assert asked < _core.DEFAULT_TIMEOUT / 2
+    opens, _, _ = subjects.transfer(subjects.migration_ram_id("m4"))
+
+    async def wait_for_the_receiver() -> float:
+        planes = await Planes.connect(server.url, server.url, "hv-a")
+        path = AgentPath(planes, "hv-b", "vm1", "m4", timeout=asked)
+        try:
+            await path.start_receivers(await path.listen(), {})
+            started = time.monotonic()
+            await until(lambda: server.has_subscription(opens), "the receiver listening")
+            await until(
+                lambda: not server.has_subscription(opens), "the receiver giving up", asked + 20
+            )
+            return time.monotonic() - started
+        finally:
+            await path.close()
+            await planes.close()
+
+    waited = asyncio.run(wait_for_the_receiver())
+    assert asked - 1 < waited < asked + 10, waited
 
 
 def test_ctl_cancel_rolls_a_migration_back(
