@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 
 from nbdnats import _core, subjects
+from nbdnats.cli.options import add_command
+from nbdnats.cli.output import print_result
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import NbdNatsError, UsageError
 from nbdnats.migration.paths import DirectPath, NatsPath, Path
@@ -24,7 +26,8 @@ from nbdnats.units import human, parse_size, timeout_arg
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``migrate`` to the ``nbd-nats`` subcommands."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "migrate",
         help="live-migrate a running QEMU VM (RAM and disks)",
         description="Live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp, "
@@ -165,7 +168,4 @@ async def run(args: argparse.Namespace) -> None:
                 await _announce(path, migration_id, "failed", error_code=e.code, error=str(e))
                 raise
             await _announce(path, migration_id, "done", **msgspec.structs.asdict(report))
-    if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    elif not args.quiet:
-        sys.stderr.write(_summary(report) + "\n")
+    print_result(report, None if args.quiet else _summary(report), as_json=args.json)
