@@ -160,13 +160,14 @@ class MigrateCommand(Command, kw_only=True):
 
 class IncomingCommand(Message, kw_only=True):
     """The destination's side of a migration, run by its agent: ``listen`` (sockets for
-    its QEMU), ``recv`` (receivers for the exports, name: size, and the migration stream),
-    ``close`` (end them)."""
+    its QEMU), ``recv`` (receivers for the exports, name: size, and the migration stream,
+    with the streams' ``timeout`` the source uses for its own ends), ``close`` (end them)."""
 
     migration_id: str
     vm: str
     action: Literal["listen", "recv", "close"]
     exports: dict[str, Bytes] = msgspec.field(default_factory=dict)
+    timeout: Seconds = _core.DEFAULT_TIMEOUT
 
 
 class Answer(Message, kw_only=True):

@@ -12,6 +12,7 @@ data.blk.<transfer>.a        acks, receiver -> sender
 from __future__ import annotations
 
 import re
+import uuid
 
 from nbdnats.errors import UsageError
 
@@ -33,6 +34,39 @@ def check_token(value: str, what: str) -> str:
             "(it becomes a NATS subject token)"
         )
     return value
+
+
+# Ids. A transfer id (and a migration's) is one subject token; the streams that belong to
+# another transfer or to a migration are named from its id, so each end derives the same.
+
+
+def new_id() -> str:
+    """A fresh transfer or migration id: short enough to read, random enough not to meet
+    another one on the same servers."""
+    return uuid.uuid4().hex[:16]
+
+
+def idempotency_key() -> str:
+    """A command's key: the agent runs a command once per key, so a retry (the same bytes)
+    gets the first reply."""
+    return uuid.uuid4().hex
+
+
+def return_id(transfer_id: str) -> str:
+    """The transfer that carries a stream's other direction (what the receiving end's
+    connection writes back, e.g. QEMU's migration return path)."""
+    return f"{transfer_id}-back"
+
+
+def migration_ram_id(migration_id: str) -> str:
+    """A migration's stream (RAM and device state) from the source's QEMU to the
+    destination's; ``return_id`` of it carries the return path."""
+    return f"{migration_id}-ram"
+
+
+def migration_disk_id(migration_id: str, disk: int) -> str:
+    """The mirror of a migration's disk number ``disk`` (its place in the source's list)."""
+    return f"{migration_id}-disk{disk}"
 
 
 def transfer(transfer_id: str) -> tuple[str, str, str]:

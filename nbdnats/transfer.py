@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -195,10 +194,6 @@ def resolve_state_dir(state_dir: str | None = None) -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "nbdnats"
-
-
-def new_transfer_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 async def start_send(
@@ -421,7 +416,7 @@ async def copy_ends(
     allow_local_file: bool = True,
 ) -> CopyStats:
     """``copy``, returning both ends' final stats. ``allow_local_file`` as for ``send``."""
-    transfer_id = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
+    transfer_id = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     async with contextlib.AsyncExitStack() as stack:
         if not urls_given(data_url, ctl_url):

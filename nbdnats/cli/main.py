@@ -34,8 +34,7 @@ DATA_COMMANDS = transfer.NAMES
 def _other_commands() -> dict[str, ModuleType]:
     """The commands besides the data commands, in the order --help lists them; each module
     has ``add_parser(sub)`` and ``async run(args)``."""
-    from nbdnats.cli import agent, approve, ctl, dev, digest
-    from nbdnats.migration import run as migrate
+    from nbdnats.cli import agent, approve, ctl, dev, digest, migrate
 
     return {
         "agent": agent,

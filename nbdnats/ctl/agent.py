@@ -47,7 +47,7 @@ from nbdnats.errors import (
     SchemaError,
     UsageError,
 )
-from nbdnats.migration.remote import Incoming
+from nbdnats.migration.incoming import Incoming
 from nbdnats.planes import Login, Planes, redact_url
 from nbdnats.schemas import (
     Answer,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -60,7 +59,6 @@ from nbdnats.schemas import (
     TransferOptions,
     TransfersQuery,
 )
-from nbdnats.transfer import new_transfer_id
 
 REQUEST_TIMEOUT = 10.0  # per attempt
 ATTEMPTS = 3
@@ -347,8 +345,8 @@ class Controller:
 
     @staticmethod
     def _ids(transfer_id: str | None) -> tuple[str, str]:
-        tid = subjects.check_token(transfer_id or new_transfer_id(), "transfer id")
-        return tid, uuid.uuid4().hex
+        tid = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
+        return tid, subjects.idempotency_key()
 
     def _both(self, transfer_id: str | None, options: TransferOptions | None) -> dict[str, Any]:
         """What the commands to both ends share: the transfer, one idempotency key and the

@@ -1,4 +1,9 @@
-"""The NATS data path of a live migration: QEMU's sockets stay local, only NATS crosses.
+"""How a migration's byte streams get from the source's QEMU to the destination's.
+
+Two streams cross: the mirror's NBD connection (one per disk) and the migration stream.
+:class:`Path` is what the orchestration needs of a way across; :class:`DirectPath` joins
+the unix sockets directly (both QEMUs on one host: the baseline), :class:`NatsPath` keeps
+each side's sockets local to its host and only NATS crosses:
 
     source host                                              destination host
     QEMU mirror ─NBD─► bridge nbd-<i>.sock ══ data.blk.<id>-disk<i> ══► recv ─NBD─► QEMU export
@@ -7,7 +12,8 @@
 One transfer per disk (the core's NBD server: a write is answered once the destination
 wrote it, FLUSH once everything before it is) and one for the migration stream. The
 destination's ends are ordinary receivers of the core (an NBD export, ``unix:PATH``); both
-ends run in this process on one data connection (``nbd-nats migrate``).
+ends run in this process on one data connection (``nbd-nats migrate``), or the
+destination's run in its agent (``nbdnats.migration.remote.AgentPath``).
 
 ``drain()`` runs in the handover, before the destination's NBD server stops and its guest
 may run: it waits until every disk transfer has ended with the destination flushed and the
@@ -21,11 +27,11 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from nbdnats import _core
+from nbdnats import _core, subjects
 from nbdnats.errors import MigrationError, NbdNatsError
-from nbdnats.migration.run import Sockets
 from nbdnats.planes import Planes
 from nbdnats.transfer import TransferHandle, start_bridge, start_recv
 
@@ -35,9 +41,83 @@ STOP_TIMEOUT = 10.0
 MIN_STREAM_TIMEOUT = 10.0
 
 
+@dataclass(frozen=True)
+class Sockets:
+    """Unix socket paths: the NBD server's and the migration stream's. A path may serve
+    each export on a socket of its own (``nbd_exports``, by export name)."""
+
+    nbd: str
+    migration: str
+    nbd_exports: dict[str, str] = field(default_factory=dict)
+
+    def nbd_for(self, export: str) -> str:
+        return self.nbd_exports.get(export, self.nbd)
+
+
+class Path(Protocol):
+    """How the mirror's NBD connection and the migration stream get from source to
+    destination. Used in this order: ``listen``, then (once the destination QEMU listens
+    on those sockets) ``start``, and ``close`` always."""
+
+    mode: str
+
+    async def listen(self) -> Sockets:
+        """Sockets on the destination's host where its QEMU is to listen
+        (``nbd-server-start``, ``migrate-incoming``)."""
+        ...
+
+    async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
+        """Sockets on the source's host that the source QEMU is to connect to: the NBD
+        client node of the mirror (one connection per export of ``exports``, name: size),
+        and ``migrate``. What the source writes must reach the matching destination
+        socket in order; an NBD write completes once the destination has it."""
+        ...
+
+    async def drain(self) -> None:
+        """In the handover, before the destination's NBD server stops and its guest may
+        run: return when the destination's disks hold and have flushed everything they
+        were sent (the mirrors' NBD clients are gone by then)."""
+        ...
+
+    async def close(self) -> None:
+        """Tear the path down, ending every connection through it; called after
+        failures too, possibly twice. Must not raise."""
+        ...
+
+
+def destination_sockets(directory: str) -> Sockets:
+    return Sockets(nbd=f"{directory}/nbd.sock", migration=f"{directory}/migration.sock")
+
+
+class DirectPath:
+    """Both QEMUs on this host: the source connects straight to the destination's
+    sockets. No copy in between; the baseline the NATS path is measured against."""
+
+    mode = "direct"
+
+    def __init__(self, socket_dir: str | None = None) -> None:
+        self._parent = socket_dir
+        self._dir: str | None = None
+
+    async def listen(self) -> Sockets:
+        self._dir = tempfile.mkdtemp(prefix="nbdnats-mig-", dir=self._parent)
+        return destination_sockets(self._dir)
+
+    async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
+        return destination
+
+    async def drain(self) -> None:
+        return None  # QEMU's own NBD client flushed before it disconnected
+
+    async def close(self) -> None:
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
 class NatsPath:
-    """Both ends in this process (``nbd-nats migrate``); ``nbdnats.migration.remote.AgentPath`` puts
-    the destination's ends in the destination host's agent."""
+    """Both ends in this process (``nbd-nats migrate``); ``nbdnats.migration.remote.AgentPath``
+    puts the destination's ends in the destination host's agent."""
 
     mode = "nats"
 
@@ -85,20 +165,23 @@ class NatsPath:
     async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
         await self.start_receivers(destination, exports)
         src = self._mkdir("src")
+        mid = self.migration_id
         per_export: dict[str, str] = {}
         for i, (name, size) in enumerate(exports.items()):
             sock = f"{src}/nbd-{i}.sock"
-            tx = await start_bridge(
-                "nbd", sock, transfer_id=disk_id(self.migration_id, i), size=size,
-                **self._options(),
-            )  # fmt: skip
+            disk = subjects.migration_disk_id(mid, i)
+            tx = await start_bridge("nbd", sock, transfer_id=disk, size=size, **self._options())
             self.disk_senders.append(tx)
             self.handles.append(tx)
             per_export[name] = sock
+        ram = subjects.migration_ram_id(mid)
         tx = await start_bridge(
-            "stream", f"{src}/migration.sock", transfer_id=ram_id(self.migration_id),
-            return_id=return_id(self.migration_id), **self._options(),
-        )  # fmt: skip
+            "stream",
+            f"{src}/migration.sock",
+            transfer_id=ram,
+            return_id=subjects.return_id(ram),
+            **self._options(),
+        )
         self.handles.append(tx)
         return Sockets(nbd="", migration=f"{src}/migration.sock", nbd_exports=per_export)
 
@@ -129,23 +212,6 @@ class NatsPath:
         self._dirs.clear()
 
 
-def disk_id(migration_id: str, i: int) -> str:
-    return f"{migration_id}-disk{i}"
-
-
-def ram_id(migration_id: str) -> str:
-    return f"{migration_id}-ram"
-
-
-def return_id(migration_id: str) -> str:
-    """The migration stream's other direction (QEMU's return path)."""
-    return f"{migration_id}-ram-back"
-
-
-def destination_sockets(directory: str) -> Sockets:
-    return Sockets(nbd=f"{directory}/nbd.sock", migration=f"{directory}/migration.sock")
-
-
 async def start_receivers(
     migration_id: str, destination: Sockets, exports: dict[str, int], **options: Any
 ) -> list[TransferHandle]:
@@ -154,14 +220,12 @@ async def start_receivers(
     handles = []
     for i, name in enumerate(exports):
         uri = f"nbd+unix:///{name}?socket={destination.nbd}"
-        handles.append(await start_recv(uri, transfer_id=disk_id(migration_id, i), **options))
+        disk = subjects.migration_disk_id(migration_id, i)
+        handles.append(await start_recv(uri, transfer_id=disk, **options))
+    ram = subjects.migration_ram_id(migration_id)
+    migration = f"unix:{destination.migration}"
     handles.append(
-        await start_recv(
-            f"unix:{destination.migration}",
-            transfer_id=ram_id(migration_id),
-            return_id=return_id(migration_id),
-            **options,
-        )
+        await start_recv(migration, transfer_id=ram, return_id=subjects.return_id(ram), **options)
     )
     return handles
 

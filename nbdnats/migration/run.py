@@ -1,4 +1,4 @@
-"""``nbd-nats migrate``: live migration of a running QEMU VM, RAM and disks, over QMP.
+"""The live migration of a running QEMU VM, RAM and disks, over QMP: a state machine.
 
 The push flow libvirt and Proxmox use (docs/migration.md has the whole sequence):
 
@@ -14,74 +14,63 @@ destination again
     wait for the migration to complete, nbd-server-stop, cont
 
 The byte streams between the two QEMUs (the mirror's NBD connection and the migration
-stream) go through a :class:`Path`. :class:`DirectPath` joins the unix sockets directly
-(both QEMUs on one host: the baseline); the NATS path, where each side's sockets are local
-to its host and only NATS crosses, implements the same interface.
+stream) go through a :class:`~nbdnats.migration.paths.Path`: sockets joined directly, or
+NATS in between.
 
-Until the source reports the migration completed, any failure (or a cancellation) rolls
-back: the migration and the mirror jobs are cancelled, the nodes this added are removed,
-the source's capabilities restored and its VM left running, and the destination, which
-never ran the guest, is told to quit. After that point the guest's state lives on the
-destination and nothing is rolled back; the error says where things stand.
+Each step declares the state it starts from (:func:`require`), and the states say what
+was done: the rollback needs no flags of its own. Until the source reports the migration
+completed (the run enters ``handover``), any failure (or a cancellation) rolls back: the
+migration and the mirror jobs are cancelled, the nodes this added are removed, the source's
+capabilities restored and its VM left running, and the destination, which never ran the
+guest, is told to quit. After that point the guest's state lives on the destination and
+nothing is rolled back; the error says where things stand.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import enum
-import json
-import os
-import shutil
-import signal
-import sys
-import tempfile
+import functools
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path as FsPath
-from typing import Any, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
-from qemu.qmp import (
-    ConnectError,
-    EventListener,
-    ExecuteError,
-    Message,
-    QMPClient,
-    QMPError,
-    Runstate,
-)
+from qemu.qmp import QMPError
 
 from nbdnats import _core
-from nbdnats.errors import (
-    MigrationError,
-    MigrationTimeout,
-    NbdNatsError,
-    QmpCommandError,
-    UsageError,
+from nbdnats.errors import MigrationError, MigrationTimeout, NbdNatsError, UsageError
+from nbdnats.migration.disks import (
+    EXPORT,
+    MIRROR_JOB,
+    PREFIX,
+    TARGET_NODE,
+    Disk,
+    cancel_jobs,
+    match_disks,
+    ours,
+    remove_nodes,
 )
-from nbdnats.subjects import check_token
-from nbdnats.transfer import resolve_state_dir
-from nbdnats.units import human, parse_size, timeout_arg
-
-# How long a step may go without progress before the migration fails (--timeout).
-DEFAULT_TIMEOUT = _core.DEFAULT_TIMEOUT
-# One QMP command's answer; rollback steps; how often counters are polled.
-COMMAND_TIMEOUT = 30.0
-CLEANUP_TIMEOUT = 10.0
-POLL_INTERVAL = 0.25
-# Every job, node and export this adds in QEMU is named with this prefix, so a later
-# `--cancel` finds exactly what a migration left.
-PREFIX = "nbdnats-"
-MIRROR_JOB = PREFIX + "mirror-{}"
-TARGET_NODE = PREFIX + "target-{}"
-EXPORT = PREFIX + "disk-{}"
-MIGRATIONS_DIR = "migrations"
+from nbdnats.migration.paths import DirectPath, Path, Sockets
+from nbdnats.migration.qmp import (
+    CLEANUP_TIMEOUT,
+    COMMAND_TIMEOUT,
+    MIGRATION_ACTIVE,
+    MIGRATION_ENDING,
+    POLL_INTERVAL,
+    Monitor,
+    Qmp,
+    device_is,
+    event_data,
+    quit_destination,
+    resume,
+)
+from nbdnats.subjects import new_id
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class State(enum.Enum):
@@ -97,6 +86,15 @@ class State(enum.Enum):
     DONE = "done"
     ROLLING_BACK = "rolling back"
     FAILED = "failed"
+
+
+# From here on the source reported the migration completed: the guest's state is on the
+# destination, and nothing is rolled back.
+COMMITTED = frozenset({State.HANDOVER, State.DONE})
+# The states in which something was changed in QEMU that a rollback undoes.
+UNDOABLE = frozenset({State.PREPARING, State.MIRRORING, State.MIGRATING, State.SWITCHOVER})
+# The source QEMU was told to migrate: a rollback cancels that migration.
+STARTED = frozenset({State.MIGRATING, State.SWITCHOVER})
 
 
 class MigrationReport(msgspec.Struct, kw_only=True):
@@ -127,237 +125,6 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-# --- the data path --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sockets:
-    """Unix socket paths: the NBD server's and the migration stream's. A path may serve
-    each export on a socket of its own (``nbd_exports``, by export name)."""
-
-    nbd: str
-    migration: str
-    nbd_exports: dict[str, str] = field(default_factory=dict)
-
-    def nbd_for(self, export: str) -> str:
-        return self.nbd_exports.get(export, self.nbd)
-
-
-class Path(Protocol):
-    """How the mirror's NBD connection and the migration stream get from source to
-    destination. Used in this order: ``listen``, then (once the destination QEMU listens
-    on those sockets) ``start``, and ``close`` always."""
-
-    mode: str
-
-    async def listen(self) -> Sockets:
-        """Sockets on the destination's host where its QEMU is to listen
-        (``nbd-server-start``, ``migrate-incoming``)."""
-        ...
-
-    async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
-        """Sockets on the source's host that the source QEMU is to connect to: the NBD
-        client node of the mirror (one connection per export of ``exports``, name: size),
-        and ``migrate``. What the source writes must reach the matching destination
-        socket in order; an NBD write completes once the destination has it."""
-        ...
-
-    async def drain(self) -> None:
-        """In the handover, before the destination's NBD server stops and its guest may
-        run: return when the destination's disks hold and have flushed everything they
-        were sent (the mirrors' NBD clients are gone by then)."""
-        ...
-
-    async def close(self) -> None:
-        """Tear the path down, ending every connection through it; called after
-        failures too, possibly twice. Must not raise."""
-        ...
-
-
-class DirectPath:
-    """Both QEMUs on this host: the source connects straight to the destination's
-    sockets. No copy in between; the baseline the NATS path is measured against."""
-
-    mode = "direct"
-
-    def __init__(self, socket_dir: str | None = None) -> None:
-        self._parent = socket_dir
-        self._dir: str | None = None
-
-    async def listen(self) -> Sockets:
-        self._dir = tempfile.mkdtemp(prefix="nbdnats-mig-", dir=self._parent)
-        return Sockets(nbd=f"{self._dir}/nbd.sock", migration=f"{self._dir}/migration.sock")
-
-    async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
-        return destination
-
-    async def drain(self) -> None:
-        return None  # QEMU's own NBD client flushed before it disconnected
-
-    async def close(self) -> None:
-        if self._dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-
-# --- QMP --------------------------------------------------------------------------------
-
-
-class EventLog:
-    """A QEMU's events in arrival order, with the (monotonic) time each arrived."""
-
-    events: list[tuple[float, Message]]
-
-    def find(
-        self, name: str, since: int, match: Callable[[dict[str, Any]], bool]
-    ) -> dict[str, Any] | None:
-        """The data of the first event ``name`` at or after index ``since`` that matches."""
-        for _, ev in self.events[since:]:
-            if ev["event"] == name and match(_data(ev)):
-                return _data(ev)
-        return None
-
-    def arrived(self, name: str, since: int = 0) -> float | None:
-        for at, ev in self.events[since:]:
-            if ev["event"] == name:
-                return at
-        return None
-
-
-class _Qmp(EventLog):
-    """One QEMU's monitor: commands with timeouts and one-line errors; events kept in
-    arrival order with the time they arrived."""
-
-    def __init__(self, side: str, address: str, changed: asyncio.Event) -> None:
-        self.side = side
-        self.address = address
-        self.client = QMPClient(side)
-        self.events: list[tuple[float, Message]] = []
-        self._changed = changed
-        self._listener = EventListener()
-        self._pump: asyncio.Task[None] | None = None
-
-    async def connect(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.client.connect(self.address), timeout or None)
-        except TimeoutError:
-            raise MigrationError(
-                f"the {self.side} QMP socket {self.address} did not greet within {timeout:g} s "
-                "(QEMU serves one QMP client at a time: is another one connected?)"
-            ) from None
-        except ConnectError as e:
-            cause = e.exc if e.exc is not None else e
-            raise UsageError(
-                f"cannot connect to the {self.side} QMP socket {self.address}: {cause}"
-            ) from None
-        self.client.register_listener(self._listener)
-        self._pump = asyncio.create_task(self._pump_events())
-
-    async def _pump_events(self) -> None:
-        async for event in self._listener:
-            self.events.append((time.monotonic(), event))
-            self._changed.set()
-
-    @property
-    def alive(self) -> bool:
-        return self.client.runstate == Runstate.RUNNING
-
-    async def cmd(self, name: str, /, **args: Any) -> Any:
-        timeout = COMMAND_TIMEOUT
-        try:
-            return await asyncio.wait_for(self.client.execute(name, args or None), timeout)
-        except ExecuteError as e:
-            raise QmpCommandError(f"{self.side} QEMU: {name}: {e}", e.error_class) from None
-        except TimeoutError:
-            raise MigrationTimeout(
-                f"{self.side} QEMU did not answer {name} within {timeout:g} s"
-            ) from None
-        except QMPError:
-            raise MigrationError(
-                f"{self.side} QEMU went away (its QMP connection closed) during {name}"
-            ) from None
-
-    async def status(self) -> str:
-        return str((await self.cmd("query-status"))["status"])
-
-    async def close(self) -> None:
-        if self._pump:
-            self._pump.cancel()
-            with contextlib.suppress(BaseException):
-                await self._pump
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.disconnect(), CLEANUP_TIMEOUT)
-
-
-def _data(event: Message) -> dict[str, Any]:
-    data = event.get("data")
-    return data if isinstance(data, dict) else {}
-
-
-def _device_is(job: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda data: data.get("device") == job
-
-
-# --- disks ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Disk:
-    key: str  # the guest device (qdev path, or the drive name of -drive)
-    source_node: str
-    target_node: str  # the destination's node, exported over NBD
-    size: int
-
-
-def _writable_disks(block: list[dict[str, Any]]) -> dict[str, tuple[str, int]]:
-    """``query-block`` → {device key: (node name, size)} of the disks to migrate: inserted,
-    writable, not removable media (CD-ROMs, floppies)."""
-    disks: dict[str, tuple[str, int]] = {}
-    for b in block:
-        inserted = b.get("inserted")
-        if not inserted or inserted.get("ro") or b.get("removable"):
-            continue
-        key = b.get("qdev") or b.get("device")
-        if not key:
-            continue
-        disks[key] = (inserted["node-name"], int(inserted["image"]["virtual-size"]))
-    return disks
-
-
-def disk_name(key: str) -> str:
-    """A disk's name for people: the device id of ``/machine/peripheral/<id>/...``."""
-    parts = key.split("/")
-    if key.startswith("/machine/peripheral/") and len(parts) > 3:
-        return parts[3]
-    return key
-
-
-def match_disks(source: list[dict[str, Any]], destination: list[dict[str, Any]]) -> list[Disk]:
-    """Pair the source's disks with the destination's by guest device; the destination must
-    have every one, of the same size."""
-    src = _writable_disks(source)
-    dst = _writable_disks(destination)
-    disks = []
-    for key, (node, size) in src.items():
-        if key not in dst:
-            raise UsageError(
-                f"the destination has no disk {disk_name(key)}: start it with the "
-                "same devices (and ids)"
-            )
-        dst_node, dst_size = dst[key]
-        if dst_size != size:
-            raise UsageError(
-                f"disk {disk_name(key)}: the destination's is {dst_size} bytes, the source's "
-                f"{size}: "
-                "give the destination a disk of exactly the source's size"
-            )
-        disks.append(Disk(key, node, dst_node, size))
-    return disks
-
-
-# --- the migration ----------------------------------------------------------------------
-
-
 async def _finish(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to its end even if we are cancelled meanwhile; re-raise the
     cancellation afterwards. Used for rollback, whose steps are each bounded."""
@@ -376,10 +143,38 @@ async def _finish(coro: Coroutine[Any, Any, T]) -> T:
         return result
 
 
+# A step of the run: a coroutine method of _Run.
+Step = Callable[Concatenate["_Run", P], Coroutine[Any, Any, T]]
+
+
+class StateError(RuntimeError):
+    """A step of the run was called in a state it may not start from: a bug here, never
+    something a user can cause, and it touches neither QEMU."""
+
+
+def require(*states: State) -> Callable[[Step[P, T]], Step[P, T]]:
+    """A step declares the states it may start from, as qemu.qmp's ``require`` does:
+    called in any other, it raises :class:`StateError` before it sends QEMU anything."""
+
+    def decorator(step: Step[P, T]) -> Step[P, T]:
+        @functools.wraps(step)
+        async def guarded(run: _Run, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            if run.state not in states:
+                allowed = ", ".join(s.value for s in State if s in states)
+                raise StateError(
+                    f"{step.__name__} may start only while {allowed}, not {run.state.value}"
+                )
+            return await step(run, *args, **kwargs)
+
+        return guarded
+
+    return decorator
+
+
 @dataclass
 class _Run:
-    src: _Qmp
-    dst: Any  # _Qmp, or a monitor relayed by the destination's agent (nbdnats.migration.remote)
+    src: Qmp
+    dst: Monitor  # a local Qmp, or the destination's agent's relay (nbdnats.migration.remote)
     path: Path
     migration_id: str
     timeout: float
@@ -390,12 +185,14 @@ class _Run:
     state: State = State.CONNECTING
     disks: list[Disk] = field(default_factory=list)
     saved_caps: dict[str, bool] = field(default_factory=dict)
-    source_was_running: bool = False
-    nbd_server: bool = False
-    migrate_started: bool = False
-    # Set once the source says the migration completed: nothing is rolled back after it.
-    committed: bool = False
+    # The source VM's status before the migration ("running" or "paused"): a rollback
+    # leaves it as it was.
+    source_status: str = ""
     progress: Progress = field(default_factory=lambda: Progress(State.CONNECTING))
+
+    @property
+    def committed(self) -> bool:
+        return self.state in COMMITTED
 
     def enter(self, state: State) -> None:
         self.state = state
@@ -438,12 +235,13 @@ class _Run:
 
     # -- the steps --
 
+    @require(State.CONNECTING)
     async def inspect(self) -> None:
         self.enter(State.INSPECTING)
         src_status = await self.src.status()
         if src_status not in ("running", "paused"):
             raise UsageError(f"the source VM cannot migrate: its status is {src_status}")
-        self.source_was_running = src_status == "running"
+        self.source_status = src_status
         dst_status = await self.dst.status()
         if dst_status != "inmigrate":
             raise UsageError(
@@ -451,18 +249,19 @@ class _Run:
                 "start it with -incoming defer"
             )
         state = await self.src.cmd("query-migrate")
-        if state.get("status") in ("setup", "active", "pre-switchover", "device"):
+        if state.get("status") in MIGRATION_ACTIVE:
             raise UsageError("the source VM is already migrating")
         self.disks = match_disks(
             await self.src.cmd("query-block"), await self.dst.cmd("query-block")
         )
 
-    async def _set_caps(self, side: _Qmp, caps: dict[str, bool]) -> None:
+    async def _set_caps(self, side: Monitor, caps: dict[str, bool]) -> None:
         await side.cmd(
             "migrate-set-capabilities",
             capabilities=[{"capability": k, "state": v} for k, v in caps.items()],
         )
 
+    @require(State.INSPECTING)
     async def prepare(self) -> Sockets:
         self.enter(State.PREPARING)
         # return-path (opt-in): the destination reports back, so a failure to load the
@@ -489,21 +288,24 @@ class _Run:
             await self.dst.cmd(
                 "nbd-server-start", addr={"type": "unix", "data": {"path": listen.nbd}}
             )
-            self.nbd_server = True
             for i, disk in enumerate(self.disks):
                 await self.dst.cmd(
-                    "block-export-add", type="nbd", id=EXPORT.format(i),
-                    **{"node-name": disk.target_node}, name=EXPORT.format(i), writable=True,
-                )  # fmt: skip
+                    "block-export-add",
+                    type="nbd",
+                    id=EXPORT.format(i),
+                    name=EXPORT.format(i),
+                    writable=True,
+                    **{"node-name": disk.target_node},
+                )
         await self.dst.cmd("migrate-incoming", uri=f"unix:{listen.migration}")
         exports = {EXPORT.format(i): disk.size for i, disk in enumerate(self.disks)}
         return await self.path.start(listen, exports)
 
     async def _job_offsets(self) -> tuple[int, int]:
         jobs = await self.src.cmd("query-block-jobs")
-        ours = [j for j in jobs if str(j.get("device", "")).startswith(PREFIX)]
-        done = sum(int(j.get("offset", 0)) for j in ours)
-        total = sum(int(j.get("len", 0)) for j in ours)
+        mirrors = [j for j in jobs if ours(j)]
+        done = sum(int(j.get("offset", 0)) for j in mirrors)
+        total = sum(int(j.get("len", 0)) for j in mirrors)
         self.progress.disk_done, self.progress.disk_total = done, total
         if self.on_progress:
             self.on_progress(self.progress)
@@ -512,7 +314,7 @@ class _Run:
     def _job_failure(self, since: int) -> None:
         """Raise if one of our mirror jobs ended or reported an error since ``since``."""
         for _, ev in self.src.events[since:]:
-            data = _data(ev)
+            data = event_data(ev)
             job = str(data.get("device", ""))
             if not job.startswith(PREFIX):
                 continue
@@ -524,30 +326,36 @@ class _Run:
                 why = data.get("error") or "it was cancelled"
                 raise MigrationError(f"mirror {job} ended: {why}")
 
+    @require(State.PREPARING)
     async def mirror(self, source_side: Sockets) -> None:
         """Start a mirror job per disk (still part of preparing), then wait until every
         one is READY (mirroring: from here on the jobs exist in the source)."""
         since = len(self.src.events)
         for i, disk in enumerate(self.disks):
             await self.src.cmd(
-                "blockdev-add", driver="nbd", **{"node-name": TARGET_NODE.format(i)},
+                "blockdev-add",
+                driver="nbd",
                 server={"type": "unix", "path": source_side.nbd_for(EXPORT.format(i))},
                 export=EXPORT.format(i),
-            )  # fmt: skip
-            args: dict[str, Any] = {"copy-mode": "write-blocking"}
+                **{"node-name": TARGET_NODE.format(i)},
+            )
+            args: dict[str, Any] = {"job-id": MIRROR_JOB.format(i), "copy-mode": "write-blocking"}
             if self.mirror_speed:
                 args["speed"] = self.mirror_speed
             await self.src.cmd(
-                "blockdev-mirror", **{"job-id": MIRROR_JOB.format(i)}, device=disk.source_node,
-                target=TARGET_NODE.format(i), sync="full", **args,
-            )  # fmt: skip
+                "blockdev-mirror",
+                device=disk.source_node,
+                target=TARGET_NODE.format(i),
+                sync="full",
+                **args,
+            )
         jobs = {MIRROR_JOB.format(i) for i in range(len(self.disks))}
         self.enter(State.MIRRORING)
 
         def ready() -> bool | None:
             self._job_failure(since)
             seen = {
-                str(_data(ev).get("device"))
+                str(event_data(ev).get("device"))
                 for _, ev in self.src.events[since:]
                 if ev["event"] == "BLOCK_JOB_READY"
             }
@@ -577,11 +385,11 @@ class _Run:
             raise MigrationError("the destination QEMU reports the incoming migration failed")
         return None
 
+    @require(State.MIRRORING)
     async def migrate(self, source_side: Sockets) -> tuple[int, float | None]:
         self.enter(State.MIGRATING)
         since_src = len(self.src.events)
         await self.src.cmd("migrate", uri=f"unix:{source_side.migration}")
-        self.migrate_started = True
 
         def paused() -> bool | None:
             self._job_failure(since_src)
@@ -593,9 +401,11 @@ class _Run:
         await self.wait("migrating the RAM", paused, moved)
         return since_src, self.src.arrived("STOP", since_src)
 
+    @require(State.MIGRATING)
     async def switchover(self, since: int) -> int:
         """The source VM is stopped: complete the mirrors (no pivot), drop their targets,
-        let the migration finish. Returns the bytes the mirrors moved."""
+        let the migration finish; once the source says it completed, the run is in the
+        handover (committed). Returns the bytes the mirrors moved."""
         self.enter(State.SWITCHOVER)
         since_jobs = len(self.src.events)
         jobs = [MIRROR_JOB.format(i) for i in range(len(self.disks))]
@@ -605,7 +415,7 @@ class _Run:
         def completed() -> int | None:
             self._job_failure(since_jobs)
             done = [
-                self.src.find("BLOCK_JOB_COMPLETED", since_jobs, _device_is(job)) for job in jobs
+                self.src.find("BLOCK_JOB_COMPLETED", since_jobs, device_is(job)) for job in jobs
             ]
             if all(d is not None for d in done):
                 return sum(int(d.get("offset", 0)) for d in done if d is not None)
@@ -622,12 +432,12 @@ class _Run:
             return self._migration_event(since, "completed")
 
         await self.wait("finishing the migration", done, lambda: self._ram())
-        self.committed = True
+        self.enter(State.HANDOVER)
         return disk_bytes
 
+    @require(State.HANDOVER)
     async def handover(self) -> float | None:
         """The guest's state is on the destination: stop its NBD server and start it."""
-        self.enter(State.HANDOVER)
 
         def incoming_done() -> bool | None:
             if self.dst.find("MIGRATION", 0, lambda d: d.get("status") == "completed"):
@@ -642,9 +452,8 @@ class _Run:
         # must have ended before the destination's guest may run.
         await self.path.drain()
         since = len(self.dst.events)
-        if self.nbd_server:
+        if self.disks:  # prepare started the NBD server for them
             await self.dst.cmd("nbd-server-stop")
-            self.nbd_server = False
         if await self.dst.status() != "running":
             await self.dst.cmd("cont")
         resumed = self.dst.arrived("RESUME", since) or self.dst.arrived("RESUME")
@@ -657,9 +466,11 @@ class _Run:
 
     # -- rollback --
 
+    @require(*UNDOABLE)
     async def rollback(self) -> list[str]:
         """Undo everything on both sides, each step bounded; returns what could not be
         undone (empty when all went well)."""
+        started = self.state in STARTED
         self.enter(State.ROLLING_BACK)
         problems: list[str] = []
 
@@ -670,7 +481,7 @@ class _Run:
                 problems.append(f"{what}: {e}")
 
         if self.src.alive:
-            if self.migrate_started:
+            if started:
                 await step("migrate_cancel", self._cancel_migration())
             # Closing the path ends the streams' connections, which frees an NBD request
             # stuck on a stalled stream, so the mirror can be cancelled.
@@ -678,7 +489,7 @@ class _Run:
             await step("cancelling the mirrors", cancel_jobs(self.src))
             await step("removing the mirror targets", remove_nodes(self.src))
             await step("restoring the capabilities", self.restore_caps())
-            if self.source_was_running:
+            if self.source_status == "running":
                 await step("resuming the source", resume(self.src))
         else:
             problems.append("the source QEMU is gone")
@@ -687,48 +498,8 @@ class _Run:
 
     async def _cancel_migration(self) -> None:
         await self.src.cmd("migrate_cancel")
-        while (await self.src.cmd("query-migrate")).get("status") in (
-            "setup", "active", "pre-switchover", "device", "cancelling",
-        ):  # fmt: skip
+        while (await self.src.cmd("query-migrate")).get("status") in MIGRATION_ENDING:
             await asyncio.sleep(POLL_INTERVAL)
-
-
-async def cancel_jobs(src: _Qmp) -> None:
-    """Cancel (force) every block job of ours and wait until they are gone."""
-    for job in await src.cmd("query-block-jobs"):
-        if str(job.get("device", "")).startswith(PREFIX):
-            with contextlib.suppress(QmpCommandError):
-                await src.cmd("block-job-cancel", device=job["device"], force=True)
-    while any(
-        str(j.get("device", "")).startswith(PREFIX) for j in await src.cmd("query-block-jobs")
-    ):
-        await asyncio.sleep(POLL_INTERVAL)
-
-
-async def remove_nodes(src: _Qmp) -> None:
-    for node in await src.cmd("query-named-block-nodes", flat=True):
-        name = str(node.get("node-name", ""))
-        if name.startswith(TARGET_NODE.format("")):
-            await src.cmd("blockdev-del", **{"node-name": name})
-
-
-async def resume(src: _Qmp) -> None:
-    """Restart the source VM if the migration left it paused (QEMU restarts it itself
-    after migrate_cancel; a pause-before-switchover or finish may still hold it)."""
-    if await src.status() in ("paused", "finish-migrate"):
-        await src.cmd("cont")
-
-
-async def quit_destination(dst: _Qmp) -> None:
-    """Quit the destination QEMU — only while it still waits for (or failed) an incoming
-    migration, so it never ran the guest."""
-    if not dst.alive:
-        return
-    status = await dst.status()
-    if status not in ("inmigrate", "prelaunch"):
-        raise MigrationError(f"left the destination alone: its status is {status}")
-    with contextlib.suppress(MigrationError):
-        await dst.cmd("quit")
 
 
 async def migrate(
@@ -737,10 +508,10 @@ async def migrate(
     *,
     path: Path | None = None,
     migration_id: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = _core.DEFAULT_TIMEOUT,
     mirror_speed: int = 0,
     on_progress: ProgressCallback | None = None,
-    dst_monitor: Callable[[asyncio.Event], Any] | None = None,
+    dst_monitor: Callable[[asyncio.Event], Monitor] | None = None,
     return_path: bool = False,
 ) -> MigrationReport:
     """Live-migrate the VM behind the source QMP socket into the destination QEMU (started
@@ -755,10 +526,10 @@ async def migrate(
     path = path or DirectPath()
     changed = asyncio.Event()
     run = _Run(
-        src=_Qmp("source", src_qmp, changed),
-        dst=dst_monitor(changed) if dst_monitor else _Qmp("destination", dst_qmp, changed),
+        src=Qmp("source", src_qmp, changed),
+        dst=dst_monitor(changed) if dst_monitor else Qmp("destination", dst_qmp, changed),
         path=path,
-        migration_id=migration_id or uuid.uuid4().hex[:16],
+        migration_id=migration_id or new_id(),
         timeout=timeout,
         mirror_speed=mirror_speed,
         return_path=return_path,
@@ -799,11 +570,12 @@ async def migrate(
             if stop or isinstance(e, NbdNatsError):
                 raise
             raise MigrationError(f"migration failed while {failed_in.value}: {_describe(e)}") from e
-        if not run.committed and run.state == State.SWITCHOVER:
+        committed = run.committed
+        if failed_in == State.SWITCHOVER:
             # The source may have completed just as this failed: then it is too late to
             # roll back (the destination would be quit while it holds the only state).
-            run.committed = await _finish(_source_completed(run.src))
-        if run.committed:
+            committed = await _finish(_source_completed(run.src))
+        if committed:
             if stop:
                 raise
             raise _after_commit(e) from e
@@ -816,7 +588,7 @@ async def migrate(
         await _finish(_close(run))
 
 
-async def _source_completed(src: _Qmp) -> bool:
+async def _source_completed(src: Monitor) -> bool:
     try:
         info = await asyncio.wait_for(src.cmd("query-migrate"), CLEANUP_TIMEOUT)
     except (NbdNatsError, TimeoutError):
@@ -861,13 +633,13 @@ async def abort(src_qmp: str, dst_qmp: str | None = None) -> list[str]:
     source, cancel our mirror jobs, remove our nodes, resume a paused source; quit the
     destination if it still waits for the migration. Returns what could not be done."""
     changed = asyncio.Event()
-    src = _Qmp("source", src_qmp, changed)
-    dst = _Qmp("destination", dst_qmp, changed) if dst_qmp else None
+    src = Qmp("source", src_qmp, changed)
+    dst = Qmp("destination", dst_qmp, changed) if dst_qmp else None
     problems: list[str] = []
     try:
         await src.connect(CLEANUP_TIMEOUT)
         status = (await src.cmd("query-migrate")).get("status")
-        if status in ("setup", "active", "pre-switchover", "device"):
+        if status in MIGRATION_ACTIVE:
             await src.cmd("migrate_cancel")
         for what, coro in (
             ("cancelling the mirrors", cancel_jobs(src)),
@@ -898,235 +670,3 @@ async def abort(src_qmp: str, dst_qmp: str | None = None) -> list[str]:
         if dst is not None:
             await dst.close()
     return problems
-
-
-# --- running migrations, for --cancel ------------------------------------------------
-
-
-def _record_path(migration_id: str) -> FsPath:
-    return resolve_state_dir() / MIGRATIONS_DIR / f"{migration_id}.json"
-
-
-@contextlib.contextmanager
-def _recorded(migration_id: str, args: argparse.Namespace) -> Any:
-    """While a migration runs, $STATE/migrations/ID.json names its process."""
-    path = _record_path(migration_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        try:
-            pid = int(json.loads(path.read_text())["pid"])
-        except (ValueError, KeyError, OSError):
-            pid = 0
-        if pid and _alive(pid):
-            raise UsageError(f"migration {migration_id} is already running (pid {pid})")
-    record = {"pid": os.getpid(), "src_qmp": args.src_qmp, "dst_qmp": args.dst_qmp}
-    path.write_text(json.dumps(record) + "\n")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-async def cancel(migration_id: str | None, src_qmp: str | None, dst_qmp: str | None) -> str:
-    """``--cancel``: stop the migration ``migration_id`` started by another ``nbd-nats
-    migrate`` (SIGTERM; it rolls back and exits), else roll back through the QMP sockets."""
-    if migration_id:
-        path = _record_path(migration_id)
-        record: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            record = json.loads(path.read_text())
-        pid = int(record.get("pid", 0))
-        if pid and _alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + COMMAND_TIMEOUT + 4 * CLEANUP_TIMEOUT
-            while _alive(pid) and path.exists():
-                if time.monotonic() > deadline:
-                    raise MigrationError(f"migration {migration_id} (pid {pid}) did not stop")
-                await asyncio.sleep(POLL_INTERVAL)
-            return f"cancelled migration {migration_id}: process {pid} stopped and rolled back"
-        src_qmp = src_qmp or record.get("src_qmp")
-        dst_qmp = dst_qmp or record.get("dst_qmp")
-        with contextlib.suppress(OSError):
-            path.unlink()
-    if not src_qmp:
-        raise UsageError(
-            f"no running migration {migration_id}: give --src-qmp to roll back through QMP"
-            if migration_id
-            else "--cancel needs --id of a running migration or --src-qmp"
-        )
-    problems = await abort(src_qmp, dst_qmp)
-    if problems:
-        raise MigrationError("cancel incomplete: " + "; ".join(problems))
-    return "cancelled: nothing of a migration is left on the source" + (
-        "; the destination was stopped" if dst_qmp else ""
-    )
-
-
-# --- CLI ------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``migrate`` to the ``nbd-nats`` subcommands."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "migrate",
-        help="live-migrate a running QEMU VM (RAM and disks)",
-        description="Live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp, "
-        "started with -incoming defer and disks of the same sizes. The disks are found "
-        "through QMP. See docs/migration.md.",
-    )
-    p.add_argument("--src-qmp", metavar="SOCK", help="the source QEMU's QMP unix socket")
-    p.add_argument("--dst-qmp", metavar="SOCK", help="the destination QEMU's QMP unix socket")
-    p.add_argument("--id", dest="migration_id", metavar="ID", help="migration id (default: random)")
-    p.add_argument(
-        "--direct",
-        action="store_true",
-        help="join the two QEMUs' sockets directly, no NATS (the baseline)",
-    )
-    p.add_argument(
-        "--data-url",
-        metavar="URL",
-        help="data-plane servers for the streams (default: $NBDNATS_DATA_URL, else an "
-        "embedded nats-server)",
-    )
-    p.add_argument(
-        "--ctl-url",
-        metavar="URL",
-        help="ctl-plane servers for the migration's event (default: $NBDNATS_CTL_URL, else "
-        "the data URL)",
-    )
-    p.add_argument("--node", help="this node's name in ctl.evt.NODE.migration (default: hostname)")
-    p.add_argument(
-        "--timeout",
-        type=timeout_arg,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="fail when a step makes no progress for this long; 0 waits forever "
-        f"(default: {DEFAULT_TIMEOUT:g})",
-    )
-    p.add_argument(
-        "--cancel",
-        action="store_true",
-        help="cancel migration --id run by another nbd-nats migrate, or roll back what a "
-        "migration left behind through --src-qmp (and --dst-qmp)",
-    )
-    p.add_argument(
-        "--mirror-speed",
-        default="0",
-        metavar="BYTES",
-        help="cap the disks' bulk copy at BYTES per second, like 50M (default: no cap)",
-    )
-    p.add_argument(
-        "--return-path",
-        action="store_true",
-        help="turn on QEMU's return path: a destination that fails to load tells the source "
-        "(costs downtime: the source waits for the destination to have loaded)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON line with the results")
-    p.add_argument("--quiet", "-q", action="store_true", help="no state lines or summary")
-    return p
-
-
-@contextlib.asynccontextmanager
-async def _data_path(args: argparse.Namespace, migration_id: str) -> AsyncIterator[Path]:
-    """--direct, or NATS: the given data plane (or $NBDNATS_DATA_URL), else an embedded
-    nats-server for the duration."""
-    if args.direct:
-        yield DirectPath()
-        return
-    from nbdnats.embedded import EmbeddedServer
-    from nbdnats.migration.paths import NatsPath
-    from nbdnats.planes import Planes, urls_given
-
-    async with contextlib.AsyncExitStack() as stack:
-        url = args.data_url
-        if not urls_given(url, None):
-            url = await stack.enter_async_context(EmbeddedServer())
-        ctl = args.ctl_url or (None if args.data_url else url)
-        planes = await Planes.connect(url, ctl, args.node)
-        stack.push_async_callback(planes.close)
-        timeout = args.timeout or DEFAULT_TIMEOUT
-        yield NatsPath(planes, migration_id, timeout=timeout)
-
-
-async def _announce(path: Path, migration_id: str, state: str, **fields: Any) -> None:
-    """Report the end as ``ctl.evt.<node>.migration`` on the NATS path's ctl connection."""
-    planes = getattr(path, "planes", None)
-    if planes is None:
-        return
-    from nbdnats import subjects
-    from nbdnats.schemas import MigrationEvent
-
-    fields = {k: v for k, v in fields.items() if k in MigrationEvent.__struct_fields__}
-    fields.update(migration_id=migration_id, node=planes.node, state=state, mode=path.mode)
-    with contextlib.suppress(Exception):
-        event = msgspec.json.encode(MigrationEvent(**fields))
-        await planes.ctl.publish(subjects.ctl_event(planes.node, "migration"), event)
-        await planes.ctl.flush(timeout=2)
-
-
-def _summary(r: MigrationReport) -> str:
-    return (
-        f"migrated {r.disks} disk{'s' if r.disks != 1 else ''} ({human(r.disk_bytes)}) and "
-        f"{human(r.ram_bytes)} of RAM in {r.total_seconds:.2f} s, downtime {r.downtime_ms} ms "
-        f"(paused {r.paused_ms} ms), {r.mode}"
-    )
-
-
-async def run(args: argparse.Namespace) -> None:
-    if args.migration_id is not None:
-        # It names a file here, and subjects once the migration travels over NATS.
-        check_token(args.migration_id, "migration id")
-    if args.cancel:
-        message = await cancel(args.migration_id, args.src_qmp, args.dst_qmp)
-        if not args.quiet:
-            sys.stderr.write(f"nbd-nats: {message}\n")
-        return
-    if not args.src_qmp or not args.dst_qmp:
-        raise UsageError("migrate needs --src-qmp and --dst-qmp")
-    if args.direct and args.data_url:
-        raise UsageError("--direct joins the sockets without NATS: drop --data-url")
-    if args.timeout < 0:
-        raise UsageError("--timeout must be 0 (no limit) or more seconds")
-    speed = parse_size(args.mirror_speed, "--mirror-speed")
-    migration_id = args.migration_id or uuid.uuid4().hex[:16]
-    seen: list[State] = []
-
-    def show(p: Progress) -> None:
-        # One line per state on stderr: what a person (or a script waiting for a state)
-        # needs; --json and --quiet keep stderr for errors.
-        if not seen or seen[-1] != p.state:
-            seen.append(p.state)
-            sys.stderr.write(f"nbd-nats: migration {migration_id}: {p.state.value}\n")
-
-    with _recorded(migration_id, args):
-        async with _data_path(args, migration_id) as path:
-            try:
-                report = await migrate(
-                    args.src_qmp,
-                    args.dst_qmp,
-                    path=path,
-                    migration_id=migration_id,
-                    timeout=args.timeout,
-                    mirror_speed=speed,
-                    return_path=args.return_path,
-                    on_progress=None if (args.quiet or args.json) else show,
-                )
-            except NbdNatsError as e:
-                await _announce(path, migration_id, "failed", error_code=e.code, error=str(e))
-                raise
-            await _announce(path, migration_id, "done", **msgspec.structs.asdict(report))
-    if args.json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    elif not args.quiet:
-        sys.stderr.write(_summary(report) + "\n")

@@ -22,11 +22,13 @@ import nats
 import pytest
 
 from bench import vm
-from nbdnats import subjects
+from nbdnats import _core, subjects
 from nbdnats.embedded import EmbeddedServer, free_port
 from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
 from nbdnats.migration import run as migrate
+from nbdnats.migration.disks import PREFIX
 from nbdnats.migration.paths import NatsPath
+from nbdnats.migration.remote import AgentPath
 from nbdnats.planes import Planes
 from nbdnats.schemas import QmpCommand, encode
 from tests.conftest import (
@@ -35,6 +37,7 @@ from tests.conftest import (
     one_line_error,
     run_cli,
     start_cli,
+    until,
     wait_for,
 )
 
@@ -89,12 +92,51 @@ def our_leftovers(source: vm.VM) -> list[str]:
     """Nodes or jobs nbd-nats left in the source QEMU."""
     nodes = [n["node-name"] for n in source.command("query-named-block-nodes", flat=True)]
     jobs = [j["device"] for j in source.command("query-block-jobs")]
-    return [x for x in nodes + jobs if x.startswith(migrate.PREFIX)]
+    return [x for x in nodes + jobs if x.startswith(PREFIX)]
 
 
 def capability(machine: vm.VM, name: str) -> bool:
     caps = machine.command("query-migrate-capabilities")
     return any(c["capability"] == name and c["state"] for c in caps)
+
+
+def qmp_args(source: str, dest: str) -> list[str]:
+    return ["--src-qmp", source, "--dst-qmp", dest]
+
+
+def ctl(url: str, *args: str) -> list[str]:
+    return ["ctl", "--ctl-url", url, *args]
+
+
+def slow_to_mirror(vms: Callable[..., vm.VM]) -> tuple[vm.VM, vm.VM]:
+    """A running source with 32 MiB of data, and a destination waiting for it: at a capped
+    mirror speed the mirror runs for seconds, long enough to break something meanwhile."""
+    source = vms("src", data_mib=32)
+    source.wait_counter(0)
+    return source, vms("dst", incoming=True)
+
+
+def assert_source_runs_on(source: vm.VM) -> None:
+    """Rolled back: the source VM runs, its guest goes on counting, and nothing of ours
+    is left in it."""
+    assert source.status() == "running"
+    assert our_leftovers(source) == []
+    assert not capability(source, "pause-before-switchover")
+    printed = source.last_counter()
+    source.wait_counter(printed + 3, timeout=120)
+
+
+def wait_for_mirroring(running: subprocess.Popen[bytes]) -> None:
+    """Read the migrating process's state lines until it says it mirrors."""
+    assert running.stderr is not None
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = running.stderr.readline().decode()
+        lines.append(line)
+        if not line or "mirroring" in line:
+            break
+    assert lines and "mirroring" in lines[-1], lines
 
 
 @pytest.mark.parametrize("mode", ["nats", "nats-return-path", "direct"])
@@ -115,16 +157,14 @@ def test_migrate_while_the_guest_writes(
     path += ["--return-path"] if mode == "nats-return-path" else []
     mode = mode.removesuffix("-return-path")
     # The events stream exists (a controller or agent made it); the migration reports there.
-    assert run_cli("ctl", "--ctl-url", url, "nodes").returncode == 0
+    assert run_cli(*ctl(url, "nodes")).returncode == 0
 
-    proc = run_cli(
-        "migrate", *path, "--src-qmp", source.qmp, "--dst-qmp", dest.qmp, "--json",
-        "--timeout", "30", timeout=120,
-    )  # fmt: skip
+    sockets = qmp_args(source.qmp, dest.qmp)
+    proc = run_cli("migrate", *path, *sockets, "--json", "--timeout", "30", timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     report = json.loads(proc.stdout)
     assert report["mode"] == mode and report["disks"] == 1
-    events = run_cli("ctl", "--ctl-url", url, "--json", "events", "--all", "--no-follow")
+    events = run_cli(*ctl(url, "--json", "events", "--all", "--no-follow"))
     stored = [json.loads(line) for line in events.stdout.decode().splitlines()]
     if mode == "nats":
         (ev,) = [e for e in stored if e["subject"] == "ctl.evt.hv1.migration"]
@@ -164,25 +204,17 @@ def test_destination_disk_of_another_size(vms: Callable[..., vm.VM]) -> None:
     source.wait_counter(0)
     dest = vms("dst", size=DISK // 2, incoming=True)
 
-    proc = run_cli(
-        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp, "--quiet",
-    )  # fmt: skip
+    proc = run_cli("migrate", "--direct", *qmp_args(source.qmp, dest.qmp), "--quiet")
     line = one_line_error(proc)
     assert proc.returncode == 2
     assert "disk" in line and str(DISK // 2) in line and str(DISK) in line, line
-    assert source.status() == "running"
-    assert our_leftovers(source) == []
-    printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=120)
+    assert_source_runs_on(source)
 
 
 @pytest.mark.parametrize("mode", ["nats", "direct"])
 def test_destination_killed_mid_mirror(mode: str, vms: Callable[..., vm.VM]) -> None:
-    # 32 MiB of data copied at 4 MiB/s: the mirror runs for seconds, long enough to kill
-    # the destination in the middle of it.
-    source = vms("src", data_mib=32)
-    source.wait_counter(0)
-    dest = vms("dst", incoming=True)
+    # The mirror copies at 4 MiB/s: the destination is killed in the middle of it.
+    source, dest = slow_to_mirror(vms)
     killed_at: list[int] = []
 
     def on_progress(p: migrate.Progress) -> None:
@@ -202,11 +234,7 @@ def test_destination_killed_mid_mirror(mode: str, vms: Callable[..., vm.VM]) -> 
     message = str(caught.value)
     assert "mirroring" in message and "rolled back" in message, message
 
-    assert source.status() == "running"
-    assert our_leftovers(source) == []
-    assert not capability(source, "pause-before-switchover")
-    printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=120)
+    assert_source_runs_on(source)
 
 
 @pytest.mark.parametrize("mode", ["nats", "direct"])
@@ -214,9 +242,7 @@ def test_stalled_stream_times_out(mode: str, vms: Callable[..., vm.VM]) -> None:
     # The destination QEMU is frozen (SIGSTOP) mid-mirror: the mirror stops moving, and
     # after --timeout without progress the migration fails and rolls back. It is thawed
     # when the rollback starts, as a network that comes back would be.
-    source = vms("src", data_mib=32)
-    source.wait_counter(0)
-    dest = vms("dst", incoming=True)
+    source, dest = slow_to_mirror(vms)
     assert dest.proc is not None
     frozen: list[float] = []
 
@@ -239,30 +265,16 @@ def test_stalled_stream_times_out(mode: str, vms: Callable[..., vm.VM]) -> None:
     assert "rolled back" in message, message
     assert frozen
     assert dest.proc.wait(60) == 0  # told to quit once thawed
-    assert source.status() == "running"
-    assert our_leftovers(source) == []
-    printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=120)
+    assert_source_runs_on(source)
 
 
 @pytest.mark.parametrize("mode", ["nats", "direct"])
 def test_cancel_from_another_invocation(mode: str, vms: Callable[..., vm.VM]) -> None:
-    source = vms("src", data_mib=32)
-    source.wait_counter(0)
-    dest = vms("dst", incoming=True)
-    running = start_cli(
-        "migrate", *(["--direct"] if mode == "direct" else []), "--src-qmp", source.qmp,
-        "--dst-qmp", dest.qmp, "--id", "mig1", "--mirror-speed", "2M",
-    )  # fmt: skip
-    assert running.stderr is not None
-    deadline = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < deadline:
-        line = running.stderr.readline().decode()
-        lines.append(line)
-        if not line or "mirroring" in line:
-            break
-    assert lines and "mirroring" in lines[-1], lines
+    source, dest = slow_to_mirror(vms)
+    direct = ["--direct"] if mode == "direct" else []
+    sockets = qmp_args(source.qmp, dest.qmp)
+    running = start_cli("migrate", *direct, *sockets, "--id", "mig1", "--mirror-speed", "2M")
+    wait_for_mirroring(running)
 
     proc = run_cli("migrate", "--cancel", "--id", "mig1", timeout=90)
     assert proc.returncode == 0, proc.stderr.decode()
@@ -270,29 +282,17 @@ def test_cancel_from_another_invocation(mode: str, vms: Callable[..., vm.VM]) ->
     # The migrating process was told to stop (SIGTERM), rolled back, and exited with 143.
     assert running.wait(60) == 128 + signal.SIGTERM
     assert dest.proc is not None and dest.proc.wait(60) == 0  # quit, not killed
-    assert source.status() == "running"
-    assert our_leftovers(source) == []
-    printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=120)
+    assert_source_runs_on(source)
 
 
 def test_cancel_after_the_migrating_process_was_killed(vms: Callable[..., vm.VM]) -> None:
     # A SIGKILLed nbd-nats leaves its mirror job, NBD node and capabilities in the source
     # and a waiting destination; --cancel --id finds the sockets in its record and rolls
     # all of it back through QMP.
-    source = vms("src", data_mib=32)
-    source.wait_counter(0)
-    dest = vms("dst", incoming=True)
-    running = start_cli(
-        "migrate", "--direct", "--src-qmp", source.qmp, "--dst-qmp", dest.qmp,
-        "--id", "mig2", "--mirror-speed", "2M",
-    )  # fmt: skip
-    assert running.stderr is not None
-    for _ in range(20):
-        line = running.stderr.readline().decode()
-        if not line or "mirroring" in line:
-            break
-    assert "mirroring" in line, line
+    source, dest = slow_to_mirror(vms)
+    sockets = qmp_args(source.qmp, dest.qmp)
+    running = start_cli("migrate", "--direct", *sockets, "--id", "mig2", "--mirror-speed", "2M")
+    wait_for_mirroring(running)
     running.kill()
     running.wait(10)
     assert our_leftovers(source) != []  # what the killed process left
@@ -302,18 +302,12 @@ def test_cancel_after_the_migrating_process_was_killed(vms: Callable[..., vm.VM]
     assert proc.returncode == 0, proc.stderr.decode()
     assert "the destination was stopped" in proc.stderr.decode()
     assert dest.proc is not None and dest.proc.wait(60) == 0
-    assert source.status() == "running"
-    assert our_leftovers(source) == []
-    assert not capability(source, "pause-before-switchover")
-    printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=120)
+    assert_source_runs_on(source)
 
 
 def test_direct_takes_no_data_url() -> None:
-    proc = run_cli(
-        "migrate", "--direct", "--data-url", "nats://127.0.0.1:1", "--src-qmp", "/x/a",
-        "--dst-qmp", "/x/b",
-    )  # fmt: skip
+    url = "nats://127.0.0.1:1"
+    proc = run_cli("migrate", "--direct", "--data-url", url, *qmp_args("/x/a", "/x/b"))
     line = one_line_error(proc)
     assert proc.returncode == 2 and "drop --data-url" in line
 
@@ -321,10 +315,8 @@ def test_direct_takes_no_data_url() -> None:
 def test_unreachable_data_plane_is_one_line(vms: Callable[..., vm.VM]) -> None:
     source = vms("src")
     dest = vms("dst", incoming=True)
-    proc = run_cli(
-        "migrate", "--data-url", f"nats://127.0.0.1:{free_port()}", "--src-qmp", source.qmp,
-        "--dst-qmp", dest.qmp,
-    )  # fmt: skip
+    url = f"nats://127.0.0.1:{free_port()}"
+    proc = run_cli("migrate", "--data-url", url, *qmp_args(source.qmp, dest.qmp))
     line = one_line_error(proc)
     assert proc.returncode == 1 and "cannot connect" in line
     assert source.status() == "running" and dest.status() == "inmigrate"  # untouched
@@ -337,10 +329,8 @@ def test_cancel_with_nothing_to_cancel() -> None:
 
 
 def test_unreachable_qmp_socket(tmp_path: Path) -> None:
-    proc = run_cli(
-        "migrate", "--direct", "--src-qmp", str(tmp_path / "none.qmp"),
-        "--dst-qmp", str(tmp_path / "none2.qmp"),
-    )  # fmt: skip
+    sockets = qmp_args(str(tmp_path / "none.qmp"), str(tmp_path / "none2.qmp"))
+    proc = run_cli("migrate", "--direct", *sockets)
     line = one_line_error(proc)
     assert proc.returncode == 2 and "source QMP socket" in line
 
@@ -372,8 +362,8 @@ def test_ctl_migrate_between_agents(
     start_agent("hv-a", url, "--vm", f"vm1={source.qmp}")
     start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
 
-    proc = run_cli("ctl", "--ctl-url", url, "migrate", "hv-a:vm1", "hv-b", "--id", "m1",
-                   "--timeout", "30", "--return-path", timeout=120)  # fmt: skip
+    m1 = ["--id", "m1", "--timeout", "30", "--return-path"]
+    proc = run_cli(*ctl(url, "migrate", "hv-a:vm1", "hv-b", *m1), timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     err = proc.stderr.decode()
     assert "migration m1: mirroring" in err and "migrated vm1 hv-a -> hv-b" in err
@@ -390,9 +380,7 @@ def test_ctl_migrate_between_agents(
     records = vm.disk_records(dest.disk, tmp_path)
     assert vm.missing_writes(records, last) == []
 
-    events = run_cli("ctl", "--ctl-url", url, "--json", "events", "--all", "--no-follow",
-                     "--kind", "migration")  # fmt: skip
-    states = [json.loads(line)["data"]["state"] for line in events.stdout.decode().splitlines()]
+    states = [json.loads(line)["data"]["state"] for line in _states(url, "--json").splitlines()]
     assert states[0] == "connecting" or states[0] == "inspecting"
     assert states[-1] == "done" and "switchover" in states
 
@@ -409,7 +397,7 @@ def test_ctl_migrate_refusals(
     url = start_nats(jetstream=True).url
     start_agent("hv-a", url, "--vm", f"vm1={source.qmp}")
     start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
-    err = one_line_error(run_cli("ctl", "--ctl-url", url, "migrate", "hv-a:nope", "hv-b"))
+    err = one_line_error(run_cli(*ctl(url, "migrate", "hv-a:nope", "hv-b")))
     assert "no VM 'nope' on hv-a (its agent knows: vm1" in err
 
     async def relay(node: str, command: str, **arguments: Any) -> dict[str, Any]:
@@ -442,33 +430,64 @@ def test_ctl_migrate_refusals(
     assert dest.proc is not None and dest.proc.wait(60) == 0
 
 
+def test_ctl_migrate_timeout_reaches_the_destination_receivers(
+    vms: Callable[..., vm.VM],
+    start_nats: Callable[..., NatsServer],
+    start_agent: Callable[..., AgentProc],
+) -> None:
+    """The source's agent asks the destination's for receivers with the migration's stream
+    timeout (``ctl migrate --timeout``), then never sends: the destination's receiver gives
+    up after that timeout, not after the default."""
+    dest = vms("dst", incoming=True)
+    server = start_nats(jetstream=True)
+    start_agent("hv-b", server.url, "--vm", f"vm1={dest.qmp}")
+    asked = 12.0
+    assert asked < _core.DEFAULT_TIMEOUT / 2
+    opens, _, _ = subjects.transfer(subjects.migration_ram_id("m4"))
+
+    async def wait_for_the_receiver() -> float:
+        planes = await Planes.connect(server.url, server.url, "hv-a")
+        path = AgentPath(planes, "hv-b", "vm1", "m4", timeout=asked)
+        try:
+            await path.start_receivers(await path.listen(), {})
+            started = time.monotonic()
+            await until(lambda: server.has_subscription(opens), "the receiver listening")
+            await until(
+                lambda: not server.has_subscription(opens), "the receiver giving up", asked + 20
+            )
+            return time.monotonic() - started
+        finally:
+            await path.close()
+            await planes.close()
+
+    waited = asyncio.run(wait_for_the_receiver())
+    assert asked - 1 < waited < asked + 10, waited
+
+
 def test_ctl_cancel_rolls_a_migration_back(
     vms: Callable[..., vm.VM],
     start_nats: Callable[..., NatsServer],
     start_agent: Callable[..., AgentProc],
 ) -> None:
-    source = vms("src", data_mib=32)
-    source.wait_counter(0)
-    dest = vms("dst", incoming=True)
+    source, dest = slow_to_mirror(vms)
     url = start_nats(jetstream=True).url
     a = start_agent("hv-a", url, "--vm", f"vm1={source.qmp}")
     start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
-    running = start_cli("ctl", "--ctl-url", url, "migrate", "hv-a:vm1", "hv-b", "--id", "m2",
-                        "--mirror-speed", "2M")  # fmt: skip
+    running = start_cli(
+        *ctl(url, "migrate", "hv-a:vm1", "hv-b", "--id", "m2", "--mirror-speed", "2M")
+    )
     wait_for(lambda: "migrate m2" in a.text() and "mirroring" in _states(url), "mirroring", 60)
-    assert run_cli("ctl", "--ctl-url", url, "cancel", "m2").returncode == 0
+    assert run_cli(*ctl(url, "cancel", "m2")).returncode == 0
     _, err = running.communicate(timeout=60)
     assert running.returncode == 1 and "cancelled" in err.decode(), err.decode()
     assert dest.proc is not None and dest.proc.wait(60) == 0  # quit through its agent
     wait_for(lambda: "migrate m2 cancelled" in a.text(), "the agent's report", 60)
-    assert source.status() == "running"
-    assert our_leftovers(source) == []
-    printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=120)
+    assert_source_runs_on(source)
 
 
-def _states(url: str) -> str:
-    out = run_cli("ctl", "--ctl-url", url, "events", "--all", "--no-follow", "--kind", "migration")
+def _states(url: str, *options: str) -> str:
+    """The migration events stored so far, one a line."""
+    out = run_cli(*ctl(url, *options, "events", "--all", "--no-follow", "--kind", "migration"))
     return out.stdout.decode()
 
 
@@ -480,21 +499,16 @@ def test_ctl_migrate_survives_the_destination_agent_dying(
     """The destination's agent is killed mid-mirror: the source's agent notices within
     seconds, rolls the source back (it runs on, nothing of ours left) and says what it
     could not undo on the other side."""
-    source = vms("src", data_mib=32)
-    source.wait_counter(0)
-    dest = vms("dst", incoming=True)
+    source, dest = slow_to_mirror(vms)
     url = start_nats(jetstream=True).url
     start_agent("hv-a", url, "--vm", f"vm1={source.qmp}")
     b = start_agent("hv-b", url, "--vm", f"vm1={dest.qmp}")
-    running = start_cli("ctl", "--ctl-url", url, "migrate", "hv-a:vm1", "hv-b", "--id", "m3",
-                        "--mirror-speed", "2M", "--timeout", "60")  # fmt: skip
+    m3 = ["--id", "m3", "--mirror-speed", "2M", "--timeout", "60"]
+    running = start_cli(*ctl(url, "migrate", "hv-a:vm1", "hv-b", *m3))
     wait_for(lambda: "state=mirroring" in _states(url), "mirroring", 60)
     b.proc.kill()
     b.proc.wait()
     _, err = running.communicate(timeout=90)
     assert running.returncode == 1, err.decode()
     assert "went away" in err.decode() or "no agent answers" in err.decode(), err.decode()
-    assert source.status() == "running"
-    assert our_leftovers(source) == []
-    printed = source.last_counter()
-    source.wait_counter(printed + 3, timeout=120)
+    assert_source_runs_on(source)

@@ -1,5 +1,5 @@
 """Which disks a migration moves, and how source and destination disks are paired
-(nbdnats.migration.run.match_disks), on query-block answers shaped as QEMU gives them."""
+(nbdnats.migration.disks.match_disks), on query-block answers shaped as QEMU gives them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from nbdnats.errors import UsageError
-from nbdnats.migration.run import disk_name, match_disks
+from nbdnats.migration.disks import disk_name, match_disks
 
 MiB = 1 << 20
 
