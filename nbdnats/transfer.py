@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, NamedTuple, ParamSpec
+from typing import Any, NamedTuple
 
 from nbdnats import _core, subjects
 from nbdnats._bridge import Done, core_call
@@ -29,7 +28,6 @@ from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
 TransferStats = _core.Stats
 ProgressCallback = Callable[[TransferStats], None]
-P = ParamSpec("P")
 
 DEFAULT_TIMEOUT = _core.DEFAULT_TIMEOUT
 PROGRESS_INTERVAL = 0.25
@@ -464,33 +462,49 @@ async def copy_ends(
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)
 
 
-def _with_options_of(
-    ends: Callable[P, Coroutine[Any, Any, CopyStats]],
-) -> Callable[
-    [Callable[..., Coroutine[Any, Any, TransferStats]]],
-    Callable[P, Coroutine[Any, Any, TransferStats]],
-]:
-    """``copy`` takes exactly ``copy_ends``'s options, written down once there: type
-    checkers, ``help()`` and ``inspect`` see ``copy_ends``'s parameters with ``copy``'s own
-    return type."""
-
-    def wrap(
-        f: Callable[..., Coroutine[Any, Any, TransferStats]],
-    ) -> Callable[P, Coroutine[Any, Any, TransferStats]]:
-        returns = f.__annotations__["return"]
-        f.__annotations__ = {**ends.__annotations__, "return": returns}
-        f.__signature__ = inspect.signature(ends).replace(return_annotation=returns)  # type: ignore[attr-defined]
-        return f
-
-    return wrap
-
-
-@_with_options_of(copy_ends)
-async def copy(src: str, dst: str, **options: Any) -> TransferStats:
+async def copy(
+    src: str,
+    dst: str,
+    *,
+    transfer_id: str | None = None,
+    data_url: str | None = None,
+    ctl_url: str | None = None,
+    node: str | None = None,
+    login: Login | None = None,
+    on_progress: ProgressCallback | None = None,
+    size: int | None = None,
+    chunk_size: int | None = None,
+    window: int = _core.DEFAULT_WINDOW,
+    timeout: float = DEFAULT_TIMEOUT,
+    verify: bool = False,
+    target_is_zero: bool = False,
+    resume: bool = False,
+    state_dir: str | None = None,
+    allow_local_file: bool = True,
+) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server.
     Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both.
     ``allow_local_file`` as for ``send``."""
-    return (await copy_ends(src, dst, **options)).receiver
+    ends = await copy_ends(
+        src,
+        dst,
+        transfer_id=transfer_id,
+        data_url=data_url,
+        ctl_url=ctl_url,
+        node=node,
+        login=login,
+        on_progress=on_progress,
+        size=size,
+        chunk_size=chunk_size,
+        window=window,
+        timeout=timeout,
+        verify=verify,
+        target_is_zero=target_is_zero,
+        resume=resume,
+        state_dir=state_dir,
+        allow_local_file=allow_local_file,
+    )
+    return ends.receiver
 
 
 async def _both(
