@@ -57,6 +57,7 @@ NBD_NATS = str(BIN / "nbd-nats")
 # The sweep needs 8 MiB chunks: 8 MiB + the 40-byte header must fit max_payload.
 SWEEP_MAX_PAYLOAD = 16 * MiB
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT = 10.0  # how long a service may take to come up
 
 
 @dataclass(frozen=True)
@@ -104,15 +105,6 @@ QUICK = Profile(
 
 def say(text: str) -> None:
     print(f"bench: {text}", flush=True)
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
 
 def proc_stat(pid: int) -> tuple[float, int]:
@@ -289,7 +281,11 @@ class Services:
         )
         log.close()
         self.procs.append((name, proc))
-        wait_until(lambda: ready() or proc.poll() is not None, name)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (ready() or proc.poll() is not None):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{name} did not come up within {START_TIMEOUT:.0f} s")
+            time.sleep(0.02)
         if proc.poll() is not None:
             tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-500:]
             raise RuntimeError(f"{name} exited at start: {tail}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from nbdnats import _core, subjects
-from nbdnats._bridge import core_call
+from nbdnats._bridge import Done, core_call
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, TransferTimeout, UsageError
 from nbdnats.planes import Login, Planes, urls_given
@@ -45,6 +45,11 @@ class CopyStats(NamedTuple):
     receiver: TransferStats
 
 
+def _check_size(n: int | None, what: str) -> None:
+    if n is not None and not 0 <= n <= MAX_SIZE:
+        raise UsageError(f"{what} {n} must be from 0 to 2^63 - 1 bytes")
+
+
 def check_options(
     *, window: int, timeout: float, chunk_size: int | None = None, size: int | None = None
 ) -> None:
@@ -66,8 +71,7 @@ def check_options(
             f"--chunk-size {chunk_size} must be a multiple of 4096 between "
             f"{_core.MIN_CHUNK} and {_core.MAX_CHUNK}"
         )
-    if size is not None and not 0 <= size <= MAX_SIZE:
-        raise UsageError(f"--size {size} must be from 0 to 2^63 - 1 bytes")
+    _check_size(size, "--size")
 
 
 def event_of(stats: TransferStats, node: str, **extra: Any) -> TransferEvent:
@@ -161,6 +165,21 @@ class TransferHandle:
         await self._planes.ctl_publish(subject, payload, "the transfer's ctl event")
 
 
+Subjects = tuple[str, str, str]
+CoreStart = Callable[[Subjects, Subjects | None, Done], _core.Transfer]
+
+
+def _start(
+    planes: Planes, transfer_id: str, return_id: str | None, begin: CoreStart
+) -> TransferHandle:
+    """What every ``start_*`` shares once its options are checked: the transfer's subjects
+    (and those of the transfer that comes back, if any), the core call, the handle."""
+    subs = subjects.transfer(transfer_id)
+    back = subjects.transfer(return_id) if return_id else None
+    core, outcome = core_call(lambda done: begin(subs, back, done))
+    return TransferHandle(core, outcome, planes)
+
+
 async def image_digest(
     src: str,
     *,
@@ -172,9 +191,8 @@ async def image_digest(
     ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read.
     ``allow_local_file``: ``src`` comes from the local user, so an NBD URI may name local
     files (``tls-psk-file=``); leave it False for an endpoint that came in a message."""
-    for what, n in (("length", length), ("size", size)):
-        if n is not None and not 0 <= n <= MAX_SIZE:
-            raise UsageError(f"digest {what} {n} must be from 0 to 2^63 - 1 bytes")
+    _check_size(length, "digest length")
+    _check_size(size, "digest size")
     result = await core_call(
         lambda done: _core.image_digest(
             src, done, length=length, size=size, allow_local_file=allow_local_file
@@ -214,9 +232,11 @@ async def start_send(
     ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer.
     ``allow_local_file`` as for ``image_digest`` (also on ``start_recv``)."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
-    subs = subjects.transfer(transfer_id)
-    core, outcome = core_call(
-        lambda done: _core.start_send(
+    return _start(
+        planes,
+        transfer_id,
+        None,
+        lambda subs, _, done: _core.start_send(
             planes.data,
             src,
             transfer_id,
@@ -230,9 +250,8 @@ async def start_send(
             resume=resume,
             state_dir=str(resolve_state_dir(state_dir)),
             allow_local_file=allow_local_file,
-        )
+        ),
     )
-    return TransferHandle(core, outcome, planes)
 
 
 async def start_recv(
@@ -255,10 +274,11 @@ async def start_recv(
     ``expect_sha256`` (``sha256:<hex>``): the image must hash to this as it is written; if
     it does not, both ends of the target are wiped and the transfer fails."""
     check_options(window=window, timeout=timeout)
-    subs = subjects.transfer(transfer_id)
-    back = subjects.transfer(return_id) if return_id else None
-    core, outcome = core_call(
-        lambda done: _core.start_recv(
+    return _start(
+        planes,
+        transfer_id,
+        return_id,
+        lambda subs, back, done: _core.start_recv(
             planes.data,
             dst,
             transfer_id,
@@ -273,9 +293,8 @@ async def start_recv(
             return_subjects=back,
             expect_sha256=expect_sha256,
             allow_local_file=allow_local_file,
-        )
+        ),
     )
-    return TransferHandle(core, outcome, planes)
 
 
 async def start_bridge(
@@ -297,10 +316,11 @@ async def start_bridge(
     ``return_id`` ("stream" only), transfer ``return_id`` is received back into the same
     connection: the stream is full-duplex."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
-    subs = subjects.transfer(transfer_id)
-    back = subjects.transfer(return_id) if return_id else None
-    core, outcome = core_call(
-        lambda done: _core.start_bridge(
+    return _start(
+        planes,
+        transfer_id,
+        return_id,
+        lambda subs, back, done: _core.start_bridge(
             planes.data,
             kind,
             listen,
@@ -312,9 +332,8 @@ async def start_bridge(
             window=window,
             timeout_s=timeout,
             return_subjects=back,
-        )
+        ),
     )
-    return TransferHandle(core, outcome, planes)
 
 
 @contextlib.asynccontextmanager
@@ -344,7 +363,9 @@ async def _one(
     on_progress: ProgressCallback | None,
     options: dict[str, Any],
 ) -> TransferStats:
-    """One end of a transfer on the given planes, or on connections of its own."""
+    """One end of a transfer on the given planes, or on connections of its own; the
+    endpoint came from the local user, so it may name local files unless told otherwise."""
+    options.setdefault("allow_local_file", True)
     subjects.check_token(transfer_id, "transfer id")
     async with _planes(planes, *where) as p:
         handle = await start(endpoint, transfer_id=transfer_id, planes=p, **options)
@@ -369,7 +390,6 @@ async def send(
     may name local files (``tls-psk-file=``) unless ``allow_local_file=False`` is passed;
     the ``start_*`` calls and ``image_digest`` (which the agent uses for endpoints that came
     in a message) allow it only when asked."""
-    options.setdefault("allow_local_file", True)
     return await _one(
         start_send, src, transfer_id, planes, (data_url, ctl_url, node, login), on_progress, options
     )
@@ -389,7 +409,6 @@ async def recv(
 ) -> TransferStats:
     """Receive transfer ``transfer_id`` into ``dst`` (NBD URI, file, device, ``-``, ``null:``);
     ``allow_local_file`` as for ``send``."""
-    options.setdefault("allow_local_file", True)
     return await _one(
         start_recv, dst, transfer_id, planes, (data_url, ctl_url, node, login), on_progress, options
     )
@@ -423,31 +442,18 @@ async def copy_ends(
             data_url = await stack.enter_async_context(EmbeddedServer())
         planes = await Planes.connect(data_url, ctl_url, node, login)
         stack.push_async_callback(planes.close)
-        receiver = await start_recv(
-            dst,
-            transfer_id=transfer_id,
-            planes=planes,
-            window=window,
-            timeout=timeout,
-            verify=verify,
-            target_is_zero=target_is_zero,
-            resume=resume,
-            state_dir=state_dir,
-            allow_local_file=allow_local_file,
-        )
-        sender = await start_send(
-            src,
-            transfer_id=transfer_id,
-            planes=planes,
-            size=size,
-            chunk_size=chunk_size,
-            window=window,
-            timeout=timeout,
-            verify=verify,
-            resume=resume,
-            state_dir=state_dir,
-            allow_local_file=allow_local_file,
-        )
+        both: dict[str, Any] = {
+            "transfer_id": transfer_id,
+            "planes": planes,
+            "window": window,
+            "timeout": timeout,
+            "verify": verify,
+            "resume": resume,
+            "state_dir": state_dir,
+            "allow_local_file": allow_local_file,
+        }
+        receiver = await start_recv(dst, target_is_zero=target_is_zero, **both)
+        sender = await start_send(src, size=size, chunk_size=chunk_size, **both)
         return await _both(sender, receiver, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)
 
