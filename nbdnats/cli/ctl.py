@@ -15,13 +15,13 @@ from typing import Any
 
 from nbdnats import _core
 from nbdnats.approval import load_approval
-from nbdnats.cli.options import add_command, add_login_options, add_size_option
+from nbdnats.cli.options import add_command, add_login_options, add_size_option, add_timeout_option
 from nbdnats.cli.output import EndsProgress, print_json, print_result, print_rows, print_started
 from nbdnats.ctl.controller import Controller, OperationResult, parse_endpoint
 from nbdnats.errors import UsageError
 from nbdnats.planes import Login
 from nbdnats.schemas import MigrationEvent, NodeInfo, Tool, TransferEvent, TransferOptions
-from nbdnats.units import MAX_TIMEOUT, count_arg, human, parse_duration, timeout_arg
+from nbdnats.units import MAX_TIMEOUT, count_arg, human, parse_duration
 
 EPILOG = """\
 examples:
@@ -58,11 +58,11 @@ def add_parser(sub: Any) -> None:
             "--id", dest="transfer_id", metavar="ID", help="transfer id (default: random)"
         )
         add_size_option(a, "--window", "bytes in flight (32M)")
-        a.add_argument(
-            "--timeout",
-            type=timeout_arg,
+        add_timeout_option(
+            a,
+            f"peer timeout ({_core.DEFAULT_TIMEOUT:.0f}; 0: none; at most {MAX_TIMEOUT:.0f})",
             metavar="S",
-            help=f"peer timeout ({_core.DEFAULT_TIMEOUT:.0f}; 0: none; at most {MAX_TIMEOUT:.0f})",
+            default=None,
         )
         a.add_argument("--verify", action="store_true", help="read the target back and compare")
         a.add_argument("--detach", action="store_true", help="print the id and do not wait")
@@ -105,12 +105,10 @@ def add_parser(sub: Any) -> None:
     m.add_argument("src", metavar="NODE:VM")
     m.add_argument("dst", metavar="DEST")
     m.add_argument("--id", dest="transfer_id", metavar="ID", help="migration id (random)")
-    m.add_argument(
-        "--timeout",
-        type=timeout_arg,
-        default=_core.DEFAULT_TIMEOUT,
+    add_timeout_option(
+        m,
+        f"fail when a step makes no progress for S seconds ({_core.DEFAULT_TIMEOUT:.0f})",
         metavar="S",
-        help=f"fail when a step makes no progress for S seconds ({_core.DEFAULT_TIMEOUT:.0f})",
     )
     add_size_option(
         m, "--mirror-speed", "cap the disks' bulk copy, bytes/s (default: none)", default=0

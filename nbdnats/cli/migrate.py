@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from nbdnats import _core, subjects
-from nbdnats.cli.options import add_command
+from nbdnats.cli.options import add_command, add_timeout_option
 from nbdnats.cli.output import print_result
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import NbdNatsError, UsageError
@@ -21,7 +21,7 @@ from nbdnats.migration.record import cancel, recorded
 from nbdnats.migration.run import MigrationReport, Progress, State, migrate
 from nbdnats.planes import Planes, urls_given
 from nbdnats.schemas import MigrationEvent
-from nbdnats.units import human, parse_size, timeout_arg
+from nbdnats.units import human, parse_size
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -55,12 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the data URL)",
     )
     p.add_argument("--node", help="this node's name in ctl.evt.NODE.migration (default: hostname)")
-    p.add_argument(
-        "--timeout",
-        type=timeout_arg,
-        default=_core.DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="fail when a step makes no progress for this long; 0 waits forever "
+    add_timeout_option(
+        p,
+        "fail when a step makes no progress for this long; 0 waits forever "
         f"(default: {_core.DEFAULT_TIMEOUT:g})",
     )
     p.add_argument(

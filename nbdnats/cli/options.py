@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nbdnats.units import size_arg
+from nbdnats import _core
+from nbdnats.units import size_arg, timeout_arg
 
 
 def add_command(
@@ -42,3 +43,10 @@ def add_login_options(g: Any) -> None:
 def add_size_option(g: Any, flag: str, help: str, **kwargs: Any) -> None:
     """An option taking a size as people type it (4096, 4K, 1.5G), checked as it is parsed."""
     g.add_argument(flag, type=size_arg, metavar="BYTES", help=help, **kwargs)
+
+
+def add_timeout_option(
+    g: Any, help: str, *, metavar: str = "SECONDS", default: float | None = _core.DEFAULT_TIMEOUT
+) -> None:
+    """--timeout in seconds (0: no limit), checked as it is parsed; the default is the core's."""
+    g.add_argument("--timeout", type=timeout_arg, default=default, metavar=metavar, help=help)

@@ -13,12 +13,12 @@ from collections.abc import Awaitable
 from typing import Any
 
 from nbdnats import _core
-from nbdnats.cli.options import add_login_options, add_size_option
+from nbdnats.cli.options import add_login_options, add_size_option, add_timeout_option
 from nbdnats.cli.output import ProgressBar, print_result
 from nbdnats.planes import Login
 from nbdnats.schemas import Report, from_stats
 from nbdnats.transfer import CopyStats, copy_ends
-from nbdnats.units import MAX_TIMEOUT, human, timeout_arg
+from nbdnats.units import MAX_TIMEOUT, human
 
 EPILOG = """\
 SRC and DST: an NBD URI as libnbd takes it (nbd://host:port/export,
@@ -112,13 +112,10 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
         "bytes in flight before an ack (default: 32M, max 48M)",
         default=_core.DEFAULT_WINDOW,
     )
-    t.add_argument(
-        "--timeout",
-        type=timeout_arg,
-        default=_core.DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help="how long to wait for the peer to appear or answer; 0 waits forever, at most "
-        f"{MAX_TIMEOUT:.0f} (7 days) (default: 60)",
+    add_timeout_option(
+        t,
+        "how long to wait for the peer to appear or answer; 0 waits forever, at most "
+        f"{MAX_TIMEOUT:.0f} (7 days) (default: {_core.DEFAULT_TIMEOUT:.0f})",
     )
     t.add_argument(
         "--verify", action="store_true", help="re-read the target after writing and compare"
