@@ -50,9 +50,12 @@ def nbdkit(tmp_path: Path) -> Iterator[Nbdkit]:
 
     def serve(*args: str, user: str = "") -> tuple[subprocess.Popen[bytes], str]:
         sock = tmp_path / f"nbdkit-{len(procs)}.sock"
-        proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), *args])
+        # nbdkit writes its pid file once it listens; the socket file exists a moment
+        # earlier (bind before listen), when a connect is still refused.
+        pidfile = tmp_path / f"nbdkit-{len(procs)}.pid"
+        proc = subprocess.Popen(["nbdkit", "-f", "-P", str(pidfile), "-U", str(sock), *args])
         procs.append(proc)
-        wait_for(lambda: sock.exists() or proc.poll() is not None, "nbdkit")
+        wait_for(lambda: pidfile.exists() or proc.poll() is not None, "nbdkit")
         assert proc.poll() is None, f"nbdkit {args} did not start"
         scheme = "nbds+unix" if any(a.startswith("--tls") for a in args) else "nbd+unix"
         return proc, f"{scheme}://{user}/?socket={sock}"
