@@ -363,13 +363,17 @@ def evaluate_targets(results: dict[str, Any], runs: Sequence[Run]) -> list[dict[
         out.append(_target(name, met, v, limit, text))
 
     at_least(
-        "throughput_vs_ceiling", "ratio_vs_ceiling", MIN_RATIO_VS_CEILING,
+        "throughput_vs_ceiling",
+        "ratio_vs_ceiling",
+        MIN_RATIO_VS_CEILING,
         "nbd-nats / raw NATS ceiling, random image",
-    )  # fmt: skip
+    )
     at_least(
-        "throughput_vs_nbdcopy", "ratio_vs_nbdcopy", MIN_RATIO_VS_NBDCOPY,
+        "throughput_vs_nbdcopy",
+        "ratio_vs_nbdcopy",
+        MIN_RATIO_VS_NBDCOPY,
         "nbd-nats / nbdcopy, random image",
-    )  # fmt: skip
+    )
 
     v = results.get("sparse_time_ratio")
     out.append(

@@ -140,13 +140,22 @@ def format_table(summary: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.migrate", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="migrations to run (default: 5)")
-    p.add_argument("--data", type=int, default=64, metavar="MIB",
-                   help="MiB of data on the 256 MiB source disk (default: 64)")  # fmt: skip
-    p.add_argument("--modes", default="nats,direct",
-                   help="comma-separated, run interleaved: nats (through NATS), direct "
-                   "(the baseline); default both")  # fmt: skip
-    p.add_argument("--return-path", action="store_true",
-                   help="migrate with QEMU's return path on (both paths)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        type=int,
+        default=64,
+        metavar="MIB",
+        help="MiB of data on the 256 MiB source disk (default: 64)",
+    )
+    p.add_argument(
+        "--modes",
+        default="nats,direct",
+        help="comma-separated, run interleaved: nats (through NATS), direct "
+        "(the baseline); default both",
+    )
+    p.add_argument(
+        "--return-path", action="store_true", help="migrate with QEMU's return path on (both paths)"
+    )
     p.add_argument("--out", type=Path, help="results directory")
     p.add_argument("--workdir", type=Path, help="where the disks go (default: a temp dir)")
     args = p.parse_args(argv)

@@ -57,10 +57,15 @@ def _sweep_plot(
             lo = [p["mb_s"]["median"] - p["mb_s"]["min"] for p in mine]
             hi = [p["mb_s"]["max"] - p["mb_s"]["median"] for p in mine]
             ax.errorbar(
-                xs, med, yerr=[lo, hi], marker="s" if short else "o", capsize=3,
-                linestyle="--" if short else "-", color=PATH_COLORS[name],
+                xs,
+                med,
+                yerr=[lo, hi],
+                marker="s" if short else "o",
+                capsize=3,
+                linestyle="--" if short else "-",
+                color=PATH_COLORS[name],
                 label=LABELS[name] + (", 2^k - 4 KiB" if short else ""),
-            )  # fmt: skip
+            )
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -111,13 +116,21 @@ def draw(results: dict[str, Any], out_dir: Path) -> list[Path]:
     sweep = results.get("sweep", {})
     made = [
         _sweep_plot(
-            sweep.get(CHUNK_SWEEP, []), "chunk", KiB, "KiB",
-            "Throughput against chunk size (random image)", out_dir / "throughput_vs_chunk.png",
+            sweep.get(CHUNK_SWEEP, []),
+            "chunk",
+            KiB,
+            "KiB",
+            "Throughput against chunk size (random image)",
+            out_dir / "throughput_vs_chunk.png",
         ),
         _sweep_plot(
-            sweep.get(WINDOW_SWEEP, []), "window", MiB, "MiB",
-            "Throughput against window (random image)", out_dir / "throughput_vs_window.png",
+            sweep.get(WINDOW_SWEEP, []),
+            "window",
+            MiB,
+            "MiB",
+            "Throughput against window (random image)",
+            out_dir / "throughput_vs_window.png",
         ),
         _cpu_plot(results.get("cpu_s_per_gib", {}), out_dir / "cpu_per_gib.png"),
-    ]  # fmt: skip
+    ]
     return [p for p in made if p is not None]

@@ -102,10 +102,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.setup()
             run_once(bench, args.path, -1)
             perf = subprocess.Popen(
-                ["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", str(args.freq),
-                 "-o", str(data)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    "perf",
+                    "record",
+                    "-q",
+                    "-a",
+                    "-e",
+                    "cpu-clock",
+                    "-F",
+                    str(args.freq),
+                    "-o",
+                    str(data),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(1.0)  # perf attaches to every CPU
             try:
                 # Round 1: no byte-for-byte comparison after the run inside the profile.
@@ -129,10 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pid in roles:
             sections += ["", *describe(f"{roles[pid]} (pid {pid})", s, args.freq, args.top)]
     others = [(pid, s) for pid, s in procs.items() if pid not in roles and pid != 0]
-    sections += ["", "== other processes: " + ", ".join(
-        f"{s.threads.most_common(1)[0][0]}({pid}) {s.total}"
-        for pid, s in sorted(others, key=lambda kv: -kv[1].total)[:8]
-    )]  # fmt: skip
+    sections += [
+        "",
+        "== other processes: "
+        + ", ".join(
+            f"{s.threads.most_common(1)[0][0]}({pid}) {s.total}"
+            for pid, s in sorted(others, key=lambda kv: -kv[1].total)[:8]
+        ),
+    ]
     text = "\n".join(sections) + "\n"
     (args.out / "report.txt").write_text(text)
     print(text)

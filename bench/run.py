@@ -723,11 +723,20 @@ def micro(out_dir: Path, max_time: float) -> dict[str, Any]:
     """Run bench/micro with pytest-benchmark enabled; GB/s of each from its JSON."""
     out = out_dir / "micro.json"
     args = [
-        sys.executable, "-m", "pytest", str(REPO / "bench" / "micro"), "-q",
-        "-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-json={out}",
-        f"--benchmark-max-time={max_time}", "--benchmark-min-rounds=5",
-        "--benchmark-columns=min,median,max,rounds", "--benchmark-sort=name",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pytest",
+        str(REPO / "bench" / "micro"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-enable",
+        f"--benchmark-json={out}",
+        f"--benchmark-max-time={max_time}",
+        "--benchmark-min-rounds=5",
+        "--benchmark-columns=min,median,max,rounds",
+        "--benchmark-sort=name",
+    ]
     code = subprocess.run(args, cwd=REPO, timeout=900, check=False).returncode
     if code != 0 or not out.exists():
         say(f"micro benchmarks failed (pytest exited {code})")

@@ -78,8 +78,9 @@ def make_disk(path: Path, size: int, data_mib: int = 0) -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
     if data_mib:
         cmd = f"write -P 0x5a {2 * MiB} {data_mib * MiB}"
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, str(path)], check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", cmd, str(path)], check=True, capture_output=True
+        )
     return path
 
 
@@ -189,10 +190,21 @@ def disk_records(disk: Path, work: Path) -> dict[int, int]:
     """{sector: counter} of the records on a qcow2 disk (read through qemu-img)."""
     raw = work / (disk.name + ".raw")
     subprocess.run(
-        ["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={disk}", f"of={raw}",
-         f"bs={SECTOR}", f"count={SLOTS}"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "qemu-img",
+            "dd",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            f"if={disk}",
+            f"of={raw}",
+            f"bs={SECTOR}",
+            f"count={SLOTS}",
+        ],
+        check=True,
+        capture_output=True,
+    )
     data = raw.read_bytes()
     raw.unlink()
     records = {}
