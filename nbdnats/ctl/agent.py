@@ -73,6 +73,10 @@ from nbdnats.schemas import (
 
 log = logging.getLogger("nbdnats.ctl.agent")
 
+# After stop() cancels the jobs that outlived the drain: how long they may take to tell
+# their peers, stop their tools and report, so that stop() itself always ends.
+CANCELLED_JOBS_BOUND = 60.0
+
 
 @dataclass(frozen=True)
 class Op:
@@ -194,7 +198,7 @@ class Agent:
             _, late = await asyncio.wait(running, timeout=grace)
             self.jobs.cancel_all()
             if late:
-                await asyncio.wait(late, timeout=60)
+                await asyncio.wait(late, timeout=CANCELLED_JOBS_BOUND)
         await self.incoming.close_all()
         for t in self._tasks:
             t.cancel()
