@@ -15,21 +15,11 @@ import pytest
 
 from nbdnats import Controller, OperationResult
 from nbdnats.embedded import free_port
-from tests.conftest import (
-    AgentProc,
-    MiB,
-    NatsServer,
-    allocated,
-    make_image,
-    one_line_error,
-    run_cli,
-    sha256_file,
-    sha256_nbd,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
-from tests.ctl_cli import ctl, ok
+from tests.cli import one_line_error, run_cli, start_cli
+from tests.ctl import AgentProc, ctl, ok
+from tests.images import MiB, allocated, make_image, sha256_file, sha256_nbd, throttled_nbd
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 
 @pytest.fixture

@@ -19,21 +19,11 @@ import pytest
 from nbdnats import subjects
 from nbdnats.approval import load_private, sign
 from nbdnats.schemas import SCHEMA_VERSION, Approval, ProvisionCommand, RecvCommand, encode
-from tests.conftest import (
-    AgentProc,
-    MiB,
-    NatsServer,
-    ctl_ask,
-    ctl_request,
-    make_image,
-    one_line_error,
-    run_cli,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
-from tests.ctl_cli import RESTIC_ENV, ctl, ok, restic, stored_events
+from tests.cli import one_line_error, run_cli, start_cli
+from tests.ctl import RESTIC_ENV, AgentProc, ctl, ctl_ask, ctl_request, ok, restic, stored_events
+from tests.images import MiB, make_image, sha256_file, throttled_nbd
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 
 @pytest.fixture

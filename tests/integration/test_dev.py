@@ -23,7 +23,9 @@ from urllib.request import urlopen
 import nats
 import pytest
 
-from tests.conftest import NBD_NATS, one_line_error, run_cli, sha256_nbd, until
+from tests.cli import NBD_NATS, one_line_error, run_cli
+from tests.images import sha256_nbd
+from tests.waits import until
 
 
 def leftovers(root: Path) -> list[str]:

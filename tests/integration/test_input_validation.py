@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 
 from nbdnats import subjects
-from tests.conftest import (
-    AgentProc,
-    MiB,
-    NatsServer,
-    ctl_request,
-    make_image,
-    one_line_error,
-    run_cli,
-)
+from tests.cli import one_line_error, run_cli
+from tests.ctl import AgentProc, ctl_request
+from tests.images import MiB, make_image
+from tests.nats import NatsServer
 
 TOO_BIG = "is more than the largest size, 2^63 - 1 bytes"
 NOT_SECONDS = "is not a number of seconds from 0 (no limit) to 604800 (7 days)"

@@ -17,18 +17,11 @@ import pytest
 
 from nbdnats import subjects
 from nbdnats.schemas import RecvCommand, SendCommand, Tool, encode
-from tests.conftest import (
-    AgentProc,
-    MiB,
-    NatsServer,
-    ctl_request,
-    make_image,
-    one_line_error,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
-from tests.ctl_cli import RESTIC_ENV, ctl, ok, restic, stored_events
+from tests.cli import one_line_error, start_cli
+from tests.ctl import RESTIC_ENV, AgentProc, ctl, ctl_request, ok, restic, stored_events
+from tests.images import MiB, make_image, throttled_nbd
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 
 @pytest.fixture
