@@ -2,7 +2,8 @@
 
 Each is started on a random port or a fresh unix socket and killed at teardown. Only fixtures
 and hooks live here; the helpers tests import stand in modules named by their subject:
-``tests.waits``, ``tests.nats``, ``tests.images``, ``tests.cli`` and ``tests.ctl``.
+``tests.waits``, ``tests.nats``, ``tests.images``, ``tests.cli``, ``tests.ctl`` and
+``tests.backups``.
 """
 
 from __future__ import annotations

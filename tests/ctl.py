@@ -1,19 +1,15 @@
 """The ctl plane as the ctl tests drive it: the command line and its output, stored events,
-raw requests (crafted, as an attacker would send them), agent processes, and the restic
-repositories the backup tests keep."""
+raw requests (crafted, as an attacker would send them) and agent processes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.cli import run_cli
-
-RESTIC_ENV = {"RESTIC_PASSWORD": "agent-secret"}
 
 
 def ctl(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
@@ -30,11 +26,6 @@ def stored_events(url: str, kind: str) -> list[dict[str, object]]:
     """The ctl events of ``kind`` that JetStream holds, oldest first."""
     out = ok(ctl(url, "--json", "events", "--all", "--no-follow", "--kind", kind))
     return [json.loads(x)["data"] for x in out.splitlines()]
-
-
-def restic(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, **RESTIC_ENV, "RESTIC_REPOSITORY": str(repo)}
-    return subprocess.run(["restic", *args], env=env, capture_output=True, check=True)
 
 
 async def ctl_ask(url: str, subject: str, payload: bytes, timeout: float = 20) -> dict[str, object]:

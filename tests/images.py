@@ -73,3 +73,13 @@ def throttled_nbd(
     finally:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def slow_disk(path: Path, size: int, read_bps: int) -> Iterator[tuple[str, str]]:
+    """A disk of ``size`` bytes of random data at ``path``, served read-only at ``read_bps``
+    through a socket beside it: a copy of it runs long enough to act on while it runs.
+    Yields its NBD URI and its sha256."""
+    digest = make_image(path, size, [(0, size)])
+    with throttled_nbd(path, path.with_suffix(".sock"), read_bps=read_bps) as (_, uri):
+        yield uri, digest
