@@ -1,91 +1,27 @@
 """Fixtures that start real programs: nats-server (from the wheel) and qemu-nbd.
 
-Each is started on a random port or a fresh unix socket and killed at teardown.
+Each is started on a random port or a fresh unix socket and killed at teardown. Only fixtures
+and hooks live here; the helpers tests import stand in modules named by their subject:
+``tests.waits``, ``tests.nats``, ``tests.images``, ``tests.cli``, ``tests.ctl`` and
+``tests.backups``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.request import urlopen
 
 import pytest
 
 from nbdnats.embedded import EmbeddedServer, free_port, nats_server_binary
-
-BIN = Path(sys.executable).parent
-NBD_NATS = str(BIN / "nbd-nats")
-MiB = 1024 * 1024
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{what} did not come up within {timeout}s")
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """``wait_for`` for a test running an event loop: polls without blocking it."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-@dataclass
-class NatsServer:
-    url: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    monitor: int = 0
-
-    def monitoring(self, endpoint: str) -> dict[str, Any]:
-        """The JSON of a monitoring endpoint: ``varz``, ``connz``, ``subsz``..."""
-        url = f"http://127.0.0.1:{self.monitor}/{endpoint}"
-        return json.load(urlopen(url, timeout=2))  # type: ignore[no-any-return]
-
-    def subscriptions(self) -> int:
-        """How many subscriptions the server holds (its monitoring endpoint)."""
-        return int(self.monitoring("subsz")["num_subscriptions"])
-
-    def has_subscription(self, subject: str) -> bool:
-        """Whether some client has subscribed to exactly ``subject``: a receiver listening
-        on its transfer's open subject is ready for a sender."""
-        # The server leaves the list out when it is empty.
-        subs = self.monitoring("subsz?subs=1&limit=100000").get("subscriptions_list", [])
-        return any(s["subject"] == subject for s in subs)
-
-    def connections(self) -> int:
-        return int(self.monitoring("connz")["num_connections"])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+from tests.cli import NBD_NATS, cli_env, started
+from tests.ctl import AgentProc
+from tests.images import MiB
+from tests.nats import NatsServer, port_open
+from tests.waits import wait_for
 
 
 @pytest.fixture
@@ -184,66 +120,6 @@ def qemu_nbd(tmp_path: Path) -> Iterator[Callable[..., str]]:
             p.stderr.close()
 
 
-@contextlib.contextmanager
-def throttled_nbd(
-    image: Path, sock: Path, *, read_bps: int = 0, write_bps: int = 0
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """qemu-nbd serving ``image`` through a QEMU throttle group: a really slow disk.
-    Read-only unless a write limit is given. Yields the process and the NBD URI."""
-    limits = ",".join(f"x-bps-{k}={v}" for k, v in (("read", read_bps), ("write", write_bps)) if v)
-    args = ["qemu-nbd", "--persistent", "-x", "disk", "-k", str(sock)]
-    args += [] if write_bps else ["--read-only"]
-    args += ["--object", f"throttle-group,id=tg,{limits}", "--image-opts"]
-    args.append(f"driver=throttle,throttle-group=tg,file.driver=file,file.filename={image}")
-    proc = subprocess.Popen(args)
-    try:
-        wait_for(sock.exists, "qemu-nbd")
-        yield proc, f"nbd+unix:///disk?socket={sock}"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def make_image(path: Path, size: int, data: list[tuple[int, int]], seed: int = 1) -> str:
-    """A sparse image of ``size`` bytes with random data at ``(offset, length)``; its sha256."""
-    with path.open("wb") as f:
-        f.truncate(size)
-        rnd = __import__("random").Random(seed)
-        for offset, length in data:
-            f.seek(offset)
-            f.write(rnd.randbytes(length))
-    return sha256_file(path)
-
-
-def sha256_file(path: Path, size: int | None = None) -> str:
-    h = hashlib.sha256()
-    left = size if size is not None else path.stat().st_size
-    with path.open("rb") as f:
-        while left > 0:
-            block = f.read(min(left, 4 * MiB))
-            if not block:
-                break
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
-
-
-def sha256_nbd(uri: str) -> str:
-    """The sha256 of what an NBD export serves, read by nbdcopy (a different client)."""
-    out = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True).stdout
-    return hashlib.sha256(out).hexdigest()
-
-
-def allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
-
-
-def holds(path: Path, least: int = 1) -> Callable[[], bool]:
-    """A check for ``wait_for``/``until``: ``path`` exists and has at least ``least`` bytes
-    allocated (data written, not just a size set)."""
-    return lambda: path.exists() and allocated(path) >= least
-
-
 @pytest.fixture(autouse=True)
 def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test's journals go to its own state dir, never the user's."""
@@ -252,84 +128,15 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    keep = {"NBDNATS_STATE_DIR"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_") or k in keep}
-    env.update(extra or {})
-    return env
-
-
-def run_cli(
-    *args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [NBD_NATS, *args], input=input, capture_output=True, timeout=timeout, env=cli_env(env)
-    )
-
-
-def finish_json(proc: subprocess.Popen[bytes], timeout: float = 180) -> dict[str, object]:
-    """Wait for a ``--json`` run to end, assert it exited 0, and return its report: the last
-    line of stdout (of stderr when stdout carried the data)."""
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err.decode()
-    text = out.decode().strip() or err.decode().strip()
-    return json.loads(text.splitlines()[-1])  # type: ignore[no-any-return]
-
-
-_started: list[subprocess.Popen[bytes]] = []
-
-# A shell starts background jobs with SIGINT ignored, and children inherit that: a suite
-# run in the background would hand it to every nbd-nats it starts, which then (rightly)
-# ignores Ctrl-C. Restore the interactive default so the CLI's SIGINT handling is tested.
-if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def start_cli(*args: str, **kw: object) -> subprocess.Popen[bytes]:
-    env = cli_env(kw.pop("env", None))  # type: ignore[arg-type]
-    proc = subprocess.Popen(
-        [NBD_NATS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw
-    )  # type: ignore[call-overload]
-    _started.append(proc)
-    return proc
-
-
 @pytest.fixture(autouse=True)
 def _no_stray_processes() -> Iterator[None]:
     """A test that fails half-way must not leave its nbd-nats processes running."""
     yield
-    while _started:
-        proc = _started.pop()
+    while started:
+        proc = started.pop()
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
-
-
-def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
-    """Assert the process failed with exactly one 'nbd-nats: error:' line and no traceback."""
-    err = proc.stderr.decode()
-    assert proc.returncode != 0, f"expected failure, got 0; stderr={err!r}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line, got {lines!r}"
-    assert lines[0].startswith("nbd-nats: error: "), lines[0]
-    return lines[0]
-
-
-@dataclass
-class AgentProc:
-    node: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, as an init system stops it; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout)
 
 
 @pytest.fixture
@@ -357,22 +164,3 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
         if a.proc.poll() is None:
             a.proc.kill()
             a.proc.wait()
-
-
-async def ctl_ask(url: str, subject: str, payload: bytes, timeout: float = 20) -> dict[str, object]:
-    """One raw request on the ctl plane (a crafted message, as an attacker would send it);
-    the reply decoded."""
-    import msgspec
-    import nats
-
-    nc = await nats.connect(url)
-    try:
-        msg = await nc.request(subject, payload, timeout=timeout)
-        return dict(msgspec.json.decode(msg.data))
-    finally:
-        await nc.close()
-
-
-def ctl_request(url: str, subject: str, payload: bytes, timeout: float = 20) -> dict[str, object]:
-    """``ctl_ask`` from synchronous code."""
-    return asyncio.run(ctl_ask(url, subject, payload, timeout))

@@ -4,10 +4,11 @@ JetStream: copy, VM<->bare-metal conversion, events, metrics, cancellation, shut
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -15,26 +16,42 @@ import pytest
 
 from nbdnats import Controller, OperationResult
 from nbdnats.embedded import free_port
-from tests.conftest import (
-    AgentProc,
-    MiB,
-    NatsServer,
-    allocated,
-    make_image,
-    one_line_error,
-    run_cli,
-    sha256_file,
-    sha256_nbd,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
-from tests.ctl_cli import ctl, ok
+from tests.cli import one_line_error, run_cli, start_cli
+from tests.ctl import AgentProc, ctl, ok
+from tests.images import MiB, allocated, make_image, sha256_file, sha256_nbd, slow_disk
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 
 @pytest.fixture
 def url(start_nats: Callable[..., NatsServer]) -> str:
     return start_nats(jetstream=True).url
+
+
+# A slow copy once started: agent b, the running ``ctl copy`` and the disk's sha256.
+SlowCopying = tuple[AgentProc, subprocess.Popen[bytes], str]
+SlowCopy = Callable[..., contextlib.AbstractContextManager[SlowCopying]]
+
+
+@pytest.fixture
+def slow_ctl_copy(url: str, start_agent: Callable[..., AgentProc], tmp_path: Path) -> SlowCopy:
+    """``slow_ctl_copy(size, read_bps, *args, b_args=())``: a ``ctl copy`` from agent a to
+    agent b (both allowed ``tmp_path``) of a ``size``-byte disk read at ``read_bps``, slow
+    enough to act on while it runs. ``args`` go to ``ctl copy``, ``b_args`` to agent b."""
+
+    @contextlib.contextmanager
+    def run(
+        size: int, read_bps: int, *args: str, b_args: tuple[str, ...] = ()
+    ) -> Iterator[SlowCopying]:
+        with slow_disk(tmp_path / "slow.raw", size, read_bps) as (uri, digest):
+            start_agent("a", url, "--allow", str(tmp_path))
+            b = start_agent("b", url, "--allow", str(tmp_path), *b_args)
+            copy = start_cli(
+                "ctl", "--ctl-url", url, "copy", f"a:{uri}", f"b:{tmp_path}/d.raw", *args
+            )
+            yield b, copy, digest
+
+    return run
 
 
 def test_ctl_nodes_lists_each_agent_with_role_and_exports(
@@ -145,9 +162,7 @@ def test_ctl_events_shows_progress_live(
 ) -> None:
     server = start_nats(jetstream=True)
     url = server.url
-    image = tmp_path / "slow.raw"
-    make_image(image, 24 * MiB, [(0, 24 * MiB)])
-    with throttled_nbd(image, tmp_path / "slow.sock", read_bps=8 * MiB) as (_, uri):
+    with slow_disk(tmp_path / "slow.raw", 24 * MiB, read_bps=8 * MiB) as (uri, _):
         for node in ("a", "b"):
             start_agent(node, url, "--allow", str(tmp_path))
         consumers = server.monitoring("jsz")["consumers"]
@@ -189,17 +204,8 @@ def test_agent_serves_prometheus_metrics(
     assert "# TYPE nbdnats_transfer_bytes_total counter" in body
 
 
-def test_ctl_cancel_stops_both_ends(
-    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
-) -> None:
-    image = tmp_path / "slow.raw"
-    make_image(image, 64 * MiB, [(0, 64 * MiB)])
-    with throttled_nbd(image, tmp_path / "slow.sock", read_bps=4 * MiB) as (_, uri):
-        for node in ("a", "b"):
-            start_agent(node, url, "--allow", str(tmp_path))
-        copy = start_cli(
-            "ctl", "--ctl-url", url, "copy", f"a:{uri}", f"b:{tmp_path}/d.raw", "--id", "doomed"
-        )
+def test_ctl_cancel_stops_both_ends(url: str, slow_ctl_copy: SlowCopy) -> None:
+    with slow_ctl_copy(64 * MiB, 4 * MiB, "--id", "doomed") as (_, copy, _):
         wait_for(lambda: "doomed" in ok(ctl(url, "transfers")), "the transfer", timeout=20)
         out = ok(ctl(url, "cancel", "doomed"))
         assert "cancelled doomed on" in out
@@ -211,15 +217,11 @@ def test_ctl_cancel_stops_both_ends(
 
 
 def test_sigterm_lets_a_running_transfer_finish_then_stops(
-    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+    url: str, slow_ctl_copy: SlowCopy, tmp_path: Path
 ) -> None:
     """A drained agent finishes what it runs, reports it, announces 'stopped', exits 0."""
-    image = tmp_path / "slow.raw"
-    digest = make_image(image, 16 * MiB, [(0, 16 * MiB)])
-    with throttled_nbd(image, tmp_path / "slow.sock", read_bps=8 * MiB) as (_, uri):
-        start_agent("a", url, "--allow", str(tmp_path))
-        b = start_agent("b", url, "--allow", str(tmp_path), "--drain-timeout", "60")
-        copy = start_cli("ctl", "--ctl-url", url, "copy", f"a:{uri}", f"b:{tmp_path}/d.raw")
+    drain = ("--drain-timeout", "60")
+    with slow_ctl_copy(16 * MiB, 8 * MiB, b_args=drain) as (b, copy, digest):
         wait_for(lambda: "accepted recv" in b.text(), "the transfer", timeout=20)
         assert b.stop() == 0
         _, err = copy.communicate(timeout=60)
@@ -231,16 +233,10 @@ def test_sigterm_lets_a_running_transfer_finish_then_stops(
 
 
 def test_sigterm_past_the_drain_timeout_cancels_and_reports(
-    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+    url: str, slow_ctl_copy: SlowCopy
 ) -> None:
-    image = tmp_path / "slow.raw"
-    make_image(image, 64 * MiB, [(0, 64 * MiB)])
-    with throttled_nbd(image, tmp_path / "slow.sock", read_bps=4 * MiB) as (_, uri):
-        start_agent("a", url, "--allow", str(tmp_path))
-        b = start_agent("b", url, "--allow", str(tmp_path), "--drain-timeout", "1")
-        copy = start_cli(
-            "ctl", "--ctl-url", url, "copy", f"a:{uri}", f"b:{tmp_path}/d.raw", "--id", "cut"
-        )
+    drain = ("--drain-timeout", "1")
+    with slow_ctl_copy(64 * MiB, 4 * MiB, "--id", "cut", b_args=drain) as (b, copy, _):
         wait_for(lambda: "accepted recv" in b.text(), "the transfer", timeout=20)
         assert b.stop() == 0
         _, err = copy.communicate(timeout=60)

@@ -15,7 +15,8 @@ import nbdnats
 from nbdnats import subjects
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.schemas import TransferEvent
-from tests.conftest import MiB, make_image, sha256_file, throttled_nbd, until
+from tests.images import MiB, make_image, sha256_file, throttled_nbd
+from tests.waits import until
 
 
 @contextlib.contextmanager

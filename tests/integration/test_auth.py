@@ -16,15 +16,10 @@ import nkeys
 import pytest
 
 from nbdnats.embedded import free_port, nats_server_binary
-from tests.conftest import (
-    MiB,
-    make_image,
-    one_line_error,
-    port_open,
-    run_cli,
-    start_cli,
-    wait_for,
-)
+from tests.cli import one_line_error, run_cli, start_cli
+from tests.images import MiB, make_image
+from tests.nats import port_open
+from tests.waits import wait_for
 
 PASSWORD = "p@ss:w/rd%1"
 ENCODED = "p%40ss%3Aw%2Frd%251"

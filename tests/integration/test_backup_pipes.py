@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.conftest import NBD_NATS, MiB, cli_env, make_image, sha256_file, start_cli
+from tests.cli import NBD_NATS, cli_env, start_cli
+from tests.images import MiB, make_image, sha256_file
 
 SIZE = 24 * MiB
 

@@ -19,7 +19,9 @@ import pytest
 from nbdnats.errors import NbdNatsError
 from nbdnats.planes import Planes
 from nbdnats.transfer import TransferHandle, start_bridge, start_recv
-from tests.conftest import MiB, NatsServer, make_image, sha256_file, until
+from tests.images import MiB, make_image, sha256_file
+from tests.nats import NatsServer
+from tests.waits import until
 
 SIZE = 64 * MiB
 Connect = Callable[[], contextlib.AbstractAsyncContextManager[Planes]]

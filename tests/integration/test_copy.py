@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    MiB,
-    allocated,
-    make_image,
-    run_cli,
-    sha256_file,
-    sha256_nbd,
-)
+from tests.cli import run_cli
+from tests.images import MiB, allocated, make_image, sha256_file, sha256_nbd
 
 SPARSE = [(0, 3 * MiB), (10 * MiB, 5 * MiB + 123), (40 * MiB - 4096, 4096)]
 

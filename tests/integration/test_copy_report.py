@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import MiB, make_image, run_cli, sha256_file
+from tests.cli import run_cli
+from tests.images import MiB, make_image, sha256_file
 
 RECEIVER_FIELDS = [
     "id",

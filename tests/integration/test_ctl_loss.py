@@ -8,16 +8,10 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import (
-    MiB,
-    NatsServer,
-    holds,
-    make_image,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
+from tests.cli import start_cli
+from tests.images import MiB, holds, make_image, sha256_file, throttled_nbd
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 WARNING = "nbd-nats: warning: the ctl plane was lost; the transfer's ctl event was not published"
 

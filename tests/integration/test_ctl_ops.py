@@ -19,21 +19,12 @@ import pytest
 from nbdnats import subjects
 from nbdnats.approval import load_private, sign
 from nbdnats.schemas import SCHEMA_VERSION, Approval, ProvisionCommand, RecvCommand, encode
-from tests.conftest import (
-    AgentProc,
-    MiB,
-    NatsServer,
-    ctl_ask,
-    ctl_request,
-    make_image,
-    one_line_error,
-    run_cli,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
-from tests.ctl_cli import RESTIC_ENV, ctl, ok, restic, stored_events
+from tests.backups import RESTIC_ENV, restic, slow_backup
+from tests.cli import one_line_error, run_cli
+from tests.ctl import AgentProc, ctl, ctl_ask, ctl_request, ok, stored_events
+from tests.images import MiB, make_image, sha256_file
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 
 @pytest.fixture
@@ -82,16 +73,7 @@ def test_failed_backup_saves_no_snapshot(
 ) -> None:
     """Cancelled half-way: restic is stopped before its pipe closes, so no partial image is
     stored as a snapshot."""
-    image = tmp_path / "disks" / "slow.raw"
-    image.parent.mkdir()
-    make_image(image, 48 * MiB, [(0, 48 * MiB)])
-    repo = tmp_path / "repo"
-    restic(repo, "init", "-q")
-    with throttled_nbd(image, tmp_path / "disks" / "slow.sock", read_bps=8 * MiB) as (_, uri):
-        start_agent("a", url, "--allow", str(tmp_path / "disks"))
-        b = start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
-        backup = ("backup", f"a:{uri}", "b", "--restic", str(repo), "--id", "half")
-        run = start_cli("ctl", "--ctl-url", url, *backup)
+    with slow_backup(url, start_agent, tmp_path, "half") as (_, b, run, repo):
         wait_for(lambda: "accepted recv half" in b.text(), "the backup", timeout=20)
         wait_for(lambda: '"done_bytes":0' not in ok(ctl(url, "--json", "transfers")), "data")
         ok(ctl(url, "cancel", "half"))

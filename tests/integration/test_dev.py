@@ -23,7 +23,9 @@ from urllib.request import urlopen
 import nats
 import pytest
 
-from tests.conftest import NBD_NATS, one_line_error, run_cli, sha256_nbd, until
+from tests.cli import NBD_NATS, one_line_error, run_cli
+from tests.images import sha256_nbd
+from tests.waits import until
 
 
 def leftovers(root: Path) -> list[str]:
@@ -107,6 +109,22 @@ def ends(state: dict[str, Any], node: str, data: str, ctl: str, scheme: str = "n
     ]
 
 
+def copy_node1_disk(
+    state: dict[str, Any],
+    transfer_id: str,
+    dst: Path,
+    sender: tuple[str, ...],
+    receiver: tuple[str, ...],
+    env: dict[str, str] | None = None,
+) -> Path:
+    """Send node1's disk from its NBD export into the file ``dst``, each end given the
+    options ``ends(state, *sender)`` and ``ends(state, *receiver)``; the image file that
+    export serves, which ``dst`` must now equal."""
+    node1 = state["nodes"][0]
+    transfer(transfer_id, node1["nbd"], str(dst), ends(state, *sender), ends(state, *receiver), env)
+    return Path(node1["image"])
+
+
 def test_transfer_across_the_data_cluster(tmp_path: Path) -> None:
     """dev up; node1's disk goes from data-1 to node2's disk through data-3 (two servers
     of the routed cluster), both ends logged in as their node with only their node's
@@ -156,17 +174,11 @@ def test_transfer_between_rack_leafnodes_over_tls(
     ctl cluster, all over TLS verified against the dev CA (SSL_CERT_FILE, which both NATS
     clients honour)."""
     root, state = topology
-    node1 = state["nodes"][0]
     dst = tmp_path / "copy.img"
-    transfer(
-        "dev-leaf",
-        node1["nbd"],
-        str(dst),
-        ends(state, "node1", "rack-1", "ctl-1", "tls"),
-        ends(state, "node2", "rack-2", "ctl-2", "tls"),
-        env={"SSL_CERT_FILE": str(root / "tls" / "ca.pem")},
-    )
-    assert dst.read_bytes() == Path(node1["image"]).read_bytes()
+    sender, receiver = ("node1", "rack-1", "ctl-1", "tls"), ("node2", "rack-2", "ctl-2", "tls")
+    tls = {"SSL_CERT_FILE": str(root / "tls" / "ca.pem")}
+    image = copy_node1_disk(state, "dev-leaf", dst, sender, receiver, tls)
+    assert dst.read_bytes() == image.read_bytes()
 
 
 def test_a_node_publishes_and_subscribes_only_on_its_own_subjects(
@@ -318,16 +330,10 @@ def test_ipv6_transfer_and_one_line_errors(tmp_path: Path) -> None:
         assert all(u.startswith("nats://[::1]:") for u in state["urls"]["data"].split(","))
         again = one_line_error(run_cli("dev", "up", "--state-dir", str(root)))
         assert "already runs" in again
-        node1 = state["nodes"][0]
         dst = tmp_path / "v6.img"
-        transfer(
-            "dev-v6",
-            node1["nbd"],
-            str(dst),
-            ends(state, "node1", "data-1", "ctl-1"),
-            ends(state, "node1", "data-2", "ctl-2"),
-        )
-        assert dst.read_bytes() == Path(node1["image"]).read_bytes()
+        sender, receiver = ("node1", "data-1", "ctl-1"), ("node1", "data-2", "ctl-2")
+        image = copy_node1_disk(state, "dev-v6", dst, sender, receiver)
+        assert dst.read_bytes() == image.read_bytes()
     finally:
         down(root)
 

@@ -10,17 +10,9 @@ from pathlib import Path
 import pytest
 
 from nbdnats import subjects
-from tests.conftest import (
-    MiB,
-    holds,
-    make_image,
-    one_line_error,
-    run_cli,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
+from tests.cli import one_line_error, run_cli, start_cli
+from tests.images import MiB, holds, make_image, sha256_file, throttled_nbd
+from tests.waits import wait_for
 
 
 @pytest.fixture

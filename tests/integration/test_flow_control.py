@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 
 from nbdnats import subjects
-from tests.conftest import MiB, make_image, sha256_file, start_cli, throttled_nbd, wait_for
+from tests.cli import start_cli
+from tests.images import MiB, make_image, sha256_file, throttled_nbd
+from tests.waits import wait_for
 
 WINDOW = 8 * MiB
 TARGET_BPS = 16 * MiB  # an unthrottled copy here runs at hundreds of MB/s: >10x faster

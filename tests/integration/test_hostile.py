@@ -16,7 +16,9 @@ import nats
 
 from nbdnats import _core, subjects
 from nbdnats.schemas import TransferEvent
-from tests.conftest import MiB, holds, make_image, sha256_file, start_cli, throttled_nbd, until
+from tests.cli import start_cli
+from tests.images import MiB, holds, make_image, sha256_file, throttled_nbd
+from tests.waits import until
 
 SIZE = 48 * MiB
 HOSTILE_KINDS = 8  # messages `attack` publishes

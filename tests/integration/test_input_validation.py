@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 
 from nbdnats import subjects
-from tests.conftest import (
-    AgentProc,
-    MiB,
-    NatsServer,
-    ctl_request,
-    make_image,
-    one_line_error,
-    run_cli,
-)
+from tests.cli import one_line_error, run_cli
+from tests.ctl import AgentProc, ctl_request
+from tests.images import MiB, make_image
+from tests.nats import NatsServer
 
 TOO_BIG = "is more than the largest size, 2^63 - 1 bytes"
 NOT_SECONDS = "is not a number of seconds from 0 (no limit) to 604800 (7 days)"
@@ -106,41 +101,20 @@ def test_agent_config_file_timeout_out_of_range(tmp_path: Path, nats_url: str) -
     assert proc.returncode == 2
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("timeout", "1e300"),
-        ("timeout", "1e999"),  # JSON's way to say infinity
-        ("timeout", "NaN"),
-        ("timeout", "-1"),
-        ("window", "18446744073709551616"),
-    ],
-)
-def test_agent_refuses_a_command_with_an_out_of_range_number(
-    start_nats: Callable[..., NatsServer],
-    start_agent: Callable[..., AgentProc],
-    src: Path,
-    field: str,
-    value: str,
-) -> None:
-    """Before: a timeout of 1e300 reached the core's Duration and panicked inside the
-    agent, which never replied."""
-    url = start_nats().url
-    agent = start_agent("a", url, "--allow", str(src.parent))
-    payload = (
-        f'{{"key": "k", "transfer_id": "t", "src": "{src}", "options": {{"{field}": {value}}}}}'
-    ).encode()
-    reply = ctl_request(url, subjects.ctl_command("a", "send"), payload)
-    assert reply["ok"] is False and reply["code"] == "schema", reply
-    # The agent is still there and well.
-    info = ctl_request(url, subjects.ctl_query("a", "info"), b"")
-    assert info["state"] == "up"
-    assert agent.proc.poll() is None and "Traceback" not in agent.text()
+def send_options(field: str, value: str) -> str:
+    """A send command whose options set ``field`` to ``value``, written into the JSON as it
+    is (unquoted); SRC stands for the source."""
+    return f'{{"key": "k", "transfer_id": "t", "src": "SRC", "options": {{"{field}": {value}}}}}'
 
 
 @pytest.mark.parametrize(
     ("op", "payload"),
     [
+        ("send", send_options("timeout", "1e300")),
+        ("send", send_options("timeout", "1e999")),  # JSON's way to say infinity
+        ("send", send_options("timeout", "NaN")),
+        ("send", send_options("timeout", "-1")),
+        ("send", send_options("window", "18446744073709551616")),
         (
             "send",
             '{"key": "k", "transfer_id": "t", "tool": {"kind": "pipe", "command": ["cat"]},'
@@ -156,15 +130,21 @@ def test_agent_refuses_a_command_with_an_out_of_range_number(
         ),
     ],
 )
-def test_agent_refuses_other_numbers_out_of_range(
+def test_agent_refuses_a_command_with_an_out_of_range_number(
     start_nats: Callable[..., NatsServer],
     start_agent: Callable[..., AgentProc],
-    tmp_path: Path,
+    src: Path,
     op: str,
     payload: str,
 ) -> None:
+    """Before: a timeout of 1e300 reached the core's Duration and panicked inside the
+    agent, which never replied."""
     url = start_nats().url
-    agent = start_agent("a", url, "--allow", str(tmp_path))
-    reply = ctl_request(url, subjects.ctl_command("a", op), payload.encode())
+    agent = start_agent("a", url, "--allow", str(src.parent))
+    command = payload.replace("SRC", str(src)).encode()
+    reply = ctl_request(url, subjects.ctl_command("a", op), command)
     assert reply["ok"] is False and reply["code"] == "schema", reply
+    # The agent is still there and well.
+    info = ctl_request(url, subjects.ctl_query("a", "info"), b"")
+    assert info["state"] == "up"
     assert agent.proc.poll() is None and "Traceback" not in agent.text()

@@ -15,7 +15,9 @@ from urllib.request import urlopen
 import pytest
 
 import nbdnats
-from tests.conftest import MiB, NatsServer, make_image, sha256_file, throttled_nbd, until
+from tests.images import MiB, make_image, sha256_file, throttled_nbd
+from tests.nats import NatsServer
+from tests.waits import until
 
 # The core's allocator hands freed pages back on a background thread once they have been
 # free for dirty_decay_ms (1 s, in .cargo/config.toml); glibc's (Python's) on malloc_trim.

@@ -31,15 +31,10 @@ from nbdnats.migration.paths import NatsPath
 from nbdnats.migration.remote import AgentPath
 from nbdnats.planes import Planes
 from nbdnats.schemas import QmpCommand, encode
-from tests.conftest import (
-    AgentProc,
-    NatsServer,
-    one_line_error,
-    run_cli,
-    start_cli,
-    until,
-    wait_for,
-)
+from tests.cli import one_line_error, run_cli, start_cli
+from tests.ctl import AgentProc
+from tests.nats import NatsServer
+from tests.waits import until, wait_for
 
 MiB = 1 << 20
 DISK = 64 * MiB

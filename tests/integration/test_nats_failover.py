@@ -12,17 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    MiB,
-    allocated,
-    finish_json,
-    holds,
-    make_image,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
+from tests.cli import finish_json, start_cli
+from tests.images import MiB, allocated, holds, make_image, sha256_file, throttled_nbd
+from tests.waits import wait_for
 
 SIZE = 96 * MiB
 RATE = 16 * MiB  # a throttled source: about six seconds, so a server can die in the middle

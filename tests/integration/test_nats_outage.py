@@ -23,21 +23,10 @@ from pathlib import Path
 import pytest
 
 from nbdnats.embedded import EmbeddedServer, nats_server_binary
-from tests.conftest import (
-    NBD_NATS,
-    MiB,
-    NatsServer,
-    allocated,
-    cli_env,
-    finish_json,
-    holds,
-    make_image,
-    one_line_error,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
+from tests.cli import NBD_NATS, cli_env, finish_json, one_line_error, start_cli
+from tests.images import MiB, allocated, holds, make_image, sha256_file, throttled_nbd
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 SIZE = 96 * MiB
 RATE = 8 * MiB  # a throttled source: about twelve seconds, so the server can die mid-way

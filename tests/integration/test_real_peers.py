@@ -18,15 +18,9 @@ from pathlib import Path
 import pytest
 
 from nbdnats.errors import EndpointError
-from tests.conftest import (
-    MiB,
-    make_image,
-    one_line_error,
-    run_cli,
-    sha256_file,
-    start_cli,
-    wait_for,
-)
+from tests.cli import one_line_error, run_cli, start_cli
+from tests.images import MiB, make_image, sha256_file
+from tests.waits import wait_for
 
 # Data that starts and ends inside 64 KiB blocks, and a hole between.
 LAYOUT = [(0, 100_000), (MiB + 4096, 300_000), (5 * MiB, 4096), (8 * MiB - 70_000, 70_000)]

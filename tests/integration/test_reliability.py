@@ -15,16 +15,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import (
-    MiB,
-    finish_json,
-    holds,
-    make_image,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
+from tests.cli import finish_json, start_cli
+from tests.images import MiB, holds, make_image, sha256_file, throttled_nbd
+from tests.waits import wait_for
 
 CHUNK = "256K"
 

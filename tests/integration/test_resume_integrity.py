@@ -14,15 +14,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import (
-    MiB,
-    make_image,
-    run_cli,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
+from tests.cli import run_cli, start_cli
+from tests.images import MiB, make_image, sha256_file, throttled_nbd
+from tests.waits import wait_for
 
 SIZE = 96 * MiB
 RATE = 16 * MiB  # a throttled source: about six seconds, so the receiver can die mid-way

@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nbdnats import subjects
-from tests.conftest import MiB, make_image, sha256_file, start_cli, wait_for
+from tests.cli import start_cli
+from tests.images import MiB, make_image, sha256_file
+from tests.waits import wait_for
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = 120) -> tuple[int, bytes, bytes]:

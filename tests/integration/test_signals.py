@@ -16,15 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    MiB,
-    NatsServer,
-    allocated,
-    make_image,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
+from tests.cli import start_cli
+from tests.images import MiB, allocated, make_image, throttled_nbd
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 
 def _stat(pid: int) -> list[str] | None:

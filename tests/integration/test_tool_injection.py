@@ -17,18 +17,12 @@ import pytest
 
 from nbdnats import subjects
 from nbdnats.schemas import RecvCommand, SendCommand, Tool, encode
-from tests.conftest import (
-    AgentProc,
-    MiB,
-    NatsServer,
-    ctl_request,
-    make_image,
-    one_line_error,
-    start_cli,
-    throttled_nbd,
-    wait_for,
-)
-from tests.ctl_cli import RESTIC_ENV, ctl, ok, restic, stored_events
+from tests.backups import RESTIC_ENV, restic, slow_backup
+from tests.cli import one_line_error
+from tests.ctl import AgentProc, ctl, ctl_request, ok, stored_events
+from tests.images import MiB, make_image
+from tests.nats import NatsServer
+from tests.waits import wait_for
 
 
 @pytest.fixture
@@ -192,16 +186,7 @@ def test_ctl_backup_stores_no_snapshot_when_the_sender_dies(
     """What a bare `recv - | restic backup --stdin` cannot promise: the sending agent is
     killed mid-stream; the receiving agent gives up after --timeout and stops restic before
     its stdin closes, so no truncated disk.img becomes `latest`."""
-    image = tmp_path / "disks" / "slow.raw"
-    image.parent.mkdir()
-    make_image(image, 48 * MiB, [(0, 48 * MiB)])
-    repo = tmp_path / "repo"
-    restic(repo, "init", "-q")
-    with throttled_nbd(image, tmp_path / "disks" / "slow.sock", read_bps=8 * MiB) as (_, uri):
-        a = start_agent("a", url, "--allow", str(tmp_path / "disks"))
-        b = start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
-        backup = ("backup", f"a:{uri}", "b", "--restic", str(repo), "--id", "dies")
-        run = start_cli("ctl", "--ctl-url", url, *backup, "--timeout", "3")
+    with slow_backup(url, start_agent, tmp_path, "dies", "--timeout", "3") as (a, b, run, repo):
         wait_for(lambda: "accepted recv dies" in b.text(), "the backup", timeout=20)
         wait_for(
             lambda: '"done_bytes":0' not in ok(ctl(url, "--json", "transfers", "--node", "b")),

@@ -20,17 +20,10 @@ import nats
 from nats.aio.msg import Msg
 
 from nbdnats import subjects
-from tests.conftest import (
-    MiB,
-    NatsServer,
-    holds,
-    make_image,
-    sha256_file,
-    start_cli,
-    throttled_nbd,
-    until,
-    wait_for,
-)
+from tests.cli import start_cli
+from tests.images import MiB, holds, make_image, sha256_file, throttled_nbd
+from tests.nats import NatsServer
+from tests.waits import until, wait_for
 
 SIZE = 64 * MiB
 RATE = 16 * MiB
