@@ -2,7 +2,7 @@
 
 Each is started on a random port or a fresh unix socket and killed at teardown. Only fixtures
 and hooks live here; the helpers tests import stand in modules named by their subject:
-``tests.waits``, ``tests.nats``, ``tests.images``, ``tests.cli``, ``tests.ctl`` and
+``tests.waits``, ``tests.nats_server``, ``tests.images``, ``tests.cli``, ``tests.ctl`` and
 ``tests.backups``.
 """
 
@@ -20,7 +20,7 @@ from nbdnats.embedded import EmbeddedServer, free_port, nats_server_binary
 from tests.cli import NBD_NATS, cli_env, started
 from tests.ctl import AgentProc
 from tests.images import MiB
-from tests.nats import NatsServer, port_open
+from tests.nats_server import NatsServer, port_open
 from tests.waits import wait_for
 
 

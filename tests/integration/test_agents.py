@@ -19,7 +19,7 @@ from nbdnats.embedded import free_port
 from tests.cli import one_line_error, run_cli, start_cli
 from tests.ctl import AgentProc, ctl, ok
 from tests.images import MiB, allocated, make_image, sha256_file, sha256_nbd, slow_disk
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
 

@@ -18,7 +18,7 @@ import pytest
 from nbdnats.embedded import free_port, nats_server_binary
 from tests.cli import one_line_error, run_cli, start_cli
 from tests.images import MiB, make_image
-from tests.nats import port_open
+from tests.nats_server import port_open
 from tests.waits import wait_for
 
 PASSWORD = "p@ss:w/rd%1"

@@ -20,7 +20,7 @@ from nbdnats.errors import NbdNatsError
 from nbdnats.planes import Planes
 from nbdnats.transfer import TransferHandle, start_bridge, start_recv
 from tests.images import MiB, make_image, sha256_file
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import until
 
 SIZE = 64 * MiB

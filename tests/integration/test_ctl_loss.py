@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.cli import start_cli
 from tests.images import MiB, holds, make_image, sha256_file, throttled_nbd
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
 WARNING = "nbd-nats: warning: the ctl plane was lost; the transfer's ctl event was not published"

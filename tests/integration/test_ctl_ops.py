@@ -23,7 +23,7 @@ from tests.backups import RESTIC_ENV, restic, slow_backup
 from tests.cli import one_line_error, run_cli
 from tests.ctl import AgentProc, ctl, ctl_ask, ctl_request, ok, stored_events
 from tests.images import MiB, make_image, sha256_file
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
 

@@ -12,7 +12,7 @@ from nbdnats import subjects
 from tests.cli import one_line_error, run_cli
 from tests.ctl import AgentProc, ctl_request
 from tests.images import MiB, make_image
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 
 TOO_BIG = "is more than the largest size, 2^63 - 1 bytes"
 NOT_SECONDS = "is not a number of seconds from 0 (no limit) to 604800 (7 days)"

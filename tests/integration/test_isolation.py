@@ -16,7 +16,7 @@ import pytest
 
 import nbdnats
 from tests.images import MiB, make_image, sha256_file, throttled_nbd
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import until
 
 # The core's allocator hands freed pages back on a background thread once they have been

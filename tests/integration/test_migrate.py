@@ -33,7 +33,7 @@ from nbdnats.planes import Planes
 from nbdnats.schemas import QmpCommand, encode
 from tests.cli import one_line_error, run_cli, start_cli
 from tests.ctl import AgentProc
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import until, wait_for
 
 MiB = 1 << 20

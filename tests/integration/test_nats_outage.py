@@ -25,7 +25,7 @@ import pytest
 from nbdnats.embedded import EmbeddedServer, nats_server_binary
 from tests.cli import NBD_NATS, cli_env, finish_json, one_line_error, start_cli
 from tests.images import MiB, allocated, holds, make_image, sha256_file, throttled_nbd
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
 SIZE = 96 * MiB

@@ -18,7 +18,7 @@ import pytest
 
 from tests.cli import start_cli
 from tests.images import MiB, allocated, make_image, throttled_nbd
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
 

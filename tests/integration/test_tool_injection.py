@@ -21,7 +21,7 @@ from tests.backups import RESTIC_ENV, restic, slow_backup
 from tests.cli import one_line_error
 from tests.ctl import AgentProc, ctl, ctl_request, ok, stored_events
 from tests.images import MiB, make_image
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
 

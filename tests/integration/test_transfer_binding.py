@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nbdnats import subjects
 from tests.cli import start_cli
 from tests.images import MiB, holds, make_image, sha256_file, throttled_nbd
-from tests.nats import NatsServer
+from tests.nats_server import NatsServer
 from tests.waits import until, wait_for
 
 SIZE = 64 * MiB
