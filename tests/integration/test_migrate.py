@@ -194,7 +194,7 @@ def test_migrate_while_the_guest_writes(
     assert vm.missing_writes(records, last) == []
 
 
-def test_destination_disk_of_another_size(vms: Callable[..., vm.VM]) -> None:
+def test_destination_disk_of_another_size_is_refused_and_the_source_runs_on(vms: Callable[..., vm.VM]) -> None:
     source = vms("src")
     source.wait_counter(0)
     dest = vms("dst", size=DISK // 2, incoming=True)
@@ -323,14 +323,14 @@ def test_cancel_with_nothing_to_cancel() -> None:
     assert proc.returncode == 2 and "no running migration nothing-here" in line
 
 
-def test_unreachable_qmp_socket(tmp_path: Path) -> None:
+def test_unreachable_qmp_socket_is_a_usage_error(tmp_path: Path) -> None:
     sockets = qmp_args(str(tmp_path / "none.qmp"), str(tmp_path / "none2.qmp"))
     proc = run_cli("migrate", "--direct", *sockets)
     line = one_line_error(proc)
     assert proc.returncode == 2 and "source QMP socket" in line
 
 
-def test_guest_is_cached(guest: tuple[Path, Path]) -> None:
+def test_guest_image_is_built_once_and_reused(guest: tuple[Path, Path]) -> None:
     kernel, initrd = guest
     assert kernel.stat().st_size > 1 * MiB and initrd.stat().st_size > 100_000
     start = time.monotonic()
@@ -380,7 +380,7 @@ def test_ctl_migrate_between_agents(
     assert states[-1] == "done" and "switchover" in states
 
 
-def test_ctl_migrate_refusals(
+def test_ctl_migrate_refuses_unknown_vms_and_running_destinations(
     vms: Callable[..., vm.VM],
     start_nats: Callable[..., NatsServer],
     start_agent: Callable[..., AgentProc],
