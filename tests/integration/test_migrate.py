@@ -194,7 +194,9 @@ def test_migrate_while_the_guest_writes(
     assert vm.missing_writes(records, last) == []
 
 
-def test_destination_disk_of_another_size_is_refused_and_the_source_runs_on(vms: Callable[..., vm.VM]) -> None:
+def test_destination_disk_of_another_size_is_refused_and_the_source_runs_on(
+    vms: Callable[..., vm.VM],
+) -> None:
     source = vms("src")
     source.wait_counter(0)
     dest = vms("dst", size=DISK // 2, incoming=True)
