@@ -57,9 +57,13 @@ demo: build-prod
 	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
 
 # The plots need matplotlib: the `bench` extra of pyproject.toml, installed only for this.
+# Idempotent: pip runs only while an import fails, and the import is checked again after it.
 bench-deps: bootstrap
-	@$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))' > $(VENV)/bench-requirements.txt
-	@$(BIN)/python -m pip install -q -r $(VENV)/bench-requirements.txt 2>&1 | { $(QUIET_PIP); }
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || { \
+	  $(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))' > $(VENV)/bench-requirements.txt; \
+	  $(BIN)/python -m pip install -q -r $(VENV)/bench-requirements.txt 2>&1 | { $(QUIET_PIP); }; }
+	@$(BIN)/python -c 'import matplotlib' \
+	  || { echo "make: error: matplotlib did not install into $(VENV); run $(BIN)/python -m pip install 'matplotlib>=3.7'" >&2; exit 1; }
 
 # Benchmarks: results in bench/results/<time>/ (results.json, PNG plots, summary.md).
 bench: build-prod bench-deps
