@@ -18,8 +18,10 @@ import pytest
 import yaml
 
 from nbdnats import dev, subjects
+from nbdnats.cli.agent import agent_config
 from nbdnats.cli.main import build_parser
 from nbdnats.ctl.metrics import HELP
+from nbdnats.dev import lifecycle
 from nbdnats.embedded import nats_server_binary
 from tests.compose_file import COMPOSE, COMPOSE_DIR, ROOT, bind_mounts, container_path, load
 
@@ -220,3 +222,30 @@ def test_dashboard_queries_only_metrics_the_agent_serves() -> None:
     board = (COMPOSE_DIR / "grafana" / "dashboards" / "transfer-throughput.json").read_text()
     used = set(re.findall(r"nbdnats_[a-z_]+", board))
     assert used and used <= set(HELP), used - set(HELP)
+
+
+def test_agents_export_a_sample_disk_as_dev_up_does(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`ctl copy nodeN:disk …` works right after `up`: each agent exports a file in its
+    volume that a one-shot service made, under the export names `dev up` gives its agents."""
+    state = dev.plan(tmp_path, "127.0.0.1", dev.COMPOSE_RACKS, None)
+    started: list[list[str]] = []
+    monkeypatch.setattr(lifecycle, "spawn", lambda argv, log, env: started.append(argv) or 1)
+    dev_names = set()
+    for node in state.nodes:
+        lifecycle._start_agent(state, node, tmp_path)
+        dev_names |= set(agent_config(build_parser().parse_args(started[-1][3:])).exports)
+    assert dev_names == {"disk"}
+    for name, agent in sorted(services.items()):
+        if not name.startswith("agent-"):
+            continue
+        config = agent_config(build_parser().parse_args(agent["command"][1:]))
+        assert set(config.exports) == dev_names, name
+        path = config.exports["disk"]
+        assert path.startswith("/var/lib/nbdnats/"), path
+        maker = agent["depends_on"][name.replace("agent-", "disk-")]
+        assert maker["condition"] == "service_completed_successfully"
+        disk = services[name.replace("agent-", "disk-")]
+        assert disk["volumes"] == [v for v in agent["volumes"] if v.endswith(":/var/lib/nbdnats")]
+        assert Path(path).name in " ".join(disk["command"])
