@@ -18,6 +18,7 @@ help:
 	@echo "make lint        clippy, rustfmt, ruff, mypy, stubtest"
 	@echo "make bench       benchmark suite on a release build (bench/README.md)"
 	@echo "make bench-quick a smaller benchmark run, about 3 minutes"
+	@echo "make bench-deps  install the bench extra (matplotlib, for the plots)"
 
 bootstrap:
 	@scripts/bootstrap.sh

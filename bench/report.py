@@ -38,7 +38,7 @@ def rebuild(folder: Path, latest: Path | None = None, *, plots: bool = True) -> 
 
             draw.draw(results, folder)
         except ImportError as e:
-            print(f"bench: plots skipped ({e})")
+            print(f"bench: plots skipped ({e}); `make bench-deps` installs matplotlib")
     return results
 
 

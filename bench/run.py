@@ -866,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for png in plots.draw(results, out_dir):
             say(f"plot {png}")
     except ImportError as e:
-        say(f"plots skipped ({e}); `make bench` installs matplotlib")
+        say(f"plots skipped ({e}); `make bench-deps` installs matplotlib (the bench extra)")
     print(harness.format_report(results), flush=True)
     say(f"wrote {out_dir / 'results.json'} in {config['elapsed_s']:.0f} s")
     return 0
