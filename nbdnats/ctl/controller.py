@@ -22,7 +22,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 from nats.aio.client import Client
@@ -210,6 +210,48 @@ class Controller:
 
     # -- operations ------------------------------------------------------------------------
 
+    @overload
+    async def copy(
+        self,
+        src: Endpoint,
+        dst: Endpoint,
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: Literal[True] = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult: ...
+
+    @overload
+    async def copy(
+        self,
+        src: Endpoint,
+        dst: Endpoint,
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: Literal[False],
+        on_event: EventCallback | None = None,
+    ) -> str: ...
+
+    @overload
+    async def copy(
+        self,
+        src: Endpoint,
+        dst: Endpoint,
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: bool,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str: ...
+
     async def copy(
         self,
         src: Endpoint,
@@ -228,6 +270,45 @@ class Controller:
         send = SendCommand(src=src[1], chunk_size=chunk_size, **both)
         return await self._pair(src[0], send, dst[0], recv, wait, on_event)
 
+    @overload
+    async def backup(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: Literal[True] = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult: ...
+
+    @overload
+    async def backup(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: Literal[False],
+        on_event: EventCallback | None = None,
+    ) -> str: ...
+
+    @overload
+    async def backup(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: bool,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str: ...
+
     async def backup(
         self,
         src: Endpoint,
@@ -244,6 +325,51 @@ class Controller:
         recv = RecvCommand(tool=tool, **both)
         send = SendCommand(src=src[1], **both)
         return await self._pair(src[0], send, node, recv, wait, on_event)
+
+    @overload
+    async def restore(
+        self,
+        node: str,
+        dst: Endpoint,
+        tool: Tool,
+        *,
+        size: int | None = None,
+        transfer_id: str | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: Literal[True] = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult: ...
+
+    @overload
+    async def restore(
+        self,
+        node: str,
+        dst: Endpoint,
+        tool: Tool,
+        *,
+        size: int | None = None,
+        transfer_id: str | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: Literal[False],
+        on_event: EventCallback | None = None,
+    ) -> str: ...
+
+    @overload
+    async def restore(
+        self,
+        node: str,
+        dst: Endpoint,
+        tool: Tool,
+        *,
+        size: int | None = None,
+        transfer_id: str | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: bool,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str: ...
 
     async def restore(
         self,
