@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
@@ -97,6 +97,10 @@ class Controller:
     def __init__(self, nc: Client, *, request_timeout: float = REQUEST_TIMEOUT) -> None:
         self.nc = nc
         self.request_timeout = request_timeout
+        # The events() readers not yet finished, held here (a loop left early drops its last
+        # reference): close() ends them before the connection goes, rather than the garbage
+        # collector after it.
+        self._readers: set[AsyncGenerator[events.Event, None]] = set()
 
     @classmethod
     async def connect(
@@ -109,6 +113,10 @@ class Controller:
         return controller
 
     async def close(self) -> None:
+        readers, self._readers = self._readers, set()
+        for reader in readers:
+            with contextlib.suppress(Exception):  # one another task is still reading
+                await reader.aclose()
         if not self.nc.is_closed:
             await self.nc.drain()
 
@@ -187,7 +195,7 @@ class Controller:
             raise UsageError(f"no node runs transfer {transfer_id} (see: nbd-nats ctl transfers)")
         return cancelled
 
-    async def events(
+    def events(
         self,
         *,
         since_seq: int | None = None,
@@ -197,16 +205,18 @@ class Controller:
         follow: bool = True,
     ) -> AsyncIterator[events.Event]:
         """Events as they happen, or from a stream sequence or time on (what a controller
-        that was away missed)."""
+        that was away missed). Leaving the loop early is fine: ``close()`` ends the reader."""
         everything = (node, kind) == ("*", "*")
-        async for ev in events.read(
+        reader = events.read(
             self.nc,
             subject=subjects.ALL_CTL_EVENTS if everything else subjects.ctl_events(kind, node),
             since_seq=since_seq,
             since_time=since,
             follow=follow,
-        ):
-            yield ev
+        )
+        running = {r for r in self._readers if getattr(r, "ag_frame", None) is not None}
+        self._readers = running | {reader}  # a finished generator has no frame left
+        return reader
 
     # -- operations ------------------------------------------------------------------------
 

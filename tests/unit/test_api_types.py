@@ -21,9 +21,9 @@ def _controller_example() -> str:
 def test_controller_example_type_checks_without_casts(tmp_path: Path) -> None:
     example = tmp_path / "example.py"
     example.write_text(_controller_example())
+    mypy = [sys.executable, "-m", "mypy", "--check-untyped-defs", "--no-error-summary"]
     run = subprocess.run(
-        [sys.executable, "-m", "mypy", "--check-untyped-defs", "--no-error-summary"]
-        + ["--cache-dir", str(tmp_path / "cache"), "--config-file", "", str(example)],
+        [*mypy, "--cache-dir", str(tmp_path / "cache"), "--config-file", "", str(example)],
         cwd=ROOT,
         capture_output=True,
         text=True,
