@@ -10,14 +10,23 @@ import argparse
 import datetime as dt
 import shlex
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from nbdnats import _core
 from nbdnats.approval import load_approval
 from nbdnats.cli.options import add_command, add_login_options, add_size_option, add_timeout_option
-from nbdnats.cli.output import EndsProgress, print_json, print_result, print_rows, print_started
+from nbdnats.cli.output import (
+    EndsProgress,
+    print_json,
+    print_result,
+    print_rows,
+    print_started,
+    reader_gone,
+)
 from nbdnats.ctl.controller import Controller, OperationResult, parse_endpoint
+from nbdnats.ctl.events import Event
 from nbdnats.errors import UsageError
 from nbdnats.planes import Login
 from nbdnats.schemas import MigrationEvent, NodeInfo, Tool, TransferEvent, TransferOptions
@@ -321,8 +330,15 @@ async def _events(c: Controller, args: argparse.Namespace) -> None:
         since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=parse_duration(args.since))
     seq = 1 if args.all else args.seq
     follow = not args.no_follow
-    n = 0
     events = c.events(since_seq=seq, since=since, node=args.node, kind=args.kind, follow=follow)
+    try:
+        await _show_events(events, args)
+    except BrokenPipeError:
+        reader_gone()
+
+
+async def _show_events(events: AsyncIterator[Event], args: argparse.Namespace) -> None:
+    n = 0
     async for ev in events:
         if args.json:
             print_json({"seq": ev.seq, "subject": ev.subject, "time": ev.time, "data": ev.data})

@@ -7,10 +7,12 @@ Sizes are written by ``nbdnats.units.human``.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import msgspec
 
@@ -27,6 +29,16 @@ def print_json(obj: Any, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     out.write(msgspec.json.encode(obj).decode() + "\n")
     out.flush()
+
+
+def reader_gone() -> NoReturn:
+    """stdout's reader went away (``... | head -5``): end quietly, as coreutils and the nats
+    CLI do, with the status of a death by SIGPIPE (141). stdout now goes nowhere, so the
+    interpreter's last flush has nothing to complain about."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    raise SystemExit(128 + signal.SIGPIPE)
 
 
 def print_rows(rows: Sequence[T], line: Callable[[T], str], *, as_json: bool) -> None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 from nats.aio.client import Client
@@ -97,6 +97,10 @@ class Controller:
     def __init__(self, nc: Client, *, request_timeout: float = REQUEST_TIMEOUT) -> None:
         self.nc = nc
         self.request_timeout = request_timeout
+        # The events() readers not yet finished, held here (a loop left early drops its last
+        # reference): close() ends them before the connection goes, rather than the garbage
+        # collector after it.
+        self._readers: set[AsyncGenerator[events.Event, None]] = set()
 
     @classmethod
     async def connect(
@@ -109,6 +113,10 @@ class Controller:
         return controller
 
     async def close(self) -> None:
+        readers, self._readers = self._readers, set()
+        for reader in readers:
+            with contextlib.suppress(Exception):  # one another task is still reading
+                await reader.aclose()
         if not self.nc.is_closed:
             await self.nc.drain()
 
@@ -187,7 +195,7 @@ class Controller:
             raise UsageError(f"no node runs transfer {transfer_id} (see: nbd-nats ctl transfers)")
         return cancelled
 
-    async def events(
+    def events(
         self,
         *,
         since_seq: int | None = None,
@@ -197,18 +205,62 @@ class Controller:
         follow: bool = True,
     ) -> AsyncIterator[events.Event]:
         """Events as they happen, or from a stream sequence or time on (what a controller
-        that was away missed)."""
+        that was away missed). Leaving the loop early is fine: ``close()`` ends the reader."""
         everything = (node, kind) == ("*", "*")
-        async for ev in events.read(
+        reader = events.read(
             self.nc,
             subject=subjects.ALL_CTL_EVENTS if everything else subjects.ctl_events(kind, node),
             since_seq=since_seq,
             since_time=since,
             follow=follow,
-        ):
-            yield ev
+        )
+        running = {r for r in self._readers if getattr(r, "ag_frame", None) is not None}
+        self._readers = running | {reader}  # a finished generator has no frame left
+        return reader
 
     # -- operations ------------------------------------------------------------------------
+
+    @overload
+    async def copy(
+        self,
+        src: Endpoint,
+        dst: Endpoint,
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: Literal[True] = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult: ...
+
+    @overload
+    async def copy(
+        self,
+        src: Endpoint,
+        dst: Endpoint,
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: Literal[False],
+        on_event: EventCallback | None = None,
+    ) -> str: ...
+
+    @overload
+    async def copy(
+        self,
+        src: Endpoint,
+        dst: Endpoint,
+        *,
+        transfer_id: str | None = None,
+        chunk_size: int | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: bool,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str: ...
 
     async def copy(
         self,
@@ -228,6 +280,45 @@ class Controller:
         send = SendCommand(src=src[1], chunk_size=chunk_size, **both)
         return await self._pair(src[0], send, dst[0], recv, wait, on_event)
 
+    @overload
+    async def backup(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: Literal[True] = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult: ...
+
+    @overload
+    async def backup(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: Literal[False],
+        on_event: EventCallback | None = None,
+    ) -> str: ...
+
+    @overload
+    async def backup(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: bool,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str: ...
+
     async def backup(
         self,
         src: Endpoint,
@@ -244,6 +335,51 @@ class Controller:
         recv = RecvCommand(tool=tool, **both)
         send = SendCommand(src=src[1], **both)
         return await self._pair(src[0], send, node, recv, wait, on_event)
+
+    @overload
+    async def restore(
+        self,
+        node: str,
+        dst: Endpoint,
+        tool: Tool,
+        *,
+        size: int | None = None,
+        transfer_id: str | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: Literal[True] = True,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult: ...
+
+    @overload
+    async def restore(
+        self,
+        node: str,
+        dst: Endpoint,
+        tool: Tool,
+        *,
+        size: int | None = None,
+        transfer_id: str | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: Literal[False],
+        on_event: EventCallback | None = None,
+    ) -> str: ...
+
+    @overload
+    async def restore(
+        self,
+        node: str,
+        dst: Endpoint,
+        tool: Tool,
+        *,
+        size: int | None = None,
+        transfer_id: str | None = None,
+        target_is_zero: bool = False,
+        options: TransferOptions | None = None,
+        wait: bool,
+        on_event: EventCallback | None = None,
+    ) -> OperationResult | str: ...
 
     async def restore(
         self,

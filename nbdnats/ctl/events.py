@@ -9,9 +9,10 @@ create the stream when it is missing, with as many replicas as the cluster allow
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +94,7 @@ async def read(
     since_time: dt.datetime | None = None,
     last_per_subject: bool = False,
     follow: bool = True,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """Events from the stream: new ones only by default, or from a sequence or a time, or
     each subject's last; ``follow=False`` stops once the stored ones are read."""
     js = nc.jetstream()
@@ -130,7 +131,9 @@ async def read(
             if not follow and (ev.seq >= last or msg.metadata.num_pending == 0):
                 return
     finally:
-        await sub.unsubscribe()
+        # A reader left early may be closed after its connection: nothing is left to undo.
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
 
 
 def _event(msg: Any) -> Event:
