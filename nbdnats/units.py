@@ -2,6 +2,7 @@
 
 Sizes: 4096, 4K, 4KiB, 1.5G, 2MB (binary multiples, as qemu-img), at most ``MAX_SIZE``
 (below 2^63: what every size, offset and length of the core and of NBD holds).
+Printed: sizes in binary units (``human``), rates in MB/s (``rate``), times as m:ss (``clock``).
 Timeouts: seconds, finite, from 0 to ``MAX_TIMEOUT`` (a week); what reaches a sleep or the
 core's clock is never NaN, infinite or negative.
 """
@@ -101,11 +102,28 @@ def count_arg(text: str) -> int:
 
 
 def human(n: float) -> str:
+    """A size in binary units (KiB, MiB, as qemu-img): every size a command prints."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def rate(done: float, seconds: float) -> str:
+    """Bytes moved in ``seconds`` as a rate in MB/s (10^6 bytes/s, as nbdcopy and the
+    ``mb_per_s`` of ``--json`` reports): every rate a command prints, bar and summary alike."""
+    return f"{done / seconds / 1e6 if seconds > 0 else 0.0:.1f} MB/s"
+
+
+def clock(seconds: float | None) -> str:
+    """A duration as ``m:ss`` (``h:mm:ss`` from an hour), ``--:--`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "--:--"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
 
 
 _DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*(s|m|h|d)?\s*$", re.IGNORECASE)

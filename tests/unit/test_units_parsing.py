@@ -6,7 +6,7 @@ import pytest
 
 from nbdnats import errors
 from nbdnats.errors import UsageError
-from nbdnats.units import human, parse_duration, parse_size
+from nbdnats.units import clock, human, parse_duration, parse_size, rate
 
 
 @pytest.mark.parametrize(
@@ -34,6 +34,20 @@ def test_human_sizes_use_binary_units_with_one_decimal() -> None:
     assert human(512) == "512 B"
     assert human(1536) == "1.5 KiB"
     assert human(3 << 30) == "3.0 GiB"
+
+
+def test_rates_are_mb_per_s_and_times_m_ss() -> None:
+    """One unit for every rate a command prints (bar, summaries, ctl): MB/s as nbdcopy and
+    the reports' mb_per_s; sizes stay binary (human)."""
+    assert rate(64 << 20, 2.0) == "33.6 MB/s"
+    assert rate(5, 0.0) == "0.0 MB/s"
+    assert (clock(None), clock(float("inf")), clock(59.9), clock(61), clock(3725)) == (
+        "--:--",
+        "--:--",
+        "0:59",
+        "1:01",
+        "1:02:05",
+    )
 
 
 def test_durations_are_seconds_or_suffixed_and_never_negative() -> None:
