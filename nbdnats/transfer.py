@@ -30,6 +30,8 @@ ProgressCallback = Callable[[TransferStats], None]
 
 DEFAULT_TIMEOUT = _core.DEFAULT_TIMEOUT
 PROGRESS_INTERVAL = 0.25
+# The core's states before the handshake: the peer has not answered yet, the size may be 0.
+WAITING_STATES = frozenset({"connecting", "waiting"})
 # How long copy lets one end finish failing by itself after the other failed.
 PEER_GRACE = 5.0
 EVENT_INTERVAL = 1.0
@@ -118,10 +120,19 @@ class TransferHandle:
             self._publish("progress", event_of(stats, self._planes.node))
 
     async def progress(self, interval: float = PROGRESS_INTERVAL) -> AsyncIterator[TransferStats]:
-        """Yield stats every ``interval`` seconds until the transfer ends."""
+        """Yield stats every ``interval`` seconds from the handshake (so ``size`` is the
+        image's, never a 0 of a peer not yet there) until the transfer ends. A transfer that
+        succeeded ends with its final stats (``done_bytes == size``); one that failed just
+        ends (``await`` the handle for its error)."""
         while not self._outcome.done():
-            yield self.stats()
+            stats = self.stats()
+            if stats.state not in WAITING_STATES:
+                yield stats
             await asyncio.wait({self._outcome}, timeout=interval)
+        if not self._outcome.cancelled() and self._outcome.exception() is None:
+            result = self._outcome.result()
+            assert isinstance(result, _core.Stats)
+            yield result
 
     async def wait(self, on_progress: ProgressCallback | None = None) -> TransferStats:
         """Wait for the end, reporting progress; raise the transfer's error if it failed."""
