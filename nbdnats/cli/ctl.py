@@ -14,11 +14,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from nbdnats import _core
+from nbdnats import _core, subjects
 from nbdnats.approval import load_approval
-from nbdnats.cli.options import add_command, add_login_options, add_size_option, add_timeout_option
+from nbdnats.cli.options import (
+    add_command,
+    add_login_options,
+    add_progress_option,
+    add_size_option,
+    add_timeout_option,
+)
 from nbdnats.cli.output import (
     EndsProgress,
+    PercentLines,
     print_json,
     print_result,
     print_rows,
@@ -30,7 +37,7 @@ from nbdnats.ctl.events import Event
 from nbdnats.errors import UsageError
 from nbdnats.planes import Login
 from nbdnats.schemas import MigrationEvent, NodeInfo, Tool, TransferEvent, TransferOptions
-from nbdnats.units import MAX_TIMEOUT, count_arg, human, parse_duration
+from nbdnats.units import MAX_TIMEOUT, count_arg, human, parse_duration, rate
 
 EPILOG = """\
 examples:
@@ -75,6 +82,7 @@ def add_parser(sub: Any) -> None:
         )
         a.add_argument("--verify", action="store_true", help="read the target back and compare")
         a.add_argument("--detach", action="store_true", help="print the id and do not wait")
+        add_progress_option(a)
         return a
 
     # Positional arguments are listed apart from options, so adding them after the
@@ -187,7 +195,7 @@ def _summary(verb: str, r: OperationResult) -> str:
     rx, tx = r.receiver, r.sender
     text = (
         f"{verb} {r.transfer_id}: {human(rx.size)} ({human(rx.data_bytes)} data) "
-        f"{tx.node} -> {rx.node} in {rx.seconds:.2f} s, {rx.mb_per_s:.1f} MB/s"
+        f"{tx.node} -> {rx.node} in {rx.seconds:.2f} s, {rate(rx.done_bytes, rx.seconds)}"
     )
     for ev in (tx, rx):
         if ev.tool_output:
@@ -196,6 +204,9 @@ def _summary(verb: str, r: OperationResult) -> str:
         text += f"; verified {rx.image_digest}"
     elif rx.digest:
         text += f", {rx.digest}"
+    if rx.verified:
+        # --verify read the target back (as the local copy's summary says it).
+        text += ", verified"
     return text
 
 
@@ -245,13 +256,23 @@ async def run(args: argparse.Namespace) -> None:
 
 
 async def _operation(c: Controller, args: argparse.Namespace) -> None:
+    # Chosen here so that a failure's --json line can name it too.
+    args.transfer_id = args.transfer_id or subjects.new_id()
     opts = TransferOptions(window=args.window, timeout=args.timeout, verify=args.verify)
-    progress = EndsProgress(not args.json and not args.detach)
+    quiet = args.json or args.detach or args.progress_fd is not None
+    progress = EndsProgress(not quiet or args.progress, forced=args.progress)
+    lines = PercentLines(args.progress_fd) if args.progress_fd is not None else None
+
+    def on_event(ev: TransferEvent) -> None:
+        progress(ev)
+        if lines is not None and ev.role == "recv":  # the percent of what has landed
+            lines(ev)
+
     common: dict[str, Any] = {
         "transfer_id": args.transfer_id,
         "options": opts,
         "wait": not args.detach,
-        "on_event": progress,
+        "on_event": on_event,
     }
     cmd = args.ctl_command
     try:
@@ -298,6 +319,7 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
 async def _migrate(c: Controller, args: argparse.Namespace) -> None:
     node, vm = parse_endpoint(args.src)
     quiet = args.json or args.detach
+    args.transfer_id = args.transfer_id or subjects.new_id()
 
     def show(ev: MigrationEvent) -> None:
         if not quiet and ev.state not in ("done", "failed", "cancelled"):

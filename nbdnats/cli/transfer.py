@@ -12,13 +12,18 @@ import sys
 from collections.abc import Awaitable
 from typing import Any
 
-from nbdnats import _core
-from nbdnats.cli.options import add_login_options, add_size_option, add_timeout_option
-from nbdnats.cli.output import ProgressBar, print_result
-from nbdnats.planes import Login
+from nbdnats import _core, subjects
+from nbdnats.cli.options import (
+    add_login_options,
+    add_progress_option,
+    add_size_option,
+    add_timeout_option,
+)
+from nbdnats.cli.output import PercentLines, ProgressBar, fan_out, print_result
+from nbdnats.planes import Login, resolve_urls, urls_given
 from nbdnats.schemas import Report, from_stats
 from nbdnats.transfer import CopyStats, copy_ends
-from nbdnats.units import MAX_TIMEOUT, human
+from nbdnats.units import MAX_TIMEOUT, human, rate
 
 EPILOG = """\
 SRC and DST: an NBD URI as libnbd takes it (nbd://host:port/export,
@@ -141,6 +146,7 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON line with the results")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    add_progress_option(o)
 
 
 def _report(stats: _core.Stats, sender: _core.Stats | None = None) -> Report:
@@ -160,7 +166,7 @@ def _summary(verb: str, stats: _core.Stats) -> str:
     return (
         f"{verb} {human(stats.size)} ({human(stats.data_bytes)} data, "
         f"{human(stats.zero_bytes)} zeros) in {stats.seconds:.2f} s, "
-        f"{stats.mb_per_s:.1f} MB/s, {stats.digest}{verified}"
+        f"{rate(stats.done_bytes, stats.seconds)}, {stats.digest}{verified}"
     )
 
 
@@ -173,13 +179,28 @@ async def run(args: argparse.Namespace) -> _core.Stats:
     )
     to_stdout = getattr(args, "dst", None) == "-"
     login = Login.resolve(args.creds, args.nkey)
-    bar = ProgressBar(enabled=False if (args.quiet or args.json) else None)
+    if args.command == "copy" and not args.transfer_id:
+        # Chosen here so that a failure's --json line can name it too.
+        args.transfer_id = subjects.new_id()
+    # The bar: with --progress anywhere, else on a terminal unless --quiet, --json or
+    # --progress=FD (which takes its place) says otherwise.
+    shown: bool | None = None
+    if args.progress:
+        shown = True
+    elif args.quiet or args.json or args.progress_fd is not None:
+        shown = False
+    # What the waiting line names; copy without URLs runs its own server: nothing to name.
+    where = None
+    if args.command != "copy" or urls_given(args.data_url, args.ctl_url):
+        where = resolve_urls(args.data_url, args.ctl_url)[0]
+    bar = ProgressBar(enabled=shown, where=where, timeout=args.timeout)
+    lines = PercentLines(args.progress_fd) if args.progress_fd is not None else None
     common: dict[str, Any] = {
         "data_url": args.data_url,
         "ctl_url": args.ctl_url,
         "node": args.node,
         "login": login,
-        "on_progress": bar,
+        "on_progress": fan_out(bar, lines),
         "window": args.window,
         "timeout": args.timeout,
         "verify": args.verify,
