@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from nbdnats.cli.options import add_command, add_size_option
+from nbdnats.cli.output import print_json
 from nbdnats.transfer import image_digest
 
 
@@ -20,8 +21,16 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("src", metavar="SRC")
     add_size_option(p, "--length", "hash only the first BYTES")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON line: digest, bytes (how many were hashed), src",
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
-    digest, _ = await image_digest(args.src, length=args.length, allow_local_file=True)
-    sys.stdout.write(f"{digest}  {args.src}\n")
+    digest, hashed = await image_digest(args.src, length=args.length, allow_local_file=True)
+    if args.json:
+        print_json({"digest": digest, "bytes": hashed, "src": args.src})
+    else:
+        sys.stdout.write(f"{digest}  {args.src}\n")

@@ -1,7 +1,9 @@
 """``nbd-nats``: stream block devices over NATS.
 
 Every user mistake ends as one line on stderr (``nbd-nats: error: ...``) and a non-zero
-exit: 2 for bad usage, 1 for a failed transfer, 130 when interrupted. No tracebacks.
+exit: 2 for bad usage, 1 for a failed transfer, 130 when interrupted. No tracebacks. With
+``--json`` a failure also prints one JSON line, ``{"error", "code", "id"}``, where the
+command's report would have gone.
 """
 
 from __future__ import annotations
@@ -16,13 +18,25 @@ from typing import Any, NoReturn
 
 from nbdnats import __version__
 from nbdnats.cli import transfer
-from nbdnats.errors import NbdNatsError, UsageError
+from nbdnats.cli.options import progress_argv
+from nbdnats.cli.output import print_json
+from nbdnats.errors import NbdNatsError, TransferCancelled, UsageError
+
+
+class UsageExit(SystemExit):
+    """What a parser's error raises (exit 2), with the message its error line said."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One shape for every error line, whichever subcommand's parser found it.
-        self.exit(2, f"nbd-nats: error: {message} (see: {self.prog} --help)\n")
+        line = f"{message} (see: {self.prog} --help)"
+        sys.stderr.write(f"nbd-nats: error: {line}\n")
+        raise UsageExit(line)
 
 
 # The other commands' modules bring nats-py's JetStream API, cryptography and qemu.qmp with
@@ -89,21 +103,58 @@ async def _main(args: argparse.Namespace) -> None:
         await _other_commands()[args.command].run(args)
 
 
+def _json_wanted(argv: Sequence[str]) -> bool:
+    return "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+
+
+def _id_given(argv: Sequence[str]) -> str | None:
+    """The ``--id`` of a command line the parser refused (the last one, as argparse takes)."""
+    given = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--id" and i + 1 < len(argv):
+            given = argv[i + 1]
+        elif arg.startswith("--id="):
+            given = arg.partition("=")[2]
+    return given
+
+
+def _failed(
+    args: argparse.Namespace | None, argv: Sequence[str], message: str, code: str, status: int
+) -> int:
+    """A failure's end: its ``--json`` line when asked for, and the exit status. The line
+    goes where the command's report goes (stderr when stdout carries the image)."""
+    if args is None:
+        wanted, ident, out = _json_wanted(argv), _id_given(argv), sys.stdout
+    else:
+        wanted = bool(getattr(args, "json", False))
+        ident = getattr(args, "transfer_id", None)
+        image_out = args.command in DATA_COMMANDS and getattr(args, "dst", None) == "-"
+        out = sys.stderr if image_out else sys.stdout
+    if wanted:
+        print_json({"error": message, "code": code, "id": ident}, out)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = progress_argv(sys.argv[1:] if argv is None else list(argv))
     full = _command_word(argv) not in DATA_COMMANDS
-    args = build_parser(full=full).parse_args(argv)
+    try:
+        args = build_parser(full=full).parse_args(argv)
+    except UsageExit as e:
+        return _failed(None, argv, e.message, UsageError.code, 2)
     try:
         _loop_runner()(_main(args))
     except NbdNatsError as e:
         sys.stderr.write(f"nbd-nats: error: {e}\n")
-        return 2 if isinstance(e, UsageError) else 1
+        return _failed(args, argv, str(e), e.code, 2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
         sys.stderr.write("nbd-nats: interrupted\n")
-        return 130
+        return _failed(args, argv, "interrupted", TransferCancelled.code, 130)
     except asyncio.CancelledError:
         sys.stderr.write("nbd-nats: terminated\n")
-        return 143
+        return _failed(args, argv, "terminated", TransferCancelled.code, 143)
     return 0
 
 
