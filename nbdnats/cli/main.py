@@ -129,7 +129,7 @@ def _failed(
         wanted, ident, out = _json_wanted(argv), _id_given(argv), sys.stdout
     else:
         wanted = bool(getattr(args, "json", False))
-        ident = getattr(args, "transfer_id", None)
+        ident = getattr(args, "transfer_id", None) or getattr(args, "migration_id", None)
         image_out = args.command in DATA_COMMANDS and getattr(args, "dst", None) == "-"
         out = sys.stderr if image_out else sys.stdout
     if wanted:

@@ -285,3 +285,22 @@ def test_progress_starts_at_the_handshake_and_ends_at_100(tmp_path: Path) -> Non
 async def _collect(handle: nbdnats.TransferHandle, into: list[nbdnats.TransferStats]) -> None:
     async for s in handle.progress(interval=0.05):
         into.append(s)
+
+
+def test_migrate_and_digest_json_failures(tmp_path: Path) -> None:
+    """Every command that takes --json says its failure as JSON too."""
+    gone = str(tmp_path / "gone.sock")
+    for argv, code, ident, status in (
+        (
+            ["migrate", "--src-qmp", gone, "--dst-qmp", gone, "--direct", "--id", "m1"],
+            "usage",
+            "m1",
+            2,
+        ),
+        (["digest", str(tmp_path / "gone.img")], "endpoint", None, 1),
+    ):
+        done = run_cli(*argv, "--json")
+        line = one_line_error(done)
+        assert done.returncode == status
+        doc = json.loads(done.stdout)
+        assert doc == {"error": line.removeprefix("nbd-nats: error: "), "code": code, "id": ident}
