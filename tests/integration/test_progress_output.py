@@ -304,3 +304,17 @@ def test_migrate_and_digest_json_failures(tmp_path: Path) -> None:
         assert done.returncode == status
         doc = json.loads(done.stdout)
         assert doc == {"error": line.removeprefix("nbd-nats: error: "), "code": code, "id": ident}
+
+
+def test_a_receiver_without_sender_says_so_too(
+    start_nats: Callable[..., NatsServer], tmp_path: Path
+) -> None:
+    server = start_nats()
+    rc, shown, _ = run_on_terminal(
+        "recv", str(tmp_path / "d.img"), "--id", "alone", "--data-url", server.url, "--timeout", "3"
+    )
+    assert rc == 1, shown
+    found = re.findall(
+        rf"waiting for the sender of alone on {re.escape(server.url)}, (\d+) s left", shown
+    )
+    assert found and int(found[0]) <= 3, shown
