@@ -74,6 +74,11 @@ def add_parser(sub: Any) -> None:
             default=None,
         )
         a.add_argument("--verify", action="store_true", help="read the target back and compare")
+        a.add_argument(
+            "--raw",
+            action="store_true",
+            help="move a qcow2 (vmdk, ...) file's bytes as they are, not the disk it holds",
+        )
         a.add_argument("--detach", action="store_true", help="print the id and do not wait")
         return a
 
@@ -245,7 +250,9 @@ async def run(args: argparse.Namespace) -> None:
 
 
 async def _operation(c: Controller, args: argparse.Namespace) -> None:
-    opts = TransferOptions(window=args.window, timeout=args.timeout, verify=args.verify)
+    opts = TransferOptions(
+        window=args.window, timeout=args.timeout, verify=args.verify, raw=args.raw
+    )
     progress = EndsProgress(not args.json and not args.detach)
     common: dict[str, Any] = {
         "transfer_id": args.transfer_id,
