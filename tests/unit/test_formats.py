@@ -4,6 +4,7 @@ and what is refused before anything is opened."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,41 @@ def test_missing_qemu_nbd_is_one_line_with_the_hint(
     assert str(e.value) == want
     served = asyncio.run(formats.serve(str(qcow), target=False, raw=True))
     assert (served.endpoint, served.format) == (str(qcow), "raw")
+
+
+def test_files_an_image_names_are_listed_for_the_agent_to_check(tmp_path: Path) -> None:
+    """Real qemu-img: a backing file, a qcow2's external data file, a vmdk's extent."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    secret = other / "secret"
+    secret.write_bytes(bytes(1 << 20))
+    overlay, with_data = tmp_path / "overlay.qcow2", tmp_path / "data.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(overlay)],
+        check=True,
+    )
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"data_file={secret}",
+            str(with_data),
+            "1M",
+        ],
+        check=True,
+    )
+    vmdk = tmp_path / "flat.vmdk"
+    vmdk.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        f'createType="monolithicFlat"\nRW 2048 FLAT "{secret}" 0\n'
+    )
+    for image in (overlay, with_data, vmdk):
+        assert asyncio.run(formats.referenced_files(str(image))) == [str(secret)], image
+        assert asyncio.run(formats.referenced_files(str(image), raw=True)) == []
+    plain = tmp_path / "plain.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
+    assert asyncio.run(formats.referenced_files(str(plain))) == []
