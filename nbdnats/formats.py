@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbdnats.embedded import die_with_parent
-from nbdnats.errors import EndpointError
+from nbdnats.errors import EndpointError, UsageError
 
 RAW = "raw"
 START_TIMEOUT = 30.0  # how long qemu-nbd may take to open an image and listen
@@ -185,15 +185,28 @@ def _last_line(log: Path) -> str:
 
 
 async def serve(
-    spec: str, *, target: bool, raw: bool = False, timeout: float = START_TIMEOUT
+    spec: str,
+    *,
+    target: bool,
+    raw: bool = False,
+    resume: bool = False,
+    timeout: float = START_TIMEOUT,
 ) -> Served:
     """``spec`` as the core should open it: a file whose header names a format is served
     by a private qemu-nbd (read-only unless ``target``); anything else is left as it is.
-    Fails with one line when qemu-nbd is missing, exits, or does not listen in time."""
+    Fails with one line when qemu-nbd is missing, exits, or does not listen in time, and
+    for a target to ``resume``: its journal names the endpoint, and each qemu-nbd has a
+    socket of its own."""
     fmt = format_of(spec, raw=raw)
     if fmt is None or fmt == RAW:
         return Served(spec, fmt)
     _refuse(spec, fmt)
+    if target and resume:
+        raise UsageError(
+            f"{spec} is a {fmt} image, served by a new qemu-nbd each time: a transfer into "
+            f"it cannot be resumed; serve it yourself (qemu-nbd -f {fmt} -x disk -k SOCKET) "
+            "and receive into nbd+unix:///disk?socket=SOCKET, or pass --raw"
+        )
     binary = _qemu_nbd(spec, fmt)
     workdir = tempfile.mkdtemp(prefix="nbdnats-qemu-")  # mode 0700
     served = Served(spec, fmt, workdir=workdir)

@@ -315,7 +315,7 @@ async def start_recv(
     ``expect_sha256`` (``sha256:<hex>``): the image must hash to this as it is written; if
     it does not, both ends of the target are wiped and the transfer fails."""
     check_options(window=window, timeout=timeout)
-    served = await formats.serve(dst, target=True, raw=raw)
+    served = await formats.serve(dst, target=True, raw=raw, resume=resume)
     return await _start(
         planes,
         transfer_id,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nbdnats import formats
-from nbdnats.errors import EndpointError
+from nbdnats.errors import EndpointError, UsageError
 
 
 def _file_with(tmp_path: Path, magic: formats.Magic) -> Path:
@@ -114,3 +114,14 @@ def test_files_an_image_names_are_listed_for_the_agent_to_check(tmp_path: Path) 
     plain = tmp_path / "plain.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
     assert asyncio.run(formats.referenced_files(str(plain))) == []
+
+
+def test_a_served_target_cannot_be_resumed(tmp_path: Path) -> None:
+    """The receiver's journal names its endpoint, and each qemu-nbd has a socket of its own:
+    refused at once, with what to do instead."""
+    qcow = tmp_path / "vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "1M"], check=True)
+    with pytest.raises(UsageError, match=r"cannot be resumed; serve it yourself"):
+        asyncio.run(formats.serve(str(qcow), target=True, resume=True))
+    served = asyncio.run(formats.serve(str(qcow), target=True, resume=True, raw=True))
+    assert served.endpoint == str(qcow)
