@@ -93,9 +93,13 @@ class Tool(Message, kw_only=True):
 
 
 class TransferOptions(Message, kw_only=True):
+    """``raw``: a file endpoint whose header names an image format (qcow2, vmdk, ...) is
+    moved as the bytes it holds, not as the disk it holds through qemu-nbd."""
+
     window: Bytes | None = None
     timeout: Seconds | None = None
     verify: bool = False
+    raw: bool = False
 
 
 class SendCommand(Command, kw_only=True):
@@ -256,6 +260,7 @@ class TransfersQuery(Message, kw_only=True):
 
 class DigestQuery(Message, kw_only=True):
     src: str
+    raw: bool = False  # as ``TransferOptions.raw``
 
 
 class DigestReply(Answer, kw_only=True):
@@ -277,6 +282,7 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     op: str | None = None
     key: str | None = None
     endpoint: str | None = None
+    format: str | None = None  # the endpoint's image format when it is a file or device
     tool: str | None = None
     tool_output: str | None = None
     image_digest: str | None = None
@@ -324,6 +330,8 @@ class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
     retransmits: int
     resumes: int
     sent_bytes: int
+    # The endpoint's image format when it is a file or device ("raw", "qcow2", ...).
+    format: str | None = None
     sender: Report | None = None
 
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from nbdnats import _core, subjects
+from nbdnats import _core, formats, subjects
 from nbdnats._bridge import Done, core_call
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, TransferTimeout, UsageError
@@ -84,11 +84,17 @@ class TransferHandle:
     """A running transfer: poll ``stats()``, iterate ``progress()``, ``cancel()``, await it."""
 
     def __init__(
-        self, core: _core.Transfer, outcome: asyncio.Future[object], planes: Planes
+        self,
+        core: _core.Transfer,
+        outcome: asyncio.Future[object],
+        planes: Planes,
+        fmt: str | None = None,
     ) -> None:
         self._core = core
         self._outcome = outcome
         self._planes = planes
+        # The endpoint's image format (``formats.format_of``): None for an NBD URI or a stream.
+        self.format = fmt
         self._last_event = 0.0
         # An agent publishes its own ctl events (with the job's op and tool); a standalone
         # send/recv reports its end here.
@@ -180,15 +186,37 @@ Subjects = tuple[str, str, str]
 CoreStart = Callable[[Subjects, Subjects | None, Done], _core.Transfer]
 
 
-def _start(
-    planes: Planes, transfer_id: str, return_id: str | None, begin: CoreStart
+async def _start(
+    planes: Planes,
+    transfer_id: str,
+    return_id: str | None,
+    begin: CoreStart,
+    served: formats.Served | None = None,
 ) -> TransferHandle:
     """What every ``start_*`` shares once its options are checked: the transfer's subjects
-    (and those of the transfer that comes back, if any), the core call, the handle."""
+    (and those of the transfer that comes back, if any), the core call, the handle. A
+    ``served`` endpoint (a qemu-nbd) is stopped when the core has let go of it: the
+    handle's outcome is known only once it is."""
     subs = subjects.transfer(transfer_id)
     back = subjects.transfer(return_id) if return_id else None
-    core, outcome = core_call(lambda done: begin(subs, back, done))
-    return TransferHandle(core, outcome, planes)
+    try:
+        core, outcome = core_call(lambda done: begin(subs, back, done))
+    except BaseException:
+        if served is not None:
+            await served.close()
+        raise
+    if served is None:
+        return TransferHandle(core, outcome, planes)
+    return TransferHandle(
+        core, asyncio.ensure_future(_then_close(outcome, served)), planes, served.format
+    )
+
+
+async def _then_close(outcome: asyncio.Future[object], served: formats.Served) -> object:
+    try:
+        return await outcome
+    finally:
+        await served.close()
 
 
 async def image_digest(
@@ -197,18 +225,24 @@ async def image_digest(
     length: int | None = None,
     size: int | None = None,
     allow_local_file: bool = False,
+    raw: bool = False,
 ) -> tuple[str, int]:
     """The sha256 of an image's contents (``"sha256:<hex>"``) and the bytes hashed: what
     ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read.
     ``allow_local_file``: ``src`` comes from the local user, so an NBD URI may name local
-    files (``tls-psk-file=``); leave it False for an endpoint that came in a message."""
+    files (``tls-psk-file=``); leave it False for an endpoint that came in a message.
+    ``raw`` as for ``start_send``."""
     _check_size(length, "digest length")
     _check_size(size, "digest size")
-    result = await core_call(
-        lambda done: _core.image_digest(
-            src, done, length=length, size=size, allow_local_file=allow_local_file
-        )
-    )[1]
+    served = await formats.serve(src, target=False, raw=raw)
+    try:
+        result = await core_call(
+            lambda done: _core.image_digest(
+                served.endpoint, done, length=length, size=size, allow_local_file=allow_local_file
+            )
+        )[1]
+    finally:
+        await served.close()
     assert isinstance(result, tuple)
     digest, hashed = result
     return str(digest), int(hashed)
@@ -238,18 +272,23 @@ async def start_send(
     resume: bool = False,
     state_dir: str | None = None,
     allow_local_file: bool = False,
+    raw: bool = False,
 ) -> TransferHandle:
     """``state_dir``: where the sender keeps the key that binds the transfer to it (see
     ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer.
-    ``allow_local_file`` as for ``image_digest`` (also on ``start_recv``)."""
+    ``allow_local_file`` as for ``image_digest`` (also on ``start_recv``). A file whose
+    header names an image format (qcow2, vmdk, ...: ``nbdnats.formats``) is read through
+    a private read-only qemu-nbd, unless ``raw``: then its bytes are sent as they are
+    (also on ``start_recv``, where such a file is written through a writable one)."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
-    return _start(
+    served = await formats.serve(src, target=False, raw=raw)
+    return await _start(
         planes,
         transfer_id,
         None,
         lambda subs, _, done: _core.start_send(
             planes.data,
-            src,
+            served.endpoint,
             transfer_id,
             subs,
             done,
@@ -262,6 +301,7 @@ async def start_send(
             state_dir=str(resolve_state_dir(state_dir)),
             allow_local_file=allow_local_file,
         ),
+        served,
     )
 
 
@@ -279,19 +319,21 @@ async def start_recv(
     return_id: str | None = None,
     expect_sha256: str | None = None,
     allow_local_file: bool = False,
+    raw: bool = False,
 ) -> TransferHandle:
     """``return_id`` (a ``unix:PATH`` target only): what the other end of that connection
     writes back is sent home as transfer ``return_id`` (a migration's return path).
     ``expect_sha256`` (``sha256:<hex>``): the image must hash to this as it is written; if
     it does not, both ends of the target are wiped and the transfer fails."""
     check_options(window=window, timeout=timeout)
-    return _start(
+    served = await formats.serve(dst, target=True, raw=raw, resume=resume)
+    return await _start(
         planes,
         transfer_id,
         return_id,
         lambda subs, back, done: _core.start_recv(
             planes.data,
-            dst,
+            served.endpoint,
             transfer_id,
             subs,
             done,
@@ -305,6 +347,7 @@ async def start_recv(
             expect_sha256=expect_sha256,
             allow_local_file=allow_local_file,
         ),
+        served,
     )
 
 
@@ -327,7 +370,7 @@ async def start_bridge(
     ``return_id`` ("stream" only), transfer ``return_id`` is received back into the same
     connection: the stream is full-duplex."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
-    return _start(
+    return await _start(
         planes,
         transfer_id,
         return_id,
@@ -444,10 +487,15 @@ async def copy_ends(
     resume: bool = False,
     state_dir: str | None = None,
     allow_local_file: bool = True,
+    raw: bool = False,
 ) -> CopyStats:
-    """``copy``, returning both ends' final stats. ``allow_local_file`` as for ``send``."""
+    """``copy``, returning both ends' final stats. ``allow_local_file`` and ``raw`` as for
+    ``send``."""
     transfer_id = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
+    # What either end would refuse (an image format without qemu-nbd) before any starts.
+    formats.check(src, raw=raw)
+    formats.check(dst, raw=raw)
     async with contextlib.AsyncExitStack() as stack:
         if not urls_given(data_url, ctl_url):
             data_url = await stack.enter_async_context(EmbeddedServer())
@@ -462,9 +510,16 @@ async def copy_ends(
             "resume": resume,
             "state_dir": state_dir,
             "allow_local_file": allow_local_file,
+            "raw": raw,
         }
         receiver = await start_recv(dst, target_is_zero=target_is_zero, **both)
-        sender = await start_send(src, size=size, chunk_size=chunk_size, **both)
+        try:
+            sender = await start_send(src, size=size, chunk_size=chunk_size, **both)
+        except BaseException:
+            receiver.cancel()  # and let go of its target (and its qemu-nbd) before failing
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(receiver.wait(), CANCEL_TIMEOUT)
+            raise
         return await _both(sender, receiver, on_progress)
     raise AssertionError("unreachable")  # pragma: no cover  (mypy: the stack may swallow)
 
@@ -488,10 +543,11 @@ async def copy(
     resume: bool = False,
     state_dir: str | None = None,
     allow_local_file: bool = True,
+    raw: bool = False,
 ) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server.
     Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both.
-    ``allow_local_file`` as for ``send``."""
+    ``allow_local_file`` and ``raw`` as for ``send``."""
     ends = await copy_ends(
         src,
         dst,
@@ -510,6 +566,7 @@ async def copy(
         resume=resume,
         state_dir=state_dir,
         allow_local_file=allow_local_file,
+        raw=raw,
     )
     return ends.receiver
 

@@ -26,8 +26,9 @@ def slow_backup(
     url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, transfer_id: str, *args: str
 ) -> Iterator[tuple[AgentProc, AgentProc, subprocess.Popen[bytes], Path]]:
     """A ``ctl backup`` slow enough to interrupt: agent a serves a 48 MiB disk read at 2 MiB/s
-    (24 s: room for a loaded machine to act before it ends), agent b stores it into a new restic repository. ``args`` go to ``ctl backup``. Yields
-    both agents, the running ``ctl backup`` and the repository."""
+    (24 s: room for a loaded machine to act before it ends), agent b stores it into a new
+    restic repository. ``args`` go to ``ctl backup``. Yields both agents, the running
+    ``ctl backup`` and the repository."""
     disks = tmp_path / "disks"
     disks.mkdir()
     repo = tmp_path / "repo"

@@ -81,6 +81,11 @@ def add_parser(sub: Any) -> None:
             default=None,
         )
         a.add_argument("--verify", action="store_true", help="read the target back and compare")
+        a.add_argument(
+            "--raw",
+            action="store_true",
+            help="move a qcow2 (vmdk, ...) file's bytes as they are, not the disk it holds",
+        )
         a.add_argument("--detach", action="store_true", help="print the id and do not wait")
         add_progress_option(a)
         return a
@@ -258,7 +263,9 @@ async def run(args: argparse.Namespace) -> None:
 async def _operation(c: Controller, args: argparse.Namespace) -> None:
     # Chosen here so that a failure's --json line can name it too.
     args.transfer_id = args.transfer_id or subjects.new_id()
-    opts = TransferOptions(window=args.window, timeout=args.timeout, verify=args.verify)
+    opts = TransferOptions(
+        window=args.window, timeout=args.timeout, verify=args.verify, raw=args.raw
+    )
     quiet = args.json or args.detach or args.progress_fd is not None
     progress = EndsProgress(not quiet or args.progress, forced=args.progress)
     lines = PercentLines(args.progress_fd) if args.progress_fd is not None else None

@@ -17,10 +17,16 @@ def add_parser(sub: Any) -> None:
         "digest",
         help="print the sha256 of an image's contents (as approvals name it)",
         description="The sha256 of the raw disk SRC holds (an NBD URI, file or device), as "
-        "sha256sum prints it for the raw image; holes are hashed without being read.",
+        "sha256sum prints it for the raw image; holes are hashed without being read. A "
+        "qcow2 (vmdk, vhdx, ...) file is read through a private qemu-nbd unless --raw.",
     )
     p.add_argument("src", metavar="SRC")
     add_size_option(p, "--length", "hash only the first BYTES")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="hash a qcow2 (vmdk, ...) file's bytes as they are, not the disk it holds",
+    )
     p.add_argument(
         "--json",
         action="store_true",
@@ -29,7 +35,9 @@ def add_parser(sub: Any) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    digest, hashed = await image_digest(args.src, length=args.length, allow_local_file=True)
+    digest, hashed = await image_digest(
+        args.src, length=args.length, allow_local_file=True, raw=args.raw
+    )
     if args.json:
         print_json({"digest": digest, "bytes": hashed, "src": args.src})
     else:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Awaitable
 from typing import Any
 
-from nbdnats import _core, subjects
+from nbdnats import _core, formats, subjects
 from nbdnats.cli.options import (
     add_login_options,
     add_progress_option,
@@ -30,7 +30,9 @@ SRC and DST: an NBD URI as libnbd takes it (nbd://host:port/export,
 nbd+unix:///export?socket=PATH), a file or block device (a file target is created
 or extended to the source size), or '-' for stdin/stdout as a raw image in offset
 order ('pipe:PATH' likewise for a FIFO). DST may also be 'null:' (discard) or
-'unix:PATH' (a listening unix socket, connected on the first byte).
+'unix:PATH' (a listening unix socket, connected on the first byte). A file whose
+header says qcow2, vmdk, vhdx, vdi, qed or vhd is read or written through a private
+qemu-nbd of that format (the disk it holds, not the file's bytes) unless --raw.
 
 environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists; a
 server may carry user:password@ or token@), NBDNATS_CREDS, NBDNATS_NKEY
@@ -137,6 +139,11 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
         help="where the receiver keeps its journal and the sender its key for --resume "
         "(default: $NBDNATS_STATE_DIR, else $XDG_STATE_HOME/nbdnats or ~/.local/state/nbdnats)",
     )
+    t.add_argument(
+        "--raw",
+        action="store_true",
+        help="copy a qcow2 (vmdk, vhdx, ...) file's bytes as they are, not the disk it holds",
+    )
     if receiver:
         t.add_argument(
             "--target-is-zero",
@@ -149,15 +156,19 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
     add_progress_option(o)
 
 
-def _report(stats: _core.Stats, sender: _core.Stats | None = None) -> Report:
-    """The ``--json`` line; ``copy`` adds its sender's own report as ``sender``."""
+def _report(
+    stats: _core.Stats, sender: _core.Stats | None = None, fmts: tuple[str | None, ...] = ()
+) -> Report:
+    """The ``--json`` line; ``copy`` adds its sender's own report as ``sender``. ``fmts``:
+    this end's endpoint format, then the sender's."""
     return from_stats(
         Report,
         stats,
         id=stats.transfer_id,
         seconds=round(stats.seconds, 3),
         mb_per_s=round(stats.mb_per_s, 1),
-        sender=_report(sender) if sender else None,
+        format=fmts[0] if fmts else None,
+        sender=_report(sender, None, fmts[1:]) if sender else None,
     )
 
 
@@ -206,7 +217,11 @@ async def run(args: argparse.Namespace) -> _core.Stats:
         "verify": args.verify,
         "resume": args.resume,
         "state_dir": args.state_dir,
+        "raw": args.raw,
     }
+    # Each end's image format, as it is opened (recv's and copy's target first).
+    ends = [getattr(args, "dst", None), getattr(args, "src", None)]
+    fmts = tuple(formats.format_of(e, raw=args.raw) for e in ends if e is not None)
     call: Awaitable[_core.Stats | CopyStats]
     sender: _core.Stats | None = None
     try:
@@ -244,7 +259,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
         stats = result
     # stdout may carry the image itself; then results go to stderr.
     print_result(
-        _report(stats, sender),
+        _report(stats, sender, fmts),
         None if args.quiet else _summary(VERBS[args.command], stats),
         as_json=args.json,
         out=sys.stderr if to_stdout else sys.stdout,

@@ -176,9 +176,9 @@ class Controller:
         query = TransfersQuery(transfer_id=transfer_id)
         return (await self._request(subject, query, TransferList)).transfers
 
-    async def digest(self, node: str, src: str) -> tuple[str, int]:
+    async def digest(self, node: str, src: str, *, raw: bool = False) -> tuple[str, int]:
         subject = subjects.ctl_query(node, "digest")
-        query = DigestQuery(src=src)
+        query = DigestQuery(src=src, raw=raw)
         reply = await self._request(subject, query, DigestReply, timeout=DIGEST_TIMEOUT)
         assert reply.digest is not None and reply.size is not None
         return reply.digest, reply.size
@@ -414,7 +414,7 @@ class Controller:
         """Write an image onto an installer's device under a signed approval. The source's
         digest is asked first, so the installer can refuse before a byte is written."""
         both = self._both(transfer_id, options)
-        digest, size = await self.digest(*src)
+        digest, size = await self.digest(*src, raw=both["options"].raw)
         recv = ProvisionCommand(
             device=dst[1], approval=approval, image_digest=digest, size=size, **both
         )

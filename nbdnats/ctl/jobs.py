@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from nbdnats import _core, subjects
+from nbdnats import _core, formats, subjects
 from nbdnats.approval import TrustedKeys
 from nbdnats.ctl import tools
 from nbdnats.ctl.metrics import Sample
@@ -159,6 +159,7 @@ class Jobs:
             "key": job.key,
             "endpoint": job.endpoint,
             "tool": job.tool.name if job.tool else None,
+            "format": job.handle.format if job.handle else None,
             **extra,
         }
         if job.handle is not None:
@@ -183,9 +184,8 @@ class Jobs:
 
     async def digest(self, query: DigestQuery) -> DigestReply:
         try:
-            digest, size = await image_digest(
-                self.policy.endpoint(query.src), allow_local_file=True
-            )
+            src = await self._endpoint(query.src, query.raw)
+            digest, size = await image_digest(src, allow_local_file=True, raw=query.raw)
         except NbdNatsError as e:
             return DigestReply(ok=False, code=e.code, error=str(e))
         return DigestReply(ok=True, digest=digest, size=size)
@@ -202,7 +202,22 @@ class Jobs:
             "window": o.window or _core.DEFAULT_WINDOW,
             "timeout": DEFAULT_TIMEOUT if o.timeout is None else o.timeout,
             "verify": o.verify,
+            "raw": o.raw,
         }
+
+    async def _endpoint(self, spec: str, raw: bool) -> str:
+        """The core endpoint for what a command named, once allowed; an image file served
+        by qemu-nbd (``nbdnats.formats``) must open only allowed files too: its header
+        (a backing file, a data file, a vmdk's extents) is data, not a permission."""
+        endpoint = self.policy.endpoint(spec)
+        for f in await formats.referenced_files(endpoint, raw=raw):
+            if not f.startswith("/"):
+                raise PolicyError(
+                    f"{spec} refers to {f!r}, which is not a local file: this agent serves "
+                    "only images whose files are under its allow-list (or pass --raw)"
+                )
+            self.policy.path(f, f"{spec} refers to a file: path")
+        return endpoint
 
     async def send(self, cmd: SendCommand) -> Reply:
         if (cmd.src is None) == (cmd.tool is None):
@@ -210,7 +225,7 @@ class Jobs:
         run: tools.ToolRun | None = None
         size: int | None = None
         if cmd.src is not None:
-            endpoint = self.policy.endpoint(cmd.src)
+            endpoint = await self._endpoint(cmd.src, cmd.options.raw)
             shown = cmd.src
             if cmd.size is not None:
                 raise SchemaError("'size' applies only to a tool's output")
@@ -238,7 +253,7 @@ class Jobs:
             raise SchemaError("recv command needs exactly one of 'dst' and 'tool'")
         run: tools.ToolRun | None = None
         if cmd.dst is not None:
-            endpoint, shown = self.policy.endpoint(cmd.dst), cmd.dst
+            endpoint, shown = await self._endpoint(cmd.dst, cmd.options.raw), cmd.dst
         else:
             assert cmd.tool is not None
             tags = ["nbdnats", f"transfer={cmd.transfer_id}"]

@@ -41,10 +41,11 @@ def test_copy_json_shows_the_senders_retransmits(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     report = json.loads(proc.stdout)
     assert sha256_file(dst) == want
-    assert list(report) == [*RECEIVER_FIELDS, "sender"]
+    assert list(report) == [*RECEIVER_FIELDS, "format", "sender"]  # format: both are files
     assert report["role"] == "recv"
     sender = report["sender"]
-    assert list(sender) == RECEIVER_FIELDS
+    assert list(sender) == [*RECEIVER_FIELDS, "format"]
+    assert report["format"] == sender["format"] == "raw"
     assert sender["role"] == "send" and sender["id"] == report["id"]
     assert sender["digest"] == report["digest"]
     assert sender["retransmits"] > 0, sender

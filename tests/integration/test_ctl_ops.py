@@ -196,6 +196,29 @@ def test_provision_with_a_signed_approval_writes_and_verifies(
     assert done[0]["image_digest"] == f"sha256:{want}" and done[0]["op"] == "provision"
 
 
+def test_provision_of_a_qcow2_image_writes_the_disk_it_holds(
+    url: str, installer: dict[str, Path], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    """The approval, the image host's digest and the stream all see the disk, not the
+    qcow2 file: the device ends up holding the raw disk, read back and verified."""
+    src, want = disk
+    qcow = src.with_suffix(".qcow2")
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(src), str(qcow)], check=True)
+    for_it = ("--node", "inst1", "--device", str(installer["device"]), "--image", str(qcow))
+    approval = approve(tmp_path, installer["key"], "qcow", *for_it)
+    out = ctl(
+        url,
+        "provision",
+        f"images:{qcow}",
+        f"inst1:{installer['device']}",
+        "--approval",
+        str(approval),
+    )
+    ok(out)
+    assert f"verified sha256:{want}" in out.stderr.decode()
+    assert sha256_file(installer["device"], src.stat().st_size) == want
+
+
 BAD_APPROVALS = {
     "expired": "approval expired at",
     "wrong-node": "approval is for node inst2, not inst1",
