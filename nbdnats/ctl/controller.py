@@ -197,16 +197,14 @@ class Controller:
         """The backups nbdnats stored with ``tool`` (restic) on ``node``, oldest first: all,
         or only those of ``disk`` (``("a", "vm1")``). Snapshots whose ids or tags do not
         pass the checks are left out (the agent logs how many)."""
-        return (await self._backups(node, tool, disk)).backups
-
-    async def _backups(self, node: str, tool: Tool, disk: Endpoint | None) -> BackupList:
         if tool.kind != "restic":
             raise UsageError(f"listing backups needs restic, not {tool.kind}")
         if disk is not None:
             tool = msgspec.structs.replace(tool, node=disk[0], disk=disk[1])
         subject = subjects.ctl_query(node, "backups")
         query = BackupsQuery(tool=tool)
-        return await self._request(subject, query, BackupList, timeout=BACKUPS_TIMEOUT)
+        reply = await self._request(subject, query, BackupList, timeout=BACKUPS_TIMEOUT)
+        return reply.backups
 
     async def _pick(self, node: str, tool: Tool, disk: Endpoint | None) -> Backup | None:
         """The snapshot a restic restore restores: ``tool.snapshot`` when given (looked up,
@@ -662,7 +660,7 @@ def choose_backup(backups: list[Backup], disk: Endpoint | None, repo: str) -> Ba
         raise UsageError(f"{where} holds no nbdnats backup: pass --snapshot ID")
     if len(latest) > 1:
         shown = ", ".join(
-            f"{name} (latest {b.short_id}, {b.time:%Y-%m-%d %H:%M:%S})"
+            f"{name} (latest {b.short_id}, {b.time.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC)"
             for name, b in sorted(latest.items())
         )
         raise UsageError(

@@ -140,6 +140,7 @@ def test_restore_takes_the_disk_it_is_told_not_the_latest_backup(
 
     # --snapshot still works, and the summary names the snapshot it restored.
     short2 = by_disk["a", "vm2"]["short_id"]
+    target.unlink()
     out = ctl(url, *restore, "--snapshot", short2)
     ok(out)
     assert sha256_file(target) == want2

@@ -33,7 +33,7 @@ def _snap(sid: str, time: str, *tags: str) -> dict[str, object]:
 def test_the_listing_reads_each_snapshots_disk_size_and_digest() -> None:
     out = json.dumps(
         [
-            _snap(ID_B, "2026-12-02T10:00:00.5+01:00", "transfer=t2", "node=a", "disk=vm2"),
+            _snap(ID_B, "2026-12-02T10:00:00.123456789+01:00", "transfer=t2", "node=a", "disk=vm2"),
             _snap(
                 ID_A,
                 "2026-12-02T08:00:00Z",
@@ -113,8 +113,9 @@ def test_a_restore_takes_the_latest_backup_of_the_disk_it_is_told() -> None:
         choose_backup(backups, None, "/r")
     assert str(e.value) == (
         "restic repository /r holds backups of 2 disks: "
-        "a:vm1 (latest cccccccc, 2026-12-02 10:00:00), "
-        "a:vm2 (latest bbbbbbbb, 2026-12-02 11:00:00); pass --disk NODE:DISK or --snapshot ID"
+        "a:vm1 (latest cccccccc, 2026-12-02 10:00:00 UTC), "
+        "a:vm2 (latest bbbbbbbb, 2026-12-02 11:00:00 UTC); "
+        "pass --disk NODE:DISK or --snapshot ID"
     )
     with pytest.raises(UsageError, match="holds no backup of b:vm1"):
         choose_backup(backups, ("b", "vm1"), "/r")
