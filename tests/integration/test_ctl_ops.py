@@ -113,6 +113,9 @@ def test_restore_takes_the_disk_it_is_told_not_the_latest_backup(
         ok(ctl(url, "--json", "backups", "b", "--restic", str(repo), "--disk", "a:vm2"))
     )
     assert [b["id"] for b in one] == [by_disk["a", "vm2"]["id"]]
+    # The repository is checked against the agent's allow-list, as for backup and restore.
+    err = one_line_error(ctl(url, "backups", "b", "--restic", str(tmp_path / "elsewhere")))
+    assert "outside this agent's allow-list" in err, err
 
     # Two disks and no --disk: refused, naming both.
     err = one_line_error(ctl(url, *restore))
