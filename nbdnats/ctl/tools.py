@@ -54,6 +54,7 @@ from nbdnats.schemas import Backup, DigestText, Tool
 IMAGE_NAME = "disk.img"
 STOP_GRACE = 5.0  # SIGTERM, then this long before SIGKILL
 EXIT_GRACE = 0.3  # how long a tool that broke the stream gets to exit by itself
+TAG_RETRIES = (0.5, 1.0, 2.0, 4.0)  # restic tag's waits while the repository is locked
 
 # Values from a command that reach a tool's argv. Each is checked here, and placed after
 # a `--` where the tool takes one (restic: cobra/pflag; kopia: kingpin, which also expands
@@ -377,11 +378,21 @@ async def tag_backup(
     tags: Mapping[str, str],
 ) -> str:
     """Add ``tags`` to the snapshot a backup just saved (``output``: what ``finish``
-    reported); returns what to report: its new id."""
+    reported); returns what to report: its new id. ``restic tag`` needs the repository to
+    itself: while another backup holds it, it is tried again for a few seconds, then the
+    snapshot is kept as saved (its ``node`` and ``disk`` tags are there from the start)
+    and what is reported says which tags it lacks."""
     snapshot = output.removeprefix("snapshot ")
     if not output.startswith("snapshot ") or not _RESTIC_SNAPSHOT.fullmatch(snapshot):
         raise EndpointError(f"restic reported no snapshot id ({output or 'nothing'})")
-    await _run(tag_argv(tool, policy, snapshot, tags), env)
+    for delay in (*TAG_RETRIES, None):
+        try:
+            await _run(tag_argv(tool, policy, snapshot, tags), env)
+            break
+        except EndpointError as e:
+            if delay is None:
+                return f"{output} (without its {', '.join(tags)} tags: {e})"
+            await asyncio.sleep(delay)
     mine, _ = await list_backups(tool, policy, env, transfer_id)
     if not mine:
         raise EndpointError(

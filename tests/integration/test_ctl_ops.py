@@ -155,6 +155,41 @@ def test_restore_takes_the_disk_it_is_told_not_the_latest_backup(
     assert "disk name" in err, err
 
 
+def test_a_backup_finishing_while_another_holds_the_repository_keeps_its_snapshot(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    """`restic tag` needs the repository to itself: while another restic backup runs, the
+    digest cannot be added. The backup still succeeds, its snapshot tagged with its disk
+    (from the start), and says which tags it lacks; a restore by disk finds it."""
+    src, want = disk
+    repo = tmp_path / "backups" / "repo"
+    repo.parent.mkdir()
+    restic(repo, "init", "-q")
+    start_agent("a", url, "--allow", str(src.parent), "--export", f"vm1={src}")
+    start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
+    stdin = ("--stdin", "--stdin-filename", "other.img")
+    other = subprocess.Popen(
+        ["restic", "-r", str(repo), "backup", "-q", *stdin],
+        stdin=subprocess.PIPE,
+        env={**os.environ, **RESTIC_ENV},
+    )
+    try:
+        wait_for(lambda: any((repo / "locks").iterdir()), "the other backup's lock")
+        out = ctl(url, "backup", "a:vm1", "b", "--restic", str(repo))
+        summary = ok(out) + out.stderr.decode()
+        assert "(without its size, digest tags: " in summary and " tag failed" in summary
+    finally:
+        assert other.stdin is not None
+        other.stdin.write(b"other")
+        other.stdin.close()
+        other.wait(timeout=60)
+    listed = json.loads(ok(ctl(url, "--json", "backups", "b", "--restic", str(repo))))
+    assert [(b["node"], b["disk"], b.get("digest")) for b in listed] == [("a", "vm1", None)]
+    target = src.parent / "restored.raw"
+    ok(ctl(url, "restore", "b", f"a:{target}", "--restic", str(repo), "--disk", "a:vm1"))
+    assert sha256_file(target) == want
+
+
 def test_failed_backup_saves_no_snapshot(
     url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
 ) -> None:
