@@ -14,6 +14,7 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
     ctl.qry.<node>.info        InfoQuery         -> NodeInfo
     ctl.qry.<node>.transfers   TransfersQuery    -> TransferList
     ctl.qry.<node>.digest      DigestQuery       -> DigestReply
+    ctl.qry.<node>.backups     BackupsQuery      -> BackupList
     ctl.qry.<node>.qmp-events  QmpEventsQuery    -> QmpEvents
     ctl.evt.<node>.announce    NodeInfo
     ctl.evt.<node>.transfer    TransferEvent
@@ -34,6 +35,7 @@ import msgspec
 
 from nbdnats import _core
 from nbdnats.errors import QmpCommandError, SchemaError, from_code
+from nbdnats.subjects import TOKEN_PATTERN
 from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
 SCHEMA_VERSION = 1
@@ -73,23 +75,30 @@ class Tool(Message, kw_only=True):
     (credentials such as ``RESTIC_PASSWORD`` never travel in a command).
 
     backup (the tool reads the image on stdin): restic ``repo``; kopia ``source`` (the
-    snapshot's source path); pipe ``command``.
-    restore (the tool writes it on stdout): restic ``repo`` + ``snapshot``; kopia
-    ``object`` (``<rootOID>/disk.img`` or a snapshot's object id); pipe ``command``.
+    snapshot's source path); pipe ``command``. ``node`` and ``disk`` name the disk being
+    stored: restic and kopia snapshots are tagged with them (``node=a``, ``disk=vm1``).
+    restore (the tool writes it on stdout): restic ``repo`` + ``snapshot`` (the
+    controller picks it: ``Controller.restore``); kopia ``object``
+    (``<rootOID>/disk.img`` or a snapshot's object id); pipe ``command``.
+    backups (the ``backups`` query): restic ``repo``, and ``node`` + ``disk`` to list
+    only that disk's snapshots.
 
     The agent checks every value before it joins a command line (``nbdnats.ctl.tools``,
     ``nbdnats.ctl.policy``): ``repo`` is under its allow-list; ``snapshot`` is hex or
-    ``latest``; ``object`` is an id with plain names after it; ``source`` an absolute
+    ``latest``; ``node`` a node name and ``disk`` a disk name of printable characters;
+    ``object`` is an id with plain names after it; ``source`` an absolute
     path of plain names; ``command``'s program is allowed, and every argument that names
     a path names an absolute one under the allow-list.
     """
 
     kind: ToolKind
     repo: str | None = None
-    snapshot: str = "latest"
+    snapshot: str | None = None
     source: str | None = None
     object: str | None = None
     command: list[str] | None = None
+    node: str | None = None
+    disk: str | None = None
 
 
 class TransferOptions(Message, kw_only=True):
@@ -266,6 +275,53 @@ class DigestQuery(Message, kw_only=True):
 class DigestReply(Answer, kw_only=True):
     digest: str | None = None
     size: int | None = None
+
+
+# What a restic snapshot's listing may hold. Values come from the tool's output (anyone who
+# can write the repository can craft them), so each is checked here, when the agent reads
+# them and again when the controller does.
+SnapshotId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+ShortId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{8,64}$")]
+Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]  # as subjects.check_token
+DiskName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]{1,1024}$")]
+"""An export name, path or NBD URI as a backup was asked for, without control characters
+(a restic tag holds it percent-encoded: ``nbdnats.ctl.tools.disk_tag``)."""
+DigestText = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}:[0-9a-f]{16,256}$")]
+
+
+class BackupsQuery(Message, kw_only=True):
+    """The snapshots nbdnats stored with ``tool`` (restic): all, or one disk's
+    (``tool.node`` + ``tool.disk``)."""
+
+    tool: Tool
+
+
+class Backup(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One stored backup: its snapshot and the tags its backup gave it. ``node``/``disk``
+    are None for a snapshot made before nbdnats tagged them; ``size`` and ``digest`` are
+    the transfer's (the digest as its stats reported it)."""
+
+    id: SnapshotId
+    short_id: ShortId
+    time: dt.datetime
+    node: Token | None = None
+    disk: DiskName | None = None
+    size: Bytes | None = None
+    digest: DigestText | None = None
+    transfer_id: Token | None = None
+
+    @property
+    def name(self) -> str:
+        """``node:disk``, ``?`` where a tag is missing."""
+        return f"{self.node or '?'}:{self.disk or '?'}"
+
+
+class BackupList(Answer, kw_only=True):
+    """The ``backups`` answer, oldest first; ``skipped``: snapshots whose id, time or tags
+    did not pass the checks, left out."""
+
+    backups: list[Backup] = msgspec.field(default_factory=list)
+    skipped: Count = 0
 
 
 class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):

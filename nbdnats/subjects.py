@@ -23,7 +23,8 @@ DATA_CMD = "data.cmd"
 DATA_EVT = "data.evt"
 DATA_BLK = "data.blk"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # one subject token (message schemas use it too)
+_TOKEN = re.compile(TOKEN_PATTERN)
 
 
 def check_token(value: str, what: str) -> str:

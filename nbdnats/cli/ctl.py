@@ -36,7 +36,14 @@ from nbdnats.ctl.controller import Controller, OperationResult, parse_endpoint
 from nbdnats.ctl.events import Event
 from nbdnats.errors import UsageError
 from nbdnats.planes import Login
-from nbdnats.schemas import MigrationEvent, NodeInfo, Tool, TransferEvent, TransferOptions
+from nbdnats.schemas import (
+    Backup,
+    MigrationEvent,
+    NodeInfo,
+    Tool,
+    TransferEvent,
+    TransferOptions,
+)
 from nbdnats.units import MAX_TIMEOUT, count_arg, human, parse_duration, rate
 
 EPILOG = """\
@@ -44,6 +51,8 @@ examples:
   nbd-nats ctl nodes
   nbd-nats ctl copy a:vm1 b:/dev/sdb
   nbd-nats ctl backup a:vm1 b --restic /backups/repo
+  nbd-nats ctl backups b --restic /backups/repo
+  nbd-nats ctl restore b a:/var/lib/images/vm1.raw --restic /backups/repo --disk a:vm1
   nbd-nats ctl restore b a:/var/lib/images/vm1.raw --restic /backups/repo --snapshot 1a2b3c4d
   nbd-nats ctl provision a:/srv/images/debian.raw inst1:/dev/sda --approval approval.json
   nbd-nats ctl events --since 10m
@@ -54,7 +63,8 @@ def add_parser(sub: Any) -> None:
     p = add_command(
         sub,
         "ctl",
-        help="drive agents: nodes, copy, backup, restore, provision, migrate, transfers, events",
+        help="drive agents: nodes, copy, backup, backups, restore, provision, migrate, "
+        "transfers, events",
         description="The controller: commands to agents over the ctl plane.",
         epilog=EPILOG,
     )
@@ -107,7 +117,18 @@ def add_parser(sub: Any) -> None:
     r.add_argument("node", help="the node that runs the backup tool")
     r.add_argument("dst", help="NODE:DST  the target")
     _add_tool_options(r, "restore")
-    r.add_argument("--snapshot", default="latest", help="restic snapshot (default: latest)")
+    pick = r.add_mutually_exclusive_group()
+    pick.add_argument(
+        "--disk",
+        metavar="NODE:DISK",
+        help="restic: the latest backup of this disk (as ctl backup named it: a:vm1)",
+    )
+    pick.add_argument(
+        "--snapshot",
+        metavar="ID",
+        help="restic: this snapshot (hex id; latest: the newest, whatever its disk). "
+        "Neither: the latest backup of the one disk the repository holds",
+    )
     add_size_option(r, "--size", "image size (needed for --pipe)")
     r.add_argument("--target-is-zero", action="store_true", help="skip writing zero ranges")
 
@@ -115,6 +136,16 @@ def add_parser(sub: Any) -> None:
     v.add_argument("src", help="NODE:IMAGE  the image")
     v.add_argument("dst", help="NODE:DEVICE  its disk")
     v.add_argument("--approval", required=True, metavar="FILE", help="from nbd-nats approve")
+
+    bl = actions.add_parser(
+        "backups",
+        help="the backups a node's restic repository holds, per disk",
+        description="The snapshots ctl backup stored in a restic repository, per disk: "
+        "id, time, NODE:DISK, size and digest; disk by disk, each oldest first.",
+    )
+    bl.add_argument("node", help="the node that runs the backup tool")
+    bl.add_argument("--restic", metavar="REPO", required=True, help="the restic repository")
+    bl.add_argument("--disk", metavar="NODE:DISK", help="only this disk's backups")
 
     m = actions.add_parser(
         "migrate",
@@ -180,7 +211,7 @@ def _add_tool_options(a: argparse.ArgumentParser, op: str) -> None:
 
 def _tool(args: argparse.Namespace, restore: bool) -> Tool:
     if args.restic:
-        return Tool(kind="restic", repo=args.restic, snapshot=getattr(args, "snapshot", "latest"))
+        return Tool(kind="restic", repo=args.restic, snapshot=getattr(args, "snapshot", None))
     if args.kopia:
         return (
             Tool(kind="kopia", object=args.kopia)
@@ -212,7 +243,16 @@ def _summary(verb: str, r: OperationResult) -> str:
     if rx.verified:
         # --verify read the target back (as the local copy's summary says it).
         text += ", verified"
+    if r.snapshot is not None:
+        text += f"; from snapshot {r.snapshot.short_id} of {_backup_line(r.snapshot)}"
     return text
+
+
+def _backup_line(b: Backup) -> str:
+    """``a:vm1 2026-12-02 16:40:01 UTC 20.0 MiB sha256:...``"""
+    size = human(b.size) if b.size is not None else "size ?"
+    when = f"{b.time.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+    return f"{b.name} {when} {size} {b.digest or 'digest ?'}"
 
 
 def _node_line(n: NodeInfo) -> str:
@@ -246,6 +286,12 @@ async def run(args: argparse.Namespace) -> None:
             return
         if cmd == "transfers":
             print_rows(await c.transfers(args.node), _transfer_line, as_json=args.json)
+            return
+        if cmd == "backups":
+            disk = parse_endpoint(args.disk) if args.disk else None
+            found = await c.backups(args.node, Tool(kind="restic", repo=args.restic), disk=disk)
+            found.sort(key=lambda b: (b.name, b.time))
+            print_rows(found, lambda b: f"{b.short_id}  {_backup_line(b)}", as_json=args.json)
             return
         if cmd == "cancel":
             where = await c.cancel(args.transfer_id)
@@ -300,6 +346,7 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
                 args.node,
                 parse_endpoint(args.dst),
                 _tool(args, True),
+                disk=parse_endpoint(args.disk) if args.disk else None,
                 size=args.size,
                 target_is_zero=args.target_is_zero,
                 **common,
@@ -320,6 +367,8 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
         "sender": result.sender,
         "receiver": result.receiver,
     }
+    if result.snapshot is not None:
+        doc["snapshot"] = result.snapshot
     print_result(doc, _summary(VERBS[cmd], result), as_json=args.json)
 
 

@@ -51,6 +51,7 @@ from nbdnats.migration.incoming import Incoming
 from nbdnats.planes import Login, Planes, redact_url
 from nbdnats.schemas import (
     Answer,
+    BackupsQuery,
     CancelCommand,
     Command,
     DigestQuery,
@@ -138,6 +139,7 @@ class Agent:
             "info": Op(InfoQuery, self._info, query=True),
             "transfers": Op(TransfersQuery, self.jobs.transfers, query=True),
             "digest": Op(DigestQuery, self.jobs.digest, query=True),
+            "backups": Op(BackupsQuery, self.jobs.backups, query=True),
             "qmp-events": Op(QmpEventsQuery, self.incoming.events, query=True),
         }
 

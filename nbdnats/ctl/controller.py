@@ -4,6 +4,9 @@
         await c.nodes()
         result = await c.copy(src=("a", "vm1"), dst=("b", "/dev/sdb"))
         await c.backup(("a", "vm1"), "b", Tool(kind="restic", repo="/backups/repo"))
+        await c.backups("b", Tool(kind="restic", repo="/backups/repo"))
+        await c.restore("b", ("a", "/images/vm1.raw"), Tool(kind="restic", repo="/backups/repo"),
+                        disk=("a", "vm1"))
         async for event in c.events():
             ...
 
@@ -28,7 +31,7 @@ import msgspec
 from nats.aio.client import Client
 
 from nbdnats import _core, subjects
-from nbdnats.ctl import events
+from nbdnats.ctl import events, tools
 from nbdnats.ctl.request import request
 from nbdnats.errors import (
     NbdNatsError,
@@ -37,9 +40,12 @@ from nbdnats.errors import (
     UsageError,
     from_code,
 )
-from nbdnats.planes import Login, connect_ctl, resolve_urls
+from nbdnats.planes import Login, connect_ctl, redact_url, resolve_urls
 from nbdnats.schemas import (
     Approval,
+    Backup,
+    BackupList,
+    BackupsQuery,
     CancelCommand,
     Command,
     DigestQuery,
@@ -64,6 +70,7 @@ REQUEST_TIMEOUT = 10.0  # per attempt
 ATTEMPTS = 3
 QUIET = 5.0  # no event for this long: ask the agents how the transfer is doing
 DIGEST_TIMEOUT = 3600.0  # hashing an image reads all of it
+BACKUPS_TIMEOUT = 300.0  # restic reads the repository's index (maybe remote) to list
 TERMINAL = ("done", "failed", "cancelled")
 LOST_AFTER = 3  # announce intervals without a word before a node counts as lost
 
@@ -87,6 +94,9 @@ class OperationResult:
     transfer_id: str
     sender: TransferEvent
     receiver: TransferEvent
+    # A restic restore: the snapshot it restored, as the repository lists it (None when
+    # it was named by --snapshot and is not one nbdnats tagged).
+    snapshot: Backup | None = None
 
     @property
     def ok(self) -> bool:
@@ -182,6 +192,32 @@ class Controller:
         reply = await self._request(subject, query, DigestReply, timeout=DIGEST_TIMEOUT)
         assert reply.digest is not None and reply.size is not None
         return reply.digest, reply.size
+
+    async def backups(self, node: str, tool: Tool, *, disk: Endpoint | None = None) -> list[Backup]:
+        """The backups nbdnats stored with ``tool`` (restic) on ``node``, oldest first: all,
+        or only those of ``disk`` (``("a", "vm1")``). Snapshots whose ids or tags do not
+        pass the checks are left out (the agent logs how many)."""
+        if tool.kind != "restic":
+            raise UsageError(f"listing backups needs restic, not {tool.kind}")
+        if disk is not None:
+            tool = msgspec.structs.replace(tool, node=disk[0], disk=disk[1])
+        subject = subjects.ctl_query(node, "backups")
+        query = BackupsQuery(tool=tool)
+        reply = await self._request(subject, query, BackupList, timeout=BACKUPS_TIMEOUT)
+        return reply.backups
+
+    async def _pick(self, node: str, tool: Tool, disk: Endpoint | None) -> Backup | None:
+        """The snapshot a restic restore restores: ``tool.snapshot`` when given (looked up,
+        to name it), else the latest of ``disk``, or of the one disk the repository holds."""
+        if tool.snapshot is not None:
+            if disk is not None:
+                raise UsageError("give --disk or --snapshot, not both")
+            wanted = tool.snapshot
+            if wanted == "latest" or not tools.is_restic_snapshot(wanted):
+                return None  # the agent refuses what is not an id, and says why
+            found = [b for b in await self.backups(node, tool) if b.id.startswith(wanted)]
+            return found[0] if len(found) == 1 else None
+        return choose_backup(await self.backups(node, tool, disk=disk), disk, tool.repo or "")
 
     async def cancel(self, transfer_id: str, nodes: list[str] | None = None) -> list[str]:
         """Cancel a transfer wherever it runs; returns the nodes that had it running."""
@@ -330,7 +366,10 @@ class Controller:
         wait: bool = True,
         on_event: EventCallback | None = None,
     ) -> OperationResult | str:
-        """Stream a disk of one node into a backup tool on ``node``, stored as disk.img."""
+        """Stream a disk of one node into a backup tool on ``node``, stored as disk.img;
+        restic and kopia snapshots are tagged with the disk (``node=a``, ``disk=vm1``)."""
+        if tool.kind != "pipe":
+            tool = msgspec.structs.replace(tool, node=src[0], disk=src[1])
         both = self._both(transfer_id, options)
         recv = RecvCommand(tool=tool, **both)
         send = SendCommand(src=src[1], **both)
@@ -343,6 +382,7 @@ class Controller:
         dst: Endpoint,
         tool: Tool,
         *,
+        disk: Endpoint | None = None,
         size: int | None = None,
         transfer_id: str | None = None,
         target_is_zero: bool = False,
@@ -358,6 +398,7 @@ class Controller:
         dst: Endpoint,
         tool: Tool,
         *,
+        disk: Endpoint | None = None,
         size: int | None = None,
         transfer_id: str | None = None,
         target_is_zero: bool = False,
@@ -373,6 +414,7 @@ class Controller:
         dst: Endpoint,
         tool: Tool,
         *,
+        disk: Endpoint | None = None,
         size: int | None = None,
         transfer_id: str | None = None,
         target_is_zero: bool = False,
@@ -387,6 +429,7 @@ class Controller:
         dst: Endpoint,
         tool: Tool,
         *,
+        disk: Endpoint | None = None,
         size: int | None = None,
         transfer_id: str | None = None,
         target_is_zero: bool = False,
@@ -394,11 +437,26 @@ class Controller:
         wait: bool = True,
         on_event: EventCallback | None = None,
     ) -> OperationResult | str:
-        """Stream a backup tool's image on ``node`` back into a target."""
+        """Stream a backup tool's image on ``node`` back into a target.
+
+        restic: the snapshot ``tool.snapshot`` names (an id, or ``latest``: the newest
+        whatever its disk), else the latest backup of ``disk`` (``("a", "vm1")``), else the
+        latest of the one disk the repository holds backups of; with several, a
+        ``UsageError`` lists them. The result's ``snapshot`` is the one restored."""
+        chosen: Backup | None = None
+        if tool.kind == "restic":
+            chosen = await self._pick(node, tool, disk)
+            if chosen is not None:
+                tool = msgspec.structs.replace(tool, snapshot=chosen.id)
+        elif disk is not None:
+            raise UsageError("--disk picks a restic snapshot: it needs --restic")
         both = self._both(transfer_id, options)
         recv = RecvCommand(dst=dst[1], target_is_zero=target_is_zero, **both)
         send = SendCommand(tool=tool, size=size, **both)
-        return await self._pair(node, send, dst[0], recv, wait, on_event)
+        result = await self._pair(node, send, dst[0], recv, wait, on_event)
+        if isinstance(result, OperationResult):
+            result.snapshot = chosen
+        return result
 
     async def provision(
         self,
@@ -584,6 +642,32 @@ class Controller:
                 )
             found += mine
         return found
+
+
+def choose_backup(backups: list[Backup], disk: Endpoint | None, repo: str) -> Backup:
+    """The latest of ``disk``'s backups, or of the one disk ``backups`` are of."""
+    where = f"restic repository {redact_url(repo)}"
+    if disk is not None:
+        name = f"{disk[0]}:{disk[1]}"
+        mine = [b for b in backups if (b.node, b.disk) == disk]
+        if not mine:
+            raise UsageError(f"{where} holds no backup of {name} (see: nbd-nats ctl backups)")
+        return max(mine, key=lambda b: b.time)
+    latest: dict[str, Backup] = {}
+    for b in sorted(backups, key=lambda b: b.time):
+        latest[b.name] = b
+    if not latest:
+        raise UsageError(f"{where} holds no nbdnats backup: pass --snapshot ID")
+    if len(latest) > 1:
+        shown = ", ".join(
+            f"{name} (latest {b.short_id}, {b.time.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC)"
+            for name, b in sorted(latest.items())
+        )
+        raise UsageError(
+            f"{where} holds backups of {len(latest)} disks: {shown}; "
+            "pass --disk NODE:DISK or --snapshot ID"
+        )
+    return next(iter(latest.values()))
 
 
 def _cause(result: OperationResult) -> NbdNatsError:

@@ -38,6 +38,8 @@ from nbdnats.errors import (
 )
 from nbdnats.planes import Planes
 from nbdnats.schemas import (
+    BackupList,
+    BackupsQuery,
     CancelCommand,
     Command,
     DigestQuery,
@@ -48,6 +50,7 @@ from nbdnats.schemas import (
     RecvCommand,
     Reply,
     SendCommand,
+    Tool,
     TransferEvent,
     TransferList,
     TransfersQuery,
@@ -83,6 +86,7 @@ class Job:
     endpoint: str
     handle: TransferHandle | None = None
     tool: tools.ToolRun | None = None
+    backup: Tool | None = None  # a restic backup's tool: its snapshot is tagged at the end
     task: asyncio.Task[None] | None = None
     approved_digest: str | None = None
     final: TransferEvent | None = None
@@ -256,7 +260,7 @@ class Jobs:
             endpoint, shown = await self._endpoint(cmd.dst, cmd.options.raw), cmd.dst
         else:
             assert cmd.tool is not None
-            tags = ["nbdnats", f"transfer={cmd.transfer_id}"]
+            tags = tools.labels(cmd.tool, cmd.transfer_id)
             argv = tools.backup_argv(cmd.tool, self.policy, tags)
             run = await tools.ToolRun.start(argv, "backup", self.env())
             endpoint, shown = run.endpoint, tools.shown(argv)
@@ -264,7 +268,15 @@ class Jobs:
         started = start_recv(
             endpoint, target_is_zero=cmd.target_is_zero, allow_local_file=True, **self._ends(cmd)
         )
-        return await self._accept("recv", "recv", cmd, shown, started, run)
+        backup = cmd.tool if cmd.tool is not None and cmd.tool.kind == "restic" else None
+        return await self._accept("recv", "recv", cmd, shown, started, run, backup=backup)
+
+    async def backups(self, query: BackupsQuery) -> BackupList:
+        """The snapshots nbdnats stored in a restic repository (``tools.backups_argv``)."""
+        found, skipped = await tools.list_backups(query.tool, self.policy, self.env())
+        if skipped:
+            log.warning("backups: %d snapshot(s) with invalid ids or tags left out", skipped)
+        return BackupList(ok=True, backups=found, skipped=skipped)
 
     async def provision(self, cmd: ProvisionCommand) -> Reply:
         if self.trusted is None:
@@ -290,6 +302,7 @@ class Jobs:
         started: Awaitable[TransferHandle],
         run: tools.ToolRun | None,
         approved_digest: str | None = None,
+        backup: Tool | None = None,
     ) -> Reply:
         """Keep and watch the job of a transfer being started; its tool is stopped if the
         start fails. The agent publishes the job's ctl events itself (with op and tool)."""
@@ -302,6 +315,7 @@ class Jobs:
         handle.ctl_events = False
         job = Job(op, role, cmd.transfer_id, cmd.key, shown, handle, run)
         job.approved_digest = approved_digest
+        job.backup = backup
         self.jobs[job.transfer_id] = job
         self.jobs.move_to_end(job.transfer_id)
         self._trim()
@@ -343,6 +357,15 @@ class Jobs:
             stats = await job.handle.wait()
             if job.tool is not None:
                 extra["tool_output"] = await job.tool.finish()
+            if job.backup is not None:
+                extra["tool_output"] = await tools.tag_backup(
+                    job.backup,
+                    self.policy,
+                    self.env(),
+                    job.transfer_id,
+                    extra["tool_output"],
+                    tools.done_tags(stats.digest, stats.size),
+                )
             if job.approved_digest is not None:
                 extra["image_digest"] = await self._read_back(job, stats.size)
             state = "done"

@@ -2,10 +2,20 @@
 
 backup   the image arrives over NATS and goes into the tool's stdin, stored as disk.img:
            restic --repo=REPO backup --stdin --stdin-filename disk.img --json --tag=...
-           kopia snapshot create --stdin-file disk.img -- SOURCE
+           kopia snapshot create --stdin-file disk.img --tags=K:V... -- SOURCE
+         then, once the transfer's digest is known, restic's snapshot gets it as a tag:
+           restic --repo=REPO tag --add=digest=... --add=size=N -- SNAPSHOT
 restore  the tool's stdout goes back over NATS into a target:
            restic --repo=REPO dump -- SNAPSHOT disk.img
            kopia show -- OBJECT
+backups  the snapshots nbdnats stored, per disk:
+           restic --repo=REPO snapshots --json --tag=nbdnats[,node=N,disk=D]
+
+A backup's snapshot is tagged ``nbdnats``, ``transfer=ID``, ``node=N`` and ``disk=D`` (the
+disk percent-encoded, so a tag never holds a comma), then ``digest=...`` and ``size=N``
+(restic; kopia takes the first ones as ``--tags=KEY:VALUE``). What ``snapshots`` lists is
+the tool's output: every id, time and tag value is checked (``schemas.Backup``) and a
+snapshot that fails is left out, counted.
 
 Every value a command supplies is checked before it joins an argv, and comes after ``--``:
 nothing from the network can be read as a tool's option. Every tool runs in a private
@@ -29,17 +39,22 @@ import re
 import shutil
 import signal
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
+from nbdnats import subjects
 from nbdnats.ctl.policy import Policy
 from nbdnats.errors import EndpointError, UsageError
 from nbdnats.planes import redact_url
-from nbdnats.schemas import Tool
+from nbdnats.schemas import Backup, DigestText, Tool
 
 IMAGE_NAME = "disk.img"
 STOP_GRACE = 5.0  # SIGTERM, then this long before SIGKILL
 EXIT_GRACE = 0.3  # how long a tool that broke the stream gets to exit by itself
+TAG_RETRIES = (0.5, 1.0, 2.0, 4.0)  # restic tag's waits while the repository is locked
 
 # Values from a command that reach a tool's argv. Each is checked here, and placed after
 # a `--` where the tool takes one (restic: cobra/pflag; kopia: kingpin, which also expands
@@ -68,6 +83,10 @@ def restic_snapshot(value: str) -> str:
             "(as `restic snapshots` shows it) or latest"
         )
     return value
+
+
+def is_restic_snapshot(value: str) -> bool:
+    return _RESTIC_SNAPSHOT.fullmatch(value) is not None
 
 
 def kopia_object(value: str) -> str:
@@ -101,29 +120,93 @@ def kopia_source(value: str) -> str:
     return value
 
 
+# A disk name in a tag: percent-encoded but for these (and letters, digits, "_.-~"), so no
+# comma (restic's tag separator), space or control character is left in it.
+_DISK_SAFE = "/:@+=?&!$'()*;"
+_DISK_MAX = 1024
+
+
+def disk_tag(disk: str) -> str:
+    """The tag value a disk name is stored as (``vm1``, ``/images/my%20vm.raw``)."""
+    if not disk or len(disk) > _DISK_MAX or any(ord(c) < 0x20 or ord(c) == 0x7F for c in disk):
+        raise UsageError(
+            f"disk name {disk!r} must be 1-{_DISK_MAX} characters without control characters"
+        )
+    return urllib.parse.quote(disk, safe=_DISK_SAFE)
+
+
+def disk_of_tag(value: str) -> str | None:
+    """The disk name a tag holds, or None when it is not one ``disk_tag`` writes."""
+    name = urllib.parse.unquote(value, errors="strict") if "%" in value else value
+    try:
+        return name if disk_tag(name) == value else None
+    except (UsageError, UnicodeError):
+        return None
+
+
+def labels(tool: Tool, transfer_id: str) -> dict[str, str]:
+    """What a backup's snapshot is tagged with, before its digest is known."""
+    tags = {"transfer": subjects.check_token(transfer_id, "transfer id")}
+    if (tool.node is None) != (tool.disk is None):
+        raise UsageError("a backup names its disk with both 'node' and 'disk', or neither")
+    if tool.node is not None and tool.disk is not None:
+        tags["node"] = subjects.check_token(tool.node, "node name")
+        tags["disk"] = disk_tag(tool.disk)
+    return tags
+
+
 def _restic_repo(tool: Tool, policy: Policy) -> str:
     repo = _need(tool.repo, "a repository", "restic")
     return "--repo=" + policy.location(repo, "restic repository")
 
 
-def backup_argv(tool: Tool, policy: Policy, tags: list[str]) -> list[str]:
-    """The command that reads the image on stdin and stores it as disk.img."""
+def backup_argv(tool: Tool, policy: Policy, tags: Mapping[str, str]) -> list[str]:
+    """The command that reads the image on stdin and stores it as disk.img, tagged
+    ``nbdnats`` and ``KEY=VALUE`` (kopia: ``KEY:VALUE``) for each of ``tags`` (``labels``)."""
     if tool.kind == "restic":
         repo = _restic_repo(tool, policy)
-        tag_args = [f"--tag={t}" for t in tags]
+        tag_args = ["--tag=nbdnats", *(f"--tag={k}={v}" for k, v in tags.items())]
         stdin = ["--stdin", "--stdin-filename", IMAGE_NAME]
         return ["restic", repo, "backup", *stdin, "--json", *tag_args]
     if tool.kind == "kopia":
         source = kopia_source(_need(tool.source, "a source path", "kopia"))
-        return ["kopia", "snapshot", "create", "--stdin-file", IMAGE_NAME, "--", source]
+        tag_args = ["--tags=nbdnats:backup", *(f"--tags={k}:{v}" for k, v in tags.items())]
+        create = ["kopia", "snapshot", "create", "--stdin-file", IMAGE_NAME]
+        return [*create, *tag_args, "--", source]
     return pipe_argv(tool, policy)
+
+
+def tag_argv(tool: Tool, policy: Policy, snapshot: str, tags: Mapping[str, str]) -> list[str]:
+    """The command that adds ``tags`` to a restic snapshot (restic saves it anew, with a
+    new id: ``stored_snapshot`` finds it)."""
+    repo = _restic_repo(tool, policy)
+    adds = [f"--add={k}={v}" for k, v in tags.items()]
+    return ["restic", repo, "tag", *adds, "--", restic_snapshot(snapshot)]
+
+
+def backups_argv(tool: Tool, policy: Policy, transfer_id: str | None = None) -> list[str]:
+    """The command that lists nbdnats's restic snapshots: all, one disk's (``tool.node``
+    and ``tool.disk``), or one transfer's."""
+    if tool.kind != "restic":
+        raise UsageError(f"listing backups needs restic, not {tool.kind}")
+    repo = _restic_repo(tool, policy)
+    wanted = ["nbdnats"]
+    if tool.node is not None or tool.disk is not None:
+        if tool.node is None or tool.disk is None:
+            raise UsageError("name the disk as NODE:DISK")
+        node = subjects.check_token(tool.node, "node name")
+        wanted += [f"node={node}", f"disk={disk_tag(tool.disk)}"]
+    if transfer_id is not None:
+        wanted.append(f"transfer={subjects.check_token(transfer_id, 'transfer id')}")
+    return ["restic", repo, "snapshots", "--json", f"--tag={','.join(wanted)}"]
 
 
 def restore_argv(tool: Tool, policy: Policy) -> list[str]:
     """The command that writes the stored image on stdout."""
     if tool.kind == "restic":
         repo = _restic_repo(tool, policy)
-        return ["restic", repo, "dump", "--", restic_snapshot(tool.snapshot), IMAGE_NAME]
+        snapshot = restic_snapshot(_need(tool.snapshot, "a snapshot", "restic restore"))
+        return ["restic", repo, "dump", "--", snapshot, IMAGE_NAME]
     if tool.kind == "kopia":
         return ["kopia", "show", "--", kopia_object(_need(tool.object, "an object id", "kopia"))]
     return pipe_argv(tool, policy)
@@ -133,7 +216,7 @@ def size_argv(tool: Tool, policy: Policy) -> list[str]:
     """The command that lists the stored image with its size (restic, kopia)."""
     if tool.kind == "restic":
         repo = _restic_repo(tool, policy)
-        snapshot = restic_snapshot(tool.snapshot)
+        snapshot = restic_snapshot(_need(tool.snapshot, "a snapshot", "restic restore"))
         return ["restic", repo, "ls", "--json", "--", snapshot, f"/{IMAGE_NAME}"]
     if tool.kind == "kopia":
         obj = kopia_object(_need(tool.object, "an object id", "kopia"))
@@ -220,6 +303,103 @@ async def image_size(tool: Tool, policy: Policy, env: Mapping[str, str]) -> int:
         if len(fields) >= 3 and fields[-1] == name and fields[1].isdigit():
             return int(fields[1])
     raise UsageError(f"cannot tell the size of kopia object {tool.object}: pass --size")
+
+
+def parse_backups(output: str) -> tuple[list[Backup], int]:
+    """``restic snapshots --json`` as ``Backup``s, oldest first, and how many snapshots
+    were left out because their id, time or an nbdnats tag did not pass the checks."""
+    try:
+        raw = json.loads(output or "[]")
+    except ValueError:
+        raise EndpointError("restic snapshots answered something that is not JSON") from None
+    if not isinstance(raw, list):
+        raise EndpointError("restic snapshots answered something that is not a list")
+    found: list[Backup] = []
+    skipped = 0
+    for snap in raw:
+        backup = _backup(snap)
+        if backup is None:
+            skipped += 1
+        else:
+            found.append(backup)
+    found.sort(key=lambda b: (b.time, b.id))
+    return found, skipped
+
+
+_TAG_FIELDS = {"node": "node", "disk": "disk", "digest": "digest", "size": "size"}
+_TAG_FIELDS["transfer"] = "transfer_id"
+
+
+def _backup(snap: object) -> Backup | None:
+    """One snapshot of restic's listing, checked; None when anything in it is not."""
+    if not isinstance(snap, dict) or not isinstance(snap.get("tags", []), list):
+        return None
+    fields: dict[str, object] = {k: snap.get(k) for k in ("id", "short_id", "time")}
+    for tag in snap.get("tags") or []:
+        if not isinstance(tag, str):
+            return None
+        key, sep, value = tag.partition("=")
+        if not sep or key not in _TAG_FIELDS:
+            continue
+        name = _TAG_FIELDS[key]
+        if name in fields:  # a tag given twice: which one is true?
+            return None
+        if key == "disk" and (value := disk_of_tag(value) or "") == "":
+            return None
+        fields[name] = int(value) if key == "size" and value.isdigit() else value
+    try:
+        return msgspec.convert(fields, Backup)
+    except msgspec.ValidationError:
+        return None
+
+
+async def list_backups(
+    tool: Tool, policy: Policy, env: Mapping[str, str], transfer_id: str | None = None
+) -> tuple[list[Backup], int]:
+    """nbdnats's snapshots in a restic repository (see ``backups_argv``)."""
+    return parse_backups(await _run(backups_argv(tool, policy, transfer_id), env))
+
+
+def done_tags(digest: str | None, size: int) -> dict[str, str]:
+    """What a backup's snapshot is tagged with once its transfer has ended: the size and
+    the digest its stats report (left out when it is not one a listing would accept)."""
+    tags = {"size": str(size)}
+    with contextlib.suppress(msgspec.ValidationError):
+        tags["digest"] = msgspec.convert(digest, DigestText)
+    return tags
+
+
+async def tag_backup(
+    tool: Tool,
+    policy: Policy,
+    env: Mapping[str, str],
+    transfer_id: str,
+    output: str,
+    tags: Mapping[str, str],
+) -> str:
+    """Add ``tags`` to the snapshot a backup just saved (``output``: what ``finish``
+    reported); returns what to report: its new id. ``restic tag`` needs the repository to
+    itself: while another backup holds it, it is tried again for a few seconds, then the
+    snapshot is kept as saved (its ``node`` and ``disk`` tags are there from the start)
+    and what is reported says which tags it lacks."""
+    snapshot = output.removeprefix("snapshot ")
+    if not output.startswith("snapshot ") or not _RESTIC_SNAPSHOT.fullmatch(snapshot):
+        raise EndpointError(f"restic reported no snapshot id ({output or 'nothing'})")
+    for delay in (*TAG_RETRIES, None):
+        try:
+            await _run(tag_argv(tool, policy, snapshot, tags), env)
+            break
+        except EndpointError as e:
+            if delay is None:
+                return f"{output} (without its {', '.join(tags)} tags: {e})"
+            await asyncio.sleep(delay)
+    mine, _ = await list_backups(tool, policy, env, transfer_id)
+    if not mine:
+        raise EndpointError(
+            f"restic tag left no snapshot of transfer {transfer_id}: its image is stored "
+            f"as snapshot {snapshot[:8]}, without its digest tag"
+        )
+    return f"snapshot {mine[-1].id}"
 
 
 def last_line(stderr: bytes) -> str:

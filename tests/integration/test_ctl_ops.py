@@ -68,6 +68,128 @@ def test_backup_into_restic_and_restore_through_agents(
     assert sha256_file(target) == want
 
 
+def test_restore_takes_the_disk_it_is_told_not_the_latest_backup(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    """Two disks backed up into one repository: each snapshot is tagged with its disk and
+    the transfer's digest; `ctl backups` lists both; a restore takes the disk it is told,
+    refuses to guess between two, and ignores a crafted snapshot."""
+    vm1, want1 = disk
+    vm2 = vm1.parent / "vm2.raw"
+    want2 = make_image(vm2, 12 * MiB, [(MiB, 5 * MiB)], seed=7)
+    assert want1 != want2
+    repo = tmp_path / "backups" / "repo"
+    repo.parent.mkdir()
+    restic(repo, "init", "-q")
+    exports = ("--export", f"vm1={vm1}", "--export", f"vm2={vm2}")
+    start_agent("a", url, "--allow", str(vm1.parent), *exports)
+    start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
+    target = vm1.parent / "restored.raw"
+    restore = ("restore", "b", f"a:{target}", "--restic", str(repo))
+
+    done = json.loads(ok(ctl(url, "--json", "backup", "a:vm1", "b", "--restic", str(repo))))
+    # One disk in the repository: a restore without --disk takes its latest.
+    doc = json.loads(ok(ctl(url, "--json", *restore)))
+    assert sha256_file(target) == want1 and doc["snapshot"]["disk"] == "vm1"
+    done2 = json.loads(ok(ctl(url, "--json", "backup", "a:vm2", "b", "--restic", str(repo))))
+
+    listed = json.loads(ok(ctl(url, "--json", "backups", "b", "--restic", str(repo))))
+    snaps = {s["id"]: s for s in json.loads(restic(repo, "snapshots", "--json").stdout)}
+    assert sorted(b["id"] for b in listed) == sorted(snaps)  # the ids restic holds
+    by_disk = {(b["node"], b["disk"]): b for b in listed}
+    assert set(by_disk) == {("a", "vm1"), ("a", "vm2")}
+    assert by_disk["a", "vm1"]["digest"] == done["receiver"]["digest"]  # as the stats say
+    assert (
+        by_disk["a", "vm2"]["digest"] == done2["receiver"]["digest"] != done["receiver"]["digest"]
+    )
+    assert by_disk["a", "vm1"]["size"] == vm1.stat().st_size
+    assert by_disk["a", "vm1"]["transfer_id"] == done["transfer_id"]
+    tags = snaps[by_disk["a", "vm2"]["id"]]["tags"]
+    digest2 = done2["receiver"]["digest"]
+    assert {"nbdnats", "node=a", "disk=vm2", f"digest={digest2}"} <= set(tags), tags
+    text = ok(ctl(url, "backups", "b", "--restic", str(repo)))
+    assert by_disk["a", "vm1"]["short_id"] in text and "a:vm2" in text
+    one = json.loads(
+        ok(ctl(url, "--json", "backups", "b", "--restic", str(repo), "--disk", "a:vm2"))
+    )
+    assert [b["id"] for b in one] == [by_disk["a", "vm2"]["id"]]
+    # The repository is checked against the agent's allow-list, as for backup and restore.
+    err = one_line_error(ctl(url, "backups", "b", "--restic", str(tmp_path / "elsewhere")))
+    assert "outside this agent's allow-list" in err, err
+
+    # Two disks and no --disk: refused, naming both.
+    err = one_line_error(ctl(url, *restore))
+    assert "holds backups of 2 disks" in err and "a:vm1 (latest" in err and "a:vm2 (latest" in err
+    assert by_disk["a", "vm2"]["short_id"] in err and "--disk NODE:DISK" in err
+
+    # A crafted snapshot, newest and tagged as vm1 but with an impossible size: left out.
+    tags = "nbdnats,node=a,disk=vm1,size=-5"
+    stdin = ("--stdin", "--stdin-filename", "disk.img")
+    subprocess.run(
+        ["restic", "-r", str(repo), "backup", "-q", "--tag", tags, *stdin],
+        input=b"\x66" * MiB,
+        env={**os.environ, **RESTIC_ENV},
+        check=True,
+    )
+    assert len(json.loads(restic(repo, "snapshots", "--json").stdout)) == 3
+
+    target.unlink()
+    out = ctl(url, "--json", *restore, "--disk", "a:vm1")
+    doc = json.loads(ok(out))
+    assert sha256_file(target) == want1  # vm1's bytes, not vm2's (the latest backup)
+    assert doc["snapshot"]["id"] == by_disk["a", "vm1"]["id"]
+    again = json.loads(ok(ctl(url, "--json", "backups", "b", "--restic", str(repo))))
+    assert sorted(b["id"] for b in again) == sorted(snaps)  # not the crafted one
+
+    # --snapshot still works, and the summary names the snapshot it restored.
+    short2 = by_disk["a", "vm2"]["short_id"]
+    target.unlink()
+    out = ctl(url, *restore, "--snapshot", short2)
+    ok(out)
+    assert sha256_file(target) == want2
+    assert f"from snapshot {short2} of a:vm2 " in out.stderr.decode()
+    for crafted_id in ("../x", "-v", f"{short2},latest"):
+        err = one_line_error(ctl(url, *restore, f"--snapshot={crafted_id}"))
+        assert "not a snapshot id" in err, err
+    err = one_line_error(ctl(url, *restore, "--disk", "a:vm1\x1b[2J"))
+    assert "disk name" in err, err
+
+
+def test_a_backup_finishing_while_another_holds_the_repository_keeps_its_snapshot(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    """`restic tag` needs the repository to itself: while another restic backup runs, the
+    digest cannot be added. The backup still succeeds, its snapshot tagged with its disk
+    (from the start), and says which tags it lacks; a restore by disk finds it."""
+    src, want = disk
+    repo = tmp_path / "backups" / "repo"
+    repo.parent.mkdir()
+    restic(repo, "init", "-q")
+    start_agent("a", url, "--allow", str(src.parent), "--export", f"vm1={src}")
+    start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
+    stdin = ("--stdin", "--stdin-filename", "other.img")
+    other = subprocess.Popen(
+        ["restic", "-r", str(repo), "backup", "-q", *stdin],
+        stdin=subprocess.PIPE,
+        env={**os.environ, **RESTIC_ENV},
+    )
+    try:
+        wait_for(lambda: any((repo / "locks").iterdir()), "the other backup's lock")
+        out = ctl(url, "backup", "a:vm1", "b", "--restic", str(repo))
+        summary = ok(out) + out.stderr.decode()
+        assert "(without its size, digest tags: " in summary and " tag failed" in summary
+    finally:
+        assert other.stdin is not None
+        other.stdin.write(b"other")
+        other.stdin.close()
+        other.wait(timeout=60)
+    listed = json.loads(ok(ctl(url, "--json", "backups", "b", "--restic", str(repo))))
+    assert [(b["node"], b["disk"], b.get("digest")) for b in listed] == [("a", "vm1", None)]
+    target = src.parent / "restored.raw"
+    ok(ctl(url, "restore", "b", f"a:{target}", "--restic", str(repo), "--disk", "a:vm1"))
+    assert sha256_file(target) == want
+
+
 def test_failed_backup_saves_no_snapshot(
     url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
 ) -> None:

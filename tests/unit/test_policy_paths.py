@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from nbdnats.ctl.policy import Policy, nbd_query
-from nbdnats.ctl.tools import backup_argv, restore_argv, scrub, shown, size_argv
+from nbdnats.ctl.tools import (
+    backup_argv,
+    backups_argv,
+    done_tags,
+    labels,
+    restore_argv,
+    scrub,
+    shown,
+    size_argv,
+    tag_argv,
+)
 from nbdnats.errors import PolicyError, UsageError
 from nbdnats.planes import redact_url
 from nbdnats.schemas import Tool
@@ -256,7 +266,7 @@ def test_tool_argv_puts_values_from_a_command_after_a_separator(tmp_path: Path) 
         "1a2b3c4d",
         "/disk.img",
     ]
-    assert backup_argv(Tool(kind="restic", repo=str(repo)), p, ["nbdnats", "transfer=t1"]) == [
+    assert backup_argv(Tool(kind="restic", repo=str(repo)), p, {"transfer": "t1"}) == [
         "restic",
         f"--repo={repo}",
         "backup",
@@ -268,12 +278,14 @@ def test_tool_argv_puts_values_from_a_command_after_a_separator(tmp_path: Path) 
         "--tag=transfer=t1",
     ]
     root = "k" + "0123456789abcdef" * 2
-    assert backup_argv(Tool(kind="kopia", source="/vms/vm1"), p, []) == [
+    assert backup_argv(Tool(kind="kopia", source="/vms/vm1"), p, {"transfer": "t1"}) == [
         "kopia",
         "snapshot",
         "create",
         "--stdin-file",
         "disk.img",
+        "--tags=nbdnats:backup",
+        "--tags=transfer:t1",
         "--",
         "/vms/vm1",
     ]
@@ -299,7 +311,66 @@ def test_tool_argv_puts_values_from_a_command_after_a_separator(tmp_path: Path) 
             restore_argv(Tool(kind="kopia", object=obj), p)
     for source in ("-x", "vms/vm1", "/vms/../etc", "/vms/\nx", "@x"):
         with pytest.raises(UsageError, match="kopia source"):
-            backup_argv(Tool(kind="kopia", source=source), p, [])
+            backup_argv(Tool(kind="kopia", source=source), p, {})
+
+
+def test_backups_are_tagged_with_their_disk_and_listed_by_it(tmp_path: Path) -> None:
+    """restic: --tag at backup, --add once the digest is known, --tag to list; kopia:
+    --tags KEY:VALUE before its `--`. A disk name is percent-encoded: no comma (restic's tag
+    separator) or space reaches a tag."""
+    repo = tmp_path / "repo"
+    p = Policy([str(tmp_path)])
+    tool = Tool(kind="restic", repo=str(repo), node="a", disk="/images/my vm,1.raw")
+    tags = labels(tool, "t1")
+    assert tags == {"transfer": "t1", "node": "a", "disk": "/images/my%20vm%2C1.raw"}
+    assert backup_argv(tool, p, tags)[-4:] == [
+        "--tag=nbdnats",
+        "--tag=transfer=t1",
+        "--tag=node=a",
+        "--tag=disk=/images/my%20vm%2C1.raw",
+    ]
+    kopia = Tool(kind="kopia", source="/vms/vm1", node="a", disk="vm1")
+    assert backup_argv(kopia, p, labels(kopia, "t1"))[5:] == [
+        "--tags=nbdnats:backup",
+        "--tags=transfer:t1",
+        "--tags=node:a",
+        "--tags=disk:vm1",
+        "--",
+        "/vms/vm1",
+    ]
+    done = done_tags("sha256:" + "ab" * 32, 4096)
+    assert tag_argv(tool, p, "1a2b3c4d", done) == [
+        "restic",
+        f"--repo={repo}",
+        "tag",
+        "--add=size=4096",
+        f"--add=digest=sha256:{'ab' * 32}",
+        "--",
+        "1a2b3c4d",
+    ]
+    assert done_tags("sha256:x,y", 1) == {"size": "1"}  # not a digest: not a tag
+    assert done_tags(None, 1) == {"size": "1"}
+    assert backups_argv(Tool(kind="restic", repo=str(repo)), p) == [
+        "restic",
+        f"--repo={repo}",
+        "snapshots",
+        "--json",
+        "--tag=nbdnats",
+    ]
+    assert backups_argv(tool, p)[-1] == "--tag=nbdnats,node=a,disk=/images/my%20vm%2C1.raw"
+    for bad, message in [
+        (Tool(kind="restic", repo=str(repo), node="a.b", disk="vm1"), "node name"),
+        (Tool(kind="restic", repo=str(repo), node="a", disk="vm1\n"), "disk name"),
+        (Tool(kind="restic", repo=str(repo), node="a", disk=""), "disk name"),
+        (Tool(kind="restic", repo=str(repo), node="a"), "NODE:DISK"),
+        (Tool(kind="restic", repo="--password-command=x"), "restic repository"),
+    ]:
+        with pytest.raises((UsageError, PolicyError), match=message):
+            backups_argv(bad, p)
+    with pytest.raises(UsageError, match="not a snapshot id"):
+        tag_argv(tool, p, "--x", done)
+    with pytest.raises(UsageError, match="restic restore needs a snapshot"):
+        restore_argv(Tool(kind="restic", repo=str(repo)), p)
 
 
 # -- secrets in tools' messages -------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from nbdnats.ctl.agent import Agent
 from nbdnats.ctl.config import AgentConfig
 from nbdnats.errors import SchemaError
-from nbdnats.schemas import SendCommand, TransferEvent, decode, encode
+from nbdnats.schemas import BackupList, SendCommand, TransferEvent, decode, encode
 
 
 def test_event_schema_round_trip_and_rejects_bad_types() -> None:
@@ -32,3 +32,28 @@ def test_every_command_schema_refuses_unknown_fields_and_versions() -> None:
             decode(cls, b'{"v": 2, "transfer_id": "x"}', op)
     sent = encode(SendCommand(key="k", transfer_id="t", src="/x"))
     assert json.loads(sent)["v"] == 1  # the version is always on the wire
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", "--password-command=x"),
+        ("id", "A" * 64),
+        ("short_id", "1a2b"),
+        ("node", "a.b"),
+        ("disk", "vm1\x1b[2J"),
+        ("digest", "sha256:--x"),
+        ("size", -1),
+        ("transfer_id", "a b"),
+    ],
+)
+def test_a_backups_answer_is_checked_by_the_controller_too(field: str, value: object) -> None:
+    """A listing travels from an agent: a crafted id or tag value fails to decode, so the
+    controller neither shows nor restores it."""
+    good = {"id": "a" * 64, "short_id": "a" * 8, "time": "2026-12-02T08:00:00Z", "node": "a"}
+    good |= {"disk": "/images/my vm.raw", "digest": "xxh3-128:" + "0f" * 16, "size": 4096}
+    ok = decode(BackupList, json.dumps({"ok": True, "backups": [good]}).encode(), "backups")
+    assert ok.backups[0].name == "a:/images/my vm.raw"
+    bad = json.dumps({"ok": True, "backups": [{**good, field: value}]}).encode()
+    with pytest.raises(SchemaError, match="invalid backups"):
+        decode(BackupList, bad, "backups")
