@@ -23,15 +23,17 @@ DATA_CMD = "data.cmd"
 DATA_EVT = "data.evt"
 DATA_BLK = "data.blk"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Not starting with '-': an id also names files (a receiver's journal) and may meet an argv
+# (the core's `journal::check_id` holds the same rule).
+_TOKEN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 
 
 def check_token(value: str, what: str) -> str:
     """A value that becomes one subject token: no dots, wildcards or spaces."""
     if not _TOKEN.fullmatch(value):
         raise UsageError(
-            f"invalid {what} {value!r}: use 1-64 letters, digits, '-' or '_' "
-            "(it becomes a NATS subject token)"
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '-' or '_', not starting "
+            "with '-' (it becomes a NATS subject token)"
         )
     return value
 
