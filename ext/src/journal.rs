@@ -679,7 +679,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(list(&dir).unwrap(), vec![]);
         let path = path_for(&dir, "t1");
-        let mut j = Journal::create(&path, header()).unwrap();
+        let mut j = Journal::create(
+            &path,
+            Header {
+                transfer_id: "t1".into(),
+                ..header()
+            },
+        )
+        .unwrap();
         j.checkpoint(&[data(1), data(2)]).unwrap();
         std::fs::write(dir.join("journals").join("recv-t2.journal"), b"garbage").unwrap();
         std::fs::write(dir.join("journals").join("notes.txt"), b"hi").unwrap();

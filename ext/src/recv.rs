@@ -1378,6 +1378,45 @@ mod tests {
     }
 
     #[test]
+    fn a_transfer_cancelled_for_good_keeps_no_journal() {
+        let dir = std::env::temp_dir().join(format!("nbdnats-abandon-{}", std::process::id()));
+        let path = crate::journal::path_for(&dir, "t");
+        let _ = std::fs::remove_file(&path);
+        let header = crate::journal::Header {
+            v: crate::journal::JOURNAL_VERSION,
+            transfer_id: "t".into(),
+            target: "/dev/x".into(),
+            size: 100,
+            chunk_size: 10,
+            key_hash: "a".repeat(64),
+            identity: None,
+        };
+        let frame = crate::journal::Frame {
+            kind: Kind::Data,
+            length: 10,
+            checksum: 1,
+        };
+        let progress = crate::stats::Progress::new("t", "recv");
+        assert_eq!(progress.cause(Error::Cancelled).code(), "cancelled");
+        progress
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for err in [
+            progress.cause(Error::Cancelled),
+            Error::from_remote(
+                "abandoned",
+                "the sender gave up: transfer cancelled for good",
+            ),
+            Error::Integrity("digest mismatch".into()),
+        ] {
+            let mut j = Journal::create(&path, header.clone()).unwrap();
+            j.checkpoint(&[frame]).unwrap();
+            let said = settle_journal(Some(j), err).to_string();
+            assert!(!path.exists() && !said.contains("--resume"), "{said}");
+        }
+    }
+
+    #[test]
     fn frames_must_fit_the_disk_and_chunk() {
         assert!(check_frame(&h(Kind::Data, 0, 4096), 0, 8192, 4096).is_ok());
         assert!(check_frame(&h(Kind::Data, 0, 8192), 0, 8192, 4096).is_err());
