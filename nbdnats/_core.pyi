@@ -16,15 +16,18 @@ __all__ = [
     "PROTOCOL_VERSION",
     "STATS_FIELDS",
     "DataConnection",
+    "JournalEntry",
     "Stats",
     "Transfer",
     "__version__",
     "checksum_of",
     "connect",
     "decode_frame",
+    "discard_journal",
     "encode_frame",
     "image_digest",
     "is_zero",
+    "list_journals",
     "merge_extents",
     "start_bridge",
     "start_recv",
@@ -104,7 +107,10 @@ class Stats:
 
 @final
 class Transfer:
-    def cancel(self) -> None: ...
+    def cancel(self, resumable: bool = True) -> None:
+        """Stop the transfer. ``resumable``: an interruption (``cancelled``; the receiver's
+        journal and the sender's key stay for ``--resume``); otherwise for good
+        (``abandoned``): both ends drop what a resume would need."""
     def stats(self) -> Stats: ...
     @property
     def transfer_id(self) -> str: ...
@@ -182,6 +188,40 @@ def image_digest(
     ``done(True, ("sha256:<hex>", length))``. Holes are hashed without being read.
     ``allow_local_file`` (also on ``start_send``/``start_recv``): an NBD URI may name local
     files (``tls-psk-file=``); only for endpoints the local user gave, never a message's."""
+
+@final
+class JournalEntry:
+    """One file of a state dir's ``journals`` folder: a receiver's journal (``role``
+    "recv"), a sender's key ("send"), or a file that is neither or cannot be read
+    (``error`` says why)."""
+
+    @property
+    def file(self) -> str: ...
+    @property
+    def role(self) -> str | None: ...
+    @property
+    def transfer_id(self) -> str | None: ...
+    @property
+    def target(self) -> str | None: ...
+    @property
+    def size(self) -> int | None: ...
+    @property
+    def done_bytes(self) -> int | None: ...
+    @property
+    def modified(self) -> float | None: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...
+
+def list_journals(state_dir: str, done: _Done) -> None:
+    """Every file in ``state_dir``'s ``journals`` folder, by name:
+    ``done(True, [JournalEntry, ...])``; none if there is no such folder."""
+
+def discard_journal(state_dir: str, transfer_id: str, done: _Done) -> None:
+    """Remove transfer ``transfer_id``'s journal (refused with ``busy`` while a receiver
+    runs on it) and sender key: ``done(True, [path, ...])``; ``usage`` for an invalid id
+    or when there is neither."""
 
 # Micro-benchmark entry points (bench/micro): the per-chunk hot paths.
 def checksum_of(payload: bytes) -> int: ...

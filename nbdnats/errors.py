@@ -11,7 +11,8 @@
      |    +-- ProtocolError       the peer broke the protocol
      |    +-- RemoteError         the peer failed and said why
      +-- IntegrityError           checksum, digest or verify mismatch
-     +-- TransferCancelled        the transfer was cancelled
+     +-- TransferCancelled        the transfer was cancelled (interrupted: resumable)
+     |    +-- TransferAbandoned   cancelled for good: nothing kept to resume it (code "abandoned")
      +-- RefusedError             an agent refused a command before acting  (code "refused")
      |    +-- SchemaError         not a valid message, unknown op or version (code "schema")
      |    +-- PolicyError         outside the agent's allow-list or role     (code "denied")
@@ -84,6 +85,10 @@ class TransferCancelled(NbdNatsError):
     code = "cancelled"
 
 
+class TransferAbandoned(TransferCancelled):
+    code = "abandoned"
+
+
 class RefusedError(NbdNatsError):
     code = "refused"
 
@@ -137,6 +142,7 @@ _BY_CODE: dict[str, type[NbdNatsError]] = {
         ProtocolError,
         IntegrityError,
         TransferCancelled,
+        TransferAbandoned,
         RefusedError,
         SchemaError,
         PolicyError,

@@ -23,7 +23,10 @@ DATA_CMD = "data.cmd"
 DATA_EVT = "data.evt"
 DATA_BLK = "data.blk"
 
-TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # one subject token (message schemas use it too)
+# One subject token (message schemas use it too). Not starting with '-': an id also names
+# files (a receiver's journal) and may meet an argv (the core's `journal::check_id` holds
+# the same rule).
+TOKEN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$"
 _TOKEN = re.compile(TOKEN_PATTERN)
 
 
@@ -31,8 +34,8 @@ def check_token(value: str, what: str) -> str:
     """A value that becomes one subject token: no dots, wildcards or spaces."""
     if not _TOKEN.fullmatch(value):
         raise UsageError(
-            f"invalid {what} {value!r}: use 1-64 letters, digits, '-' or '_' "
-            "(it becomes a NATS subject token)"
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '-' or '_', not starting "
+            "with '-' (it becomes a NATS subject token)"
         )
     return value
 

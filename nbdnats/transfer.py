@@ -107,8 +107,12 @@ class TransferHandle:
     def stats(self) -> TransferStats:
         return self._core.stats()
 
-    def cancel(self) -> None:
-        self._core.cancel()
+    def cancel(self, *, resumable: bool = False) -> None:
+        """Stop the transfer for good: it fails with ``TransferAbandoned`` at both ends and
+        neither keeps anything to resume it. ``resumable=True`` interrupts it instead, as a
+        signal or cancelling the task that awaits ``wait()`` does (``TransferCancelled``):
+        the receiver keeps its journal and the sender its key for ``resume``."""
+        self._core.cancel(resumable)
 
     def done(self) -> bool:
         return self._outcome.done()
@@ -147,7 +151,7 @@ class TransferHandle:
                 self._tick(on_progress)
                 await asyncio.wait({self._outcome}, timeout=PROGRESS_INTERVAL)
         except asyncio.CancelledError:
-            self.cancel()
+            self.cancel(resumable=True)  # an interruption (a signal, a cancelled task)
             # The core tells the peer and lets go of the endpoints; bounded, so a core stuck
             # on a server that is gone cannot keep a cancelled caller waiting.
             with contextlib.suppress(Exception):
@@ -257,6 +261,28 @@ def resolve_state_dir(state_dir: str | None = None) -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "nbdnats"
+
+
+async def journals(state_dir: str | None = None) -> list[_core.JournalEntry]:
+    """What interrupted transfers left in the state dir (``resolve_state_dir``): each
+    receiver's journal (transfer id, target, size, bytes written, last write, whether a
+    receiver still runs on it) and each sender's key, by file name. A file that is neither
+    or cannot be read is listed with its ``error``."""
+    path = str(resolve_state_dir(state_dir))
+    result = await core_call(lambda done: _core.list_journals(path, done))[1]
+    assert isinstance(result, list)
+    return result
+
+
+async def discard_journal(transfer_id: str, state_dir: str | None = None) -> list[str]:
+    """Remove what interrupted transfer ``transfer_id`` left in the state dir (its journal
+    and sender key), so nothing resumes it; the files removed. ``BusyError`` while a
+    receiver still runs on the journal, ``UsageError`` for a bad id or when there is none."""
+    subjects.check_token(transfer_id, "transfer id")
+    path = str(resolve_state_dir(state_dir))
+    result = await core_call(lambda done: _core.discard_journal(path, transfer_id, done))[1]
+    assert isinstance(result, list)
+    return [str(p) for p in result]
 
 
 async def start_send(

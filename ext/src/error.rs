@@ -40,6 +40,10 @@ pub enum Error {
     /// The transfer was cancelled by its owner.
     #[error("transfer cancelled")]
     Cancelled,
+    /// The transfer was cancelled on purpose, for good: neither end keeps anything to
+    /// resume it (`Transfer.cancel(resumable=False)`).
+    #[error("{0}")]
+    Abandoned(String),
     /// A failure the peer reported (with its code), so both ends fail with the same class:
     /// a kind of ours, or `Remote` for a code that stays the peer's.
     #[error("peer: {0}")]
@@ -86,14 +90,15 @@ macro_rules! code_table {
 
 code_table! {
     rebuilt: Usage = "usage", Endpoint = "endpoint", TargetTooSmall = "target_too_small",
-        Protocol = "protocol", Integrity = "integrity", Busy = "busy";
+        Protocol = "protocol", Integrity = "integrity", Busy = "busy", Abandoned = "abandoned";
     kept: Nats = "nats", Timeout = "timeout";
 }
 
 impl Error {
     /// Whether the transfer can go on after this failure with `--resume`: the peer or the
-    /// network went away, or the user interrupted it. (Not: bad data, a refused request,
-    /// a source or target that failed.)
+    /// network went away, or the user interrupted it (a signal, a cancelled task). (Not:
+    /// bad data, a refused request, a usage error, a source or target that failed, or a
+    /// transfer cancelled for good, `abandoned`.)
     pub fn resumable(&self) -> bool {
         matches!(self.code(), "timeout" | "nats" | "cancelled")
     }

@@ -227,46 +227,7 @@ impl Journal {
         lock(&file, path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(|e| io(path, e))?;
-        let mut header: Option<Header> = None;
-        let mut progress = Progress::default();
-        let mut pos = 0usize;
-        while let Some((kind, body, next)) = next_record(&bytes, pos) {
-            match (kind, header.as_mut()) {
-                (HEADER, None) => {
-                    let v = serde_json::from_slice::<serde_json::Value>(body)
-                        .ok()
-                        .and_then(|h| h.get("v").and_then(serde_json::Value::as_u64));
-                    if v != Some(u64::from(JOURNAL_VERSION)) {
-                        return Err(Error::Usage(format!(
-                            "the journal {} was written by another version of nbd-nats; \
-                             delete it to start the transfer over",
-                            path.display()
-                        )));
-                    }
-                    header = serde_json::from_slice(body).ok();
-                    if header.is_none() {
-                        break;
-                    }
-                }
-                (CHECKPOINT, Some(_)) => {
-                    if !apply_checkpoint(&mut progress, body) {
-                        break;
-                    }
-                }
-                (KEY, Some(h)) => match std::str::from_utf8(body) {
-                    Ok(k) if is_key_hash(k) => h.key_hash = k.to_string(),
-                    _ => break,
-                },
-                _ => break,
-            }
-            pos = next;
-        }
-        let header = header.ok_or_else(|| {
-            Error::Endpoint(format!(
-                "journal {} is damaged: no header; delete it to start over",
-                path.display()
-            ))
-        })?;
+        let (header, progress, pos) = parse(&bytes, path)?;
         // Cut off a torn tail so the next append starts on a record boundary.
         file.set_len(pos as u64).map_err(|e| io(path, e))?;
         Ok(Journal {
@@ -325,6 +286,51 @@ impl Journal {
     }
 }
 
+/// A journal's header and its last complete checkpoint, and where its valid records end.
+fn parse(bytes: &[u8], path: &Path) -> Result<(Header, Progress, usize)> {
+    let mut header: Option<Header> = None;
+    let mut progress = Progress::default();
+    let mut pos = 0usize;
+    while let Some((kind, body, next)) = next_record(bytes, pos) {
+        match (kind, header.as_mut()) {
+            (HEADER, None) => {
+                let v = serde_json::from_slice::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|h| h.get("v").and_then(serde_json::Value::as_u64));
+                if v != Some(u64::from(JOURNAL_VERSION)) {
+                    return Err(Error::Usage(format!(
+                        "the journal {} was written by another version of nbd-nats; \
+                         delete it to start the transfer over",
+                        path.display()
+                    )));
+                }
+                header = serde_json::from_slice(body).ok();
+                if header.is_none() {
+                    break;
+                }
+            }
+            (CHECKPOINT, Some(_)) => {
+                if !apply_checkpoint(&mut progress, body) {
+                    break;
+                }
+            }
+            (KEY, Some(h)) => match std::str::from_utf8(body) {
+                Ok(k) if is_key_hash(k) => h.key_hash = k.to_string(),
+                _ => break,
+            },
+            _ => break,
+        }
+        pos = next;
+    }
+    let header = header.ok_or_else(|| {
+        Error::Endpoint(format!(
+            "journal {} is damaged: no header; delete it to start over",
+            path.display()
+        ))
+    })?;
+    Ok((header, progress, pos))
+}
+
 /// A sha256 in hex, as key hashes are.
 pub fn is_key_hash(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
@@ -380,6 +386,170 @@ fn apply_checkpoint(progress: &mut Progress, body: &[u8]) -> bool {
         }
         None => false,
     }
+}
+
+/// Whether `id` may name a transfer's files: 1-64 letters, digits, '-' or '_', not starting
+/// with '-' (the rule of `nbdnats.subjects.check_token`). Nothing else reaches a path.
+pub fn check_id(id: &str) -> Result<&str> {
+    let ok = (1..=64).contains(&id.len())
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(id)
+    } else {
+        Err(Error::Usage(format!(
+            "invalid transfer id {id:?}: use 1-64 letters, digits, '-' or '_', not starting \
+             with '-'"
+        )))
+    }
+}
+
+/// One file of a state dir's `journals` folder, as `nbd-nats journals` shows it: a
+/// receiver's journal (`recv`), a sender's key (`send`), or a file that is neither or
+/// cannot be read (`error` says why; the rest may be unknown).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Listed {
+    pub file: String,
+    pub role: Option<&'static str>,
+    pub transfer_id: Option<String>,
+    pub target: Option<String>,
+    pub size: Option<u64>,
+    /// Disk bytes the last checkpoint says are written.
+    pub done_bytes: Option<u64>,
+    /// Last write, in seconds since the Unix epoch.
+    pub modified: Option<f64>,
+    /// A receiver holds the journal's lock: the transfer is still running.
+    pub running: bool,
+    pub error: Option<String>,
+}
+
+fn journals_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("journals")
+}
+
+/// What kind of file `name` is, and the transfer id in it.
+fn classify(name: &str) -> Option<(&'static str, &str)> {
+    let (role, id) = if let Some(id) = name
+        .strip_prefix("recv-")
+        .and_then(|n| n.strip_suffix(".journal"))
+    {
+        ("recv", id)
+    } else {
+        let id = name.strip_prefix("send-")?.strip_suffix(".key")?;
+        ("send", id)
+    };
+    check_id(id).ok().map(|id| (role, id))
+}
+
+/// Whether a receiver holds the journal's lock (without taking it for longer than a look).
+fn locked(file: &File) -> bool {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(file, FlockOperation::NonBlockingLockShared) {
+        Ok(()) => {
+            let _ = flock(file, FlockOperation::Unlock);
+            false
+        }
+        Err(e) => e == rustix::io::Errno::WOULDBLOCK,
+    }
+}
+
+fn describe(path: &Path, name: &str) -> Listed {
+    let mut listed = Listed {
+        file: name.to_string(),
+        ..Listed::default()
+    };
+    let meta = std::fs::symlink_metadata(path);
+    listed.modified = meta
+        .as_ref()
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    let Some((role, id)) = classify(name).filter(|_| meta.is_ok_and(|m| m.is_file())) else {
+        listed.error = Some("not a journal or key of nbd-nats".into());
+        return listed;
+    };
+    listed.role = Some(role);
+    listed.transfer_id = Some(id.to_string());
+    let mut read = || -> Result<()> {
+        if role == "send" {
+            crate::handshake::SenderKey::load(path, id)?;
+            return Ok(());
+        }
+        let mut file = File::open(path).map_err(|e| io(path, e))?;
+        listed.running = locked(&file);
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| io(path, e))?;
+        let (header, progress, _) = parse(&bytes, path)?;
+        if header.transfer_id != id {
+            return Err(Error::Endpoint(format!(
+                "holds transfer {}, not {id}",
+                header.transfer_id
+            )));
+        }
+        listed.target = Some(header.target);
+        listed.size = Some(header.size);
+        listed.done_bytes = Some(progress.offset);
+        Ok(())
+    };
+    if let Err(e) = read() {
+        listed.error = Some(e.to_string());
+    }
+    listed
+}
+
+/// Every file in `state_dir`'s journals folder, by name; none if there is no such folder.
+/// A damaged or foreign file is listed with its error, not a failure of the listing.
+pub fn list(state_dir: &Path) -> Result<Vec<Listed>> {
+    let dir = journals_dir(state_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(&dir, e)),
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io(&dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        listed.push(describe(&entry.path(), &name));
+    }
+    listed.sort_by(|a, b| a.file.cmp(&b.file));
+    Ok(listed)
+}
+
+/// Remove what an interrupted transfer `id` left in `state_dir`: the receiver's journal
+/// (refused while a receiver runs on it) and the sender's key. Returns the files removed.
+pub fn discard(state_dir: &Path, id: &str) -> Result<Vec<PathBuf>> {
+    let id = check_id(id)?;
+    let mut removed = Vec::new();
+    let journal = path_for(state_dir, id);
+    match OpenOptions::new().read(true).write(true).open(&journal) {
+        Ok(file) => {
+            // Held until the file is gone: no receiver opens it meanwhile.
+            lock(&file, &journal)?;
+            std::fs::remove_file(&journal).map_err(|e| io(&journal, e))?;
+            removed.push(journal);
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&journal, e)),
+    }
+    let key = crate::handshake::key_path(state_dir, id);
+    match std::fs::remove_file(&key) {
+        Ok(()) => removed.push(key),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&key, e)),
+    }
+    if removed.is_empty() {
+        return Err(Error::Usage(format!(
+            "no journal of transfer {id} in {} (see: nbd-nats journals --state-dir {})",
+            journals_dir(state_dir).display(),
+            state_dir.display()
+        )));
+    }
+    sync_dir(&removed[0])?;
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -487,6 +657,59 @@ mod tests {
             "{err}"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn ids_that_could_reach_a_path_or_an_argv_are_refused() {
+        for bad in ["", "../x", "-rf", "a/b", "a.b", "x y", &"a".repeat(65)] {
+            assert_eq!(check_id(bad).err().unwrap().code(), "usage", "{bad:?}");
+        }
+        for good in ["vm42-disk0", "a_b", "0", &"a".repeat(64)] {
+            assert!(check_id(good).is_ok(), "{good}");
+        }
+        assert_eq!(classify("recv-../x.journal"), None);
+        assert_eq!(classify("recv-t1.journal"), Some(("recv", "t1")));
+        assert_eq!(classify("send-t1.key"), Some(("send", "t1")));
+        assert_eq!(classify("recv-t1.journal.new"), None);
+    }
+
+    #[test]
+    fn listing_shows_progress_and_names_what_it_cannot_read() {
+        let dir = std::env::temp_dir().join(format!("nbdnats-list-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(list(&dir).unwrap(), vec![]);
+        let path = path_for(&dir, "t1");
+        let mut j = Journal::create(
+            &path,
+            Header {
+                transfer_id: "t1".into(),
+                ..header()
+            },
+        )
+        .unwrap();
+        j.checkpoint(&[data(1), data(2)]).unwrap();
+        std::fs::write(dir.join("journals").join("recv-t2.journal"), b"garbage").unwrap();
+        std::fs::write(dir.join("journals").join("notes.txt"), b"hi").unwrap();
+        let listed = list(&dir).unwrap();
+        let names: Vec<_> = listed.iter().map(|l| l.file.as_str()).collect();
+        assert_eq!(names, ["notes.txt", "recv-t1.journal", "recv-t2.journal"]);
+        assert!(listed[0].error.is_some());
+        let t1 = &listed[1];
+        assert_eq!(t1.transfer_id.as_deref(), Some("t1"));
+        assert_eq!(t1.target.as_deref(), Some("/dev/x"));
+        assert_eq!((t1.size, t1.done_bytes), (Some(100), Some(20)));
+        assert!(t1.running && t1.error.is_none() && t1.modified.is_some());
+        assert!(listed[2].error.as_deref().unwrap().contains("damaged"));
+        // A running receiver's journal is not discarded; an ended one is.
+        assert_eq!(discard(&dir, "t1").err().unwrap().code(), "busy");
+        drop(j);
+        assert!(!list(&dir).unwrap()[1].running);
+        assert_eq!(discard(&dir, "t1").unwrap(), vec![path.clone()]);
+        assert!(!path.exists());
+        let again = discard(&dir, "t1").err().unwrap();
+        assert!(again.to_string().contains(&dir.display().to_string()));
+        assert_eq!(discard(&dir, "../t2").err().unwrap().code(), "usage");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -158,8 +158,14 @@ pub struct Transfer {
 
 #[pymethods]
 impl Transfer {
-    /// Ask the transfer to stop; `done` then reports the code `cancelled`.
-    fn cancel(&self) {
+    /// Ask the transfer to stop. `resumable`: an interruption (`done` reports `cancelled`;
+    /// a receiver keeps its journal, a sender its key, for `--resume`); otherwise it is
+    /// cancelled for good (`abandoned`): both ends drop what a resume would need.
+    #[pyo3(signature = (resumable=true))]
+    fn cancel(&self, resumable: bool) {
+        if !resumable {
+            self.progress.abandoned.store(true, Relaxed);
+        }
         self.cancel.cancel();
     }
 
@@ -470,6 +476,61 @@ fn image_digest(
     });
 }
 
+/// One file of a state dir's journals folder (`journal::Listed`).
+#[pyclass(frozen, get_all, module = "nbdnats._core")]
+pub struct JournalEntry {
+    file: String,
+    role: Option<String>,
+    transfer_id: Option<String>,
+    target: Option<String>,
+    size: Option<u64>,
+    done_bytes: Option<u64>,
+    modified: Option<f64>,
+    running: bool,
+    error: Option<String>,
+}
+
+impl From<crate::journal::Listed> for JournalEntry {
+    fn from(l: crate::journal::Listed) -> JournalEntry {
+        JournalEntry {
+            file: l.file,
+            role: l.role.map(str::to_string),
+            transfer_id: l.transfer_id,
+            target: l.target,
+            size: l.size,
+            done_bytes: l.done_bytes,
+            modified: l.modified,
+            running: l.running,
+            error: l.error,
+        }
+    }
+}
+
+/// What interrupted transfers left in `state_dir`: `done(True, [JournalEntry, ...])`.
+#[pyfunction]
+fn list_journals(state_dir: std::path::PathBuf, done: Py<PyAny>) {
+    spawn(done, async move {
+        let listed = crate::journal::list(&state_dir)?;
+        Ok(listed
+            .into_iter()
+            .map(JournalEntry::from)
+            .collect::<Vec<_>>())
+    });
+}
+
+/// Remove transfer `transfer_id`'s journal and sender key from `state_dir`:
+/// `done(True, [path, ...])`, the files removed.
+#[pyfunction]
+fn discard_journal(state_dir: std::path::PathBuf, transfer_id: String, done: Py<PyAny>) {
+    spawn(done, async move {
+        let removed = crate::journal::discard(&state_dir, &transfer_id)?;
+        Ok(removed
+            .into_iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>())
+    });
+}
+
 trait BoxedSend: Future + Send + Sized + 'static {
     fn boxed_send(self) -> futures::future::BoxFuture<'static, Self::Output> {
         Box::pin(self)
@@ -493,10 +554,13 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataConnection>()?;
     m.add_class::<Transfer>()?;
     m.add_class::<Stats>()?;
+    m.add_class::<JournalEntry>()?;
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_function(wrap_pyfunction!(start_send, m)?)?;
     m.add_function(wrap_pyfunction!(start_recv, m)?)?;
     m.add_function(wrap_pyfunction!(image_digest, m)?)?;
     m.add_function(wrap_pyfunction!(start_bridge, m)?)?;
+    m.add_function(wrap_pyfunction!(list_journals, m)?)?;
+    m.add_function(wrap_pyfunction!(discard_journal, m)?)?;
     Ok(())
 }

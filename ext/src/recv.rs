@@ -187,6 +187,7 @@ impl Receiver<'_> {
     /// Report a failure to the sender (so it stops at once) and return it. A transfer that
     /// can be continued keeps its journal and says how; any other failure removes it.
     async fn fail(&mut self, err: Error) -> Error {
+        let err = self.progress.cause(err);
         let body = AckBody::Error {
             code: err.code().to_string(),
             message: err.to_string(),
@@ -471,9 +472,13 @@ fn hash_zeros(h: &mut Sha256, mut len: u64) {
     }
 }
 
-/// After a failure: keep the journal only if the transfer can go on from it (the peer or
-/// the network went away, or the user interrupted it) and something was written;
-/// otherwise remove it, so nothing suggests a resume that cannot work.
+/// After a failure: keep the journal only if the transfer can go on from it and something
+/// was written; otherwise remove it, so nothing suggests a resume that cannot work. It can
+/// go on when the peer or the network went away (`timeout`, `nats`) or the transfer was
+/// interrupted (`cancelled`: a signal, a cancelled task, either end); not after bad data
+/// (`integrity`, `protocol`), a refusal or usage error, a failed source or target, or a
+/// cancellation for good (`abandoned`, either end: the sender then drops its key, without
+/// which nobody can continue the transfer).
 fn settle_journal(journal: Option<Journal>, err: Error) -> Error {
     let Some(j) = journal else { return err };
     if !err.resumable() || j.progress.next_seq == 0 {
@@ -632,7 +637,17 @@ pub async fn recv(
     let journal = open_journal(opts, id)?;
     let (mut opens, mut chunks) = listen(conn, subjects, id).await?;
     progress.set_state(State::Waiting);
-    let opened = open(conn, &sink, &mut opens, opts, journal, id, cancel).await?;
+    let opened = match open(conn, &sink, &mut opens, opts, journal, id, cancel).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            let e = progress.cause(e);
+            // Cancelled for good while a resumed journal waited for its sender.
+            if let (true, "abandoned", Some(path)) = (opts.resume, e.code(), &opts.journal) {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+    };
     let mut rx = Receiver::new(conn, subjects, progress, sink, opts, opened);
     match run(&mut rx, &mut chunks, &mut opens, opts, cancel).await {
         Ok(end_seq) => finish(&mut rx, end_seq, &mut chunks, opts, cancel).await,
@@ -1359,6 +1374,45 @@ mod tests {
             assert!(said.contains("run the same recv with --resume"), "{said}");
             assert!(path.is_file(), "{said}");
             std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_transfer_cancelled_for_good_keeps_no_journal() {
+        let dir = std::env::temp_dir().join(format!("nbdnats-abandon-{}", std::process::id()));
+        let path = crate::journal::path_for(&dir, "t");
+        let _ = std::fs::remove_file(&path);
+        let header = crate::journal::Header {
+            v: crate::journal::JOURNAL_VERSION,
+            transfer_id: "t".into(),
+            target: "/dev/x".into(),
+            size: 100,
+            chunk_size: 10,
+            key_hash: "a".repeat(64),
+            identity: None,
+        };
+        let frame = crate::journal::Frame {
+            kind: Kind::Data,
+            length: 10,
+            checksum: 1,
+        };
+        let progress = crate::stats::Progress::new("t", "recv");
+        assert_eq!(progress.cause(Error::Cancelled).code(), "cancelled");
+        progress
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for err in [
+            progress.cause(Error::Cancelled),
+            Error::from_remote(
+                "abandoned",
+                "the sender gave up: transfer cancelled for good",
+            ),
+            Error::Integrity("digest mismatch".into()),
+        ] {
+            let mut j = Journal::create(&path, header.clone()).unwrap();
+            j.checkpoint(&[frame]).unwrap();
+            let said = settle_journal(Some(j), err).to_string();
+            assert!(!path.exists() && !said.contains("--resume"), "{said}");
         }
     }
 

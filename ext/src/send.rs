@@ -175,7 +175,10 @@ pub async fn send(
         tx.restart_at(&reply);
         progress.chunk_size.store(tx.chunk, Relaxed);
         progress.set_state(State::Running);
-        let result = tx.run(&mut acks, opts.verify, cancel).await;
+        let result = tx
+            .run(&mut acks, opts.verify, cancel)
+            .await
+            .map_err(|e| progress.cause(e));
         if let Err(e) = &result {
             if !e.is_remote() {
                 tx.abort(e).await;
@@ -183,7 +186,8 @@ pub async fn send(
         }
         result
     }
-    .await;
+    .await
+    .map_err(|e| progress.cause(e));
     settle_key(opts, &result);
     result
 }

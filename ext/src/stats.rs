@@ -51,12 +51,25 @@ pub struct Progress {
     pub chunk_size: AtomicU64,
     pub window: AtomicU64,
     pub verified: AtomicBool,
+    /// Cancelled on purpose, for good: the cancellation ends it `abandoned`, not resumable.
+    pub abandoned: AtomicBool,
     state: AtomicU8,
     times: Mutex<(Option<Instant>, Option<Instant>)>,
     digest: Mutex<Option<String>>,
 }
 
 impl Progress {
+    /// What a failure of this transfer is: a cancellation on purpose ends it for good.
+    pub fn cause(&self, err: crate::error::Error) -> crate::error::Error {
+        use crate::error::Error;
+        match err {
+            Error::Cancelled if self.abandoned.load(Relaxed) => {
+                Error::Abandoned("transfer cancelled for good: nothing is kept to resume it".into())
+            }
+            other => other,
+        }
+    }
+
     pub fn new(transfer_id: &str, role: &'static str) -> Progress {
         Progress {
             transfer_id: transfer_id.to_string(),
@@ -75,6 +88,7 @@ impl Progress {
             chunk_size: AtomicU64::new(0),
             window: AtomicU64::new(0),
             verified: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             state: AtomicU8::new(State::Connecting as u8),
             times: Mutex::new((None, None)),
             digest: Mutex::new(None),

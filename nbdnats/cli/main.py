@@ -48,13 +48,14 @@ DATA_COMMANDS = transfer.NAMES
 def _other_commands() -> dict[str, ModuleType]:
     """The commands besides the data commands, in the order --help lists them; each module
     has ``add_parser(sub)`` and ``async run(args)``."""
-    from nbdnats.cli import agent, approve, ctl, dev, digest, migrate
+    from nbdnats.cli import agent, approve, ctl, dev, digest, journals, migrate
 
     return {
         "agent": agent,
         "ctl": ctl,
         "approve": approve,
         "digest": digest,
+        "journals": journals,
         "dev": dev,
         "migrate": migrate,
     }

@@ -145,7 +145,7 @@ class Jobs:
     def cancel_all(self) -> None:
         for job in self.jobs.values():
             if job.running and job.handle is not None:
-                job.handle.cancel()
+                job.handle.cancel(resumable=True)  # a drained agent's jobs are interrupted
         for task in self.migrations.values():
             task.cancel()  # rolls back before it ends
 

@@ -20,7 +20,7 @@ def test_each_plane_and_kind_has_its_documented_subject() -> None:
     assert subjects.ctl_query("node-a", "nodes") == "ctl.qry.node-a.nodes"
 
 
-@pytest.mark.parametrize("bad", ["a.b", "a b", "*", ">", "", "x" * 65, "é"])
+@pytest.mark.parametrize("bad", ["a.b", "a b", "*", ">", "", "x" * 65, "é", "-rf", "../x"])
 def test_tokens_reject_subject_syntax(bad: str) -> None:
     with pytest.raises(errors.UsageError, match="subject token"):
         subjects.transfer(bad)
