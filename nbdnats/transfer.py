@@ -186,16 +186,19 @@ async def image_digest(
     length: int | None = None,
     size: int | None = None,
     allow_local_file: bool = False,
+    algo: str = "sha256",
 ) -> tuple[str, int]:
-    """The sha256 of an image's contents (``"sha256:<hex>"``) and the bytes hashed: what
-    ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read.
+    """The digest of an image's contents (``"<algo>:<hex>"``) and the bytes hashed, whatever
+    serves it; holes are not read. ``algo``: ``"sha256"`` (what ``sha256sum`` prints for
+    the raw disk; approvals name images by it) or ``_core.CONTENT_ALGORITHM``
+    (``"blk64k-xxh3-128"``: what a transfer of the image reports as its digest).
     ``allow_local_file``: ``src`` comes from the local user, so an NBD URI may name local
     files (``tls-psk-file=``); leave it False for an endpoint that came in a message."""
     _check_size(length, "digest length")
     _check_size(size, "digest size")
     result = await core_call(
         lambda done: _core.image_digest(
-            src, done, length=length, size=size, allow_local_file=allow_local_file
+            src, done, length=length, size=size, allow_local_file=allow_local_file, algo=algo
         )
     )[1]
     assert isinstance(result, tuple)
