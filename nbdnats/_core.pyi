@@ -4,9 +4,11 @@ from collections.abc import Callable
 from typing import final
 
 __all__ = [
+    "CONTENT_ALGORITHM",
     "DEFAULT_CHUNK",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
+    "DIGEST_ALGORITHMS",
     "ERROR_CODES",
     "HEADER_LEN",
     "MAX_CHUNK",
@@ -48,6 +50,10 @@ MAX_CHUNK: int
 ERROR_CODES: tuple[str, ...]
 # The attributes of a ``Stats``, in order.
 STATS_FIELDS: tuple[str, ...]
+# The content digest's name (``blk64k-xxh3-128``): what a transfer reports as its digest.
+CONTENT_ALGORITHM: str
+# What ``image_digest`` computes: ``sha256`` and the content digest.
+DIGEST_ALGORITHMS: tuple[str, ...]
 
 # done(True, value) on success, done(False, (code, message, from_peer)) on failure (from_peer:
 # the peer reported it); called from a core thread.
@@ -183,9 +189,11 @@ def image_digest(
     length: int | None = None,
     size: int | None = None,
     allow_local_file: bool = False,
+    algo: str = "sha256",
 ) -> None:
-    """sha256 of the first ``length`` bytes of ``src`` (default: all of it):
-    ``done(True, ("sha256:<hex>", length))``. Holes are hashed without being read.
+    """The ``algo`` digest (one of ``DIGEST_ALGORITHMS``) of the first ``length`` bytes of
+    ``src`` (default: all of it): ``done(True, ("<algo>:<hex>", length))``. Holes are hashed
+    without being read.
     ``allow_local_file`` (also on ``start_send``/``start_recv``): an NBD URI may name local
     files (``tls-psk-file=``); only for endpoints the local user gave, never a message's."""
 

@@ -230,9 +230,12 @@ async def image_digest(
     size: int | None = None,
     allow_local_file: bool = False,
     raw: bool = False,
+    algo: str = "sha256",
 ) -> tuple[str, int]:
-    """The sha256 of an image's contents (``"sha256:<hex>"``) and the bytes hashed: what
-    ``sha256sum`` prints for the raw disk, whatever serves it. Holes are not read.
+    """The digest of an image's contents (``"<algo>:<hex>"``) and the bytes hashed, whatever
+    serves it; holes are not read. ``algo``: ``"sha256"`` (what ``sha256sum`` prints for
+    the raw disk; approvals name images by it) or ``_core.CONTENT_ALGORITHM``
+    (``"blk64k-xxh3-128"``: what a transfer of the image reports as its digest).
     ``allow_local_file``: ``src`` comes from the local user, so an NBD URI may name local
     files (``tls-psk-file=``); leave it False for an endpoint that came in a message.
     ``raw`` as for ``start_send``."""
@@ -242,7 +245,12 @@ async def image_digest(
     try:
         result = await core_call(
             lambda done: _core.image_digest(
-                served.endpoint, done, length=length, size=size, allow_local_file=allow_local_file
+                served.endpoint,
+                done,
+                length=length,
+                size=size,
+                allow_local_file=allow_local_file,
+                algo=algo,
             )
         )[1]
     finally:

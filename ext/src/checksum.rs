@@ -1,9 +1,14 @@
-//! Chunk checksums and the end-of-transfer digest.
+//! Chunk checksums, the frame digest and the content digest.
 //!
 //! A frame's checksum is XXH3-64 of its payload, seeded with XXH3-64 of the header fields it
 //! protects, so a corrupted offset or length fails the check just like corrupted data.
-//! The digest is XXH3-128 over the frame checksums in sequence order: zero frames cost
-//! nothing to digest, and both ends compute it from what they sent or accepted.
+//! The frame digest is XXH3-128 over the frame checksums in sequence order: zero frames cost
+//! nothing to digest, and both ends compute it from what they sent or accepted. It depends
+//! on how the disk was cut into frames, so it is the transfer's internal check only.
+//!
+//! The content digest ([`ContentDigest`], [`CONTENT_ALGORITHM`]) names the bytes alone:
+//! the same image gives the same value whatever its source, chunk size or holes. It is what
+//! a transfer reports and what `nbd-nats digest --algo blk64k-xxh3-128` prints.
 
 // twox-hash picks AVX2 or SSE2 at run time. (xxhash-rust uses only what the build targets,
 // SSE2 for a portable x86-64 wheel, which is slower where AVX2 is there.)
@@ -12,6 +17,14 @@ use twox_hash::{XxHash3_128, XxHash3_64};
 /// Name carried in the handshake so a future algorithm can be negotiated.
 pub const CHECKSUM_ALGORITHM: &str = "xxh3-64";
 pub const DIGEST_ALGORITHM: &str = "xxh3-128";
+
+/// The content digest, defined once (docs/protocol.md, "Content digest", is its prose
+/// twin): cut the image into [`CONTENT_BLOCK`]-byte blocks (the last one may be shorter),
+/// hash each with XXH3-128 (16 bytes, canonical big-endian), then hash with XXH3-128 the
+/// concatenated block hashes followed by the image length as a little-endian u64.
+/// An all-zero block is hashed by a precomputed value, equal to hashing its bytes.
+pub const CONTENT_ALGORITHM: &str = "blk64k-xxh3-128";
+pub const CONTENT_BLOCK: usize = 64 << 10;
 
 pub fn frame_checksum(protected_header: &[u8], payload: &[u8]) -> u64 {
     XxHash3_64::oneshot_with_seed(xxh3_64(protected_header), payload)
@@ -46,15 +59,130 @@ impl Digest {
     }
 }
 
-/// Text form shown to users and in `--json`: `xxh3-128:<32 hex digits>`.
+/// Text form of a frame digest: `xxh3-128:<32 hex digits>`.
 pub fn digest_hex(value: &[u8; 16]) -> String {
-    let mut s = String::with_capacity(DIGEST_ALGORITHM.len() + 33);
-    s.push_str(DIGEST_ALGORITHM);
+    tagged_hex(DIGEST_ALGORITHM, value)
+}
+
+/// Text form of a content digest, shown to users and in `--json`:
+/// `blk64k-xxh3-128:<32 hex digits>`.
+pub fn content_hex(value: &[u8; 16]) -> String {
+    tagged_hex(CONTENT_ALGORITHM, value)
+}
+
+fn tagged_hex(algorithm: &str, value: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(algorithm.len() + 33);
+    s.push_str(algorithm);
     s.push(':');
     for b in value {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+fn block_hash(block: &[u8]) -> [u8; 16] {
+    XxHash3_128::oneshot(block).to_be_bytes()
+}
+
+/// The hash of an all-zero block, computed once.
+fn zero_block_hash() -> [u8; 16] {
+    static ZERO: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| block_hash(&vec![0u8; CONTENT_BLOCK]))
+}
+
+/// The content digest of an image fed in offset order, as pieces of data and runs of
+/// zeros of any length and alignment. Whole zero blocks cost one 16-byte update each and
+/// are never materialised; a block split across pieces is gathered in a buffer.
+#[derive(Clone)]
+pub struct ContentDigest {
+    outer: XxHash3_128,
+    /// The current block's first bytes, when pieces did not end on a block boundary.
+    partial: Vec<u8>,
+    len: u64,
+}
+
+impl Default for ContentDigest {
+    fn default() -> Self {
+        ContentDigest {
+            outer: XxHash3_128::new(),
+            partial: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl ContentDigest {
+    /// Bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Hash the gathered block once it is whole.
+    fn full_block(&mut self) {
+        if self.partial.len() == CONTENT_BLOCK {
+            let h = block_hash(&self.partial);
+            self.outer.write(&h);
+            self.partial.clear();
+        }
+    }
+
+    /// The next bytes of the image.
+    pub fn data(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        if !self.partial.is_empty() {
+            let take = (CONTENT_BLOCK - self.partial.len()).min(data.len());
+            let (head, rest) = data.split_at(take);
+            self.partial.extend_from_slice(head);
+            self.full_block();
+            data = rest;
+        }
+        let mut blocks = data.chunks_exact(CONTENT_BLOCK);
+        for block in &mut blocks {
+            self.outer.write(&block_hash(block));
+        }
+        let rest = blocks.remainder();
+        if !rest.is_empty() {
+            self.partial.reserve_exact(CONTENT_BLOCK);
+            self.partial.extend_from_slice(rest);
+        }
+    }
+
+    /// The next `n` bytes of the image read as zeros.
+    pub fn zeros(&mut self, mut n: u64) {
+        self.len += n;
+        if !self.partial.is_empty() {
+            let take = ((CONTENT_BLOCK - self.partial.len()) as u64).min(n);
+            self.partial.resize(self.partial.len() + take as usize, 0);
+            self.full_block();
+            n -= take;
+        }
+        if n == 0 {
+            return;
+        }
+        let zero = zero_block_hash();
+        for _ in 0..n / CONTENT_BLOCK as u64 {
+            self.outer.write(&zero);
+        }
+        let rest = (n % CONTENT_BLOCK as u64) as usize;
+        if rest > 0 {
+            self.partial.reserve_exact(CONTENT_BLOCK);
+            self.partial.resize(rest, 0);
+        }
+    }
+
+    /// The digest of everything fed so far (feeding may go on).
+    pub fn value(&self) -> [u8; 16] {
+        let mut outer = self.outer.clone();
+        if !self.partial.is_empty() {
+            outer.write(&block_hash(&self.partial));
+        }
+        outer.write(&self.len.to_le_bytes());
+        outer.finish_128().to_be_bytes()
+    }
 }
 
 /// True when every byte is zero. Works a 64-byte block at a time so the compiler vectorises
@@ -110,6 +238,106 @@ mod tests {
         assert_ne!(a.value(), b.value());
         assert!(digest_hex(&a.value()).starts_with("xxh3-128:"));
         assert_eq!(digest_hex(&a.value()).len(), "xxh3-128:".len() + 32);
+    }
+
+    /// The definition, spelled out on a whole buffer (what docs/protocol.md describes).
+    fn content_of(buf: &[u8]) -> [u8; 16] {
+        let mut outer = XxHash3_128::new();
+        for block in buf.chunks(CONTENT_BLOCK) {
+            outer.write(&XxHash3_128::oneshot(block).to_be_bytes());
+        }
+        outer.write(&(buf.len() as u64).to_le_bytes());
+        outer.finish_128().to_be_bytes()
+    }
+
+    fn next(rng: &mut u64) -> u64 {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng
+    }
+
+    /// An image with data, long zero runs and zero bytes inside data, cut at random into
+    /// data pieces and zero runs (misaligned, crossing blocks, a zero run fed as data or as
+    /// a run): every cut gives the digest of the whole buffer.
+    #[test]
+    fn content_digest_ignores_how_the_image_is_cut() {
+        let mut rng = 0x1234_5678_9abc_def1u64;
+        let mut image = vec![0u8; 5 * CONTENT_BLOCK + 12_345];
+        for (i, b) in image.iter_mut().enumerate() {
+            // Data, then a zero stretch of a block and a half, then data again.
+            let in_hole =
+                (CONTENT_BLOCK + 1000..2 * CONTENT_BLOCK + CONTENT_BLOCK / 2 + 1000).contains(&i);
+            if !in_hole && i % 997 != 0 {
+                *b = (i % 251) as u8 + 1;
+            }
+        }
+        image[4 * CONTENT_BLOCK..4 * CONTENT_BLOCK + CONTENT_BLOCK].fill(0);
+        let want = content_of(&image);
+        for round in 0..300 {
+            let mut d = ContentDigest::default();
+            let mut pos = 0usize;
+            while pos < image.len() {
+                let max = match round % 3 {
+                    0 => 700,
+                    1 => CONTENT_BLOCK + 3000,
+                    _ => 3 * CONTENT_BLOCK,
+                };
+                let n = ((next(&mut rng) % max as u64) as usize + 1).min(image.len() - pos);
+                let piece = &image[pos..pos + n];
+                if is_zero(piece) && next(&mut rng) % 2 == 0 {
+                    d.zeros(n as u64);
+                } else {
+                    d.data(piece);
+                }
+                pos += n;
+            }
+            assert_eq!(d.len(), image.len() as u64);
+            assert_eq!(d.value(), want, "round {round}");
+        }
+        // A zero block fed as a run hashes like a zero block fed as bytes.
+        let mut a = ContentDigest::default();
+        a.zeros(3 * CONTENT_BLOCK as u64 + 5);
+        let mut b = ContentDigest::default();
+        b.data(&vec![0u8; 3 * CONTENT_BLOCK + 5]);
+        assert_eq!(a.value(), b.value());
+        assert_eq!(zero_block_hash(), block_hash(&[0u8; CONTENT_BLOCK]));
+    }
+
+    /// The length is part of the digest: trailing zeros change it, an empty image has one.
+    #[test]
+    fn content_digest_counts_the_length() {
+        let mut a = ContentDigest::default();
+        a.data(b"abc");
+        let mut b = a.clone();
+        b.zeros(1);
+        assert_ne!(a.value(), b.value());
+        assert_eq!(a.value(), content_of(b"abc"));
+        assert_eq!(ContentDigest::default().value(), content_of(&[]));
+        assert!(content_hex(&a.value()).starts_with("blk64k-xxh3-128:"));
+    }
+
+    /// The algorithm is fixed (both ends, `nbd-nats digest` and other implementations
+    /// compare its values): these must never change.
+    #[test]
+    fn content_digest_matches_its_definition() {
+        // Values from libxxhash's XXH3_128bits, following docs/protocol.md.
+        let mut d = ContentDigest::default();
+        d.zeros(1 << 20);
+        assert_eq!(
+            u128::from_be_bytes(d.value()),
+            0xc758_65dc_e1bd_2b42_6bf8_1c48_154e_aa99
+        );
+        let mut e = ContentDigest::default();
+        e.data(b"nbdnats");
+        assert_eq!(
+            u128::from_be_bytes(e.value()),
+            0xed59_1554_d7ff_689e_ce09_0d30_be36_3a8b
+        );
+        assert_eq!(
+            u128::from_be_bytes(ContentDigest::default().value()),
+            0x2c0a_8a99_dc14_7d54_45c3_b49d_0356_65b2
+        );
     }
 
     #[test]

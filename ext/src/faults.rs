@@ -8,6 +8,10 @@
 //! NBDNATS_FAULTS="drop_chunk=0.01,corrupt_chunk=0.005,drop_ack=0.05,seed=7"
 //! ```
 //!
+//! `corrupt_content=1` makes a sender put a wrong content digest in its END (the bytes it
+//! read and the bytes the receiver accepted then disagree), which no network fault can do:
+//! every frame is checksummed.
+//!
 //! Unset (always, outside tests) it costs one branch per published message.
 
 use bytes::{Bytes, BytesMut};
@@ -19,6 +23,7 @@ pub struct Faults {
     drop_chunk: f64,
     corrupt_chunk: f64,
     drop_ack: f64,
+    corrupt_content: f64,
     state: u64,
 }
 
@@ -41,6 +46,7 @@ impl Faults {
                 "drop_chunk" => f.drop_chunk = value.parse().ok()?,
                 "corrupt_chunk" => f.corrupt_chunk = value.parse().ok()?,
                 "drop_ack" => f.drop_ack = value.parse().ok()?,
+                "corrupt_content" => f.corrupt_content = value.parse().ok()?,
                 "seed" => {
                     f.state ^= value
                         .parse::<u64>()
@@ -80,6 +86,14 @@ impl Faults {
 
     pub fn drop_ack(&mut self) -> bool {
         self.roll(self.drop_ack)
+    }
+
+    /// The content digest a sender is about to put in END, possibly damaged.
+    pub fn content(&mut self, mut digest: [u8; 16]) -> [u8; 16] {
+        if self.roll(self.corrupt_content) {
+            digest[0] ^= 0x5a;
+        }
+        digest
     }
 }
 

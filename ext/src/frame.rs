@@ -1,4 +1,4 @@
-//! Wire format of the block stream (protocol version 3; `docs/protocol.md` is its prose twin).
+//! Wire format of the block stream (protocol version 4; `docs/protocol.md` is its prose twin).
 //!
 //! Chunk frames go sender → receiver on `data.blk.<id>.c`, ack frames receiver → sender on
 //! `data.blk.<id>.a`. Both start with a fixed little-endian header; the transfer id lives in
@@ -9,7 +9,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::checksum::frame_checksum;
 
-pub const PROTOCOL_VERSION: u8 = 3;
+/// 4: END carries the content digest (`checksum::CONTENT_ALGORITHM`).
+pub const PROTOCOL_VERSION: u8 = 4;
 pub const CHUNK_MAGIC: [u8; 2] = *b"NF";
 pub const ACK_MAGIC: [u8; 2] = *b"NA";
 /// Bytes of the chunk header in front of every payload.
@@ -30,8 +31,9 @@ pub const ACK_HEADER_LEN: usize = 40;
 pub const MAX_NACK_RANGES: usize = 64;
 /// Largest range one ZERO or TRIM frame may cover.
 pub const MAX_ZERO_LEN: u64 = 1 << 30;
-/// Length of an END frame's payload: digest, frame count, data bytes, zero bytes.
-pub const END_PAYLOAD_LEN: usize = 16 + 8 * 3;
+/// Length of an END frame's payload: frame digest, frame count, data bytes, zero bytes,
+/// content digest.
+pub const END_PAYLOAD_LEN: usize = 16 + 8 * 3 + 16;
 /// Longest text an ABORT or ERROR frame may carry.
 pub const MAX_MESSAGE_LEN: usize = 4096;
 
@@ -206,10 +208,14 @@ impl ChunkHeader {
 /// What an END frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndSummary {
+    /// The frame digest (`checksum::Digest`).
     pub digest: [u8; 16],
     pub frames: u64,
     pub data_bytes: u64,
     pub zero_bytes: u64,
+    /// The content digest of the bytes the sender read (`checksum::ContentDigest`); zeros
+    /// from a stream of writes, which has none.
+    pub content: [u8; 16],
 }
 
 impl EndSummary {
@@ -219,6 +225,7 @@ impl EndSummary {
         out[16..24].copy_from_slice(&self.frames.to_le_bytes());
         out[24..32].copy_from_slice(&self.data_bytes.to_le_bytes());
         out[32..40].copy_from_slice(&self.zero_bytes.to_le_bytes());
+        out[40..56].copy_from_slice(&self.content);
         out
     }
 
@@ -228,11 +235,14 @@ impl EndSummary {
         }
         let mut digest = [0u8; 16];
         digest.copy_from_slice(&b[..16]);
+        let mut content = [0u8; 16];
+        content.copy_from_slice(&b[40..56]);
         Ok(EndSummary {
             digest,
             frames: u64_at(b, 16),
             data_bytes: u64_at(b, 24),
             zero_bytes: u64_at(b, 32),
+            content,
         })
     }
 }
@@ -496,6 +506,7 @@ mod tests {
             frames: 5,
             data_bytes: 6,
             zero_bytes: 7,
+            content: [3; 16],
         };
         let (frame, _) = header(Kind::End, 0).encode(&s.encode());
         let (h, p) = ChunkHeader::decode(&frame).unwrap();

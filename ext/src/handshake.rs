@@ -18,6 +18,8 @@ pub struct OpenRequest {
     pub max_payload: u64,
     pub checksum: String,
     pub digest: String,
+    /// The content digest END carries (`checksum::CONTENT_ALGORITHM`).
+    pub content: String,
     pub verify: bool,
     /// The sender restarted mid-transfer and asks a running receiver to continue with it.
     pub resume: bool,

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::checksum::digest_hex;
+use crate::checksum::{content_hex, digest_hex};
 use crate::conn::DataConn;
 use crate::error::{Error, Result};
 use crate::faults::{ChunkFate, Faults};
@@ -280,7 +280,8 @@ pub(crate) async fn open(
                 }
                 if reply.v != PROTOCOL_VERSION {
                     return Err(Error::Protocol(format!(
-                        "receiver speaks protocol version {} (this build speaks {PROTOCOL_VERSION})",
+                        "the receiver speaks protocol version {} but this build speaks {PROTOCOL_VERSION}; \
+                         run the same nbd-nats version at both ends",
                         reply.v
                     )));
                 }
@@ -385,7 +386,8 @@ impl Peer {
     }
 
     /// The END frame, frame `total` at the end of the disk (`size`) with the summary of all
-    /// before it, counted in flight.
+    /// before it, counted in flight. `content`: the content digest, which the transfer
+    /// reports (a stream of writes has none and reports its frame digest).
     pub fn end(
         &mut self,
         session: u32,
@@ -393,12 +395,14 @@ impl Peer {
         size: u64,
         progress: &Progress,
         digest: [u8; 16],
+        content: Option<[u8; 16]>,
     ) -> (Bytes, EndSummary) {
         let summary = EndSummary {
             digest,
             frames: total,
             data_bytes: progress.data_bytes.load(Relaxed),
             zero_bytes: progress.zero_bytes.load(Relaxed),
+            content: content.unwrap_or_default(),
         };
         let header = ChunkHeader {
             kind: Kind::End,
@@ -409,7 +413,10 @@ impl Peer {
             checksum: 0,
         };
         progress.set_state(State::Finishing);
-        progress.set_digest(digest_hex(&summary.digest));
+        progress.set_digest(match content {
+            Some(c) => content_hex(&c),
+            None => digest_hex(&summary.digest),
+        });
         self.window.sent(total, Kind::End, size, 0, 0);
         (header.encode(&summary.encode()).0, summary)
     }

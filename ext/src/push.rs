@@ -8,7 +8,8 @@
 //! window is full. A write's completion fires when its last frame is acknowledged, so the
 //! producer learns of a write only once the destination has it; a barrier (an NBD FLUSH)
 //! fires once everything before it is acknowledged. When the producer ends, END carries
-//! the digest as for a disk.
+//! the frame digest as for a disk, but no content digest: writes may overlap and come in
+//! any order, so the stream has no one image to name; it reports its frame digest.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,7 +21,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::checksum::{is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
+use crate::checksum::{is_zero, Digest, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM, DIGEST_ALGORITHM};
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::frame::{ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_ZERO_LEN, PROTOCOL_VERSION};
@@ -86,6 +87,7 @@ pub async fn push(
         max_payload: conn.max_payload,
         checksum: CHECKSUM_ALGORITHM.into(),
         digest: DIGEST_ALGORITHM.into(),
+        content: CONTENT_ALGORITHM.into(),
         writes: true,
         // A live stream is never resumed: its key only binds the receiver to it.
         key: crate::handshake::SenderKey::new()?.anchor(),
@@ -371,7 +373,7 @@ impl Pusher<'_> {
         let total = self.next_seq;
         let digest = self.digest.value();
         let (frame, summary) =
-            (self.peer).end(self.session, total, self.size, self.progress, digest);
+            (self.peer).end(self.session, total, self.size, self.progress, digest, None);
         self.stored.insert(total, frame.clone());
         self.end = Some((total, summary));
         self.publish(frame).await

@@ -454,17 +454,20 @@ fn start_bridge(
     })
 }
 
-/// The sha256 of a source's first `length` bytes (default: all of it), as
-/// `done(True, ("sha256:<hex>", length))`. Holes are hashed as zeros without reading them.
+/// The digest (`algo`: `sha256` or the content digest's name) of a source's first `length`
+/// bytes (default: all of it), as `done(True, ("<algo>:<hex>", length))`. Holes are hashed
+/// as zeros without reading them.
 #[pyfunction]
-#[pyo3(signature = (src, done, *, length=None, size=None, allow_local_file=false))]
+#[pyo3(signature = (src, done, *, length=None, size=None, allow_local_file=false, algo="sha256"))]
 fn image_digest(
     src: String,
     done: Py<PyAny>,
     length: Option<u64>,
     size: Option<u64>,
     allow_local_file: bool,
+    algo: &str,
 ) {
+    let algo = algo.to_string();
     spawn(done, async move {
         let access = Access {
             allow_local_file,
@@ -472,7 +475,7 @@ fn image_digest(
             stall: timeout(conn::DEFAULT_TIMEOUT_S),
         };
         let source = open_source(&src, size, access).await?;
-        crate::digest::sha256(source, length).await
+        crate::digest::image(source, length, &algo).await
     });
 }
 
@@ -551,6 +554,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_CHUNK", conn::MAX_CHUNK)?;
     m.add("ERROR_CODES", PyTuple::new(m.py(), crate::error::CODES)?)?;
     m.add("STATS_FIELDS", PyTuple::new(m.py(), STATS_FIELDS)?)?;
+    m.add("CONTENT_ALGORITHM", crate::checksum::CONTENT_ALGORITHM)?;
+    m.add(
+        "DIGEST_ALGORITHMS",
+        PyTuple::new(m.py(), crate::digest::ALGORITHMS)?,
+    )?;
     m.add_class::<DataConnection>()?;
     m.add_class::<Transfer>()?;
     m.add_class::<Stats>()?;

@@ -17,7 +17,10 @@ use futures::{FutureExt, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::checksum::{digest_hex, is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
+use crate::checksum::{
+    content_hex, digest_hex, is_zero, ContentDigest, Digest, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM,
+    DIGEST_ALGORITHM,
+};
 use crate::conn::{chunk_room, DataConn, MAX_CHUNK, MIN_CHUNK};
 use crate::error::{Error, Result};
 use crate::faults::Faults;
@@ -106,6 +109,9 @@ struct Receiver<'a> {
     written_bytes: u64,
     unacked_cost: u64,
     digest: Digest,
+    /// The content digest of the frames handed to the target, in offset order (not kept
+    /// for a stream of writes). Rebuilt on resume by re-reading the journaled prefix.
+    content: ContentDigest,
     /// Frames submitted since the last checkpoint, from its `next_seq` on.
     unjournaled: VecDeque<Frame>,
     journal: Option<Journal>,
@@ -325,6 +331,12 @@ impl Receiver<'_> {
             }
             self.next_offset += header.length;
             self.digest.update(header.checksum);
+            if !self.write_stream {
+                match header.kind {
+                    Kind::Data => self.content.data(&payload[HEADER_LEN..]),
+                    _ => self.content.zeros(header.length),
+                }
+            }
             let (len, kind) = (header.length, header.kind);
             let frame = Frame {
                 kind,
@@ -574,7 +586,7 @@ async fn check_target(
     journal: &mut Journal,
     opens: &mut async_nats::Subscriber,
     chunk: u64,
-    hasher: Option<&mut Sha256>,
+    hashers: Hashers<'_>,
     cancel: &CancellationToken,
 ) -> Result<()> {
     let frames = journal.progress.frames.clone();
@@ -597,7 +609,7 @@ async fn check_target(
         sink.clone(),
         &frames[..within],
         chunk,
-        hasher,
+        hashers,
     ));
     let bad = loop {
         tokio::select! {
@@ -702,6 +714,7 @@ struct Opened {
     reply: OpenReply,
     journal: Option<Journal>,
     hasher: Option<Sha256>,
+    content: ContentDigest,
 }
 
 /// The open handshake: check the target against the journal (when resuming), wait for a
@@ -716,9 +729,14 @@ async fn open(
     cancel: &CancellationToken,
 ) -> Result<Opened> {
     let mut hasher = opts.expect_sha256.map(|_| Sha256::new());
+    let mut content = ContentDigest::default();
     if let Some(j) = journal.as_mut() {
         let chunk = j.header.chunk_size;
-        check_target(conn, sink, j, opens, chunk, hasher.as_mut(), cancel).await?;
+        let hashers = Hashers {
+            sha256: hasher.as_mut(),
+            content: Some(&mut content),
+        };
+        check_target(conn, sink, j, opens, chunk, hashers, cancel).await?;
     }
     let session = new_session()?;
     let (request, chunk, window, reply_to, reply) = accept(
@@ -763,6 +781,7 @@ async fn open(
         reply,
         journal,
         hasher,
+        content,
     })
 }
 
@@ -842,6 +861,7 @@ impl<'a> Receiver<'a> {
             written_bytes: start.offset,
             unacked_cost: 0,
             digest: start.digest.clone(),
+            content: opened.content,
             unjournaled: VecDeque::new(),
             journal,
             last_checkpoint: Instant::now(),
@@ -958,6 +978,17 @@ async fn finish(
         ));
         return Err(rx.fail(err).await);
     }
+    // The end-to-end check: the bytes the sender read against the bytes accepted here.
+    let content = (!rx.write_stream).then(|| rx.content.value());
+    if let Some(content) = content.filter(|c| *c != summary.content) {
+        let err = Error::Integrity(format!(
+            "content digest mismatch: the sender read {} but the receiver accepted {}; \
+             the target may not hold the source's image, send it again",
+            content_hex(&summary.content),
+            content_hex(&content)
+        ));
+        return Err(rx.fail(err).await);
+    }
     if let (Some(want), Some(h)) = (opts.expect_sha256, rx.hasher.take()) {
         let got: [u8; 32] = h.finalize().into();
         if got != want {
@@ -986,7 +1017,10 @@ async fn finish(
         }
         progress.verified.store(true, Relaxed);
     }
-    progress.set_digest(digest_hex(&ours));
+    progress.set_digest(match content {
+        Some(c) => content_hex(&c),
+        None => digest_hex(&ours),
+    });
     if let Some(j) = rx.journal.take() {
         j.remove()?;
     }
@@ -1135,14 +1169,18 @@ async fn negotiate(
 ) -> Result<(u64, u64)> {
     if req.v != PROTOCOL_VERSION {
         return Err(Error::Protocol(format!(
-            "sender speaks protocol version {} (this build speaks {PROTOCOL_VERSION})",
+            "the sender speaks protocol version {} but this build speaks {PROTOCOL_VERSION}; \
+             run the same nbd-nats version at both ends",
             req.v
         )));
     }
-    if req.checksum != CHECKSUM_ALGORITHM || req.digest != DIGEST_ALGORITHM {
+    if req.checksum != CHECKSUM_ALGORITHM
+        || req.digest != DIGEST_ALGORITHM
+        || req.content != CONTENT_ALGORITHM
+    {
         return Err(Error::Protocol(format!(
-            "unsupported checksum {}/{}",
-            req.checksum, req.digest
+            "unsupported checksum {}/{}/{}",
+            req.checksum, req.digest, req.content
         )));
     }
     if !(MIN_CHUNK..=MAX_CHUNK).contains(&req.chunk_size) {
@@ -1254,7 +1292,7 @@ fn check_bounds(h: &ChunkHeader, size: u64, chunk: u64) -> Result<()> {
 /// Re-read the whole target and check every frame's checksum (and zeros) against what was
 /// written: frames of earlier runs (from the journal) as well as this one's.
 async fn verify_target(sink: Arc<dyn Sink>, frames: Vec<Frame>, chunk: u64) -> Result<()> {
-    match first_mismatch(sink, &frames, chunk, None).await? {
+    match first_mismatch(sink, &frames, chunk, Hashers::default()).await? {
         None => Ok(()),
         Some((_, offset)) => Err(Error::Integrity(format!(
             "verify: the target differs from what was sent in the frame at offset {offset}"
@@ -1264,13 +1302,14 @@ async fn verify_target(sink: Arc<dyn Sink>, frames: Vec<Frame>, chunk: u64) -> R
 
 /// Re-read `frames` (consecutive from offset 0) from the target; the index and offset of
 /// the first one it no longer holds, if any. Data frames are read whole, zero ranges in
-/// chunk-sized pieces, trims not at all (their contents are undefined). `hasher` is fed
-/// the bytes of every frame that checks out, in order, up to the first that does not.
+/// chunk-sized pieces, trims not at all (their contents are undefined). `hashers` are fed
+/// the bytes of every frame that checks out, in order, up to the first that does not
+/// (a trim as zeros, as `submit` feeds it).
 async fn first_mismatch(
     sink: Arc<dyn Sink>,
     frames: &[Frame],
     chunk: u64,
-    mut hasher: Option<&mut Sha256>,
+    mut hashers: Hashers<'_>,
 ) -> Result<Option<(usize, u64)>> {
     // (frame index, frame offset, piece offset, piece length, last piece of its frame)
     let mut pieces = Vec::new();
@@ -1320,14 +1359,36 @@ async fn first_mismatch(
         if !good {
             return Ok(Some((i, at)));
         }
-        if let (Some(h), true) = (hasher.as_deref_mut(), last) {
-            match f.kind {
-                Kind::Data => h.update(&data),
-                _ => hash_zeros(h, f.length),
-            }
+        if last {
+            hashers.feed(f, &data);
         }
     }
     Ok(None)
+}
+
+/// What a re-read of the target rebuilds: the expected image's sha256, the content digest.
+#[derive(Default)]
+struct Hashers<'a> {
+    sha256: Option<&'a mut Sha256>,
+    content: Option<&'a mut ContentDigest>,
+}
+
+impl Hashers<'_> {
+    /// One frame that checked out: its bytes (`data`, for a data frame) or its zeros.
+    fn feed(&mut self, f: Frame, data: &[u8]) {
+        if let Some(h) = self.sha256.as_deref_mut() {
+            match f.kind {
+                Kind::Data => h.update(data),
+                _ => hash_zeros(h, f.length),
+            }
+        }
+        if let Some(c) = self.content.as_deref_mut() {
+            match f.kind {
+                Kind::Data => c.data(data),
+                _ => c.zeros(f.length),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1541,12 +1602,20 @@ mod verify_tests {
         let target = sink(u64::MAX).await;
         target.data.lock().unwrap()[12000] = 1;
         let mut h = Sha256::new();
-        let bad = first_mismatch(target, &frames(), 4096, Some(&mut h))
+        let mut content = ContentDigest::default();
+        let hashers = Hashers {
+            sha256: Some(&mut h),
+            content: Some(&mut content),
+        };
+        let bad = first_mismatch(target, &frames(), 4096, hashers)
             .await
             .unwrap();
         assert_eq!(bad, Some((1, 8192)));
         let want: [u8; 32] = Sha256::digest(vec![0xabu8; 8192]).into();
         assert_eq!(<[u8; 32]>::from(h.finalize()), want);
+        let mut whole = ContentDigest::default();
+        whole.data(&[0xabu8; 8192]);
+        assert_eq!(content.value(), whole.value());
     }
 }
 
@@ -1572,6 +1641,7 @@ mod fuzz {
             frames: 9,
             data_bytes: 1,
             zero_bytes: 2,
+            content: [4; 16],
         }
         .encode();
         let ack = |kind, body| {

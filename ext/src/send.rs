@@ -16,7 +16,9 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::checksum::{is_zero, Digest, CHECKSUM_ALGORITHM, DIGEST_ALGORITHM};
+use crate::checksum::{
+    is_zero, ContentDigest, Digest, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM, DIGEST_ALGORITHM,
+};
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::extents::{pieces, Extent};
@@ -120,6 +122,7 @@ pub async fn send(
             max_payload: conn.max_payload,
             checksum: CHECKSUM_ALGORITHM.into(),
             digest: DIGEST_ALGORITHM.into(),
+            content: CONTENT_ALGORITHM.into(),
             verify: opts.verify,
             resume: opts.resume,
             writes: false,
@@ -155,6 +158,7 @@ pub async fn send(
             session: 0,
             peer: Peer::new(Window::new(opts.window), opts.timeout),
             digest: Digest::default(),
+            content: ContentDigest::default(),
             digest_next: 0,
             resume_seq: 0,
             resume_offset: 0,
@@ -339,8 +343,10 @@ struct Sender<'a> {
     faults: Option<Faults>,
     session: u32,
     peer: Peer,
-    /// Digest over frames `[0, digest_next)`, each folded exactly once.
+    /// Frame and content digests over frames `[0, digest_next)`, each folded exactly once,
+    /// in sequence order, which is offset order.
     digest: Digest,
+    content: ContentDigest,
     digest_next: u64,
     /// Frames below this are already written at the receiver: not sent again.
     resume_seq: u64,
@@ -506,8 +512,10 @@ impl Sender<'_> {
             self.digest.update(frame.checksum);
             self.digest_next += 1;
             let counter = if frame.kind == Kind::Data {
+                self.content.data(&frame.bytes[HEADER_LEN..]);
                 &self.progress.data_bytes
             } else {
+                self.content.zeros(frame.len);
                 &self.progress.zero_bytes
             };
             Progress::add(counter, frame.len);
@@ -617,8 +625,18 @@ impl Sender<'_> {
     async fn send_end(&mut self) -> Result<()> {
         let total = self.planner.seq;
         let digest = self.digest.value();
-        let (frame, summary) =
-            (self.peer).end(self.session, total, self.size, self.progress, digest);
+        let mut content = self.content.value();
+        if let Some(f) = self.faults.as_mut() {
+            content = f.content(content);
+        }
+        let (frame, summary) = (self.peer).end(
+            self.session,
+            total,
+            self.size,
+            self.progress,
+            digest,
+            Some(content),
+        );
         self.next_unsent = total + 1;
         self.end = Some((total, frame.clone(), summary));
         self.publish(frame).await

@@ -69,7 +69,7 @@ def test_copy_returns_stats_and_publishes_events(tmp_path: Path) -> None:
     assert sha256_file(dst) == want
     assert isinstance(stats, nbdnats.TransferStats)
     assert (stats.transfer_id, stats.state, stats.size) == ("api1", "done", 16 * MiB)
-    assert stats.verified and stats.digest and stats.digest.startswith("xxh3-128:")
+    assert stats.verified and stats.digest and stats.digest.startswith("blk64k-xxh3-128:")
     assert seen and seen[-1].done_bytes == 16 * MiB
     done = [e for e in data_events if e.state == "done"]
     assert {e.role for e in done} == {"send", "recv"}

@@ -38,7 +38,7 @@ def test_copy_nbd_to_nbd(tmp_path: Path, qemu_nbd, nats_url: str) -> None:
     assert sha256_file(dst) == want
     assert report["size"] == 48 * MiB
     assert report["data_bytes"] + report["zero_bytes"] == 48 * MiB  # type: ignore[operator]
-    assert str(report["digest"]).startswith("xxh3-128:")
+    assert str(report["digest"]).startswith("blk64k-xxh3-128:")
 
 
 def test_copy_nbd_to_file(tmp_path: Path, qemu_nbd) -> None:
