@@ -13,9 +13,13 @@ from collections.abc import Awaitable
 from typing import Any
 
 from nbdnats import _core
-from nbdnats.cli.options import add_login_options, add_size_option, add_timeout_option
+from nbdnats.cli.options import (
+    add_login_options,
+    add_size_option,
+    add_timeout_option,
+    login_from,
+)
 from nbdnats.cli.output import ProgressBar, print_result
-from nbdnats.planes import Login
 from nbdnats.schemas import Report, from_stats
 from nbdnats.transfer import CopyStats, copy_ends
 from nbdnats.units import MAX_TIMEOUT, human
@@ -27,8 +31,9 @@ or extended to the source size), or '-' for stdin/stdout as a raw image in offse
 order ('pipe:PATH' likewise for a FIFO). DST may also be 'null:' (discard) or
 'unix:PATH' (a listening unix socket, connected on the first byte).
 
-environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists; a
-server may carry user:password@ or token@), NBDNATS_CREDS, NBDNATS_NKEY
+environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL, NATS_URL (comma-separated server
+lists; a server may carry user:password@ or token@), NBDNATS_CREDS, NBDNATS_NKEY,
+NATS_CREDS, NATS_NKEY, NATS_CERT, NATS_KEY, NATS_CA; an option wins over its variable
 """
 
 
@@ -88,8 +93,8 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
     g.add_argument(
         "--data-url",
         metavar="URL",
-        help="data-plane servers (default: "
-        "$NBDNATS_DATA_URL or nats://127.0.0.1:4222; copy: an embedded server)",
+        help="data-plane servers (default: $NBDNATS_DATA_URL, $NATS_URL, else "
+        "nats://127.0.0.1:4222; copy: an embedded server)",
     )
     g.add_argument(
         "--ctl-url",
@@ -172,7 +177,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
         level=logging.WARNING, format="nbd-nats: warning: %(message)s", stream=sys.stderr
     )
     to_stdout = getattr(args, "dst", None) == "-"
-    login = Login.resolve(args.creds, args.nkey)
+    login = login_from(args)
     bar = ProgressBar(enabled=False if (args.quiet or args.json) else None)
     common: dict[str, Any] = {
         "data_url": args.data_url,
