@@ -122,12 +122,21 @@ class Transfer:
     def transfer_id(self) -> str: ...
 
 def connect(
-    servers: str, name: str, done: _Done, *, creds: str | None = None, nkey: str | None = None
+    servers: str,
+    name: str,
+    done: _Done,
+    *,
+    creds: str | None = None,
+    nkey: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
 ) -> None:
     """Connect to the data plane, logged in with the credentials of the first server URL
     that carries any (``user:password@``, ``token@``), or with ``creds`` (a ``.creds``
-    file) or ``nkey`` (a file holding an NKey seed); ``servers`` of the connection shows
-    the list with passwords and tokens masked."""
+    file) or ``nkey`` (a file holding an NKey seed); ``tls_cert`` and ``tls_key`` present
+    a client certificate and ``tls_ca`` verifies servers instead of the system's CAs.
+    ``servers`` of the connection shows the list with passwords and tokens masked."""
 
 def start_send(
     conn: DataConnection,

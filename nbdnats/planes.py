@@ -2,15 +2,18 @@
 
 ``data`` belongs to the core (async-nats): chunks, acks, transfer setup and events.
 ``ctl`` belongs to Python (nats-py): commands, queries and ctl events. Both default to the
-same server; ``--data-url``/``--ctl-url`` (env ``NBDNATS_DATA_URL``/``NBDNATS_CTL_URL``)
-split them, each a comma-separated server list as the nats tools take it.
+same server; ``--data-url``/``--ctl-url`` (env ``NBDNATS_DATA_URL``/``NBDNATS_CTL_URL``,
+then the nats tools' ``NATS_URL``) split them, each a comma-separated server list as the
+nats tools take it.
 
 Logins: a server URL may carry ``user:password@`` or ``token@`` (percent-encoded); the
 first server of a list that carries credentials gives them to every server of that list.
 ``--creds FILE`` (a ``.creds`` file: JWT and seed) or ``--nkey FILE`` (an NKey seed), env
-``NBDNATS_CREDS``/``NBDNATS_NKEY``, log in on both planes instead. The files are read by
-this process only. No password or token reaches a message: every URL shown goes through
-``redact_url``.
+``NBDNATS_CREDS``/``NBDNATS_NKEY`` then ``NATS_CREDS``/``NATS_NKEY``, log in on both
+planes instead. TLS: ``--tlscert``/``--tlskey`` (env ``NATS_CERT``/``NATS_KEY``) present a
+client certificate, ``--tlsca`` (``NATS_CA``) verifies servers instead of the system's CAs.
+The files are read by this process only. No password or token reaches a message: every
+URL shown goes through ``redact_url``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -42,8 +46,21 @@ CLOSE_TIMEOUT = 5.0
 
 log = logging.getLogger(__name__)
 
+# The environment, read here only: ours first, then the nats tools' own names.
+DATA_URL_ENV = "NBDNATS_DATA_URL"
+CTL_URL_ENV = "NBDNATS_CTL_URL"
+NATS_URL_ENV = "NATS_URL"
 CREDS_ENV = "NBDNATS_CREDS"
 NKEY_ENV = "NBDNATS_NKEY"
+# Each a (creds, nkey) pair: the first pair with either set is the login.
+LOGIN_ENVS = ((CREDS_ENV, NKEY_ENV), ("NATS_CREDS", "NATS_NKEY"))
+TLS_CERT_ENV = "NATS_CERT"
+TLS_KEY_ENV = "NATS_KEY"
+TLS_CA_ENV = "NATS_CA"
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
 
 
 def _split_userinfo(server: str) -> tuple[str, str | None, str]:
@@ -81,23 +98,85 @@ def redact_url(url: str) -> str:
 @dataclass(frozen=True)
 class Login:
     """How a node logs in besides credentials in its URLs: a ``.creds`` file or an NKey
-    seed file (paths, read by this process when it connects; never sent anywhere)."""
+    seed file; and its TLS files: a client certificate and its key, and the CA that
+    verifies servers (paths, read by this process when it connects; never sent anywhere)."""
 
     creds: str | None = None
     nkey: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     @classmethod
-    def resolve(cls, creds: str | None = None, nkey: str | None = None) -> Login:
-        """The files given, else those of ``$NBDNATS_CREDS``/``$NBDNATS_NKEY``."""
+    def resolve(
+        cls,
+        creds: str | None = None,
+        nkey: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+    ) -> Login:
+        """The files given, else those of the environment: ``--creds``/``--nkey`` (as a
+        pair) from ``$NBDNATS_CREDS``/``$NBDNATS_NKEY``, else ``$NATS_CREDS``/
+        ``$NATS_NKEY``; ``--tlscert``, ``--tlskey``, ``--tlsca`` each from ``$NATS_CERT``,
+        ``$NATS_KEY``, ``$NATS_CA``. Every file is checked readable, and the TLS ones
+        loadable, here: before anything connects."""
+        where = {"--creds": "--creds", "--nkey": "--nkey"}
         if creds is None and nkey is None:
-            creds = os.environ.get(CREDS_ENV) or None
-            nkey = os.environ.get(NKEY_ENV) or None
+            for creds_env, nkey_env in LOGIN_ENVS:
+                creds, nkey = _env(creds_env), _env(nkey_env)
+                if creds or nkey:
+                    where = {"--creds": f"${creds_env}", "--nkey": f"${nkey_env}"}
+                    break
         if creds and nkey:
-            raise UsageError("give --creds or --nkey, not both")
-        for option, path in (("--creds", creds), ("--nkey", nkey)):
+            raise UsageError(f"give {where['--creds']} or {where['--nkey']}, not both")
+        files = [(where["--creds"], creds), (where["--nkey"], nkey)]
+        tls = []
+        for flag, value, env in (
+            ("--tlscert", tls_cert, TLS_CERT_ENV),
+            ("--tlskey", tls_key, TLS_KEY_ENV),
+            ("--tlsca", tls_ca, TLS_CA_ENV),
+        ):
+            if value is None and _env(env):
+                value, flag = _env(env), f"${env}"
+            tls.append(value)
+            files.append((flag, value))
+        for option, path in files:
             if path is not None and not os.access(path, os.R_OK):
                 raise UsageError(f"cannot read {option} {path}: no such readable file")
-        return cls(creds, nkey)
+        login = cls(creds, nkey, *tls)
+        login.ssl_context()
+        return login
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The ctl plane's TLS context when a TLS file is given (else nats-py's default):
+        the CA of ``--tlsca`` (else the system's), the client certificate of ``--tlscert``
+        and ``--tlskey``."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise UsageError(
+                "give --tlscert and --tlskey together (a client certificate and its key; "
+                f"env ${TLS_CERT_ENV} and ${TLS_KEY_ENV})"
+            )
+        if self.tls_cert is None and self.tls_ca is None:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError(f"cannot use --tlsca {self.tls_ca}: {_ssl_reason(e)}") from None
+        if self.tls_cert is not None:
+            try:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            except (OSError, ssl.SSLError) as e:
+                raise UsageError(
+                    f"cannot use --tlscert {self.tls_cert} with --tlskey {self.tls_key}: "
+                    f"{_ssl_reason(e)}"
+                ) from None
+        return context
+
+
+def _ssl_reason(e: OSError | ssl.SSLError) -> str:
+    """Why OpenSSL refused a file, in a few words (its reason, else the error's text)."""
+    return str(getattr(e, "reason", None) or e.strerror or e).lower().replace("_", " ")
 
 
 def _seed(path: str) -> str:
@@ -115,17 +194,19 @@ def _seed(path: str) -> str:
 
 
 def resolve_urls(data_url: str | None, ctl_url: str | None) -> tuple[str, str]:
-    data = data_url or os.environ.get("NBDNATS_DATA_URL") or DEFAULT_URL
-    ctl = ctl_url or os.environ.get("NBDNATS_CTL_URL") or data
+    """The data and ctl servers: each option, else ``$NBDNATS_DATA_URL``/
+    ``$NBDNATS_CTL_URL``; the data plane then ``$NATS_URL``, then ``DEFAULT_URL``; the ctl
+    plane then the data plane's."""
+    data = data_url or _env(DATA_URL_ENV) or _env(NATS_URL_ENV) or DEFAULT_URL
+    ctl = ctl_url or _env(CTL_URL_ENV) or data
     return data, ctl
 
 
 def urls_given(data_url: str | None, ctl_url: str | None) -> bool:
+    """Whether a server is named, by an option or the environment (else ``copy`` and
+    ``migrate`` start an embedded one)."""
     return bool(
-        data_url
-        or ctl_url
-        or os.environ.get("NBDNATS_DATA_URL")
-        or os.environ.get("NBDNATS_CTL_URL")
+        data_url or ctl_url or _env(DATA_URL_ENV) or _env(CTL_URL_ENV) or _env(NATS_URL_ENV)
     )
 
 
@@ -138,7 +219,16 @@ def default_node() -> str:
 async def connect_data(url: str, name: str, login: Login | None = None) -> _core.DataConnection:
     login = login or Login()
     handle_fut = core_call(
-        lambda done: _core.connect(url, name, done, creds=login.creds, nkey=login.nkey)
+        lambda done: _core.connect(
+            url,
+            name,
+            done,
+            creds=login.creds,
+            nkey=login.nkey,
+            tls_cert=login.tls_cert,
+            tls_key=login.tls_key,
+            tls_ca=login.tls_ca,
+        )
     )[1]
     try:
         # The core bounds each attempt; this bounds them all, whatever the server list.
@@ -155,7 +245,7 @@ async def connect_data(url: str, name: str, login: Login | None = None) -> _core
 def _ctl_auth(url: str, login: Login) -> tuple[list[str], dict[str, Any]]:
     """The servers of ``url`` without credentials, and nats.connect's login options: the
     first credentials in the list (percent-decoded, for every server, discovered ones
-    too), or the login's files."""
+    too), or the login's files; and its TLS context, if it has TLS files."""
     servers: list[str] = []
     auth: dict[str, Any] = {}
     for server in (s.strip() for s in url.split(",")):
@@ -179,7 +269,23 @@ def _ctl_auth(url: str, login: Login) -> tuple[list[str], dict[str, Any]]:
         auth = {"user_credentials": login.creds}
     elif login.nkey:
         auth = {"nkeys_seed_str": _seed(login.nkey)}
+    context = login.ssl_context()
+    if context is not None:
+        auth["tls"] = context
     return servers, auth
+
+
+def _connect_hint(error: str) -> str:
+    """What to check after a failed connect, by what nats-py said (the core says the same
+    for the data plane)."""
+    if "CERTIFICATE_REQUIRED" in error:
+        return "the server asks for a client certificate: give --tlscert and --tlskey"
+    if "CERTIFICATE_VERIFY_FAILED" in error:
+        return (
+            "the server's certificate is not signed by a CA this host trusts: give its CA "
+            "with --tlsca"
+        )
+    return "check --ctl-url, the credentials and that nats-server is running"
 
 
 async def connect_ctl(url: str, name: str, login: Login | None = None) -> CtlClient:
@@ -208,15 +314,16 @@ async def connect_ctl(url: str, name: str, login: Login | None = None) -> CtlCli
     except (OSError, TimeoutError, ValueError, nats.errors.Error) as e:
         # "no servers available" hides why: a refusal (a bad login) says it. The server
         # sends its -ERR and closes; the client may see only the reset that follows, so
-        # an authorization error seen on any attempt is the one to name.
+        # an authorization error seen on any attempt is the one to name. A timeout hides
+        # it too: a failed TLS handshake (an unknown CA) is retried until then.
         cause: BaseException = e
-        if isinstance(e, nats.errors.NoServersError) and failures:
+        if isinstance(e, nats.errors.NoServersError | TimeoutError) and failures:
             refused = [f for f in failures if "authoriz" in str(f).lower()]
             cause = (refused or failures)[-1]
         detail = redact_url(str(cause) or type(cause).__name__)
         raise NatsError(
             f"cannot connect to the ctl NATS server at {redact_url(url)}: {detail}; "
-            "check --ctl-url, the credentials and that nats-server is running"
+            f"{_connect_hint(detail)}"
         ) from None
     # The first connect fails fast (one round of attempts); once connected, ride out any
     # server loss: nats-py reads these options at each reconnect.
@@ -242,7 +349,7 @@ class Planes:
         login: Login | None = None,
     ) -> Planes:
         """Both planes, each logged in with the credentials in its URL or with ``login``
-        (default: ``$NBDNATS_CREDS``/``$NBDNATS_NKEY``)."""
+        (default: ``Login.resolve()``, the environment's)."""
         data, ctl = resolve_urls(data_url, ctl_url)
         node = check_token(node or default_node(), "node name")
         login = login or Login.resolve()

@@ -23,9 +23,18 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# The nats tools' variables, which nbd-nats honours too (after its own): a developer's
+# would point the tests' processes at their server or login.
+NATS_TOOLS_ENV = ("NATS_URL", "NATS_CREDS", "NATS_NKEY", "NATS_CERT", "NATS_KEY", "NATS_CA")
+
+
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     keep = {"NBDNATS_STATE_DIR"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NBDNATS_") or k in keep}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (not k.startswith("NBDNATS_") or k in keep) and k not in NATS_TOOLS_ENV
+    }
     env.update(extra or {})
     return env
 

@@ -17,7 +17,7 @@ from urllib.request import urlopen
 import pytest
 
 from nbdnats.embedded import EmbeddedServer, free_port, nats_server_binary
-from tests.cli import NBD_NATS, cli_env, started
+from tests.cli import NATS_TOOLS_ENV, NBD_NATS, cli_env, started
 from tests.ctl import AgentProc
 from tests.images import MiB
 from tests.nats_server import NatsServer, port_open
@@ -126,6 +126,13 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "state"
     monkeypatch.setenv("NBDNATS_STATE_DIR", str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_nats_tools_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nats tools' variables (NATS_URL...) of whoever runs the tests stay out of them."""
+    for name in NATS_TOOLS_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(autouse=True)

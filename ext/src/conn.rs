@@ -48,12 +48,17 @@ pub struct DataConn {
 }
 
 /// How the data connection logs in besides credentials in its URLs: a `.creds` file
-/// (JWT and seed) or a file holding an NKey seed, as the nats tools take them. The files
-/// are read by this process only.
+/// (JWT and seed) or a file holding an NKey seed, as the nats tools take them; and its TLS
+/// files: a client certificate and its key (for servers that verify clients), and the CA
+/// that server certificates are verified with (instead of the system's). The files are
+/// read by this process only.
 #[derive(Debug, Default, Clone)]
 pub struct Login {
     pub creds: Option<PathBuf>,
     pub nkey: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Credentials carried by a server URL (`user:password@` or `token@`), percent-decoded.
@@ -191,6 +196,7 @@ pub async fn connect(servers: &str, name: &str, login: &Login) -> Result<DataCon
         (None, None, Some(UrlAuth::Token(token))) => options = options.token(token),
         (None, None, None) => {}
     }
+    options = tls_options(options, login)?;
     // async-nats queues count messages, not bytes. The window bounds how many frames can
     // be outstanding, so these capacities never fill, and their memory is that window.
     let queue = max_frames_in_window(MAX_WINDOW) + 256;
@@ -207,9 +213,10 @@ pub async fn connect(servers: &str, name: &str, login: &Login) -> Result<DataCon
         .connect(addrs)
         .await
         .map_err(|e| {
+            let e = e.to_string();
             Error::Nats(format!(
-                "cannot connect to NATS at {shown}: {e}; check --data-url, the credentials \
-                 and that nats-server is running"
+                "cannot connect to NATS at {shown}: {e}; {}",
+                connect_hint(&e)
             ))
         })?;
     let max_payload = client.server_info().max_payload as u64;
@@ -256,6 +263,38 @@ impl DataConn {
             Ok(Ok(()))
         )
     }
+}
+
+/// What to check after a failed connect, by what the client said (nbdnats.planes says the
+/// same for the ctl plane).
+fn connect_hint(error: &str) -> &'static str {
+    if error.contains("CertificateRequired") {
+        "the server asks for a client certificate: give --tlscert and --tlskey"
+    } else if error.contains("UnknownIssuer") {
+        "the server's certificate is not signed by a CA this host trusts: give its CA with --tlsca"
+    } else {
+        "check --data-url, the credentials and that nats-server is running"
+    }
+}
+
+/// The login's TLS files on `options`. TLS itself is used when the server requires it or
+/// a URL is `tls://`, as without them.
+fn tls_options(mut options: ConnectOptions, login: &Login) -> Result<ConnectOptions> {
+    match (&login.tls_cert, &login.tls_key) {
+        (Some(cert), Some(key)) => {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Usage(
+                "give --tlscert and --tlskey together (a client certificate and its key)".into(),
+            ))
+        }
+    }
+    if let Some(ca) = &login.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    Ok(options)
 }
 
 /// The NKey seed in `path`: its first line that is a user seed (`SU...`), as the nats
@@ -397,6 +436,24 @@ mod tests {
             .to_string();
         assert!(!err.contains("s3cret"), "{err}");
         assert!(err.contains("alice:***@host"), "{err}");
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let login = Login {
+            tls_cert: Some("client.pem".into()),
+            ..Login::default()
+        };
+        let err = tls_options(ConnectOptions::new(), &login)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--tlscert and --tlskey together"), "{err}");
+        let both = Login {
+            tls_key: Some("client.key".into()),
+            ..login
+        };
+        assert!(tls_options(ConnectOptions::new(), &both).is_ok());
     }
 
     #[test]

@@ -253,18 +253,29 @@ impl Stats {
 
 /// Connect to the data plane; `done(True, DataConnection)` or `done(False, failure)`.
 /// Credentials come from the URLs (`user:password@`, `token@`), or `creds` (a `.creds`
-/// file) or `nkey` (a file holding an NKey seed).
+/// file) or `nkey` (a file holding an NKey seed); `tls_cert` and `tls_key` present a
+/// client certificate, `tls_ca` verifies servers instead of the system's CAs.
 #[pyfunction]
-#[pyo3(signature = (servers, name, done, *, creds=None, nkey=None))]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (servers, name, done, *, creds=None, nkey=None, tls_cert=None, tls_key=None, tls_ca=None))]
 fn connect(
     servers: String,
     name: String,
     done: Py<PyAny>,
     creds: Option<PathBuf>,
     nkey: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
 ) {
     spawn(done, async move {
-        let login = conn::Login { creds, nkey };
+        let login = conn::Login {
+            creds,
+            nkey,
+            tls_cert,
+            tls_key,
+            tls_ca,
+        };
         let conn = conn::connect(&servers, &name, &login).await?;
         Ok(DataConnection {
             conn: Arc::new(conn),

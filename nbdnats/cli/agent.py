@@ -21,6 +21,7 @@ config file (TOML; command-line options win, --allow and --export add to it):
   node = "rack1-07"
   ctl_url = "nats://ctl1:4222"
   data_url = "nats://data1:4222"
+  creds = "/etc/nbdnats/node.creds"   # or nkey = FILE; tls_cert, tls_key, tls_ca = FILE
   role = "host"                       # or "installer"
   allow = ["/var/lib/images", "/dev/disk/by-id", "/run/vm"]
   trusted_keys = "/etc/nbdnats/trusted"
@@ -141,6 +142,9 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             data_url=args.data_url or conf.get("data_url"),
             creds=args.creds or conf.get("creds"),
             nkey=args.nkey or conf.get("nkey"),
+            tls_cert=args.tlscert or conf.get("tls_cert"),
+            tls_key=args.tlskey or conf.get("tls_key"),
+            tls_ca=args.tlsca or conf.get("tls_ca"),
             role=args.role or conf.get("role", "host"),
             allow=[*conf.get("allow", []), *args.allow],
             exports=exports,

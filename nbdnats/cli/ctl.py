@@ -17,11 +17,13 @@ from typing import Any
 from nbdnats import _core, subjects
 from nbdnats.approval import load_approval
 from nbdnats.cli.options import (
+    add_actions,
     add_command,
     add_login_options,
     add_progress_option,
     add_size_option,
     add_timeout_option,
+    login_from,
 )
 from nbdnats.cli.output import (
     EndsProgress,
@@ -35,7 +37,6 @@ from nbdnats.cli.output import (
 from nbdnats.ctl.controller import Controller, OperationResult, parse_endpoint
 from nbdnats.ctl.events import Event
 from nbdnats.errors import UsageError
-from nbdnats.planes import Login
 from nbdnats.schemas import (
     Backup,
     MigrationEvent,
@@ -68,10 +69,7 @@ def add_parser(sub: Any) -> None:
         description="The controller: commands to agents over the ctl plane.",
         epilog=EPILOG,
     )
-    p.add_argument("--ctl-url", metavar="URL", help="ctl-plane servers ($NBDNATS_CTL_URL)")
-    add_login_options(p)
-    p.add_argument("--json", action="store_true", help="print results as JSON")
-    actions = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
+    actions = add_actions(p, "ctl_command", _add_globals)
 
     n = actions.add_parser(
         "nodes", help="the nodes whose agents announced themselves (lost: silent too long)"
@@ -188,6 +186,18 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--count", type=count_arg, metavar="N", help="stop after N events")
 
 
+def _add_globals(g: Any) -> None:
+    """The options of every ctl action, taken before the action or after it."""
+    g.add_argument(
+        "--ctl-url",
+        metavar="URL",
+        help="ctl-plane servers (default: $NBDNATS_CTL_URL, $NBDNATS_DATA_URL, $NATS_URL, "
+        "else nats://127.0.0.1:4222)",
+    )
+    add_login_options(g)
+    g.add_argument("--json", action="store_true", help="print results as JSON")
+
+
 # The backup tool, exactly one of them: (metavar, help) for backup and for restore.
 _TOOL_OPTIONS = {
     "backup": {
@@ -276,9 +286,7 @@ VERBS = {"copy": "copied", "backup": "backed up", "restore": "restored", "provis
 
 async def run(args: argparse.Namespace) -> None:
     out = sys.stdout.write
-    async with await Controller.connect(
-        args.ctl_url, login=Login.resolve(args.creds, args.nkey)
-    ) as c:
+    async with await Controller.connect(args.ctl_url, login=login_from(args)) as c:
         cmd = args.ctl_command
         if cmd == "nodes":
             nodes = await c.nodes(include_stopped=args.all)

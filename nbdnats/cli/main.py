@@ -74,7 +74,7 @@ def build_parser(*, full: bool = True) -> argparse.ArgumentParser:
         epilog=transfer.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"nbd-nats {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"nbd-nats {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     transfer.add_parsers(sub)
     if full:

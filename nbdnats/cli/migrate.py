@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from nbdnats import _core, subjects
-from nbdnats.cli.options import add_command, add_timeout_option
+from nbdnats.cli.options import add_command, add_login_options, add_timeout_option, login_from
 from nbdnats.cli.output import print_result
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import NbdNatsError, UsageError
@@ -45,8 +45,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--data-url",
         metavar="URL",
-        help="data-plane servers for the streams (default: $NBDNATS_DATA_URL, else an "
-        "embedded nats-server)",
+        help="data-plane servers for the streams (default: $NBDNATS_DATA_URL, $NATS_URL, "
+        "else an embedded nats-server)",
     )
     p.add_argument(
         "--ctl-url",
@@ -55,6 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the data URL)",
     )
     p.add_argument("--node", help="this node's name in ctl.evt.NODE.migration (default: hostname)")
+    add_login_options(p)
     add_timeout_option(
         p,
         "fail when a step makes no progress for this long; 0 waits forever "
@@ -95,7 +96,7 @@ async def _data_path(args: argparse.Namespace, migration_id: str) -> AsyncIterat
         if not urls_given(url, None):
             url = await stack.enter_async_context(EmbeddedServer())
         ctl = args.ctl_url or (None if args.data_url else url)
-        planes = await Planes.connect(url, ctl, args.node)
+        planes = await Planes.connect(url, ctl, args.node, login_from(args))
         stack.push_async_callback(planes.close)
         timeout = args.timeout or _core.DEFAULT_TIMEOUT
         yield NatsPath(planes, migration_id, timeout=timeout)

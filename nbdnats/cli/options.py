@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+from collections.abc import Callable
 from typing import Any
 
 from nbdnats import _core
+from nbdnats.planes import Login
 from nbdnats.units import size_arg, timeout_arg
+
+GLOBAL_OPTIONS = "global options (before or after ACTION)"
 
 
 def add_command(
@@ -27,19 +31,64 @@ def add_command(
     return p
 
 
+class _Actions(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands that each take their group's global options too (``shared``)."""
+
+    def __init__(self, *args: Any, shared: argparse.ArgumentParser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shared = shared
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs["parents"] = [*kwargs.get("parents", []), self.shared]
+        parser: argparse.ArgumentParser = super().add_parser(name, **kwargs)
+        return parser
+
+
+def add_actions(p: argparse.ArgumentParser, dest: str, add_globals: Callable[[Any], None]) -> Any:
+    """The ACTION subcommands of group ``p``, with the group's global options (those
+    ``add_globals`` adds) taken before ACTION and after it, as the nats CLI takes its
+    own: ``ctl nodes --json`` is ``ctl --json nodes``. After ACTION they default to
+    nothing (``SUPPRESS``), so a value given before is kept; given both before and
+    after, the later one wins."""
+    add_globals(p.add_argument_group(GLOBAL_OPTIONS))
+    shared = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    add_globals(shared.add_argument_group(GLOBAL_OPTIONS))
+    # add_subparsers hands what it does not know (shared) to the action class.
+    extra: dict[str, Any] = {"shared": shared}
+    return p.add_subparsers(action=_Actions, dest=dest, metavar="ACTION", required=True, **extra)
+
+
 def add_login_options(g: Any) -> None:
-    """--creds and --nkey: how a command logs in on both planes (besides credentials in
-    its URLs); the agent and ctl parsers take them too."""
+    """How a command logs in on both planes (besides credentials in its URLs) and its TLS
+    files, named and read from the environment as the nats tools do (``Login.resolve``)."""
     g.add_argument(
         "--creds",
         metavar="FILE",
-        help="log in to NATS with this .creds file (user JWT and seed; default: $NBDNATS_CREDS)",
+        help="log in to NATS with this .creds file (user JWT and seed; default: "
+        "$NBDNATS_CREDS, else $NATS_CREDS)",
     )
     g.add_argument(
         "--nkey",
         metavar="FILE",
-        help="log in to NATS with the user NKey seed in FILE (default: $NBDNATS_NKEY)",
+        help="log in to NATS with the user NKey seed in FILE (default: $NBDNATS_NKEY, "
+        "else $NATS_NKEY)",
     )
+    g.add_argument(
+        "--tlscert",
+        metavar="FILE",
+        help="TLS client certificate, for servers that verify clients (default: $NATS_CERT)",
+    )
+    g.add_argument("--tlskey", metavar="FILE", help="the key of --tlscert (default: $NATS_KEY)")
+    g.add_argument(
+        "--tlsca",
+        metavar="FILE",
+        help="verify servers with this CA instead of the system's (default: $NATS_CA)",
+    )
+
+
+def login_from(args: argparse.Namespace) -> Login:
+    """The login options of ``add_login_options``, checked, with the environment's."""
+    return Login.resolve(args.creds, args.nkey, args.tlscert, args.tlskey, args.tlsca)
 
 
 def add_size_option(g: Any, flag: str, help: str, **kwargs: Any) -> None:

@@ -18,9 +18,10 @@ from nbdnats.cli.options import (
     add_progress_option,
     add_size_option,
     add_timeout_option,
+    login_from,
 )
 from nbdnats.cli.output import PercentLines, ProgressBar, fan_out, print_result
-from nbdnats.planes import Login, resolve_urls, urls_given
+from nbdnats.planes import resolve_urls, urls_given
 from nbdnats.schemas import Report, from_stats
 from nbdnats.transfer import CopyStats, copy_ends
 from nbdnats.units import MAX_TIMEOUT, human, rate
@@ -34,8 +35,9 @@ order ('pipe:PATH' likewise for a FIFO). DST may also be 'null:' (discard) or
 header says qcow2, vmdk, vhdx, vdi, qed or vhd is read or written through a private
 qemu-nbd of that format (the disk it holds, not the file's bytes) unless --raw.
 
-environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL (comma-separated server lists; a
-server may carry user:password@ or token@), NBDNATS_CREDS, NBDNATS_NKEY
+environment: NBDNATS_DATA_URL, NBDNATS_CTL_URL, NATS_URL (comma-separated server
+lists; a server may carry user:password@ or token@), NBDNATS_CREDS, NBDNATS_NKEY,
+NATS_CREDS, NATS_NKEY, NATS_CERT, NATS_KEY, NATS_CA; an option wins over its variable
 """
 
 
@@ -95,8 +97,8 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
     g.add_argument(
         "--data-url",
         metavar="URL",
-        help="data-plane servers (default: "
-        "$NBDNATS_DATA_URL or nats://127.0.0.1:4222; copy: an embedded server)",
+        help="data-plane servers (default: $NBDNATS_DATA_URL, $NATS_URL, else "
+        "nats://127.0.0.1:4222; copy: an embedded server)",
     )
     g.add_argument(
         "--ctl-url",
@@ -189,7 +191,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
         level=logging.WARNING, format="nbd-nats: warning: %(message)s", stream=sys.stderr
     )
     to_stdout = getattr(args, "dst", None) == "-"
-    login = Login.resolve(args.creds, args.nkey)
+    login = login_from(args)
     if args.command == "copy" and not args.transfer_id:
         # Chosen here so that a failure's --json line can name it too.
         args.transfer_id = subjects.new_id()

@@ -146,7 +146,8 @@ class Agent:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        login = Login.resolve(self.config.creds, self.config.nkey)
+        c = self.config
+        login = Login.resolve(c.creds, c.nkey, c.tls_cert, c.tls_key, c.tls_ca)
         self.planes = await Planes.connect(
             self.config.data_url, self.config.ctl_url, self.node, login
         )

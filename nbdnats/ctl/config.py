@@ -19,9 +19,13 @@ class AgentConfig:
     node: str
     data_url: str | None = None
     ctl_url: str | None = None
-    # Login files (--creds, --nkey; default $NBDNATS_CREDS/$NBDNATS_NKEY), read here only.
+    # Login and TLS files (--creds, --nkey, --tlscert, --tlskey, --tlsca; default: the
+    # environment's, see nbdnats.planes.Login.resolve), read here only.
     creds: str | None = None
     nkey: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     role: Role = "host"
     allow: list[str] = field(default_factory=list)
     exports: dict[str, str] = field(default_factory=dict)
