@@ -936,8 +936,14 @@ mod tests {
     #[test]
     fn the_server_is_named_by_its_socket_or_host_and_port() {
         let at = server_address;
-        assert_eq!(at("nbd+unix:///d?socket=/run/a%20b.sock"), "socket /run/a b.sock");
-        assert_eq!(at("nbds+unix://u@/d?tls-psk-file=/k&socket=/s#x"), "socket /s");
+        assert_eq!(
+            at("nbd+unix:///d?socket=/run/a%20b.sock"),
+            "socket /run/a b.sock"
+        );
+        assert_eq!(
+            at("nbds+unix://u@/d?tls-psk-file=/k&socket=/s#x"),
+            "socket /s"
+        );
         assert_eq!(at("nbd+unix:///d"), "its socket");
         assert_eq!(at("nbd://10.0.0.5/d"), "10.0.0.5:10809");
         assert_eq!(at("nbds://alice@h:7000/d?tls-psk-file=/k"), "h:7000");
