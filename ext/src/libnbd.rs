@@ -301,7 +301,7 @@ pub fn list_exports(
     let listed = unsafe { nbd_aio_opt_list(handle.raw, list, done) } != -1
         && handle.settle(started, Some(deadline)).is_ok();
     drop(handle);
-    (listed && *error == 0 && !names.is_empty()).then(|| *names)
+    (listed && *error == 0 && !names.is_empty()).then_some(*names)
 }
 
 // SAFETY: a libnbd handle may be used from any thread (libnbd locks it internally); the

@@ -572,7 +572,7 @@ fn server_address(uri: &str) -> String {
         let socket = query.split_once('?').and_then(|(_, q)| {
             q.split(['&', ';'])
                 .filter_map(|p| p.strip_prefix("socket="))
-                .last()
+                .next_back()
         });
         return match socket {
             Some(path) => format!("socket {}", percent_decode(path)),
