@@ -30,9 +30,14 @@ TOKEN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$"
 _TOKEN = re.compile(TOKEN_PATTERN)
 
 
+def is_token(value: str) -> bool:
+    """Whether ``value`` may be one subject token (a node, export or transfer name)."""
+    return _TOKEN.fullmatch(value) is not None
+
+
 def check_token(value: str, what: str) -> str:
     """A value that becomes one subject token: no dots, wildcards or spaces."""
-    if not _TOKEN.fullmatch(value):
+    if not is_token(value):
         raise UsageError(
             f"invalid {what} {value!r}: use 1-64 letters, digits, '-' or '_', not starting "
             "with '-' (it becomes a NATS subject token)"

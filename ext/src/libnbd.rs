@@ -22,6 +22,13 @@ struct CompletionCallback {
 }
 
 #[repr(C)]
+struct ListCallback {
+    callback: Option<extern "C" fn(*mut c_void, *const c_char, *const c_char) -> c_int>,
+    user_data: *mut c_void,
+    free: Option<extern "C" fn(*mut c_void)>,
+}
+
+#[repr(C)]
 struct ExtentCallback {
     callback: Option<
         extern "C" fn(*mut c_void, *const c_char, u64, *mut u32, usize, *mut c_int) -> c_int,
@@ -46,6 +53,10 @@ extern "C" {
     fn nbd_create() -> *mut RawHandle;
     fn nbd_close(h: *mut RawHandle);
     fn nbd_get_error() -> *const c_char;
+    fn nbd_get_errno() -> c_int;
+    fn nbd_set_opt_mode(h: *mut RawHandle, enable: bool) -> c_int;
+    fn nbd_aio_is_negotiating(h: *mut RawHandle) -> c_int;
+    fn nbd_aio_opt_list(h: *mut RawHandle, list: ListCallback, cb: CompletionCallback) -> c_int;
     fn nbd_add_meta_context(h: *mut RawHandle, name: *const c_char) -> c_int;
     fn nbd_aio_connect_uri(h: *mut RawHandle, uri: *const c_char) -> c_int;
     fn nbd_aio_is_connecting(h: *mut RawHandle) -> c_int;
@@ -119,6 +130,29 @@ fn last_error() -> String {
         } else {
             CStr::from_ptr(p).to_string_lossy().into_owned()
         }
+    }
+}
+
+/// A connection that failed: libnbd's message, and its errno (0 where it set none).
+#[derive(Debug)]
+pub struct ConnectError {
+    pub message: String,
+    pub errno: i32,
+}
+
+impl From<String> for ConnectError {
+    fn from(message: String) -> ConnectError {
+        ConnectError { message, errno: 0 }
+    }
+}
+
+/// The last failed call's message and errno.
+fn last_failure() -> ConnectError {
+    // SAFETY: nbd_get_errno only reads thread-local state.
+    let errno = unsafe { nbd_get_errno() };
+    ConnectError {
+        message: last_error(),
+        errno,
     }
 }
 
@@ -215,6 +249,61 @@ extern "C" fn collect_extents(
     0
 }
 
+/// The list callback of `list_exports`: appends each export's name to the `Vec` in `user`.
+extern "C" fn collect_export(user: *mut c_void, name: *const c_char, _: *const c_char) -> c_int {
+    // SAFETY: libnbd passes our `user_data` (a Vec that outlives the command: `list_exports`
+    // polls it to completion before returning) and a NUL-terminated name.
+    unsafe {
+        let out = &mut *user.cast::<Vec<String>>();
+        out.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+    }
+    0
+}
+
+/// The completion callback of `list_exports`: keeps the command's error (0: none).
+extern "C" fn keep_error(user: *mut c_void, error: *mut c_int) -> c_int {
+    // SAFETY: libnbd passes our `user_data` (an i32 that outlives the command) and a valid
+    // pointer to the command's error.
+    unsafe { *user.cast::<c_int>() = *error };
+    1
+}
+
+/// The names of the exports the server at `uri` lists (`NBD_OPT_LIST`), asked on a new
+/// connection that never selects an export; `None` when the server lists none, refuses,
+/// or does not answer within `deadline`.
+pub fn list_exports(
+    uri: &str,
+    allow_local_file: bool,
+    deadline: std::time::Duration,
+) -> Option<Vec<String>> {
+    let started = std::time::Instant::now();
+    let handle = Handle::start(uri, allow_local_file, true).ok()?;
+    handle.dial(uri, started, Some(deadline)).ok()?;
+    // SAFETY: live handle.
+    if unsafe { nbd_aio_is_negotiating(handle.raw) } != 1 {
+        return None;
+    }
+    let mut names: Box<Vec<String>> = Box::default();
+    let mut error: Box<c_int> = Box::new(-1);
+    let list = ListCallback {
+        callback: Some(collect_export),
+        user_data: (&mut *names as *mut Vec<String>).cast(),
+        free: None,
+    };
+    let done = CompletionCallback {
+        callback: Some(keep_error),
+        user_data: (&mut *error as *mut c_int).cast(),
+        free: None,
+    };
+    // SAFETY: live handle in negotiation. `names` and `error` are boxed (their addresses
+    // do not move) and outlive every use libnbd makes of them: the handle is closed
+    // (`drop(handle)`, which ends the command) before either is read or dropped.
+    let listed = unsafe { nbd_aio_opt_list(handle.raw, list, done) } != -1
+        && handle.settle(started, Some(deadline)).is_ok();
+    drop(handle);
+    (listed && *error == 0 && !names.is_empty()).then_some(*names)
+}
+
 // SAFETY: a libnbd handle may be used from any thread (libnbd locks it internally); the
 // buffers it holds are owned, heap-allocated and Send. We use each handle from one thread.
 unsafe impl Send for Handle {}
@@ -233,55 +322,95 @@ impl Handle {
         uri: &str,
         allow_local_file: bool,
         deadline: Option<std::time::Duration>,
-    ) -> Result<Handle, String> {
+    ) -> Result<Handle, ConnectError> {
         let started = std::time::Instant::now();
-        let c_uri = CString::new(uri).map_err(|_| "URI contains a NUL byte".to_string())?;
-        // SAFETY: nbd_create has no preconditions; NULL means failure and is checked.
-        let raw = unsafe { nbd_create() };
-        if raw.is_null() {
-            return Err(last_error());
-        }
-        let handle = Handle {
-            raw,
-            held: HashMap::new(),
-        };
+        let handle = Handle::start(uri, allow_local_file, false)?;
         // SAFETY: `raw` is a live handle owned by `handle`; the strings outlive the calls.
         unsafe {
             if nbd_add_meta_context(handle.raw, ALLOCATION.as_ptr()) == -1 {
-                return Err(last_error());
+                return Err(last_failure());
             }
             // libnbd zeroes every read buffer before reading into it (a guard for callers
             // that might look at a failed read's buffer). `retire` exposes a read's bytes
             // only when it succeeded, so that memset is pure cost: 9% of the sender's CPU.
             if nbd_set_pread_initialize(handle.raw, false) == -1 {
-                return Err(last_error());
-            }
-            if nbd_set_uri_allow_local_file(handle.raw, allow_local_file) == -1 {
-                return Err(last_error());
+                return Err(last_failure());
             }
             let strict = nbd_get_strict_mode(handle.raw) & !STRICT_ALIGN;
             if nbd_set_strict_mode(handle.raw, strict) == -1 {
-                return Err(last_error());
+                return Err(last_failure());
             }
-            if nbd_aio_connect_uri(handle.raw, c_uri.as_ptr()) == -1 {
-                return Err(last_error());
+        }
+        handle.dial(uri, started, deadline)?;
+        // SAFETY: live handle.
+        if unsafe { nbd_aio_is_ready(handle.raw) } != 1 {
+            return Err(last_failure());
+        }
+        Ok(handle)
+    }
+
+    /// A new handle for `uri`, not yet connected; `opt_mode` stops it in negotiation.
+    fn start(uri: &str, allow_local_file: bool, opt_mode: bool) -> Result<Handle, ConnectError> {
+        // The URI is checked before libnbd allocates anything.
+        CString::new(uri).map_err(|_| "URI contains a NUL byte".to_string())?;
+        // SAFETY: nbd_create has no preconditions; NULL means failure and is checked.
+        let raw = unsafe { nbd_create() };
+        if raw.is_null() {
+            return Err(last_failure());
+        }
+        let handle = Handle {
+            raw,
+            held: HashMap::new(),
+        };
+        // SAFETY: `raw` is a live handle owned by `handle`.
+        unsafe {
+            if nbd_set_uri_allow_local_file(handle.raw, allow_local_file) == -1 {
+                return Err(last_failure());
             }
-            while nbd_aio_is_connecting(handle.raw) == 1 {
-                if deadline.is_some_and(|d| started.elapsed() >= d) {
-                    return Err(format!(
-                        "the server did not finish the NBD handshake in {} s",
-                        started.elapsed().as_secs()
-                    ));
-                }
-                if nbd_poll(handle.raw, 500) == -1 {
-                    return Err(last_error());
-                }
-            }
-            if nbd_aio_is_ready(handle.raw) != 1 {
-                return Err(last_error());
+            if opt_mode && nbd_set_opt_mode(handle.raw, true) == -1 {
+                return Err(last_failure());
             }
         }
         Ok(handle)
+    }
+
+    /// Connect to `uri` and run the handshake as far as it goes by itself (to ready, or to
+    /// negotiation in opt mode), giving up after `deadline` from `started`.
+    fn dial(
+        &self,
+        uri: &str,
+        started: std::time::Instant,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<(), ConnectError> {
+        let c_uri = CString::new(uri).map_err(|_| "URI contains a NUL byte".to_string())?;
+        // SAFETY: live handle; the string outlives the call.
+        if unsafe { nbd_aio_connect_uri(self.raw, c_uri.as_ptr()) } == -1 {
+            return Err(last_failure());
+        }
+        self.settle(started, deadline)
+    }
+
+    /// Poll until the handle leaves the connecting states (handshake or option in flight).
+    fn settle(
+        &self,
+        started: std::time::Instant,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<(), ConnectError> {
+        // SAFETY: live handle.
+        while unsafe { nbd_aio_is_connecting(self.raw) } == 1 {
+            if deadline.is_some_and(|d| started.elapsed() >= d) {
+                return Err(format!(
+                    "the server did not finish the NBD handshake in {} s",
+                    started.elapsed().as_secs()
+                )
+                .into());
+            }
+            // SAFETY: live handle.
+            if unsafe { nbd_poll(self.raw, 500) } == -1 {
+                return Err(last_failure());
+            }
+        }
+        Ok(())
     }
 
     pub fn size(&self) -> Result<u64, String> {

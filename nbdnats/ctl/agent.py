@@ -35,7 +35,7 @@ from nats.aio.subscription import Subscription
 
 from nbdnats import _core, subjects
 from nbdnats.approval import TrustedKeys
-from nbdnats.ctl import events
+from nbdnats.ctl import events, tools
 from nbdnats.ctl.config import AgentConfig
 from nbdnats.ctl.jobs import Jobs
 from nbdnats.ctl.metrics import MetricsServer, Sample
@@ -97,7 +97,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.node = subjects.check_token(config.node, "node name")
-        self.policy = Policy(config.allow, config.exports)
+        self.policy = Policy(config.allow, config.exports, self.node)
         self.trusted = TrustedKeys(config.trusted_keys) if config.trusted_keys else None
         if config.role == "installer" and self.trusted is None:
             raise UsageError("--role installer needs --trusted-keys DIR (the approvers' keys)")
@@ -225,7 +225,10 @@ class Agent:
     # -- announcements and events ----------------------------------------------------------
 
     def info(self) -> NodeInfo:
-        caps = ["send", "recv", "digest", "restic", "kopia", "pipe"]
+        env = self.jobs.env()
+        caps = ["send", "recv", "digest"]
+        caps += [p for p in tools.PROGRAMS if tools.installed(p, env)]
+        caps.append("pipe")
         if self.trusted is not None:
             caps.append("provision")
         if self.metrics is not None:

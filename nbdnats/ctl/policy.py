@@ -18,6 +18,8 @@ checked here before anything is opened:
   allowed entry that is itself a URI (``nbd://127.0.0.1:10809/``), and the match must end
   at a boundary (``/``, ``?``, ``#`` or the end), so ``nbd://10.0.0.5`` allows neither
   ``nbd://10.0.0.50`` nor ``nbd://10.0.0.5:x@evil/`` (whose host is ``evil``);
+- a bare name (letters, digits, ``-``, ``_``) that is no export is refused with the
+  node's export names;
 - streams and test endpoints (``-``, ``pipe:``, ``null:``, ``pattern:``) and relative
   paths are never accepted from a command;
 - a pipe command's program must be on the allow-list, and every argument that names a
@@ -33,6 +35,7 @@ import stat
 import urllib.parse
 from dataclasses import dataclass, field
 
+from nbdnats import subjects
 from nbdnats.errors import PolicyError
 from nbdnats.planes import redact_url
 
@@ -86,10 +89,26 @@ def _unescape(text: str) -> str:
     return os.fsdecode(urllib.parse.unquote_to_bytes(text))
 
 
+# An export name the agent does not have: how many of its own the refusal lists.
+_EXPORTS_SHOWN = 10
+
+
+def _names(names: list[str], limit: int = _EXPORTS_SHOWN) -> str:
+    """Sorted names for a message, at most ``limit`` of them: ``a, b, … (3 more)``."""
+    if not names:
+        return "none"
+    names = sorted(names)
+    more = len(names) - limit
+    shown = ", ".join(names[:limit])
+    return f"{shown}, … ({more} more)" if more > 0 else shown
+
+
 @dataclass
 class Policy:
     allow: list[str] = field(default_factory=list)
     exports: dict[str, str] = field(default_factory=dict)
+    # The node's name, for messages ("node a has no export vm2").
+    node: str = "this node"
 
     def __post_init__(self) -> None:
         dirs = [a for a in self.allow if a.startswith("/")]
@@ -154,6 +173,12 @@ class Policy:
             return self.nbd_uri(spec)
         if _is_uri(spec):
             return self.uri(spec)
+        if subjects.is_token(spec):
+            # A bare name can only be an export (a path is absolute, a URI has a scheme).
+            raise PolicyError(
+                f"node {self.node} has no export {spec} (it has: {_names(list(self.exports))}); "
+                "name one of them, an absolute path or an NBD URI"
+            )
         return self.path(spec)
 
     def nbd_uri(self, uri: str) -> str:

@@ -69,6 +69,22 @@ SECRET_MIN = 8  # shorter values are not hunted for in messages: they match too 
 _SECRET_NAME = re.compile(r"PASSWORD|PASSPHRASE|SECRET|TOKEN|_KEY$|CREDENTIAL", re.I)
 
 
+# The backup tools an agent runs by name, as its NodeInfo capabilities call them.
+PROGRAMS = ("restic", "kopia")
+
+
+def installed(program: str, env: Mapping[str, str]) -> bool:
+    """Whether ``program`` is on the PATH a tool started with ``env`` would search."""
+    return shutil.which(program, path=os.pathsep.join(os.get_exec_path(dict(env)))) is not None
+
+
+def _not_installed(program: str) -> str:
+    return (
+        f"{program} is not installed on this node (not on its agent's PATH); install it, "
+        "or use a node whose capabilities list it (nbd-nats ctl nodes)"
+    )
+
+
 def _need(value: str | None, option: str, kind: str) -> str:
     if not value:
         raise UsageError(f"{kind} needs {option}")
@@ -276,7 +292,7 @@ async def _run(argv: list[str], env: Mapping[str, str]) -> str:
                 stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError:
-            raise EndpointError(f"{argv[0]} is not installed on this node") from None
+            raise EndpointError(_not_installed(argv[0])) from None
         out, err = await proc.communicate()
     if proc.returncode != 0:
         raise EndpointError(f"{shown(argv[:3])} failed: {scrub(last_line(err), env)}")
@@ -445,6 +461,8 @@ class ToolRun:
         except OSError as e:
             os.close(ours)
             shutil.rmtree(workdir, ignore_errors=True)
+            if isinstance(e, FileNotFoundError):
+                raise EndpointError(_not_installed(argv[0])) from None
             raise EndpointError(f"cannot start {argv[0]}: {e.strerror}") from None
         finally:
             os.close(theirs)

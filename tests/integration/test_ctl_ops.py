@@ -486,6 +486,51 @@ def test_paths_outside_the_allow_list_are_refused_before_a_byte_is_written(
     assert len(refused) == len(cases) + 1 and all(e["code"] == "denied" for e in refused)
 
 
+def test_an_unknown_export_is_refused_with_the_exports_the_node_has(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    src, _ = disk
+    start_agent("a", url, "--allow", str(src.parent), "--export", f"vm1={src}")
+    start_agent("b", url, "--allow", str(src.parent))
+    proc = ctl(url, "copy", "a:vm2", f"b:{src.parent}/out.raw")
+    assert one_line_error(proc) == (
+        "nbd-nats: error: a: node a has no export vm2 (it has: vm1); "
+        "name one of them, an absolute path or an NBD URI"
+    )
+    assert proc.returncode == 1
+    # A node without exports says so; the target node resolves its end the same way.
+    err = one_line_error(ctl(url, "copy", "a:vm1", "b:vm1"))
+    assert err.endswith(
+        "b: node b has no export vm1 (it has: none); "
+        "name one of them, an absolute path or an NBD URI"
+    )
+    refused = stored_events(url, "refused")
+    assert [(e["node"], e["code"]) for e in refused] == [("a", "denied"), ("b", "denied")]
+    assert not (src.parent / "out.raw").exists()
+
+
+def test_an_agent_advertises_only_the_backup_tools_on_its_path(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, disk: tuple[Path, str]
+) -> None:
+    """restic is installed here; kopia is listed only where it is installed too."""
+    src, _ = disk
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    repo = tmp_path / "repo"
+    restic(repo, "init", "-q")
+    start_agent("a", url, "--allow", str(src.parent))
+    start_agent("full", url, "--allow", str(repo), env=RESTIC_ENV)
+    start_agent("bare", url, "--allow", str(repo), env={**RESTIC_ENV, "PATH": str(empty)})
+    nodes = {n["node"]: n for n in json.loads(ok(ctl(url, "--json", "nodes")))}
+    kopia = ["kopia"] if shutil.which("kopia") else []
+    assert nodes["full"]["capabilities"] == ["send", "recv", "digest", "restic", *kopia, "pipe"]
+    assert nodes["bare"]["capabilities"] == ["send", "recv", "digest", "pipe"]
+    # Asked anyway, the node without restic says what is missing.
+    err = one_line_error(ctl(url, "backup", f"a:{src}", "bare", "--restic", str(repo)))
+    assert "bare: restic is not installed on this node (not on its agent's PATH)" in err
+    ok(ctl(url, "backup", f"a:{src}", "full", "--restic", str(repo)))
+
+
 def test_bad_messages_get_an_error_reply_and_the_agent_carries_on(
     url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from nbdnats import subjects
-from tests.cli import one_line_error, run_cli, start_cli
+from nbdnats.embedded import free_port
+from tests.cli import NBD_NATS, cli_env, one_line_error, run_cli, start_cli
 from tests.images import MiB, holds, make_image, sha256_file, throttled_nbd
 from tests.waits import wait_for
 
@@ -30,8 +32,77 @@ def test_a_malformed_nbd_uri_writes_no_target(tmp_path: Path) -> None:
 
 def test_a_missing_nbd_socket_cannot_be_connected(tmp_path: Path) -> None:
     uri = f"nbd+unix:///disk?socket={tmp_path}/missing.sock"
-    line = one_line_error(run_cli("copy", uri, str(tmp_path / "out.img")))
-    assert "cannot connect to NBD" in line and "No such file" in line
+    proc = run_cli("copy", uri, str(tmp_path / "out.img"))
+    assert one_line_error(proc) == (
+        f"nbd-nats: error: cannot connect to NBD source {uri}: nbd_aio_connect_uri: connect: "
+        f"No such file or directory; is the NBD server running at socket {tmp_path}/missing.sock?"
+    )
+    assert proc.returncode == 1
+
+
+def test_a_refused_nbd_connection_asks_whether_the_server_runs(tmp_path: Path, src: Path) -> None:
+    sock = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))  # bound, never listening: a server that died left it
+    stale.close()
+    line = one_line_error(run_cli("copy", str(src), f"nbd+unix:///disk?socket={sock}"))
+    assert line.endswith(f"Connection refused; is the NBD server running at socket {sock}?")
+    port = free_port()
+    line = one_line_error(run_cli("digest", f"nbd://127.0.0.1:{port}/disk"))
+    assert line.endswith(f"Connection refused; is the NBD server running at 127.0.0.1:{port}?")
+    line = one_line_error(run_cli("digest", "nbd://nosuchhost.invalid/disk"))
+    assert "getaddrinfo" in line and line.endswith("; check the host name in the URI")
+
+
+def test_an_unknown_export_lists_the_servers_exports(tmp_path: Path, src: Path, qemu_nbd) -> None:
+    uri = qemu_nbd(src, read_only=True).replace("///disk?", "///dsik?")
+    proc = run_cli("copy", uri, str(tmp_path / "out.img"))
+    assert one_line_error(proc) == (
+        f"nbd-nats: error: cannot connect to NBD source {uri}: nbd_poll: handshake: server has "
+        "no export named 'dsik': No such file or directory; the server's exports are disk"
+    )
+    assert proc.returncode == 1 and not (tmp_path / "out.img").exists()
+
+
+@pytest.mark.parametrize(
+    "spec", ["nbd+unx:///disk?socket=/run/x.sock", "nbds+unx:///disk", "ftp://host/disk.img"]
+)
+def test_an_unknown_uri_scheme_names_the_supported_ones(
+    tmp_path: Path, src: Path, spec: str
+) -> None:
+    scheme = spec.split("://")[0]
+    nbd = "nbd://, nbds://, nbd+unix://, nbds+unix://, nbd+vsock://, nbds+vsock://"
+    proc = run_cli("copy", spec, str(tmp_path / "out.img"))
+    assert one_line_error(proc) == (
+        f"nbd-nats: error: unknown scheme '{scheme}' in URI {spec}: "
+        f"use {nbd}, -, pipe:PATH, or a file path"
+    )
+    assert proc.returncode == 2 and not (tmp_path / "out.img").exists()
+    proc = run_cli("copy", str(src), spec)
+    assert one_line_error(proc) == (
+        f"nbd-nats: error: unknown scheme '{scheme}' in URI {spec}: "
+        f"use {nbd}, -, pipe:PATH, unix:PATH, null:, or a file path"
+    )
+    assert proc.returncode == 2
+
+
+def test_a_password_in_an_unknown_uri_is_not_shown(tmp_path: Path) -> None:
+    line = one_line_error(run_cli("digest", "ftp://alice:hunter2@host/disk.img"))
+    assert "ftp://alice:***@host/disk.img" in line and "hunter2" not in line
+
+
+def test_a_file_named_like_a_uri_is_still_a_file(tmp_path: Path, src: Path) -> None:
+    """`ftp://img` relative to the working directory is the file img in a directory
+    `ftp:`: a path that exists is opened, whatever it looks like."""
+    (tmp_path / "ftp:").mkdir()
+    (tmp_path / "ftp:" / "img").write_bytes(src.read_bytes())
+    (tmp_path / "a:b").write_bytes(src.read_bytes())
+    for spec in ("ftp://img", "./a:b", f"{tmp_path}/ftp://img"):
+        proc = subprocess.run(
+            [NBD_NATS, "copy", spec, "out.img"], cwd=tmp_path, capture_output=True, env=cli_env()
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert sha256_file(tmp_path / "out.img") == sha256_file(src)
 
 
 def test_missing_source_file_creates_no_target(tmp_path: Path) -> None:

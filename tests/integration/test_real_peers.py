@@ -220,6 +220,68 @@ def test_tls_psk_copy_both_ways(tmp_path: Path, src, nbdkit) -> None:
     assert "cannot connect to NBD source" in one_line_error(run_cli("digest", plain))
 
 
+def test_an_unknown_export_lists_at_most_ten_of_the_servers_exports(tmp_path: Path, nbdkit) -> None:
+    names = [f"disk-{i:02d}" for i in range(12)]
+    strict = ["exportname-strict=true", "exportname-list=explicit"]
+    _, base = nbdkit(
+        "--filter=exportname", "memory", "1M", *strict, *(f"exportname={n}" for n in names)
+    )
+    uri = base.replace("/?socket=", "/disk-99?socket=")
+    proc = run_cli("copy", uri, str(tmp_path / "out.img"))
+    shown = ", ".join(names[:10])
+    assert one_line_error(proc).endswith(
+        f"server has no export named 'disk-99': No such file or directory; "
+        f"the server's exports are {shown}, … (2 more)"
+    )
+    assert proc.returncode == 1
+    # A server that will not list them: the line says what to check.
+    _, base = nbdkit(
+        "--filter=exportname",
+        "memory",
+        "1M",
+        "exportname-strict=true",
+        "exportname-list=error",
+        "exportname=a",
+    )
+    uri = base.replace("/?socket=", "/b?socket=")
+    line = one_line_error(run_cli("digest", uri))
+    assert line.endswith(
+        "no export named 'b': No such file or directory; check the export name (the URI's path)"
+    )
+
+
+def test_tls_mismatches_say_which_side_wants_what(tmp_path: Path, nbdkit) -> None:
+    keys = psk_file(tmp_path, "alice")
+    _, tls_uri = nbdkit("--tls=require", f"--tls-psk={keys}", "memory", "1M", user="alice@")
+    plain = tls_uri.replace("nbds+unix://alice@", "nbd+unix://")
+    line = one_line_error(run_cli("digest", plain))
+    assert line.endswith(
+        "server requires TLS encryption first: Operation not supported; the server requires "
+        "TLS: use nbds:// or nbds+unix:// with tls-psk-file= or tls-certificates="
+    )
+    other = tmp_path / "other.psk"
+    other.write_text(f"alice:{secrets.token_hex(32)}\n")
+    other.chmod(0o600)
+    for wrong in (
+        f"{tls_uri}&tls-psk-file={other}",
+        f"{tls_uri.replace('alice@', 'bob@')}&tls-psk-file={keys}",
+    ):
+        line = one_line_error(run_cli("digest", wrong))
+        assert line.endswith(
+            "; check the URI's TLS parameters (tls-psk-file=, the user name, "
+            "tls-certificates=) against the server's"
+        ), line
+    _, no_tls = nbdkit("memory", "1M")
+    line = one_line_error(
+        run_cli(
+            "digest", no_tls.replace("nbd+unix://", "nbds+unix://alice@") + f"&tls-psk-file={keys}"
+        )
+    )
+    assert line.endswith(
+        "; the server does not offer TLS: use nbd:// or nbd+unix://, or start the server with TLS"
+    )
+
+
 def test_tls_psk_file_only_where_the_local_user_named_it(tmp_path: Path, nbdkit) -> None:
     """The building blocks the agent uses for endpoints from ctl messages do not let a URI
     read a local file unless asked; the local user's entry points do."""

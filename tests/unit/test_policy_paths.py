@@ -427,3 +427,22 @@ def test_policy_paths_resolve_before_the_prefix_check(tmp_path: Path) -> None:
     )
     with pytest.raises(PolicyError):
         Policy(["nbd://10.0.0.5:10809/"]).endpoint("nbd://10.0.0.6:10809/d")
+
+
+# -- export names ---------------------------------------------------------------------------
+
+
+def test_an_unknown_export_lists_at_most_ten_of_the_nodes_exports() -> None:
+    exports = {f"vm{i:02d}": f"/srv/vm{i:02d}.raw" for i in range(12)}
+    p = Policy([], exports, "hv1")
+    assert p.endpoint("vm03") == "/srv/vm03.raw"
+    with pytest.raises(PolicyError) as e:
+        p.endpoint("vm99")
+    names = ", ".join(f"vm{i:02d}" for i in range(10))
+    assert str(e.value) == (
+        f"node hv1 has no export vm99 (it has: {names}, … (2 more)); "
+        "name one of them, an absolute path or an NBD URI"
+    )
+    # Not a name: a relative path keeps its own message.
+    with pytest.raises(PolicyError, match=r"'vm99\.raw' is not an absolute path"):
+        p.endpoint("vm99.raw")

@@ -86,17 +86,51 @@ pub struct Access {
     pub stall: Option<std::time::Duration>,
 }
 
+/// The NBD URI schemes libnbd connects to.
+const NBD_SCHEMES: [&str; 6] = [
+    "nbd://",
+    "nbds://",
+    "nbd+unix://",
+    "nbds+unix://",
+    "nbd+vsock://",
+    "nbds+vsock://",
+];
+
 pub fn is_nbd_uri(spec: &str) -> bool {
-    [
-        "nbd://",
-        "nbds://",
-        "nbd+unix://",
-        "nbds+unix://",
-        "nbd+vsock://",
-        "nbds+vsock://",
-    ]
-    .iter()
-    .any(|p| spec.starts_with(p))
+    NBD_SCHEMES.iter().any(|p| spec.starts_with(p))
+}
+
+/// The scheme of a spec that reads as a URI (`scheme://…`, the scheme a letter, then
+/// letters, digits, `+`, `-` or `.`, as RFC 3986 has it) that is no NBD URI: `ftp://x`,
+/// the typo `nbd+unx:///x`. `None` for NBD URIs and anything else (`./x:y`, `/a://b`).
+fn foreign_scheme(spec: &str) -> Option<&str> {
+    let (scheme, _) = spec.split_once("://")?;
+    let mut chars = scheme.chars();
+    let uri_like = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    (uri_like && !is_nbd_uri(spec)).then_some(scheme)
+}
+
+/// A spec that reads as a URI of a scheme no endpoint has, unless a file of that name
+/// exists (a directory `ftp:` holds it): a usage error naming what is supported, rather
+/// than "does not exist".
+fn unknown_scheme(spec: &str, role: &str) -> Result<()> {
+    let Some(scheme) = foreign_scheme(spec) else {
+        return Ok(());
+    };
+    if std::fs::symlink_metadata(spec).is_ok() {
+        return Ok(());
+    }
+    let streams = if role == "target" {
+        "-, pipe:PATH, unix:PATH, null:"
+    } else {
+        "-, pipe:PATH"
+    };
+    Err(Error::Usage(format!(
+        "unknown scheme '{scheme}' in URI {}: use {}, {streams}, or a file path",
+        crate::conn::redact_servers(spec),
+        NBD_SCHEMES.join(", "),
+    )))
 }
 
 /// The prefix of a pipe endpoint (`pipe:PATH`): a FIFO or an inherited pipe, read or
@@ -136,6 +170,7 @@ pub async fn open_source(spec: &str, size: Option<u64>, access: Access) -> Resul
     if spec.starts_with("pattern:") {
         return Ok(Arc::new(pattern::Pattern::parse(spec)?));
     }
+    unknown_scheme(spec, "source")?;
     let spec = spec.to_string();
     blocking(move || file::File::open_source(&spec))
         .await
@@ -172,6 +207,7 @@ pub async fn open_sink(spec: &str, access: Access) -> Result<Arc<dyn Sink>> {
         }
         return Ok(Arc::new(nbd));
     }
+    unknown_scheme(spec, "target")?;
     let spec = spec.to_string();
     blocking(move || file::File::open_sink(&spec))
         .await
@@ -241,4 +277,29 @@ pub fn zeros(len: usize) -> Bytes {
     ZEROS
         .get_or_init(|| Bytes::from(vec![0u8; MAX]))
         .slice(..len.min(MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_uri_like_specs_of_other_schemes_are_foreign() {
+        assert_eq!(foreign_scheme("nbd+unx:///d?socket=/s"), Some("nbd+unx"));
+        assert_eq!(foreign_scheme("ftp://host/x"), Some("ftp"));
+        assert_eq!(foreign_scheme("s3.x-y://b"), Some("s3.x-y"));
+        for spec in [
+            "nbd://h/d",
+            "nbds+unix:///d?socket=/s",
+            "/tmp/a://b",
+            "./x:y",
+            "x:y",
+            "1ftp://x",
+            "://x",
+            "a b://x",
+            "disk.img",
+        ] {
+            assert_eq!(foreign_scheme(spec), None, "{spec}");
+        }
+    }
 }

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use super::{read_owned, write_zeros, zeros, Access, Sink, SinkCaps, Source};
 use crate::error::{Error, Result};
 use crate::extents::{from_block_status, Extent};
-use crate::libnbd::{Caps, Command, Completed, Handle};
+use crate::libnbd::{list_exports, Caps, Command, Completed, ConnectError, Handle};
 
 /// Commands in flight per connection; like nbdcopy's default request depth.
 const DEPTH: usize = 16;
@@ -42,6 +42,10 @@ const LIBNBD_MAX_REQUEST: u64 = 64 << 20;
 const RMW_LOCKS: usize = 64;
 /// How long the first part of a block waits for the rest before it is read-modify-written.
 const GATHER_WAIT: Duration = Duration::from_millis(250);
+/// How long a server that has no such export may take to list the exports it has.
+const LIST_WAIT: Duration = Duration::from_secs(5);
+/// At most this many of a server's exports are named in a message.
+const EXPORTS_SHOWN: usize = 10;
 
 /// A command for the worker and where its outcome goes.
 type Request = (Command, Reply);
@@ -187,7 +191,11 @@ impl Nbd {
                         run(handle, rx, &worker_closed, access.stall);
                     }
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e));
+                        // The server answered, but has no such export: ask what it has.
+                        let exports = no_such_export(&e)
+                            .then(|| list_exports(&worker_uri, allow_local_file, LIST_WAIT))
+                            .flatten();
+                        let _ = ready_tx.send(Err((e, exports)));
                     }
                 }
             })
@@ -197,7 +205,9 @@ impl Nbd {
             .map_err(|_| {
                 Error::Endpoint(format!("NBD {role} {uri}: connection ended during setup"))
             })?
-            .map_err(|e| Error::Endpoint(connect_error(role, uri, &e, allow_local_file)))?;
+            .map_err(|(e, exports)| {
+                Error::Endpoint(connect_error(role, uri, &e, exports, allow_local_file))
+            })?;
         let blocks = Blocks::new(&caps, size)
             .map_err(|e| Error::Endpoint(format!("NBD {role} {uri}: {e}")))?;
         let fast_zero = AtomicBool::new(caps.can_fast_zero);
@@ -484,15 +494,151 @@ impl Nbd {
     }
 }
 
-/// A connection failure, with what to do when the URI names a local file it may not.
-fn connect_error(role: &str, uri: &str, e: &str, allow_local_file: bool) -> String {
-    let hint = if !allow_local_file && e.contains("local file") {
-        "; only an endpoint the local user gives (on the command line, or with \
-         allow_local_file in the API) may name local files, never one from a ctl message"
-    } else {
-        ""
+/// Whether a connection failed because the server has no export of the URI's name.
+fn no_such_export(e: &ConnectError) -> bool {
+    e.message.contains("server has no export named")
+}
+
+/// A connection failure, with what to do about it: start the server, fix the export name
+/// (from the exports the server lists, when it does), fix the TLS parameters, or give a
+/// URI that names local files only where that is allowed.
+fn connect_error(
+    role: &str,
+    uri: &str,
+    e: &ConnectError,
+    exports: Option<Vec<String>>,
+    allow_local_file: bool,
+) -> String {
+    let hint = connect_hint(uri, e, exports, allow_local_file);
+    format!("cannot connect to NBD {role} {uri}: {}{hint}", e.message)
+}
+
+fn connect_hint(
+    uri: &str,
+    e: &ConnectError,
+    exports: Option<Vec<String>>,
+    allow_local_file: bool,
+) -> String {
+    let msg = e.message.as_str();
+    let tls = uri.starts_with("nbds");
+    if !allow_local_file && msg.contains("local file") {
+        return "; only an endpoint the local user gives (on the command line, or with \
+                allow_local_file in the API) may name local files, never one from a ctl message"
+            .into();
+    }
+    if no_such_export(e) {
+        return match exports {
+            Some(names) => format!("; the server's exports are {}", shown_names(&names)),
+            None => "; check the export name (the URI's path)".into(),
+        };
+    }
+    if msg.contains("server requires TLS") {
+        return "; the server requires TLS: use nbds:// or nbds+unix:// with tls-psk-file= \
+                or tls-certificates="
+            .into();
+    }
+    if msg.contains("server refused TLS") {
+        return "; the server does not offer TLS: use nbd:// or nbd+unix://, or start the \
+                server with TLS"
+            .into();
+    }
+    if tls && (msg.contains("gnutls") || msg.contains("PSK") || msg.contains("psk")) {
+        return "; check the URI's TLS parameters (tls-psk-file=, the user name, \
+                tls-certificates=) against the server's"
+            .into();
+    }
+    let at = server_address(uri);
+    match e.errno {
+        libc::ENOENT | libc::ECONNREFUSED if msg.contains("connect:") => {
+            format!("; is the NBD server running at {at}?")
+        }
+        libc::EACCES if msg.contains("connect:") => {
+            format!("; this user may not connect to {at}: check the socket's permissions")
+        }
+        libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ETIMEDOUT => {
+            format!("; is {at} reachable from here?")
+        }
+        _ if msg.contains("getaddrinfo") => "; check the host name in the URI".into(),
+        _ => String::new(),
+    }
+}
+
+/// Where an NBD URI's server is, for a message: the unix socket's path, or host:port
+/// (the port defaults to 10809).
+fn server_address(uri: &str) -> String {
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("", uri));
+    if scheme.ends_with("+unix") {
+        let query = rest.split('#').next().unwrap_or("");
+        let socket = query.split_once('?').and_then(|(_, q)| {
+            q.split(['&', ';'])
+                .filter_map(|p| p.strip_prefix("socket="))
+                .next_back()
+        });
+        return match socket {
+            Some(path) => format!("socket {}", percent_decode(path)),
+            None => "its socket".into(),
+        };
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let has_port = match host.rfind(']') {
+        Some(end) => host[end..].contains(':'),
+        None => host.contains(':'),
     };
-    format!("cannot connect to NBD {role} {uri}: {e}{hint}")
+    if has_port {
+        host.to_string()
+    } else {
+        format!("{host}:10809")
+    }
+}
+
+/// `%XX` escapes decoded, as libnbd reads a URI's query values.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Export names a server gave, for one line: control characters replaced, each bounded,
+/// at most `EXPORTS_SHOWN` of them; the default export (no name) as `''`.
+fn shown_names(names: &[String]) -> String {
+    let one = |n: &String| -> String {
+        if n.is_empty() {
+            return "'' (the default export)".into();
+        }
+        let clean: String = n
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .take(64)
+            .collect();
+        if n.chars().count() > 64 {
+            format!("{clean}…")
+        } else {
+            clean
+        }
+    };
+    let mut shown: Vec<String> = names.iter().take(EXPORTS_SHOWN).map(one).collect();
+    if names.len() > EXPORTS_SHOWN {
+        shown.push(format!("… ({} more)", names.len() - EXPORTS_SHOWN));
+    }
+    shown.join(", ")
 }
 
 /// A block being gathered from the parts of several writes.
@@ -786,6 +932,39 @@ impl Sink for Nbd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_is_named_by_its_socket_or_host_and_port() {
+        let at = server_address;
+        assert_eq!(
+            at("nbd+unix:///d?socket=/run/a%20b.sock"),
+            "socket /run/a b.sock"
+        );
+        assert_eq!(
+            at("nbds+unix://u@/d?tls-psk-file=/k&socket=/s#x"),
+            "socket /s"
+        );
+        assert_eq!(at("nbd+unix:///d"), "its socket");
+        assert_eq!(at("nbd://10.0.0.5/d"), "10.0.0.5:10809");
+        assert_eq!(at("nbds://alice@h:7000/d?tls-psk-file=/k"), "h:7000");
+        assert_eq!(at("nbd://[::1]/d"), "[::1]:10809");
+        assert_eq!(at("nbd://[::1]:7/"), "[::1]:7");
+    }
+
+    #[test]
+    fn a_servers_export_names_are_bounded_and_cleaned() {
+        let names: Vec<String> = (0..12).map(|i| format!("e{i}")).collect();
+        assert_eq!(
+            shown_names(&names),
+            "e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, … (2 more)"
+        );
+        let odd = vec![String::new(), "a\nb".into(), "x".repeat(70)];
+        let long = format!("{}…", "x".repeat(64));
+        assert_eq!(
+            shown_names(&odd),
+            format!("'' (the default export), a?b, {long}")
+        );
+    }
 
     fn blocks(min: u64, max: u64, size: u64) -> Blocks {
         let caps = Caps {
