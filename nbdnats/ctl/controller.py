@@ -34,6 +34,7 @@ from nbdnats import _core, subjects
 from nbdnats.ctl import events, tools
 from nbdnats.ctl.request import request
 from nbdnats.errors import (
+    IntegrityError,
     NbdNatsError,
     TransferCancelled,
     TransferError,
@@ -101,6 +102,24 @@ class OperationResult:
     @property
     def ok(self) -> bool:
         return self.sender.state == self.receiver.state == "done"
+
+
+def _check_restored(result: OperationResult) -> None:
+    """A restore's content digest must be the one its backup recorded: both name the image's
+    bytes (docs/protocol.md, "Content digest"), so a difference means the repository gave
+    back other bytes than were backed up. Digests of different algorithms (a backup by an
+    older version) are not compared."""
+    snap, got = result.snapshot, result.receiver.digest
+    if snap is None or not snap.digest or not got:
+        return
+    if snap.digest.split(":", 1)[0] != got.split(":", 1)[0] or snap.digest == got:
+        return
+    raise IntegrityError(
+        f"restored {result.receiver.node}'s target from snapshot {snap.short_id} of "
+        f"{snap.name}, but its bytes ({got}) are not what was backed up "
+        f"({snap.digest}): check the repository (restic check --read-data) and restore "
+        "again or from another snapshot"
+    )
 
 
 class Controller:
@@ -456,6 +475,7 @@ class Controller:
         result = await self._pair(node, send, dst[0], recv, wait, on_event)
         if isinstance(result, OperationResult):
             result.snapshot = chosen
+            _check_restored(result)
         return result
 
     async def provision(

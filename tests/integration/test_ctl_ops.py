@@ -137,6 +137,8 @@ def test_restore_takes_the_disk_it_is_told_not_the_latest_backup(
     out = ctl(url, "--json", *restore, "--disk", "a:vm1")
     doc = json.loads(ok(out))
     assert sha256_file(target) == want1  # vm1's bytes, not vm2's (the latest backup)
+    # The content digest names the bytes: the restore's is the backup's.
+    assert doc["receiver"]["digest"] == done["receiver"]["digest"]
     assert doc["snapshot"]["id"] == by_disk["a", "vm1"]["id"]
     again = json.loads(ok(ctl(url, "--json", "backups", "b", "--restic", str(repo))))
     assert sorted(b["id"] for b in again) == sorted(snaps)  # not the crafted one
@@ -153,6 +155,33 @@ def test_restore_takes_the_disk_it_is_told_not_the_latest_backup(
         assert "not a snapshot id" in err, err
     err = one_line_error(ctl(url, *restore, "--disk", "a:vm1\x1b[2J"))
     assert "disk name" in err, err
+
+
+def test_a_restore_whose_bytes_are_not_what_was_backed_up_fails(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+) -> None:
+    """A snapshot whose recorded content digest does not match what the repository gives
+    back (crafted here with restic itself: a damaged pack would read the same) fails the
+    restore with an integrity error, though every frame arrived intact."""
+    repo = tmp_path / "backups" / "repo"
+    repo.parent.mkdir()
+    restic(repo, "init", "-q")
+    lie = "blk64k-xxh3-128:" + "0" * 32
+    subprocess.run(
+        ["restic", "-r", str(repo), "backup", "-q", "--stdin", "--stdin-filename", "disk.img"]
+        + ["--tag", f"nbdnats,node=a,disk=vm9,size={MiB},digest={lie}"],
+        input=b"\x42" * MiB,
+        env={**os.environ, **RESTIC_ENV},
+        check=True,
+    )
+    start_agent("a", url, "--allow", str(tmp_path))
+    start_agent("b", url, "--allow", str(repo), env=RESTIC_ENV)
+    target = tmp_path / "restored.raw"
+    run = ctl(url, "--json", "restore", "b", f"a:{target}", "--restic", str(repo))
+    err = one_line_error(run)
+    assert run.returncode == 1, run
+    assert "are not what was backed up" in err and lie in err and "a:vm9" in err, err
+    assert json.loads(run.stdout)["code"] == "integrity"
 
 
 def test_a_backup_finishing_while_another_holds_the_repository_keeps_its_snapshot(
