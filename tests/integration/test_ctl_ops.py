@@ -167,9 +167,10 @@ def test_a_restore_whose_bytes_are_not_what_was_backed_up_fails(
     repo.parent.mkdir()
     restic(repo, "init", "-q")
     lie = "blk64k-xxh3-128:" + "0" * 32
+    tags = f"nbdnats,node=a,disk=vm9,size={MiB},digest={lie}"
+    stdin = ("--stdin", "--stdin-filename", "disk.img")
     subprocess.run(
-        ["restic", "-r", str(repo), "backup", "-q", "--stdin", "--stdin-filename", "disk.img"]
-        + ["--tag", f"nbdnats,node=a,disk=vm9,size={MiB},digest={lie}"],
+        ["restic", "-r", str(repo), "backup", "-q", "--tag", tags, *stdin],
         input=b"\x42" * MiB,
         env={**os.environ, **RESTIC_ENV},
         check=True,
