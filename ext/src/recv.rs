@@ -562,14 +562,16 @@ fn open_journal(opts: &RecvOptions, id: &str) -> Result<Option<Journal>> {
             if j.header.identity.is_some() && j.header.identity != identity(&opts.target) {
                 return Err(Error::Usage(format!(
                     "{} is not the target the interrupted transfer {id} wrote (it was replaced or \
-                     recreated since); delete the journal at {} to start over",
+                     recreated since); discard the journal at {} to start over (nbd-nats journals \
+                     --discard {id}, with the same --state-dir)",
                     opts.target, path.display()
                 )));
             }
             Ok(Some(j))
         }
         (Some(path), false) if path.exists() => Err(Error::Usage(format!(
-            "an interrupted transfer {id} left a journal at {}: add --resume to continue it, or delete that file to start over",
+            "an interrupted transfer {id} left a journal at {}: add --resume to continue it, or \
+             discard it to start over (nbd-nats journals --discard {id}, with the same --state-dir)",
             path.display()
         ))),
         (Some(_), false) => Ok(None),
@@ -1119,8 +1121,8 @@ async fn accept(
             Some(j) if !(request.resume && key_follows(&request.key, &j.header.key_hash)) => {
                 Some(Error::Busy(format!(
                     "transfer {id} continues from a journal: only the sender that started it may \
-                     continue it (send --resume with its --state-dir); or delete the journal at {} \
-                     to start over",
+                     continue it (send --resume with its --state-dir); or discard the journal at {} \
+                     to start over (nbd-nats journals --discard {id} there)",
                     j.path().display()
                 )))
             }

@@ -99,7 +99,7 @@ def test_resume_into_a_replaced_target_is_refused(
         send.kill()
         send.communicate()
     assert r_rc == 2
-    assert "was replaced or recreated" in r_err and "delete the journal" in r_err
+    assert "was replaced or recreated" in r_err and "journals --discard" in r_err
     assert len(r_err.strip().splitlines()) == 1
     assert dst.stat().st_size == 0
 
