@@ -1408,10 +1408,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_kept_journal_is_named_whoever_gave_up() {
-        let dir = std::env::temp_dir().join(format!("nbdnats-settle-{}", std::process::id()));
-        let path = crate::journal::path_for(&dir, "t");
+    /// A journal path in `dir` (none there yet), its header and one written frame.
+    fn journal_fixture(
+        dir: &std::path::Path,
+    ) -> (
+        std::path::PathBuf,
+        crate::journal::Header,
+        crate::journal::Frame,
+    ) {
+        let path = crate::journal::path_for(dir, "t");
         let _ = std::fs::remove_file(&path);
         let header = crate::journal::Header {
             v: crate::journal::JOURNAL_VERSION,
@@ -1427,6 +1432,13 @@ mod tests {
             length: 10,
             checksum: 1,
         };
+        (path, header, frame)
+    }
+
+    #[test]
+    fn a_kept_journal_is_named_whoever_gave_up() {
+        let dir = std::env::temp_dir().join(format!("nbdnats-settle-{}", std::process::id()));
+        let (path, header, frame) = journal_fixture(&dir);
         for err in [
             Error::Timeout("the sender went quiet".into()),
             Error::from_remote("timeout", "the sender gave up: its receiver was silent"),
@@ -1443,22 +1455,7 @@ mod tests {
     #[test]
     fn a_transfer_cancelled_for_good_keeps_no_journal() {
         let dir = std::env::temp_dir().join(format!("nbdnats-abandon-{}", std::process::id()));
-        let path = crate::journal::path_for(&dir, "t");
-        let _ = std::fs::remove_file(&path);
-        let header = crate::journal::Header {
-            v: crate::journal::JOURNAL_VERSION,
-            transfer_id: "t".into(),
-            target: "/dev/x".into(),
-            size: 100,
-            chunk_size: 10,
-            key_hash: "a".repeat(64),
-            identity: None,
-        };
-        let frame = crate::journal::Frame {
-            kind: Kind::Data,
-            length: 10,
-            checksum: 1,
-        };
+        let (path, header, frame) = journal_fixture(&dir);
         let progress = crate::stats::Progress::new("t", "recv");
         assert_eq!(progress.cause(Error::Cancelled).code(), "cancelled");
         progress
