@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from nbdnats.cli.options import add_command, add_login_options
+from nbdnats.cli.options import add_command, add_login_options, add_state_dir_option
 from nbdnats.ctl.agent import run_agent
 from nbdnats.ctl.config import ANNOUNCE_INTERVAL, DRAIN_TIMEOUT, PROGRESS_INTERVAL, AgentConfig
 from nbdnats.errors import UsageError
@@ -79,7 +79,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--role", choices=["host", "installer"], help="host (default) or installer")
     p.add_argument("--trusted-keys", metavar="DIR", help="Ed25519 public keys (*.pub) of approvers")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics here")
-    p.add_argument("--state-dir", metavar="DIR", help="where receivers keep their journals")
+    add_state_dir_option(p, "where receivers keep their journals")
     p.add_argument("--config", metavar="FILE", help="a TOML config file (see below)")
     p.add_argument(
         "--announce-interval",

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from nbdnats import _core
-from nbdnats.cli.options import add_command
+from nbdnats.cli.options import add_command, add_state_dir_option
 from nbdnats.cli.output import print_json, print_result
 from nbdnats.transfer import discard_journal, journals, resolve_state_dir
 from nbdnats.units import human
@@ -25,12 +25,7 @@ def add_parser(sub: Any) -> None:
         "with the same recv/send and --resume; --discard ID removes its files instead, so it "
         "starts over.",
     )
-    p.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        help="the state dir of the recv/send (default: $NBDNATS_STATE_DIR, else "
-        "$XDG_STATE_HOME/nbdnats or ~/.local/state/nbdnats)",
-    )
+    add_state_dir_option(p, "the state dir of the recv/send")
     p.add_argument(
         "--discard",
         metavar="ID",

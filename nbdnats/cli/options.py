@@ -156,3 +156,12 @@ def add_progress_option(g: Any) -> None:
     g.add_argument(
         PROGRESS_FD_FLAG, dest="progress_fd", type=fd_arg, metavar="FD", help=argparse.SUPPRESS
     )
+
+
+STATE_DIR_DEFAULT = "$NBDNATS_STATE_DIR, else $XDG_STATE_HOME/nbdnats or ~/.local/state/nbdnats"
+
+
+def add_state_dir_option(g: Any, what: str) -> None:
+    """--state-dir: where receivers keep their journals and senders their keys (resolved by
+    ``nbdnats.transfer.resolve_state_dir``); ``what`` says what this command does there."""
+    g.add_argument("--state-dir", metavar="DIR", help=f"{what} (default: {STATE_DIR_DEFAULT})")

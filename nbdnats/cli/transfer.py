@@ -17,6 +17,7 @@ from nbdnats.cli.options import (
     add_login_options,
     add_progress_option,
     add_size_option,
+    add_state_dir_option,
     add_timeout_option,
     login_from,
 )
@@ -135,11 +136,8 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
         help="continue an interrupted transfer: a receiver from its journal, a sender by "
         "taking over from its predecessor",
     )
-    t.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        help="where the receiver keeps its journal and the sender its key for --resume "
-        "(default: $NBDNATS_STATE_DIR, else $XDG_STATE_HOME/nbdnats or ~/.local/state/nbdnats)",
+    add_state_dir_option(
+        t, "where the receiver keeps its journal and the sender its key for --resume"
     )
     t.add_argument(
         "--raw",
