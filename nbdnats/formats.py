@@ -2,8 +2,10 @@
 served through a private ``qemu-nbd`` of that format, so what travels is the disk it holds,
 never its container's bytes, unless the caller asks for them (``raw``).
 
-Only regular files are probed; a block device is raw by nature (it is never wrapped, as a
-target or as a source), and a file that does not exist yet (a new target) is created raw.
+Regular files are probed, and block devices read as a source (a qcow2 on a logical volume,
+as oVirt keeps them, is served as the disk it holds); a block device written as a target is
+raw by nature (it is never wrapped: whatever header it held is overwritten), and a file that
+does not exist yet (a new target) is created raw.
 The formats are those of ``MAGICS``, one table; what matches none is raw. A LUKS container
 is refused (nbd-nats has no key for it), unless ``raw``.
 
@@ -72,12 +74,12 @@ _NOT_FILE_PREFIXES = ("pipe:", "unix:", "pattern:")
 
 
 def probe(path: str) -> str:
-    """The format of the regular file ``path`` by its magic bytes: ``RAW`` when none
+    """The format of the file or device ``path`` by its magic bytes: ``RAW`` when none
     matches (or the file cannot be read: opening it will say why)."""
     try:
         with open(path, "rb") as f:
             head = f.read(_HEAD)
-            size = os.fstat(f.fileno()).st_size
+            size = f.seek(0, os.SEEK_END)  # a block device's too (its st_size is 0)
             tail = b""
             if size >= 512:
                 f.seek(size - 512)
@@ -103,17 +105,17 @@ def _is_file_endpoint(spec: str) -> bool:
     )
 
 
-def format_of(spec: str, *, raw: bool = False) -> str | None:
+def format_of(spec: str, *, raw: bool = False, target: bool = False) -> str | None:
     """The format endpoint ``spec`` is opened as: ``None`` for what is not a file or a
-    device (an NBD URI, a stream), ``RAW`` for a device, a new file, a raw file or any file
-    with ``raw``; else the format its header says."""
+    device (an NBD URI, a stream), ``RAW`` for a new file, a raw file or device, a device
+    written as a ``target``, or anything with ``raw``; else the format its header says."""
     if not _is_file_endpoint(spec):
         return None
     try:
         mode = os.stat(spec).st_mode
     except OSError:
         return RAW
-    if raw or not stat.S_ISREG(mode):
+    if raw or not (stat.S_ISREG(mode) or (stat.S_ISBLK(mode) and not target)):
         return RAW
     return probe(spec)
 
@@ -133,10 +135,10 @@ def _qemu_nbd(spec: str, fmt: str) -> str:
     return found
 
 
-def check(spec: str, *, raw: bool = False) -> str | None:
+def check(spec: str, *, raw: bool = False, target: bool = False) -> str | None:
     """``format_of``, and refuse now what ``serve`` would (a missing qemu-nbd, LUKS), before
     anything is written."""
-    fmt = format_of(spec, raw=raw)
+    fmt = format_of(spec, raw=raw, target=target)
     if fmt is not None and fmt != RAW:
         _refuse(spec, fmt)
         _qemu_nbd(spec, fmt)
@@ -197,7 +199,7 @@ async def serve(
     Fails with one line when qemu-nbd is missing, exits, or does not listen in time, and
     for a target to ``resume``: its journal names the endpoint, and each qemu-nbd has a
     socket of its own."""
-    fmt = format_of(spec, raw=raw)
+    fmt = format_of(spec, raw=raw, target=target)
     if fmt is None or fmt == RAW:
         return Served(spec, fmt)
     _refuse(spec, fmt)
@@ -257,13 +259,13 @@ async def serve(
     return served
 
 
-async def referenced_files(spec: str, *, raw: bool = False) -> list[str]:
+async def referenced_files(spec: str, *, raw: bool = False, target: bool = False) -> list[str]:
     """Every file qemu would open to serve ``spec`` besides ``spec`` itself: the backing
     chain, a qcow2's external data file, a vmdk's extents (absolute as qemu resolves them;
     anything that is not a plain file, such as an ``nbd:`` backing, is returned as
     qemu names it). Empty for an endpoint that is not served by qemu-nbd. An agent checks
     these against its allow-list: an image's header is data, not a permission."""
-    fmt = format_of(spec, raw=raw)
+    fmt = format_of(spec, raw=raw, target=target)
     if fmt is None or fmt == RAW:
         return []
     _refuse(spec, fmt)

@@ -529,7 +529,7 @@ async def copy_ends(
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     # What either end would refuse (an image format without qemu-nbd) before any starts.
     formats.check(src, raw=raw)
-    formats.check(dst, raw=raw)
+    formats.check(dst, raw=raw, target=True)
     async with contextlib.AsyncExitStack() as stack:
         if not urls_given(data_url, ctl_url):
             data_url = await stack.enter_async_context(EmbeddedServer())

@@ -220,8 +220,10 @@ async def run(args: argparse.Namespace) -> _core.Stats:
         "raw": args.raw,
     }
     # Each end's image format, as it is opened (recv's and copy's target first).
-    ends = [getattr(args, "dst", None), getattr(args, "src", None)]
-    fmts = tuple(formats.format_of(e, raw=args.raw) for e in ends if e is not None)
+    ends = [(getattr(args, "dst", None), True), (getattr(args, "src", None), False)]
+    fmts = tuple(
+        formats.format_of(e, raw=args.raw, target=target) for e, target in ends if e is not None
+    )
     call: Awaitable[_core.Stats | CopyStats]
     sender: _core.Stats | None = None
     try:

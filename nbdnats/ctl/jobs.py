@@ -209,12 +209,12 @@ class Jobs:
             "raw": o.raw,
         }
 
-    async def _endpoint(self, spec: str, raw: bool) -> str:
+    async def _endpoint(self, spec: str, raw: bool, *, target: bool = False) -> str:
         """The core endpoint for what a command named, once allowed; an image file served
         by qemu-nbd (``nbdnats.formats``) must open only allowed files too: its header
         (a backing file, a data file, a vmdk's extents) is data, not a permission."""
         endpoint = self.policy.endpoint(spec)
-        for f in await formats.referenced_files(endpoint, raw=raw):
+        for f in await formats.referenced_files(endpoint, raw=raw, target=target):
             if not f.startswith("/"):
                 raise PolicyError(
                     f"{spec} refers to {f!r}, which is not a local file: this agent serves "
@@ -257,7 +257,7 @@ class Jobs:
             raise SchemaError("recv command needs exactly one of 'dst' and 'tool'")
         run: tools.ToolRun | None = None
         if cmd.dst is not None:
-            endpoint, shown = await self._endpoint(cmd.dst, cmd.options.raw), cmd.dst
+            endpoint, shown = await self._endpoint(cmd.dst, cmd.options.raw, target=True), cmd.dst
         else:
             assert cmd.tool is not None
             tags = tools.labels(cmd.tool, cmd.transfer_id)

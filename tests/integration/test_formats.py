@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -286,3 +286,46 @@ def test_agent_refuses_an_image_whose_backing_file_is_outside_its_allow_list(
     start_agent("c", url, "--allow", str(tmp_path))
     ok(ctl(url, "copy", f"c:{overlay}", f"b:{tmp_path}/out.raw"))
     assert sha256_file(tmp_path / "out.raw") == want
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
+    """Attach files as loop block devices (root: the test suite runs as root); every device
+    is detached at the end."""
+    attached: list[str] = []
+
+    def attach(backing: Path) -> str:
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
+        )
+        assert dev.returncode == 0, f"losetup (needs root and /dev/loop-control): {dev.stderr}"
+        attached.append(dev.stdout.strip())
+        return attached[-1]
+
+    yield attach
+    for dev in attached:
+        subprocess.run(["losetup", "--detach", dev], check=False)
+
+
+def test_a_qcow2_on_a_block_device_is_read_as_the_disk_it_holds_and_overwritten_as_a_target(
+    tmp_path: Path,
+    images: tuple[Path, Path, str],
+    private_tmp: dict[str, str],
+    loop_device: Callable[[Path], str],
+) -> None:
+    """A qcow2 kept on a logical volume (as oVirt keeps them): read as a source, the device is
+    served by qemu-nbd as the disk it holds; written as a target, a device is raw whatever
+    header it held, so the disk lands as its bytes (never wrapped)."""
+    raw, qcow, want = images
+    held = tmp_path / "lv-with-qcow2"
+    held.write_bytes(qcow.read_bytes())
+    with held.open("r+b") as f:
+        f.truncate(SIZE)  # room for the disk when written raw
+    dev = loop_device(held)
+    out = tmp_path / "out.raw"
+    doc = report(run_cli("copy", dev, str(out), "--json", env=private_tmp))
+    assert sha256_file(out) == want and doc["sender"]["format"] == "qcow2"  # type: ignore[index]
+    doc = report(run_cli("copy", str(raw), dev, "--json", env=private_tmp))
+    assert doc["format"] == "raw"
+    assert sha256_file(held) == want  # the device now holds the disk's bytes
+    assert leftovers(tmp_path) == []
