@@ -132,6 +132,8 @@ async def run(args: argparse.Namespace) -> None:
         if not args.quiet:
             sys.stderr.write(f"nbd-nats: {message}\n")
         return
+    # Chosen here so that a failure's --json line can name it too.
+    args.migration_id = migration_id = args.migration_id or subjects.new_id()
     if not args.src_qmp or not args.dst_qmp:
         raise UsageError("migrate needs --src-qmp and --dst-qmp")
     if args.direct and args.data_url:
@@ -139,7 +141,6 @@ async def run(args: argparse.Namespace) -> None:
     if args.timeout < 0:
         raise UsageError("--timeout must be 0 (no limit) or more seconds")
     speed = parse_size(args.mirror_speed, "--mirror-speed")
-    migration_id = args.migration_id or subjects.new_id()
     seen: list[State] = []
 
     def show(p: Progress) -> None:

@@ -304,6 +304,10 @@ def test_migrate_and_digest_json_failures(tmp_path: Path) -> None:
         assert done.returncode == status
         doc = json.loads(done.stdout)
         assert doc == {"error": line.removeprefix("nbd-nats: error: "), "code": code, "id": ident}
+    # Without --id, migrate names the random id it chose.
+    done = run_cli("migrate", "--src-qmp", gone, "--dst-qmp", gone, "--direct", "--json")
+    one_line_error(done)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{8,64}", json.loads(done.stdout)["id"] or ""), done.stdout
 
 
 def test_a_receiver_without_sender_says_so_too(
