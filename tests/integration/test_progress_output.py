@@ -196,7 +196,9 @@ def test_bar_and_summary_use_the_same_units(tmp_path: Path) -> None:
     assert rc == 0, shown
     bar, summary = screen(shown)[-2:]
     assert re.search(r"100\.0%  8\.0 MiB / 8\.0 MiB  [\d.]+ MB/s  ETA 0:00", bar), bar
-    assert re.search(r"copied 8\.0 MiB .* [\d.]+ MB/s, xxh3-128:\w+, verified$", summary), summary
+    assert re.search(
+        r"copied 8\.0 MiB .* [\d.]+ MB/s, blk64k-xxh3-128:[0-9a-f]{32}, verified$", summary
+    ), summary
 
 
 def test_ctl_copy_shows_percent_rate_eta_and_verified(
