@@ -35,5 +35,8 @@ dst_sum=$(nbdcopy "$dst" - | sha256sum | cut -d' ' -f1)
 echo "demo: sha256 source $src_sum"
 echo "demo: sha256 target $dst_sum"
 [ "$src_sum" = "$dst_sum" ] || { echo "demo: MISMATCH" >&2; exit 1; }
+# The content digest names the bytes, not how they travelled: recomputed from the target
+# alone, it is the one the copy printed.
+echo "demo: content digest of the target $(nbd-nats digest --algo blk64k-xxh3-128 "$dst" | cut -d' ' -f1)"
 alloc=$(qemu-img info -U --output=json "$dir/target.qcow2" | sed -n 's/.*"actual-size": \([0-9]*\).*/\1/p' | head -n1)
 echo "demo: target allocation $((alloc / 1048576)) MiB on disk for the 1 GiB disk (384 MiB of data)"
