@@ -49,7 +49,7 @@ fmt:
 test-rust: bootstrap
 	$(CARGO) test $(MANIFEST)
 
-test-py: build-prod
+test-py: build-prod bench-deps
 	$(BIN)/pytest
 
 test: lint test-rust test-py

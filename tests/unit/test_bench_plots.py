@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+# `make test` installs the bench extra (make bench-deps): the plots are tested, not skipped.
 pytest.importorskip("matplotlib")
 
 from bench import plots
