@@ -10,9 +10,13 @@ restore  the tool's stdout goes back over NATS into a target:
            kopia show -- OBJECT
 backups  the snapshots nbdnats stored, per disk:
            restic --repo=REPO snapshots --json --tag=nbdnats[,node=N,disk=D]
+incremental backup: only the changed ranges arrive; the rest is read from the parent
+           restic --repo=REPO dump -- PARENT disk.img      (the receiver's base)
+         and the whole image is stored as above, tagged checkpoint=, kind=, parent=
 
 A backup's snapshot is tagged ``nbdnats``, ``transfer=ID``, ``node=N`` and ``disk=D`` (the
-disk percent-encoded, so a tag never holds a comma), then ``digest=...`` and ``size=N``
+disk percent-encoded, so a tag never holds a comma), an incremental run's also
+``checkpoint=NAME``, ``kind=full|incremental`` and ``parent=ID``, then ``digest=...`` and ``size=N``
 (restic; kopia takes the first ones as ``--tags=KEY:VALUE``). What ``snapshots`` lists is
 the tool's output: every id, time and tag value is checked (``schemas.Backup``) and a
 snapshot that fails is left out, counted.
@@ -168,7 +172,28 @@ def labels(tool: Tool, transfer_id: str) -> dict[str, str]:
     if tool.node is not None and tool.disk is not None:
         tags["node"] = subjects.check_token(tool.node, "node name")
         tags["disk"] = disk_tag(tool.disk)
+    if tool.parent is not None and tool.checkpoint is None:
+        raise UsageError("an incremental backup names its checkpoint with its parent")
+    if tool.checkpoint is not None:
+        if tool.kind != "restic":
+            raise UsageError(
+                f"incremental backups need restic (its snapshots carry the checkpoint and "
+                f"give back the parent), not {tool.kind}"
+            )
+        tags["checkpoint"] = tool.checkpoint  # schemas.CheckpointName: no comma, no space
+        tags["kind"] = "full" if tool.parent is None else "incremental"
+        if tool.parent is not None:
+            tags["parent"] = restic_snapshot(tool.parent)
     return tags
+
+
+def base_argv(tool: Tool, policy: Policy) -> list[str] | None:
+    """The command that writes an incremental backup's parent image on stdout (the base
+    the changed ranges are laid over), or None for a full one."""
+    if tool.parent is None:
+        return None
+    parent = msgspec.structs.replace(tool, snapshot=tool.parent, parent=None, checkpoint=None)
+    return restore_argv(parent, policy)
 
 
 def _restic_repo(tool: Tool, policy: Policy) -> str:
@@ -344,6 +369,7 @@ def parse_backups(output: str) -> tuple[list[Backup], int]:
 
 _TAG_FIELDS = {"node": "node", "disk": "disk", "digest": "digest", "size": "size"}
 _TAG_FIELDS["transfer"] = "transfer_id"
+_TAG_FIELDS |= {"kind": "kind", "checkpoint": "checkpoint", "parent": "parent"}
 
 
 def _backup(snap: object) -> Backup | None:
