@@ -93,12 +93,19 @@ class VM:
     disk: Path
     incoming: bool = False
     paused: bool = False
+    # A second QMP socket (``monitor``) for a test to act on the VM while a tool it drives
+    # holds the first one (QEMU serves one client per monitor).
+    second_monitor: bool = False
     proc: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
 
     @property
     def qmp(self) -> str:
         return str(self.dir / f"{self.name}.qmp")
+
+    @property
+    def monitor(self) -> str:
+        return str(self.dir / f"{self.name}-test.qmp")
 
     @property
     def serial(self) -> Path:
@@ -122,6 +129,8 @@ class VM:
             a += ["-incoming", "defer"]
         if self.paused:
             a += ["-S"]
+        if self.second_monitor:
+            a += ["-qmp", f"unix:{self.monitor},server=on,wait=off"]
         self.argv = a
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(a, stdout=log, stderr=log, stdin=subprocess.DEVNULL)

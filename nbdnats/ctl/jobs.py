@@ -46,8 +46,8 @@ from nbdnats.errors import (
 )
 from nbdnats.planes import Planes
 from nbdnats.schemas import (
-    BackupList,
     BackupKind,
+    BackupList,
     BackupsQuery,
     CancelCommand,
     CheckpointCommand,
