@@ -12,10 +12,9 @@ that died does not hold a VM's fleecing images for ever).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Protocol
 
 from nbdnats.errors import TransferError
 
@@ -67,18 +66,11 @@ class Hold:
             await self._end(why)
 
     async def _decide(self, sends: list[Awaitable[bool]]) -> str:
-        all_sent = asyncio.ensure_future(asyncio.gather(*sends))
-        try:
-            either: set[asyncio.Future[Any]] = {all_sent, self._verdict}
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if self._verdict.done() and not self._verdict.result():
-                return "the controller reported that a snapshot was not stored"
-            sent = await all_sent
-        finally:
-            if not all_sent.done():
-                all_sent.cancel()
-                with contextlib.suppress(BaseException):
-                    await all_sent
+        # The sends end first either way (a "not ok" comes with them cancelled): the views
+        # they read are removed only once nothing reads them.
+        sent = await asyncio.gather(*sends)
+        if self._verdict.done() and not self._verdict.result():
+            return "the controller reported that a snapshot was not stored"
         if not all(sent):
             return "a disk's transfer failed"
         try:

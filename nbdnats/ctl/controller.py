@@ -533,8 +533,8 @@ class Controller:
                     options=opts,
                 )
                 await self._command(node, "recv", recv)
-            outcomes = await asyncio.gather(
-                *(
+            follows = [
+                asyncio.ensure_future(
                     self._follow(
                         r.sent.transfer_id,
                         snode,
@@ -542,14 +542,19 @@ class Controller:
                         queues.setdefault(r.sent.transfer_id, asyncio.Queue()),
                         on_event,
                     )
-                    for r in runs
-                ),
-                return_exceptions=True,
-            )
-            for run, outcome in zip(runs, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                run.result = outcome
+                )
+                for r in runs
+            ]
+            try:
+                _, left = await asyncio.wait(follows, return_when=asyncio.FIRST_EXCEPTION)
+                if left:  # one disk failed: stop the others before they store a snapshot
+                    await self._roll_back(tid, snode, node)
+                    await asyncio.wait(left)
+            finally:
+                for f in follows:
+                    f.cancel()
+            for run, follow in zip(runs, follows, strict=True):
+                run.result = follow.result()
             confirmed = True
             await self._command(snode, "checkpoint", CheckpointCommand(transfer_id=tid, ok=True))
         except BaseException:

@@ -326,8 +326,12 @@ class Jobs:
                 )
                 one = {**ends, "transfer_id": disk.transfer_id}
                 # The checkpoint's own read-only export of the frozen disk: no policy applies.
-                handle = start_send(view.uri, size=view.size, dirty_bitmap=view.bitmap, **one)
-                info = {"checkpoint": checkpoint.name, "backup_kind": mode, "reason": reason}
+                handle = start_send(view.uri, dirty_bitmap=view.bitmap, **one)
+                info = {
+                    "checkpoint": checkpoint.name,
+                    "backup_kind": mode,
+                    "reason": reason or None,
+                }
                 keyed = msgspec.structs.replace(cmd, transfer_id=disk.transfer_id)
                 await self._accept("send", "send", keyed, view.disk, handle, None, info=info)
                 started.append(self.jobs[disk.transfer_id])
