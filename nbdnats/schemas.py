@@ -138,9 +138,11 @@ class TransferOptions(Message, kw_only=True):
 class Incremental(Message, kw_only=True):
     """An incremental backup's source side: take a checkpoint of ``src`` (a VM the agent
     knows: all its writable disks at one instant; or an export or path of a qcow2 image
-    not in use) and send what changed since checkpoint ``since`` (None: everything)."""
+    not in use) and send what changed since checkpoint ``since`` (None: everything, and
+    ``reason`` says why, as the controller found it)."""
 
     since: CheckpointName | None = None
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
 class SendCommand(Command, kw_only=True):

@@ -500,7 +500,10 @@ class Controller:
             for n in dict.fromkeys((snode, node))
         ]
         send = SendCommand(
-            key=key, transfer_id=tid, src=name, incremental=Incremental(since=begun.since)
+            key=key,
+            transfer_id=tid,
+            src=name,
+            incremental=Incremental(since=begun.since, reason=begun.reason[:1024]),
         )
         send = msgspec.structs.replace(send, options=opts)
         confirmed = False
@@ -571,7 +574,7 @@ class Controller:
             transfer_id=tid,
             checkpoint=first.checkpoint,
             since=first.since,
-            reason=first.reason or begun.reason,
+            reason=first.reason,
             disks=runs,
         )
 

@@ -314,7 +314,10 @@ class Jobs:
         try:
             for n, view in enumerate(checkpoint.disks):
                 mode: BackupKind = "full" if view.bitmap is None else "incremental"
-                reason = checkpoint.reason or ("" if view.bitmap else "no bitmap for this disk")
+                # Why full: the controller's reason when it asked for a full run, else the
+                # checkpoint's (the source no longer holds ``since``).
+                asked = cmd.incremental.reason if cmd.incremental.since is None else ""
+                reason = "" if view.bitmap else (asked or checkpoint.reason or "no bitmap")
                 disk = DiskSend(
                     transfer_id=subjects.backup_disk_id(tid, n),
                     disk=view.disk,
