@@ -82,6 +82,8 @@ ATTEMPTS = 3
 QUIET = 5.0  # no event for this long: ask the agents how the transfer is doing
 DIGEST_TIMEOUT = 3600.0  # hashing an image reads all of it
 BACKUPS_TIMEOUT = 300.0  # restic reads the repository's index (maybe remote) to list
+# Taking a checkpoint: a QMP transaction, then a read-only view of each disk served.
+CHECKPOINT_TIMEOUT = 60.0
 TERMINAL = ("done", "failed", "cancelled")
 LOST_AFTER = 3  # announce intervals without a word before a node counts as lost
 
@@ -509,7 +511,8 @@ class Controller:
         confirmed = False
         try:
             subject = subjects.ctl_command(snode, "send")
-            sent = (await self._request(subject, send, SendReply)).disks
+            reply = await self._request(subject, send, SendReply, timeout=CHECKPOINT_TIMEOUT)
+            sent = reply.disks
             if not sent:
                 raise UsageError(f"{snode}:{name} has no disk to back up")
             why = chain.mismatch(begun, sent)
