@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from types import TracebackType
 from typing import Protocol
 
 from nbdnats.errors import TransferError
@@ -28,7 +29,12 @@ class Committable(Protocol):
 
     async def commit(self) -> None: ...
 
-    async def __aexit__(self, *exc: object) -> object: ...
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 class Hold:
