@@ -5,6 +5,8 @@ backup   the image arrives over NATS and goes into the tool's stdin, stored as d
            kopia snapshot create --stdin-file disk.img --tags=K:V... -- SOURCE
          then, once the transfer's digest is known, restic's snapshot gets it as a tag:
            restic --repo=REPO tag --add=digest=... --add=size=N -- SNAPSHOT
+         (when the repository is locked, once: restic --repo=REPO unlock, which removes
+         only stale locks, such as a killed restic's)
 restore  the tool's stdout goes back over NATS into a target:
            restic --repo=REPO dump -- SNAPSHOT disk.img
            kopia show -- OBJECT
@@ -225,6 +227,13 @@ def tag_argv(tool: Tool, policy: Policy, snapshot: str, tags: Mapping[str, str])
     return ["restic", repo, "tag", *adds, "--", restic_snapshot(snapshot)]
 
 
+def unlock_argv(tool: Tool, policy: Policy) -> list[str]:
+    """The command that removes a restic repository's stale locks: those of restic
+    processes gone from this host (one killed outright leaves its lock behind, and every
+    later ``restic tag`` would wait on it), never a live one's."""
+    return ["restic", _restic_repo(tool, policy), "unlock"]
+
+
 def backups_argv(tool: Tool, policy: Policy, transfer_id: str | None = None) -> list[str]:
     """The command that lists nbdnats's restic snapshots: all, one disk's (``tool.node``
     and ``tool.disk``), or one transfer's."""
@@ -434,6 +443,9 @@ async def tag_backup(
         except EndpointError as e:
             if delay is None:
                 return f"{output} (without its {', '.join(tags)} tags: {e})"
+            if delay == TAG_RETRIES[0]:  # a killed restic's lock would never go by itself
+                with contextlib.suppress(EndpointError):
+                    await _run(unlock_argv(tool, policy), env)
             await asyncio.sleep(delay)
     mine, _ = await list_backups(tool, policy, env, transfer_id)
     if not mine:
