@@ -266,7 +266,8 @@ def test_a_failed_run_stores_nothing_and_the_next_one_sends_its_changes_again(
     """restic killed mid-stream, then the source's agent killed mid-stream: neither run
     leaves a snapshot, the source keeps every change (the checkpoint rolled back, or its
     leftovers recovered by the restarted agent), and the next incremental restores to the
-    disk at its own checkpoint."""
+    disk at its own checkpoint. A controller that dies leaves an unconfirmed checkpoint,
+    rolled back after the transfer timeout: the next run is full and says why."""
     site = vm_site(url, tmp_path, machine, start_agent)
     proc, ref = backup_at_checkpoint(site, machine, "full", tmp_path / "ref-full.raw")
     full = finished(proc)
@@ -310,6 +311,20 @@ def test_a_failed_run_stores_nothing_and_the_next_one_sends_its_changes_again(
     assert again["disks"][0]["dirty_bytes"] >= 16 * MiB
     target, _ = site.restore(again["disks"][0]["snapshot"], "after-source.raw")
     assert sha256_file(target) == sha256_file(ref2)
+
+    # 3. The controller dies while the disk streams: the backup node still stores the
+    # snapshot, but nobody confirms it, so the source rolls back once its bound (--timeout)
+    # has passed. The next run cannot start from that snapshot's checkpoint: full, saying so.
+    proc = site.backup("controller-gone", "--timeout", "5")
+    wait_for(lambda: restic_backup_child(site.b) is not None, "restic backup on b", RUN)
+    proc.kill()
+    proc.communicate()
+    wait_for(lambda: "no word from the controller" in site.a.text(), "a's rollback", RUN)
+    proc, ref3 = backup_at_checkpoint(site, machine, "after-controller", tmp_path / "ref3.raw")
+    last = finished(proc)
+    assert last["kind"] == "full" and "not on vm1/" in last["reason"], last["reason"]
+    target, _ = site.restore(last["disks"][0]["snapshot"], "after-controller.raw")
+    assert sha256_file(target) == sha256_file(ref3)
 
 
 def test_an_offline_qcow2_image_is_backed_up_incrementally(
