@@ -30,7 +30,7 @@ from nbdnats import _core
 from nbdnats.embedded import free_port
 from tests.backups import RESTIC_ENV, restic
 from tests.cli import one_line_error, start_cli
-from tests.ctl import AgentProc, ctl, ok
+from tests.ctl import AgentProc, ctl, ok, stored_events
 from tests.images import MiB, sha256_file
 from tests.nats_server import NatsServer
 from tests.waits import wait_for
@@ -91,6 +91,12 @@ class Site:
         pick = ("--restic", str(self.repo), "--snapshot", snapshot)
         doc = json.loads(ok(ctl(self.url, "--json", "restore", "b", f"a:{target}", *pick)))
         return target, doc
+
+
+def ok_stderr(proc: subprocess.CompletedProcess[bytes]) -> str:
+    """What a command that exited 0 said on stderr (where the summary goes)."""
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stderr.decode()
 
 
 def finished(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -257,6 +263,11 @@ def test_incrementals_of_a_writing_vm_each_restore_alone_to_their_checkpoint(
     assert doc["disks"][0]["kind"] == "full" and doc["disks"][0]["parent"] is None
     target, _ = site.restore(doc["disks"][0]["snapshot"], "restored4.raw")
     assert sha256_file(target) == sha256_file(ref)
+    # Without --snapshot, the disk's latest: this run's.
+    latest = site.work / "latest.raw"
+    pick = ("--restic", str(site.repo), "--disk", f"a:{name}")
+    ok(ctl(url, "restore", "b", f"a:{latest}", *pick))
+    assert sha256_file(latest) == sha256_file(ref)
 
 
 @pytest.mark.timeout(1500)
@@ -367,9 +378,28 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
         target, _ = site.restore(doc["disks"][0]["snapshot"], f"{doc['transfer_id']}.raw")
         assert sha256_file(target) == sha256_file(want)
 
+    # The summary line and the transfer events say the same as --json.
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x3d 9M 64k", str(image)], check=True)
+    args = ("backup", "a:data", "b", "--restic", str(repo), "--incremental", "--id", "line")
+    line = ok_stderr(ctl(url, *args))
+    assert re.search(
+        rf"backed up line at checkpoint nbdnats-\S+ \(since {incremental['checkpoint']}\): "
+        r"data incremental: 64\.0 KiB dirty, [0-9.]+ \S+ sent in [0-9.]+ s, snapshot [0-9a-f]{8}, "
+        r"blk64k-xxh3-128:",
+        line,
+    ), line
+    ends = {
+        e["role"]: e
+        for e in stored_events(url, "transfer")
+        if e["transfer_id"] == "offline-incr-disk0" and e["state"] == "done"
+    }
+    assert ends["send"]["backup_kind"] == "incremental" and ends["send"]["dirty_bytes"] > 0
+    assert ends["send"]["checkpoint"] == incremental["checkpoint"]
+    assert ends["recv"]["parent"] == full["disks"][0]["snapshot"]
+
     body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for kind in ("full", "incremental"):
-        assert f'nbdnats_backups_total{{kind="{kind}",outcome="done",role="send"}} 1' in body
+    for kind, runs in (("full", 1), ("incremental", 2)):
+        assert f'nbdnats_backups_total{{kind="{kind}",outcome="done",role="send"}} {runs}' in body
     assert "nbdnats_backup_dirty_bytes_total" in body
 
     err = one_line_error(ctl(url, "backup", "a:data", "b", "--kopia", "/vms/data", "--incremental"))
