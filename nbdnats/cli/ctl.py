@@ -148,7 +148,8 @@ def add_parser(sub: Any) -> None:
         "backups",
         help="the backups a node's restic repository holds, per disk",
         description="The snapshots ctl backup stored in a restic repository, per disk: "
-        "id, time, NODE:DISK, size and digest; disk by disk, each oldest first.",
+        "id, time, NODE:DISK, size and digest (an incremental run's also its kind, "
+        "checkpoint and parent); disk by disk, each oldest first.",
     )
     bl.add_argument("node", help="the node that runs the backup tool")
     bl.add_argument("--restic", metavar="REPO", required=True, help="the restic repository")
