@@ -23,7 +23,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -108,6 +108,8 @@ class Job:
     # An incremental backup's disk, as its events show it: checkpoint, backup_kind, reason
     # (why full), parent.
     info: dict[str, Any] | None = None
+    # Set once its tool (and base) ended, well or not: its restic holds no lock any more.
+    tool_ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def running(self) -> bool:
@@ -143,6 +145,7 @@ class Jobs:
         self._outcomes: dict[tuple[str, str], int] = {}
         self._totals: dict[tuple[str, str], float] = {}
         self._backups: dict[tuple[str, str, str], int] = {}  # (role, kind, outcome)
+        self._tagging: dict[str, asyncio.Lock] = {}  # by restic repository
 
     @property
     def planes(self) -> Planes:
@@ -534,19 +537,15 @@ class Jobs:
         extra: dict[str, Any] = {}
         try:
             stats = await job.handle.wait()
-            if job.base is not None:
-                await job.base.finish()  # the parent was read whole: restic dump ended well
-            if job.tool is not None:
-                extra["tool_output"] = await job.tool.finish()
+            try:
+                if job.base is not None:
+                    await job.base.finish()  # the parent was read whole: restic dump ended well
+                if job.tool is not None:
+                    extra["tool_output"] = await job.tool.finish()
+            finally:
+                job.tool_ended.set()
             if job.backup is not None:
-                extra["tool_output"] = await tools.tag_backup(
-                    job.backup,
-                    self.policy,
-                    self.env(),
-                    job.transfer_id,
-                    extra["tool_output"],
-                    tools.done_tags(stats.digest, stats.size),
-                )
+                extra["tool_output"] = await self._tag(job, stats, extra["tool_output"])
             if job.approved_digest is not None:
                 extra["image_digest"] = await self._read_back(job, stats.size)
             state = "done"
@@ -555,6 +554,7 @@ class Jobs:
             if job.base is not None:
                 cause = await job.base.abort() or cause
             state = "cancelled" if isinstance(e, TransferCancelled) else "failed"
+            job.tool_ended.set()
             extra |= {"error_code": e.code, "error": cause or str(e)}
             extra["from_peer"] = e.from_peer and not cause
         except Exception as e:  # report, never leave a job half-reported
@@ -563,6 +563,7 @@ class Jobs:
                 await job.tool.abort()
             if job.base is not None:
                 await job.base.abort()
+            job.tool_ended.set()
             state, extra = "failed", {"error_code": "error", "error": f"agent error: {e}"}
         job.final = self.event(job, state, **extra)
         outcome = (job.role, state)
@@ -582,6 +583,28 @@ class Jobs:
             f": {extra['error']}" if "error" in extra else "",
         )
         await self._publish("transfer", encode(job.final))
+
+    async def _tag(self, job: Job, stats: _core.Stats, output: str) -> str:
+        """Tag a restic backup's snapshot once no other backup of this agent into the same
+        repository still runs its restic: ``restic tag`` needs the repository to itself, and
+        the disks of one VM, stored side by side, would otherwise keep each other's tags
+        out (and an incremental run needs them: ``nbdnats.backup.chain``). One tag at a
+        time per repository; a restic that is stopping ends without this."""
+        assert job.backup is not None
+        repo = job.backup.repo or ""
+        async with self._tagging.setdefault(repo, asyncio.Lock()):
+            for other in list(self.jobs.values()):
+                same = other.backup is not None and other.backup.repo == repo
+                if other is not job and same and other.running:
+                    await other.tool_ended.wait()
+            return await tools.tag_backup(
+                job.backup,
+                self.policy,
+                self.env(),
+                job.transfer_id,
+                output,
+                tools.done_tags(stats.digest, stats.size),
+            )
 
     async def _read_back(self, job: Job, size: int) -> str:
         """Read the written image back from the device (not the page cache) and compare."""

@@ -28,10 +28,10 @@ import pytest
 from bench import vm
 from nbdnats import _core
 from nbdnats.embedded import free_port
-from tests.backups import RESTIC_ENV, restic
+from tests.backups import RESTIC_ENV, restic, slow_backup
 from tests.cli import one_line_error, start_cli
 from tests.ctl import AgentProc, ctl, ok, stored_events
-from tests.images import MiB, sha256_file
+from tests.images import MiB, make_image, sha256_file
 from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
@@ -404,3 +404,23 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
 
     err = one_line_error(ctl(url, "backup", "a:data", "b", "--kopia", "/vms/data", "--incremental"))
     assert "--incremental needs --restic" in err
+
+
+def test_disks_stored_side_by_side_each_get_their_tags(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path
+) -> None:
+    """A VM's disks are stored into one repository at once, and ``restic tag`` needs it to
+    itself: the backup that ends first waits for the other's restic before it tags, so
+    both snapshots get their size and digest (the next incremental run starts from them)."""
+    with slow_backup(url, start_agent, tmp_path, "slow") as (_, _, slow, repo):
+        fast = tmp_path / "disks" / "fast.raw"
+        make_image(fast, 4 * MiB, [(0, 4 * MiB)])
+        wait_for(lambda: any((repo / "locks").iterdir()), "the slow backup's restic lock", RUN)
+        done = ctl(url, "--json", "backup", f"a:{fast}", "b", "--restic", str(repo), "--id", "fast")
+        assert "without its" not in ok(done)
+        _, err = slow.communicate(timeout=RUN)
+        assert slow.returncode == 0, err.decode()
+    tags = [set(s["tags"]) for s in json.loads(restic(repo, "snapshots", "--json").stdout)]
+    assert len(tags) == 2
+    for t in tags:
+        assert any(x.startswith("digest=") for x in t) and any(x.startswith("size=") for x in t)
