@@ -343,7 +343,8 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
 ) -> None:
     """An export whose file is a qcow2 image nothing has open: a full run, writes by
     qemu-io, an incremental run that sends only them; each snapshot restores to the image's
-    bytes at its run. The agent counts both runs in its metrics. kopia is refused."""
+    bytes at its run. The agent counts both runs in its metrics. kopia is refused, and so
+    is a raw image (it cannot keep a dirty bitmap)."""
     images = tmp_path / "images"
     images.mkdir()
     image = vm.make_disk(images / "data.qcow2", 32 * MiB, data_mib=8)
@@ -404,6 +405,12 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
 
     err = one_line_error(ctl(url, "backup", "a:data", "b", "--kopia", "/vms/data", "--incremental"))
     assert "--incremental needs --restic" in err
+    plain = images / "plain.raw"
+    make_image(plain, MiB, [(0, MiB)])
+    err = one_line_error(
+        ctl(url, "backup", f"a:{plain}", "b", "--restic", str(repo), "--incremental")
+    )
+    assert "needs a VM this agent knows" in err and "or a qcow2 image" in err
 
 
 def test_disks_stored_side_by_side_each_get_their_tags(
