@@ -41,6 +41,7 @@ from nbdnats.backup.views import (
     Bitmap,
     Checkpoint,
     DiskView,
+    check_since,
     decide,
     new_name,
     stale,
@@ -98,7 +99,8 @@ def vm_disks(vm: str, block: list[dict[str, Any]]) -> list[VmDisk]:
             hint = (
                 RAW_HINT
                 if driver == "raw"
-                else "checkpoints need a qcow2 image on top (a filter of a running block job? let it finish)"
+                else "checkpoints need a qcow2 image on top (a running block job's filter? "
+                "let the job finish)"
             )
             raise UsageError(f"disk {name} is {driver}: {hint}")
         disks.append(VmDisk(name, node, int(inserted["image"]["virtual-size"])))
@@ -386,6 +388,7 @@ async def vm_checkpoint(
 ) -> VmCheckpoint:
     if not VM_NAME.fullmatch(vm):
         raise UsageError(f"VM name {vm!r}: use letters, digits, '.', '_' or '-' (up to 64)")
+    check_since(since)
     workdir.mkdir(parents=True, exist_ok=True)
     probe = VmCheckpoint(
         new_name(), since, "", socket=qmp_socket, vm=vm, workdir=workdir, timeout=timeout, disks=[]

@@ -25,6 +25,7 @@ from nbdnats.backup.views import (
     Bitmap,
     Checkpoint,
     DiskView,
+    check_since,
     decide,
     new_name,
     stale,
@@ -37,6 +38,8 @@ TOOL_TIMEOUT = 60.0
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 EXPORT = "nbdnats-ckpt-offline"
+# sun_path holds 108 bytes with its terminating NUL.
+MAX_SOCKET_PATH = 107
 POLL = 0.05
 
 
@@ -194,8 +197,13 @@ async def offline_checkpoint(
     image = Path(path).absolute()
     if not image.is_file():
         raise UsageError(f"disk {disk}: {path} is not a file: give the qcow2 image's path")
+    check_since(since)
     workdir.mkdir(parents=True, exist_ok=True)
     probe = OfflineCheckpoint(new_name(), since, "", path=str(image), disk=disk, workdir=workdir)
+    if len(str(probe.socket).encode()) > MAX_SOCKET_PATH:
+        raise UsageError(
+            f"work directory {workdir} is too long for a unix socket: use a shorter one"
+        )
     await probe.end_leftover()
     out = await _run(disk, ["qemu-img", "info", "--output=json", str(image)])
     fmt = json.loads(out).get("format")

@@ -12,6 +12,7 @@ the new bitmap back into ``since`` and restarts it, so no write is ever forgotte
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import re
 import secrets
@@ -151,6 +152,16 @@ class Checkpoint(abc.ABC):
     ) -> None:
         if self.state is not State.OPEN:
             return
+        # A second cancellation must not cut the rollback short: it runs to its end (every
+        # step is bounded) and the cancellation is delivered afterwards.
+        leaving = asyncio.ensure_future(self._leave())
+        try:
+            await asyncio.shield(leaving)
+        except asyncio.CancelledError:
+            await leaving
+            raise
+
+    async def _leave(self) -> None:
         try:
             await self._close()
         finally:

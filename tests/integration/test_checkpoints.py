@@ -388,3 +388,83 @@ def test_offline_raw_image_is_refused_with_a_hint(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as e:
         asyncio.run(offline_checkpoint(str(raw), "db", since=None, workdir=tmp_path / "w"))
     assert "disk db is raw" in str(e.value) and "qemu-img convert -O qcow2" in str(e.value)
+
+
+def test_offline_image_closed_uncleanly_makes_the_next_run_full(tmp_path: Path) -> None:
+    image = vm.make_disk(tmp_path / "off.qcow2", DISK)
+    work = tmp_path / "ckpt"
+
+    async def first() -> str:
+        async with await offline_checkpoint(str(image), "db", since=None, workdir=work) as cp:
+            await cp.commit()
+        return cp.name
+
+    cp1 = asyncio.run(first())
+    # A writer killed with the image open leaves the bitmap flagged in-use.
+    killed = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write 0 64k", "-c", "sigraise 9", str(image)],
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert "in-use" in image_bitmaps(image)[cp1]
+
+    async def after() -> None:
+        async with await offline_checkpoint(str(image), "db", since=cp1, workdir=work) as cp:
+            reason = f"bitmap {cp1} on db is inconsistent: the image was not closed cleanly"
+            assert (cp.reason, cp.since, cp.disks[0].bitmap) == (reason, None, None)
+            await cp.commit()
+        assert image_bitmaps(image) == {cp.name: ["auto"]}
+
+    asyncio.run(after())
+
+
+KILLED_OFFLINE_RUN = """
+import asyncio, sys
+from pathlib import Path
+from nbdnats.backup import offline_checkpoint
+
+async def main():
+    cp = await offline_checkpoint(sys.argv[1], "db", since=sys.argv[2], workdir=Path(sys.argv[3]))
+    print(cp.disks[0].uri, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_offline_checkpoint_after_a_killed_run_stops_its_qemu_nbd_and_stays_incremental(
+    tmp_path: Path,
+) -> None:
+    image = vm.make_disk(tmp_path / "off.qcow2", DISK)
+    work = tmp_path / "ckpt"
+
+    async def first() -> str:
+        async with await offline_checkpoint(str(image), "db", since=None, workdir=work) as cp:
+            await cp.commit()
+        return cp.name
+
+    cp1 = asyncio.run(first())
+    qemu_io(image, f"write -P 0x46 {5 * MiB} {64 * KiB}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    with subprocess.Popen(
+        [sys.executable, "-c", KILLED_OFFLINE_RUN, str(image), cp1, str(work)],
+        stdout=subprocess.PIPE,
+        env=env,
+    ) as run:
+        try:
+            assert run.stdout is not None
+            assert run.stdout.readline().startswith(b"nbd+unix:///")
+        finally:
+            run.send_signal(signal.SIGKILL)
+            run.wait(10)
+
+    async def after() -> None:
+        # Its qemu-nbd still holds the image; the next run stops it and merges its bitmap.
+        async with await offline_checkpoint(str(image), "db", since=cp1, workdir=work) as cp:
+            assert cp.reason == ""
+            assert dirty(cp.disks[0].uri, cp1) == [(5 * MiB, 64 * KiB)]
+            await cp.commit()
+        assert image_bitmaps(image) == {cp.name: ["auto"]}
+        assert list(work.iterdir()) == []
+
+    asyncio.run(after())
