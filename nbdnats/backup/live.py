@@ -72,6 +72,11 @@ def _job(i: int) -> str:
     return f"{OURS}job-{i}"
 
 
+def _filter(i: int) -> str:
+    """The job's copy-before-write filter above the disk (it goes with the job)."""
+    return f"{OURS}cbw-{i}"
+
+
 def _export(i: int) -> str:
     return f"{OURS}export-{i}"
 
@@ -273,7 +278,7 @@ class VmCheckpoint(Checkpoint):
                         device=d.node,
                         target=_view(i),
                         sync="none",
-                        **{"job-id": _job(i)},
+                        **{"job-id": _job(i), "filter-node-name": _filter(i)},
                     )
                 )
             await qmp.cmd("transaction", actions=actions)

@@ -26,7 +26,7 @@ import pytest
 
 from bench import vm
 from nbdnats.backup import Checkpoint, offline_checkpoint, vm_checkpoint
-from nbdnats.errors import UsageError
+from nbdnats.errors import EndpointError, UsageError
 from tests.waits import until, wait_for
 
 MiB = 1 << 20
@@ -275,6 +275,27 @@ def test_vm_checkpoint_cancelled_rolls_back(bare: Callable[..., Qemu], tmp_path:
         assert list(bitmaps) == [cp1] and bitmaps[cp1]["recording"]
         assert bitmaps[cp1]["count"] == 64 * KiB
         assert await leftovers(q.qmp) == []
+
+    asyncio.run(scenario())
+
+
+def test_vm_running_an_nbd_server_of_its_own_is_refused_and_rolled_back(
+    bare: Callable[..., Qemu], tmp_path: Path
+) -> None:
+    q = bare()
+    work = tmp_path / "ckpt"
+
+    async def scenario() -> None:
+        cp1 = await full(q.qmp, work)
+        addr = {"type": "unix", "data": {"path": str(tmp_path / "theirs.sock")}}
+        await q.cmd("nbd-server-start", addr=addr)
+        with pytest.raises(EndpointError) as e:
+            await vm_checkpoint(q.qmp, "vm1", since=cp1, workdir=work)
+        assert "already runs an NBD server" in str(e.value) and "\n" not in str(e.value)
+        bitmaps = await node_bitmaps(q.qmp)
+        assert list(bitmaps) == [cp1] and bitmaps[cp1]["recording"]
+        assert await leftovers(q.qmp) == [] and list(work.iterdir()) == []
+        await q.cmd("nbd-server-stop")  # theirs was left alone
 
     asyncio.run(scenario())
 
