@@ -193,12 +193,14 @@ async def serve(
     raw: bool = False,
     resume: bool = False,
     timeout: float = START_TIMEOUT,
+    bitmap: str | None = None,
 ) -> Served:
     """``spec`` as the core should open it: a file whose header names a format is served
     by a private qemu-nbd (read-only unless ``target``); anything else is left as it is.
     Fails with one line when qemu-nbd is missing, exits, or does not listen in time, and
     for a target to ``resume``: its journal names the endpoint, and each qemu-nbd has a
-    socket of its own."""
+    socket of its own. ``bitmap`` (a source; checked by ``transfer.check_bitmap_name``):
+    the qemu-nbd also offers that dirty bitmap of the image (``-B``)."""
     fmt = format_of(spec, raw=raw, target=target)
     if fmt is None or fmt == RAW:
         return Served(spec, fmt)
@@ -223,6 +225,7 @@ async def serve(
             "--persistent",  # the core may connect again (--verify, --resume)
             "--shared=8",
             "--read-only" if not target else "--discard=unmap",
+            *([f"--bitmap={bitmap}"] if bitmap is not None and not target else []),
             # Absolute, so that qemu never reads it as an option or as "proto:...".
             os.path.abspath(spec),
         ]
