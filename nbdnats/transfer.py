@@ -97,6 +97,19 @@ def check_bitmap_name(name: str) -> str:
     return name
 
 
+def check_dirty(dirty_bitmap: str | None, *, resume: bool) -> None:
+    """A dirty transfer's options, checked before anything starts: a valid bitmap name, and
+    no ``resume`` (its bitmap still marks every change: it is simply run again)."""
+    if dirty_bitmap is None:
+        return
+    check_bitmap_name(dirty_bitmap)
+    if resume:
+        raise UsageError(
+            "a dirty-bitmap transfer cannot be resumed: its bitmap still marks every change "
+            "since the last backup, so run it again whole (without --resume)"
+        )
+
+
 def event_of(stats: TransferStats, node: str, **extra: Any) -> TransferEvent:
     return from_stats(TransferEvent, stats, node=node, **extra)
 
@@ -340,8 +353,7 @@ async def start_send(
     export offering ``qemu:dirty-bitmap:NAME``, or an image file holding the bitmap); the
     receiver's target must hold the previous image, or it merges a ``base``."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
-    if dirty_bitmap is not None:
-        check_bitmap_name(dirty_bitmap)
+    check_dirty(dirty_bitmap, resume=resume)
     served = await formats.serve(src, target=False, raw=raw, bitmap=dirty_bitmap)
     return await _start(
         planes,
@@ -570,8 +582,7 @@ async def copy_ends(
     ``dirty_bitmap`` as for ``send``; ``base`` as for ``start_recv``."""
     transfer_id = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
-    if dirty_bitmap is not None:
-        check_bitmap_name(dirty_bitmap)
+    check_dirty(dirty_bitmap, resume=resume)
     # What either end would refuse (an image format without qemu-nbd) before any starts.
     formats.check(src, raw=raw)
     formats.check(dst, raw=raw, target=True)

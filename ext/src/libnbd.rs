@@ -66,6 +66,7 @@ extern "C" {
     fn nbd_set_opt_mode(h: *mut RawHandle, enable: bool) -> c_int;
     fn nbd_aio_is_negotiating(h: *mut RawHandle) -> c_int;
     fn nbd_aio_opt_list(h: *mut RawHandle, list: ListCallback, cb: CompletionCallback) -> c_int;
+    fn nbd_opt_abort(h: *mut RawHandle) -> c_int;
     fn nbd_aio_opt_list_meta_context(
         h: *mut RawHandle,
         list: ContextCallback,
@@ -386,6 +387,12 @@ pub fn list_dirty_bitmaps(
     // (`drop(handle)`) before either is read or dropped.
     let listed = unsafe { nbd_aio_opt_list_meta_context(handle.raw, list, done) } != -1
         && handle.settle(started, Some(deadline)).is_ok();
+    // SAFETY: live handle.
+    let negotiating = listed && unsafe { nbd_aio_is_negotiating(handle.raw) } == 1;
+    if negotiating {
+        // SAFETY: live handle in negotiation; ends it politely (the server logs no error).
+        unsafe { nbd_opt_abort(handle.raw) };
+    }
     drop(handle);
     (listed && *error == 0).then(|| {
         names

@@ -151,7 +151,7 @@ impl State {
             match self.base.read(&mut self.buf[got..n]) {
                 Ok(0) => {
                     let at = self.pos + got as u64;
-                    let size = self.size.map_or(String::new(), |s| format!(" of {s}"));
+                    let size = self.size.map_or(String::new(), |s| format!(" {s}"));
                     return Err(Error::Endpoint(format!(
                         "{} ends at byte {at}, short of the image's{size} bytes: it is not the \
                          previous image; merge with the base this dirty bitmap was started on",
