@@ -301,3 +301,116 @@ impl Sink for Merge {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    const SIZE: u64 = 300_000;
+
+    fn base_file(tag: &str, len: usize) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("nbdnats-base-{tag}-{}", std::process::id()));
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(&bytes))
+            .unwrap();
+        path
+    }
+
+    /// Merge into a pipe whose other end a thread reads to the end.
+    async fn merged(
+        base: &std::path::Path,
+        ops: impl FnOnce(&Merge) -> BoxFuture<'static, Result<Option<[u8; 16]>>>,
+    ) -> (Result<Option<[u8; 16]>>, Vec<u8>) {
+        let (mut rd, wr) = std::io::pipe().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            rd.read_to_end(&mut out).unwrap();
+            out
+        });
+        let target = format!("pipe:/proc/self/fd/{}", wr.as_raw_fd());
+        let merge = Merge::open(&target, base.to_str().unwrap()).await.unwrap();
+        drop(wr); // the merge holds its own descriptor of the pipe
+        let result = ops(&merge).await;
+        drop(merge);
+        (result, reader.join().unwrap())
+    }
+
+    #[tokio::test]
+    async fn received_ranges_replace_the_base_and_the_rest_is_copied() {
+        let base = base_file("ok", SIZE as usize);
+        let (result, out) = merged(&base, |m| {
+            let steps = vec![
+                m.prepare(SIZE),
+                m.write(1000, Bytes::from(vec![0xaa; 500])),
+                m.zero(200_000, 70_000, false),
+            ];
+            let finish = m.finish(SIZE);
+            async move {
+                for s in steps {
+                    s.await?;
+                }
+                finish.await
+            }
+            .boxed()
+        })
+        .await;
+        let mut want: Vec<u8> = (0..SIZE as usize).map(|i| (i % 251) as u8).collect();
+        want[1000..1500].fill(0xaa);
+        want[200_000..270_000].fill(0);
+        assert_eq!(out, want);
+        let mut digest = ContentDigest::default();
+        digest.data(&want);
+        assert_eq!(result.unwrap(), Some(digest.value()));
+        std::fs::remove_file(base).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_base_of_another_size_fails_naming_it() {
+        for (tag, len, why) in [
+            ("short", SIZE as usize - 1, "ends at byte 299999"),
+            (
+                "long",
+                SIZE as usize + 1,
+                "is longer than the image's 300000 bytes",
+            ),
+        ] {
+            let base = base_file(tag, len);
+            let (result, _) = merged(&base, |m| {
+                let (size, finish) = (m.prepare(SIZE), m.finish(SIZE));
+                async move {
+                    size.await?;
+                    finish.await
+                }
+                .boxed()
+            })
+            .await;
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains(&format!("base {}", base.display())), "{err}");
+            assert!(err.contains(why), "{err}");
+            std::fs::remove_file(base).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_overlapping_frame_fails_and_nothing_more_is_written() {
+        let base = base_file("overlap", SIZE as usize);
+        let (result, out) = merged(&base, |m| {
+            let first = m.write(100, Bytes::from(vec![1; 100]));
+            let second = m.write(150, Bytes::from(vec![2; 10]));
+            let finish = m.finish(SIZE);
+            async move {
+                first.await?;
+                assert!(second.await.unwrap_err().to_string().contains("overlaps"));
+                finish.await
+            }
+            .boxed()
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(out.len(), 200);
+        std::fs::remove_file(base).unwrap();
+    }
+}
