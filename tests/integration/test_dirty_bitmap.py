@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import IO
 
 import nats
+import pytest
 
+import nbdnats
 from nbdnats import subjects
 from tests.cli import NBD_NATS, cli_env, finish_json, one_line_error, run_cli, start_cli
 from tests.images import MiB, sha256_file
@@ -120,14 +122,6 @@ def test_base_merge_streams_the_new_image_with_its_content_digest(tmp_path: Path
     assert got["dirty_bytes"] == 256 * 1024
 
 
-def run_cli_argv(*args: str) -> list[str]:
-    return [NBD_NATS, *args]
-
-
-def _env() -> dict[str, str]:
-    return cli_env()
-
-
 def _merge(src: Path, base: Path, out: IO[bytes]) -> subprocess.CompletedProcess[bytes]:
     """copy SRC - --dirty-bitmap --base pipe:/proc/self/fd/N, the base fed through a pipe
     (as a backup tool's restore writes it)."""
@@ -143,7 +137,12 @@ def _merge(src: Path, base: Path, out: IO[bytes]) -> subprocess.CompletedProcess
     try:
         return subprocess.run(
             [
-                *run_cli_argv("copy", str(src), "-", "--dirty-bitmap", BITMAP),
+                NBD_NATS,
+                "copy",
+                str(src),
+                "-",
+                "--dirty-bitmap",
+                BITMAP,
                 "--base",
                 f"pipe:/proc/self/fd/{r}",
                 "--json",
@@ -152,7 +151,7 @@ def _merge(src: Path, base: Path, out: IO[bytes]) -> subprocess.CompletedProcess
             stderr=subprocess.PIPE,
             pass_fds=(r,),
             timeout=120,
-            env=_env(),
+            env=cli_env(),
         )
     finally:
         os.close(r)
@@ -164,11 +163,11 @@ def test_a_short_base_fails_the_merge_naming_the_base(tmp_path: Path) -> None:
     short = tmp_path / "short.img"
     short.write_bytes(old.read_bytes()[: 5 * MiB])
     proc = subprocess.run(
-        [*run_cli_argv("copy", str(src), "-", "--dirty-bitmap", BITMAP, "--base", str(short))],
+        [NBD_NATS, "copy", str(src), "-", "--dirty-bitmap", BITMAP, "--base", str(short)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         timeout=120,
-        env=_env(),
+        env=cli_env(),
     )
     line = one_line_error(proc)
     assert f"base {short} ends at byte {5 * MiB}" in line, line
@@ -267,14 +266,20 @@ def test_a_dirty_send_into_a_separate_recv_with_base(tmp_path: Path, start_nats)
     with out.open("wb") as f:
         recv = subprocess.Popen(
             [
-                *run_cli_argv("recv", "-", "--id", "inc", "--data-url", server.url),
+                NBD_NATS,
+                "recv",
+                "-",
+                "--id",
+                "inc",
+                "--data-url",
+                server.url,
                 "--base",
                 str(old),
                 "--json",
             ],
             stdout=f,
             stderr=subprocess.PIPE,
-            env=_env(),
+            env=cli_env(),
         )
         sent = finish_json(
             start_cli(
@@ -296,3 +301,29 @@ def test_a_dirty_send_into_a_separate_recv_with_base(tmp_path: Path, start_nats)
     assert got["dirty_bytes"] == 256 * 1024
     assert str(got["digest"]).startswith("blk64k-xxh3-128:")
     assert sha256_file(out) == sha256_file(raw_of(src))
+
+
+def test_the_api_copies_dirty_ranges_and_reports_dirty_bytes(tmp_path: Path) -> None:
+    src, dst, _ = dirty_setup(tmp_path)
+    stats = asyncio.run(nbdnats.copy(str(src), str(dst), dirty_bitmap=BITMAP))
+    assert stats.dirty_bytes == 256 * 1024
+    assert stats.data_bytes + stats.zero_bytes == stats.dirty_bytes
+    assert sha256_file(dst) == sha256_file(raw_of(src))
+    whole = asyncio.run(nbdnats.copy(str(src), str(tmp_path / "whole.img")))
+    assert whole.dirty_bytes == 0
+    with pytest.raises(nbdnats.UsageError, match="cannot be resumed"):
+        asyncio.run(nbdnats.copy(str(src), str(dst), dirty_bitmap=BITMAP, resume=True))
+
+
+def test_a_whole_transfer_into_a_base_merge_is_refused(tmp_path: Path) -> None:
+    src, _, old = dirty_setup(tmp_path)
+    proc = subprocess.run(
+        [NBD_NATS, "copy", str(src), "-", "--base", str(old)],
+        capture_output=True,
+        timeout=120,
+        env=cli_env(),
+    )
+    assert "--base merges a dirty-bitmap transfer, but this sender sends a whole image" in (
+        one_line_error(proc)
+    )
+    assert proc.stdout == b""
