@@ -995,6 +995,10 @@ async fn finish(
         return Err(rx.fail(err).await);
     }
     progress.dirty_bytes.store(summary.dirty_bytes, Relaxed);
+    if rx.dirty {
+        // Every byte of the image is now current: the changed ones written, the rest kept.
+        progress.done_bytes.store(rx.size, Relaxed);
+    }
     // A sink merging a base writes the rest of it now: the output is a whole image, whose
     // content digest is the transfer's (a dirty transfer has none otherwise).
     let merged = match rx.keepalive(sink.finish(rx.size)).await {

@@ -308,6 +308,7 @@ def test_the_api_copies_dirty_ranges_and_reports_dirty_bytes(tmp_path: Path) -> 
     stats = asyncio.run(nbdnats.copy(str(src), str(dst), dirty_bitmap=BITMAP))
     assert stats.dirty_bytes == 256 * 1024
     assert stats.data_bytes + stats.zero_bytes == stats.dirty_bytes
+    assert stats.done_bytes == stats.size == SIZE  # every byte is current: sent or kept
     assert sha256_file(dst) == sha256_file(raw_of(src))
     whole = asyncio.run(nbdnats.copy(str(src), str(tmp_path / "whole.img")))
     assert whole.dirty_bytes == 0
