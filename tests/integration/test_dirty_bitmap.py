@@ -328,3 +328,9 @@ def test_a_whole_transfer_into_a_base_merge_is_refused(tmp_path: Path) -> None:
         one_line_error(proc)
     )
     assert proc.stdout == b""
+
+
+def test_a_qcow2_file_without_the_bitmap_names_the_ones_it_has(tmp_path: Path) -> None:
+    src, dst, _ = dirty_setup(tmp_path)
+    line = one_line_error(run_cli("copy", str(src), str(dst), "--dirty-bitmap", "nope"))
+    assert line.endswith(f"{src} has no dirty bitmap 'nope'; it has: {BITMAP}"), line
