@@ -356,6 +356,8 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     retransmits: int = 0
     resumes: int = 0
     sent_bytes: int = 0
+    # Bytes a dirty bitmap marked changed (a dirty transfer; 0 otherwise).
+    dirty_bytes: int = 0
     error_code: str | None = None
     error: str | None = None
     # The error is the peer's (reported to this end), so this end's failure is a consequence.
@@ -386,6 +388,8 @@ class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
     retransmits: int
     resumes: int
     sent_bytes: int
+    # Bytes the source's dirty bitmap marked changed: 0 unless --dirty-bitmap.
+    dirty_bytes: int
     # The endpoint's image format when it is a file or device ("raw", "qcow2", ...).
     format: str | None = None
     sender: Report | None = None
