@@ -233,11 +233,13 @@ stats! { p =>
 
 #[pymethods]
 impl Stats {
-    /// Throughput over the disk bytes moved, in MB/s (10^6 bytes).
+    /// Throughput over the disk bytes moved, in MB/s (10^6 bytes): a dirty transfer's over
+    /// the bytes its bitmap marked, not over the whole disk it left alone.
     #[getter]
     fn mb_per_s(&self) -> f64 {
+        let moved = if self.dirty_bytes > 0 { self.dirty_bytes } else { self.done_bytes };
         if self.seconds > 0.0 {
-            self.done_bytes as f64 / self.seconds / 1e6
+            moved as f64 / self.seconds / 1e6
         } else {
             0.0
         }

@@ -189,11 +189,14 @@ def _report(
 
 def _summary(verb: str, stats: _core.Stats) -> str:
     verified = ", verified" if stats.verified else ""
-    dirty = f", {human(stats.dirty_bytes)} dirty" if stats.dirty_bytes else ""
+    moved, what = stats.done_bytes, human(stats.size)
+    if stats.dirty_bytes:
+        # A dirty transfer moved only what its bitmap marked; its rate is over those bytes.
+        moved, what = stats.dirty_bytes, f"{human(stats.dirty_bytes)} changed of {what}"
     return (
-        f"{verb} {human(stats.size)} ({human(stats.data_bytes)} data, "
-        f"{human(stats.zero_bytes)} zeros{dirty}) in {stats.seconds:.2f} s, "
-        f"{rate(stats.done_bytes, stats.seconds)}, {stats.digest}{verified}"
+        f"{verb} {what} ({human(stats.data_bytes)} data, "
+        f"{human(stats.zero_bytes)} zeros) in {stats.seconds:.2f} s, "
+        f"{rate(moved, stats.seconds)}, {stats.digest}{verified}"
     )
 
 
