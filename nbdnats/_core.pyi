@@ -103,6 +103,9 @@ class Stats:
     @property
     def window(self) -> int: ...
     @property
+    def dirty_bytes(self) -> int:
+        """Bytes the source's dirty bitmap marked changed (0 unless a dirty transfer)."""
+    @property
     def seconds(self) -> float: ...
     @property
     def digest(self) -> str | None: ...
@@ -153,7 +156,11 @@ def start_send(
     resume: bool = False,
     state_dir: str | None = None,
     allow_local_file: bool = False,
-) -> Transfer: ...
+    dirty_bitmap: str | None = None,
+) -> Transfer:
+    """``dirty_bitmap``: a dirty transfer; ``src`` must be an NBD export offering
+    ``qemu:dirty-bitmap:NAME``, and only the ranges it marks changed are sent."""
+
 def start_recv(
     conn: DataConnection,
     dst: str,
@@ -170,7 +177,11 @@ def start_recv(
     return_subjects: tuple[str, str, str] | None = None,
     expect_sha256: str | None = None,
     allow_local_file: bool = False,
-) -> Transfer: ...
+    base: str | None = None,
+) -> Transfer:
+    """``base``: ``dst`` is a stream (``-``, ``pipe:PATH``) that gets this previous image
+    (a file or ``pipe:PATH``, read once) with a dirty transfer's ranges merged in."""
+
 def start_bridge(
     conn: DataConnection,
     kind: str,

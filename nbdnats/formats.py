@@ -193,12 +193,14 @@ async def serve(
     raw: bool = False,
     resume: bool = False,
     timeout: float = START_TIMEOUT,
+    bitmap: str | None = None,
 ) -> Served:
     """``spec`` as the core should open it: a file whose header names a format is served
     by a private qemu-nbd (read-only unless ``target``); anything else is left as it is.
     Fails with one line when qemu-nbd is missing, exits, or does not listen in time, and
     for a target to ``resume``: its journal names the endpoint, and each qemu-nbd has a
-    socket of its own."""
+    socket of its own. ``bitmap`` (a source; checked by ``transfer.check_bitmap_name``):
+    the qemu-nbd also offers that dirty bitmap of the image (``-B``)."""
     fmt = format_of(spec, raw=raw, target=target)
     if fmt is None or fmt == RAW:
         return Served(spec, fmt)
@@ -223,6 +225,7 @@ async def serve(
             "--persistent",  # the core may connect again (--verify, --resume)
             "--shared=8",
             "--read-only" if not target else "--discard=unmap",
+            *([f"--bitmap={bitmap}"] if bitmap is not None and not target else []),
             # Absolute, so that qemu never reads it as an option or as "proto:...".
             os.path.abspath(spec),
         ]
@@ -240,6 +243,8 @@ async def serve(
         deadline = loop.time() + timeout
         while not (pidfile.exists() and pidfile.stat().st_size):
             if proc.returncode is not None:
+                if bitmap is not None and not target:
+                    await _check_bitmap(spec, fmt, bitmap)
                 raise EndpointError(
                     f"qemu-nbd could not serve {spec} ({fmt}): "
                     f"{_last_line(log) or f'it exited with status {proc.returncode}'}"
@@ -257,6 +262,45 @@ async def serve(
         raise
     served.endpoint = f"nbd+unix:///{_EXPORT}?socket={sock}"
     return served
+
+
+async def _check_bitmap(spec: str, fmt: str, bitmap: str) -> None:
+    """After qemu-nbd refused to serve ``spec``: if the image has no bitmap ``bitmap``, say
+    so in one line, naming those it has (or how to add one)."""
+    qemu_img = shutil.which("qemu-img")
+    if not qemu_img:
+        return
+    proc = await asyncio.create_subprocess_exec(
+        qemu_img,
+        "info",
+        "--output=json",
+        "--force-share",
+        f"--format={fmt}",
+        os.path.abspath(spec),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), START_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return
+    if proc.returncode != 0:
+        return
+    data = (json.loads(out).get("format-specific") or {}).get("data") or {}
+    names = [str(b.get("name", "")) for b in data.get("bitmaps") or []]
+    if bitmap in names:
+        return
+    if names:
+        raise UsageError(
+            f"{spec} has no dirty bitmap '{bitmap}'; it has: {', '.join(sorted(names))}"
+        )
+    raise UsageError(
+        f"{spec} has no dirty bitmap '{bitmap}' (it has none); add one with "
+        f"`qemu-img bitmap --add {spec} {bitmap}` before the full copy it starts from"
+    )
 
 
 async def referenced_files(spec: str, *, raw: bool = False, target: bool = False) -> list[str]:

@@ -414,16 +414,17 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     retransmits: int = 0
     resumes: int = 0
     sent_bytes: int = 0
+    # Bytes a dirty bitmap marked changed (a dirty transfer; 0 otherwise).
+    dirty_bytes: int = 0
     error_code: str | None = None
     error: str | None = None
     # The error is the peer's (reported to this end), so this end's failure is a consequence.
     from_peer: bool = False
-    # An incremental backup's disk: the checkpoint, full or incremental and why, the bytes
-    # its dirty bitmap marked (the source's), the snapshot it changes (the receiver's).
+    # An incremental backup's disk: the checkpoint, full or incremental and why (the
+    # source's), the snapshot it changes (the receiver's).
     checkpoint: str | None = None
     backup_kind: str | None = None
     reason: str | None = None
-    dirty_bytes: int = 0
     parent: str | None = None
 
 
@@ -451,6 +452,8 @@ class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
     retransmits: int
     resumes: int
     sent_bytes: int
+    # Bytes the source's dirty bitmap marked changed: 0 unless --dirty-bitmap.
+    dirty_bytes: int
     # The endpoint's image format when it is a file or device ("raw", "qcow2", ...).
     format: str | None = None
     sender: Report | None = None

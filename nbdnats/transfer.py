@@ -76,6 +76,40 @@ def check_options(
     _check_size(size, "--size")
 
 
+# QEMU's limit on a bitmap name (BDRV_BITMAP_MAX_NAME_SIZE).
+MAX_BITMAP_NAME = 1023
+
+
+def check_bitmap_name(name: str) -> str:
+    """A dirty bitmap's name as QEMU allows it (1 to 1023 bytes, no '/'), printable and not
+    starting with '-' (it reaches qemu-nbd's argv and an NBD meta context); returned."""
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if (
+        not 1 <= size <= MAX_BITMAP_NAME
+        or "/" in name
+        or name.startswith("-")
+        or not name.isprintable()
+    ):
+        raise UsageError(
+            f"--dirty-bitmap {name!r}: a bitmap name is 1 to {MAX_BITMAP_NAME} bytes of "
+            "printable characters, without '/' and not starting with '-'"
+        )
+    return name
+
+
+def check_dirty(dirty_bitmap: str | None, *, resume: bool) -> None:
+    """A dirty transfer's options, checked before anything starts: a valid bitmap name, and
+    no ``resume`` (its bitmap still marks every change: it is simply run again)."""
+    if dirty_bitmap is None:
+        return
+    check_bitmap_name(dirty_bitmap)
+    if resume:
+        raise UsageError(
+            "a dirty-bitmap transfer cannot be resumed: its bitmap still marks every change "
+            "since the last backup, so run it again whole (without --resume)"
+        )
+
+
 def event_of(stats: TransferStats, node: str, **extra: Any) -> TransferEvent:
     return from_stats(TransferEvent, stats, node=node, **extra)
 
@@ -307,15 +341,20 @@ async def start_send(
     state_dir: str | None = None,
     allow_local_file: bool = False,
     raw: bool = False,
+    dirty_bitmap: str | None = None,
 ) -> TransferHandle:
     """``state_dir``: where the sender keeps the key that binds the transfer to it (see
     ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer.
     ``allow_local_file`` as for ``image_digest`` (also on ``start_recv``). A file whose
     header names an image format (qcow2, vmdk, ...: ``nbdnats.formats``) is read through
     a private read-only qemu-nbd, unless ``raw``: then its bytes are sent as they are
-    (also on ``start_recv``, where such a file is written through a writable one)."""
+    (also on ``start_recv``, where such a file is written through a writable one).
+    ``dirty_bitmap``: send only what that dirty bitmap of ``src`` marks changed (an NBD
+    export offering ``qemu:dirty-bitmap:NAME``, or an image file holding the bitmap); the
+    receiver's target must hold the previous image, or it merges a ``base``."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
-    served = await formats.serve(src, target=False, raw=raw)
+    check_dirty(dirty_bitmap, resume=resume)
+    served = await formats.serve(src, target=False, raw=raw, bitmap=dirty_bitmap)
     return await _start(
         planes,
         transfer_id,
@@ -334,6 +373,7 @@ async def start_send(
             resume=resume,
             state_dir=str(resolve_state_dir(state_dir)),
             allow_local_file=allow_local_file,
+            dirty_bitmap=dirty_bitmap,
         ),
         served,
     )
@@ -354,12 +394,24 @@ async def start_recv(
     expect_sha256: str | None = None,
     allow_local_file: bool = False,
     raw: bool = False,
+    base: str | None = None,
 ) -> TransferHandle:
     """``return_id`` (a ``unix:PATH`` target only): what the other end of that connection
     writes back is sent home as transfer ``return_id`` (a migration's return path).
     ``expect_sha256`` (``sha256:<hex>``): the image must hash to this as it is written; if
-    it does not, both ends of the target are wiped and the transfer fails."""
+    it does not, both ends of the target are wiped and the transfer fails.
+    ``base`` (a file, ``/proc/self/fd/N`` or ``pipe:PATH``, read once in order): ``dst`` is
+    a stream (``-``, ``pipe:PATH``) that gets this previous image with a dirty transfer's
+    ranges merged in; the digest reported is the merged image's content digest. A base
+    that is shorter or longer than the image fails the transfer. Only a dirty transfer
+    (``dirty_bitmap``) is accepted with a base."""
     check_options(window=window, timeout=timeout)
+    if base is not None and not (dst == "-" or dst.startswith("pipe:")):
+        raise UsageError(
+            f"--base merges into a stream: the target must be '-' or 'pipe:PATH', not {dst}"
+        )
+    if base is not None and not base.removeprefix("pipe:"):
+        raise UsageError("--base needs a file or pipe path")
     served = await formats.serve(dst, target=True, raw=raw, resume=resume)
     return await _start(
         planes,
@@ -380,6 +432,7 @@ async def start_recv(
             return_subjects=back,
             expect_sha256=expect_sha256,
             allow_local_file=allow_local_file,
+            base=base,
         ),
         served,
     )
@@ -522,11 +575,14 @@ async def copy_ends(
     state_dir: str | None = None,
     allow_local_file: bool = True,
     raw: bool = False,
+    dirty_bitmap: str | None = None,
+    base: str | None = None,
 ) -> CopyStats:
-    """``copy``, returning both ends' final stats. ``allow_local_file`` and ``raw`` as for
-    ``send``."""
+    """``copy``, returning both ends' final stats. ``allow_local_file``, ``raw`` and
+    ``dirty_bitmap`` as for ``send``; ``base`` as for ``start_recv``."""
     transfer_id = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
+    check_dirty(dirty_bitmap, resume=resume)
     # What either end would refuse (an image format without qemu-nbd) before any starts.
     formats.check(src, raw=raw)
     formats.check(dst, raw=raw, target=True)
@@ -546,9 +602,11 @@ async def copy_ends(
             "allow_local_file": allow_local_file,
             "raw": raw,
         }
-        receiver = await start_recv(dst, target_is_zero=target_is_zero, **both)
+        receiver = await start_recv(dst, target_is_zero=target_is_zero, base=base, **both)
         try:
-            sender = await start_send(src, size=size, chunk_size=chunk_size, **both)
+            sender = await start_send(
+                src, size=size, chunk_size=chunk_size, dirty_bitmap=dirty_bitmap, **both
+            )
         except BaseException:
             receiver.cancel()  # and let go of its target (and its qemu-nbd) before failing
             with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -578,6 +636,8 @@ async def copy(
     state_dir: str | None = None,
     allow_local_file: bool = True,
     raw: bool = False,
+    dirty_bitmap: str | None = None,
+    base: str | None = None,
 ) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server.
     Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both.
@@ -601,6 +661,8 @@ async def copy(
         state_dir=state_dir,
         allow_local_file=allow_local_file,
         raw=raw,
+        dirty_bitmap=dirty_bitmap,
+        base=base,
     )
     return ends.receiver
 

@@ -1,4 +1,4 @@
-//! Wire format of the block stream (protocol version 4; `docs/protocol.md` is its prose twin).
+//! Wire format of the block stream (protocol version 5; `docs/protocol.md` is its prose twin).
 //!
 //! Chunk frames go sender → receiver on `data.blk.<id>.c`, ack frames receiver → sender on
 //! `data.blk.<id>.a`. Both start with a fixed little-endian header; the transfer id lives in
@@ -9,8 +9,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::checksum::frame_checksum;
 
-/// 4: END carries the content digest (`checksum::CONTENT_ALGORITHM`).
-pub const PROTOCOL_VERSION: u8 = 4;
+/// 4: END carries the content digest (`checksum::CONTENT_ALGORITHM`). 5: dirty transfers
+/// (frames cover only changed ranges; END carries the bytes the bitmap marked dirty).
+pub const PROTOCOL_VERSION: u8 = 5;
 pub const CHUNK_MAGIC: [u8; 2] = *b"NF";
 pub const ACK_MAGIC: [u8; 2] = *b"NA";
 /// Bytes of the chunk header in front of every payload.
@@ -32,8 +33,8 @@ pub const MAX_NACK_RANGES: usize = 64;
 /// Largest range one ZERO or TRIM frame may cover.
 pub const MAX_ZERO_LEN: u64 = 1 << 30;
 /// Length of an END frame's payload: frame digest, frame count, data bytes, zero bytes,
-/// content digest.
-pub const END_PAYLOAD_LEN: usize = 16 + 8 * 3 + 16;
+/// content digest, dirty bytes.
+pub const END_PAYLOAD_LEN: usize = 16 + 8 * 3 + 16 + 8;
 /// Longest text an ABORT or ERROR frame may carry.
 pub const MAX_MESSAGE_LEN: usize = 4096;
 
@@ -216,6 +217,8 @@ pub struct EndSummary {
     /// The content digest of the bytes the sender read (`checksum::ContentDigest`); zeros
     /// from a stream of writes, which has none.
     pub content: [u8; 16],
+    /// Bytes the source's dirty bitmap marked changed (0 unless a dirty transfer).
+    pub dirty_bytes: u64,
 }
 
 impl EndSummary {
@@ -226,6 +229,7 @@ impl EndSummary {
         out[24..32].copy_from_slice(&self.data_bytes.to_le_bytes());
         out[32..40].copy_from_slice(&self.zero_bytes.to_le_bytes());
         out[40..56].copy_from_slice(&self.content);
+        out[56..64].copy_from_slice(&self.dirty_bytes.to_le_bytes());
         out
     }
 
@@ -243,6 +247,7 @@ impl EndSummary {
             data_bytes: u64_at(b, 24),
             zero_bytes: u64_at(b, 32),
             content,
+            dirty_bytes: u64_at(b, 56),
         })
     }
 }
@@ -507,6 +512,7 @@ mod tests {
             data_bytes: 6,
             zero_bytes: 7,
             content: [3; 16],
+            dirty_bytes: 8,
         };
         let (frame, _) = header(Kind::End, 0).encode(&s.encode());
         let (h, p) = ChunkHeader::decode(&frame).unwrap();

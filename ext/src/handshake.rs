@@ -26,6 +26,11 @@ pub struct OpenRequest {
     /// A stream of writes (a live producer): frames may address any offset, in sequence
     /// order, rather than cut the disk from start to end. No journal, no verify.
     pub writes: bool,
+    /// A dirty transfer (protocol 5): frames cover only the ranges a dirty bitmap marks
+    /// changed, in increasing offset order with gaps; the receiver leaves every byte between
+    /// them as it is, so its target must already hold the previous image (or a base is
+    /// merged into a stream). No journal, no verify.
+    pub dirty: bool,
     /// The sender's key (`SenderKey::anchor`). The receiver binds the transfer to it: a
     /// repeated open with the same key gets the same answer (an open whose reply was lost),
     /// an open with another key is refused while the transfer runs.
@@ -195,6 +200,14 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// The one line for a peer of another protocol version (an open request, reply or frame).
+pub fn other_version(peer: u8) -> Error {
+    Error::Protocol(format!(
+        "the peer speaks nbdnats protocol {peer}, this one {PROTOCOL_VERSION}: run the same \
+         nbd-nats version on both ends"
+    ))
 }
 
 impl OpenReply {

@@ -29,6 +29,13 @@ struct ListCallback {
 }
 
 #[repr(C)]
+struct ContextCallback {
+    callback: Option<extern "C" fn(*mut c_void, *const c_char) -> c_int>,
+    user_data: *mut c_void,
+    free: Option<extern "C" fn(*mut c_void)>,
+}
+
+#[repr(C)]
 struct ExtentCallback {
     callback: Option<
         extern "C" fn(*mut c_void, *const c_char, u64, *mut u32, usize, *mut c_int) -> c_int,
@@ -47,6 +54,8 @@ const SIZE_MINIMUM: c_int = 0;
 const SIZE_MAXIMUM: c_int = 2;
 const STRICT_ALIGN: u32 = 0x10;
 const ALLOCATION: &CStr = c"base:allocation";
+/// The prefix of QEMU's dirty bitmap contexts (`qemu:dirty-bitmap:NAME`).
+pub const DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
 
 #[link(name = "nbd")]
 extern "C" {
@@ -57,6 +66,12 @@ extern "C" {
     fn nbd_set_opt_mode(h: *mut RawHandle, enable: bool) -> c_int;
     fn nbd_aio_is_negotiating(h: *mut RawHandle) -> c_int;
     fn nbd_aio_opt_list(h: *mut RawHandle, list: ListCallback, cb: CompletionCallback) -> c_int;
+    fn nbd_opt_abort(h: *mut RawHandle) -> c_int;
+    fn nbd_aio_opt_list_meta_context(
+        h: *mut RawHandle,
+        list: ContextCallback,
+        cb: CompletionCallback,
+    ) -> c_int;
     fn nbd_add_meta_context(h: *mut RawHandle, name: *const c_char) -> c_int;
     fn nbd_aio_connect_uri(h: *mut RawHandle, uri: *const c_char) -> c_int;
     fn nbd_aio_is_connecting(h: *mut RawHandle) -> c_int;
@@ -165,6 +180,8 @@ pub struct Caps {
     pub can_zero: bool,
     pub can_fast_zero: bool,
     pub has_allocation: bool,
+    /// The dirty bitmap asked for at connect is offered (false when none was asked for).
+    pub has_dirty: bool,
     /// The server's minimum block size and largest read or write; 0 where it named none.
     pub block_min: u64,
     pub block_max: u64,
@@ -194,8 +211,9 @@ pub enum Command {
         len: u64,
     },
     Flush,
-    /// Allocation (`base:allocation`) from `offset`, as `(length, flags)` pairs; the
-    /// server may describe less than `len`.
+    /// Allocation (`base:allocation`) from `offset`, as `(length, flags)` pairs, and the
+    /// dirty bitmap's when one was asked for at connect; the server may describe less
+    /// than `len`.
     BlockStatus {
         offset: u64,
         len: u64,
@@ -206,12 +224,22 @@ pub enum Command {
 /// otherwise.
 pub enum Completed {
     Read(Vec<u8>),
-    Extents(Vec<(u64, u32)>),
+    Extents(Status),
     Other,
+}
+
+/// What a block status command reported, per context, as `(length, flags)` pairs.
+#[derive(Default)]
+pub struct Status {
+    pub allocation: Vec<(u64, u32)>,
+    /// The dirty bitmap's (empty when none was asked for).
+    pub dirty: Vec<(u64, u32)>,
 }
 
 pub struct Handle {
     raw: *mut RawHandle,
+    /// The dirty bitmap context asked for at connect.
+    bitmap: Option<CString>,
     /// Buffers of in-flight commands, by cookie; libnbd may touch them until retired.
     held: HashMap<u64, Option<Held>>,
 }
@@ -222,8 +250,7 @@ enum Held {
     Write(#[allow(dead_code)] Bytes),
     /// Where a block status command's callback collects the extents (boxed: its address
     /// is given to libnbd and must not move, while `held` may move this value).
-    #[allow(clippy::box_collection)]
-    Extents(Box<Vec<(u64, u32)>>),
+    Extents(Box<Status>),
 }
 
 /// The extent callback of a block status command: appends to the `Vec` in `user`.
@@ -235,14 +262,20 @@ extern "C" fn collect_extents(
     n: usize,
     _error: *mut c_int,
 ) -> c_int {
-    // SAFETY: libnbd passes our `user_data` (the boxed Vec held under the command's cookie
-    // until it is retired, and called only before that, on the thread that polls), a
-    // NUL-terminated context name and `n` u32s.
+    // SAFETY: libnbd passes our `user_data` (the boxed Status held under the command's
+    // cookie until it is retired, and called only before that, on the thread that polls),
+    // a NUL-terminated context name and `n` u32s. Only the contexts asked for at connect
+    // come: allocation and at most one dirty bitmap.
     unsafe {
-        if CStr::from_ptr(context) != ALLOCATION {
+        let name = CStr::from_ptr(context);
+        let status = &mut *user.cast::<Status>();
+        let out = if name == ALLOCATION {
+            &mut status.allocation
+        } else if name.to_bytes().starts_with(DIRTY_BITMAP.as_bytes()) {
+            &mut status.dirty
+        } else {
             return 0;
-        }
-        let out = &mut *user.cast::<Vec<(u64, u32)>>();
+        };
         let pairs = std::slice::from_raw_parts(entries, n);
         out.extend(pairs.chunks_exact(2).map(|p| (u64::from(p[0]), p[1])));
     }
@@ -253,6 +286,19 @@ extern "C" fn collect_extents(
 extern "C" fn collect_export(user: *mut c_void, name: *const c_char, _: *const c_char) -> c_int {
     // SAFETY: libnbd passes our `user_data` (a Vec that outlives the command: `list_exports`
     // polls it to completion before returning) and a NUL-terminated name.
+    unsafe {
+        let out = &mut *user.cast::<Vec<String>>();
+        out.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+    }
+    0
+}
+
+/// The context callback of `list_dirty_bitmaps`: appends each context's name to the `Vec`
+/// in `user`.
+extern "C" fn collect_context(user: *mut c_void, name: *const c_char) -> c_int {
+    // SAFETY: libnbd passes our `user_data` (a Vec that outlives the command: the caller
+    // polls it to completion and closes the handle before reading it) and a NUL-terminated
+    // name.
     unsafe {
         let out = &mut *user.cast::<Vec<String>>();
         out.push(CStr::from_ptr(name).to_string_lossy().into_owned());
@@ -304,6 +350,59 @@ pub fn list_exports(
     (listed && *error == 0 && !names.is_empty()).then_some(*names)
 }
 
+/// The dirty bitmaps the export at `uri` offers (`NBD_OPT_LIST_META_CONTEXT` with the
+/// query `qemu:dirty-bitmap:`), by name, asked on a new connection that never selects the
+/// export; `None` when the server cannot say within `deadline`.
+pub fn list_dirty_bitmaps(
+    uri: &str,
+    allow_local_file: bool,
+    deadline: std::time::Duration,
+) -> Option<Vec<String>> {
+    let started = std::time::Instant::now();
+    let handle = Handle::start(uri, allow_local_file, true).ok()?;
+    let query = CString::new(DIRTY_BITMAP).ok()?;
+    // SAFETY: live handle; the string outlives the call (libnbd copies it).
+    if unsafe { nbd_add_meta_context(handle.raw, query.as_ptr()) } == -1 {
+        return None;
+    }
+    handle.dial(uri, started, Some(deadline)).ok()?;
+    // SAFETY: live handle.
+    if unsafe { nbd_aio_is_negotiating(handle.raw) } != 1 {
+        return None;
+    }
+    let mut names: Box<Vec<String>> = Box::default();
+    let mut error: Box<c_int> = Box::new(-1);
+    let list = ContextCallback {
+        callback: Some(collect_context),
+        user_data: (&mut *names as *mut Vec<String>).cast(),
+        free: None,
+    };
+    let done = CompletionCallback {
+        callback: Some(keep_error),
+        user_data: (&mut *error as *mut c_int).cast(),
+        free: None,
+    };
+    // SAFETY: live handle in negotiation. `names` and `error` are boxed (their addresses do
+    // not move) and outlive every use libnbd makes of them: the handle is closed
+    // (`drop(handle)`) before either is read or dropped.
+    let listed = unsafe { nbd_aio_opt_list_meta_context(handle.raw, list, done) } != -1
+        && handle.settle(started, Some(deadline)).is_ok();
+    // SAFETY: live handle.
+    let negotiating = listed && unsafe { nbd_aio_is_negotiating(handle.raw) } == 1;
+    if negotiating {
+        // SAFETY: live handle in negotiation; ends it politely (the server logs no error).
+        unsafe { nbd_opt_abort(handle.raw) };
+    }
+    drop(handle);
+    (listed && *error == 0).then(|| {
+        names
+            .iter()
+            .filter_map(|n| n.strip_prefix(DIRTY_BITMAP))
+            .map(str::to_string)
+            .collect()
+    })
+}
+
 // SAFETY: a libnbd handle may be used from any thread (libnbd locks it internally); the
 // buffers it holds are owned, heap-allocated and Send. We use each handle from one thread.
 unsafe impl Send for Handle {}
@@ -322,13 +421,25 @@ impl Handle {
         uri: &str,
         allow_local_file: bool,
         deadline: Option<std::time::Duration>,
+        bitmap: Option<&str>,
     ) -> Result<Handle, ConnectError> {
         let started = std::time::Instant::now();
-        let handle = Handle::start(uri, allow_local_file, false)?;
-        // SAFETY: `raw` is a live handle owned by `handle`; the strings outlive the calls.
+        let mut handle = Handle::start(uri, allow_local_file, false)?;
+        if let Some(name) = bitmap {
+            let context = CString::new(format!("{DIRTY_BITMAP}{name}"))
+                .map_err(|_| "bitmap name contains a NUL byte".to_string())?;
+            handle.bitmap = Some(context);
+        }
+        // SAFETY: `raw` is a live handle owned by `handle`; the strings outlive the calls
+        // (libnbd copies them).
         unsafe {
             if nbd_add_meta_context(handle.raw, ALLOCATION.as_ptr()) == -1 {
                 return Err(last_failure());
+            }
+            if let Some(context) = &handle.bitmap {
+                if nbd_add_meta_context(handle.raw, context.as_ptr()) == -1 {
+                    return Err(last_failure());
+                }
             }
             // libnbd zeroes every read buffer before reading into it (a guard for callers
             // that might look at a failed read's buffer). `retire` exposes a read's bytes
@@ -360,6 +471,7 @@ impl Handle {
         }
         let handle = Handle {
             raw,
+            bitmap: None,
             held: HashMap::new(),
         };
         // SAFETY: `raw` is a live handle owned by `handle`.
@@ -434,6 +546,10 @@ impl Handle {
                 can_zero: flag(nbd_can_zero(self.raw)),
                 can_fast_zero: flag(nbd_can_fast_zero(self.raw)),
                 has_allocation: flag(nbd_can_meta_context(self.raw, ALLOCATION.as_ptr())),
+                has_dirty: self
+                    .bitmap
+                    .as_ref()
+                    .is_some_and(|c| flag(nbd_can_meta_context(self.raw, c.as_ptr()))),
                 block_min: block(SIZE_MINIMUM),
                 block_max: block(SIZE_MAXIMUM),
             }
@@ -480,10 +596,10 @@ impl Handle {
                 }
                 Command::Flush => (nbd_aio_flush(self.raw, NO_COMPLETION, 0), None),
                 Command::BlockStatus { offset, len } => {
-                    let mut out: Box<Vec<(u64, u32)>> = Box::default();
+                    let mut out: Box<Status> = Box::default();
                     let extent = ExtentCallback {
                         callback: Some(collect_extents),
-                        user_data: (&mut *out as *mut Vec<(u64, u32)>).cast(),
+                        user_data: (&mut *out as *mut Status).cast(),
                         free: None,
                     };
                     // NBD lengths in block status requests are 32-bit: the largest multiple

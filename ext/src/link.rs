@@ -275,15 +275,12 @@ pub(crate) async fn open(
                     }
                     continue;
                 }
+                // Another version's refusal too: its text would name versions backwards.
+                if reply.v != PROTOCOL_VERSION {
+                    return Err(crate::handshake::other_version(reply.v));
+                }
                 if !reply.ok {
                     return Err(Error::from_remote(&reply.code, &reply.message));
-                }
-                if reply.v != PROTOCOL_VERSION {
-                    return Err(Error::Protocol(format!(
-                        "the receiver speaks protocol version {} but this build speaks {PROTOCOL_VERSION}; \
-                         run the same nbd-nats version at both ends",
-                        reply.v
-                    )));
                 }
                 return Ok(reply);
             }
@@ -403,6 +400,7 @@ impl Peer {
             data_bytes: progress.data_bytes.load(Relaxed),
             zero_bytes: progress.zero_bytes.load(Relaxed),
             content: content.unwrap_or_default(),
+            dirty_bytes: progress.dirty_bytes.load(Relaxed),
         };
         let header = ChunkHeader {
             kind: Kind::End,

@@ -222,7 +222,7 @@ stats! { p =>
     }
     counters [
         size, done_bytes, data_bytes, zero_bytes, frames, bad_frames, duplicate_frames,
-        corrupt_frames, retransmits, resumes, sent_bytes, chunk_size, window
+        corrupt_frames, retransmits, resumes, sent_bytes, chunk_size, window, dirty_bytes
     ]
     {
         seconds: f64 = p.seconds(),
@@ -233,11 +233,13 @@ stats! { p =>
 
 #[pymethods]
 impl Stats {
-    /// Throughput over the disk bytes moved, in MB/s (10^6 bytes).
+    /// Throughput over the disk bytes moved, in MB/s (10^6 bytes): a dirty transfer's over
+    /// the bytes its bitmap marked, not over the whole disk it left alone.
     #[getter]
     fn mb_per_s(&self) -> f64 {
+        let moved = if self.dirty_bytes > 0 { self.dirty_bytes } else { self.done_bytes };
         if self.seconds > 0.0 {
-            self.done_bytes as f64 / self.seconds / 1e6
+            moved as f64 / self.seconds / 1e6
         } else {
             0.0
         }
@@ -310,7 +312,7 @@ fn start(
 
 /// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false))]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false, dirty_bitmap=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_send(
     conn: &DataConnection,
@@ -326,10 +328,12 @@ fn start_send(
     resume: bool,
     state_dir: Option<std::path::PathBuf>,
     allow_local_file: bool,
+    dirty_bitmap: Option<String>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
     let opts = SendOptions {
+        dirty: dirty_bitmap.is_some(),
         chunk_size,
         window,
         timeout: timeout(timeout_s),
@@ -343,7 +347,7 @@ fn start_send(
                 allow_local_file,
                 stall: opts.timeout,
             };
-            let source = open_source(&src, size, access).await?;
+            let source = open_source(&src, size, access, dirty_bitmap.as_deref()).await?;
             send(&conn, source, &subjects, &opts, &progress, &cancel).await
         }
         .boxed_send()
@@ -352,7 +356,7 @@ fn start_send(
 
 /// Receive transfer `transfer_id` into `dst`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None, allow_local_file=false))]
+#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None, allow_local_file=false, base=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_recv(
     conn: &DataConnection,
@@ -369,6 +373,7 @@ fn start_recv(
     return_subjects: Option<(String, String, String)>,
     expect_sha256: Option<String>,
     allow_local_file: bool,
+    base: Option<String>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
@@ -401,6 +406,11 @@ fn start_recv(
                 ..opts
             };
             let sink = match (back, dst.strip_prefix(crate::io::UNIX)) {
+                (None, _) if base.is_some() => {
+                    let base = base.as_deref().unwrap_or_default();
+                    Arc::new(crate::io::base::Merge::open(&dst, base).await?)
+                        as Arc<dyn crate::io::Sink>
+                }
                 (Some(back), Some(path)) => {
                     // What the other end writes back goes home as a stream of its own.
                     relay::returning_sink(&conn, path, back, &progress, &opts, &cancel)?
@@ -485,7 +495,7 @@ fn image_digest(
             // A source that answers nothing for the transfers' default timeout is dead.
             stall: timeout(conn::DEFAULT_TIMEOUT_S),
         };
-        let source = open_source(&src, size, access).await?;
+        let source = open_source(&src, size, access, None).await?;
         crate::digest::image(source, length, &algo).await
     });
 }

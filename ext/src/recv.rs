@@ -28,7 +28,9 @@ use crate::frame::{
     Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, MAX_NACK_RANGES,
     MAX_ZERO_LEN, PROTOCOL_VERSION,
 };
-use crate::handshake::{decode, encode, is_key, key_follows, OpenReply, OpenRequest, CHECKING};
+use crate::handshake::{
+    decode, encode, is_key, key_follows, other_version, OpenReply, OpenRequest, CHECKING,
+};
 use crate::io::{zeros, Sink};
 use crate::journal::{self, Frame, Journal, JOURNAL_VERSION};
 use crate::link::{Stall, Subjects, KEEPALIVE};
@@ -131,6 +133,9 @@ struct Receiver<'a> {
     heard_sender: bool,
     /// A stream of writes: frames address any offset (see `OpenRequest::writes`).
     write_stream: bool,
+    /// A dirty transfer: frames in increasing offset order with gaps that stay as they
+    /// are (see `OpenRequest::dirty`).
+    dirty: bool,
     /// The key of the sender this transfer belongs to (see `SenderKey`).
     key: String,
     /// The answer to that sender's last open, repeated if it asks again (a lost reply).
@@ -312,6 +317,8 @@ impl Receiver<'_> {
             self.reorder_bytes -= payload.len();
             let placed = if self.write_stream {
                 check_bounds(&header, self.size, self.chunk)
+            } else if self.dirty {
+                check_after(&header, self.next_offset, self.size, self.chunk)
             } else {
                 check_frame(&header, self.next_offset, self.size, self.chunk)
             };
@@ -329,9 +336,13 @@ impl Receiver<'_> {
                 self.end = Some((header.seq, summary));
                 continue;
             }
-            self.next_offset += header.length;
+            if self.dirty {
+                self.next_offset = header.offset + header.length;
+            } else {
+                self.next_offset += header.length;
+            }
             self.digest.update(header.checksum);
-            if !self.write_stream {
+            if !self.write_stream && !self.dirty {
                 match header.kind {
                     Kind::Data => self.content.data(&payload[HEADER_LEN..]),
                     _ => self.content.zeros(header.length),
@@ -752,8 +763,9 @@ async fn open(
         cancel,
     )
     .await?;
-    if request.writes {
-        journal = None; // a live stream cannot be resumed
+    if request.writes || request.dirty {
+        // A live stream cannot be resumed; a dirty transfer is simply run again.
+        journal = None;
     }
     // The journal exists before the sender hears yes: a receiver that cannot keep one
     // refuses the open, so the sender fails at once with the reason.
@@ -798,7 +810,7 @@ fn keep_journal(
 ) -> Result<()> {
     match (journal.as_mut(), &opts.journal) {
         (Some(j), _) => j.set_key(&request.key),
-        (None, Some(path)) if !request.writes => {
+        (None, Some(path)) if !request.writes && !request.dirty => {
             let header = journal::Header {
                 v: JOURNAL_VERSION,
                 transfer_id: id.to_string(),
@@ -844,7 +856,8 @@ impl<'a> Receiver<'a> {
             conn,
             subjects,
             progress,
-            skip_zeros: opts.target_is_zero && !sink.caps().sequential,
+            // A dirty transfer's target holds the previous image, not zeros.
+            skip_zeros: opts.target_is_zero && !sink.caps().sequential && !request.dirty,
             sink,
             faults: Faults::from_env(),
             session: opened.session,
@@ -877,6 +890,7 @@ impl<'a> Receiver<'a> {
             foreign_since: None,
             heard_sender: false,
             write_stream: request.writes,
+            dirty: request.dirty,
             key: request.key,
             reply: opened.reply,
         }
@@ -980,8 +994,19 @@ async fn finish(
         ));
         return Err(rx.fail(err).await);
     }
+    progress.dirty_bytes.store(summary.dirty_bytes, Relaxed);
+    if rx.dirty {
+        // Every byte of the image is now current: the changed ones written, the rest kept.
+        progress.done_bytes.store(rx.size, Relaxed);
+    }
+    // A sink merging a base writes the rest of it now: the output is a whole image, whose
+    // content digest is the transfer's (a dirty transfer has none otherwise).
+    let merged = match rx.keepalive(sink.finish(rx.size)).await {
+        Ok(m) => m,
+        Err(e) => return Err(rx.fail(e).await),
+    };
     // The end-to-end check: the bytes the sender read against the bytes accepted here.
-    let content = (!rx.write_stream).then(|| rx.content.value());
+    let content = (!rx.write_stream && !rx.dirty).then(|| rx.content.value());
     if let Some(content) = content.filter(|c| *c != summary.content) {
         let err = Error::Integrity(format!(
             "content digest mismatch: the sender read {} but the receiver accepted {}; \
@@ -1019,7 +1044,7 @@ async fn finish(
         }
         progress.verified.store(true, Relaxed);
     }
-    progress.set_digest(match content {
+    progress.set_digest(match content.or(merged) {
         Some(c) => content_hex(&c),
         None => digest_hex(&ours),
     });
@@ -1170,11 +1195,7 @@ async fn negotiate(
     journal: Option<&Journal>,
 ) -> Result<(u64, u64)> {
     if req.v != PROTOCOL_VERSION {
-        return Err(Error::Protocol(format!(
-            "the sender speaks protocol version {} but this build speaks {PROTOCOL_VERSION}; \
-             run the same nbd-nats version at both ends",
-            req.v
-        )));
+        return Err(other_version(req.v));
     }
     if req.checksum != CHECKSUM_ALGORITHM
         || req.digest != DIGEST_ALGORITHM
@@ -1224,6 +1245,15 @@ async fn negotiate(
             "the receiver's server max_payload of {max_payload} bytes is too small"
         )));
     }
+    if req.dirty {
+        check_dirty(req, opts, sink).await?;
+    } else if sink.merges_base() {
+        return Err(Error::Usage(
+            "--base merges a dirty-bitmap transfer, but this sender sends a whole image: \
+             drop --base (or send with --dirty-bitmap)"
+                .into(),
+        ));
+    }
     if req.writes && (opts.verify || req.verify || req.resume || opts.expect_sha256.is_some()) {
         return Err(Error::Usage(
             "a stream of writes can be neither verified nor resumed".into(),
@@ -1234,12 +1264,59 @@ async fn negotiate(
             "the target cannot be read back, so --verify is impossible".into(),
         ));
     }
-    sink.prepare(req.size).await?;
+    // A dirty transfer's target is neither created nor resized (check_dirty).
+    if !req.dirty || sink.merges_base() {
+        sink.prepare(req.size).await?;
+    }
     let window = req
         .window
         .min(opts.window)
         .clamp(MIN_FRAME_COST, MAX_WINDOW);
     Ok((chunk, window))
+}
+
+/// What a dirty transfer needs: a target that already holds the previous image (a file,
+/// device or export of exactly the image's size), or a stream with a base to merge into;
+/// and nothing that assumes the whole image comes (verify, resume, an expected sha256).
+async fn check_dirty(req: &OpenRequest, opts: &RecvOptions, sink: &Arc<dyn Sink>) -> Result<()> {
+    if req.writes {
+        return Err(Error::Protocol(
+            "an open request cannot be both a stream of writes and a dirty transfer".into(),
+        ));
+    }
+    if opts.verify || req.verify || opts.expect_sha256.is_some() {
+        return Err(Error::Usage(
+            "a dirty-bitmap transfer cannot be verified or checked against an expected sha256 \
+             here: drop --verify / --expect-sha256"
+                .into(),
+        ));
+    }
+    if opts.resume {
+        return Err(Error::Usage(
+            "a dirty-bitmap transfer cannot be resumed: its bitmap still marks every change, \
+             run it again whole"
+                .into(),
+        ));
+    }
+    if sink.merges_base() {
+        return Ok(());
+    }
+    if sink.caps().sequential || sink.size().is_none() {
+        return Err(Error::Usage(
+            "a dirty-bitmap transfer into a stream needs the previous image to merge: pass \
+             --base FILE (or receive into the image itself)"
+                .into(),
+        ));
+    }
+    match sink.size() {
+        Some(s) if s == req.size => Ok(()),
+        s => Err(Error::Usage(format!(
+            "a dirty-bitmap transfer updates an existing image of the same size: copy it whole \
+             first (the target holds {} bytes, the source {})",
+            s.unwrap_or(0),
+            req.size
+        ))),
+    }
 }
 
 async fn refuse(conn: &DataConn, msg: Message, err: &Error) {
@@ -1257,6 +1334,18 @@ fn check_frame(h: &ChunkHeader, expected_offset: u64, size: u64, chunk: u64) -> 
         let at = format!("frame {} at offset {}", h.seq, h.offset);
         return Err(Error::Protocol(format!(
             "{at}: expected offset {expected_offset}"
+        )));
+    }
+    check_bounds(h, size, chunk)
+}
+
+/// A frame of a dirty transfer: it must start at or after where the one before it ended
+/// (increasing offsets, gaps allowed, never overlapping).
+fn check_after(h: &ChunkHeader, after: u64, size: u64, chunk: u64) -> Result<()> {
+    if h.kind != Kind::End && h.offset < after {
+        return Err(Error::Protocol(format!(
+            "frame {} at offset {}: overlaps the frame before it, which ended at {after}",
+            h.seq, h.offset
         )));
     }
     check_bounds(h, size, chunk)
@@ -1493,6 +1582,15 @@ mod tests {
         assert!(check_frame(&h(Kind::End, 8192, 0), 8192, 8192, 4096).is_ok());
         assert!(check_frame(&h(Kind::End, 4096, 0), 4096, 8192, 4096).is_err());
     }
+
+    #[test]
+    fn dirty_frames_may_leave_gaps_but_never_go_back() {
+        assert!(check_after(&h(Kind::Data, 8192, 4096), 0, 65536, 4096).is_ok());
+        assert!(check_after(&h(Kind::Zero, 4096, 4096), 4096, 65536, 4096).is_ok());
+        assert!(check_after(&h(Kind::Data, 4095, 4096), 4096, 65536, 4096).is_err());
+        assert!(check_after(&h(Kind::Data, 65536, 4096), 0, 65536, 4096).is_err());
+        assert!(check_after(&h(Kind::End, 65536, 0), 12288, 65536, 4096).is_ok());
+    }
 }
 
 #[cfg(test)]
@@ -1641,6 +1739,7 @@ mod fuzz {
             data_bytes: 1,
             zero_bytes: 2,
             content: [4; 16],
+            dirty_bytes: 3,
         }
         .encode();
         let ack = |kind, body| {

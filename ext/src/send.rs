@@ -54,6 +54,9 @@ pub struct SendOptions {
     /// Where this sender keeps its key (`SenderKey`), so that a later `--resume` can show
     /// it is the transfer's own sender. `None`: nobody can resume this sender's transfer.
     pub key_file: Option<std::path::PathBuf>,
+    /// A dirty transfer: the source's extents mark what its dirty bitmap leaves unchanged
+    /// (`Extent::skip`), which is never sent (`OpenRequest::dirty`).
+    pub dirty: bool,
 }
 
 struct Outgoing {
@@ -106,6 +109,20 @@ pub async fn send(
 ) -> Result<()> {
     let size = source.size();
     progress.size.store(size, Relaxed);
+    if opts.dirty && opts.resume {
+        return Err(Error::Usage(
+            "a dirty-bitmap transfer cannot be resumed: its bitmap still marks every change \
+             since the last backup, so run it again whole (without --resume)"
+                .into(),
+        ));
+    }
+    if opts.dirty && opts.verify {
+        return Err(Error::Usage(
+            "--verify cannot check a dirty-bitmap transfer (the target's unsent ranges are not \
+             the sender's to check); drop --verify, or compare digests afterwards"
+                .into(),
+        ));
+    }
     let chunk = fit_chunk(opts.chunk_size, conn.max_payload)?;
     // Subscribe to acks before the receiver can send any.
     let mut acks = conn.client.subscribe(subjects.acks.clone()).await?;
@@ -126,6 +143,7 @@ pub async fn send(
             verify: opts.verify,
             resume: opts.resume,
             writes: false,
+            dirty: opts.dirty,
             key: shown,
         };
         let reply = open(
@@ -163,6 +181,7 @@ pub async fn send(
             resume_seq: 0,
             resume_offset: 0,
             planner: Planner::new(source, size, reply.chunk_size),
+            dirty: opts.dirty,
             // Frames live from their read until async-nats has written them: the read-ahead
             // and at most the window.
             pool: Pool::new(
@@ -203,6 +222,8 @@ struct Planner {
     pos: u64,
     seq: u64,
     queue: VecDeque<Extent>,
+    /// Bytes of the source marked changed (not `skip`) so far.
+    dirty: u64,
 }
 
 impl Planner {
@@ -214,6 +235,7 @@ impl Planner {
             pos: 0,
             seq: 0,
             queue: VecDeque::new(),
+            dirty: 0,
         }
     }
 
@@ -235,6 +257,9 @@ impl Planner {
                     return Err(Error::Endpoint(format!(
                         "source described extent {e:?} at position {pos}"
                     )));
+                }
+                if !e.skip {
+                    self.dirty += e.len;
                 }
                 pieces(&e, self.chunk, &mut cut);
                 pos = e.end();
@@ -356,6 +381,8 @@ struct Sender<'a> {
     pool: Pool,
     /// The planner has handed out every frame of the disk.
     planned_all: bool,
+    /// A dirty transfer: frames only where the bitmap marks changes.
+    dirty: bool,
     reads: FuturesOrdered<BoxFuture<'static, Result<Outgoing>>>,
     ready: Option<Outgoing>,
     retransmits: FuturesUnordered<BoxFuture<'static, Result<Outgoing>>>,
@@ -442,6 +469,7 @@ impl Sender<'_> {
                     offset,
                     len,
                     zero: false,
+                    skip: false,
                 },
                 seq,
                 session,
@@ -524,7 +552,9 @@ impl Sender<'_> {
         if frame.seq < self.resume_seq {
             return Ok(true); // only re-read to rebuild the digest
         }
-        if frame.seq == self.resume_seq && frame.offset != self.resume_offset {
+        // (A dirty transfer's frames leave gaps: the receiver's offset is where the last
+        // frame it holds ended, not where the next starts.)
+        if frame.seq == self.resume_seq && !self.dirty && frame.offset != self.resume_offset {
             return Err(Error::Protocol(format!(
                 "the source is cut differently than before: frame {} starts at {} but the receiver expects {}; \
                  the source changed since the transfer was interrupted, start over",
@@ -556,7 +586,11 @@ impl Sender<'_> {
         let mut tick = tokio::time::interval(RTO / 4);
         loop {
             while !self.planned_all && self.reads.len() < depth {
-                match self.planner.next().await? {
+                let next = self.planner.next().await?;
+                if self.dirty {
+                    (self.progress.dirty_bytes).fetch_max(self.planner.dirty, Relaxed);
+                }
+                match next {
                     None => self.planned_all = true,
                     // Already written and already digested: nothing to do for it.
                     Some((seq, _)) if seq < self.resume_seq && seq < self.digest_next => {}
@@ -625,9 +659,11 @@ impl Sender<'_> {
     async fn send_end(&mut self) -> Result<()> {
         let total = self.planner.seq;
         let digest = self.digest.value();
-        let mut content = self.content.value();
-        if let Some(f) = self.faults.as_mut() {
-            content = f.content(content);
+        // A dirty transfer reads only what changed: it knows no content digest of the
+        // image, and reports its frame digest (docs/protocol.md, "Dirty transfers").
+        let mut content = (!self.dirty).then(|| self.content.value());
+        if let (Some(f), Some(c)) = (self.faults.as_mut(), content.as_mut()) {
+            *c = f.content(*c);
         }
         let (frame, summary) = (self.peer).end(
             self.session,
@@ -635,7 +671,7 @@ impl Sender<'_> {
             self.size,
             self.progress,
             digest,
-            Some(content),
+            content,
         );
         self.next_unsent = total + 1;
         self.end = Some((total, frame.clone(), summary));

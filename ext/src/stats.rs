@@ -36,6 +36,8 @@ pub struct Progress {
     pub done_bytes: AtomicU64,
     pub data_bytes: AtomicU64,
     pub zero_bytes: AtomicU64,
+    /// Bytes the source's dirty bitmap marked changed (a dirty transfer; 0 otherwise).
+    pub dirty_bytes: AtomicU64,
     pub frames: AtomicU64,
     /// Messages on the transfer's subjects that were not valid frames of it.
     pub bad_frames: AtomicU64,
@@ -78,6 +80,7 @@ impl Progress {
             done_bytes: AtomicU64::new(0),
             data_bytes: AtomicU64::new(0),
             zero_bytes: AtomicU64::new(0),
+            dirty_bytes: AtomicU64::new(0),
             frames: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
             duplicate_frames: AtomicU64::new(0),

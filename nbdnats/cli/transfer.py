@@ -144,7 +144,22 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
         action="store_true",
         help="copy a qcow2 (vmdk, vhdx, ...) file's bytes as they are, not the disk it holds",
     )
+    if sender:
+        t.add_argument(
+            "--dirty-bitmap",
+            metavar="NAME",
+            help="send only what this dirty bitmap marks changed: SRC is an NBD export "
+            "offering it (qemu-nbd -B NAME) or a qcow2 file holding it; the target must hold "
+            "the previous image (or recv merges it with --base)",
+        )
     if receiver:
+        t.add_argument(
+            "--base",
+            metavar="FILE",
+            help="DST is a stream ('-' or pipe:PATH): write this previous image (a file or "
+            "pipe, read once) with a dirty-bitmap transfer's ranges merged in; the digest is "
+            "the merged image's",
+        )
         t.add_argument(
             "--target-is-zero",
             action="store_true",
@@ -174,10 +189,14 @@ def _report(
 
 def _summary(verb: str, stats: _core.Stats) -> str:
     verified = ", verified" if stats.verified else ""
+    moved, what = stats.done_bytes, human(stats.size)
+    if stats.dirty_bytes:
+        # A dirty transfer moved only what its bitmap marked; its rate is over those bytes.
+        moved, what = stats.dirty_bytes, f"{human(stats.dirty_bytes)} changed of {what}"
     return (
-        f"{verb} {human(stats.size)} ({human(stats.data_bytes)} data, "
+        f"{verb} {what} ({human(stats.data_bytes)} data, "
         f"{human(stats.zero_bytes)} zeros) in {stats.seconds:.2f} s, "
-        f"{rate(stats.done_bytes, stats.seconds)}, {stats.digest}{verified}"
+        f"{rate(moved, stats.seconds)}, {stats.digest}{verified}"
     )
 
 
@@ -233,6 +252,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 transfer_id=args.transfer_id,
                 size=args.size,
                 chunk_size=args.chunk_size,
+                dirty_bitmap=args.dirty_bitmap,
                 **common,
             )
         elif args.command == "recv":
@@ -240,6 +260,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 args.dst,
                 transfer_id=args.transfer_id,
                 target_is_zero=args.target_is_zero,
+                base=args.base,
                 **common,
             )
         else:
@@ -250,6 +271,8 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 size=args.size,
                 chunk_size=args.chunk_size,
                 target_is_zero=args.target_is_zero,
+                dirty_bitmap=args.dirty_bitmap,
+                base=args.base,
                 **common,
             )
         result = await call

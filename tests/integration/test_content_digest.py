@@ -122,7 +122,7 @@ async def ask_open(url: str, subject: str, request: dict[str, object]) -> dict[s
         await nc.close()
 
 
-def test_a_sender_of_the_previous_protocol_is_refused_with_both_versions(
+def test_a_sender_of_an_older_protocol_is_refused_with_both_versions(
     tmp_path: Path, start_nats
 ) -> None:  # type: ignore[no-untyped-def]
     """A version-3 sender (no content digest) gets a refusal naming both versions and what
@@ -135,8 +135,7 @@ def test_a_sender_of_the_previous_protocol_is_refused_with_both_versions(
     reply = asyncio.run(ask_open(server.url, open_subject, request))
     assert reply["ok"] is False and reply["code"] == "protocol", reply
     assert reply["message"] == (
-        "the sender speaks protocol version 3 but this build speaks 4; "
-        "run the same nbd-nats version at both ends"
+        "the peer speaks nbdnats protocol 3, this one 5: run the same nbd-nats version on both ends"
     )
     assert recv.poll() is None
     recv.terminate()

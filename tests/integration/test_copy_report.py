@@ -28,6 +28,7 @@ RECEIVER_FIELDS = [
     "retransmits",
     "resumes",
     "sent_bytes",
+    "dirty_bytes",
 ]
 
 

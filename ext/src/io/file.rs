@@ -112,6 +112,7 @@ fn seek_extents(file: &std::fs::File, offset: u64, end: u64) -> Vec<Extent> {
         offset,
         len: end - offset,
         zero: false,
+        skip: false,
     }];
     let mut out = Vec::new();
     let mut pos = offset;
@@ -128,6 +129,7 @@ fn seek_extents(file: &std::fs::File, offset: u64, end: u64) -> Vec<Extent> {
                     offset: pos,
                     len: data.min(end) - pos,
                     zero: true,
+                    skip: false,
                 },
             );
         }
@@ -144,6 +146,7 @@ fn seek_extents(file: &std::fs::File, offset: u64, end: u64) -> Vec<Extent> {
                 offset: data,
                 len: hole - data,
                 zero: false,
+                skip: false,
             },
         );
         pos = hole;

@@ -12,6 +12,7 @@ use futures::FutureExt;
 use crate::error::{Error, Result};
 use crate::extents::Extent;
 
+pub mod base;
 pub mod file;
 pub mod nbd;
 pub mod null;
@@ -72,6 +73,16 @@ pub trait Sink: Send + Sync {
     fn flush(&self) -> BoxFuture<'static, Result<()>>;
     /// Read back for verification.
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'static, Result<Bytes>>;
+    /// Every frame of a `size`-byte image is written: a sink that merges a base
+    /// (`base::Merge`) writes the rest of it and returns the content digest of all it
+    /// wrote; other sinks have nothing to do.
+    fn finish(&self, _size: u64) -> BoxFuture<'static, Result<Option<[u8; 16]>>> {
+        futures::future::ready(Ok(None)).boxed()
+    }
+    /// This sink merges a dirty transfer into a base image (`recv --base`).
+    fn merges_base(&self) -> bool {
+        false
+    }
 }
 
 /// How an endpoint is opened: what its spec may name, how long its server may stall.
@@ -141,8 +152,24 @@ pub const PIPE: &str = "pipe:";
 pub const UNIX: &str = "unix:";
 
 /// Open a source: an NBD URI, `-` (stdin) or `pipe:PATH` (both need `size`), or a file or
-/// block device.
-pub async fn open_source(spec: &str, size: Option<u64>, access: Access) -> Result<Arc<dyn Source>> {
+/// block device. With `dirty_bitmap` only an NBD export offering that bitmap will do: its
+/// extents mark what the bitmap does not as unchanged (a dirty transfer).
+pub async fn open_source(
+    spec: &str,
+    size: Option<u64>,
+    access: Access,
+    dirty_bitmap: Option<&str>,
+) -> Result<Arc<dyn Source>> {
+    if let Some(bitmap) = dirty_bitmap {
+        if !is_nbd_uri(spec) {
+            return Err(Error::Usage(format!(
+                "--dirty-bitmap {bitmap} needs an NBD source (qemu-nbd -B {bitmap}, or a qcow2 \
+                 file holding that bitmap); {} has no dirty bitmap",
+                crate::conn::redact_servers(spec)
+            )));
+        }
+        return Ok(Arc::new(nbd::Nbd::open_dirty(spec, access, bitmap).await?));
+    }
     if spec == "-" || spec.starts_with(PIPE) {
         let size = size.ok_or_else(|| {
             Error::Usage(format!(
@@ -230,6 +257,7 @@ pub fn all_data(offset: u64, len: u64, size: u64) -> BoxFuture<'static, Result<V
         offset,
         len,
         zero: false,
+        skip: false,
     }]))
     .boxed()
 }

@@ -24,8 +24,10 @@ use tokio::sync::oneshot;
 
 use super::{read_owned, write_zeros, zeros, Access, Sink, SinkCaps, Source};
 use crate::error::{Error, Result};
-use crate::extents::{from_block_status, Extent};
-use crate::libnbd::{list_exports, Caps, Command, Completed, ConnectError, Handle};
+use crate::extents::{from_block_status, with_dirty, Extent};
+use crate::libnbd::{
+    list_dirty_bitmaps, list_exports, Caps, Command, Completed, ConnectError, Handle,
+};
 
 /// Commands in flight per connection; like nbdcopy's default request depth.
 const DEPTH: usize = 16;
@@ -174,6 +176,32 @@ struct Cut {
 impl Nbd {
     /// Connect to `uri`, the `role` ("source" or "target") it plays.
     pub async fn open(uri: &str, role: &'static str, access: Access) -> Result<Nbd> {
+        Nbd::connect(uri, role, access, None).await
+    }
+
+    /// Connect to `uri` as a source whose extents say what dirty bitmap `bitmap` marks
+    /// unchanged (`Extent::skip`). An export that does not offer it is refused, naming the
+    /// bitmaps it offers, or saying how to add one.
+    pub async fn open_dirty(uri: &str, access: Access, bitmap: &str) -> Result<Nbd> {
+        let nbd = Nbd::connect(uri, "source", access, Some(bitmap.to_string())).await?;
+        if nbd.inner.caps.has_dirty {
+            return Ok(nbd);
+        }
+        let (list_uri, allow) = (uri.to_string(), access.allow_local_file);
+        let offered =
+            tokio::task::spawn_blocking(move || list_dirty_bitmaps(&list_uri, allow, LIST_WAIT))
+                .await
+                .ok()
+                .flatten();
+        Err(Error::Usage(missing_bitmap(&nbd.name(), bitmap, offered)))
+    }
+
+    async fn connect(
+        uri: &str,
+        role: &'static str,
+        access: Access,
+        bitmap: Option<String>,
+    ) -> Result<Nbd> {
         let allow_local_file = access.allow_local_file;
         let (ready_tx, ready_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel::<Request>();
@@ -183,8 +211,13 @@ impl Nbd {
         thread::Builder::new()
             .name("nbd-io".into())
             .spawn(move || {
-                let connected = Handle::connect(&worker_uri, allow_local_file, access.stall)
-                    .and_then(|h| Ok((h.size()?, h.caps(), h)));
+                let connected = Handle::connect(
+                    &worker_uri,
+                    allow_local_file,
+                    access.stall,
+                    bitmap.as_deref(),
+                )
+                .and_then(|h| Ok((h.size()?, h.caps(), h)));
                 match connected {
                     Ok((size, caps, handle)) => {
                         let _ = ready_tx.send(Ok((size, caps)));
@@ -495,6 +528,22 @@ impl Nbd {
 }
 
 /// Whether a connection failed because the server has no export of the URI's name.
+/// The one line for an export without the dirty bitmap asked for: the ones it offers, or
+/// how to add one when it offers none (or cannot say).
+fn missing_bitmap(name: &str, bitmap: &str, offered: Option<Vec<String>>) -> String {
+    match offered.filter(|o| !o.is_empty()) {
+        Some(names) => format!(
+            "{name} offers no dirty bitmap '{bitmap}'; it offers: {}",
+            shown_names(&names)
+        ),
+        None => format!(
+            "{name} offers no dirty bitmap '{bitmap}' (it offers none); add one with \
+             `qemu-img bitmap --add FILE {bitmap}` and export it with `qemu-nbd -B {bitmap}`, \
+             or with QEMU's block-export-add \"bitmaps\": [\"{bitmap}\"]"
+        ),
+    }
+}
+
 fn no_such_export(e: &ConnectError) -> bool {
     e.message.contains("server has no export named")
 }
@@ -778,11 +827,13 @@ impl Source for Nbd {
 
     fn extents(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<Vec<Extent>>> {
         let end = offset.saturating_add(len).min(self.inner.size);
-        if !self.inner.caps.has_allocation {
+        let dirty = self.inner.caps.has_dirty;
+        if !self.inner.caps.has_allocation && !dirty {
             return futures::future::ready(Ok(vec![Extent {
                 offset,
                 len: end - offset,
                 zero: false,
+                skip: false,
             }]))
             .boxed();
         }
@@ -799,16 +850,25 @@ impl Source for Nbd {
             len: stop - start,
         });
         let name = self.name();
+        let has_allocation = self.inner.caps.has_allocation;
         async move {
-            let entries = match status.await? {
-                Completed::Extents(entries) => entries,
+            let status = match status.await? {
+                Completed::Extents(status) => status,
                 _ => {
                     return Err(Error::Endpoint(format!(
                         "{name}: block status returned nothing"
                     )))
                 }
             };
-            let got = clip_front(from_block_status(start, end, &entries), offset);
+            let mut allocation = status.allocation;
+            if allocation.is_empty() && !has_allocation {
+                allocation.push((end - start, 0)); // all data, as far as we know
+            }
+            let mut got = from_block_status(start, end, &allocation);
+            if dirty {
+                got = with_dirty(start, &got, &status.dirty);
+            }
+            let got = clip_front(got, offset);
             if got.is_empty() {
                 return Err(Error::Endpoint(format!(
                     "{name}: block status described nothing at {offset}"
@@ -835,6 +895,7 @@ fn clip_front(extents: Vec<Extent>, offset: u64) -> Vec<Extent> {
                 offset: e.offset + skip,
                 len: e.len - skip,
                 zero: e.zero,
+                skip: e.skip,
             }
         })
         .collect()
@@ -1064,11 +1125,13 @@ mod tests {
                     offset: 0,
                     len: 100,
                     zero: true,
+                    skip: false,
                 },
                 Extent {
                     offset: 100,
                     len: 50,
                     zero: false,
+                    skip: false,
                 },
             ],
             120,
@@ -1078,7 +1141,8 @@ mod tests {
             vec![Extent {
                 offset: 120,
                 len: 30,
-                zero: false
+                zero: false,
+                skip: false,
             }]
         );
     }

@@ -20,7 +20,7 @@ use crate::extents::Extent;
 
 type Reply<T> = oneshot::Sender<Result<T>>;
 
-fn call<T: Send + 'static, R: Send + 'static>(
+pub(super) fn call<T: Send + 'static, R: Send + 'static>(
     tx: &mpsc::Sender<R>,
     make: impl FnOnce(Reply<T>) -> R,
     what: &'static str,
@@ -85,7 +85,7 @@ impl Stream {
     }
 
     /// Connect a `UnixLater` now; nothing for the others.
-    fn connect(&mut self) -> Result<()> {
+    pub(super) fn connect(&mut self) -> Result<()> {
         if let Stream::UnixLater { path, on_connect } = self {
             let connected = Stream::connect_unix(path)?;
             if let (Some(hand_over), Stream::Unix { fd, path }) = (on_connect.take(), &connected) {
@@ -110,7 +110,7 @@ impl Stream {
         })
     }
 
-    fn name(&self, std: &str) -> String {
+    pub(super) fn name(&self, std: &str) -> String {
         match self {
             Stream::Std => std.to_string(),
             Stream::Pipe { path, .. } => format!("pipe {path}"),
@@ -120,7 +120,7 @@ impl Stream {
         }
     }
 
-    fn fd(&self) -> Option<&OwnedFd> {
+    pub(super) fn fd(&self) -> Option<&OwnedFd> {
         match self {
             Stream::Std | Stream::UnixLater { .. } => None,
             Stream::Pipe { fd, .. } | Stream::Unix { fd, .. } => Some(fd),
@@ -285,7 +285,11 @@ impl Stdout {
 }
 
 /// Write straight to the descriptor, past Rust's line buffering.
-fn write_all(out: std::os::fd::BorrowedFd<'_>, name: &str, mut data: &[u8]) -> Result<()> {
+pub(super) fn write_all(
+    out: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+    mut data: &[u8],
+) -> Result<()> {
     while !data.is_empty() {
         match rustix::io::write(out, data) {
             Ok(n) => data = &data[n..],
