@@ -314,6 +314,7 @@ def _run_doc(run: BackupRun) -> dict[str, Any]:
                 "transfer_id": d.sent.transfer_id,
                 "kind": d.sent.mode,
                 "reason": d.sent.reason,
+                "checkpoint": d.sent.checkpoint,
                 "size": d.sent.size,
                 "dirty_bytes": d.result.sender.dirty_bytes,
                 "sent_bytes": d.result.sender.sent_bytes,

@@ -143,10 +143,12 @@ def monitor(machine: vm.VM, name: str, **args: Any) -> Any:
     return asyncio.run(vm.qmp_command(machine.monitor, name, **args))
 
 
-def guest_writes(machine: vm.VM, offset: int, length: int, pattern: int) -> None:
-    """Write through the guest's disk device in QEMU (HMP ``qemu-io -d``), as the guest
-    would: its dirty bitmaps see it. Silent when it worked."""
-    device = "/machine/peripheral/vda/virtio-backend"
+def guest_writes(
+    machine: vm.VM, offset: int, length: int, pattern: int, drive: str = "vda"
+) -> None:
+    """Write through one of the guest's disk devices in QEMU (HMP ``qemu-io -d``), as the
+    guest would: its dirty bitmaps see it. Silent when it worked."""
+    device = f"/machine/peripheral/{drive}/virtio-backend"
     line = f'qemu-io -d {device} "write -P {pattern:#x} {offset} {length}"'
     out = monitor(machine, "human-monitor-command", **{"command-line": line})
     assert not str(out).strip(), out
@@ -431,3 +433,46 @@ def test_disks_stored_side_by_side_each_get_their_tags(
     assert len(tags) == 2
     for t in tags:
         assert any(x.startswith("digest=") for x in t) and any(x.startswith("size=") for x in t)
+
+
+@pytest.mark.timeout(900)
+def test_each_disk_of_a_vm_is_its_own_snapshot_taken_at_the_same_instant(
+    url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, guest: tuple[Path, Path]
+) -> None:
+    """A VM with two disks: one run, one checkpoint, one transfer and one snapshot per disk
+    (``vm1/vda``, ``vm1/vdb``); after writes to both, an incremental run sends each disk's
+    changes, and each snapshot restores to its disk at the checkpoint."""
+    second = vm.make_disk(tmp_path / "vm1-b.qcow2", 16 * MiB, data_mib=4)
+    disk = vm.make_disk(tmp_path / "vm1.qcow2", 32 * MiB, data_mib=8)
+    machine = vm.VM("vm1", tmp_path, disk, second_monitor=True, extra_disks=[second]).start()
+    try:
+        machine.wait_counter(0, timeout=120)
+        site = vm_site(url, tmp_path, machine, start_agent)
+
+        def at_checkpoint(tid: str) -> tuple[dict[str, Any], dict[str, Path]]:
+            refs = {"vm1/vda": tmp_path / f"{tid}-a.raw", "vm1/vdb": tmp_path / f"{tid}-b.raw"}
+            raw_image(second, refs["vm1/vdb"])  # idle but for our writes, taken while paused
+            proc, _ = backup_at_checkpoint(site, machine, tid, refs["vm1/vda"])
+            return finished(proc), refs
+
+        full, before = at_checkpoint("both-full")
+        guest_writes(machine, 4 * MiB, 2 * MiB, 0x41, drive="vdb")
+        guest_writes(machine, 12 * MiB, 1 * MiB, 0x42)
+        incremental, after = at_checkpoint("both-incr")
+    finally:
+        machine.stop()
+    for doc, refs in ((full, before), (incremental, after)):
+        disks = {d["disk"]: d for d in doc["disks"]}
+        assert sorted(disks) == ["vm1/vda", "vm1/vdb"], doc
+        assert {d["transfer_id"] for d in doc["disks"]} == {
+            f"{doc['transfer_id']}-disk0",
+            f"{doc['transfer_id']}-disk1",
+        }
+        for name, d in disks.items():
+            assert d["kind"] == doc["kind"] and d["checkpoint"] == doc["checkpoint"]
+            target, _ = site.restore(d["snapshot"], f"{doc['transfer_id']}-{name[-1]}.raw")
+            assert sha256_file(target) == sha256_file(refs[name]), (doc["transfer_id"], name)
+    assert incremental["kind"] == "incremental"
+    for name in ("vm1/vda", "vm1/vdb"):
+        d = next(x for x in incremental["disks"] if x["disk"] == name)
+        assert_only_changes_crossed(d, before[name], after[name])
