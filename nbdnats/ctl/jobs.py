@@ -288,7 +288,8 @@ class Jobs:
             return await checkpoints.vm_checkpoint(
                 self.config.vms[src], src, since=since, workdir=workdir
             )
-        path = self.policy.endpoint(src)
+        # Its header's files (a backing file, a data file) are opened too: allowed ones only.
+        path = await self._endpoint(src, raw=False)
         if not path.startswith("/") or formats.format_of(path) != "qcow2":
             known = ", ".join(sorted(self.config.vms)) or "none"
             raise UsageError(

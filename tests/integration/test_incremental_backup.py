@@ -346,7 +346,8 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
     """An export whose file is a qcow2 image nothing has open: a full run, writes by
     qemu-io, an incremental run that sends only them; each snapshot restores to the image's
     bytes at its run. The agent counts both runs in its metrics. kopia is refused, and so
-    is a raw image (it cannot keep a dirty bitmap)."""
+    is a raw image (it cannot keep a dirty bitmap) and a qcow2 image whose backing file is
+    outside the allow-list."""
     images = tmp_path / "images"
     images.mkdir()
     image = vm.make_disk(images / "data.qcow2", 32 * MiB, data_mib=8)
@@ -413,6 +414,17 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
         ctl(url, "backup", f"a:{plain}", "b", "--restic", str(repo), "--incremental")
     )
     assert "needs a VM this agent knows" in err and "or a qcow2 image" in err
+    # A qcow2 image whose backing file is outside the allow-list is not opened.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make_image(outside / "base.raw", MiB, [(0, MiB)])
+    child = images / "child.qcow2"
+    backing = ["-b", str(outside / "base.raw"), "-F", "raw"]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(child)], check=True)
+    err = one_line_error(
+        ctl(url, "backup", f"a:{child}", "b", "--restic", str(repo), "--incremental")
+    )
+    assert "base.raw" in err and "allow-list" in err, err
 
 
 def test_disks_stored_side_by_side_each_get_their_tags(
