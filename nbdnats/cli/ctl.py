@@ -288,7 +288,8 @@ def _run_summary(run: BackupRun) -> str:
     parts = []
     for d in run.disks:
         tx, rx = d.result.sender, d.result.receiver
-        kind = d.sent.mode if d.sent.mode == "incremental" else f"full ({d.sent.reason})"
+        why = f" ({d.sent.reason})" if d.sent.reason and d.sent.reason != run.reason else ""
+        kind = d.sent.mode + why
         dirty = f"{human(tx.dirty_bytes)} dirty, " if d.sent.mode == "incremental" else ""
         parts.append(
             f"{d.sent.disk} {kind}: {dirty}{human(tx.sent_bytes)} sent in {rx.seconds:.2f} s, "
