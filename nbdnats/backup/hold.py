@@ -40,9 +40,12 @@ class Committable(Protocol):
 class Hold:
     """One checkpoint, held until ``confirm`` (or the bound) decides its end."""
 
-    def __init__(self, checkpoint: Committable, transfer_id: str, bound: float) -> None:
+    def __init__(
+        self, checkpoint: Committable, transfer_id: str, bound: float, source: str = ""
+    ) -> None:
         self.checkpoint = checkpoint
         self.transfer_id = transfer_id
+        self.source = source  # what it is of (a VM's monitor, an image's path)
         self.bound = bound
         self._verdict: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()

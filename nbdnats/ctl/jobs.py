@@ -308,10 +308,19 @@ class Jobs:
         tid = cmd.transfer_id
         if tid in self.holds and not self.holds[tid].ended.done():
             raise BusyError(f"backup {tid} already holds a checkpoint on {self.node}")
+        # One checkpoint of a source at a time: a second one's recovery would take the
+        # first one's views and bitmaps for a killed run's leftovers.
+        source = self.config.vms.get(cmd.src) or self.policy.endpoint(cmd.src)
+        for other in self.holds.values():
+            if other.source == source and not other.ended.done():
+                raise BusyError(
+                    f"backup {other.transfer_id} of {cmd.src} is still running on {self.node}; "
+                    "run the next one once it has ended"
+                )
         checkpoint = await self._take_checkpoint(cmd.src, cmd.incremental.since)
         ends = self._ends(cmd)
         await checkpoint.__aenter__()
-        hold = Hold(checkpoint, tid, ends["timeout"] or DEFAULT_TIMEOUT)
+        hold = Hold(checkpoint, tid, ends["timeout"] or DEFAULT_TIMEOUT, source)
         self.holds[tid] = hold
         started: list[Job] = []
         disks: list[DiskSend] = []
