@@ -30,9 +30,11 @@ empty working directory, removed when it ends.
 The core reads or writes the tool's pipe as ``pipe:/proc/self/fd/N``; the agent keeps its
 own copy of that pipe end until the transfer's outcome is known. So a failed transfer never
 looks like a short image to the tool: the agent stops the tool first, then lets the pipe
-close, and nothing partial is saved as a snapshot. Credentials (``RESTIC_PASSWORD``,
-``KOPIA_PASSWORD``, ...) come from the agent's environment and its config's ``[env]``;
-they, and passwords in repository URLs, are shown as ``***`` in what the agent reports.
+close, and nothing partial is saved as a snapshot. An agent killed outright takes its
+streaming tools with it (their parent-death signal, set by setpriv where installed).
+Credentials (``RESTIC_PASSWORD``, ``KOPIA_PASSWORD``, ...) come from the agent's
+environment and its config's ``[env]``; they, and passwords in repository URLs, are shown
+as ``***`` in what the agent reports.
 """
 
 from __future__ import annotations
@@ -461,6 +463,18 @@ def last_line(stderr: bytes) -> str:
     return lines[-1] if lines else "no message"
 
 
+def _tied_to_agent(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """``argv`` run so that the tool is killed when its agent dies. An agent killed outright
+    (SIGKILL, the OOM killer) cannot stop its tool first, and a restic or kopia whose input
+    just ends stores what it got as a snapshot; setpriv (util-linux) sets the parent-death
+    signal and runs the tool. Without setpriv the tool runs as it is."""
+    path = os.pathsep.join(os.get_exec_path(dict(env)))
+    if "/" not in argv[0] and shutil.which(argv[0], path=path) is None:
+        raise FileNotFoundError(argv[0])
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+
+
 @dataclass
 class ToolRun:
     """A running tool and the pipe the core streams through."""
@@ -488,7 +502,7 @@ class ToolRun:
         workdir = tempfile.mkdtemp(prefix="nbdnats-tool-")
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *_tied_to_agent(argv, env),
                 stdin=theirs if direction == "backup" else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if direction == "backup" else theirs,
                 stderr=asyncio.subprocess.PIPE,
