@@ -276,7 +276,7 @@ def test_incrementals_of_a_writing_vm_each_restore_alone_to_their_checkpoint(
 def test_a_failed_run_stores_nothing_and_the_next_one_sends_its_changes_again(
     url: str, start_agent: Callable[..., AgentProc], tmp_path: Path, machine: vm.VM
 ) -> None:
-    """restic killed mid-stream, then the source's agent killed mid-stream: neither run
+    """restic, the backup node's agent, then the source's agent killed mid-stream: no run
     leaves a snapshot, the source keeps every change (the checkpoint rolled back, or its
     leftovers recovered by the restarted agent), and the next incremental restores to the
     disk at its own checkpoint. A controller that dies leaves an unconfirmed checkpoint,
@@ -306,7 +306,24 @@ def test_a_failed_run_stores_nothing_and_the_next_one_sends_its_changes_again(
     assert sha256_file(target) == sha256_file(ref)
     stored = len(site.snapshots())
 
-    # 2. The source's agent dies (SIGKILL: no rollback) while its disk streams.
+    # 2. The backup node's agent dies (SIGKILL) while the changes stream in: its restic
+    # dies with it rather than store a truncated image; the source rolls back.
+    guest_writes(machine, 40 * MiB, 8 * MiB, 0x73)
+    proc = site.backup("killed-receiver")
+    wait_for(lambda: restic_backup_child(site.b) is not None, "restic backup on b", RUN)
+    orphan = restic_backup_child(site.b)
+    site.b.proc.kill()
+    site.b.proc.wait(30)
+    _, err = proc.communicate(timeout=RUN)
+    assert proc.returncode != 0, err.decode()
+    wait_for(lambda: not Path(f"/proc/{orphan}").exists(), "b's restic gone with it", RUN)
+    assert len(site.snapshots()) == stored
+    site.b = start_agent("b", url, "--allow", str(site.repo), env=RESTIC_ENV)
+    wait_for(
+        lambda: "rolled back" in site.a.text().rsplit("killed-receiver", 1)[-1], "rollback", RUN
+    )
+
+    # 3. The source's agent dies (SIGKILL: no rollback) while its disk streams.
     guest_writes(machine, 30 * MiB, 16 * MiB, 0x72)
     proc = site.backup("killed-source")
     wait_for(lambda: restic_backup_child(site.b) is not None, "restic backup on b", RUN)
@@ -325,7 +342,7 @@ def test_a_failed_run_stores_nothing_and_the_next_one_sends_its_changes_again(
     target, _ = site.restore(again["disks"][0]["snapshot"], "after-source.raw")
     assert sha256_file(target) == sha256_file(ref2)
 
-    # 3. The controller dies while the disk streams: the backup node still stores the
+    # 4. The controller dies while the disk streams: the backup node still stores the
     # snapshot, but nobody confirms it, so the source rolls back once its bound (--timeout)
     # has passed. The next run cannot start from that snapshot's checkpoint: full, saying so.
     proc = site.backup("controller-gone", "--timeout", "5")
