@@ -93,12 +93,21 @@ class VM:
     disk: Path
     incoming: bool = False
     paused: bool = False
+    # A second QMP socket (``monitor``) for a test to act on the VM while a tool it drives
+    # holds the first one (QEMU serves one client per monitor).
+    second_monitor: bool = False
+    # More qcow2 disks, attached as vdb, vdc, ... (the guest writes only to vda).
+    extra_disks: list[Path] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
 
     @property
     def qmp(self) -> str:
         return str(self.dir / f"{self.name}.qmp")
+
+    @property
+    def monitor(self) -> str:
+        return str(self.dir / f"{self.name}-test.qmp")
 
     @property
     def serial(self) -> Path:
@@ -118,10 +127,16 @@ class VM:
         a += ["-blockdev", f"driver=file,filename={self.disk},node-name=file0"]
         a += ["-blockdev", "driver=qcow2,file=file0,node-name=disk0"]
         a += ["-device", "virtio-blk-pci,drive=disk0,id=vda"]
+        for n, extra in enumerate(self.extra_disks, 1):
+            a += ["-blockdev", f"driver=file,filename={extra},node-name=file{n}"]
+            a += ["-blockdev", f"driver=qcow2,file=file{n},node-name=disk{n}"]
+            a += ["-device", f"virtio-blk-pci,drive=disk{n},id=vd{chr(ord('a') + n)}"]
         if self.incoming:
             a += ["-incoming", "defer"]
         if self.paused:
             a += ["-S"]
+        if self.second_monitor:
+            a += ["-qmp", f"unix:{self.monitor},server=on,wait=off"]
         self.argv = a
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(a, stdout=log, stderr=log, stdin=subprocess.DEVNULL)

@@ -4,10 +4,11 @@ The data plane's own handshake and frames are binary/JSON defined by the core
 (``docs/protocol.md``); everything Python publishes is defined here, once. Every message
 carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its own.
 
-    ctl.cmd.<node>.send        SendCommand       -> Reply
+    ctl.cmd.<node>.send        SendCommand       -> Reply (SendReply when incremental)
     ctl.cmd.<node>.recv        RecvCommand       -> Reply
     ctl.cmd.<node>.provision   ProvisionCommand  -> Reply
     ctl.cmd.<node>.cancel      CancelCommand     -> Reply
+    ctl.cmd.<node>.checkpoint  CheckpointCommand -> Reply        (an incremental backup's source)
     ctl.cmd.<node>.migrate     MigrateCommand    -> Reply        (the source's agent)
     ctl.cmd.<node>.incoming    IncomingCommand   -> IncomingReply (the destination's agent)
     ctl.cmd.<node>.qmp         QmpCommand        -> QmpReply      (the destination's agent)
@@ -42,6 +43,7 @@ SCHEMA_VERSION = 1
 
 Op = Literal["send", "recv", "provision"]
 ToolKind = Literal["restic", "kopia", "pipe"]
+BackupKind = Literal["full", "incremental"]
 Role = Literal["host", "installer"]
 
 # Numbers that reach the core or a sleep are bounded here, so a message that would overflow
@@ -54,6 +56,22 @@ Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT)]
 Interval = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT)]
 """A period: more than 0, at most ``MAX_TIMEOUT``."""
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
+
+
+# What a restic snapshot's listing may hold. Values come from the tool's output (anyone who
+# can write the repository can craft them), so each is checked here, when the agent reads
+# them and again when the controller does.
+SnapshotId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+ShortId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{8,64}$")]
+Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]  # as subjects.check_token
+DiskName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]{1,1024}$")]
+"""An export name, path or NBD URI as a backup was asked for, without control characters
+(a restic tag holds it percent-encoded: ``nbdnats.ctl.tools.disk_tag``)."""
+DigestText = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}:[0-9a-f]{16,256}$")]
+CheckpointName = Annotated[str, msgspec.Meta(pattern=r"^nbdnats-[0-9]{8}T[0-9]{6}-[0-9a-f]{6}$")]
+"""A checkpoint's name as ``nbdnats.backup`` makes them (``nbdnats-<UTC time>-<6 hex>``):
+the dirty bitmap that records what changed since the snapshot tagged with it. It reaches
+QMP and a restic tag."""
 
 
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -82,6 +100,10 @@ class Tool(Message, kw_only=True):
     (``<rootOID>/disk.img`` or a snapshot's object id); pipe ``command``.
     backups (the ``backups`` query): restic ``repo``, and ``node`` + ``disk`` to list
     only that disk's snapshots.
+    incremental backup (restic only): ``checkpoint``, the source's checkpoint the image is
+    taken at, and ``parent``, the snapshot it changes (the stream holds only what changed:
+    the agent reads the rest from ``restic dump PARENT``, and stores the whole image). The
+    snapshot is tagged ``checkpoint=``, ``kind=full|incremental`` and ``parent=``.
 
     The agent checks every value before it joins a command line (``nbdnats.ctl.tools``,
     ``nbdnats.ctl.policy``): ``repo`` is under its allow-list; ``snapshot`` is hex or
@@ -99,6 +121,8 @@ class Tool(Message, kw_only=True):
     command: list[str] | None = None
     node: str | None = None
     disk: str | None = None
+    checkpoint: CheckpointName | None = None
+    parent: SnapshotId | None = None
 
 
 class TransferOptions(Message, kw_only=True):
@@ -111,14 +135,28 @@ class TransferOptions(Message, kw_only=True):
     raw: bool = False
 
 
+class Incremental(Message, kw_only=True):
+    """An incremental backup's source side: take a checkpoint of ``src`` (a VM the agent
+    knows: all its writable disks at one instant; or an export or path of a qcow2 image
+    not in use) and send what changed since checkpoint ``since`` (None: everything, and
+    ``reason`` says why, as the controller found it)."""
+
+    since: CheckpointName | None = None
+    reason: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
 class SendCommand(Command, kw_only=True):
     """Send ``src`` (an export name, path or NBD URI on the node), or a restore tool's
-    output of ``size`` bytes (``size`` is found from restic/kopia when not given)."""
+    output of ``size`` bytes (``size`` is found from restic/kopia when not given).
+    ``incremental``: take a checkpoint of ``src`` first and send each of its disks as
+    transfer ``subjects.backup_disk_id(transfer_id, n)``; the answer is a ``SendReply``
+    and the checkpoint is held until a ``CheckpointCommand`` (or the timeout) ends it."""
 
     src: str | None = None
     tool: Tool | None = None
     size: Bytes | None = None
     chunk_size: Bytes | None = None
+    incremental: Incremental | None = None
     options: TransferOptions = msgspec.field(default_factory=TransferOptions)
 
 
@@ -157,6 +195,15 @@ class ProvisionCommand(Command, kw_only=True):
 
 class CancelCommand(Message, kw_only=True):
     transfer_id: str
+
+
+class CheckpointCommand(Message, kw_only=True):
+    """The end of an incremental backup's checkpoint (``transfer_id``: the backup's, as
+    its ``SendCommand`` named it): ``ok``, every disk's snapshot is stored, so the source
+    commits it (the next backup starts from it); else it rolls back (no change is lost)."""
+
+    transfer_id: str
+    ok: bool
 
 
 class MigrateCommand(Command, kw_only=True):
@@ -241,6 +288,26 @@ class Reply(Answer, kw_only=True):
     transfer_id: str | None = None
 
 
+class DiskSend(msgspec.Struct, kw_only=True):
+    """One disk of an incremental backup's checkpoint, being sent as ``transfer_id``:
+    ``disk`` (``<vm>/<drive>``, or the export as named), its ``size``, ``mode`` and, when
+    full, why (``reason``), the ``checkpoint`` taken and the one it started from."""
+
+    transfer_id: Token
+    disk: DiskName
+    size: Bytes
+    mode: BackupKind
+    checkpoint: CheckpointName
+    reason: str = ""
+    since: CheckpointName | None = None
+
+
+class SendReply(Reply, kw_only=True):
+    """The answer to an incremental ``SendCommand``: the disks being sent."""
+
+    disks: list[DiskSend] = msgspec.field(default_factory=list)
+
+
 class InfoQuery(Message, kw_only=True):
     pass
 
@@ -277,18 +344,6 @@ class DigestReply(Answer, kw_only=True):
     size: int | None = None
 
 
-# What a restic snapshot's listing may hold. Values come from the tool's output (anyone who
-# can write the repository can craft them), so each is checked here, when the agent reads
-# them and again when the controller does.
-SnapshotId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-ShortId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{8,64}$")]
-Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]  # as subjects.check_token
-DiskName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]{1,1024}$")]
-"""An export name, path or NBD URI as a backup was asked for, without control characters
-(a restic tag holds it percent-encoded: ``nbdnats.ctl.tools.disk_tag``)."""
-DigestText = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}:[0-9a-f]{16,256}$")]
-
-
 class BackupsQuery(Message, kw_only=True):
     """The snapshots nbdnats stored with ``tool`` (restic): all, or one disk's
     (``tool.node`` + ``tool.disk``)."""
@@ -309,6 +364,9 @@ class Backup(msgspec.Struct, kw_only=True, omit_defaults=True):
     size: Bytes | None = None
     digest: DigestText | None = None
     transfer_id: Token | None = None
+    kind: BackupKind | None = None
+    checkpoint: CheckpointName | None = None
+    parent: SnapshotId | None = None
 
     @property
     def name(self) -> str:
@@ -362,6 +420,12 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     # The error is the peer's (reported to this end), so this end's failure is a consequence.
     from_peer: bool = False
+    # An incremental backup's disk: the checkpoint, full or incremental and why (the
+    # source's), the snapshot it changes (the receiver's).
+    checkpoint: str | None = None
+    backup_kind: str | None = None
+    reason: str | None = None
+    parent: str | None = None
 
 
 class Report(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -78,6 +78,12 @@ def migration_disk_id(migration_id: str, disk: int) -> str:
     return f"{migration_id}-disk{disk}"
 
 
+def backup_disk_id(transfer_id: str, disk: int) -> str:
+    """The stream of disk number ``disk`` (its place in the checkpoint's list) of an
+    incremental backup ``transfer_id``: one transfer and one snapshot per disk."""
+    return f"{transfer_id}-disk{disk}"
+
+
 def transfer(transfer_id: str) -> tuple[str, str, str]:
     """The (open, chunks, acks) subjects of one transfer, as the core takes them."""
     t = check_token(transfer_id, "transfer id")

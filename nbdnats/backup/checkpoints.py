@@ -1,5 +1,5 @@
 """Consistent checkpoints of a running VM's disks, or of a qcow2 image not in use, that
-never lose a change (docs/backups.md, "Checkpoints")::
+never lose a change (docs/incremental.md, "Checkpoints")::
 
     async with await vm_checkpoint(qmp, "vm1", since=last, workdir=work) as cp:
         for view in cp.disks:

@@ -1,6 +1,6 @@
 """Checkpoints of a running QEMU VM over QMP: dirty bitmaps and fleecing.
 
-A run (docs/backups.md, "Checkpoints"):
+A run (docs/incremental.md, "Checkpoints"):
 
 1. Recover from a run that was killed: remove its exports, NBD server, backup jobs and
    fleecing nodes (all named ``nbdnats-ckpt-*``); merge every other bitmap of ours into

@@ -34,7 +34,7 @@ from nbdnats.cli.output import (
     print_started,
     reader_gone,
 )
-from nbdnats.ctl.controller import Controller, OperationResult, parse_endpoint
+from nbdnats.ctl.controller import BackupRun, Controller, OperationResult, parse_endpoint
 from nbdnats.ctl.events import Event
 from nbdnats.errors import UsageError
 from nbdnats.schemas import (
@@ -52,6 +52,7 @@ examples:
   nbd-nats ctl nodes
   nbd-nats ctl copy a:vm1 b:/dev/sdb
   nbd-nats ctl backup a:vm1 b --restic /backups/repo
+  nbd-nats ctl backup a:vm1 b --restic /backups/repo --incremental
   nbd-nats ctl backups b --restic /backups/repo
   nbd-nats ctl restore b a:/var/lib/images/vm1.raw --restic /backups/repo --disk a:vm1
   nbd-nats ctl restore b a:/var/lib/images/vm1.raw --restic /backups/repo --snapshot 1a2b3c4d
@@ -110,6 +111,14 @@ def add_parser(sub: Any) -> None:
     b.add_argument("src", help="NODE:SRC  the disk")
     b.add_argument("node", help="the node running the tool")
     _add_tool_options(b, "backup")
+    b.add_argument(
+        "--incremental",
+        action="store_true",
+        help="restic: send only what changed since the disk's latest snapshot's checkpoint "
+        "(SRC: a VM the node's agent knows, every writable disk, or a qcow2 image not in "
+        "use); each snapshot still holds the whole image. Full when there is no such "
+        "snapshot, and the summary says why",
+    )
 
     r = op("restore", "stream a backup from a node's backup tool into a target")
     r.add_argument("node", help="the node that runs the backup tool")
@@ -139,7 +148,8 @@ def add_parser(sub: Any) -> None:
         "backups",
         help="the backups a node's restic repository holds, per disk",
         description="The snapshots ctl backup stored in a restic repository, per disk: "
-        "id, time, NODE:DISK, size and digest; disk by disk, each oldest first.",
+        "id, time, NODE:DISK, size and digest (an incremental run's also its kind, "
+        "checkpoint and parent); disk by disk, each oldest first.",
     )
     bl.add_argument("node", help="the node that runs the backup tool")
     bl.add_argument("--restic", metavar="REPO", required=True, help="the restic repository")
@@ -259,10 +269,66 @@ def _summary(verb: str, r: OperationResult) -> str:
 
 
 def _backup_line(b: Backup) -> str:
-    """``a:vm1 2026-12-02 16:40:01 UTC 20.0 MiB sha256:...``"""
+    """``a:vm1 2026-12-02 16:40:01 UTC 20.0 MiB sha256:...``, then an incremental run's
+    ``incremental nbdnats-... parent 1a2b3c4d``."""
     size = human(b.size) if b.size is not None else "size ?"
     when = f"{b.time.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
-    return f"{b.name} {when} {size} {b.digest or 'digest ?'}"
+    text = f"{b.name} {when} {size} {b.digest or 'digest ?'}"
+    if b.checkpoint is not None:
+        text += f" {b.kind or 'kind ?'} {b.checkpoint}"
+    if b.parent is not None:
+        text += f" parent {b.parent[:8]}"
+    return text
+
+
+def _run_summary(run: BackupRun) -> str:
+    """An incremental run, one line: the checkpoint, then per disk its kind (and why
+    full), dirty and wire bytes, seconds and snapshot."""
+    start = f"since {run.since}" if run.since else f"full: {run.reason}"
+    parts = []
+    for d in run.disks:
+        tx, rx = d.result.sender, d.result.receiver
+        why = f" ({d.sent.reason})" if d.sent.reason and d.sent.reason != run.reason else ""
+        kind = d.sent.mode + why
+        dirty = f"{human(tx.dirty_bytes)} dirty, " if d.sent.mode == "incremental" else ""
+        parts.append(
+            f"{d.sent.disk} {kind}: {dirty}{human(tx.sent_bytes)} sent in {rx.seconds:.2f} s, "
+            f"snapshot {(d.snapshot or '?')[:8]}, {rx.digest or 'digest ?'}"
+        )
+    return f"backed up {run.transfer_id} at checkpoint {run.checkpoint} ({start}): " + "; ".join(
+        parts
+    )
+
+
+def _run_doc(run: BackupRun) -> dict[str, Any]:
+    """An incremental run as ``--json`` prints it."""
+    return {
+        "transfer_id": run.transfer_id,
+        "ok": run.ok,
+        "checkpoint": run.checkpoint,
+        "since": run.since,
+        "kind": "incremental" if run.since else "full",
+        "reason": run.reason,
+        "disks": [
+            {
+                "disk": d.sent.disk,
+                "transfer_id": d.sent.transfer_id,
+                "kind": d.sent.mode,
+                "reason": d.sent.reason,
+                "checkpoint": d.sent.checkpoint,
+                "size": d.sent.size,
+                "dirty_bytes": d.result.sender.dirty_bytes,
+                "sent_bytes": d.result.sender.sent_bytes,
+                "seconds": d.result.receiver.seconds,
+                "snapshot": d.snapshot,
+                "parent": d.parent.id if d.parent is not None else None,
+                "digest": d.result.receiver.digest,
+                "sender": d.result.sender,
+                "receiver": d.result.receiver,
+            }
+            for d in run.disks
+        ],
+    }
 
 
 def _node_line(n: NodeInfo) -> str:
@@ -336,6 +402,12 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
         "on_event": on_event,
     }
     cmd = args.ctl_command
+    if getattr(args, "incremental", False) and args.detach:
+        raise UsageError(
+            "--incremental cannot --detach: the controller confirms each snapshot before "
+            "the source commits its checkpoint"
+        )
+    run: BackupRun | None = None
     try:
         if cmd == "copy":
             result = await c.copy(
@@ -344,6 +416,17 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
                 chunk_size=args.chunk_size,
                 target_is_zero=args.target_is_zero,
                 **common,
+            )
+        elif cmd == "backup" and args.incremental:
+            run = await c.backup(
+                parse_endpoint(args.src),
+                args.node,
+                _tool(args, False),
+                transfer_id=args.transfer_id,
+                options=opts,
+                wait=True,
+                on_event=on_event,
+                incremental=True,
             )
         elif cmd == "backup":
             result = await c.backup(
@@ -366,6 +449,9 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
             )
     finally:
         progress.close()
+    if run is not None:
+        print_result(_run_doc(run), _run_summary(run), as_json=args.json)
+        return
     if isinstance(result, str):
         print_started("transfer_id", result, as_json=args.json)
         return

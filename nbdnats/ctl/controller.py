@@ -15,6 +15,11 @@ the sending end. A command that gets no answer is sent again with the same key, 
 reply never starts a second transfer. The operation then follows both agents' transfer
 events; if they go quiet it asks the agents directly, so a lost event is not a hang. When one
 end fails, the other is cancelled and the first real cause is raised.
+
+An incremental backup (``backup(..., incremental=True)``) turns that round: the source is
+commanded first (it takes the checkpoint and says which disks it sends, and how), then the
+backup node once per disk; when every disk's snapshot is stored the source is told to
+commit the checkpoint, else to roll it back (``nbdnats.backup``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import msgspec
 from nats.aio.client import Client
 
 from nbdnats import _core, subjects
+from nbdnats.backup import chain
 from nbdnats.ctl import events, tools
 from nbdnats.ctl.request import request
 from nbdnats.errors import (
@@ -48,9 +54,12 @@ from nbdnats.schemas import (
     BackupList,
     BackupsQuery,
     CancelCommand,
+    CheckpointCommand,
     Command,
     DigestQuery,
     DigestReply,
+    DiskSend,
+    Incremental,
     InfoQuery,
     Message,
     MigrateCommand,
@@ -60,6 +69,7 @@ from nbdnats.schemas import (
     RecvCommand,
     Reply,
     SendCommand,
+    SendReply,
     Tool,
     TransferEvent,
     TransferList,
@@ -72,6 +82,8 @@ ATTEMPTS = 3
 QUIET = 5.0  # no event for this long: ask the agents how the transfer is doing
 DIGEST_TIMEOUT = 3600.0  # hashing an image reads all of it
 BACKUPS_TIMEOUT = 300.0  # restic reads the repository's index (maybe remote) to list
+# Taking a checkpoint: a QMP transaction, then a read-only view of each disk served.
+CHECKPOINT_TIMEOUT = 60.0
 TERMINAL = ("done", "failed", "cancelled")
 LOST_AFTER = 3  # announce intervals without a word before a node counts as lost
 
@@ -102,6 +114,39 @@ class OperationResult:
     @property
     def ok(self) -> bool:
         return self.sender.state == self.receiver.state == "done"
+
+
+@dataclass
+class DiskBackup:
+    """One disk of an incremental backup run: what the source sent (``sent``: mode, why
+    full, checkpoint), both ends' reports, and the snapshot it changed (``parent``)."""
+
+    sent: DiskSend
+    result: OperationResult
+    parent: Backup | None = None
+
+    @property
+    def snapshot(self) -> str | None:
+        """The stored snapshot's id, as the backup node reported it."""
+        out = self.result.receiver.tool_output or ""
+        word = out.removeprefix("snapshot ").split(" ", 1)[0]
+        return word if out.startswith("snapshot ") and tools.is_restic_snapshot(word) else None
+
+
+@dataclass
+class BackupRun:
+    """An incremental backup run: the checkpoint it took (committed on the source), the
+    one it started from (None: full, ``reason`` says why) and each disk's outcome."""
+
+    transfer_id: str
+    checkpoint: str
+    since: str | None
+    reason: str
+    disks: list[DiskBackup]
+
+    @property
+    def ok(self) -> bool:
+        return all(d.result.ok for d in self.disks)
 
 
 def _check_restored(result: OperationResult) -> None:
@@ -346,7 +391,22 @@ class Controller:
         options: TransferOptions | None = None,
         wait: Literal[True] = True,
         on_event: EventCallback | None = None,
+        incremental: Literal[False] = False,
     ) -> OperationResult: ...
+
+    @overload
+    async def backup(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        *,
+        transfer_id: str | None = None,
+        options: TransferOptions | None = None,
+        wait: Literal[True] = True,
+        on_event: EventCallback | None = None,
+        incremental: Literal[True],
+    ) -> BackupRun: ...
 
     @overload
     async def backup(
@@ -359,6 +419,7 @@ class Controller:
         options: TransferOptions | None = None,
         wait: Literal[False],
         on_event: EventCallback | None = None,
+        incremental: Literal[False] = False,
     ) -> str: ...
 
     @overload
@@ -372,7 +433,8 @@ class Controller:
         options: TransferOptions | None = None,
         wait: bool,
         on_event: EventCallback | None = None,
-    ) -> OperationResult | str: ...
+        incremental: bool = False,
+    ) -> OperationResult | BackupRun | str: ...
 
     async def backup(
         self,
@@ -384,15 +446,150 @@ class Controller:
         options: TransferOptions | None = None,
         wait: bool = True,
         on_event: EventCallback | None = None,
-    ) -> OperationResult | str:
+        incremental: bool = False,
+    ) -> OperationResult | BackupRun | str:
         """Stream a disk of one node into a backup tool on ``node``, stored as disk.img;
-        restic and kopia snapshots are tagged with the disk (``node=a``, ``disk=vm1``)."""
+        restic and kopia snapshots are tagged with the disk (``node=a``, ``disk=vm1``).
+
+        ``incremental`` (restic): ``src`` names a VM its agent knows (every writable disk,
+        one snapshot each, tagged ``<vm>/<drive>``) or a qcow2 image; only what changed
+        since the checkpoint of the disk's latest snapshot crosses the network, and each
+        snapshot still holds the whole image (``BackupRun`` says, per disk, which and why)."""
+        if incremental:
+            if not wait:
+                raise UsageError(
+                    "an incremental backup cannot --detach: the controller confirms each "
+                    "snapshot before the source commits its checkpoint"
+                )
+            return await self._incremental(src, node, tool, transfer_id, options, on_event)
         if tool.kind != "pipe":
             tool = msgspec.structs.replace(tool, node=src[0], disk=src[1])
         both = self._both(transfer_id, options)
         recv = RecvCommand(tool=tool, **both)
         send = SendCommand(src=src[1], **both)
         return await self._pair(src[0], send, node, recv, wait, on_event)
+
+    async def _incremental(
+        self,
+        src: Endpoint,
+        node: str,
+        tool: Tool,
+        transfer_id: str | None,
+        options: TransferOptions | None,
+        on_event: EventCallback | None,
+    ) -> BackupRun:
+        if tool.kind != "restic":
+            raise UsageError(
+                f"--incremental needs --restic, not --{tool.kind}: the run starts from the "
+                "checkpoint its latest snapshot is tagged with and reads that snapshot back"
+            )
+        snode, name = src
+        tid, key = self._ids(transfer_id)
+        opts = options or TransferOptions()
+        vm = name in (await self.info(snode)).vms
+        begun = chain.start(await self.backups(node, tool), snode, name, vm=vm)
+        prefix = f"{tid}-disk"
+        queues: dict[str, asyncio.Queue[TransferEvent]] = {}
+
+        async def collect(msg: Any) -> None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                ev = msgspec.json.decode(msg.data, type=TransferEvent)
+                if ev.transfer_id.startswith(prefix):
+                    queues.setdefault(ev.transfer_id, asyncio.Queue()).put_nowait(ev)
+
+        subs = [
+            await self.nc.subscribe(subjects.ctl_event(n, "transfer"), cb=collect)
+            for n in dict.fromkeys((snode, node))
+        ]
+        send = SendCommand(
+            key=key,
+            transfer_id=tid,
+            src=name,
+            incremental=Incremental(since=begun.since, reason=begun.reason[:1024]),
+        )
+        send = msgspec.structs.replace(send, options=opts)
+        confirmed = False
+        try:
+            subject = subjects.ctl_command(snode, "send")
+            reply = await self._request(subject, send, SendReply, timeout=CHECKPOINT_TIMEOUT)
+            sent = reply.disks
+            if not sent:
+                raise UsageError(f"{snode}:{name} has no disk to back up")
+            why = chain.mismatch(begun, sent)
+            if why:
+                raise UsageError(f"cannot back up {snode}:{name} incrementally: {why}")
+            runs = [
+                DiskBackup(
+                    d, OperationResult(d.transfer_id, *_pending(d)), chain.parent_of(begun, d)
+                )
+                for d in sent
+            ]
+            for run in runs:
+                tagged = msgspec.structs.replace(
+                    tool,
+                    node=snode,
+                    disk=run.sent.disk,
+                    checkpoint=run.sent.checkpoint,
+                    parent=run.parent.id if run.parent is not None else None,
+                )
+                recv = RecvCommand(
+                    key=subjects.idempotency_key(),
+                    transfer_id=run.sent.transfer_id,
+                    tool=tagged,
+                    options=opts,
+                )
+                await self._command(node, "recv", recv)
+            follows = [
+                asyncio.ensure_future(
+                    self._follow(
+                        r.sent.transfer_id,
+                        snode,
+                        node,
+                        queues.setdefault(r.sent.transfer_id, asyncio.Queue()),
+                        on_event,
+                    )
+                )
+                for r in runs
+            ]
+            try:
+                _, left = await asyncio.wait(follows, return_when=asyncio.FIRST_EXCEPTION)
+                if left:  # one disk failed: stop the others before they store a snapshot
+                    await self._roll_back(tid, snode, node)
+                    await asyncio.wait(left)
+            finally:
+                for f in follows:
+                    f.cancel()
+            for run, follow in zip(runs, follows, strict=True):
+                run.result = follow.result()
+            confirmed = True
+            await self._command(snode, "checkpoint", CheckpointCommand(transfer_id=tid, ok=True))
+        except BaseException:
+            if not confirmed:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._roll_back(tid, snode, node))
+            raise
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        first = runs[0].sent
+        return BackupRun(
+            transfer_id=tid,
+            checkpoint=first.checkpoint,
+            since=first.since,
+            reason=first.reason,
+            disks=runs,
+        )
+
+    async def _roll_back(self, tid: str, snode: str, node: str) -> None:
+        """An incremental run failed: the source rolls its checkpoint back (stopping the
+        sends still running), the backup node stops its receivers: nothing is stored."""
+        with contextlib.suppress(NbdNatsError):
+            await self._command(snode, "checkpoint", CheckpointCommand(transfer_id=tid, ok=False))
+        for ev in await self._transfers(node):
+            if ev.transfer_id.startswith(f"{tid}-disk") and ev.state not in TERMINAL:
+                with contextlib.suppress(NbdNatsError):
+                    await self._command(node, "cancel", CancelCommand(transfer_id=ev.transfer_id))
 
     @overload
     async def restore(
@@ -688,6 +885,14 @@ def choose_backup(backups: list[Backup], disk: Endpoint | None, repo: str) -> Ba
             "pass --disk NODE:DISK or --snapshot ID"
         )
     return next(iter(latest.values()))
+
+
+def _pending(d: DiskSend) -> tuple[TransferEvent, TransferEvent]:
+    """Placeholders for a disk's two ends until their reports come."""
+    return tuple(  # type: ignore[return-value]
+        TransferEvent(transfer_id=d.transfer_id, node="", role=role, state="accepted")
+        for role in ("send", "recv")
+    )
 
 
 def _cause(result: OperationResult) -> NbdNatsError:

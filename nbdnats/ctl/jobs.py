@@ -7,6 +7,11 @@ job, tool included, has ended). A provisioned image is read back from the device
 counts as done. A migration job runs ``nbdnats.migration`` with the destination's monitor
 and ends reached through the destination's agent, and reports ``ctl.evt.<node>.migration``.
 
+An incremental backup's source takes a checkpoint (``nbdnats.backup.checkpoints``), starts
+one send job per disk and holds the checkpoint (``nbdnats.backup.hold``) until the
+controller's ``checkpoint`` command commits or rolls it back; its receiver lays the changed
+ranges over the parent snapshot (``restic dump``) and stores the whole image.
+
 Finished jobs are kept (``KEEP_FINISHED``) for queries, metrics and idempotent replies.
 """
 
@@ -18,13 +23,14 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from nbdnats import _core, formats, subjects
 from nbdnats.approval import TrustedKeys
+from nbdnats.backup.hold import Hold
 from nbdnats.ctl import tools
 from nbdnats.ctl.metrics import Sample
 from nbdnats.ctl.policy import Policy
@@ -35,21 +41,27 @@ from nbdnats.errors import (
     PolicyError,
     SchemaError,
     TransferCancelled,
+    TransferError,
+    UsageError,
 )
 from nbdnats.planes import Planes
 from nbdnats.schemas import (
+    BackupKind,
     BackupList,
     BackupsQuery,
     CancelCommand,
+    CheckpointCommand,
     Command,
     DigestQuery,
     DigestReply,
+    DiskSend,
     MigrateCommand,
     MigrationEvent,
     ProvisionCommand,
     RecvCommand,
     Reply,
     SendCommand,
+    SendReply,
     Tool,
     TransferEvent,
     TransferList,
@@ -61,11 +73,13 @@ from nbdnats.transfer import (
     TransferHandle,
     event_of,
     image_digest,
+    resolve_state_dir,
     start_recv,
     start_send,
 )
 
 if TYPE_CHECKING:
+    from nbdnats.backup.checkpoints import Checkpoint
     from nbdnats.ctl.config import AgentConfig
 
 log = logging.getLogger("nbdnats.ctl.jobs")
@@ -90,6 +104,12 @@ class Job:
     task: asyncio.Task[None] | None = None
     approved_digest: str | None = None
     final: TransferEvent | None = None
+    base: tools.ToolRun | None = None  # an incremental backup's parent image (restic dump)
+    # An incremental backup's disk, as its events show it: checkpoint, backup_kind, reason
+    # (why full), parent.
+    info: dict[str, Any] | None = None
+    # Set once its tool (and base) ended, well or not: its restic holds no lock any more.
+    tool_ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def running(self) -> bool:
@@ -119,10 +139,13 @@ class Jobs:
         self._forget = forget
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.migrations: dict[str, asyncio.Task[None]] = {}
+        self.holds: OrderedDict[str, Hold] = OrderedDict()  # by the backup's transfer id
         self._publishing: set[asyncio.Task[None]] = set()
         # Counters of finished jobs (running ones are added at each scrape).
         self._outcomes: dict[tuple[str, str], int] = {}
         self._totals: dict[tuple[str, str], float] = {}
+        self._backups: dict[tuple[str, str, str], int] = {}  # (role, kind, outcome)
+        self._tagging: dict[str, asyncio.Lock] = {}  # by restic repository
 
     @property
     def planes(self) -> Planes:
@@ -140,7 +163,8 @@ class Jobs:
     def tasks(self) -> list[asyncio.Task[None]]:
         """What the agent waits for when it drains: running jobs and migrations."""
         running = [j.task for j in self.jobs.values() if j.running and j.task]
-        return running + [t for t in self.migrations.values() if not t.done()]
+        held = [h.task for h in self.holds.values() if h.task and not h.task.done()]
+        return running + held + [t for t in self.migrations.values() if not t.done()]
 
     def cancel_all(self) -> None:
         for job in self.jobs.values():
@@ -148,6 +172,8 @@ class Jobs:
                 job.handle.cancel(resumable=True)  # a drained agent's jobs are interrupted
         for task in self.migrations.values():
             task.cancel()  # rolls back before it ends
+        for hold in self.holds.values():
+            hold.confirm(False)  # a stopping agent's checkpoints roll back, losing nothing
 
     def env(self) -> dict[str, str]:
         """A tool's environment: the agent's, less its own NATS logins (URLs with passwords,
@@ -164,6 +190,7 @@ class Jobs:
             "endpoint": job.endpoint,
             "tool": job.tool.name if job.tool else None,
             "format": job.handle.format if job.handle else None,
+            **(job.info or {}),
             **extra,
         }
         if job.handle is not None:
@@ -226,6 +253,8 @@ class Jobs:
     async def send(self, cmd: SendCommand) -> Reply:
         if (cmd.src is None) == (cmd.tool is None):
             raise SchemaError("send command needs exactly one of 'src' and 'tool'")
+        if cmd.incremental is not None:
+            return await self._send_checkpoint(cmd)
         run: tools.ToolRun | None = None
         size: int | None = None
         if cmd.src is not None:
@@ -247,6 +276,137 @@ class Jobs:
         )
         return await self._accept("send", "send", cmd, shown, started, run)
 
+    # -- incremental backups: the source's checkpoint ---------------------------------------
+
+    async def _take_checkpoint(self, src: str, since: str | None) -> Checkpoint:
+        """A checkpoint of a VM this agent knows (all its writable disks at one instant),
+        or of an allowed qcow2 image that nothing has open."""
+        from nbdnats.backup import checkpoints
+
+        workdir = resolve_state_dir(self.config.state_dir) / "checkpoints"
+        if src in self.config.vms:
+            return await checkpoints.vm_checkpoint(
+                self.config.vms[src], src, since=since, workdir=workdir
+            )
+        # Its header's files (a backing file, a data file) are opened too: allowed ones only.
+        path = await self._endpoint(src, raw=False)
+        if not path.startswith("/") or formats.format_of(path) != "qcow2":
+            known = ", ".join(sorted(self.config.vms)) or "none"
+            raise UsageError(
+                f"an incremental backup of {src} needs a VM this agent knows (--vm; it knows: "
+                f"{known}) or a qcow2 image file (its dirty bitmaps record the changes)"
+            )
+        return await checkpoints.offline_checkpoint(path, src, since=since, workdir=workdir)
+
+    async def _send_checkpoint(self, cmd: SendCommand) -> SendReply:
+        """Take a checkpoint of ``cmd.src``, send each of its disks (only what changed since
+        ``cmd.incremental.since`` where the checkpoint has a bitmap for it) and hold the
+        checkpoint until the ``checkpoint`` command or the timeout ends it."""
+        assert cmd.src is not None and cmd.incremental is not None
+        if cmd.chunk_size is not None or cmd.size is not None:
+            raise SchemaError("an incremental send takes neither 'size' nor 'chunk_size'")
+        tid = cmd.transfer_id
+        if tid in self.holds and not self.holds[tid].ended.done():
+            raise BusyError(f"backup {tid} already holds a checkpoint on {self.node}")
+        # One checkpoint of a source at a time: a second one's recovery would take the
+        # first one's views and bitmaps for a killed run's leftovers.
+        source = self.config.vms.get(cmd.src) or self.policy.endpoint(cmd.src)
+        for other in self.holds.values():
+            if other.source == source and not other.ended.done():
+                raise BusyError(
+                    f"backup {other.transfer_id} of {cmd.src} is still running on {self.node}; "
+                    "run the next one once it has ended"
+                )
+        checkpoint = await self._take_checkpoint(cmd.src, cmd.incremental.since)
+        ends = self._ends(cmd)
+        await checkpoint.__aenter__()
+        hold = Hold(checkpoint, tid, ends["timeout"] or DEFAULT_TIMEOUT, source)
+        self.holds[tid] = hold
+        started: list[Job] = []
+        disks: list[DiskSend] = []
+        try:
+            for n, view in enumerate(checkpoint.disks):
+                mode: BackupKind = "full" if view.bitmap is None else "incremental"
+                # Why full: the controller's reason when it asked for a full run, else the
+                # checkpoint's (the source no longer holds ``since``).
+                asked = cmd.incremental.reason if cmd.incremental.since is None else ""
+                reason = "" if view.bitmap else (asked or checkpoint.reason or "no bitmap")
+                disk = DiskSend(
+                    transfer_id=subjects.backup_disk_id(tid, n),
+                    disk=view.disk,
+                    size=view.size,
+                    mode=mode,
+                    reason=reason,
+                    checkpoint=checkpoint.name,
+                    since=checkpoint.since if mode == "incremental" else None,
+                )
+                one = {**ends, "transfer_id": disk.transfer_id}
+                # The checkpoint's own read-only export of the frozen disk: no policy applies.
+                handle = start_send(view.uri, dirty_bitmap=view.bitmap, **one)
+                info = {
+                    "checkpoint": checkpoint.name,
+                    "backup_kind": mode,
+                    "reason": reason or None,
+                }
+                keyed = msgspec.structs.replace(cmd, transfer_id=disk.transfer_id)
+                await self._accept("send", "send", keyed, view.disk, handle, None, info=info)
+                started.append(self.jobs[disk.transfer_id])
+                disks.append(disk)
+        except BaseException:
+            for job in started:
+                if job.handle is not None:
+                    job.handle.cancel()
+            hold.confirm(False)
+            hold.start([self._sent(j) for j in started])
+            raise
+        hold.start([self._sent(j) for j in started])
+        self._trim_holds()
+        log.info(
+            "checkpoint %s of %s (%s): %d disk(s)",
+            checkpoint.name,
+            cmd.src,
+            f"since {checkpoint.since}" if checkpoint.since else f"full: {checkpoint.reason}",
+            len(disks),
+        )
+        return SendReply(ok=True, transfer_id=tid, disks=disks)
+
+    @staticmethod
+    async def _sent(job: Job) -> bool:
+        """Whether a disk's send ended done (its job reported)."""
+        if job.task is not None:
+            await asyncio.shield(job.task)
+        return job.final is not None and job.final.state == "done"
+
+    def _give_up(self, hold: Hold) -> None:
+        """Roll a held checkpoint back now: stop its disks' sends too."""
+        prefix = f"{hold.transfer_id}-disk"
+        for job in self.jobs.values():
+            if job.running and job.transfer_id.startswith(prefix) and job.handle is not None:
+                job.handle.cancel()
+        hold.confirm(False)
+
+    def _trim_holds(self) -> None:
+        ended = [k for k, h in self.holds.items() if h.ended.done()]
+        for k in ended[: max(0, len(self.holds) - KEEP_FINISHED)]:
+            del self.holds[k]
+
+    async def checkpoint(self, cmd: CheckpointCommand) -> Reply:
+        """The controller's word on a held checkpoint: commit it (every snapshot stored) or
+        roll it back. The reply says which happened."""
+        subjects.check_token(cmd.transfer_id, "transfer id")
+        hold = self.holds.get(cmd.transfer_id)
+        if hold is None:
+            raise TransferError(
+                f"{self.node} holds no checkpoint of backup {cmd.transfer_id} (its agent "
+                "restarted?): the next backup sends these changes again"
+            )
+        if cmd.ok:
+            hold.confirm(True)
+        else:
+            self._give_up(hold)
+        await hold.outcome()
+        return Reply(ok=True, transfer_id=cmd.transfer_id)
+
     async def recv(self, cmd: RecvCommand) -> Reply:
         if self.config.role == "installer":
             raise PolicyError(
@@ -256,20 +416,41 @@ class Jobs:
         if (cmd.dst is None) == (cmd.tool is None):
             raise SchemaError("recv command needs exactly one of 'dst' and 'tool'")
         run: tools.ToolRun | None = None
+        base: tools.ToolRun | None = None
         if cmd.dst is not None:
             endpoint, shown = await self._endpoint(cmd.dst, cmd.options.raw, target=True), cmd.dst
         else:
             assert cmd.tool is not None
             tags = tools.labels(cmd.tool, cmd.transfer_id)
             argv = tools.backup_argv(cmd.tool, self.policy, tags)
-            run = await tools.ToolRun.start(argv, "backup", self.env())
+            base_argv = tools.base_argv(cmd.tool, self.policy)
+            if base_argv is not None:
+                base = await tools.ToolRun.start(base_argv, "restore", self.env())
+            try:
+                run = await tools.ToolRun.start(argv, "backup", self.env())
+            except BaseException:
+                if base is not None:
+                    await base.abort()
+                raise
             endpoint, shown = run.endpoint, tools.shown(argv)
         # The policy has checked every file an NBD URI names (policy.nbd_uri).
         started = start_recv(
-            endpoint, target_is_zero=cmd.target_is_zero, allow_local_file=True, **self._ends(cmd)
+            endpoint,
+            target_is_zero=cmd.target_is_zero,
+            allow_local_file=True,
+            # The parent's image, read as the stream arrives: what did not change.
+            base=base.endpoint.removeprefix("pipe:") if base is not None else None,
+            **self._ends(cmd),
         )
         backup = cmd.tool if cmd.tool is not None and cmd.tool.kind == "restic" else None
-        return await self._accept("recv", "recv", cmd, shown, started, run, backup=backup)
+        try:
+            return await self._accept(
+                "recv", "recv", cmd, shown, started, run, backup=backup, base=base
+            )
+        except BaseException:
+            if base is not None:
+                await base.abort()
+            raise
 
     async def backups(self, query: BackupsQuery) -> BackupList:
         """The snapshots nbdnats stored in a restic repository (``tools.backups_argv``)."""
@@ -303,6 +484,8 @@ class Jobs:
         run: tools.ToolRun | None,
         approved_digest: str | None = None,
         backup: Tool | None = None,
+        base: tools.ToolRun | None = None,
+        info: dict[str, Any] | None = None,
     ) -> Reply:
         """Keep and watch the job of a transfer being started; its tool is stopped if the
         start fails. The agent publishes the job's ctl events itself (with op and tool)."""
@@ -316,6 +499,11 @@ class Jobs:
         job = Job(op, role, cmd.transfer_id, cmd.key, shown, handle, run)
         job.approved_digest = approved_digest
         job.backup = backup
+        job.base = base
+        if info is None and backup is not None and backup.checkpoint is not None:
+            kind = "full" if backup.parent is None else "incremental"
+            info = {"checkpoint": backup.checkpoint, "backup_kind": kind, "parent": backup.parent}
+        job.info = info
         self.jobs[job.transfer_id] = job
         self.jobs.move_to_end(job.transfer_id)
         self._trim()
@@ -333,6 +521,10 @@ class Jobs:
         task = self.migrations.get(cmd.transfer_id)
         if task is not None and not task.done():
             task.cancel()
+            return Reply(ok=True, transfer_id=cmd.transfer_id)
+        hold = self.holds.get(cmd.transfer_id)
+        if hold is not None and not hold.ended.done():
+            self._give_up(hold)
             return Reply(ok=True, transfer_id=cmd.transfer_id)
         job = self.jobs.get(cmd.transfer_id)
         if job is None or not job.running:
@@ -355,35 +547,44 @@ class Jobs:
         extra: dict[str, Any] = {}
         try:
             stats = await job.handle.wait()
-            if job.tool is not None:
-                extra["tool_output"] = await job.tool.finish()
+            try:
+                if job.base is not None:
+                    await job.base.finish()  # the parent was read whole: restic dump ended well
+                if job.tool is not None:
+                    extra["tool_output"] = await job.tool.finish()
+            finally:
+                job.tool_ended.set()
             if job.backup is not None:
-                extra["tool_output"] = await tools.tag_backup(
-                    job.backup,
-                    self.policy,
-                    self.env(),
-                    job.transfer_id,
-                    extra["tool_output"],
-                    tools.done_tags(stats.digest, stats.size),
-                )
+                extra["tool_output"] = await self._tag(job, stats, extra["tool_output"])
             if job.approved_digest is not None:
                 extra["image_digest"] = await self._read_back(job, stats.size)
             state = "done"
         except NbdNatsError as e:
             cause = await job.tool.abort() if job.tool is not None else None
+            if job.base is not None:
+                cause = await job.base.abort() or cause
             state = "cancelled" if isinstance(e, TransferCancelled) else "failed"
+            job.tool_ended.set()
             extra |= {"error_code": e.code, "error": cause or str(e)}
             extra["from_peer"] = e.from_peer and not cause
         except Exception as e:  # report, never leave a job half-reported
             log.exception("job %s failed", job.transfer_id)
             if job.tool is not None:
                 await job.tool.abort()
+            if job.base is not None:
+                await job.base.abort()
+            job.tool_ended.set()
             state, extra = "failed", {"error_code": "error", "error": f"agent error: {e}"}
         job.final = self.event(job, state, **extra)
         outcome = (job.role, state)
         self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
         for key, value in _tallies(job.role, job.handle.stats()):
             self._totals[key] = self._totals.get(key, 0) + value
+        if job.info is not None:
+            tally = (job.role, str(job.info.get("backup_kind")), state)
+            self._backups[tally] = self._backups.get(tally, 0) + 1
+            dirty = ("dirty", job.role)
+            self._totals[dirty] = self._totals.get(dirty, 0) + job.final.dirty_bytes
         log.info(
             "%s %s %s%s",
             job.op,
@@ -392,6 +593,28 @@ class Jobs:
             f": {extra['error']}" if "error" in extra else "",
         )
         await self._publish("transfer", encode(job.final))
+
+    async def _tag(self, job: Job, stats: _core.Stats, output: str) -> str:
+        """Tag a restic backup's snapshot once no other backup of this agent into the same
+        repository still runs its restic: ``restic tag`` needs the repository to itself, and
+        the disks of one VM, stored side by side, would otherwise keep each other's tags
+        out (and an incremental run needs them: ``nbdnats.backup.chain``). One tag at a
+        time per repository; a restic that is stopping ends without this."""
+        assert job.backup is not None
+        repo = job.backup.repo or ""
+        async with self._tagging.setdefault(repo, asyncio.Lock()):
+            for other in list(self.jobs.values()):
+                same = other.backup is not None and other.backup.repo == repo
+                if other is not job and same and other.running:
+                    await other.tool_ended.wait()
+            return await tools.tag_backup(
+                job.backup,
+                self.policy,
+                self.env(),
+                job.transfer_id,
+                output,
+                tools.done_tags(stats.digest, stats.size),
+            )
 
     async def _read_back(self, job: Job, size: int) -> str:
         """Read the written image back from the device (not the page cache) and compare."""
@@ -510,6 +733,12 @@ class Jobs:
             yield ("nbdnats_frames_dropped_total", {"reason": reason}, dropped)
         for (role, outcome), n in sorted(self._outcomes.items()):
             yield ("nbdnats_transfers_total", {"role": role, "outcome": outcome}, n)
+        for (role, kind, outcome), n in sorted(self._backups.items()):
+            labels = {"role": role, "kind": kind, "outcome": outcome}
+            yield ("nbdnats_backups_total", labels, n)
+        for role in ("send", "recv"):
+            dirty = totals.get(("dirty", role), 0)
+            yield ("nbdnats_backup_dirty_bytes_total", {"role": role}, dirty)
 
 
 def _tallies(role: str, s: _core.Stats) -> list[tuple[tuple[str, str], float]]:

@@ -24,6 +24,8 @@ HELP = {
     "nbdnats_transfers_total": ("counter", "Finished transfers by outcome"),
     "nbdnats_frames_dropped_total": ("counter", "Frames dropped: bad, corrupt or duplicate"),
     "nbdnats_commands_total": ("counter", "Commands received, by op and result"),
+    "nbdnats_backups_total": ("counter", "Incremental backups' disks, by kind and outcome"),
+    "nbdnats_backup_dirty_bytes_total": ("counter", "Bytes the dirty bitmaps marked changed"),
     "nbdnats_transfer_done_bytes": ("gauge", "Disk bytes moved so far, per transfer"),
     "nbdnats_transfer_size_bytes": ("gauge", "Size of the disk being moved, per transfer"),
     "nbdnats_transfer_rate_bytes_per_second": ("gauge", "Mean rate of a transfer"),

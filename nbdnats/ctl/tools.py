@@ -5,14 +5,20 @@ backup   the image arrives over NATS and goes into the tool's stdin, stored as d
            kopia snapshot create --stdin-file disk.img --tags=K:V... -- SOURCE
          then, once the transfer's digest is known, restic's snapshot gets it as a tag:
            restic --repo=REPO tag --add=digest=... --add=size=N -- SNAPSHOT
+         (when the repository is locked, once: restic --repo=REPO unlock, which removes
+         only stale locks, such as a killed restic's)
 restore  the tool's stdout goes back over NATS into a target:
            restic --repo=REPO dump -- SNAPSHOT disk.img
            kopia show -- OBJECT
 backups  the snapshots nbdnats stored, per disk:
            restic --repo=REPO snapshots --json --tag=nbdnats[,node=N,disk=D]
+incremental backup: only the changed ranges arrive; the rest is read from the parent
+           restic --repo=REPO dump -- PARENT disk.img      (the receiver's base)
+         and the whole image is stored as above, tagged checkpoint=, kind=, parent=
 
 A backup's snapshot is tagged ``nbdnats``, ``transfer=ID``, ``node=N`` and ``disk=D`` (the
-disk percent-encoded, so a tag never holds a comma), then ``digest=...`` and ``size=N``
+disk percent-encoded, so a tag never holds a comma), an incremental run's also
+``checkpoint=NAME``, ``kind=full|incremental`` and ``parent=ID``, then ``digest=...`` and ``size=N``
 (restic; kopia takes the first ones as ``--tags=KEY:VALUE``). What ``snapshots`` lists is
 the tool's output: every id, time and tag value is checked (``schemas.Backup``) and a
 snapshot that fails is left out, counted.
@@ -24,9 +30,11 @@ empty working directory, removed when it ends.
 The core reads or writes the tool's pipe as ``pipe:/proc/self/fd/N``; the agent keeps its
 own copy of that pipe end until the transfer's outcome is known. So a failed transfer never
 looks like a short image to the tool: the agent stops the tool first, then lets the pipe
-close, and nothing partial is saved as a snapshot. Credentials (``RESTIC_PASSWORD``,
-``KOPIA_PASSWORD``, ...) come from the agent's environment and its config's ``[env]``;
-they, and passwords in repository URLs, are shown as ``***`` in what the agent reports.
+close, and nothing partial is saved as a snapshot. An agent killed outright takes its
+streaming tools with it (their parent-death signal, set by setpriv where installed).
+Credentials (``RESTIC_PASSWORD``, ``KOPIA_PASSWORD``, ...) come from the agent's
+environment and its config's ``[env]``; they, and passwords in repository URLs, are shown
+as ``***`` in what the agent reports.
 """
 
 from __future__ import annotations
@@ -168,7 +176,28 @@ def labels(tool: Tool, transfer_id: str) -> dict[str, str]:
     if tool.node is not None and tool.disk is not None:
         tags["node"] = subjects.check_token(tool.node, "node name")
         tags["disk"] = disk_tag(tool.disk)
+    if tool.parent is not None and tool.checkpoint is None:
+        raise UsageError("an incremental backup names its checkpoint with its parent")
+    if tool.checkpoint is not None:
+        if tool.kind != "restic":
+            raise UsageError(
+                f"incremental backups need restic (its snapshots carry the checkpoint and "
+                f"give back the parent), not {tool.kind}"
+            )
+        tags["checkpoint"] = tool.checkpoint  # schemas.CheckpointName: no comma, no space
+        tags["kind"] = "full" if tool.parent is None else "incremental"
+        if tool.parent is not None:
+            tags["parent"] = restic_snapshot(tool.parent)
     return tags
+
+
+def base_argv(tool: Tool, policy: Policy) -> list[str] | None:
+    """The command that writes an incremental backup's parent image on stdout (the base
+    the changed ranges are laid over), or None for a full one."""
+    if tool.parent is None:
+        return None
+    parent = msgspec.structs.replace(tool, snapshot=tool.parent, parent=None, checkpoint=None)
+    return restore_argv(parent, policy)
 
 
 def _restic_repo(tool: Tool, policy: Policy) -> str:
@@ -198,6 +227,13 @@ def tag_argv(tool: Tool, policy: Policy, snapshot: str, tags: Mapping[str, str])
     repo = _restic_repo(tool, policy)
     adds = [f"--add={k}={v}" for k, v in tags.items()]
     return ["restic", repo, "tag", *adds, "--", restic_snapshot(snapshot)]
+
+
+def unlock_argv(tool: Tool, policy: Policy) -> list[str]:
+    """The command that removes a restic repository's stale locks: those of restic
+    processes gone from this host (one killed outright leaves its lock behind, and every
+    later ``restic tag`` would wait on it), never a live one's."""
+    return ["restic", _restic_repo(tool, policy), "unlock"]
 
 
 def backups_argv(tool: Tool, policy: Policy, transfer_id: str | None = None) -> list[str]:
@@ -344,6 +380,7 @@ def parse_backups(output: str) -> tuple[list[Backup], int]:
 
 _TAG_FIELDS = {"node": "node", "disk": "disk", "digest": "digest", "size": "size"}
 _TAG_FIELDS["transfer"] = "transfer_id"
+_TAG_FIELDS |= {"kind": "kind", "checkpoint": "checkpoint", "parent": "parent"}
 
 
 def _backup(snap: object) -> Backup | None:
@@ -408,6 +445,9 @@ async def tag_backup(
         except EndpointError as e:
             if delay is None:
                 return f"{output} (without its {', '.join(tags)} tags: {e})"
+            if delay == TAG_RETRIES[0]:  # a killed restic's lock would never go by itself
+                with contextlib.suppress(EndpointError):
+                    await _run(unlock_argv(tool, policy), env)
             await asyncio.sleep(delay)
     mine, _ = await list_backups(tool, policy, env, transfer_id)
     if not mine:
@@ -421,6 +461,18 @@ async def tag_backup(
 def last_line(stderr: bytes) -> str:
     lines = [x.strip() for x in stderr.decode(errors="replace").splitlines() if x.strip()]
     return lines[-1] if lines else "no message"
+
+
+def _tied_to_agent(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """``argv`` run so that the tool is killed when its agent dies. An agent killed outright
+    (SIGKILL, the OOM killer) cannot stop its tool first, and a restic or kopia whose input
+    just ends stores what it got as a snapshot; setpriv (util-linux) sets the parent-death
+    signal and runs the tool. Without setpriv the tool runs as it is."""
+    path = os.pathsep.join(os.get_exec_path(dict(env)))
+    if "/" not in argv[0] and shutil.which(argv[0], path=path) is None:
+        raise FileNotFoundError(argv[0])
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
 
 
 @dataclass
@@ -450,7 +502,7 @@ class ToolRun:
         workdir = tempfile.mkdtemp(prefix="nbdnats-tool-")
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *_tied_to_agent(argv, env),
                 stdin=theirs if direction == "backup" else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if direction == "backup" else theirs,
                 stderr=asyncio.subprocess.PIPE,
