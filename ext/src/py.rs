@@ -237,7 +237,11 @@ impl Stats {
     /// the bytes its bitmap marked, not over the whole disk it left alone.
     #[getter]
     fn mb_per_s(&self) -> f64 {
-        let moved = if self.dirty_bytes > 0 { self.dirty_bytes } else { self.done_bytes };
+        let moved = if self.dirty_bytes > 0 {
+            self.dirty_bytes
+        } else {
+            self.done_bytes
+        };
         if self.seconds > 0.0 {
             moved as f64 / self.seconds / 1e6
         } else {
