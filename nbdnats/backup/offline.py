@@ -31,6 +31,7 @@ from nbdnats.backup.views import (
     stale,
 )
 from nbdnats.errors import EndpointError, UsageError
+from nbdnats.migration.record import alive
 
 UNCLEAN = "the image was not closed cleanly"
 # One qemu-img call; qemu-nbd's socket to appear, and qemu-nbd to exit once told to.
@@ -76,23 +77,13 @@ def image_bitmaps(info: dict[str, Any]) -> list[Bitmap]:
     ]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def _end(pid: int) -> None:
     """Stop a qemu-nbd that is not our child (a killed run's): TERM, then KILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         for _ in range(int(STOP_TIMEOUT / POLL)):
-            if not _alive(pid):
+            if not alive(pid):
                 return
             await asyncio.sleep(POLL)
 
