@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -63,6 +64,7 @@ IMAGE_NAME = "disk.img"
 STOP_GRACE = 5.0  # SIGTERM, then this long before SIGKILL
 EXIT_GRACE = 0.3  # how long a tool that broke the stream gets to exit by itself
 TAG_RETRIES = (0.5, 1.0, 2.0, 4.0)  # restic tag's waits while the repository is locked
+PIPE_SIZE = 1 << 20  # the pipes between the core and a tool (Linux allows 1 MiB unprivileged)
 
 # Values from a command that reach a tool's argv. Each is checked here, and placed after
 # a `--` where the tool takes one (restic: cobra/pflag; kopia: kingpin, which also expands
@@ -498,6 +500,10 @@ class ToolRun:
         """Start ``argv`` with a pipe on stdin (backup) or stdout (restore), in a private
         empty working directory (removed when it ends)."""
         r, w = os.pipe()
+        # A 64 KiB pipe makes restic and the core take turns in small steps: with 1 MiB
+        # `restic dump | restic backup --stdin` of a 2 GiB image ran in 10 s instead of 15.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         theirs, ours = (r, w) if direction == "backup" else (w, r)
         workdir = tempfile.mkdtemp(prefix="nbdnats-tool-")
         try:
