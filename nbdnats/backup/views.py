@@ -77,7 +77,10 @@ def decide(since: str | None, disks: dict[str, list[Bitmap]], unclean: str) -> s
     for disk, bitmaps in disks.items():
         found = next((b for b in bitmaps if b.name == since), None)
         if found is None:
-            return f"bitmap {since} not on {disk}: it was never made there or was removed"
+            return (
+                f"bitmap {since} not on {disk}: it was removed, never made there, or lost "
+                "when the VM stopped uncleanly before QEMU stored it"
+            )
         if found.inconsistent:
             return f"bitmap {since} on {disk} is inconsistent: {unclean}"
         if found.busy:

@@ -33,7 +33,8 @@ def test_full_run_says_why() -> None:
     assert decide(None, {"vm/a": []}, "x") == FIRST
     on_a = {"vm/a": [Bitmap(A, True)], "vm/b": []}
     assert decide(A, on_a, "x") == (
-        f"bitmap {A} not on vm/b: it was never made there or was removed"
+        f"bitmap {A} not on vm/b: it was removed, never made there, or lost "
+        "when the VM stopped uncleanly before QEMU stored it"
     )
     bad = {"vm/a": [Bitmap(A, True, inconsistent=True)]}
     assert decide(A, bad, "the VM stopped uncleanly") == (
