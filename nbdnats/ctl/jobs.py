@@ -425,6 +425,7 @@ class Jobs:
             argv = tools.backup_argv(cmd.tool, self.policy, tags)
             base_argv = tools.base_argv(cmd.tool, self.policy)
             if base_argv is not None:
+                await self._check_parent(cmd.tool)
                 base = await tools.ToolRun.start(base_argv, "restore", self.env())
             try:
                 run = await tools.ToolRun.start(argv, "backup", self.env())
@@ -451,6 +452,22 @@ class Jobs:
             if base is not None:
                 await base.abort()
             raise
+
+    async def _check_parent(self, tool: Tool) -> None:
+        """An incremental snapshot is the parent's image with the changes laid over it: the
+        parent must be a whole backup of the same disk, whoever chose it."""
+        if tool.node is None or tool.disk is None:
+            raise SchemaError("an incremental backup's tool names its disk: node and disk")
+        found, _ = await tools.list_backups(tool, self.policy, self.env())
+        mine = next((b for b in found if b.id == tool.parent), None)
+        name = f"{tool.node}:{tool.disk}"
+        if mine is None or mine.size is None:
+            what = "is not a backup of" if mine is None else "is an unfinished backup of"
+            raise UsageError(
+                f"snapshot {str(tool.parent)[:8]} {what} {name} in this repository: an "
+                "incremental backup is laid only over a whole backup of the same disk "
+                "(run it without --incremental)"
+            )
 
     async def backups(self, query: BackupsQuery) -> BackupList:
         """The snapshots nbdnats stored in a restic repository (``tools.backups_argv``)."""

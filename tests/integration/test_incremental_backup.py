@@ -26,11 +26,12 @@ from urllib.request import urlopen
 import pytest
 
 from bench import vm
-from nbdnats import _core
+from nbdnats import _core, subjects
 from nbdnats.embedded import free_port
+from nbdnats.schemas import RecvCommand, Tool, encode
 from tests.backups import RESTIC_ENV, restic, slow_backup
 from tests.cli import one_line_error, start_cli
-from tests.ctl import AgentProc, ctl, ok, stored_events
+from tests.ctl import AgentProc, ctl, ctl_request, ok, stored_events
 from tests.images import MiB, make_image, sha256_file
 from tests.nats_server import NatsServer
 from tests.waits import wait_for
@@ -395,6 +396,7 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
     assert incremental["kind"] == "incremental", incremental
     assert_only_changes_crossed(incremental["disks"][0], before, after)
 
+    full_id = full["disks"][0]["snapshot"]
     for doc, want in ((full, before), (incremental, after)):
         target, _ = site.restore(doc["disks"][0]["snapshot"], f"{doc['transfer_id']}.raw")
         assert sha256_file(target) == sha256_file(want)
@@ -423,6 +425,7 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
         assert f'nbdnats_backups_total{{kind="{kind}",outcome="done",role="send"}} {runs}' in body
     assert "nbdnats_backup_dirty_bytes_total" in body
 
+    before_crafted = len(site.snapshots())
     err = one_line_error(ctl(url, "backup", "a:data", "b", "--kopia", "/vms/data", "--incremental"))
     assert "--incremental needs --restic" in err
     plain = images / "plain.raw"
@@ -442,6 +445,25 @@ def test_an_offline_qcow2_image_is_backed_up_incrementally(
         ctl(url, "backup", f"a:{child}", "b", "--restic", str(repo), "--incremental")
     )
     assert "base.raw" in err and "allow-list" in err, err
+
+    # Whoever chose the parent, the backup node lays changes only over a whole backup of
+    # the same disk: a crafted command naming another disk's snapshot is refused.
+    tool = Tool(
+        kind="restic",
+        repo=str(repo),
+        node="a",
+        disk="other",
+        parent=full_id,
+        checkpoint=incremental["checkpoint"],
+    )
+    refused = ctl_request(
+        url,
+        subjects.ctl_command("b", "recv"),
+        encode(RecvCommand(transfer_id="crafted-parent", key="k1", tool=tool)),
+    )
+    assert refused["ok"] is False and refused["code"] == "usage", refused
+    assert f"snapshot {full_id[:8]} is not a backup of a:other" in str(refused["error"])
+    assert len(site.snapshots()) == before_crafted
 
 
 def test_disks_stored_side_by_side_each_get_their_tags(
