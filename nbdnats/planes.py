@@ -275,7 +275,7 @@ def _ctl_auth(url: str, login: Login) -> tuple[list[str], dict[str, Any]]:
     return servers, auth
 
 
-def _connect_hint(error: str) -> str:
+def _connect_hint(error: str, tls_without_cert: bool = False) -> str:
     """What to check after a failed connect, by what nats-py said (the core says the same
     for the data plane)."""
     if "CERTIFICATE_REQUIRED" in error:
@@ -285,11 +285,20 @@ def _connect_hint(error: str) -> str:
             "the server's certificate is not signed by a CA this host trusts: give its CA "
             "with --tlsca"
         )
+    closed = ("Broken pipe", "reset", "EOF", "closed")
+    if tls_without_cert and any(c in error for c in closed):
+        # TLS 1.3: the server checks the client's certificate after the client's side of
+        # the handshake is done, so its alert can be lost to the reset that follows.
+        return (
+            "the server closed the TLS connection; if it verifies clients, give --tlscert "
+            "and --tlskey"
+        )
     return "check --ctl-url, the credentials and that nats-server is running"
 
 
 async def connect_ctl(url: str, name: str, login: Login | None = None) -> CtlClient:
-    servers, auth = _ctl_auth(url, login or Login())
+    login = login or Login()
+    servers, auth = _ctl_auth(url, login)
 
     failures: list[Exception] = []
 
@@ -318,12 +327,14 @@ async def connect_ctl(url: str, name: str, login: Login | None = None) -> CtlCli
         # it too: a failed TLS handshake (an unknown CA) is retried until then.
         cause: BaseException = e
         if isinstance(e, nats.errors.NoServersError | TimeoutError) and failures:
-            refused = [f for f in failures if "authoriz" in str(f).lower()]
+            refused = [
+                f for f in failures if "authoriz" in str(f).lower() or "CERTIFICATE_" in str(f)
+            ]
             cause = (refused or failures)[-1]
         detail = redact_url(str(cause) or type(cause).__name__)
         raise NatsError(
             f"cannot connect to the ctl NATS server at {redact_url(url)}: {detail}; "
-            f"{_connect_hint(detail)}"
+            f"{_connect_hint(detail, 'tls' in auth and login.tls_cert is None)}"
         ) from None
     # The first connect fails fast (one round of attempts); once connected, ride out any
     # server loss: nats-py reads these options at each reconnect.

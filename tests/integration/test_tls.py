@@ -91,7 +91,9 @@ def test_copy_presents_the_client_certificate_on_both_planes(
     )  # fmt: skip
     err = one_line_error(refused)
     assert f"cannot connect to NATS at {mtls.url}" in err, err
-    assert "asks for a client certificate: give --tlscert and --tlskey" in err, err
+    # TLS 1.3 may lose the server's alert to the reset after it: the hint names the
+    # certificate either way.
+    assert "give --tlscert and --tlskey" in err, err
     unknown = run_cli("copy", str(image), str(tmp_path / "x.img"), "--data-url", mtls.url)
     assert "give its CA with --tlsca" in one_line_error(unknown)
 
@@ -117,7 +119,9 @@ def test_agent_and_ctl_present_the_client_certificate(
     assert refused.returncode == 1
     err = one_line_error(refused)
     assert f"cannot connect to the ctl NATS server at {mtls.url}" in err, err
-    assert "asks for a client certificate: give --tlscert and --tlskey" in err, err
+    # TLS 1.3 may lose the server's alert to the reset after it: the hint names the
+    # certificate either way.
+    assert "give --tlscert and --tlskey" in err, err
     unknown = run_cli("ctl", "nodes", "--ctl-url", mtls.url)
     assert "give its CA with --tlsca" in one_line_error(unknown)
 
