@@ -1,6 +1,6 @@
 """``nbd-nats approve``: make a signing key pair, or sign a provisioning approval with one.
 
-The keys, signatures and their checks are ``nbdnats.approval``'s; this is their command line.
+The keys, signatures and their checks are ``nbdnats.metal.approval``'s; this is their command line.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
-from nbdnats.approval import load_private, new_key, sign
 from nbdnats.cli.options import add_command
 from nbdnats.errors import UsageError
+from nbdnats.metal.approval import load_private, new_key, sign
 from nbdnats.schemas import encode
 from nbdnats.transfer import image_digest
 from nbdnats.units import parse_duration

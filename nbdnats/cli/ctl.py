@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from nbdnats import _core, subjects
-from nbdnats.approval import load_approval
 from nbdnats.cli.options import (
     add_actions,
     add_command,
@@ -37,6 +36,7 @@ from nbdnats.cli.output import (
 from nbdnats.ctl.controller import BackupRun, Controller, OperationResult, parse_endpoint
 from nbdnats.ctl.events import Event
 from nbdnats.errors import UsageError
+from nbdnats.metal.approval import load_approval
 from nbdnats.schemas import (
     Backup,
     MigrationEvent,

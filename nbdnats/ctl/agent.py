@@ -15,7 +15,7 @@ Dispatch is one table, ``Agent.ops``: op -> (schema, handler). A new command is 
 (``nbdnats.schemas``), a handler in the table, a ``Controller`` method and a CLI subcommand.
 Every command is checked before anything is opened: schema and version, idempotency key
 (every ``Command`` runs once per key), role, allow-list (``nbdnats.ctl.policy``), approval
-(``nbdnats.approval``). A refusal is the reply's error and a ``ctl.evt.<node>.refused``
+(``nbdnats.metal.approval``). A refusal is the reply's error and a ``ctl.evt.<node>.refused``
 event; the agent carries on.
 """
 
@@ -34,7 +34,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from nbdnats import _core, subjects
-from nbdnats.approval import TrustedKeys
 from nbdnats.ctl import events, tools
 from nbdnats.ctl.config import AgentConfig
 from nbdnats.ctl.jobs import Jobs
@@ -47,6 +46,7 @@ from nbdnats.errors import (
     SchemaError,
     UsageError,
 )
+from nbdnats.metal.approval import TrustedKeys
 from nbdnats.migration.incoming import Incoming
 from nbdnats.planes import Login, Planes, redact_url
 from nbdnats.schemas import (

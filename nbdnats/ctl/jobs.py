@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from nbdnats import _core, formats, subjects
-from nbdnats.approval import TrustedKeys
 from nbdnats.backup.hold import Hold
 from nbdnats.ctl import tools
 from nbdnats.ctl.metrics import Sample
@@ -44,6 +43,7 @@ from nbdnats.errors import (
     TransferError,
     UsageError,
 )
+from nbdnats.metal.approval import TrustedKeys
 from nbdnats.planes import Planes
 from nbdnats.schemas import (
     BackupKind,

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from nbdnats import subjects
-from nbdnats.approval import load_private, sign
+from nbdnats.metal.approval import load_private, sign
 from nbdnats.schemas import SCHEMA_VERSION, Approval, ProvisionCommand, RecvCommand, encode
 from tests.backups import RESTIC_ENV, restic, slow_backup
 from tests.cli import one_line_error, run_cli

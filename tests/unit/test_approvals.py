@@ -9,8 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from nbdnats.approval import TrustedKeys, load_private, new_key, sign
 from nbdnats.errors import ApprovalError, UsageError
+from nbdnats.metal.approval import TrustedKeys, load_private, new_key, sign
 from nbdnats.schemas import Approval, decode, encode
 
 

@@ -64,7 +64,7 @@ def test_data_commands_do_not_import_the_control_plane() -> None:
         "    cli.main(['send', '--help'])\n"
         "heavy = [m for m in ('nbdnats.ctl.controller', 'nbdnats.ctl.agent',\n"
         "         'nbdnats.migration.run', 'nbdnats.dev.topology', 'nbdnats.ctl.events',\n"
-        "         'nbdnats.approval', 'cryptography', 'qemu.qmp') if m in sys.modules]\n"
+        "         'nbdnats.metal.approval', 'cryptography', 'qemu.qmp') if m in sys.modules]\n"
         "print('--chunk-size' in help.getvalue(), heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
