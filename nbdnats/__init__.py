@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from nbdnats._core import __version__
 from nbdnats.errors import (
     ApprovalError,
+    AttestationError,
     BusyError,
     ConflictError,
     DevError,
@@ -86,6 +87,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ApprovalError",
+    "AttestationError",
     "BusyError",
     "ConflictError",
     "Controller",

@@ -17,6 +17,7 @@
      |    +-- SchemaError         not a valid message, unknown op or version (code "schema")
      |    +-- PolicyError         outside the agent's allow-list or role     (code "denied")
      |    +-- ApprovalError       a provisioning approval is missing or bad  (code "approval")
+     |    +-- AttestationError    a TPM's identity or quote failed a check   (code "attestation")
      |    +-- ConflictError       an idempotency key reused for another command (code "conflict")
      +-- MigrationError           a live migration failed (the source VM keeps running
      |    |                       when it failed before switchover)
@@ -105,6 +106,13 @@ class ApprovalError(RefusedError):
     code = "approval"
 
 
+class AttestationError(RefusedError):
+    """An installer's TPM evidence failed a check: EK certificate chain, attestation key,
+    credential activation, quote signature, nonce, event log or golden PCR values."""
+
+    code = "attestation"
+
+
 class ConflictError(RefusedError):
     code = "conflict"
 
@@ -147,6 +155,7 @@ _BY_CODE: dict[str, type[NbdNatsError]] = {
         SchemaError,
         PolicyError,
         ApprovalError,
+        AttestationError,
         ConflictError,
         MigrationError,
         MigrationTimeout,
