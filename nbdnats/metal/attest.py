@@ -26,7 +26,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+try:  # cryptography >= 43 keeps CFB (which credential protection needs) under "decrepit"
+    from cryptography.hazmat.decrepit.ciphers.modes import CFB
+except ImportError:  # pragma: no cover
+    from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from nbdnats.errors import AttestationError, UsageError
 
@@ -405,7 +410,7 @@ def make_credential(ek: TpmPublic, ak_name: bytes, secret: bytes) -> tuple[bytes
     sym_bits = ek.symmetric[1]
     sym_key = kdfa(alg, seed, b"STORAGE", ak_name, b"", sym_bits)
     plain = struct.pack(">H", len(secret)) + secret
-    enc = Cipher(algorithms.AES(sym_key), modes.CFB(b"\x00" * 16)).encryptor()
+    enc = Cipher(algorithms.AES(sym_key), CFB(b"\x00" * 16)).encryptor()
     enc_identity = enc.update(plain) + enc.finalize()
     hmac_key = kdfa(alg, seed, b"INTEGRITY", b"", b"", dsize * 8)
     outer = hmac.new(hmac_key, enc_identity + ak_name, _HASHES[alg]).digest()
