@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -239,3 +240,36 @@ def test_golden_check_refuses_a_different_pcr_4(
     golden.pcrs[4] = b"\x11" * 32
     with pytest.raises(AttestationError, match=r"PCR 4 differs .* installer-1"):
         golden.check(values)
+
+
+def test_credential_file_matches_tpm2_makecredential_offline_output(
+    swtpm: Callable[[], SwtpmProc],
+) -> None:
+    """tpm2_makecredential -T none's file (random seed, so compared by activation and layout)."""
+    proc = swtpm()
+    tpm = _tpm(proc)
+    ident = _identity(tpm)
+    ak = attest.parse_public(ident.ak_public)
+    ek_pub = proc.root / "ek.pub"
+    ek_pub.write_bytes(ident.ek_public)
+    secret_file = proc.root / "secret"
+    secret_file.write_bytes(b"offline secret")
+    out = proc.root / "cred.out"
+    subprocess.run(
+        [
+            *("tpm2_makecredential", "-T", "none", "-e", str(ek_pub)),
+            *("-s", str(secret_file), "-n", ak.name_hex, "-o", str(out)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    data = out.read_bytes()
+    assert data[:8] == bytes.fromhex("badcc0de00000001")
+    blob_len = int.from_bytes(data[8:10], "big")
+    blob, enc = data[8 : 10 + blob_len], data[10 + blob_len :]
+    ek = attest.parse_public(ident.ek_public)
+    ours, our_enc = attest.make_credential(ek, ak.name, b"offline secret")
+    assert attest.credential_file(blob, enc) == data
+    assert (len(ours), len(our_enc)) == (len(blob), len(enc))
+    assert asyncio.run(tpm.activate(blob, enc)) == b"offline secret"
