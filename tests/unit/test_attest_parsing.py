@@ -172,3 +172,25 @@ def test_golden_file_round_trip_and_refusal(tmp_path: object) -> None:
     golden.check(values)
     with pytest.raises(AttestationError, match=r"PCR 4, 7 differs .* build-7"):
         golden.check({**values, 4: b"\x00" * 32, 7: b"\x00" * 32})
+
+
+def test_ecc_p256_ak_and_ecdsa_quote_verify() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    nums = key.public_key().public_numbers()
+    body = struct.pack(">HHI", attest.ALG_ECC, attest.ALG_SHA256, AK_ATTRS) + b"\x00\x00"
+    body += b"\x00\x10" + struct.pack(">HH", attest.ALG_ECDSA, attest.ALG_SHA256)
+    body += struct.pack(">H", attest.ECC_NIST_P256) + b"\x00\x10"
+    body += b"\x00\x20" + nums.x.to_bytes(32, "big") + b"\x00\x20" + nums.y.to_bytes(32, "big")
+    ak = attest.parse_public(struct.pack(">H", len(body)) + body)
+    attest.check_ak(ak)
+    r, s = decode_dss_signature(key.sign(_attest(), ec.ECDSA(hashes.SHA256())))
+    sig = struct.pack(">HH", attest.ALG_ECDSA, attest.ALG_SHA256)
+    sig += b"\x00\x20" + r.to_bytes(32, "big") + b"\x00\x20" + s.to_bytes(32, "big")
+    attest.verify_quote(ak, _attest(), sig, b"n" * 16)
+    with pytest.raises(AttestationError, match="does not verify"):
+        attest.verify_quote(ak, _attest(b"m" * 16), sig, b"m" * 16)
+    with pytest.raises(AttestationError, match="does not verify"):
+        attest.verify_quote(attest.parse_public(AK), _attest(), sig, b"n" * 16)
