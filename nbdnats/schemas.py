@@ -12,11 +12,15 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
     ctl.cmd.<node>.migrate     MigrateCommand    -> Reply        (the source's agent)
     ctl.cmd.<node>.incoming    IncomingCommand   -> IncomingReply (the destination's agent)
     ctl.cmd.<node>.qmp         QmpCommand        -> QmpReply      (the destination's agent)
+    ctl.cmd.<node>.activate    ActivateCommand   -> ActivateReply (an installer: TPM enrollment)
+    ctl.cmd.<node>.quote       QuoteCommand      -> QuoteReply    (an installer: TPM quote)
+    ctl.cmd.<node>.verdict     VerdictCommand    -> Reply         (an installer: evidence refused)
     ctl.qry.<node>.info        InfoQuery         -> NodeInfo
     ctl.qry.<node>.transfers   TransfersQuery    -> TransferList
     ctl.qry.<node>.digest      DigestQuery       -> DigestReply
     ctl.qry.<node>.backups     BackupsQuery      -> BackupList
     ctl.qry.<node>.qmp-events  QmpEventsQuery    -> QmpEvents
+    ctl.qry.<node>.tpm         TpmQuery          -> TpmIdentity   (an installer's EK and AK)
     ctl.evt.<node>.announce    NodeInfo
     ctl.evt.<node>.transfer    TransferEvent
     ctl.evt.<node>.refused     RefusedEvent
@@ -68,6 +72,19 @@ DiskName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]{1,1024}$")]
 """An export name, path or NBD URI as a backup was asked for, without control characters
 (a restic tag holds it percent-encoded: ``nbdnats.ctl.tools.disk_tag``)."""
 DigestText = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}:[0-9a-f]{16,256}$")]
+HexName = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{4,132}$")]
+"""A TPM object's name in hex (nameAlg || digest of its public area): an attestation key's."""
+HexDigest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+"""A sha256 in hex: the digest of an installer's boot PCR values an approval binds to."""
+PcrIndex = Annotated[int, msgspec.Meta(ge=0, le=23)]
+Then = Literal["stay", "reboot", "poweroff"]
+"""What an installer does after a provision verified: stay in the installer (default), or
+sync and reboot (into the new disk) or power off."""
+# TPM evidence from an installer: bounded here, parsed (bounds-checked) by nbdnats.metal.attest.
+TpmBlob = Annotated[bytes, msgspec.Meta(max_length=4096)]
+CertBlob = Annotated[bytes, msgspec.Meta(max_length=16384)]
+EventLog = Annotated[bytes, msgspec.Meta(max_length=512 * 1024)]
+Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
 CheckpointName = Annotated[str, msgspec.Meta(pattern=r"^nbdnats-[0-9]{8}T[0-9]{6}-[0-9a-f]{6}$")]
 """A checkpoint's name as ``nbdnats.backup`` makes them (``nbdnats-<UTC time>-<6 hex>``):
 the dirty bitmap that records what changed since the snapshot tagged with it. It reaches
@@ -180,6 +197,12 @@ class Approval(Message, kw_only=True):
     expires: dt.datetime
     key_id: str
     signature: str = ""
+    # Bound to a TPM (nbd-nats approve --attestation): the installer's attestation key and
+    # the digest of its boot PCR values (``pcrs``) that the quote before the write must show.
+    # Left out of the signed bytes when unset, so approvals without them read as before.
+    ak_name: HexName | None = None
+    pcr_digest: HexDigest | None = None
+    pcrs: list[PcrIndex] | None = None
 
 
 class ProvisionCommand(Command, kw_only=True):
@@ -191,6 +214,10 @@ class ProvisionCommand(Command, kw_only=True):
     image_digest: str
     size: Bytes
     options: TransferOptions = msgspec.field(default_factory=TransferOptions)
+    # The nonce of the quote the controller verified just before (attested provisioning):
+    # the installer checks that quote against the approval's binding before a byte is written.
+    quote_nonce: Nonce | None = None
+    then: Then = "stay"
 
 
 class CancelCommand(Message, kw_only=True):
@@ -288,6 +315,55 @@ class Reply(Answer, kw_only=True):
     transfer_id: str | None = None
 
 
+class TpmQuery(Message, kw_only=True):
+    """An installer's TPM identity: its endorsement key (EK) with the manufacturer's
+    certificate, and the attestation key (AK) it made under the EK."""
+
+
+class TpmIdentity(Answer, kw_only=True):
+    node: str = ""
+    ek_certificate: CertBlob | None = None  # DER
+    ek_public: TpmBlob = b""  # TPM2B_PUBLIC
+    ak_public: TpmBlob = b""  # TPM2B_PUBLIC
+
+
+class ActivateCommand(Message, kw_only=True):
+    """Enrollment's proof that the AK lives in the TPM of that EK: a credential made for the
+    AK's name and encrypted to the EK (TPM2_MakeCredential); only that TPM can open it."""
+
+    credential: TpmBlob  # TPM2B_ID_OBJECT
+    secret: TpmBlob  # TPM2B_ENCRYPTED_SECRET
+
+
+class ActivateReply(Answer, kw_only=True):
+    secret: TpmBlob = b""
+
+
+class QuoteCommand(Message, kw_only=True):
+    """A fresh nonce for a TPM quote over ``pcrs`` (sha256 bank)."""
+
+    nonce: Nonce
+    pcrs: list[PcrIndex] = msgspec.field(default_factory=lambda: [0, 4, 7])
+
+
+class QuoteReply(Answer, kw_only=True):
+    attest: TpmBlob = b""  # TPMS_ATTEST, signed by the AK
+    signature: TpmBlob = b""  # TPMT_SIGNATURE
+    pcrs: dict[PcrIndex, TpmBlob] = msgspec.field(default_factory=dict)
+    event_log: EventLog = b""
+
+
+class VerdictCommand(Message, kw_only=True):
+    """The controller refused the evidence of quote ``nonce`` (for transfer
+    ``transfer_id``): the installer forgets that quote and publishes the refusal as its
+    ``refused`` event, so the log shows why nothing was written."""
+
+    nonce: Nonce
+    transfer_id: Token
+    code: str
+    error: Annotated[str, msgspec.Meta(max_length=1000)]
+
+
 class DiskSend(msgspec.Struct, kw_only=True):
     """One disk of an incremental backup's checkpoint, being sent as ``transfer_id``:
     ``disk`` (``<vm>/<drive>``, or the export as named), its ``size``, ``mode`` and, when
@@ -328,6 +404,7 @@ class NodeInfo(Message, kw_only=True):
     running: Count = 0
     announce_interval: Interval = 30.0
     vms: list[str] = msgspec.field(default_factory=list)
+    ak_name: HexName | None = None  # an installer with a TPM: its attestation key's name
 
 
 class TransfersQuery(Message, kw_only=True):

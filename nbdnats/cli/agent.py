@@ -25,6 +25,7 @@ config file (TOML; command-line options win, --allow and --export add to it):
   role = "host"                       # or "installer"
   allow = ["/var/lib/images", "/dev/disk/by-id", "/run/vm"]
   trusted_keys = "/etc/nbdnats/trusted"
+  tpm = "device"                      # installer: "none", or a TCTI (swtpm:port=2321)
   metrics_addr = "127.0.0.1:9464"
   [exports]
   vm1 = "nbd+unix:///vm1?socket=/run/vm/vm1.nbd"
@@ -36,7 +37,7 @@ config file (TOML; command-line options win, --allow and --export add to it):
 examples:
   nbd-nats agent --node a --allow /var/lib/images --export vm1=/var/lib/images/vm1.raw
   nbd-nats agent --node inst1 --role installer --trusted-keys /etc/nbdnats/trusted \\
-      --allow /dev/sda
+      --allow /dev/sda --then-file /run/nbdnats/then
 """
 
 
@@ -78,6 +79,25 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--role", choices=["host", "installer"], help="host (default) or installer")
     p.add_argument("--trusted-keys", metavar="DIR", help="Ed25519 public keys (*.pub) of approvers")
+    p.add_argument(
+        "--tpm",
+        metavar="TCTI",
+        help="installer: its TPM for attestation: 'device' (/dev/tpmrm0, the default when it "
+        "exists), 'none', or a tpm2-tools TCTI such as swtpm:host=127.0.0.1,port=2321",
+    )
+    p.add_argument(
+        "--event-log",
+        metavar="FILE",
+        help="installer: the firmware's TPM event log (default "
+        "/sys/kernel/security/tpm0/binary_bios_measurements)",
+    )
+    p.add_argument(
+        "--then-file",
+        metavar="FILE",
+        help="installer: after a provision with --then reboot|poweroff verified, write the "
+        "word here and stop (the installer's /init reads it and does it); without it such "
+        "provisions are refused",
+    )
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics here")
     add_state_dir_option(p, "where receivers keep their journals")
     p.add_argument("--config", metavar="FILE", help="a TOML config file (see below)")
@@ -149,6 +169,9 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             allow=[*conf.get("allow", []), *args.allow],
             exports=exports,
             trusted_keys=Path(trusted) if trusted else None,
+            tpm=args.tpm or conf.get("tpm"),
+            event_log=args.event_log or conf.get("event_log"),
+            then_file=args.then_file or conf.get("then_file"),
             metrics_addr=args.metrics_addr or conf.get("metrics_addr"),
             state_dir=args.state_dir or conf.get("state_dir"),
             env={str(k): str(v) for k, v in conf.get("env", {}).items()},

@@ -33,10 +33,18 @@ from nbdnats.cli.output import (
     print_started,
     reader_gone,
 )
-from nbdnats.ctl.controller import BackupRun, Controller, OperationResult, parse_endpoint
+from nbdnats.ctl.controller import (
+    AttestOptions,
+    BackupRun,
+    Controller,
+    OperationResult,
+    parse_endpoint,
+)
 from nbdnats.ctl.events import Event
 from nbdnats.errors import UsageError
 from nbdnats.metal.approval import load_approval
+from nbdnats.metal.attest import DEFAULT_PCRS, Golden, load_cas
+from nbdnats.metal.verifier import Enrollments
 from nbdnats.schemas import (
     Backup,
     MigrationEvent,
@@ -57,6 +65,10 @@ examples:
   nbd-nats ctl restore b a:/var/lib/images/vm1.raw --restic /backups/repo --disk a:vm1
   nbd-nats ctl restore b a:/var/lib/images/vm1.raw --restic /backups/repo --snapshot 1a2b3c4d
   nbd-nats ctl provision a:/srv/images/debian.raw inst1:/dev/sda --approval approval.json
+  nbd-nats ctl enroll inst1 --ek-ca tpm-vendors.pem
+  nbd-nats ctl attest inst1 --golden installer.golden --json > inst1.attestation
+  nbd-nats ctl provision a:/srv/images/debian.raw inst1:/dev/vda --approval approval.json \
+      --golden installer.golden --then reboot
   nbd-nats ctl events --since 10m
 """
 
@@ -65,8 +77,8 @@ def add_parser(sub: Any) -> None:
     p = add_command(
         sub,
         "ctl",
-        help="drive agents: nodes, copy, backup, backups, restore, provision, migrate, "
-        "transfers, events",
+        help="drive agents: nodes, copy, backup, backups, restore, provision, enroll, "
+        "attest, migrate, transfers, events",
         description="The controller: commands to agents over the ctl plane.",
         epilog=EPILOG,
     )
@@ -143,6 +155,67 @@ def add_parser(sub: Any) -> None:
     v.add_argument("src", help="NODE:IMAGE  the image")
     v.add_argument("dst", help="NODE:DEVICE  its disk")
     v.add_argument("--approval", required=True, metavar="FILE", help="from nbd-nats approve")
+    v.add_argument(
+        "--then",
+        choices=["stay", "reboot", "poweroff"],
+        default="stay",
+        help="once the image read back verified, the installer syncs and reboots (into the "
+        "new disk) or powers off; a failed provision always stays (default: stay)",
+    )
+    v.add_argument(
+        "--attest",
+        action="store_true",
+        help="attest the installer's TPM first (always done for an approval bound to a TPM)",
+    )
+    v.add_argument(
+        "--golden",
+        metavar="FILE",
+        help="the installer image's golden PCR values (ctl attest --record-golden): the "
+        "quote must show them (implies --attest)",
+    )
+    _add_enrollments(v)
+
+    en = actions.add_parser(
+        "enroll",
+        help="enroll an installer's TPM: check its EK certificate, prove its attestation key",
+        description="Ask installer NODE for its TPM's EK certificate and attestation key "
+        "(AK); check the certificate chains to a CA in --ek-ca, prove the AK lives in that "
+        "TPM (MakeCredential/ActivateCredential), and keep the AK under NODE's name.",
+    )
+    en.add_argument("node", help="the installer")
+    en.add_argument(
+        "--ek-ca",
+        required=True,
+        metavar="FILE",
+        help="PEM certificates of the TPM manufacturers' CAs (roots and intermediates) "
+        "trusted to certify EKs",
+    )
+    _add_enrollments(en)
+
+    at = actions.add_parser(
+        "attest",
+        help="quote an enrolled installer's boot PCRs and verify them",
+        description="Send installer NODE a fresh nonce; verify its TPM quote with the "
+        "enrolled AK, the PCR digest against its event log, and (--golden) the values "
+        "against the golden ones. --json prints what nbd-nats approve --attestation reads.",
+    )
+    at.add_argument("node", help="the installer")
+    gold = at.add_mutually_exclusive_group()
+    gold.add_argument("--golden", metavar="FILE", help="compare with these golden PCR values")
+    gold.add_argument(
+        "--record-golden",
+        metavar="FILE",
+        help="write the verified values as the golden ones of this installer image (do it "
+        "on a machine you trust, booted from the image as built)",
+    )
+    at.add_argument("--label", help="a name for the golden values (default: the node's)")
+    at.add_argument(
+        "--pcrs",
+        default=",".join(str(i) for i in DEFAULT_PCRS),
+        metavar="LIST",
+        help="PCRs to quote, sha256 bank (default %(default)s)",
+    )
+    _add_enrollments(at)
 
     bl = actions.add_parser(
         "backups",
@@ -194,6 +267,14 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--kind", default="*", help="only this kind (announce, transfer, refused)")
     e.add_argument("--no-follow", action="store_true", help="stop after the stored events")
     e.add_argument("--count", type=count_arg, metavar="N", help="stop after N events")
+
+
+def _add_enrollments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--enrollments",
+        metavar="DIR",
+        help="where enrolled TPMs are kept (default: the state dir's enrolled/)",
+    )
 
 
 def _add_globals(g: Any) -> None:
@@ -333,10 +414,11 @@ def _run_doc(run: BackupRun) -> dict[str, Any]:
 
 def _node_line(n: NodeInfo) -> str:
     exports = ", ".join(f"{k}={v}" for k, v in n.exports.items()) or "-"
-    return (
+    line = (
         f"{n.node:16} {n.role:9} {n.state:8} v{n.version:8} running={n.running} "
         f"caps={','.join(n.capabilities)} exports={exports}"
     )
+    return line + (f" ak={n.ak_name}" if n.ak_name else "")
 
 
 def _transfer_line(t: TransferEvent) -> str:
@@ -377,7 +459,55 @@ async def run(args: argparse.Namespace) -> None:
         if cmd == "migrate":
             await _migrate(c, args)
             return
+        if cmd == "enroll":
+            await _enroll(c, args)
+            return
+        if cmd == "attest":
+            await _attest(c, args)
+            return
         await _operation(c, args)
+
+
+def _store(args: argparse.Namespace) -> Enrollments:
+    return Enrollments(Path(args.enrollments) if args.enrollments else None)
+
+
+async def _enroll(c: Controller, args: argparse.Namespace) -> None:
+    cas = load_cas(Path(args.ek_ca))
+    found = await c.enroll(args.node, cas, _store(args))
+    summary = (
+        f"enrolled {found.node}: attestation key {found.ak_name[:20]}…, EK certificate "
+        f"{found.ek_subject or '(no subject)'} issued by {found.ek_issuer}"
+    )
+    print_result(found, summary, as_json=args.json)
+
+
+def _pcr_list(text: str) -> list[int]:
+    try:
+        pcrs = sorted({int(p) for p in text.split(",")})
+    except ValueError:
+        raise UsageError(f"--pcrs {text!r}: use PCR numbers, e.g. 0,4,7") from None
+    if not pcrs or any(not 0 <= p <= 23 for p in pcrs):
+        raise UsageError(f"--pcrs {text!r}: PCRs are 0 to 23")
+    return pcrs
+
+
+async def _attest(c: Controller, args: argparse.Namespace) -> None:
+    golden = Golden.load(Path(args.golden)) if args.golden else None
+    found, _ = await c.attest(args.node, _store(args), golden=golden, pcrs=_pcr_list(args.pcrs))
+    if args.record_golden:
+        Golden(bank="sha256", pcrs=found.pcrs, label=args.label or args.node).save(
+            Path(args.record_golden)
+        )
+    checked = "equal to the golden values" if golden else "not compared with golden values"
+    summary = (
+        f"attested {found.node}: quote verified, PCRs "
+        f"{','.join(str(i) for i in sorted(found.pcrs))} {checked}; PCR digest "
+        f"{found.pcr_digest}"
+    )
+    if args.record_golden:
+        summary += f"; recorded as golden in {args.record_golden}"
+    print_result(found.doc(), summary, as_json=args.json)
 
 
 async def _operation(c: Controller, args: argparse.Namespace) -> None:
@@ -444,8 +574,19 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
             )
         else:
             approval = load_approval(Path(args.approval))
+            attestation = None
+            if args.attest or args.golden:
+                golden = Golden.load(Path(args.golden)) if args.golden else None
+                attestation = AttestOptions(_store(args), golden)
+            elif approval.ak_name is not None:
+                attestation = AttestOptions(_store(args))
             result = await c.provision(
-                parse_endpoint(args.src), parse_endpoint(args.dst), approval, **common
+                parse_endpoint(args.src),
+                parse_endpoint(args.dst),
+                approval,
+                attestation=attestation,
+                then=args.then,
+                **common,
             )
     finally:
         progress.close()
@@ -463,7 +604,13 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
     }
     if result.snapshot is not None:
         doc["snapshot"] = result.snapshot
-    print_result(doc, _summary(VERBS[cmd], result), as_json=args.json)
+    summary = _summary(VERBS[cmd], result)
+    if cmd == "provision" and args.then != "stay":
+        doc["then"] = args.then
+        summary += (
+            f"; {result.receiver.node} {'reboots' if args.then == 'reboot' else 'powers off'}"
+        )
+    print_result(doc, summary, as_json=args.json)
 
 
 async def _migrate(c: Controller, args: argparse.Namespace) -> None:

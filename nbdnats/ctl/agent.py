@@ -26,8 +26,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -43,13 +45,18 @@ from nbdnats.errors import (
     BusyError,
     ConflictError,
     NbdNatsError,
+    PolicyError,
     SchemaError,
     UsageError,
 )
 from nbdnats.metal.approval import TrustedKeys
+from nbdnats.metal.installer import Evidence, TpmService
+from nbdnats.metal.tpm import DEFAULT_EVENT_LOG, Tpm
 from nbdnats.migration.incoming import Incoming
 from nbdnats.planes import Login, Planes, redact_url
 from nbdnats.schemas import (
+    ActivateCommand,
+    ActivateReply,
     Answer,
     BackupsQuery,
     CancelCommand,
@@ -64,20 +71,27 @@ from nbdnats.schemas import (
     ProvisionCommand,
     QmpCommand,
     QmpEventsQuery,
+    QuoteCommand,
+    QuoteReply,
     RecvCommand,
     RefusedEvent,
     Reply,
     SendCommand,
+    TpmIdentity,
+    TpmQuery,
     TransfersQuery,
+    VerdictCommand,
     decode,
     encode,
 )
+from nbdnats.transfer import resolve_state_dir
 
 log = logging.getLogger("nbdnats.ctl.agent")
 
 # After stop() cancels the jobs that outlived the drain: how long they may take to tell
 # their peers, stop their tools and report, so that stop() itself always ends.
 CANCELLED_JOBS_BOUND = 60.0
+TPM_DEVICE = "/dev/tpmrm0"  # the kernel's resource-managed TPM: an installer uses it if present
 
 
 @dataclass(frozen=True)
@@ -127,7 +141,12 @@ class Agent:
             lambda key: self._keys.pop(key, None),
         )
         self.incoming = Incoming(lambda: self.planes, config.vms)
+        self.tpm = _tpm_service(config, self.node)
+        self.jobs.evidence = self.tpm.evidence if self.tpm else None
+        self.jobs.on_then = self._then
+        tpm_op = self.tpm or _NoTpm(self.node)
         self.stream_problem: str | None = None
+        self._ak_name: str | None = None
         # Everything this agent serves (the subjects are listed in nbdnats.schemas).
         self.ops: dict[str, Op] = {
             "send": Op(SendCommand, self.jobs.send),
@@ -143,6 +162,10 @@ class Agent:
             "digest": Op(DigestQuery, self.jobs.digest, query=True),
             "backups": Op(BackupsQuery, self.jobs.backups, query=True),
             "qmp-events": Op(QmpEventsQuery, self.incoming.events, query=True),
+            "tpm": Op(TpmQuery, tpm_op.identity, query=True),
+            "activate": Op(ActivateCommand, tpm_op.activate),
+            "quote": Op(QuoteCommand, tpm_op.quote),
+            "verdict": Op(VerdictCommand, self._verdict),
         }
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -154,6 +177,13 @@ class Agent:
             self.config.data_url, self.config.ctl_url, self.node, login
         )
         ctl = self.planes.ctl
+        if self.tpm is not None:
+            # Announced, so an operator sees which AK to enroll; a TPM that fails here is
+            # reported and the agent serves without it (its TPM ops then fail alike).
+            try:
+                self._ak_name = await self.tpm.evidence.ak_name()
+            except NbdNatsError as e:
+                log.warning("TPM: %s", e)
         self.stream_problem = await events.ensure_stream(ctl)
         if self.stream_problem:
             log.warning("events are not stored: %s", self.stream_problem)
@@ -233,6 +263,10 @@ class Agent:
         caps.append("pipe")
         if self.trusted is not None:
             caps.append("provision")
+        if self.tpm is not None:
+            caps.append("attest")
+        if self.config.then_file is not None:
+            caps.append("reboot")
         if self.metrics is not None:
             caps.append("metrics")
         if self.config.role == "installer":
@@ -251,6 +285,7 @@ class Agent:
             running=self.jobs.running(),
             announce_interval=self.config.announce_interval,
             vms=sorted(self.config.vms),
+            ak_name=self._ak_name,
         )
 
     async def _info(self, _: InfoQuery) -> NodeInfo:
@@ -263,6 +298,36 @@ class Agent:
 
     async def _announce(self) -> None:
         await self._publish("announce", encode(self.info()))
+
+    # -- installer: attestation verdicts and what follows a provision ----------------------
+
+    async def _verdict(self, cmd: VerdictCommand) -> Reply:
+        """The controller refused this installer's evidence: the quote is spent, and the
+        refusal is this node's ``refused`` event (nothing was written)."""
+        subjects.check_token(cmd.transfer_id, "transfer id")
+        if self.tpm is not None:
+            self.tpm.evidence.forget(cmd.nonce)
+        refused = RefusedEvent(
+            node=self.node,
+            op="provision",
+            transfer_id=cmd.transfer_id,
+            code=cmd.code if cmd.code in ("attestation", "approval") else "attestation",
+            error=cmd.error,
+        )
+        log.info("refused provision %s: %s", cmd.transfer_id, cmd.error)
+        self._count("provision", refused.code)
+        await self._publish("refused", encode(refused))
+        return Reply(ok=True, transfer_id=cmd.transfer_id)
+
+    def _then(self, word: str) -> None:
+        """A provision that asked to reboot or power off verified: tell /init (the file it
+        reads when the agent ends) and stop; /init syncs and does it."""
+        assert self.config.then_file is not None
+        Path(self.config.then_file).write_text(word + "\n")
+        log.info("provision verified: stopping for /init to %s", word)
+        task = asyncio.create_task(self.stop())
+        self._handling.add(task)  # kept until done, as command handlers are
+        task.add_done_callback(self._handling.discard)
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -371,6 +436,40 @@ async def _respond(msg: Msg, payload: bytes) -> None:
     if msg.reply:
         with contextlib.suppress(Exception):
             await msg.respond(payload)
+
+
+class _NoTpm:
+    """The TPM ops of an agent without a TPM: each is refused, saying how to get one."""
+
+    def __init__(self, node: str) -> None:
+        self.error = PolicyError(
+            f"{node} has no TPM here: TPM attestation needs an installer with --tpm "
+            "(or /dev/tpmrm0)"
+        )
+
+    async def identity(self, _: TpmQuery) -> TpmIdentity:
+        raise self.error
+
+    async def activate(self, _: ActivateCommand) -> ActivateReply:
+        raise self.error
+
+    async def quote(self, _: QuoteCommand) -> QuoteReply:
+        raise self.error
+
+
+def _tpm_service(config: AgentConfig, node: str) -> TpmService | None:
+    """The installer's TPM, if it has one (``AgentConfig.tpm``)."""
+    tcti = config.tpm
+    if tcti is None and config.role == "installer" and os.path.exists(TPM_DEVICE):
+        tcti = "device"
+    if tcti in (None, "none"):
+        return None
+    if config.role != "installer":
+        raise UsageError("--tpm is for --role installer (the machine being provisioned)")
+    workdir = resolve_state_dir(config.state_dir) / "tpm"
+    log_path = Path(config.event_log) if config.event_log else DEFAULT_EVENT_LOG
+    tpm = Tpm(workdir, tcti=None if tcti == "device" else tcti, event_log=log_path)
+    return TpmService(node, Evidence(tpm))
 
 
 async def run_agent(config: AgentConfig) -> None:

@@ -30,6 +30,13 @@ class AgentConfig:
     allow: list[str] = field(default_factory=list)
     exports: dict[str, str] = field(default_factory=dict)
     trusted_keys: Path | None = None
+    # An installer's TPM (nbdnats.metal): "device" (/dev/tpmrm0), a tpm2-tools TCTI
+    # ("swtpm:host=127.0.0.1,port=2321"), or None (none; an installer with /dev/tpmrm0
+    # uses it); where the firmware's event log is; the file /init reads after a provision
+    # that asked to reboot or power off (the agent writes the word there and stops).
+    tpm: str | None = None
+    event_log: str | None = None
+    then_file: str | None = None
     metrics_addr: str | None = None
     state_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)

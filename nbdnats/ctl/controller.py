@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 import msgspec
+from cryptography import x509
 from nats.aio.client import Client
 
 from nbdnats import _core, subjects
@@ -40,6 +42,7 @@ from nbdnats.backup import chain
 from nbdnats.ctl import events, tools
 from nbdnats.ctl.request import request
 from nbdnats.errors import (
+    AttestationError,
     IntegrityError,
     NbdNatsError,
     TransferCancelled,
@@ -47,8 +50,12 @@ from nbdnats.errors import (
     UsageError,
     from_code,
 )
+from nbdnats.metal import attest, verifier
+from nbdnats.metal.verifier import Attestation, Enrollment, Enrollments
 from nbdnats.planes import Login, connect_ctl, redact_url, resolve_urls
 from nbdnats.schemas import (
+    ActivateCommand,
+    ActivateReply,
     Approval,
     Backup,
     BackupList,
@@ -66,18 +73,38 @@ from nbdnats.schemas import (
     MigrationEvent,
     NodeInfo,
     ProvisionCommand,
+    QuoteCommand,
+    QuoteReply,
     RecvCommand,
     Reply,
     SendCommand,
     SendReply,
+    Then,
     Tool,
+    TpmIdentity,
+    TpmQuery,
     TransferEvent,
     TransferList,
     TransferOptions,
     TransfersQuery,
+    VerdictCommand,
 )
 
+
+@dataclass(frozen=True)
+class AttestOptions:
+    """How to attest an installer before provisioning it: where enrollments are kept,
+    the golden PCR values of its installer image (none: not compared), which PCRs."""
+
+    store: Enrollments
+    golden: attest.Golden | None = None
+    pcrs: Sequence[int] = attest.DEFAULT_PCRS
+
+
 REQUEST_TIMEOUT = 10.0  # per attempt
+# A TPM's first identity query makes its EK and AK (RSA key generation, seconds on a real
+# TPM, longer on swtpm under emulation): its per-attempt bound.
+TPM_TIMEOUT = 60.0
 ATTEMPTS = 3
 QUIET = 5.0  # no event for this long: ask the agents how the transfer is doing
 DIGEST_TIMEOUT = 3600.0  # hashing an image reads all of it
@@ -685,16 +712,124 @@ class Controller:
         options: TransferOptions | None = None,
         wait: bool = True,
         on_event: EventCallback | None = None,
+        attestation: AttestOptions | None = None,
+        then: Then = "stay",
     ) -> OperationResult | str:
         """Write an image onto an installer's device under a signed approval. The source's
-        digest is asked first, so the installer can refuse before a byte is written."""
+        digest is asked first, so the installer can refuse before a byte is written.
+
+        With ``attestation`` (and always when the approval is bound to a TPM), the installer
+        is attested just before: its quote must verify (``attest``) and, for a bound
+        approval, show the approval's AK and PCR digest; the provision then names that
+        quote, which the installer checks again. ``then``: what the installer does once
+        the image verified (reboot into it, power off, or stay)."""
         both = self._both(transfer_id, options)
         digest, size = await self.digest(*src, raw=both["options"].raw)
+        nonce = None
+        if attestation is None and approval.ak_name is not None:
+            attestation = AttestOptions(Enrollments())
+        if attestation is not None:
+            tid = both["transfer_id"]
+            pcrs = approval.pcrs or list(attestation.pcrs)
+            found, nonce = await self.attest(
+                dst[0], attestation.store, golden=attestation.golden, pcrs=pcrs, transfer_id=tid
+            )
+            if approval.ak_name is not None:
+                await self._check_binding(dst[0], approval, found, nonce, tid)
         recv = ProvisionCommand(
-            device=dst[1], approval=approval, image_digest=digest, size=size, **both
+            device=dst[1],
+            approval=approval,
+            image_digest=digest,
+            size=size,
+            quote_nonce=nonce,
+            then=then,
+            **both,
         )
         send = SendCommand(src=src[1], **both)
         return await self._pair(src[0], send, dst[0], recv, wait, on_event)
+
+    # -- bare metal: TPM enrollment and attestation ----------------------------------------
+
+    async def enroll(
+        self, node: str, cas: list[x509.Certificate], store: Enrollments | None = None
+    ) -> Enrollment:
+        """Enroll an installer's TPM (``nbdnats.metal.verifier``): its EK certificate must
+        chain to one of ``cas``, and its AK must be proven to live in that TPM: a
+        credential made for the AK's name and encrypted to the EK (MakeCredential) comes
+        back opened (ActivateCredential). The AK is then stored under the node's name."""
+        subjects.check_token(node, "node name")
+        store = store or Enrollments()
+        identity = await self._request(
+            subjects.ctl_query(node, "tpm"), TpmQuery(), TpmIdentity, timeout=TPM_TIMEOUT
+        )
+        ek, ak, cert = verifier.check_identity(identity, cas)
+        secret = os.urandom(32)
+        blob, encrypted = attest.make_credential(ek, ak.name, secret)
+        reply = await self._request(
+            subjects.ctl_command(node, "activate"),
+            ActivateCommand(credential=blob, secret=encrypted),
+            ActivateReply,
+            timeout=TPM_TIMEOUT,
+        )
+        verifier.check_secret(secret, reply.secret)
+        enrollment = verifier.enrollment_of(node, ak, cert)
+        store.save(enrollment)
+        return enrollment
+
+    async def attest(
+        self,
+        node: str,
+        store: Enrollments | None = None,
+        *,
+        golden: attest.Golden | None = None,
+        pcrs: Sequence[int] = attest.DEFAULT_PCRS,
+        transfer_id: str | None = None,
+    ) -> tuple[Attestation, bytes]:
+        """Quote an enrolled installer's boot PCRs with a fresh nonce and verify the
+        evidence (``verifier.verify_quote``); the values and the nonce. A refusal during a
+        provision (``transfer_id``) is also told to the installer, whose ``refused`` event
+        then records it."""
+        subjects.check_token(node, "node name")
+        enrollment = (store or Enrollments()).load(node)
+        nonce = os.urandom(32)
+        reply = await self._request(
+            subjects.ctl_command(node, "quote"),
+            QuoteCommand(nonce=nonce, pcrs=sorted(set(pcrs))),
+            QuoteReply,
+            timeout=TPM_TIMEOUT,
+        )
+        try:
+            return verifier.verify_quote(enrollment, reply, nonce, pcrs, golden), nonce
+        except AttestationError as e:
+            if transfer_id is not None:
+                await self._refuse(node, nonce, transfer_id, e)
+            raise AttestationError(f"{node}: {e}") from None
+
+    async def _check_binding(
+        self, node: str, approval: Approval, found: Attestation, nonce: bytes, tid: str
+    ) -> None:
+        """A TPM-bound approval fits only the machine and boot state it was signed for."""
+        error = None
+        if found.ak_name != approval.ak_name:
+            error = (
+                f"the approval is bound to attestation key {str(approval.ak_name)[:16]}…, but "
+                f"{node}'s is {found.ak_name[:16]}… (an approval for another machine)"
+            )
+        elif found.pcr_digest != approval.pcr_digest:
+            error = (
+                f"{node}'s boot PCRs differ from those the approval was signed for (a "
+                "different or changed installer image, firmware or boot path)"
+            )
+        if error is not None:
+            err = AttestationError(error)
+            await self._refuse(node, nonce, tid, err)
+            raise AttestationError(f"{node}: {error}")
+
+    async def _refuse(self, node: str, nonce: bytes, tid: str, err: AttestationError) -> None:
+        """Tell an installer its evidence was refused (best effort: the refusal stands)."""
+        cmd = VerdictCommand(nonce=nonce, transfer_id=tid, code=err.code, error=str(err)[:1000])
+        with contextlib.suppress(NbdNatsError):
+            await self._command(node, "verdict", cmd)
 
     async def migrate(
         self,

@@ -34,6 +34,7 @@ from nbdnats.ctl import tools
 from nbdnats.ctl.metrics import Sample
 from nbdnats.ctl.policy import Policy
 from nbdnats.errors import (
+    AttestationError,
     BusyError,
     IntegrityError,
     NbdNatsError,
@@ -44,6 +45,7 @@ from nbdnats.errors import (
     UsageError,
 )
 from nbdnats.metal.approval import TrustedKeys
+from nbdnats.metal.installer import Evidence
 from nbdnats.planes import Planes
 from nbdnats.schemas import (
     BackupKind,
@@ -103,6 +105,7 @@ class Job:
     backup: Tool | None = None  # a restic backup's tool: its snapshot is tagged at the end
     task: asyncio.Task[None] | None = None
     approved_digest: str | None = None
+    then: str = "stay"  # a provision's: what the installer does once it verified
     final: TransferEvent | None = None
     base: tools.ToolRun | None = None  # an incremental backup's parent image (restic dump)
     # An incremental backup's disk, as its events show it: checkpoint, backup_kind, reason
@@ -146,6 +149,10 @@ class Jobs:
         self._totals: dict[tuple[str, str], float] = {}
         self._backups: dict[tuple[str, str, str], int] = {}  # (role, kind, outcome)
         self._tagging: dict[str, asyncio.Lock] = {}  # by restic repository
+        # An installer's TPM (checks an approval's binding) and what the agent does when a
+        # provision that asked to reboot or power off has verified (set by the agent).
+        self.evidence: Evidence | None = None
+        self.on_then: Callable[[str], None] | None = None
 
     @property
     def planes(self) -> Planes:
@@ -485,11 +492,24 @@ class Jobs:
         self.trusted.verify(
             cmd.approval, node=self.node, device=device, image_digest=cmd.image_digest
         )
+        if cmd.then != "stay" and self.config.then_file is None:
+            raise PolicyError(
+                f"{self.node} cannot {cmd.then} after a provision: its agent has no "
+                "--then-file (an installer's /init gives it one)"
+            )
+        if self.evidence is not None:
+            await self.evidence.check(cmd.approval, cmd.quote_nonce)
+        elif cmd.approval.ak_name is not None:
+            raise AttestationError(
+                f"the approval is bound to a TPM, but {self.node} has none (--tpm)"
+            )
         # The approval names the image's sha256: the stream is hashed as it is written,
         # and a different image leaves the device wiped at both ends, never bootable.
         digest = cmd.approval.image_digest
         started = start_recv(device, expect_sha256=digest, **self._ends(cmd))
-        return await self._accept("provision", "recv", cmd, cmd.device, started, None, digest)
+        return await self._accept(
+            "provision", "recv", cmd, cmd.device, started, None, digest, then=cmd.then
+        )
 
     async def _accept(
         self,
@@ -503,6 +523,7 @@ class Jobs:
         backup: Tool | None = None,
         base: tools.ToolRun | None = None,
         info: dict[str, Any] | None = None,
+        then: str = "stay",
     ) -> Reply:
         """Keep and watch the job of a transfer being started; its tool is stopped if the
         start fails. The agent publishes the job's ctl events itself (with op and tool)."""
@@ -515,6 +536,7 @@ class Jobs:
         handle.ctl_events = False
         job = Job(op, role, cmd.transfer_id, cmd.key, shown, handle, run)
         job.approved_digest = approved_digest
+        job.then = then
         job.backup = backup
         job.base = base
         if info is None and backup is not None and backup.checkpoint is not None:
@@ -610,6 +632,8 @@ class Jobs:
             f": {extra['error']}" if "error" in extra else "",
         )
         await self._publish("transfer", encode(job.final))
+        if state == "done" and job.then != "stay" and self.on_then is not None:
+            self.on_then(job.then)
 
     async def _tag(self, job: Job, stats: _core.Stats, output: str) -> str:
         """Tag a restic backup's snapshot once no other backup of this agent into the same

@@ -11,6 +11,12 @@ keys and approvals:
 The signature covers the approval's JSON with an empty ``signature`` (msgspec encodes
 fields in declaration order, so the bytes are the same on both ends). A key's id is the
 first 16 hex digits of the sha256 of its raw public key.
+
+An approval may also be bound to the installer's TPM (``--attestation FILE``, what
+``nbd-nats ctl attest NODE --json`` prints): its attestation key's name and the digest of
+its boot PCR values. The installer then writes only after a quote showing exactly those
+(``nbdnats.metal.installer``). The binding fields are signed too; unset, they are left out
+of the signed bytes, so an approval without them signs and verifies as before.
 """
 
 from __future__ import annotations
@@ -35,8 +41,15 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+BINDING = ("ak_name", "pcr_digest", "pcrs")
+
+
 def signed_bytes(approval: Approval) -> bytes:
-    return encode(msgspec.structs.replace(approval, signature=""))
+    fields = msgspec.structs.asdict(msgspec.structs.replace(approval, signature=""))
+    for name in BINDING:
+        if fields[name] is None:
+            del fields[name]
+    return encode(fields)
 
 
 def new_key(stem: Path) -> tuple[Path, Path]:
@@ -73,14 +86,27 @@ def load_private(path: Path) -> Ed25519PrivateKey:
 
 
 def sign(
-    key: Ed25519PrivateKey, *, node: str, image_digest: str, device: str, expires: dt.datetime
+    key: Ed25519PrivateKey,
+    *,
+    node: str,
+    image_digest: str,
+    device: str,
+    expires: dt.datetime,
+    ak_name: str | None = None,
+    pcr_digest: str | None = None,
+    pcrs: list[int] | None = None,
 ) -> Approval:
+    if (ak_name is None) != (pcr_digest is None):
+        raise UsageError("a TPM binding needs both the attestation key's name and a PCR digest")
     approval = Approval(
         node=node,
         image_digest=image_digest,
         device=device,
         expires=expires.astimezone(dt.UTC).replace(microsecond=0),
         key_id=key_id(key.public_key()),
+        ak_name=ak_name,
+        pcr_digest=pcr_digest,
+        pcrs=pcrs if ak_name is not None else None,
     )
     signature = key.sign(signed_bytes(approval))
     return msgspec.structs.replace(approval, signature=base64.b64encode(signature).decode())
