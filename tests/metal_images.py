@@ -177,7 +177,7 @@ def marker_disk(path: Path, marker: str, kernel: Path, size: int = 64 * MiB) -> 
         disk = work / "disk.raw"
         with disk.open("wb") as f:
             f.truncate(size)
-        _run(["sgdisk", "-q", "-n", f"1:{ESP_START}:0", "-t", "1:ef00", str(disk)], "sgdisk")
+        _run(["sgdisk", "-n", f"1:{ESP_START}:0", "-t", "1:ef00", str(disk)], "sgdisk")
         # The partition ends 34 sectors before the disk does (the backup GPT).
         esp = work / "esp.img"
         _fat(esp, size - ESP_START * 512 - 34 * 512, {"EFI/BOOT/BOOTX64.EFI": efi})

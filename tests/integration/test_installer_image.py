@@ -22,7 +22,7 @@ from tests.metal_vm import HOST_V6, MetalVm, Swtpm
 from tests.nats_server import NatsServer
 
 # Booting Debian's kernel and a Python agent under TCG on a shared 2-core machine.
-BOOT_TIMEOUT = 240
+BOOT_TIMEOUT = 180
 
 
 @pytest.fixture(scope="session")
