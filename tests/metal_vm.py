@@ -149,7 +149,7 @@ class MetalVm:
             a += ["-drive", f"if=none,id=target,format=raw,file={self.disk}"]
             a += ["-device", "virtio-blk-pci,drive=target,bootindex=1"]
         if self.esp is not None:
-            a += ["-drive", f"if=none,id=esp,format=raw,readonly=on,file={self.esp}"]
+            a += ["-drive", f"if=none,id=esp,format=raw,snapshot=on,file={self.esp}"]
             a += ["-device", "ide-hd,drive=esp,bus=ide.0,bootindex=2"]
         if self.kernel is not None:
             a += ["-kernel", str(self.kernel), "-append", self.append]
