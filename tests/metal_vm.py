@@ -77,14 +77,17 @@ class Swtpm:
         if not (self.state / "tpm2-00.permall").exists():
             self.manufacture()
         with self.log.open("ab") as log:
+            args = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}"]
+            args += ["--ctrl", f"type=unixio,path={self.sock}", "--log", f"file={self.log}"]
             self.proc = subprocess.Popen(
-                ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}"]
-                + ["--ctrl", f"type=unixio,path={self.sock}", "--log", f"file={self.log}"],
+                args,
                 stdout=log,
                 stderr=log,
             )
-        wait_for(lambda: self.sock.exists() or self.proc is None or self.proc.poll() is not None,
-                 "swtpm's socket")
+        wait_for(
+            lambda: self.sock.exists() or self.proc is None or self.proc.poll() is not None,
+            "swtpm's socket",
+        )
         if self.proc.poll() is not None:
             raise RuntimeError(f"swtpm exited: {self.log.read_text()[-1500:]}")
 
@@ -177,8 +180,10 @@ class MetalVm:
         """Wait until ``text`` is on the serial console; the seconds since start."""
 
         def seen() -> bool:
-            if self.proc is not None and self.proc.poll() is not None and text not in (
-                self.serial_text()
+            if (
+                self.proc is not None
+                and self.proc.poll() is not None
+                and text not in (self.serial_text())
             ):
                 qemu = (self.dir / "qemu.log").read_text(errors="replace")[-1500:]
                 raise AssertionError(

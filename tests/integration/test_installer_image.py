@@ -16,8 +16,13 @@ import pytest
 from nbdnats.metal.approval import new_key
 from nbdnats.schemas import NodeInfo, decode
 from nbdnats.subjects import ctl_event
-from tests.metal_images import InstallerBase, esp_image, installer_base, installer_deployment
-from tests.metal_images import marker_disk
+from tests.metal_images import (
+    InstallerBase,
+    esp_image,
+    installer_base,
+    installer_deployment,
+    marker_disk,
+)
 from tests.metal_vm import HOST_V6, MetalVm, Swtpm
 from tests.nats_server import NatsServer
 
@@ -96,11 +101,22 @@ def test_installer_boots_from_esp_on_blank_disk_and_announces_over_ipv6(
         try:
             sub = await nc.subscribe(ctl_event("inst1", "announce"))
             vm = machines("installer", disk=target, esp=esp, tpm=tpm)
-            try:
-                msg = await sub.next_msg(timeout=BOOT_TIMEOUT)
-            except TimeoutError as e:
-                raise AssertionError(f"no announcement; serial: {vm.serial_text()[-3000:]}") from e
-            print(f"\ninstaller: firmware to announcement in {time.monotonic() - vm.started_at:.1f} s")
+            deadline = time.monotonic() + BOOT_TIMEOUT
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=2)
+                    break
+                except TimeoutError as e:
+                    assert vm.proc is not None
+                    if vm.proc.poll() is not None or time.monotonic() > deadline:
+                        qemu = (vm.dir / "qemu.log").read_text(errors="replace")
+                        raise AssertionError(
+                            f"no announcement (QEMU: {qemu[-500:]!r}); serial: "
+                            f"{vm.serial_text()[-3000:]}"
+                        ) from e
+            print(
+                f"\ninstaller: firmware to announcement in {time.monotonic() - vm.started_at:.1f} s"
+            )
             return decode(NodeInfo, msg.data, "announcement")
         finally:
             await nc.close()
