@@ -22,7 +22,8 @@
 # Needs mmdebstrap (as root, or with unprivileged user namespaces), maturin in $VENV,
 # zstd, cpio, binutils (objcopy) and systemd-boot-efi (the stub).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self=$(realpath "$0")
+cd "$(dirname "$self")/.."
 
 SUITE=bookworm
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
@@ -49,7 +50,7 @@ while [ $# -gt 0 ]; do
     --env) envfile=${2:?}; shift 2 ;;
     --cmdline) cmdline=${2?}; shift 2 ;;
     --out) out=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -e/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1; see $0 --help" ;;
   esac
 done
@@ -60,7 +61,8 @@ key=$(
   {
     printf 'suite=%s\npackages=%s\nmodules=%s\nskip=%s\n' "$SUITE" "${PACKAGES[*]}" \
       "${MODULES[*]}" "$SKIP_DEPS"
-    sha256sum "$0" "$INIT" "$DHCP_SCRIPT"
+    # Contents only: the same inputs give the same key however the script is invoked.
+    cat "$self" "$INIT" "$DHCP_SCRIPT" | sha256sum
     git ls-files -z nbdnats ext pyproject.toml | LC_ALL=C sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-16
 )
@@ -111,7 +113,7 @@ build_base() {
   for m in "${MODULES[@]}"; do
     # modprobe resolves dependencies; a built-in module prints "builtin NAME".
     modprobe -d "$kdir" -S "$ver" --show-depends "$m" >"$tmp/deps" 2>/dev/null \
-      || die "kernel $ver has no module $m; fix MODULES in $0"
+      || die "kernel $ver has no module $m; fix MODULES in $self"
     while read -r verb path _; do
       [ "$verb" = insmod ] || continue
       mkdir -p "$root$(dirname "${path#"$kdir"}")"
