@@ -124,3 +124,21 @@ def test_installer_boots_from_esp_on_blank_disk_and_announces_over_ipv6(
     info = asyncio.run(announced())
     assert (info.node, info.role, info.state) == ("inst1", "installer", "up")
     assert "provision" in info.capabilities
+
+
+@pytest.mark.timeout(600)
+def test_installer_refuses_a_url_that_is_not_nats_and_powers_off(
+    installer: InstallerBase, tmp_path: Path, machines: Callable[..., MetalVm]
+) -> None:
+    bad = "http://10.0.2.2:4222"
+    dep = installer_deployment(tmp_path / "deploy", cmdline=f"nbdnats.node=inst1 nbdnats.ctl={bad}")
+    vm = machines(
+        "refuses",
+        kernel=dep.vmlinuz,
+        initrd=dep.initrd,
+        append=f"console=ttyS0 panic=-1 nbdnats.node=inst1 nbdnats.ctl={bad}",
+    )
+    seconds = vm.wait_for_serial(f"refusing URL '{bad}'", timeout=BOOT_TIMEOUT)
+    print(f"\ndirect kernel boot to /init's refusal in {seconds:.1f} s")
+    assert vm.wait_exit(60) == 0  # powered off, no agent started
+    assert "nbd-nats agent" not in vm.serial_text()
