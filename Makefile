@@ -8,7 +8,7 @@ SHELL   := bash
 QUIET_PIP := grep -vE '^(Ignoring|Requirement already|Looking in)' || true
 MANIFEST := --manifest-path ext/Cargo.toml
 
-.PHONY: help bootstrap build-dev build-prod lint fmt test test-rust test-py demo bench bench-quick bench-deps clean
+.PHONY: help bootstrap installer-image build-dev build-prod lint fmt test test-rust test-py demo bench bench-quick bench-deps clean
 
 help:
 	@echo "make demo        bootstrap, build, and copy a 1 GiB sparse disk through NATS"
@@ -19,9 +19,14 @@ help:
 	@echo "make bench       benchmark suite on a release build (bench/README.md)"
 	@echo "make bench-quick a smaller benchmark run, about 3 minutes"
 	@echo "make bench-deps  install the bench extra (matplotlib, for the plots)"
+	@echo "make installer-image  the RAM-booted installer's base image (.cache/images/installer)"
 
 bootstrap:
 	@scripts/bootstrap.sh
+
+# Cached by its inputs: a second run with nothing changed takes seconds.
+installer-image: bootstrap
+	@VENV=$(VENV) scripts/installer-image.sh
 
 # The editable install runs the package from this tree; compile its bytecode here, as a
 # wheel's installer would, so no run recompiles it (PYTHONDONTWRITEBYTECODE stops that).

@@ -9,6 +9,10 @@ VENV=${VENV:-.venv}
 APT_PACKAGES=(libnbd-dev libnbd-bin qemu-utils pkg-config restic openssl nbdkit)
 # Live-migration tests: QEMU itself, and what scripts/guest.sh builds the test guest with.
 APT_PACKAGES+=(qemu-system-x86 busybox-static cpio xz-utils)
+# The bare-metal installer (scripts/installer-image.sh, scripts/uki.sh) and its tests: a
+# Debian root, the EFI stub for UKIs, GPT and FAT without mounting, OVMF and a software TPM.
+APT_PACKAGES+=(mmdebstrap zstd binutils systemd-boot-efi gdisk mtools ovmf swtpm swtpm-tools
+  tpm2-tools)
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
