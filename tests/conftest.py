@@ -20,6 +20,8 @@ from nbdnats.embedded import EmbeddedServer, free_port, nats_server_binary
 from tests.cli import NATS_TOOLS_ENV, NBD_NATS, cli_env, started
 from tests.ctl import AgentProc
 from tests.images import MiB
+from tests.metal_images import InstallerBase, installer_base
+from tests.metal_vm import MetalVm
 from tests.nats_server import NatsServer, port_open
 from tests.waits import wait_for
 
@@ -171,3 +173,30 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
         if a.proc.poll() is None:
             a.proc.kill()
             a.proc.wait()
+
+
+# -- bare metal: the installer image and QEMU machines ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def installer() -> InstallerBase:
+    """The installer's base image: built once per run, cached by its inputs across runs."""
+    return installer_base()
+
+
+@pytest.fixture
+def machines(tmp_path: Path) -> Iterator[Callable[..., MetalVm]]:
+    """Start QEMU machines (tests/metal_vm.py); stop them and their TPMs at teardown."""
+    started: list[MetalVm] = []
+
+    def start(name: str, **kw: object) -> MetalVm:
+        vm = MetalVm(tmp_path / name, **kw)  # type: ignore[arg-type]
+        started.append(vm)
+        vm.start()
+        return vm
+
+    yield start
+    for vm in reversed(started):
+        vm.stop()
+        if vm.tpm is not None:
+            vm.tpm.stop()

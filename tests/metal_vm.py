@@ -20,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.tpm import ca_bundle, manufacture
 from tests.waits import wait_for
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -43,39 +44,18 @@ class Swtpm:
     @property
     def ca_bundle(self) -> Path:
         """The EK certificate's issuer and root, PEM (what a controller's --ek-ca takes)."""
-        bundle = self.dir / "ek-ca.pem"
-        if not bundle.exists():
-            pems = [self.ca / "issuercert.pem", self.ca / "swtpm-localca-rootca-cert.pem"]
-            bundle.write_bytes(b"".join(p.read_bytes() for p in pems))
-        return bundle
+        return ca_bundle(self.dir, self.ca)
 
     def manufacture(self) -> None:
-        """swtpm_setup with EK and platform certificates from this TPM's own local CA."""
-        for d in (self.state, self.ca):
-            d.mkdir(parents=True, exist_ok=True)
-        conf = self.dir / "localca.conf"
-        conf.write_text(
-            f"statedir = {self.ca}\nsigningkey = {self.ca}/signkey.pem\n"
-            f"issuercert = {self.ca}/issuercert.pem\ncertserial = {self.ca}/certserial\n"
-        )
-        options = self.dir / "localca.options"
-        options.write_text(
-            "--platform-manufacturer nbdnats\n--platform-version 2.1\n--platform-model QEMU\n"
-        )
-        setup = self.dir / "swtpm_setup.conf"
-        setup.write_text(
-            "create_certs_tool = /usr/bin/swtpm_localca\n"
-            f"create_certs_tool_config = {conf}\ncreate_certs_tool_options = {options}\n"
-        )
-        args = ["swtpm_setup", "--tpm2", "--tpmstate", str(self.state), "--config", str(setup)]
-        args += ["--create-ek-cert", "--create-platform-cert", "--lock-nvram"]
-        p = subprocess.run(args, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"swtpm_setup failed: {(p.stderr or p.stdout)[-1500:]}")
+        manufacture(self.dir, self.state, self.ca)
 
     def start(self) -> None:
         if not (self.state / "tpm2-00.permall").exists():
             self.manufacture()
+        # swtpm ends when its QEMU shuts down (a reboot keeps it); starting it again for the
+        # next machine keeps the TPM's state. A socket left behind would look like it is up.
+        self.stop()
+        self.sock.unlink(missing_ok=True)
         with self.log.open("ab") as log:
             args = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}"]
             args += ["--ctrl", f"type=unixio,path={self.sock}", "--log", f"file={self.log}"]

@@ -32,50 +32,61 @@ def _free_pair() -> int:
     raise RuntimeError("no free port pair for swtpm")
 
 
+def manufacture(root: Path, state: Path, ca_dir: Path) -> None:
+    """swtpm_setup: a TPM 2.0 in ``state`` with EK and platform certificates signed by a local
+    CA made in ``ca_dir`` for this test only (never the system's swtpm-localca)."""
+    state.mkdir(parents=True, exist_ok=True)
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    localca = root / "swtpm-localca.conf"
+    localca.write_text(
+        f"statedir = {ca_dir}\n"
+        f"signingkey = {ca_dir}/signkey.pem\n"
+        f"issuercert = {ca_dir}/issuercert.pem\n"
+        f"certserial = {ca_dir}/certserial\n"
+    )
+    options = root / "swtpm-localca.options"
+    options.write_text(
+        "--platform-manufacturer nbdnats-test\n--platform-version 2.1\n--platform-model swtpm\n"
+    )
+    setup = root / "swtpm_setup.conf"
+    setup.write_text(
+        "create_certs_tool = swtpm_localca\n"
+        f"create_certs_tool_config = {localca}\n"
+        f"create_certs_tool_options = {options}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    p = subprocess.run(
+        [
+            *("swtpm_setup", "--tpm2", "--tpmstate", str(state), "--config", str(setup)),
+            *("--create-ek-cert", "--create-platform-cert", "--lock-nvram"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"swtpm_setup failed: {(p.stderr or p.stdout)[-1500:]}")
+
+
+def ca_bundle(root: Path, ca_dir: Path) -> Path:
+    """The local CA's issuer certificate and its root, as one PEM bundle (--ek-ca)."""
+    bundle = root / "tpm-ca.pem"
+    if not bundle.exists():
+        roots = sorted(ca_dir.glob("*rootca-cert.pem"))
+        parts = [(ca_dir / "issuercert.pem").read_bytes()]
+        parts += [p.read_bytes() for p in roots]
+        bundle.write_bytes(b"".join(parts))
+    return bundle
+
+
 class SwtpmProc:
-    """A manufactured swtpm (swtpm_setup with a per-test swtpm_localca CA) on TCP ports."""
+    """A manufactured swtpm (``manufacture``) on TCP ports."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.state = root / "state"
         self.ca_dir = root / "ca"
-        self.state.mkdir(parents=True)
-        self.ca_dir.mkdir()
-        localca = root / "swtpm-localca.conf"
-        localca.write_text(
-            f"statedir = {self.ca_dir}\n"
-            f"signingkey = {self.ca_dir}/signkey.pem\n"
-            f"issuercert = {self.ca_dir}/issuercert.pem\n"
-            f"certserial = {self.ca_dir}/certserial\n"
-        )
-        options = root / "swtpm-localca.options"
-        options.write_text(
-            "--platform-manufacturer nbdnats-test\n--platform-version 2.1\n--platform-model swtpm\n"
-        )
-        setup = root / "swtpm_setup.conf"
-        setup.write_text(
-            "create_certs_tool = swtpm_localca\n"
-            f"create_certs_tool_config = {localca}\n"
-            f"create_certs_tool_options = {options}\n"
-            "active_pcr_banks = sha256\n"
-        )
-        subprocess.run(
-            [
-                *("swtpm_setup", "--tpm2", "--tpmstate", str(self.state), "--create-ek-cert"),
-                *("--create-platform-cert", "--config", str(setup)),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        # A free port's neighbour can still be taken (a client's ephemeral port in TIME_WAIT
-        # passes a connect probe), so a start that loses the bind race is retried on new ports.
-        for _ in range(5):
-            if self._start(root):
-                return
-        raise RuntimeError(f"swtpm could not bind: {(root / 'swtpm.log').read_text()[-500:]}")
-
-    def _start(self, root: Path) -> bool:
+        manufacture(root, self.state, self.ca_dir)
         self.port = _free_pair()
         self.log = (root / "swtpm.log").open("wb")
         self.proc = subprocess.Popen(
@@ -107,14 +118,7 @@ class SwtpmProc:
 
     @property
     def ca_bundle(self) -> Path:
-        """The local CA's issuer certificate and its root, as one PEM bundle."""
-        bundle = self.root / "tpm-ca.pem"
-        if not bundle.exists():
-            roots = sorted(self.ca_dir.glob("*rootca-cert.pem"))
-            parts = [(self.ca_dir / "issuercert.pem").read_bytes()]
-            parts += [p.read_bytes() for p in roots]
-            bundle.write_bytes(b"".join(parts))
-        return bundle
+        return ca_bundle(self.root, self.ca_dir)
 
     def tool(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
         env = dict(os.environ, TPM2TOOLS_TCTI=self.tcti)

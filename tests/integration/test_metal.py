@@ -1,14 +1,14 @@
 """Bare-metal provisioning end to end, a VM standing in for the machine: OVMF boots the
 installer UKI from its ESP (the target disk is blank), swtpm is its TPM, its agent dials the
-ctl and data planes over IPv6. The controller enrolls the TPM, records golden PCR values,
-attests it, and an approval bound to that attestation lets it write the VM's virtio disk;
-the installer reboots and the machine boots the new disk (a GPT disk with an ESP and a UKI
-that prints a marker). Then the same machine boots a different installer UKI: its PCR 4 is
-not the golden one, and the provision is refused with the disk untouched.
+ctl plane over IPv6 and the data plane over IPv4. The controller enrolls the TPM, records
+golden PCR values, attests it, and an approval bound to that attestation lets it write the
+VM's virtio disk; the installer reboots and the machine boots the new disk (a GPT disk with
+an ESP and a UKI that prints a marker). Then the same machine boots a different installer
+UKI: its PCR 4 is not the golden one, and the provision is refused with the disk untouched.
 
 Slow under TCG (three boots); the installer image is built once per run and cached by its
 inputs (tests/metal_images.py). The other refusals run against swtpm on the host
-(test_attestation.py)."""
+(test_attestation.py); /init's own refusals in test_installer_image.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,36 +28,15 @@ from tests.images import MiB, sha256_file
 from tests.metal_images import (
     InstallerBase,
     esp_image,
-    installer_base,
     installer_deployment,
     marker_disk,
 )
-from tests.metal_vm import HOST_V6, MetalVm, Swtpm
+from tests.metal_vm import HOST_V4, HOST_V6, MetalVm, Swtpm
 from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
 BOOT_TIMEOUT = 300  # firmware to agent under TCG on a loaded 2-core machine
 MARKER = "nbdnats-provisioned-disk-booted-5c1e"
-
-
-@pytest.fixture(scope="module")
-def installer() -> InstallerBase:
-    return installer_base()
-
-
-@pytest.fixture
-def machines(tmp_path: Path) -> Iterator[Callable[..., MetalVm]]:
-    started: list[MetalVm] = []
-
-    def start(name: str, **kw: object) -> MetalVm:
-        vm = MetalVm(tmp_path / name, **kw)  # type: ignore[arg-type]
-        started.append(vm)
-        vm.start()
-        return vm
-
-    yield start
-    for vm in reversed(started):
-        vm.stop()
 
 
 def blank(path: Path, size: int) -> Path:
@@ -97,14 +76,17 @@ def test_an_attested_installer_writes_its_disk_and_the_machine_boots_it(
     start_agent: Callable[..., AgentProc],
     machines: Callable[..., MetalVm],
 ) -> None:
+    # The ctl plane over IPv6 (SLAAC in the guest), the data plane over IPv4 (DHCP).
     server = start_nats(host="::1", jetstream=True)
+    data = start_nats()
     url = f"nats://[::1]:{server.port}"
-    guest_url = f"nats://[{HOST_V6}]:{server.port}"
+    guest_ctl = f"nats://[{HOST_V6}]:{server.port}"
+    guest_data = f"nats://{HOST_V4}:{data.port}"
     keys = tmp_path / "trusted"
     keys.mkdir()
     new_key(tmp_path / "ops")
     shutil.copy(tmp_path / "ops.pub", keys / "ops.pub")
-    cmdline = f"nbdnats.node=inst1 nbdnats.ctl={guest_url} nbdnats.data={guest_url}"
+    cmdline = f"nbdnats.node=inst1 nbdnats.ctl={guest_ctl} nbdnats.data={guest_data}"
     genuine = installer_deployment(tmp_path / "deploy", cmdline=cmdline, trusted_keys=keys)
 
     # The image to provision: a bootable GPT disk whose UKI prints MARKER.
@@ -112,7 +94,7 @@ def test_an_attested_installer_writes_its_disk_and_the_machine_boots_it(
     images.mkdir()
     image = marker_disk(images / "os.raw", MARKER, installer.vmlinuz)
     want = sha256_file(image)
-    start_agent("images", url, "--allow", str(images))
+    start_agent("images", url, "--data-url", data.url, "--allow", str(images))
 
     tpm = Swtpm(tmp_path / "tpm")
     tpm.start()
@@ -125,7 +107,8 @@ def test_an_attested_installer_writes_its_disk_and_the_machine_boots_it(
         "installer", disk=target, esp=esp_image(tmp_path / "esp.img", genuine.efi), tpm=tpm
     )
     node = up_with_ak(url, vm, t0 - 1)
-    assert node["role"] == "installer" and "attest" in node["capabilities"]
+    caps = node["capabilities"]
+    assert node["role"] == "installer" and isinstance(caps, list) and "attest" in caps
     print(f"\ninstaller up in {time.time() - t0:.0f} s")
 
     # 2. Enrollment, golden values from this (trusted) boot, an approval bound to them.
@@ -184,6 +167,7 @@ def test_an_attested_installer_writes_its_disk_and_the_machine_boots_it(
     )
     target2 = blank(tmp_path / "target2.raw", 256 * MiB)
     zeros = hashlib.sha256(bytes(256 * MiB)).hexdigest()
+    tpm.start()  # the same TPM (its state kept): swtpm ended with the machine's power-off
     t1 = time.time()
     vm2 = machines(
         "tampered", disk=target2, esp=esp_image(tmp_path / "esp2.img", other.efi), tpm=tpm
