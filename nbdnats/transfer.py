@@ -689,7 +689,9 @@ async def _both(
                 err = t.exception()
                 if err is not None and first_error is None:
                     first_error = err
-                    if pending:
+                    # A usage error (a bad URI, a missing file) ends an end before it
+                    # met its peer: nobody tells the other one, so it is not waited for.
+                    if pending and not isinstance(err, UsageError):
                         _, pending = await asyncio.wait(pending, timeout=PEER_GRACE)
                     for other in pending:
                         tasks[other].cancel()
