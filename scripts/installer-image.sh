@@ -137,6 +137,9 @@ for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
       --no-deps --target "$root/opt/nbdnats/lib" "$wheel" >>"$tmp/pip.log" 2>&1 \
     || die "pip install failed ($(tail -n1 "$tmp/pip.log")); check PyPI access"
   rm -rf "$root/opt/nbdnats/lib/bin"
+  # Debug symbols are most of the core's size: every byte is unpacked into RAM at each boot.
+  find "$root/opt/nbdnats/lib" -name '*.so' -exec strip --strip-unneeded {} + \
+    || die "strip failed; install binutils"
   mkdir -p "$root/usr/local/bin"
   cat >"$root/usr/local/bin/nbd-nats" <<'PY'
 #!/usr/bin/python3
@@ -157,7 +160,11 @@ PY
   mkdir -p "$root/etc/nbdnats/trusted" "$root/run" "$root/sys" "$root/proc" "$root/dev"
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
     "$root"/var/log/* "$root"/usr/share/doc "$root"/usr/share/man "$root"/usr/share/locale \
-    "$root"/usr/share/info "$root"/tmp/*
+    "$root"/usr/share/info "$root"/tmp/* \
+    "$root"/usr/lib/udev/hwdb.bin "$root"/usr/lib/udev/hwdb.d \
+    "$root"/usr/lib/x86_64-linux-gnu/perl "$root"/usr/share/perl "$root"/usr/bin/perl5.*
+  # Gone above: udev's hardware database and perl (dpkg/apt's helpers; nothing runs them in
+  # RAM). Each boot unpacks the whole root into memory.
   # The kernel opens /dev/console for init's stdio before anything mounts devtmpfs.
   [ -e "$root/dev/console" ] || mknod -m 600 "$root/dev/console" c 5 1
   [ -e "$root/dev/null" ] || mknod -m 666 "$root/dev/null" c 1 3
