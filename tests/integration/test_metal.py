@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,21 +137,21 @@ def test_an_attested_installer_writes_its_disk_and_the_machine_boots_it(
         )
     )
 
+    def provision(approval: Path) -> subprocess.CompletedProcess[bytes]:
+        reboot = ("--golden", str(golden), "--then", "reboot", *store)
+        return ctl(
+            url,
+            "provision",
+            f"images:{image}",
+            "inst1:/dev/vda",
+            "--approval",
+            str(approval),
+            *reboot,
+            timeout=600,
+        )
+
     # 3. The attested provision: written, read back, verified; the installer reboots.
-    proc = ctl(
-        url,
-        "provision",
-        f"images:{image}",
-        "inst1:/dev/vda",
-        "--approval",
-        str(approval),
-        "--golden",
-        str(golden),
-        "--then",
-        "reboot",
-        *store,
-        timeout=600,
-    )
+    proc = provision(approval)
     out = ok(proc) + proc.stderr.decode()
     assert f"verified sha256:{want}" in out and "inst1 reboots" in out, out
     assert sha256_file(target, image.stat().st_size) == want
@@ -175,20 +176,7 @@ def test_an_attested_installer_writes_its_disk_and_the_machine_boots_it(
     up_with_ak(url, vm2, t1 - 1)
     plain = tmp_path / "plain.json"
     ok(run_cli("approve", "--key", str(tmp_path / "ops.key"), *for_it, "-o", str(plain)))
-    proc = ctl(
-        url,
-        "provision",
-        f"images:{image}",
-        "inst1:/dev/vda",
-        "--approval",
-        str(plain),
-        "--golden",
-        str(golden),
-        "--then",
-        "reboot",
-        *store,
-        timeout=600,
-    )
+    proc = provision(plain)
     assert proc.returncode == 1
     line = one_line_error(proc)
     assert "PCR 4 differs from the golden value" in line, line
