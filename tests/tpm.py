@@ -87,6 +87,14 @@ class SwtpmProc:
         self.state = root / "state"
         self.ca_dir = root / "ca"
         manufacture(root, self.state, self.ca_dir)
+        # A free port's neighbour can still be taken (a client's ephemeral port in TIME_WAIT
+        # passes a connect probe), so a start that loses the bind race is retried on new ports.
+        for _ in range(5):
+            if self._start(root):
+                return
+        raise RuntimeError(f"swtpm could not bind: {(root / 'swtpm.log').read_text()[-500:]}")
+
+    def _start(self, root: Path) -> bool:
         self.port = _free_pair()
         self.log = (root / "swtpm.log").open("wb")
         self.proc = subprocess.Popen(
