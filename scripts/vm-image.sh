@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Fetch a node OS image for the Tilt `vm` profile (on a developer's machine: it downloads).
+# Build or fetch a node OS image for the Tilt `vm` profile.
 #
-#   scripts/vm-image.sh kairos|talos
+#   scripts/vm-image.sh debian|kairos|talos
 #
+# debian  (the default of the vm profile) built here, nothing downloaded but Debian packages
+#         and PyPI wheels: the installer image (scripts/installer-image.sh, cached by its
+#         inputs in $NBDNATS_IMAGE_DIR, default .cache/images): Debian's kernel and a
+#         minbase root with the agent as one initramfs. scripts/vm-node.sh boots it directly
+#         (kernel + initrd) as role host. Linked as $NBDNATS_VM_DIR/images/debian.
 # kairos  the generic "core" ISO of a Kairos release; the VM installs itself from it to
 #         its disk, driven by the cloud-config scripts/vm-node.sh hands it.
 # talos   the nocloud disk image of a Talos release from the Talos Image Factory (default
 #         schematic: no extensions); the VM boots it directly.
 #
-# Images land in $NBDNATS_VM_DIR/images (default .state/vm/images) and are fetched once.
+# Images land in $NBDNATS_VM_DIR/images (default .state/vm/images) and are fetched once
+# (kairos and talos: downloads, on a developer's machine).
 # Versions: KAIROS_VERSION, KAIROS_FLAVOR, TALOS_VERSION, TALOS_SCHEMATIC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 os=${1:-}
-case $os in kairos|talos) ;; *) echo "usage: $0 kairos|talos" >&2; exit 2 ;; esac
+case $os in debian|kairos|talos) ;; *) echo "usage: $0 debian|kairos|talos" >&2; exit 2 ;; esac
 dir=${NBDNATS_VM_DIR:-.state/vm}/images
 KAIROS_VERSION=${KAIROS_VERSION:-v3.5.3}
 KAIROS_FLAVOR=${KAIROS_FLAVOR:-ubuntu-24.04}
@@ -29,9 +35,16 @@ fetch() { # url file: download to file.part, then rename, so an interrupted fetc
   curl -fL --retry 3 --connect-timeout 20 -o "$2.part" "$1"
   mv "$2.part" "$2"
 }
+mkdir -p "$dir"
+if [ "$os" = debian ]; then
+  scripts/installer-image.sh || { say "error: building the Debian node image failed (see above)"; exit 1; }
+  base=$(realpath "${NBDNATS_IMAGE_DIR:-.cache/images}/installer")
+  ln -sfn "$base" "$dir/debian"
+  say "ready: $dir/debian (vmlinuz, rootfs.cpio.zst)"
+  exit 0
+fi
 need curl
 need sha256sum
-mkdir -p "$dir"
 
 case $os in
   kairos)

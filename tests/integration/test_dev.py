@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 
 from tests.cli import NBD_NATS, one_line_error, run_cli
 from tests.images import sha256_nbd
-from tests.waits import until
+from tests.waits import until, wait_for
 
 
 def leftovers(root: Path) -> list[str]:
@@ -386,4 +387,125 @@ def test_exited_processes_are_reported_and_replaced(tmp_path: Path) -> None:
             p["pid"] for p in state["processes"]
         )
     finally:
+        down(root)
+
+
+def test_two_debian_node_vms_join_as_node1_and_node2_and_copy(tmp_path: Path) -> None:
+    """The vm profile's Debian node OS, built here (scripts/vm-image.sh debian) and booted by
+    scripts/vm-node.sh debian N (direct kernel boot, TCG, concurrently): after dev up's own
+    agents of node1 and node2 stop, each VM's agent logs in as its node (the password only in
+    its agent.env layer) over QEMU's user network; `ctl nodes` lists both as role host, up,
+    with export `disk` (the VM's /dev/vda); `ctl copy node1:disk node2:disk` gives equal
+    sha256 on the host's files behind those disks."""
+    from nbdnats.dev.processes import stop
+    from nbdnats.dev.topology import load
+    from tests.metal_images import IMAGES, REPO, installer_base
+    from tests.metal_vm import HOST_V4, kvm_wanted
+
+    built = time.monotonic()
+    installer_base()  # shared with the installer tests, cached by its inputs
+    images = {"NBDNATS_IMAGE_DIR": str(IMAGES), "VENV": sys.prefix}
+    image = subprocess.run(
+        [str(REPO / "scripts" / "vm-image.sh"), "debian"],
+        env={**os.environ, **images, "NBDNATS_VM_DIR": str(tmp_path / "vm")},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert image.returncode == 0, image.stderr
+    print(f"image ready in {time.monotonic() - built:.1f} s")
+    root = tmp_path / "state"
+    state = up(root, "--racks", "2")
+    vms: list[subprocess.Popen[bytes]] = []
+    try:
+        recorded = load(root)
+        assert recorded is not None
+        asyncio.run(stop([p for p in recorded.processes if p.name.startswith("agent-")]))
+
+        def servers(kind: str) -> str:
+            ports = [s["port"] for s in state["servers"] if s["kind"] == kind]
+            return ",".join(f"nats://{HOST_V4}:{p}" for p in ports)
+
+        disks = {}
+        for n in (1, 2):
+            node = tmp_path / "vm" / f"node{n}"
+            node.mkdir(parents=True)
+            disks[n] = node / "data.img"
+            with disks[n].open("wb") as f:  # node1: data in a few places; node2: blank
+                f.truncate(8 * 1024 * 1024)
+                if n == 1:
+                    for offset in (0, 3 * 1024 * 1024, 8 * 1024 * 1024 - 65536):
+                        f.seek(offset)
+                        f.write(os.urandom(65536))
+        want = hashlib.sha256(disks[1].read_bytes()).hexdigest()
+        env = {
+            **os.environ,
+            "NBDNATS_VM_DIR": str(tmp_path / "vm"),
+            **images,
+            "NBDNATS_VM_CTL_URL": servers("ctl"),
+            "NBDNATS_VM_DATA_URL": servers("data"),
+            "VM_ACCEL": "kvm" if kvm_wanted() else "tcg",
+            "VM_MEMORY": "1536",
+            "VM_CPUS": "1",
+        }
+        booted = time.monotonic()
+        for n in (1, 2):
+            env[f"NBDNATS_PASSWORD_NODE{n}"] = state["passwords"][f"node{n}"]
+            with (tmp_path / "vm" / f"node{n}.console").open("wb") as console:
+                vms.append(
+                    subprocess.Popen(
+                        [str(REPO / "scripts" / "vm-node.sh"), "debian", str(n)],
+                        stdin=subprocess.DEVNULL,
+                        stdout=console,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=REPO,
+                    )
+                )
+        ctl_url = ",".join(url(state, f"ctl-{i}", "controller") for i in (1, 2, 3))
+        listed: dict[str, Any] = {}
+
+        def joined() -> bool:
+            for n, vm in enumerate(vms, 1):
+                if vm.poll() is not None:
+                    console = (tmp_path / "vm" / f"node{n}.console").read_bytes()
+                    raise AssertionError(
+                        f"node{n}'s VM exited {vm.returncode}: {console[-3000:]!r}"
+                    )
+            nodes = run_cli("ctl", "--ctl-url", ctl_url, "--json", "nodes")
+            assert nodes.returncode == 0, nodes.stderr.decode()
+            listed.clear()
+            listed.update({n["node"]: n for n in json.loads(nodes.stdout)})
+            return all(
+                listed.get(name, {}).get("exports") == {"disk": "/dev/vda"}
+                for name in ("node1", "node2")
+            )
+
+        try:
+            wait_for(joined, "both node VMs' agents in `ctl nodes`", timeout=300)
+        except TimeoutError:
+            consoles = [(tmp_path / "vm" / f"node{n}.console").read_bytes()[-2000:] for n in (1, 2)]
+            raise AssertionError(f"not joined: {listed}; consoles: {consoles!r}") from None
+        print(f"both VMs joined in {time.monotonic() - booted:.1f} s")
+        for name in ("node1", "node2"):
+            assert (listed[name]["role"], listed[name]["state"]) == ("host", "up")
+        # The login is not on the kernel command line the VM booted with.
+        qemu_argv = Path(f"/proc/{vms[0].pid}/cmdline").read_bytes()
+        assert b"nbdnats.node=node1" in qemu_argv
+        assert state["passwords"]["node1"].encode() not in qemu_argv
+
+        copied = time.monotonic()
+        copy = run_cli("ctl", "--ctl-url", ctl_url, "copy", "node1:disk", "node2:disk", timeout=300)
+        assert copy.returncode == 0, copy.stderr.decode()
+        print(f"copy in {time.monotonic() - copied:.1f} s")
+        assert hashlib.sha256(disks[2].read_bytes()).hexdigest() == want
+    finally:
+        for vm in vms:
+            vm.terminate()
+        for vm in vms:
+            try:
+                vm.wait(30)
+            except subprocess.TimeoutExpired:
+                vm.kill()
+                vm.wait()
         down(root)

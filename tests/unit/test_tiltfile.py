@@ -232,3 +232,38 @@ def test_vm_node_writes_the_seed_and_boots_the_overlay_disk(tmp_path: Path, vm_o
             check=True,
         ).stdout
         assert "talos.raw" in backing
+
+
+def test_the_vm_profile_boots_debian_by_default() -> None:
+    tilt = Tilt({"profile": "vm"}).run()
+    assert tilt.local["vm-image"]["cmd"] == "scripts/vm-image.sh debian"
+    assert tilt.local["vm-node2"]["serve_cmd"] == "scripts/vm-node.sh debian 2"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NBDNATS_VM_CTL_URL": "nats://node1:secret@10.0.2.2:4222"}, "without a user"),
+        ({"NBDNATS_VM_DATA_URL": "nats://10.0.2.2:4322 quiet"}, "without a user"),
+        ({"NBDNATS_PASSWORD_NODE1": "a b"}, "NBDNATS_PASSWORD_NODE1: letters"),
+        ({"VM_ACCEL": "hvf"}, "VM_ACCEL=hvf: use kvm or tcg"),
+    ],
+)
+def test_vm_node_debian_refuses_a_login_on_the_command_line_in_one_line(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    """Credentials belong in the node's agent.env, never the kernel command line (readable
+    by all in /proc/cmdline): a URL with a user, or an unsafe value, stops before anything
+    is written."""
+    vm = tmp_path / "vm"
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "vm-node.sh"), "debian", "1"],
+        env={**os.environ, "NBDNATS_VM_DIR": str(vm), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert "secret" not in done.stderr
+    assert not (vm / "node1" / "agent.env").exists()
