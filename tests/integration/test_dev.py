@@ -26,6 +26,7 @@ import pytest
 
 from tests.cli import NBD_NATS, one_line_error, run_cli
 from tests.images import sha256_nbd
+from tests.metal_images import InstallerBase
 from tests.waits import until, wait_for
 
 
@@ -390,7 +391,11 @@ def test_exited_processes_are_reported_and_replaced(tmp_path: Path) -> None:
         down(root)
 
 
-def test_two_debian_node_vms_join_as_node1_and_node2_and_copy(tmp_path: Path) -> None:
+# The first test to need the installer image builds it (a minute or more on a fresh clone).
+@pytest.mark.timeout(900)
+def test_two_debian_node_vms_join_as_node1_and_node2_and_copy(
+    tmp_path: Path, installer: InstallerBase
+) -> None:
     """The vm profile's Debian node OS, built here (scripts/vm-image.sh debian) and booted by
     scripts/vm-node.sh debian N (direct kernel boot, TCG, concurrently): after dev up's own
     agents of node1 and node2 stop, each VM's agent logs in as its node (the password only in
@@ -399,11 +404,10 @@ def test_two_debian_node_vms_join_as_node1_and_node2_and_copy(tmp_path: Path) ->
     sha256 on the host's files behind those disks."""
     from nbdnats.dev.processes import stop
     from nbdnats.dev.topology import load
-    from tests.metal_images import IMAGES, REPO, installer_base
+    from tests.metal_images import IMAGES, REPO
     from tests.metal_vm import HOST_V4, kvm_wanted
 
     built = time.monotonic()
-    installer_base()  # shared with the installer tests, cached by its inputs
     images = {"NBDNATS_IMAGE_DIR": str(IMAGES), "VENV": sys.prefix}
     image = subprocess.run(
         [str(REPO / "scripts" / "vm-image.sh"), "debian"],
