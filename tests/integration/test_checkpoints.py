@@ -63,6 +63,9 @@ class Qemu:
         with (self.dir / "bare.log").open("ab") as log:
             self.proc = subprocess.Popen(a, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         wait_for(lambda: Path(self.qmp).exists(), "QEMU's QMP socket", 20)
+        # The socket exists before QEMU has opened its disks (and marked their persistent
+        # bitmaps in use): QMP answers only once startup is done, so ask it something.
+        asyncio.run(self.cmd("query-status"))
         return self
 
     async def cmd(self, name: str, **args: Any) -> Any:
