@@ -772,7 +772,7 @@ class Controller:
             timeout=TPM_TIMEOUT,
         )
         verifier.check_secret(secret, reply.secret)
-        enrollment = verifier.enrollment_of(node, ak, cert)
+        enrollment = verifier.enrollment_of(node, identity, ak, cert)
         store.save(enrollment)
         return enrollment
 

@@ -94,9 +94,14 @@ class Evidence:
                 "the approval is bound to this installer's TPM, but no quote preceded the "
                 "provision: provision it through a controller that attests (ctl provision)"
             )
+        if approval.pcr_digest is None:
+            raise AttestationError(
+                "the approval names an attestation key but no PCR digest: sign it again "
+                "with nbd-nats approve --attestation"
+            )
         quoted = self._take(nonce)
         pcrs = tuple(sorted(set(approval.pcrs or attest.DEFAULT_PCRS)))
-        if pcrs != quoted.pcrs or approval.pcr_digest is None:
+        if pcrs != quoted.pcrs:
             raise AttestationError(
                 f"the quote covered PCRs {list(quoted.pcrs)}, the approval binds "
                 f"{list(pcrs)}: quote the approval's PCRs"

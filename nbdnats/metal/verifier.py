@@ -27,6 +27,7 @@ from nbdnats import subjects
 from nbdnats.errors import AttestationError, UsageError
 from nbdnats.metal import attest
 from nbdnats.schemas import QuoteReply, TpmIdentity
+from nbdnats.transfer import resolve_state_dir
 
 
 class Enrollment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -63,8 +64,6 @@ class Attestation:
 def default_dir() -> Path:
     """Where a controller keeps enrollments: ``$NBDNATS_STATE_DIR/enrolled`` and so on
     (``nbdnats.transfer.resolve_state_dir``)."""
-    from nbdnats.transfer import resolve_state_dir
-
     return resolve_state_dir() / "enrolled"
 
 
@@ -128,11 +127,15 @@ def check_identity(
     return ek, ak, cert
 
 
-def enrollment_of(node: str, ak: attest.TpmPublic, cert: x509.Certificate) -> Enrollment:
+def enrollment_of(
+    node: str, identity: TpmIdentity, ak: attest.TpmPublic, cert: x509.Certificate
+) -> Enrollment:
+    """What is kept of installer ``node`` (the one asked, never the name its answer claims)
+    whose AK was proven: the AK as it sent it (TPM2B_PUBLIC)."""
     der = cert.public_bytes(Encoding.DER)
     return Enrollment(
         node=node,
-        ak_public=_tpm2b(ak.raw),
+        ak_public=identity.ak_public,
         ak_name=ak.name.hex(),
         ek_certificate_sha256=hashlib.sha256(der).hexdigest(),
         ek_subject=cert.subject.rfc4514_string(),
@@ -182,7 +185,3 @@ def verify_quote(
         pcrs=values,
         pcr_digest=attest.pcr_digest(values, order).hex(),
     )
-
-
-def _tpm2b(raw: bytes) -> bytes:
-    return len(raw).to_bytes(2, "big") + raw

@@ -44,11 +44,6 @@ from tests.tpm import (
 )
 from tests.waits import wait_for
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("swtpm") is None or shutil.which("tpm2_quote") is None,
-    reason="needs swtpm and tpm2-tools (scripts/bootstrap.sh installs them)",
-)
-
 # What a firmware would have measured: the test's "boot".
 BOOT = [
     (0, EV_SEPARATOR, b"firmware v1"),
@@ -477,3 +472,49 @@ def test_reboot_is_refused_by_an_installer_without_a_then_file(
     )
     assert proc.returncode == 1 and "has no --then-file" in one_line_error(proc)
     assert (dev / "vda").read_bytes() == bytes(MiB)
+
+
+def test_an_enrollment_is_stored_under_the_node_asked_not_the_name_it_claims(
+    site: Site, tmp_path: Path
+) -> None:
+    """A node answering for inst2 with a genuine TPM of its own claims to be inst1 in its
+    answer: it is enrolled as inst2, and inst1's enrollment is not touched."""
+    other = SwtpmProc(tmp_path / "tpm-other")
+    mine = Tpm(tmp_path / "w2", tcti=other.tcti)
+
+    async def pose() -> None:
+        import nats
+
+        nc = await nats.connect(site.url)
+        found = await mine.identity()
+
+        async def identity(msg: object) -> None:
+            reply = TpmIdentity(
+                ok=True,
+                node="inst1",
+                ek_certificate=found.ek_certificate,
+                ek_public=found.ek_public,
+                ak_public=found.ak_public,
+            )
+            await msg.respond(encode(reply))  # type: ignore[attr-defined]
+
+        async def activate(msg: object) -> None:
+            cmd = msgspec.json.decode(msg.data, type=ActivateCommand)  # type: ignore[attr-defined]
+            secret = await mine.activate(cmd.credential, cmd.secret)
+            await msg.respond(encode(ActivateReply(ok=True, secret=secret)))  # type: ignore[attr-defined]
+
+        await nc.subscribe(subjects.ctl_query("inst2", "tpm"), cb=identity)
+        await nc.subscribe(subjects.ctl_command("inst2", "activate"), cb=activate)
+        await nc.flush()
+        proc = await asyncio.to_thread(
+            ctl, site.url, "enroll", "inst2", "--ek-ca", str(other.ca_bundle), *site.store
+        )
+        await nc.close()
+        assert proc.returncode == 0, proc.stderr
+
+    try:
+        asyncio.run(pose())
+    finally:
+        other.stop()
+    assert json.loads((site.enrolled / "inst2.json").read_text())["node"] == "inst2"
+    assert not (site.enrolled / "inst1.json").exists()
