@@ -25,6 +25,10 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
     ctl.evt.<node>.transfer    TransferEvent
     ctl.evt.<node>.refused     RefusedEvent
     ctl.evt.<node>.migration   MigrationEvent
+    ctl.evt.<node>.adjacency   AdjacencyEvent    (a bare-metal host: loopbacks, uplinks, ToR ports)
+    ctl.qry.<injector>.routes  RoutesQuery       -> RoutesReply   (a route injector's table)
+    ctl.evt.<injector>.route   RouteEvent        (a route injector installed or withdrew a route)
+    ctl.evt.<injector>.refused RefusedEvent      (``about``: the node whose adjacency it refused)
 
 Every reply is an ``Answer`` (``ok``, or an error ``code``) and ``raise_for`` turns a failed
 one into its exception. The agent's one table (``nbdnats.ctl.agent``) maps each op above to
@@ -558,7 +562,9 @@ class TransferList(Message, kw_only=True):
 
 
 class RefusedEvent(Message, kw_only=True):
-    """``ctl.evt.<node>.refused``: a command the agent refused, and why."""
+    """``ctl.evt.<node>.refused``: a command the agent refused, and why. A route injector
+    refusing a node's adjacency publishes it under its own name with ``op="adjacency"`` and
+    the node it refused in ``about``."""
 
     node: str
     op: str
@@ -566,6 +572,90 @@ class RefusedEvent(Message, kw_only=True):
     transfer_id: str | None = None
     code: str
     error: str
+    about: str | None = None
+
+
+# -- bare-metal networking (nbdnats.metal.network, nbdnats.metal.injector) -------------------
+# An adjacency is untrusted twice over: the host wrote it, and what it says about its ToR
+# came from LLDP frames anyone on the link can send. Everything is bounded here; the injector
+# then checks each address and name against what it manages (docs/networking.md).
+MAX_ADJACENCY_BYTES = 64 * 1024
+"""An adjacency event larger than this is refused before it is decoded."""
+IfName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}$")]
+"""A Linux interface name (at most 15 bytes), never starting with '-'."""
+Address = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[0-9A-Fa-f:./]{2,64}$")]
+"""An IPv6 address or prefix as text (parsed with ``ipaddress`` where it is used)."""
+LldpText = Annotated[str, msgspec.Meta(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
+"""A string from an LLDP TLV (at most 255 bytes on the wire), without control characters."""
+
+
+class Uplink(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One uplink of a bare-metal host as its agent sees it."""
+
+    name: IfName
+    link_local: Address | None = None  # the host's fe80:: address on it
+    default_route: bool = False  # a default route via a link-local next hop on it exists
+    tor: LldpText | None = None  # the LLDP neighbour's system (chassis) name
+    chassis_id: LldpText | None = None
+    port: LldpText | None = None  # the neighbour's port id (an ifname on the ToR)
+    port_description: LldpText | None = None
+    management: list[Address] = msgspec.field(default_factory=list)
+
+
+class AdjacencyEvent(Message, kw_only=True):
+    """``ctl.evt.<node>.adjacency``: a bare-metal host's /128 loopbacks and where it is
+    plugged in. Published on change, every ``interval`` seconds, and once with
+    ``state="withdrawn"`` (no loopbacks) when its agent stops."""
+
+    node: Token
+    state: Literal["up", "withdrawn"] = "up"
+    loopbacks: Annotated[list[Address], msgspec.Meta(max_length=64)] = msgspec.field(
+        default_factory=list
+    )
+    uplinks: Annotated[list[Uplink], msgspec.Meta(max_length=16)] = msgspec.field(
+        default_factory=list
+    )
+    interval: Interval = 30.0
+    at: dt.datetime
+
+
+class RoutesQuery(Message, kw_only=True):
+    """``ctl.qry.<injector>.routes``: the injector's table; ``node`` narrows it to one."""
+
+    node: Token | None = None
+
+
+class RouteStatus(msgspec.Struct, kw_only=True):
+    """One node's routes as an injector holds them."""
+
+    node: str
+    state: Literal["up", "withdrawn", "lost", "refused"]
+    loopbacks: list[str]
+    tor: str | None = None
+    port: str | None = None
+    link_local: str | None = None
+    installed: bool = False  # every loopback's route is in the ToR's RIB as asked
+    error: str | None = None  # why it was refused or could not be programmed
+    at: dt.datetime | None = None  # the adjacency it is based on
+
+
+class RoutesReply(Answer, kw_only=True):
+    injector: str = ""
+    routes: list[RouteStatus] = msgspec.field(default_factory=list)
+
+
+class RouteEvent(Message, kw_only=True):
+    """``ctl.evt.<injector>.route``: a route the injector installed on or withdrew from a
+    ToR (``reason``: announced, moved, withdrawn, lost, reconcile)."""
+
+    injector: str
+    node: str
+    action: Literal["installed", "withdrawn"]
+    prefix: str
+    tor: str
+    port: str
+    via: str
+    reason: str
 
 
 encode = msgspec.json.encode

@@ -143,6 +143,16 @@ def ctl_queries(node: str) -> str:
 
 
 ALL_CTL_EVENTS = f"{CTL_EVT}.>"
+# Bare-metal networking: every host's adjacency (what a route injector consumes) and the
+# name a route injector answers and publishes under unless told another.
+ADJACENCY = "adjacency"
+ALL_ADJACENCIES = f"{CTL_EVT}.*.{ADJACENCY}"
+DEFAULT_INJECTOR = "route-injector"
+
+
+def injector_consumer(injector: str) -> str:
+    """The durable JetStream consumer a route injector reads adjacencies through."""
+    return f"routes-{check_token(injector, 'injector name')}"
 # The JetStream stream that stores ctl events (nbdnats/ctl/events.py defines it).
 EVENTS_STREAM = "CTL_EVENTS"
 
@@ -179,6 +189,29 @@ def controller_grants(plane: str) -> tuple[list[str], list[str]]:
     if plane == "data":
         return [f"{DATA_CMD}.>"], [f"{DATA_EVT}.>", INBOX]
     raise ValueError(f"unknown plane {plane!r}")
+
+
+def injector_grants(injector: str) -> tuple[list[str], list[str]]:
+    """What a route injector may (publish, subscribe) on the ctl plane: its own events and
+    answers, its durable consumer on the events stream (create, pull, ack) and nothing of
+    any node's: it cannot command a node or speak for one."""
+    injector = check_token(injector, "injector name")
+    consumer = injector_consumer(injector)
+    stream = EVENTS_STREAM
+    publish = [
+        f"{CTL_EVT}.{injector}.>",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",  # the ordered snapshot reader (ephemeral)
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+        f"$JS.ACK.{stream}.{consumer}.>",
+        "$JS.FC.>",
+        INBOX,
+    ]
+    return publish, [f"{CTL_QRY}.{injector}.>", ALL_ADJACENCIES, INBOX]
 
 
 def rack_grants() -> tuple[list[str], list[str]]:
