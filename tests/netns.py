@@ -123,7 +123,10 @@ class Rack:
         for ns, ifname in ((a, a_if), (b, b_if)):
             run("ip", "-n", ns.name, "link", "set", ifname, "up")
         for ns, ifname in ((a, a_if), (b, b_if)):
-            wait_for(lambda: link_local(ns, ifname) is not None, f"{ns.name}/{ifname} link-local")
+            wait_for(
+                lambda ns=ns, ifname=ifname: link_local(ns, ifname) is not None,  # type: ignore[misc]
+                f"{ns.name}/{ifname} link-local",
+            )
 
     def unlink(self, ns: Netns, ifname: str) -> None:
         """Remove a veth pair (by either end): a cable pulled."""
