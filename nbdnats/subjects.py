@@ -153,6 +153,8 @@ DEFAULT_INJECTOR = "route-injector"
 def injector_consumer(injector: str) -> str:
     """The durable JetStream consumer a route injector reads adjacencies through."""
     return f"routes-{check_token(injector, 'injector name')}"
+
+
 # The JetStream stream that stores ctl events (nbdnats/ctl/events.py defines it).
 EVENTS_STREAM = "CTL_EVENTS"
 
