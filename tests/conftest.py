@@ -153,11 +153,16 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
     """Start ``nbd-nats agent`` processes; each is up once it logs that it is."""
     agents: list[AgentProc] = []
 
-    def start(node: str, url: str, *args: str, env: dict[str, str] | None = None) -> AgentProc:
+    def start(
+        node: str, url: str, *args: str, env: dict[str, str] | None = None, netns: str = ""
+    ) -> AgentProc:
+        """``netns``: run it in that network namespace (``ip netns exec`` execs it)."""
         log = tmp_path / f"agent-{node}-{len(agents)}.log"
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         with log.open("wb") as out:
+            argv = [NBD_NATS, "agent", "--node", node, "--ctl-url", url, "--data-url", url, *args]
             proc = subprocess.Popen(
-                [NBD_NATS, "agent", "--node", node, "--ctl-url", url, "--data-url", url, *args],
+                [*prefix, *argv],
                 stdout=out,
                 stderr=out,
                 env=cli_env(env),

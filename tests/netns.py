@@ -91,6 +91,7 @@ class Rack:
         self.root = root
         self.suffix = uuid.uuid4().hex[:6]
         self.spaces: dict[str, Netns] = {}
+        self.mgmt_links: list[str] = []
 
     def ns(self, name: str) -> Netns:
         if name not in self.spaces:
@@ -128,6 +129,20 @@ class Rack:
                 f"{ns.name}/{ifname} link-local",
             )
 
+    def mgmt(self, ns: Netns) -> tuple[str, str]:
+        """A management link between the test's own namespace and ``ns`` (as a host's
+        out-of-band network to its control plane): (our address, its address) in a ULA /64
+        of this test. A nats-server bound to ours serves agents running in ``ns``."""
+        net = f"fd{self.suffix[:2]}:{self.suffix[2:6]}:{len(self.mgmt_links):x}"
+        here, there = f"m{len(self.mgmt_links)}-{self.suffix}", "mgmt0"
+        run("ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", ns.name)
+        run("ip", "-6", "addr", "add", f"{net}::1/64", "dev", here, "nodad")
+        run("ip", "-n", ns.name, "-6", "addr", "add", f"{net}::2/64", "dev", there, "nodad")
+        run("ip", "link", "set", here, "up")
+        run("ip", "-n", ns.name, "link", "set", there, "up")
+        self.mgmt_links.append(here)
+        return f"{net}::1", f"{net}::2"
+
     def unlink(self, ns: Netns, ifname: str) -> None:
         """Remove a veth pair (by either end): a cable pulled."""
         run("ip", "-n", ns.name, "link", "del", ifname)
@@ -137,6 +152,8 @@ class Rack:
             ns.stop_all()
         for ns in self.spaces.values():
             run("ip", "netns", "del", ns.name, check=False)
+        for here in self.mgmt_links:  # gone with their namespace's end, unless it lingers
+            run("ip", "link", "del", here, check=False)
         self.spaces.clear()
 
 
