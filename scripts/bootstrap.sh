@@ -13,6 +13,9 @@ APT_PACKAGES+=(qemu-system-x86 busybox-static cpio xz-utils)
 # Debian root, the EFI stub for UKIs, GPT and FAT without mounting, OVMF and a software TPM.
 APT_PACKAGES+=(mmdebstrap zstd binutils systemd-boot-efi gdisk mtools ovmf swtpm swtpm-tools
   tpm2-tools)
+# Bare-metal networking tests: FRR as the ToR (zebra, staticd, bgpd for a spine), lldpd on
+# hosts and ToR, gobgpd for spine announcements, iproute2 for namespaces and `ip -j`.
+APT_PACKAGES+=(frr lldpd gobgpd iproute2)
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
