@@ -644,6 +644,20 @@ class RoutesReply(Answer, kw_only=True):
     routes: list[RouteStatus] = msgspec.field(default_factory=list)
 
 
+class AdjacencyView(msgspec.Struct, kw_only=True):
+    """``ctl adjacency``: a node's last adjacency as the events stream holds it (``state``
+    ``lost`` when it has been silent for three of its intervals) and, when a route injector
+    answered, what it made of it (``routes``; None: no injector answered, see ``injector``)."""
+
+    node: str
+    state: Literal["up", "withdrawn", "lost"]
+    loopbacks: list[str]
+    uplinks: list[Uplink]
+    at: dt.datetime  # when the stream stored it
+    routes: RouteStatus | None = None
+    injector: str | None = None  # why no injector's view is there
+
+
 class RouteEvent(Message, kw_only=True):
     """``ctl.evt.<injector>.route``: a route the injector installed on or withdrew from a
     ToR (``reason``: announced, moved, withdrawn, lost, reconcile)."""

@@ -46,6 +46,7 @@ from nbdnats.metal.approval import load_approval
 from nbdnats.metal.attest import DEFAULT_PCRS, Golden, load_cas
 from nbdnats.metal.verifier import Enrollments
 from nbdnats.schemas import (
+    AdjacencyView,
     Backup,
     MigrationEvent,
     NodeInfo,
@@ -69,6 +70,7 @@ examples:
   nbd-nats ctl attest inst1 --golden installer.golden --json > inst1.attestation
   nbd-nats ctl provision a:/srv/images/debian.raw inst1:/dev/vda --approval approval.json \
       --golden installer.golden --then reboot
+  nbd-nats ctl adjacency bm1
   nbd-nats ctl events --since 10m
 """
 
@@ -77,7 +79,7 @@ def add_parser(sub: Any) -> None:
     p = add_command(
         sub,
         "ctl",
-        help="drive agents: nodes, copy, backup, backups, restore, provision, enroll, "
+        help="drive agents: nodes, adjacency, copy, backup, backups, restore, provision, enroll, "
         "attest, migrate, transfers, events",
         description="The controller: commands to agents over the ctl plane.",
         epilog=EPILOG,
@@ -88,6 +90,22 @@ def add_parser(sub: Any) -> None:
         "nodes", help="the nodes whose agents announced themselves (lost: silent too long)"
     )
     n.add_argument("--all", action="store_true", help="include nodes that stopped")
+
+    adj = actions.add_parser(
+        "adjacency",
+        help="bare-metal nodes' loopbacks, ToR and port, and whether their routes are installed",
+        description="Each bare-metal node's last adjacency (nbd-nats agent --loopback/--uplink): "
+        "its /128 loopbacks, per uplink the ToR and port LLDP found and its link-local "
+        "address, and what the route injector made of it (installed, refused and why). "
+        "ROUTE is '?' when no injector answers.",
+    )
+    adj.add_argument("node", nargs="?", help="only this node")
+    adj.add_argument(
+        "--injector",
+        default=subjects.DEFAULT_INJECTOR,
+        metavar="NAME",
+        help=f"the route injector to ask (default {subjects.DEFAULT_INJECTOR})",
+    )
 
     def op(name: str, help_: str) -> argparse.ArgumentParser:
         a: argparse.ArgumentParser = actions.add_parser(name, help=help_, description=help_)
@@ -421,6 +439,26 @@ def _node_line(n: NodeInfo) -> str:
     return line + (f" ak={n.ak_name}" if n.ak_name else "")
 
 
+def _adjacency_line(v: AdjacencyView) -> str:
+    """One line per uplink: node, state, loopbacks, uplink, link-local, ToR, port, route."""
+    r = v.routes
+    if r is None:
+        route = "?"
+    elif r.state == "refused":
+        route = f"refused: {r.error}"
+    elif r.installed:
+        route = f"installed on {r.tor}/{r.port}"
+    else:
+        route = "not installed" + (f": {r.error}" if r.error else f" ({r.state})")
+    loopbacks = ",".join(v.loopbacks) or "-"
+    rows = [
+        f"{v.node:16} {v.state:9} {loopbacks:24} {u.name:10} {u.link_local or '-':26} "
+        f"{u.tor or '-':14} {u.port or '-':10} {route}"
+        for u in v.uplinks
+    ] or [f"{v.node:16} {v.state:9} {loopbacks:24} {'-':10} {'-':26} {'-':14} {'-':10} {route}"]
+    return "\n".join(rows)
+
+
 def _transfer_line(t: TransferEvent) -> str:
     error = "  " + t.error if t.error else ""
     return (
@@ -442,6 +480,14 @@ async def run(args: argparse.Namespace) -> None:
             return
         if cmd == "transfers":
             print_rows(await c.transfers(args.node), _transfer_line, as_json=args.json)
+            return
+        if cmd == "adjacency":
+            views = await c.adjacency(args.node, injector=args.injector)
+            print_rows(views, _adjacency_line, as_json=args.json)
+            if not views:
+                sys.stderr.write("no adjacency announced (agents: --loopback, --uplink)\n")
+            elif not args.json and views[0].routes is None and views[0].injector:
+                sys.stderr.write(views[0].injector + "\n")
             return
         if cmd == "backups":
             disk = parse_endpoint(args.disk) if args.disk else None

@@ -56,6 +56,8 @@ from nbdnats.planes import Login, connect_ctl, redact_url, resolve_urls
 from nbdnats.schemas import (
     ActivateCommand,
     ActivateReply,
+    AdjacencyEvent,
+    AdjacencyView,
     Approval,
     Backup,
     BackupList,
@@ -77,6 +79,8 @@ from nbdnats.schemas import (
     QuoteReply,
     RecvCommand,
     Reply,
+    RoutesQuery,
+    RoutesReply,
     SendCommand,
     SendReply,
     Then,
@@ -112,6 +116,7 @@ BACKUPS_TIMEOUT = 300.0  # restic reads the repository's index (maybe remote) to
 # Taking a checkpoint: a QMP transaction, then a read-only view of each disk served.
 CHECKPOINT_TIMEOUT = 60.0
 TERMINAL = ("done", "failed", "cancelled")
+INJECTOR_TIMEOUT = 3.0  # ctl adjacency shows what it has without the injector's view
 LOST_AFTER = 3  # announce intervals without a word before a node counts as lost
 
 M = TypeVar("M", bound=msgspec.Struct)
@@ -259,6 +264,60 @@ class Controller:
                 if include_stopped or info.state != "stopped":
                     found[info.node] = info
         return [found[k] for k in sorted(found)]
+
+    async def adjacency(
+        self, node: str | None = None, *, injector: str = subjects.DEFAULT_INJECTOR
+    ) -> list[AdjacencyView]:
+        """Each bare-metal node's last adjacency (loopbacks, uplinks, ToR ports) from the
+        event stream, with the route injector's view of it when ``injector`` answers. A node
+        silent for three of its intervals is ``lost`` (the stream's clock, not the node's);
+        one whose last word was invalid is left out."""
+        if node is not None:
+            subjects.check_token(node, "node name")
+        subjects.check_token(injector, "injector name")
+        found: dict[str, AdjacencyView] = {}
+        now = dt.datetime.now(dt.UTC)
+        subject = subjects.ctl_event(node, subjects.ADJACENCY) if node else subjects.ALL_ADJACENCIES
+        async for ev in events.read(self.nc, subject=subject, last_per_subject=True, follow=False):
+            try:
+                adj = msgspec.convert(ev.data, AdjacencyEvent)
+            except msgspec.ValidationError:
+                continue
+            if adj.node != ev.node:  # the stream's subject says who sent it
+                continue
+            silent = (now - ev.time).total_seconds() > LOST_AFTER * adj.interval
+            state = "lost" if adj.state == "up" and silent else adj.state
+            found[ev.node] = AdjacencyView(
+                node=ev.node,
+                state=state,
+                loopbacks=adj.loopbacks,
+                uplinks=adj.uplinks,
+                at=ev.time,
+            )
+        views = [found[k] for k in sorted(found)]
+        if not views:
+            return views
+        try:
+            reply = await request(
+                self.nc,
+                subjects.ctl_query(injector, "routes"),
+                RoutesQuery(node=node),
+                RoutesReply,
+                timeout=min(self.request_timeout, INJECTOR_TIMEOUT),
+            )
+        except UsageError:
+            why = f"no route injector named {injector!r} answers (nbd-nats route-injector)"
+            return [msgspec.structs.replace(v, injector=why) for v in views]
+        except NbdNatsError as e:
+            why = f"route injector {injector!r}: {e}"
+            return [msgspec.structs.replace(v, injector=why) for v in views]
+        status = {r.node: r for r in reply.routes}
+        return [
+            msgspec.structs.replace(
+                v, routes=status.get(v.node), injector=reply.injector or injector
+            )
+            for v in views
+        ]
 
     async def info(self, node: str) -> NodeInfo:
         return await self._request(subjects.ctl_query(node, "info"), InfoQuery(), NodeInfo)
