@@ -132,7 +132,8 @@ class Rack:
     def mgmt(self, ns: Netns) -> tuple[str, str]:
         """A management link between the test's own namespace and ``ns`` (as a host's
         out-of-band network to its control plane): (our address, its address) in a ULA /64
-        of this test. A nats-server bound to ours serves agents running in ``ns``."""
+        of this test. A nats-server bound to ours serves agents running in ``ns`` (and in every
+        namespace given a management link)."""
         net = f"fd{self.suffix[:2]}:{self.suffix[2:6]}:{len(self.mgmt_links):x}"
         here, there = f"m{len(self.mgmt_links)}-{self.suffix}", "mgmt0"
         run("ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", ns.name)
@@ -140,6 +141,10 @@ class Rack:
         run("ip", "-n", ns.name, "-6", "addr", "add", f"{net}::2/64", "dev", there, "nodad")
         run("ip", "link", "set", here, "up")
         run("ip", "-n", ns.name, "link", "set", there, "up")
+        # Every management address of this test is reachable from each namespace (a server
+        # bound to the first link's address serves agents on the others).
+        site = f"fd{self.suffix[:2]}:{self.suffix[2:6]}::/48"
+        run("ip", "-n", ns.name, "-6", "route", "add", site, "via", f"{net}::1")
         self.mgmt_links.append(here)
         return f"{net}::1", f"{net}::2"
 
