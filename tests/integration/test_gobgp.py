@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +34,8 @@ class Fabric:
     spine: Frr
     gobgpd: Gobgpd
 
-    def announcer(self, **kwargs: str) -> GobgpAnnouncer:
-        return GobgpAnnouncer(self.gobgpd.api, **{"next_hop": TOR_LOOPBACK, **kwargs})
+    def announcer(self, next_hop: str = TOR_LOOPBACK) -> GobgpAnnouncer:
+        return GobgpAnnouncer(self.gobgpd.api, next_hop=next_hop)
 
     def spine_paths(self, prefix: str) -> list[dict[str, object]]:
         """bgpd's paths for ``prefix`` on the spine."""
@@ -240,3 +243,29 @@ def test_a_bad_community_is_refused() -> None:
     with pytest.raises(UsageError) as err:
         GobgpAnnouncer(NOWHERE, next_hop=TOR_LOOPBACK, community="65536:1")
     assert str(err.value) == "bad community '65536:1': give ASN:VALUE, each 0-65535"
+
+
+def test_a_hung_gobgpd_is_a_routing_error_within_the_timeout(tmp_path: Path) -> None:
+    with rack(tmp_path) as r:
+        inj = r.ns("inj")
+        _, api_host = r.mgmt(inj)
+        gobgpd = start_gobgpd(inj, tmp_path, asn=INJ_ASN, router_id="10.255.0.1", api_host=api_host)
+        os.killpg(gobgpd.proc.pid, signal.SIGSTOP)  # its socket accepts, nothing answers
+        try:
+            # gobgp itself gives up after a second; a shorter timeout is the announcer's own.
+            for timeout, why in (
+                (0.5, "did not answer in 0.5s: check that it runs"),
+                (
+                    10.0,
+                    "is not answering (context deadline exceeded): start gobgpd or "
+                    "point the announcer at its API address",
+                ),
+            ):
+                announcer = GobgpAnnouncer(gobgpd.api, next_hop=TOR_LOOPBACK, timeout=timeout)
+                started = time.monotonic()
+                with pytest.raises(RoutingError) as err:
+                    asyncio.run(announcer.announce(HOST_LOOPBACK))
+                assert time.monotonic() - started < timeout + 2
+                assert str(err.value) == f"gobgpd at {announcer.api} {why}"
+        finally:
+            os.killpg(gobgpd.proc.pid, signal.SIGCONT)
