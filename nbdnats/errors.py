@@ -25,8 +25,6 @@
      |    +-- QmpCommandError     a QEMU answered a QMP command with an error
      |                           (``error_class`` holds QEMU's class; code "migration")
      +-- DevError                 the dev topology could not be made, started or found (code "dev")
-     +-- RoutingError             a router (FRR, gobgpd) is unreachable or did not keep a
-                                  route it was given                      (code "routing")
 
 The core reports failures as ``(code, message, from_peer)``; ``from_code`` maps a code to its
 class (every code of ``_core.ERROR_CODES`` has its own).
@@ -140,13 +138,6 @@ class DevError(NbdNatsError):
     code = "dev"
 
 
-class RoutingError(NbdNatsError):
-    """A router did not answer, or did not keep a change: the route injector reads every
-    change back from FRR or gobgpd, whose tools report success for a route they dropped."""
-
-    code = "routing"
-
-
 _BY_CODE: dict[str, type[NbdNatsError]] = {
     cls.code: cls
     for cls in (
@@ -169,7 +160,6 @@ _BY_CODE: dict[str, type[NbdNatsError]] = {
         MigrationError,
         MigrationTimeout,
         DevError,
-        RoutingError,
     )
 }
 
