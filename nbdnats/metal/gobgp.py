@@ -21,7 +21,7 @@ import ipaddress
 import json
 import shutil
 
-from nbdnats.errors import RoutingError, UsageError
+from nbdnats.errors import EndpointError, UsageError
 
 DEFAULT_API = "127.0.0.1:50051"
 # A community of a private AS (RFC 6996): marks the paths this announcer owns in gobgpd's
@@ -100,7 +100,7 @@ class GobgpAnnouncer:
     """Announce and withdraw /128s with ``next_hop`` through the gobgpd at ``api``.
 
     Every value is checked here, before it reaches an argv; a gobgpd that is down, slow or
-    that does not keep a change raises ``RoutingError``.
+    that does not keep a change raises ``EndpointError``.
     """
 
     def __init__(
@@ -128,7 +128,7 @@ class GobgpAnnouncer:
         prefix = parse_prefix(prefix)
         path = await self._local_path(prefix)
         if path is not None and not self._is_ours(path):
-            raise RoutingError(
+            raise EndpointError(
                 f"gobgpd at {self.api} already originates {prefix} for someone else "
                 f"(no community {self.community}): remove that path or choose another community"
             )
@@ -146,7 +146,7 @@ class GobgpAnnouncer:
         )
         path = await self._local_path(prefix)
         if path is None or not self._is_ours(path) or _next_hop(path) != self.next_hop:
-            raise RoutingError(
+            raise EndpointError(
                 f"gobgpd at {self.api} did not keep {prefix} via {self.next_hop}: "
                 "check its log and policies"
             )
@@ -160,7 +160,7 @@ class GobgpAnnouncer:
         await self._gobgp("global", "rib", "del", "-a", "ipv6", prefix)
         path = await self._local_path(prefix)
         if path is not None and self._is_ours(path):
-            raise RoutingError(
+            raise EndpointError(
                 f"gobgpd at {self.api} still originates {prefix} after its withdrawal: "
                 "check its log"
             )
@@ -198,7 +198,7 @@ class GobgpAnnouncer:
             isinstance(paths, list) and all(isinstance(p, dict) for p in paths)
             for paths in rib.values()
         ):
-            raise RoutingError(
+            raise EndpointError(
                 f"gobgpd at {self.api} answered its RIB with something else than gobgp's "
                 "JSON: check that gobgp and gobgpd are the same version"
             )
@@ -225,12 +225,12 @@ class GobgpAnnouncer:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-            raise RoutingError(
+            raise EndpointError(
                 f"gobgpd at {self.api} did not answer in {self.timeout:g}s: check that it runs"
             ) from None
         text = out.decode(errors="replace")
         if proc.returncode != 0:
-            raise RoutingError(self._failure(args, text + err.decode(errors="replace")))
+            raise EndpointError(self._failure(args, text + err.decode(errors="replace")))
         return text
 
     def _failure(self, args: tuple[str, ...], output: str) -> str:

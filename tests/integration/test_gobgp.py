@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdnats.errors import RoutingError, UsageError
+from nbdnats.errors import EndpointError, UsageError
 from nbdnats.metal.gobgp import COMMUNITY, GobgpAnnouncer
 from tests.netns import Frr, Gobgpd, rack, start_bgpd, start_frr, start_gobgpd
 from tests.waits import wait_for
@@ -156,7 +156,7 @@ def test_a_path_someone_else_originated_is_neither_listed_nor_touched(fabric: Fa
     announcer = fabric.announcer()
     try:
         assert prefix not in asyncio.run(announcer.announced())
-        with pytest.raises(RoutingError) as err:
+        with pytest.raises(EndpointError) as err:
             asyncio.run(announcer.announce(prefix))
         assert str(err.value) == (
             f"gobgpd at {announcer.api} already originates {prefix} for someone else "
@@ -184,7 +184,7 @@ def test_a_stopped_gobgpd_is_one_routing_error_line(tmp_path: Path) -> None:
             announcer.announced,
         ]
         for call in calls:
-            with pytest.raises(RoutingError) as err:
+            with pytest.raises(EndpointError) as err:
                 asyncio.run(call())
             assert str(err.value) == (
                 f"gobgpd at {announcer.api} is not answering (context deadline exceeded): "
@@ -192,7 +192,7 @@ def test_a_stopped_gobgpd_is_one_routing_error_line(tmp_path: Path) -> None:
             )
 
 
-# Nothing listens here: a value that reached gobgp would fail as a RoutingError.
+# Nothing listens here: a value that reached gobgp would fail as a EndpointError.
 NOWHERE = "127.0.0.1:9"
 
 
@@ -263,7 +263,7 @@ def test_a_hung_gobgpd_is_a_routing_error_within_the_timeout(tmp_path: Path) -> 
             ):
                 announcer = GobgpAnnouncer(gobgpd.api, next_hop=TOR_LOOPBACK, timeout=timeout)
                 started = time.monotonic()
-                with pytest.raises(RoutingError) as err:
+                with pytest.raises(EndpointError) as err:
                     asyncio.run(announcer.announce(HOST_LOOPBACK))
                 assert time.monotonic() - started < timeout + 2
                 assert str(err.value) == f"gobgpd at {announcer.api} {why}"
