@@ -2,7 +2,7 @@
 
 The injector programs a host's loopback on its ToR as a static route; the spine learns it
 from a gobgpd that peers with it and carries each /128 with the ToR's loopback as next hop
-(``route-injector --announce gobgp``). gobgpd is driven through its ``gobgp`` client, one
+(``GobgpAnnouncer`` is the injector's ``Announcer``). gobgpd is driven through its ``gobgp`` client, one
 argv per call (never a shell), and every change is read back: ``gobgp global rib add``
 answers 0 for a path it did not keep as much as for one it did.
 
