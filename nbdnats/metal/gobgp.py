@@ -2,9 +2,9 @@
 
 The injector programs a host's loopback on its ToR as a static route; the spine learns it
 from a gobgpd that peers with it and carries each /128 with the ToR's loopback as next hop
-(``GobgpAnnouncer`` is the injector's ``Announcer``). gobgpd is driven through its ``gobgp`` client, one
-argv per call (never a shell), and every change is read back: ``gobgp global rib add``
-answers 0 for a path it did not keep as much as for one it did.
+(``GobgpAnnouncer`` is the injector's ``Announcer``). gobgpd is driven through its
+``gobgp`` client, one argv per call (never a shell), and every change is read back:
+``gobgp global rib add`` answers 0 for a path it did not keep as much as for one it did.
 
 Our paths are the locally originated ones carrying our community (``COMMUNITY`` unless told
 otherwise): ``announce`` replaces one of ours (say, after the ToR's loopback changed) but
