@@ -284,3 +284,89 @@ def start_frr(ns: Netns, root: Path) -> Frr:
     )
     wait_for((vty / "staticd.vty").exists, f"staticd in {ns.name}", timeout=30)
     return Frr(ns, vty)
+
+
+def start_bgpd(frr: Frr, root: Path) -> Frr:
+    """FRR's bgpd beside the zebra of ``frr`` (started by ``start_frr``), listening on port
+    179 of its namespace, with no BGP configuration: configure it through ``frr.vtysh``."""
+    ns, vty = frr.ns, frr.vty
+    ns.spawn(
+        [
+            str(FRR_DIR / "bgpd"),
+            *("-i", str(vty / "bgpd.pid"), "-f", str(vty / "empty.conf")),
+            *("-z", str(vty / "zserv.api"), "--vty_socket", str(vty)),
+            *("-A", "127.0.0.1", "-P", "0", "-p", "179"),
+        ],
+        root / f"bgpd-{ns.name}.log",
+    )
+    wait_for((vty / "bgpd.vty").exists, f"bgpd in {ns.name}", timeout=30)
+    return frr
+
+
+# -- gobgpd --------------------------------------------------------------------------------
+
+
+@dataclass
+class Gobgpd:
+    """gobgpd in a namespace; ``api`` is its gRPC address as ``gobgp -u/-p`` and
+    ``GobgpAnnouncer`` take it, ``proc`` its process (``stop()`` ends it early)."""
+
+    ns: Netns
+    api: str
+    proc: subprocess.Popen[bytes]
+
+    def gobgp(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        host, _, port = self.api.rpartition(":")
+        return run("gobgp", "-u", host.strip("[]"), "-p", port, *args, check=check)
+
+    def established(self) -> bool:
+        """Whether the session with its (first) neighbour is up (gobgp's JSON gives the
+        state as the number of its API's enum: 6 is ESTABLISHED)."""
+        peers = json.loads(self.gobgp("neighbor", "-j").stdout or "[]")
+        return bool(peers) and peers[0]["state"].get("session_state") == 6
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(10)
+
+
+def start_gobgpd(
+    ns: Netns,
+    root: Path,
+    *,
+    asn: int,
+    router_id: str,
+    api_host: str,
+    neighbour: tuple[str, int] | None = None,
+) -> Gobgpd:
+    """gobgpd in ``ns`` (AS ``asn``) with its API on ``api_host`` port 50051 (an address of
+    ``ns``, such as the far end of ``Rack.mgmt``) and one IPv6 unicast eBGP ``neighbour``
+    (address, AS), retried every second."""
+    conf = root / f"gobgpd-{ns.name}.toml"
+    lines = ["[global.config]", f"  as = {asn}", f'  router-id = "{router_id}"', "  port = 179"]
+    if neighbour:
+        lines += [
+            "[[neighbors]]",
+            "  [neighbors.config]",
+            f'    neighbor-address = "{neighbour[0]}"',
+            f"    peer-as = {neighbour[1]}",
+            "  [neighbors.timers.config]",
+            "    connect-retry = 1",
+            "  [[neighbors.afi-safis]]",
+            "    [neighbors.afi-safis.config]",
+            '      afi-safi-name = "ipv6-unicast"',
+        ]
+    conf.write_text("\n".join(lines) + "\n")
+    api = f"[{api_host}]:50051" if ":" in api_host else f"{api_host}:50051"
+    proc = ns.spawn(
+        ["gobgpd", "-t", "toml", "-f", str(conf), "--api-hosts", api],
+        root / f"gobgpd-{ns.name}.log",
+    )
+    gobgpd = Gobgpd(ns, api, proc)
+    wait_for(
+        lambda: gobgpd.gobgp("global", "-j", check=False).returncode == 0,
+        f"gobgpd in {ns.name}",
+        timeout=30,
+    )
+    return gobgpd
