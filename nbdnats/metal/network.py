@@ -59,7 +59,9 @@ def parse_loopback(text: str, what: str = "--loopback") -> str:
     if not raw or raw.startswith("-"):
         raise UsageError(f"{what} {shown}: give an IPv6 address or /128, e.g. 2001:db8:100::7/128")
     try:
-        net = ipaddress.ip_network(raw if "/" in raw else raw + "/128", strict=True)
+        if "%" in raw:  # a scoped (link-local) address is no service address
+            raise ValueError(raw)
+        net = ipaddress.ip_interface(raw if "/" in raw else raw + "/128").network
     except ValueError:
         raise UsageError(
             f"{what} {shown}: not an IPv6 address or /128 prefix (e.g. 2001:db8:100::7/128)"
