@@ -42,7 +42,7 @@ MAX_UPLINKS = 16  # AdjacencyEvent.uplinks
 MAX_MANAGEMENT = 8  # management addresses kept per neighbour
 MAX_LLDP_BYTES = 255  # an LLDP string TLV's longest value
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}$")  # as schemas.IfName
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}")  # fullmatch: as schemas.IfName
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Publish = Callable[[str, bytes], Awaitable[None]]
@@ -61,7 +61,7 @@ def parse_loopback(text: str, what: str = "--loopback") -> str:
     try:
         if "%" in raw:  # a scoped (link-local) address is no service address
             raise ValueError(raw)
-        net = ipaddress.ip_interface(raw if "/" in raw else raw + "/128").network
+        net = ipaddress.ip_interface(raw).network  # a bare address is a /128 (or an IPv4 /32)
     except ValueError:
         raise UsageError(
             f"{what} {shown}: not an IPv6 address or /128 prefix (e.g. 2001:db8:100::7/128)"
@@ -80,7 +80,7 @@ def parse_loopback(text: str, what: str = "--loopback") -> str:
 
 def parse_uplink(text: str, what: str = "--uplink") -> str:
     """An interface name (as Linux allows one, never starting with '-')."""
-    if not _IFNAME.match(text):
+    if not _IFNAME.fullmatch(text):
         shown = repr(text) if len(text) <= 40 else repr(text[:40] + "...")
         raise UsageError(
             f"{what} {shown}: not an interface name (up to 15 letters, digits, '_.:@-')"
@@ -146,7 +146,7 @@ def parse_neighbours(text: str) -> dict[str, Uplink]:
     for lldp in _dicts(_dict(_json(text)).get("lldp")):
         for entry in _dicts(lldp.get("interface")):
             name = entry.get("name")
-            if not isinstance(name, str) or not _IFNAME.match(name) or name in found:
+            if not isinstance(name, str) or not _IFNAME.fullmatch(name) or name in found:
                 continue
             chassis = _first(entry.get("chassis"))
             port = _first(entry.get("port"))
