@@ -24,7 +24,8 @@ from nbdnats.planes import default_node
 from nbdnats.units import interval_arg, parse_timeout, timeout_arg
 
 EPILOG = """\
-config file (TOML; command-line options win, --allow and --export add to it):
+config file (TOML; command-line options win; --allow, --export, --loopback and --uplink
+add to it):
   node = "rack1-07"
   ctl_url = "nats://ctl1:4222"
   data_url = "nats://data1:4222"
@@ -34,7 +35,7 @@ config file (TOML; command-line options win, --allow and --export add to it):
   trusted_keys = "/etc/nbdnats/trusted"
   tpm = "device"                      # installer: "none", or a TCTI (swtpm:port=2321)
   metrics_addr = "127.0.0.1:9464"
-  loopbacks = ["2001:db8:100::7/128"]  # bare metal: /128s put on lo and announced
+  loopbacks = ["2001:db8:100::7/128"] # bare metal: /128s put on lo and announced
   uplinks = ["eth0", "eth1"]          # the interfaces towards the ToR(s)
   lldp_socket = "/run/lldpd.socket"
   release_loopbacks = true
@@ -143,7 +144,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--adjacency-interval",
         type=interval_arg,
-        metavar="SECONDS",
+        metavar="S",
         help="seconds between adjacency events when nothing changes (default "
         f"{ADJACENCY_INTERVAL:.0f}; changes are published within 2 s)",
     )
