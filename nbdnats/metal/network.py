@@ -44,6 +44,7 @@ MAX_LLDP_BYTES = 255  # an LLDP string TLV's longest value
 
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}")  # fullmatch: as schemas.IfName
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_LLDPCLI_LOG = re.compile(r"^\S+ \[\w+/\w+\] ")  # "2026-12-03T14:07:28 [WARN/control] "
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -220,10 +221,12 @@ async def _run(argv: Sequence[str], timeout: float = TOOL_TIMEOUT) -> tuple[int,
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
         return 124, "", f"{argv[0]} did not finish in {timeout:g} s"
+    finally:  # timed out or cancelled: no tool outlives its run
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
     lines = [ln.strip() for ln in err.decode(errors="replace").splitlines() if ln.strip()]
     if len(out) > MAX_TOOL_OUTPUT:
         return 1, "", f"{argv[0]} printed more than {MAX_TOOL_OUTPUT} bytes"
@@ -303,26 +306,27 @@ def lldp_argv(lldp_socket: str | None) -> list[str]:
 
 
 async def probe(
-    uplinks: Sequence[str], lldp_socket: str | None, problems: list[str] | None = None
+    uplinks: Sequence[str], lldp_socket: str | None, problems: dict[str, str] | None = None
 ) -> list[Uplink]:
     """Each uplink as it is now: its link-local address, whether a default route goes
     through a link-local next hop on it, and its LLDP neighbour. An interface that is gone
-    has neither. What could not be read is appended to ``problems`` (and left out)."""
-    problems = problems if problems is not None else []
+    has neither. What could not be read is left out, and said in ``problems`` (by source:
+    addresses, routes, lldp)."""
+    problems = problems if problems is not None else {}
     (rc_a, addrs, err_a), (rc_r, routes, err_r), (rc_l, lldp, err_l) = await asyncio.gather(
         _run(["ip", "-j", "addr", "show"]),
         _run(["ip", "-j", "-6", "route", "show", "default"]),
         _run(lldp_argv(lldp_socket)),
     )
     if rc_a != 0:
-        problems.append(f"cannot read addresses: {err_a or f'ip exited {rc_a}'}")
+        problems["addresses"] = f"cannot read addresses: {err_a or f'ip exited {rc_a}'}"
     if rc_r != 0:
-        problems.append(f"cannot read routes: {err_r or f'ip exited {rc_r}'}")
+        problems["routes"] = f"cannot read routes: {err_r or f'ip exited {rc_r}'}"
     if rc_l != 0:
         where = lldp_socket or LLDPD_SOCKET
-        problems.append(
+        problems["lldp"] = (
             f"cannot read LLDP neighbours from lldpd ({where}): "
-            f"{err_l or f'lldpcli exited {rc_l}'}; is lldpd running?"
+            f"{_LLDPCLI_LOG.sub('', err_l) or f'lldpcli exited {rc_l}'}; is lldpd running?"
         )
     present = parse_link_locals(addrs) if rc_a == 0 else {}
     defaults = parse_default_routes(routes) if rc_r == 0 else set()
@@ -404,8 +408,7 @@ class AdjacencyReporter:
         self._state = "stopped"
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, STOP_BOUND)
+            await asyncio.wait([self._task], timeout=STOP_BOUND)
         await self._send("withdrawn", [], self.last or [])
         if self.release and self.added:
             await self.lo.release(self.added)
@@ -425,7 +428,7 @@ class AdjacencyReporter:
 
     async def tick(self) -> None:
         """Probe once; publish when anything changed or ``interval`` has passed."""
-        problems: list[str] = []
+        problems: dict[str, str] = {}
         uplinks = await probe(self.uplinks, self.lldp_socket, problems)
         self._report(problems, uplinks)
         now = asyncio.get_running_loop().time()
@@ -457,14 +460,14 @@ class AdjacencyReporter:
             payload = encode(event)
         await self.publish(subjects.ADJACENCY, payload)
 
-    def _report(self, problems: list[str], uplinks: list[Uplink]) -> None:
-        """Log each problem once (until it clears), and once when no uplink has a default
-        route through a link-local next hop."""
-        for p in problems:
-            if p not in self._problems:
-                log.warning("adjacency: %s", p)
-        if self._problems and not problems:
-            log.info("adjacency: all uplinks read again")
+    def _report(self, problems: dict[str, str], uplinks: list[Uplink]) -> None:
+        """Log each kind of problem once (until it clears), and once when no uplink has a
+        default route through a link-local next hop."""
+        for source, text in problems.items():
+            if source not in self._problems:
+                log.warning("adjacency: %s", text)
+        for source in self._problems - set(problems):
+            log.info("adjacency: %s read again", source)
         self._problems = set(problems)
         routed = [u.name for u in uplinks if u.default_route]
         if not routed and uplinks and not self._no_route_warned:

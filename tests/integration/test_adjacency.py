@@ -136,13 +136,15 @@ def test_second_uplink_appears_in_a_republish_and_a_pulled_cable_empties_it(rig:
     assert uplink(ev, "eth0").tor == "tor1"
 
 
-def test_sigterm_withdraws_and_releases_only_the_loopbacks_it_added(rig: Rig) -> None:
+def test_sigterm_withdraws_and_releases_only_the_loopbacks_it_added(
+    rig: Rig, tmp_path: Path
+) -> None:
     before = "2001:db8:100::8/128"
     rig.bm1.run("ip", "-6", "addr", "add", before, "dev", "lo")
-    agent = rig.agent(
-        "--loopback", LOOPBACK, "--loopback", before, "--uplink", "eth0", "--release-loopbacks"
-    )
-    latest(rig.url, lambda e: e.loopbacks == [LOOPBACK, before], "both loopbacks announced")
+    conf = tmp_path / "agent.toml"  # the file's loopbacks first, then the command line's
+    conf.write_text(f'loopbacks = ["{before}"]\nuplinks = ["eth0"]\nrelease_loopbacks = true\n')
+    agent = rig.agent("--config", str(conf), "--loopback", LOOPBACK)
+    latest(rig.url, lambda e: e.loopbacks == [before, LOOPBACK], "both loopbacks announced")
     assert {LOOPBACK, before} <= on_lo(rig.bm1)
 
     assert agent.stop() == 0
@@ -154,6 +156,20 @@ def test_sigterm_withdraws_and_releases_only_the_loopbacks_it_added(rig: Rig) ->
     assert (last.state, last.loopbacks) == ("withdrawn", [])
     assert before in on_lo(rig.bm1)
     assert LOOPBACK not in on_lo(rig.bm1)
+
+
+def test_agent_without_lldpd_reports_its_uplink_without_a_neighbour(rig: Rig) -> None:
+    gone = str(rig.host_lldpd.socket) + ".missing"
+    agent = rig.start(
+        NODE, rig.url, "--lldp-socket", gone, "--loopback", LOOPBACK, "--uplink", "eth0",
+        "--adjacency-interval", "0.5", netns=rig.bm1.name,
+    )  # fmt: skip
+    wait_for(lambda: len(adjacencies(rig.url)) >= 3, "adjacencies every half second", 30)
+    for ev in adjacencies(rig.url):
+        eth0 = uplink(ev, "eth0")
+        assert (eth0.link_local, eth0.tor, eth0.port) == (link_local(rig.bm1, "eth0"), None, None)
+    assert agent.text().count("cannot read LLDP neighbours from lldpd") == 1
+    assert agent.proc.poll() is None
 
 
 @pytest.mark.parametrize(
