@@ -212,6 +212,7 @@ HOSTILE_NAMES = [
     ("tor\x01\x1b[31mred\nline2", None),  # control characters: dropped
     ("é" * 127 + "x", "é" * 127 + "x"),  # 255 bytes: fits, kept whole
     ("a;$(reboot)`id` ' \" <x>", "a;$(reboot)`id` ' \" <x>"),  # plain text to us: kept
+    ("tor\udcff", "tor\ufffd"),  # the byte 0xff, not UTF-8: replaced
 ]
 
 
