@@ -581,11 +581,12 @@ class RefusedEvent(Message, kw_only=True):
 # then checks each address and name against what it manages (docs/networking.md).
 MAX_ADJACENCY_BYTES = 64 * 1024
 """An adjacency event larger than this is refused before it is decoded."""
-IfName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}$")]
+# \Z, not $: "$" also matches before a final newline, and these values reach argv and logs.
+IfName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}\Z")]
 """A Linux interface name (at most 15 bytes), never starting with '-'."""
-Address = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[0-9A-Fa-f:./]{2,64}$")]
+Address = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[0-9A-Fa-f:./]{2,64}\Z")]
 """An IPv6 address or prefix as text (parsed with ``ipaddress`` where it is used)."""
-LldpText = Annotated[str, msgspec.Meta(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
+LldpText = Annotated[str, msgspec.Meta(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*\Z")]
 """A string from an LLDP TLV (at most 255 bytes on the wire), without control characters."""
 
 

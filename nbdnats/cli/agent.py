@@ -11,13 +11,21 @@ from typing import Any
 
 from nbdnats.cli.options import add_command, add_login_options, add_state_dir_option
 from nbdnats.ctl.agent import run_agent
-from nbdnats.ctl.config import ANNOUNCE_INTERVAL, DRAIN_TIMEOUT, PROGRESS_INTERVAL, AgentConfig
+from nbdnats.ctl.config import (
+    ADJACENCY_INTERVAL,
+    ANNOUNCE_INTERVAL,
+    DRAIN_TIMEOUT,
+    PROGRESS_INTERVAL,
+    AgentConfig,
+)
 from nbdnats.errors import UsageError
+from nbdnats.metal.network import LLDPD_SOCKET, parse_loopback, parse_uplink
 from nbdnats.planes import default_node
 from nbdnats.units import interval_arg, parse_timeout, timeout_arg
 
 EPILOG = """\
-config file (TOML; command-line options win, --allow and --export add to it):
+config file (TOML; command-line options win; --allow, --export, --loopback and --uplink
+add to it):
   node = "rack1-07"
   ctl_url = "nats://ctl1:4222"
   data_url = "nats://data1:4222"
@@ -27,6 +35,11 @@ config file (TOML; command-line options win, --allow and --export add to it):
   trusted_keys = "/etc/nbdnats/trusted"
   tpm = "device"                      # installer: "none", or a TCTI (swtpm:port=2321)
   metrics_addr = "127.0.0.1:9464"
+  loopbacks = ["2001:db8:100::7/128"] # bare metal: /128s put on lo and announced
+  uplinks = ["eth0", "eth1"]          # the interfaces towards the ToR(s)
+  lldp_socket = "/run/lldpd.socket"
+  release_loopbacks = true
+  adjacency_interval = 30
   [exports]
   vm1 = "nbd+unix:///vm1?socket=/run/vm/vm1.nbd"
   [vms]                               # VMs to migrate or receive: name = QMP socket
@@ -38,6 +51,8 @@ examples:
   nbd-nats agent --node a --allow /var/lib/images --export vm1=/var/lib/images/vm1.raw
   nbd-nats agent --node inst1 --role installer --trusted-keys /etc/nbdnats/trusted \\
       --allow /dev/sda --then-file /run/nbdnats/then
+  nbd-nats agent --node bm7 --allow /dev/disk/by-id --loopback 2001:db8:100::7/128 \\
+      --uplink eth0 --uplink eth1 --release-loopbacks
 """
 
 
@@ -99,6 +114,40 @@ def add_parser(sub: Any) -> None:
         "provisions are refused",
     )
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    p.add_argument(
+        "--loopback",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="bare metal: an IPv6 /128 (a service address) to put on lo and announce in "
+        "ctl.evt.NODE.adjacency; repeatable",
+    )
+    p.add_argument(
+        "--uplink",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="bare metal: an interface towards a ToR, reported with its link-local address, "
+        "default route and LLDP neighbour; repeatable; it must exist at start",
+    )
+    p.add_argument(
+        "--lldp-socket",
+        metavar="PATH",
+        help=f"lldpd's control socket (default {LLDPD_SOCKET}); without lldpd the "
+        "adjacency has no neighbours",
+    )
+    p.add_argument(
+        "--release-loopbacks",
+        action="store_true",
+        help="on stop, remove the /128s this agent added to lo (never ones already there)",
+    )
+    p.add_argument(
+        "--adjacency-interval",
+        type=interval_arg,
+        metavar="S",
+        help="seconds between adjacency events when nothing changes (default "
+        f"{ADJACENCY_INTERVAL:.0f}; changes are published within 2 s)",
+    )
     add_state_dir_option(p, "where receivers keep their journals")
     p.add_argument("--config", metavar="FILE", help="a TOML config file (see below)")
     p.add_argument(
@@ -138,6 +187,36 @@ def _seconds(conf: dict[str, Any], key: str, default: float, *, zero: bool) -> f
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UsageError(f"--config: {key} must be a number of seconds")
     return parse_timeout(repr(value), f"--config {key}", zero=zero)
+
+
+def _strings(conf: dict[str, Any], key: str) -> list[str]:
+    value = conf.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"--config: {key} must be a list of strings")
+    return value
+
+
+def _adjacency(args: argparse.Namespace, conf: dict[str, Any]) -> dict[str, Any]:
+    """The bare-metal networking settings: loopbacks and uplinks from both (checked here,
+    so a bad one is one line and exit 2), the rest the command line's over the file's."""
+    loopbacks = [parse_loopback(p, "loopbacks") for p in _strings(conf, "loopbacks")]
+    loopbacks += [parse_loopback(p) for p in args.loopback]
+    uplinks = [parse_uplink(u, "uplinks") for u in _strings(conf, "uplinks")]
+    uplinks += [parse_uplink(u) for u in args.uplink]
+    release = conf.get("release_loopbacks", False)
+    if not isinstance(release, bool):
+        raise UsageError("--config: release_loopbacks must be true or false")
+    sock = args.lldp_socket or conf.get("lldp_socket")
+    if sock is not None and (not isinstance(sock, str) or not sock or sock.startswith("-")):
+        raise UsageError("lldp_socket: give the path of lldpd's socket")
+    return {
+        "loopbacks": list(dict.fromkeys(loopbacks)),
+        "uplinks": list(dict.fromkeys(uplinks)),
+        "lldp_socket": sock,
+        "release_loopbacks": bool(args.release_loopbacks) or release,
+        "adjacency_interval": args.adjacency_interval
+        or _seconds(conf, "adjacency_interval", ADJACENCY_INTERVAL, zero=False),
+    }
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig:
@@ -182,6 +261,7 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             drain_timeout=args.drain_timeout
             if args.drain_timeout is not None
             else _seconds(conf, "drain_timeout", DRAIN_TIMEOUT, zero=True),
+            **_adjacency(args, conf),
         )
     except TypeError as e:
         raise UsageError(f"--config: {e}") from None

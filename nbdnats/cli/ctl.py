@@ -282,7 +282,9 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--seq", type=count_arg, metavar="N", help="replay from stream sequence N")
     e.add_argument("--all", action="store_true", help="replay everything stored")
     e.add_argument("--node", default="*", help="only this node's events")
-    e.add_argument("--kind", default="*", help="only this kind (announce, transfer, refused)")
+    e.add_argument(
+        "--kind", default="*", help="only this kind (announce, transfer, refused, adjacency)"
+    )
     e.add_argument("--no-follow", action="store_true", help="stop after the stored events")
     e.add_argument("--count", type=count_arg, metavar="N", help="stop after N events")
 

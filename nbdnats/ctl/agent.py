@@ -51,6 +51,7 @@ from nbdnats.errors import (
 )
 from nbdnats.metal.approval import TrustedKeys
 from nbdnats.metal.installer import Evidence, TpmService
+from nbdnats.metal.network import AdjacencyReporter
 from nbdnats.metal.tpm import DEFAULT_EVENT_LOG, Tpm
 from nbdnats.migration.incoming import Incoming
 from nbdnats.planes import Login, Planes, redact_url
@@ -146,6 +147,20 @@ class Agent:
         self.jobs.on_then = self._then
         tpm_op = self.tpm or _NoTpm(self.node)
         self.stream_problem: str | None = None
+        # A bare-metal host's /128s and uplinks: published as ctl.evt.<node>.adjacency.
+        self.adjacency = (
+            AdjacencyReporter(
+                self.node,
+                config.loopbacks,
+                config.uplinks,
+                config.adjacency_interval,
+                self._publish,
+                config.lldp_socket,
+                config.release_loopbacks,
+            )
+            if config.loopbacks or config.uplinks
+            else None
+        )
         self._ak_name: str | None = None
         # Everything this agent serves (the subjects are listed in nbdnats.schemas).
         self.ops: dict[str, Op] = {
@@ -172,6 +187,8 @@ class Agent:
 
     async def start(self) -> None:
         c = self.config
+        if self.adjacency is not None:  # a missing uplink is a usage error, before connecting
+            await self.adjacency.check()
         login = Login.resolve(c.creds, c.nkey, c.tls_cert, c.tls_key, c.tls_ca)
         self.planes = await Planes.connect(
             self.config.data_url, self.config.ctl_url, self.node, login
@@ -200,6 +217,12 @@ class Agent:
             asyncio.create_task(self._every(self.config.announce_interval, self._announce)),
             asyncio.create_task(self._every(self.config.progress_interval, self.jobs.progress)),
         ]
+        if self.adjacency is not None:
+            try:
+                await self.adjacency.start()
+            except BaseException:
+                await self.stop()
+                raise
         log.info(
             "agent %s (%s) up on ctl %s, data %s%s",
             self.node,
@@ -238,6 +261,8 @@ class Agent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.adjacency is not None:  # withdrawn (and the /128s released) before "stopped"
+            await self.adjacency.stop()
         self._state = "stopped"
         await self._announce()
         if self.metrics:
@@ -273,6 +298,8 @@ class Agent:
             caps.remove("recv")
         if self.config.vms:
             caps.append("migrate")
+        if self.adjacency is not None:
+            caps.append("adjacency")
         return NodeInfo(
             node=self.node,
             version=_core.__version__,

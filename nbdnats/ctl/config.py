@@ -12,6 +12,7 @@ from nbdnats.schemas import Role
 ANNOUNCE_INTERVAL = 30.0  # seconds between announcements (NodeInfo.announce_interval)
 PROGRESS_INTERVAL = 1.0  # at most one progress event per job per this many seconds
 DRAIN_TIMEOUT = 30.0  # on SIGTERM, how long running jobs may take to finish
+ADJACENCY_INTERVAL = 30.0  # bare metal: seconds between adjacency events when nothing changed
 
 
 @dataclass
@@ -45,3 +46,11 @@ class AgentConfig:
     announce_interval: float = ANNOUNCE_INTERVAL
     progress_interval: float = PROGRESS_INTERVAL
     drain_timeout: float = DRAIN_TIMEOUT
+    # Bare metal (nbdnats.metal.network): IPv6 /128s this agent puts on lo and announces,
+    # the interfaces towards the ToR, lldpd's socket (None: lldpd's own), whether stop
+    # removes the /128s it added, and how often the adjacency is published unchanged.
+    loopbacks: list[str] = field(default_factory=list)
+    uplinks: list[str] = field(default_factory=list)
+    lldp_socket: str | None = None
+    release_loopbacks: bool = False
+    adjacency_interval: float = ADJACENCY_INTERVAL
