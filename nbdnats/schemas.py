@@ -69,16 +69,16 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
 # What a restic snapshot's listing may hold. Values come from the tool's output (anyone who
 # can write the repository can craft them), so each is checked here, when the agent reads
 # them and again when the controller does.
-SnapshotId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-ShortId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{8,64}$")]
+SnapshotId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
+ShortId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{8,64}\Z")]
 Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]  # as subjects.check_token
-DiskName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]{1,1024}$")]
+DiskName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]{1,1024}\Z")]
 """An export name, path or NBD URI as a backup was asked for, without control characters
 (a restic tag holds it percent-encoded: ``nbdnats.ctl.tools.disk_tag``)."""
-DigestText = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}:[0-9a-f]{16,256}$")]
-HexName = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{4,132}$")]
+DigestText = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}:[0-9a-f]{16,256}\Z")]
+HexName = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{4,132}\Z")]
 """A TPM object's name in hex (nameAlg || digest of its public area): an attestation key's."""
-HexDigest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+HexDigest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
 """A sha256 in hex: the digest of an installer's boot PCR values an approval binds to."""
 PcrIndex = Annotated[int, msgspec.Meta(ge=0, le=23)]
 Then = Literal["stay", "reboot", "poweroff"]
@@ -89,7 +89,7 @@ TpmBlob = Annotated[bytes, msgspec.Meta(max_length=4096)]
 CertBlob = Annotated[bytes, msgspec.Meta(max_length=16384)]
 EventLog = Annotated[bytes, msgspec.Meta(max_length=512 * 1024)]
 Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
-CheckpointName = Annotated[str, msgspec.Meta(pattern=r"^nbdnats-[0-9]{8}T[0-9]{6}-[0-9a-f]{6}$")]
+CheckpointName = Annotated[str, msgspec.Meta(pattern=r"^nbdnats-[0-9]{8}T[0-9]{6}-[0-9a-f]{6}\Z")]
 """A checkpoint's name as ``nbdnats.backup`` makes them (``nbdnats-<UTC time>-<6 hex>``):
 the dirty bitmap that records what changed since the snapshot tagged with it. It reaches
 QMP and a restic tag."""

@@ -26,7 +26,7 @@ DATA_BLK = "data.blk"
 # One subject token (message schemas use it too). Not starting with '-': an id also names
 # files (a receiver's journal) and may meet an argv (the core's `journal::check_id` holds
 # the same rule).
-TOKEN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\Z"
 _TOKEN = re.compile(TOKEN_PATTERN)
 
 

@@ -7,6 +7,7 @@ import json
 import msgspec
 import pytest
 
+from nbdnats import schemas
 from nbdnats.ctl.agent import Agent
 from nbdnats.ctl.config import AgentConfig
 from nbdnats.errors import SchemaError
@@ -57,3 +58,28 @@ def test_a_backups_answer_is_checked_by_the_controller_too(field: str, value: ob
     bad = json.dumps({"ok": True, "backups": [{**good, field: value}]}).encode()
     with pytest.raises(SchemaError, match="invalid backups"):
         decode(BackupList, bad, "backups")
+
+
+@pytest.mark.parametrize(
+    ("kind", "good"),
+    [
+        (schemas.Token, "bm1"),
+        (schemas.SnapshotId, "a" * 64),
+        (schemas.ShortId, "1a2b3c4d"),
+        (schemas.DiskName, "vm1"),
+        (schemas.DigestText, "sha256:" + "0" * 64),
+        (schemas.HexName, "000b" + "ab" * 32),
+        (schemas.HexDigest, "f" * 64),
+        (schemas.CheckpointName, "nbdnats-20261203T101010-abcdef"),
+        (schemas.IfName, "eth0"),
+        (schemas.Address, "2001:db8::7/128"),
+        (schemas.LldpText, "tor1"),
+    ],
+)
+def test_a_trailing_newline_is_not_part_of_any_checked_value(kind: object, good: str) -> None:
+    """A regex "$" matches before a final newline too (and msgspec searches, it does not
+    fullmatch): "bm1\\n" used to pass as a token, a checkpoint name with a newline as one
+    that reaches QMP and a restic tag."""
+    assert msgspec.convert(good, kind) == good
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(good + "\n", kind)
