@@ -333,7 +333,14 @@ class Injector:
             raise NatsError(f"route injector {self.name}: {problem}")
         consumer = await self._ensure_consumer()
         async with self._lock:
-            await self._snapshot()
+            try:
+                await self._snapshot()
+            except (nats.errors.Error, TimeoutError) as e:
+                raise NatsError(
+                    f"route injector {self.name}: cannot read the adjacencies stored in "
+                    f"{events.STREAM}: {e or type(e).__name__}; check the injector user's "
+                    "permissions (subjects.injector_grants)"
+                ) from None
             self._expire_all(dt.datetime.now(dt.UTC))
             await self._reconcile()
         js = self.nc.jetstream()
