@@ -224,11 +224,12 @@ def adjacency_routes(
     loopbacks: list[str] = []
     for text in ev.loopbacks:
         try:
-            net = ipaddress.IPv6Network(text)
+            given = ipaddress.IPv6Interface(text)
         except ValueError:
             raise PolicyError(f"loopback {text!r} of {subject_node} is not an IPv6 /128") from None
-        if net.prefixlen != 128:
+        if given.network.prefixlen != 128:
             raise PolicyError(f"loopback {text} of {subject_node} is not a /128")
+        net = given.network
         if not _inside(net, allowed):
             mine = ", ".join(str(a) for a in allowed) or "none"
             raise PolicyError(
@@ -439,6 +440,7 @@ class Injector:
     # -- consuming -------------------------------------------------------------------------
 
     async def _pull(self, pull: Any) -> None:
+        failing = False  # said once per outage, not every second of it
         while True:
             try:
                 msgs = await pull.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
@@ -447,9 +449,14 @@ class Injector:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the server away or reconnecting: try again shortly
-                self._error(f"pulling adjacencies: {e or type(e).__name__}")
+                if not failing:
+                    self._error(f"pulling adjacencies: {e or type(e).__name__}; retrying")
+                failing = True
                 await asyncio.sleep(1.0)
                 continue
+            if failing:
+                log.info("pulling adjacencies again")
+                failing = False
             for msg in msgs:
                 async with self._lock:
                     try:
