@@ -85,6 +85,8 @@ FETCH_BATCH = 32
 FETCH_WAIT = 1.0
 ACK_WAIT = 60.0
 """A message not acked this long is redelivered (a change vtysh took long over)."""
+STOP_BOUND = 30.0
+"""How long ``stop()`` lets a change under way finish (and its message be acked)."""
 LINK_LOCAL = ipaddress.IPv6Network("fe80::/10")
 
 
@@ -321,6 +323,7 @@ class Injector:
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[Any] = []
         self._stopped = asyncio.Event()
+        self._closing = False
         self.metrics = (
             MetricsServer(config.metrics_addr, self._samples) if config.metrics_addr else None
         )
@@ -367,14 +370,18 @@ class Injector:
         )
 
     async def stop(self) -> None:
-        """Stop pulling and serving; the routes stay where they are."""
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        async with self._lock:  # a change under way finishes first
-            for sub in self._subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        """Stop pulling and serving; the routes stay where they are. A batch of messages
+        being applied is finished and acked first (else each would come again after
+        ``ACK_WAIT``), within ``STOP_BOUND``."""
+        self._closing = True
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=STOP_BOUND)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         if self.metrics:
             await self.metrics.stop()
         with contextlib.suppress(Exception):
@@ -441,7 +448,7 @@ class Injector:
 
     async def _pull(self, pull: Any) -> None:
         failing = False  # said once per outage, not every second of it
-        while True:
+        while not self._closing:
             try:
                 msgs = await pull.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -535,8 +542,10 @@ class Injector:
 
     async def _tick(self) -> None:
         due = time.monotonic() + self.config.reconcile_interval
-        while True:
+        while not self._closing:
             await asyncio.sleep(TICK)
+            if self._closing:
+                return
             async with self._lock:
                 try:
                     lost = self._expire_all(dt.datetime.now(dt.UTC))
