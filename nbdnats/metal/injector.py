@@ -404,7 +404,7 @@ class Injector:
             except EndpointError as e:
                 if strict:
                     raise
-                self._error(f"cannot read its ports: {e}")
+                self._error(f"{e} (its managed ports stay as last read)")
 
     async def _ensure_consumer(self) -> str:
         """The durable pull consumer of every adjacency: created once, kept across
