@@ -248,7 +248,7 @@ def adjacency_routes(
         if up.port is None or up.port not in ports[up.tor]:
             raise PolicyError(f"{where}: port {up.port!r} of ToR {up.tor} is not a managed port")
         if up.link_local is None:
-            raise PolicyError(f"{where} has no link-local address to route through")
+            continue  # not up yet (or no longer): nothing to route through, nothing claimed
         try:
             hop = ipaddress.IPv6Interface(up.link_local).ip
         except ValueError:
