@@ -204,7 +204,10 @@ def injector_grants(injector: str) -> tuple[list[str], list[str]]:
         f"{CTL_EVT}.{injector}.>",
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>",
-        f"$JS.API.CONSUMER.CREATE.{stream}.>",  # the ordered snapshot reader (ephemeral)
+        # The ordered snapshot reader (ephemeral, unnamed): nats-py creates it on the bare
+        # subject, which ".>" does not match.
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
         f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",
         f"$JS.API.CONSUMER.INFO.{stream}.>",
         f"$JS.API.CONSUMER.DELETE.{stream}.>",

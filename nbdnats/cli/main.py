@@ -48,7 +48,7 @@ DATA_COMMANDS = transfer.NAMES
 def _other_commands() -> dict[str, ModuleType]:
     """The commands besides the data commands, in the order --help lists them; each module
     has ``add_parser(sub)`` and ``async run(args)``."""
-    from nbdnats.cli import agent, approve, ctl, dev, digest, journals, migrate
+    from nbdnats.cli import agent, approve, ctl, dev, digest, injector, journals, migrate
 
     return {
         "agent": agent,
@@ -58,6 +58,7 @@ def _other_commands() -> dict[str, ModuleType]:
         "journals": journals,
         "dev": dev,
         "migrate": migrate,
+        "route-injector": injector,
     }
 
 

@@ -84,6 +84,7 @@ class Event:
     kind: str
     time: dt.datetime
     data: dict[str, Any]
+    raw: bytes = b""  # the message as published (a reader that decodes it strictly)
 
 
 async def read(
@@ -153,4 +154,5 @@ def _event(msg: Any) -> Event:
         kind=kind,
         time=meta.timestamp,
         data=data if isinstance(data, dict) else {"value": data},
+        raw=bytes(msg.data),
     )

@@ -1,7 +1,8 @@
-"""Prometheus metrics of an agent (``--metrics-addr HOST:PORT``, off by default).
+"""Prometheus metrics of an agent or a route injector (``--metrics-addr HOST:PORT``, off by
+default).
 
 A plain asyncio HTTP responder for ``GET /metrics`` in the text exposition format; the
-agent hands it a function that renders the current samples.
+agent (or injector) hands it a function that renders the current samples.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ HELP = {
     "nbdnats_transfer_rate_bytes_per_second": ("gauge", "Mean rate of a transfer"),
     "nbdnats_transfer_retransmits": ("gauge", "Frames sent again, per transfer"),
     "nbdnats_transfer_errors": ("gauge", "Bad and corrupt frames, plus 1 if it failed"),
+    # A route injector's (nbdnats.metal.injector).
+    "nbdnats_injector_routes_installed": ("gauge", "The injector's routes in a ToR's FIB"),
+    "nbdnats_injector_refusals_total": ("counter", "Adjacencies refused, by error code"),
+    "nbdnats_injector_reconciles_total": ("counter", "Reconciles of every ToR"),
+    "nbdnats_injector_errors_total": (
+        "counter",
+        "Failed vtysh calls, changes not read back as asked, announcer failures",
+    ),
 }
 
 
