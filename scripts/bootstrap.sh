@@ -14,8 +14,8 @@ APT_PACKAGES+=(qemu-system-x86 busybox-static cpio xz-utils)
 APT_PACKAGES+=(mmdebstrap zstd binutils systemd-boot-efi gdisk mtools ovmf swtpm swtpm-tools
   tpm2-tools)
 # Bare-metal networking tests: FRR as the ToR (zebra, staticd, bgpd for a spine), lldpd on
-# hosts and ToR, gobgpd for spine announcements, iproute2 for namespaces and `ip -j`.
-APT_PACKAGES+=(frr lldpd gobgpd iproute2)
+# hosts and ToR, gobgpd for spine announcements, iproute2 for namespaces and `ip -j`, ping.
+APT_PACKAGES+=(frr lldpd gobgpd iproute2 iputils-ping)
 
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }

@@ -13,6 +13,7 @@ from nbdnats.cli.options import add_command, add_login_options, login_from
 from nbdnats.ctl.metrics import parse_addr
 from nbdnats.errors import UsageError
 from nbdnats.metal.frr import ROUTE_TAG
+from nbdnats.metal.gobgp import DEFAULT_API, GobgpAnnouncer
 from nbdnats.metal.injector import RECONCILE_INTERVAL, AllowList, InjectorConfig, run_injector
 from nbdnats.planes import connect_ctl, resolve_urls
 from nbdnats.units import interval_arg
@@ -31,6 +32,8 @@ A ToR is named as its LLDP system name; VTY is the directory of its FRR vty sock
 examples:
   nbd-nats route-injector --tor tor1=/run/frr --allow-file /etc/nbdnats/routes.toml \\
       --ctl-url nats://ctl1:4222 --creds /etc/nbdnats/injector.creds
+  nbd-nats route-injector --tor tor1=/run/frr --allow-file routes.toml \\
+      --announce gobgp --next-hop 2001:db8:ff::1      # and to the spine, via gobgpd
   nbd-nats ctl adjacency            # what it installed
 """
 
@@ -68,6 +71,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ctl-url", metavar="URL", help="ctl-plane servers")
     add_login_options(p)
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    p.add_argument(
+        "--announce",
+        choices=["gobgp"],
+        help="also announce each installed /128 to the spine through gobgpd, next hop "
+        "--next-hop (the ToR's loopback)",
+    )
+    p.add_argument(
+        "--gobgp-api",
+        default=DEFAULT_API,
+        metavar="HOST:PORT",
+        help=f"gobgpd's API (default {DEFAULT_API}; keep it on loopback or a management net)",
+    )
+    p.add_argument(
+        "--next-hop",
+        metavar="ADDR",
+        help="with --announce: the next hop the spine is given, the ToR's global loopback",
+    )
     p.add_argument(
         "--reconcile-interval",
         type=interval_arg,
@@ -111,5 +131,16 @@ async def run(args: argparse.Namespace) -> None:
     config = injector_config(args)
     login = login_from(args)
     url = resolve_urls(None, config.ctl_url)[1]
+    announcer = _announcer(args)
     nc = await connect_ctl(url, f"nbd-nats {config.name} ctl", login)
-    await run_injector(config, nc)
+    await run_injector(config, nc, announcer)
+
+
+def _announcer(args: argparse.Namespace) -> GobgpAnnouncer | None:
+    if args.announce is None:
+        if args.next_hop:
+            raise UsageError("--next-hop is for --announce gobgp")
+        return None
+    if not args.next_hop:
+        raise UsageError("--announce gobgp needs --next-hop ADDR (the ToR's loopback)")
+    return GobgpAnnouncer(args.gobgp_api, next_hop=args.next_hop)

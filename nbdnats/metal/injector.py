@@ -99,6 +99,10 @@ class Announcer(Protocol):
 
     async def withdraw(self, prefix: str) -> None: ...
 
+    async def announced(self) -> set[str]:
+        """What is announced now (read at start, so a restart withdraws what went away)."""
+        ...
+
 
 # -- the allow-file --------------------------------------------------------------------------
 
@@ -336,6 +340,13 @@ class Injector:
         if problem:
             raise NatsError(f"route injector {self.name}: {problem}")
         consumer = await self._ensure_consumer()
+        if self.announcer is not None:
+            # What a previous run announced: the reconcile below withdraws what no node
+            # wants any more, as it does for the ToRs' routes.
+            try:
+                self._announced = set(await self.announcer.announced())
+            except NbdNatsError as e:
+                self._error(f"reading what is announced: {e}")
         async with self._lock:
             try:
                 await self._snapshot()

@@ -23,7 +23,17 @@ from nbdnats.ctl import events
 from tests.cli import NBD_NATS, cli_env
 from tests.ctl import AgentProc, ctl, ok, stored_events
 from tests.nats_server import NatsServer
-from tests.netns import Frr, Lldpd, Netns, Rack, link_local, rack, start_frr, start_lldpd
+from tests.netns import (
+    Frr,
+    Lldpd,
+    Netns,
+    Rack,
+    link_local,
+    rack,
+    start_frr,
+    start_gobgpd,
+    start_lldpd,
+)
 from tests.waits import wait_for
 
 LOOPBACK = "2001:db8:100::7"
@@ -47,7 +57,7 @@ class Site:
     injector: subprocess.Popen[bytes] | None = None
     injector_runs: int = 0
 
-    def start_injector(self) -> None:
+    def start_injector(self, *extra: str) -> None:
         self.injector_runs += 1
         log = (self.root / f"injector-{self.injector_runs}.log").open("wb")
         argv = [
@@ -61,6 +71,7 @@ class Site:
             str(self.allow),
             "--ctl-url",
             self.url,
+            *extra,
         ]
         self.injector = subprocess.Popen(argv, stdout=log, stderr=log, env=cli_env(None))
         log.close()
@@ -224,7 +235,7 @@ def test_a_prefix_the_node_does_not_own_is_never_installed(
     wait_for(lambda: bool(refused()), "the refused event", BOUND)
     (event,) = refused()[:1]
     assert event["node"] == subjects.DEFAULT_INJECTOR and event["op"] == "adjacency"
-    assert event["code"] == "policy" and LOOPBACK in str(event["error"]), event
+    assert event["code"] == "denied" and LOOPBACK in str(event["error"]), event
     # Nothing of bm2's was programmed, not even its own prefix: the whole word is refused.
     assert not site.route(LOOPBACK) and not site.route(FOREIGN)
     assert not site.route("2001:db8:200::2")
@@ -274,3 +285,60 @@ def test_the_injector_publishes_its_table_to_ctl_queries(
     assert bm1["routes"]["installed"] is True and bm1["routes"]["port"] == "swp1"
     assert bm1["routes"]["loopbacks"] == [f"{LOOPBACK}/128"]
     msgspec.json.encode(bm1)  # plain JSON all the way down
+
+
+TOR_LOOPBACK = "2001:db8:ff::1"
+
+
+def test_an_installed_loopback_is_announced_to_the_spine_and_withdrawn_after_a_restart(
+    site: Site, start_agent: Callable[..., AgentProc]
+) -> None:
+    """--announce gobgp: gobgpd (its own namespace, API on a management address) carries
+    each installed /128 with the ToR's loopback as next hop; a restarted injector withdraws
+    what went away while it was down, from the ToR and from gobgpd alike."""
+    inj = site.rack.ns("inj")
+    _, api_host = site.rack.mgmt(inj)
+    gobgpd = start_gobgpd(inj, site.root, asn=65101, router_id="10.255.0.1", api_host=api_host)
+
+    def announced() -> list[tuple[str, str]]:
+        rib = json.loads(gobgpd.gobgp("global", "rib", "-a", "ipv6", "-j").stdout or "{}")
+        return sorted(
+            (prefix, attr.get("nexthop", ""))
+            for prefix, paths in rib.items()
+            for path in paths
+            for attr in path.get("attrs", [])
+            if attr.get("type") == 3 or "nexthop" in attr
+        )
+
+    announce = ["--announce", "gobgp", "--gobgp-api", gobgpd.api, "--next-hop", TOR_LOOPBACK]
+    site.start_injector(*announce)
+    agent = _agent(site, start_agent, site.bm1, site.bm1_lldp, LOOPBACK)
+    wait_for(lambda: bool(site.route(LOOPBACK)), "the /128 in FRR's RIB", BOUND)
+    wait_for(lambda: announced() == [(f"{LOOPBACK}/128", TOR_LOOPBACK)], "gobgpd's path", BOUND)
+
+    site.stop_injector()
+    assert agent.stop() == 0
+    assert announced() == [(f"{LOOPBACK}/128", TOR_LOOPBACK)]
+    site.start_injector(*announce)
+    wait_for(lambda: not site.route(LOOPBACK), "the route withdrawn on restart", BOUND)
+    wait_for(lambda: announced() == [], "the announcement withdrawn on restart", BOUND)
+
+
+def test_announce_without_a_next_hop_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            NBD_NATS,
+            "route-injector",
+            "--tor",
+            f"tor1={tmp_path}",
+            "--allow-file",
+            "/nonexistent",
+            "--announce",
+            "gobgp",
+        ],
+        capture_output=True,
+        env=cli_env(None),
+        timeout=60,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
