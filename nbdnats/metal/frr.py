@@ -13,8 +13,6 @@ manages (``StaticRoute.check``); every call is bounded by ``VTYSH_TIMEOUT``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import json
 import re
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nbdnats.errors import EndpointError
+from nbdnats.metal.tool import run_tool
 
 ROUTE_TAG = 28258
 """The route tag of the injector's static routes ("nb" in ASCII): its mark on a ToR."""
@@ -82,28 +81,20 @@ class FrrTor:
         for c in commands:
             argv += ["-c", c]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            rc, out, err = await run_tool(argv, timeout=VTYSH_TIMEOUT)
+        except FileNotFoundError:
+            raise EndpointError(f"ToR {self.name}: vtysh not found: install FRR") from None
         except OSError as e:
             raise EndpointError(f"ToR {self.name}: cannot run vtysh: {e.strerror}") from None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), VTYSH_TIMEOUT)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
             raise EndpointError(
                 f"ToR {self.name}: vtysh did not answer within {VTYSH_TIMEOUT:.0f} s; "
                 "check that zebra and staticd run"
             ) from None
-        if proc.returncode != 0:
+        if rc != 0:
             why = (err or out).decode(errors="replace").strip().splitlines()
             raise EndpointError(
-                f"ToR {self.name}: vtysh --vty_socket {self.vty} failed (rc {proc.returncode}): "
+                f"ToR {self.name}: vtysh --vty_socket {self.vty} failed (rc {rc}): "
                 f"{why[-1] if why else 'no output'}; check that FRR runs there"
             )
         return out.decode(errors="replace")

@@ -15,13 +15,12 @@ reconcile compares with the routes it keeps.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import json
-import shutil
 
 from nbdnats.errors import EndpointError, UsageError
+from nbdnats.metal.tool import run_tool
 
 DEFAULT_API = "127.0.0.1:50051"
 # A community of a private AS (RFC 6996): marks the paths this announcer owns in gobgpd's
@@ -205,31 +204,17 @@ class GobgpAnnouncer:
         return rib
 
     async def _gobgp(self, *args: str) -> str:
-        tool = shutil.which("gobgp")
-        if tool is None:
-            raise UsageError("gobgp not found: install gobgpd's client (Debian: gobgpd)")
-        proc = await asyncio.create_subprocess_exec(
-            tool,
-            "-u",
-            self.host,
-            "-p",
-            str(self.port),
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        argv = ["gobgp", "-u", self.host, "-p", str(self.port), *args]
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+            rc, out, err = await run_tool(argv, timeout=self.timeout)
+        except FileNotFoundError:
+            raise UsageError("gobgp not found: install gobgpd's client (Debian: gobgpd)") from None
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
             raise EndpointError(
                 f"gobgpd at {self.api} did not answer in {self.timeout:g}s: check that it runs"
             ) from None
         text = out.decode(errors="replace")
-        if proc.returncode != 0:
+        if rc != 0:
             raise EndpointError(self._failure(args, text + err.decode(errors="replace")))
         return text
 

@@ -14,13 +14,11 @@ adjacency then has no neighbours.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import ipaddress
 import json
 import logging
 import re
-import shutil
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,6 +26,7 @@ import msgspec
 
 from nbdnats import subjects
 from nbdnats.errors import SchemaError, UsageError
+from nbdnats.metal.tool import run_tool
 from nbdnats.schemas import MAX_ADJACENCY_BYTES, AdjacencyEvent, Uplink, decode, encode
 
 log = logging.getLogger("nbdnats.metal.network")
@@ -208,29 +207,16 @@ def _address(value: Any, *, link_local: bool = False) -> str | None:
 async def _run(argv: Sequence[str], timeout: float = TOOL_TIMEOUT) -> tuple[int, str, str]:
     """Run a tool (an argv, no shell): (exit status, stdout, stderr's last line). A tool
     that is missing or does not finish in time is exit status 127 or 124."""
-    tool = shutil.which(argv[0])
-    if tool is None:
-        return 127, "", f"{argv[0]} not found"
-    proc = await asyncio.create_subprocess_exec(
-        tool,
-        *argv[1:],
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        rc, out, err = await run_tool(argv, timeout=timeout)
+    except FileNotFoundError:
+        return 127, "", f"{argv[0]} not found"
     except TimeoutError:
         return 124, "", f"{argv[0]} did not finish in {timeout:g} s"
-    finally:  # timed out or cancelled: no tool outlives its run
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.shield(proc.wait())
     lines = [ln.strip() for ln in err.decode(errors="replace").splitlines() if ln.strip()]
     if len(out) > MAX_TOOL_OUTPUT:
         return 1, "", f"{argv[0]} printed more than {MAX_TOOL_OUTPUT} bytes"
-    return proc.returncode or 0, out.decode(errors="replace"), lines[-1] if lines else ""
+    return rc, out.decode(errors="replace"), lines[-1] if lines else ""
 
 
 async def existing_interfaces() -> set[str]:

@@ -8,16 +8,15 @@ direct swtpm or /dev/tpm0) they would fill the TPM's few object slots.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from nbdnats.errors import AttestationError, UsageError
 from nbdnats.metal.attest import DEFAULT_PCRS, credential_file
+from nbdnats.metal.tool import run_tool
 
 DEFAULT_EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 EK_HANDLE = 0x81010001
@@ -69,31 +68,17 @@ class Tpm:
         self.timeout = timeout
 
     async def _run(self, *argv: str, check: bool = True) -> tuple[int, bytes]:
-        tool = shutil.which(argv[0])
-        if tool is None:
-            raise UsageError(f"{argv[0]} not found: install tpm2-tools")
         env = dict(os.environ)
         env["TPM2TOOLS_TCTI"] = self.tcti or "device:/dev/tpmrm0"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        proc = await asyncio.create_subprocess_exec(
-            tool,
-            *argv[1:],
-            cwd=self.workdir,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+            rc, out, err = await run_tool(argv, timeout=self.timeout, env=env, cwd=self.workdir)
+        except FileNotFoundError:
+            raise UsageError(f"{argv[0]} not found: install tpm2-tools") from None
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
             raise AttestationError(
                 f"{argv[0]} did not finish in {self.timeout:g}s: check the TPM"
             ) from None
-        rc = proc.returncode or 0
         if check and rc != 0:
             lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
             last = lines[-1].strip() if lines else f"exit status {rc}"
