@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,10 +171,12 @@ def test_a_hosts_loopback_is_routed_by_the_tor_until_its_agent_stops(
 ) -> None:
     assert not site.far_reaches(LOOPBACK)
     site.start_injector()
+    t0 = time.monotonic()
     agent = _agent(site, start_agent, site.bm1, site.bm1_lldp, LOOPBACK)
     host_ll = link_local(site.bm1, "eth0")
 
     wait_for(lambda: bool(site.route(LOOPBACK)), "the /128 in FRR's RIB", BOUND)
+    print(f"\nagent start -> route in the ToR's RIB: {time.monotonic() - t0:.2f} s")
     (nh,) = site.route(LOOPBACK)
     assert (nh["ip"], nh["interfaceName"]) == (host_ll, "swp1")
     assert [(r["gateway"], r["dev"]) for r in site.fib(LOOPBACK)] == [(host_ll, "swp1")]
@@ -183,8 +186,10 @@ def test_a_hosts_loopback_is_routed_by_the_tor_until_its_agent_stops(
     assert line[:7] == ["bm1", "up", f"{LOOPBACK}/128", "eth0", host_ll, "tor1", "swp1"]
     assert " ".join(line[7:]) == "installed on tor1/swp1"
 
+    t0 = time.monotonic()
     assert agent.stop() == 0
     wait_for(lambda: not site.route(LOOPBACK), "the route withdrawn", BOUND)
+    print(f"agent SIGTERM -> route withdrawn: {time.monotonic() - t0:.2f} s")
     assert not site.fib(LOOPBACK)
     assert not site.far_reaches(LOOPBACK)
     # --release-loopbacks: the agent took its /128 off lo again.
@@ -204,6 +209,7 @@ def test_a_host_moved_to_another_port_has_its_route_moved(
     wait_for(lambda: site.far_reaches(LOOPBACK), "far reaching bm1's loopback", BOUND)
 
     # The cable moves from swp1 to swp2: LLDP tells the agent, the agent the injector.
+    t0 = time.monotonic()
     site.rack.unlink(site.bm1, "eth0")
     site.rack.link(site.tor, "swp2", site.bm1, "eth0")
     _default_route_via_tor(site.bm1, site.tor, "swp2")
@@ -213,6 +219,7 @@ def test_a_host_moved_to_another_port_has_its_route_moved(
         return [(n["ip"], n["interfaceName"]) for n in site.route(LOOPBACK)] == [(host_ll, "swp2")]
 
     wait_for(moved, "the route on swp2", BOUND)
+    print(f"\ncable moved -> route on the new port: {time.monotonic() - t0:.2f} s")
     assert [r["dev"] for r in site.fib(LOOPBACK)] == ["swp2"]
     wait_for(lambda: site.far_reaches(LOOPBACK), "far reaching bm1 on its new port", BOUND)
 
@@ -269,7 +276,9 @@ def test_an_agent_killed_without_a_word_is_withdrawn_once_lost(
     wait_for(lambda: bool(site.route(LOOPBACK)), "the /128 in FRR's RIB", BOUND)
     agent.proc.kill()  # no withdrawal: three intervals of silence make it lost
     agent.proc.wait(30)
+    t0 = time.monotonic()
     wait_for(lambda: not site.route(LOOPBACK), "the lost node's route withdrawn", BOUND)
+    print(f"\nagent killed -> lost route withdrawn: {time.monotonic() - t0:.2f} s")
     lost = [e for e in stored_events(site.url, "route") if e["action"] == "withdrawn"]
     assert [e["reason"] for e in lost] == ["lost"]
 
