@@ -7,11 +7,18 @@ The core calls ``done`` from one of its own threads; we hop onto the event loop 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
+from nbdnats import _core
 from nbdnats.errors import from_code
+
+# The core's threads must not call into Python once it starts finalizing (CPython aborts
+# the process): stop them from doing so, and wait for the calls under way, while the
+# interpreter is still whole.
+atexit.register(_core.shutdown)
 
 T = TypeVar("T")
 Done = Callable[[bool, object], None]

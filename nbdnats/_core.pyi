@@ -31,6 +31,7 @@ __all__ = [
     "is_zero",
     "list_journals",
     "merge_extents",
+    "shutdown",
     "start_bridge",
     "start_recv",
     "start_send",
@@ -123,6 +124,10 @@ class Transfer:
     def stats(self) -> Stats: ...
     @property
     def transfer_id(self) -> str: ...
+
+def shutdown() -> None:
+    """Stop delivering outcomes to Python and wait (at most 5 s) for those under way:
+    ``nbdnats._bridge`` registers it with ``atexit``."""
 
 def connect(
     servers: str,

@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -35,13 +35,59 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Outcomes being delivered to Python right now, and whether Python is going away. A core
+/// thread that takes the GIL while the interpreter finalizes aborts the process ("PyGILState_Release:
+/// thread state must be current"): a transfer that had finished, and said so, ended in a
+/// crash. `shutdown()` (an `atexit` hook, run while the interpreter is whole) stops new
+/// deliveries and waits for those under way; both sides hold the same lock.
+static DELIVERING: Mutex<(usize, bool)> = Mutex::new((0, false));
+static DELIVERED: Condvar = Condvar::new();
+/// How long `shutdown()` waits for deliveries under way (each is a short Python call).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+fn delivering() -> std::sync::MutexGuard<'static, (usize, bool)> {
+    DELIVERING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Stop delivering outcomes to Python and wait (without the GIL, at most `SHUTDOWN_WAIT`)
+/// for the ones under way; called from `atexit` by `nbdnats._bridge`.
+#[pyfunction]
+fn shutdown(py: Python<'_>) {
+    py.detach(|| {
+        let mut state = delivering();
+        state.1 = true;
+        let deadline = std::time::Instant::now() + SHUTDOWN_WAIT;
+        while state.0 > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = DELIVERED
+                .wait_timeout(state, left)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+    });
+}
+
 /// Deliver an outcome to Python's `done(ok, value)`; a failure is `(code, message,
-/// from_peer)`: its code, its message, and whether the peer reported it.
+/// from_peer)`: its code, its message, and whether the peer reported it. Nothing is
+/// delivered once Python is shutting down (nobody is left to wait for it).
 fn settle<T>(done: Py<PyAny>, result: Result<T>)
 where
     T: for<'py> IntoPyObject<'py> + Send,
 {
-    Python::attach(|py| {
+    {
+        let mut state = delivering();
+        if state.1 {
+            // `done` (a Python object) is dropped without the GIL: pyo3 defers its decref.
+            return;
+        }
+        state.0 += 1;
+    }
+    Python::try_attach(|py| {
         let called = match result {
             Ok(v) => done.call1(py, (true, v)),
             Err(e) => {
@@ -53,6 +99,9 @@ where
             e.print(py);
         }
     });
+    let mut state = delivering();
+    state.0 -= 1;
+    DELIVERED.notify_all();
 }
 
 fn spawn<T, F>(done: Py<PyAny>, work: F)
@@ -589,6 +638,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Stats>()?;
     m.add_class::<JournalEntry>()?;
     m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(start_send, m)?)?;
     m.add_function(wrap_pyfunction!(start_recv, m)?)?;
     m.add_function(wrap_pyfunction!(image_digest, m)?)?;
