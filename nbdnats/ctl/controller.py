@@ -387,9 +387,9 @@ class Controller:
                 refusals.append(e)
         if not changed:
             # A node that knows the transfer (it receives it, or it finished) says why.
-            for e in refusals:
-                if not str(e).endswith("(unknown)"):
-                    raise UsageError(str(e))
+            for refusal in refusals:
+                if not str(refusal).endswith("(unknown)"):
+                    raise UsageError(str(refusal))
             raise UsageError(
                 f"no node runs the sending end of transfer {transfer_id} "
                 "(see: nbd-nats ctl transfers)"

@@ -21,7 +21,7 @@ from tests.images import MiB, make_image, sha256_file
 def test_copy_at_50M_moves_256M_in_5_seconds(tmp_path: Path, start_nats) -> None:  # type: ignore[no-untyped-def]
     url = start_nats().url
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
-    want = make_image(src, 256 * MiB, [(0, 256 * MiB)])
+    want = make_image(src, 256 * MiB, [(n * 32 * MiB, 32 * MiB) for n in range(8)])
     proc = run_cli(
         "copy", str(src), str(dst), "--data-url", url, "--rate", "50M", "--json", timeout=120
     )
