@@ -98,7 +98,7 @@ def add_size_option(g: Any, flag: str, help: str, **kwargs: Any) -> None:
 
 RATE_HELP = (
     "cap the data sent at N bytes per second (K/M/G suffixes, binary: 50M is 50 MiB/s; "
-    "at most 1T); change it while running with 'nbd-nats ctl rate ID N' (default: no cap)"
+    "more than 0, at most 1T) (default: no cap)"
 )
 
 
