@@ -480,7 +480,11 @@ impl Peer {
         loop {
             let rate = progress.rate_limit.load(Relaxed);
             let Some(wait) = self.bucket.take(Instant::now().into_std(), rate, n) else {
-                return Ok(if waited { self.last_heard.max(began) } else { self.last_heard });
+                return Ok(if waited {
+                    self.last_heard.max(began)
+                } else {
+                    self.last_heard
+                });
             };
             waited = true;
             if self.last_sent.elapsed() >= KEEPALIVE {

@@ -54,7 +54,14 @@ mod tests {
 
     /// Send `frames` frames of `n` bytes as fast as the bucket lets them, on a fake clock
     /// that wakes `late` after each wait; returns when the last one went, from the start.
-    fn run(bucket: &mut Bucket, start: Instant, rate: u64, n: u64, frames: u64, late: Duration) -> Duration {
+    fn run(
+        bucket: &mut Bucket,
+        start: Instant,
+        rate: u64,
+        n: u64,
+        frames: u64,
+        late: Duration,
+    ) -> Duration {
         let mut now = start;
         for _ in 0..frames {
             while let Some(wait) = bucket.take(now, rate, n) {
@@ -88,7 +95,14 @@ mod tests {
         // Timers fire late; what accrued meanwhile pays the next frame, so the average
         // stays at the cap as long as the lateness is below one frame's time (20 ms here).
         let mut b = Bucket::default();
-        let took = run(&mut b, Instant::now(), 50 * MIB, MIB, 256, Duration::from_millis(3));
+        let took = run(
+            &mut b,
+            Instant::now(),
+            50 * MIB,
+            MIB,
+            256,
+            Duration::from_millis(3),
+        );
         let want = 254.0 / 50.0;
         assert!(took.as_secs_f64() - want < 0.03, "{took:?}");
     }
