@@ -12,6 +12,7 @@ __all__ = [
     "ERROR_CODES",
     "HEADER_LEN",
     "MAX_CHUNK",
+    "MAX_RATE",
     "MAX_WINDOW",
     "MIN_CHUNK",
     "MIN_WINDOW",
@@ -47,6 +48,8 @@ DEFAULT_TIMEOUT: float
 DEFAULT_CHUNK: int
 MIN_CHUNK: int
 MAX_CHUNK: int
+# The highest rate cap a transfer takes, in bytes/s.
+MAX_RATE: int
 # Every code a core failure carries (``nbdnats.errors`` maps each to its own class).
 ERROR_CODES: tuple[str, ...]
 # The attributes of a ``Stats``, in order.
@@ -107,6 +110,9 @@ class Stats:
     def dirty_bytes(self) -> int:
         """Bytes the source's dirty bitmap marked changed (0 unless a dirty transfer)."""
     @property
+    def rate_limit(self) -> int:
+        """The sender's rate cap in bytes/s (0: none)."""
+    @property
     def seconds(self) -> float: ...
     @property
     def digest(self) -> str | None: ...
@@ -121,6 +127,9 @@ class Transfer:
         """Stop the transfer. ``resumable``: an interruption (``cancelled``; the receiver's
         journal and the sender's key stay for ``--resume``); otherwise for good
         (``abandoned``): both ends drop what a resume would need."""
+    def set_rate(self, bytes_per_s: int) -> None:
+        """Cap the sending end at ``bytes_per_s`` (0: none) from now on; applies within
+        0.1 s. ``ValueError`` above ``MAX_RATE``."""
     def stats(self) -> Stats: ...
     @property
     def transfer_id(self) -> str: ...
@@ -162,9 +171,11 @@ def start_send(
     state_dir: str | None = None,
     allow_local_file: bool = False,
     dirty_bitmap: str | None = None,
+    rate: int | None = None,
 ) -> Transfer:
     """``dirty_bitmap``: a dirty transfer; ``src`` must be an NBD export offering
-    ``qemu:dirty-bitmap:NAME``, and only the ranges it marks changed are sent."""
+    ``qemu:dirty-bitmap:NAME``, and only the ranges it marks changed are sent. ``rate``: a
+    cap in bytes/s on the data frames sent (``None`` or 0: none; see ``Transfer.set_rate``)."""
 
 def start_recv(
     conn: DataConnection,
@@ -200,12 +211,14 @@ def start_bridge(
     size: int | None = None,
     chunk_size: int | None = None,
     return_subjects: tuple[str, str, str] | None = None,
+    rate: int | None = None,
 ) -> Transfer:
     """Listen on the unix socket ``listen`` for one client and push what it writes as a
     stream of writes: ``kind`` "nbd" (an NBD export of ``size`` bytes; each write is
     answered once the receiver wrote it) or "stream" (a byte stream; with
     ``return_subjects`` what comes back on them is written into the same connection).
-    The socket exists when this returns and is removed once the client is connected."""
+    The socket exists when this returns and is removed once the client is connected.
+    ``rate``: a cap in bytes/s on what is pushed, as for ``start_send``."""
 
 def image_digest(
     src: str,

@@ -8,6 +8,7 @@ carries ``v`` (``SCHEMA_VERSION``); a receiver refuses versions newer than its o
     ctl.cmd.<node>.recv        RecvCommand       -> Reply
     ctl.cmd.<node>.provision   ProvisionCommand  -> Reply
     ctl.cmd.<node>.cancel      CancelCommand     -> Reply
+    ctl.cmd.<node>.rate        RateCommand       -> Reply        (the sending end's agent)
     ctl.cmd.<node>.checkpoint  CheckpointCommand -> Reply        (an incremental backup's source)
     ctl.cmd.<node>.migrate     MigrateCommand    -> Reply        (the source's agent)
     ctl.cmd.<node>.incoming    IncomingCommand   -> IncomingReply (the destination's agent)
@@ -45,7 +46,7 @@ import msgspec
 from nbdnats import _core
 from nbdnats.errors import QmpCommandError, SchemaError, from_code
 from nbdnats.subjects import TOKEN_PATTERN
-from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
+from nbdnats.units import MAX_RATE, MAX_SIZE, MAX_TIMEOUT
 
 SCHEMA_VERSION = 1
 
@@ -59,6 +60,8 @@ Role = Literal["host", "installer"]
 # (JSON has no NaN or infinity; a number too large for a float is refused too).
 Bytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
 """A size, length, offset or rate in bytes: 0 to 2^63 - 1."""
+Rate = Annotated[int, msgspec.Meta(gt=0, le=MAX_RATE)]
+"""A rate cap in bytes/s: more than 0, at most the core's ``MAX_RATE`` (no cap: leave it out)."""
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT)]
 """A timeout: 0 (no limit) to ``MAX_TIMEOUT`` (7 days)."""
 Interval = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT)]
@@ -148,12 +151,14 @@ class Tool(Message, kw_only=True):
 
 class TransferOptions(Message, kw_only=True):
     """``raw``: a file endpoint whose header names an image format (qcow2, vmdk, ...) is
-    moved as the bytes it holds, not as the disk it holds through qemu-nbd."""
+    moved as the bytes it holds, not as the disk it holds through qemu-nbd.
+    ``rate``: the sending end's cap in bytes/s (None: no cap; a receiver ignores it)."""
 
     window: Bytes | None = None
     timeout: Seconds | None = None
     verify: bool = False
     raw: bool = False
+    rate: Rate | None = None
 
 
 class Incremental(Message, kw_only=True):
@@ -228,6 +233,14 @@ class CancelCommand(Message, kw_only=True):
     transfer_id: str
 
 
+class RateCommand(Message, kw_only=True):
+    """Change the rate cap of transfer (or migration) ``transfer_id``'s sending end on this
+    node, from now on: ``rate`` bytes/s, or None to lift the cap."""
+
+    transfer_id: str
+    rate: Rate | None = None
+
+
 class CheckpointCommand(Message, kw_only=True):
     """The end of an incremental backup's checkpoint (``transfer_id``: the backup's, as
     its ``SendCommand`` named it): ``ok``, every disk's snapshot is stored, so the source
@@ -246,6 +259,7 @@ class MigrateCommand(Command, kw_only=True):
     to_node: str
     timeout: Seconds = _core.DEFAULT_TIMEOUT
     mirror_speed: Bytes = 0
+    rate: Rate | None = None
     return_path: bool = False
 
 
@@ -497,6 +511,8 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     sent_bytes: int = 0
     # Bytes a dirty bitmap marked changed (a dirty transfer; 0 otherwise).
     dirty_bytes: int = 0
+    # The sending end's rate cap in bytes/s (0: none).
+    rate_limit: int = 0
     error_code: str | None = None
     error: str | None = None
     # The error is the peer's (reported to this end), so this end's failure is a consequence.
@@ -535,6 +551,8 @@ class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
     sent_bytes: int
     # Bytes the source's dirty bitmap marked changed: 0 unless --dirty-bitmap.
     dirty_bytes: int
+    # The sender's rate cap in bytes/s when it ended (--rate, ctl rate); 0: none.
+    rate_limit: int = 0
     # The endpoint's image format when it is a file or device ("raw", "qcow2", ...).
     format: str | None = None
     sender: Report | None = None

@@ -23,7 +23,7 @@ from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, TransferTimeout, UsageError
 from nbdnats.planes import Login, Planes, urls_given
 from nbdnats.schemas import TransferEvent, encode, from_stats
-from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
+from nbdnats.units import MAX_RATE, MAX_SIZE, MAX_TIMEOUT
 
 TransferStats = _core.Stats
 ProgressCallback = Callable[[TransferStats], None]
@@ -52,10 +52,24 @@ def _check_size(n: int | None, what: str) -> None:
         raise UsageError(f"{what} {n} must be from 0 to 2^63 - 1 bytes")
 
 
+def check_rate(rate: int | None, what: str = "--rate") -> None:
+    """A rate cap in bytes/s: ``None`` (none), or 1 to ``MAX_RATE``."""
+    if rate is not None and not 0 < rate <= MAX_RATE:
+        raise UsageError(
+            f"{what} {rate} must be from 1 to {MAX_RATE} bytes/s (1 TiB/s); leave it out for no cap"
+        )
+
+
 def check_options(
-    *, window: int, timeout: float, chunk_size: int | None = None, size: int | None = None
+    *,
+    window: int,
+    timeout: float,
+    chunk_size: int | None = None,
+    size: int | None = None,
+    rate: int | None = None,
 ) -> None:
     """Reject bad numbers before anything connects (the core checks them again)."""
+    check_rate(rate)
     if not _core.MIN_WINDOW <= window <= _core.MAX_WINDOW:
         raise UsageError(
             f"--window {window} must be between {_core.MIN_WINDOW} and {_core.MAX_WINDOW} bytes "
@@ -147,6 +161,13 @@ class TransferHandle:
         signal or cancelling the task that awaits ``wait()`` does (``TransferCancelled``):
         the receiver keeps its journal and the sender its key for ``resume``."""
         self._core.cancel(resumable)
+
+    def set_rate(self, rate: int | None) -> None:
+        """Cap this transfer's sending end at ``rate`` bytes/s from now on (``None``: no
+        cap); a frame waiting for the old cap sees the new one within 0.1 s. On a
+        receiving end it only shows in the stats (the sender paces the transfer)."""
+        check_rate(rate, "rate")
+        self._core.set_rate(rate or 0)
 
     def done(self) -> bool:
         return self._outcome.done()
@@ -342,6 +363,7 @@ async def start_send(
     allow_local_file: bool = False,
     raw: bool = False,
     dirty_bitmap: str | None = None,
+    rate: int | None = None,
 ) -> TransferHandle:
     """``state_dir``: where the sender keeps the key that binds the transfer to it (see
     ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer.
@@ -351,8 +373,10 @@ async def start_send(
     (also on ``start_recv``, where such a file is written through a writable one).
     ``dirty_bitmap``: send only what that dirty bitmap of ``src`` marks changed (an NBD
     export offering ``qemu:dirty-bitmap:NAME``, or an image file holding the bitmap); the
-    receiver's target must hold the previous image, or it merges a ``base``."""
-    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
+    receiver's target must hold the previous image, or it merges a ``base``.
+    ``rate``: cap the data frames sent at that many bytes/s (``None``: no cap; change it
+    with ``TransferHandle.set_rate``)."""
+    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size, rate=rate)
     check_dirty(dirty_bitmap, resume=resume)
     served = await formats.serve(src, target=False, raw=raw, bitmap=dirty_bitmap)
     return await _start(
@@ -374,6 +398,7 @@ async def start_send(
             state_dir=str(resolve_state_dir(state_dir)),
             allow_local_file=allow_local_file,
             dirty_bitmap=dirty_bitmap,
+            rate=rate,
         ),
         served,
     )
@@ -449,14 +474,16 @@ async def start_bridge(
     window: int = _core.DEFAULT_WINDOW,
     timeout: float = DEFAULT_TIMEOUT,
     return_id: str | None = None,
+    rate: int | None = None,
 ) -> TransferHandle:
     """Serve the unix socket ``listen`` for one local producer and send what it writes:
     ``kind`` "nbd" (an NBD export of ``size`` bytes, e.g. for QEMU's mirror) or "stream"
     (a byte stream, e.g. QEMU's migration). The receiver is an ordinary ``start_recv``
     (an NBD export, or ``unix:PATH``). The socket exists when this returns. With
     ``return_id`` ("stream" only), transfer ``return_id`` is received back into the same
-    connection: the stream is full-duplex."""
-    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
+    connection: the stream is full-duplex. ``rate`` caps what is pushed, as for
+    ``start_send``."""
+    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size, rate=rate)
     return await _start(
         planes,
         transfer_id,
@@ -473,6 +500,7 @@ async def start_bridge(
             window=window,
             timeout_s=timeout,
             return_subjects=back,
+            rate=rate,
         ),
     )
 
@@ -577,11 +605,12 @@ async def copy_ends(
     raw: bool = False,
     dirty_bitmap: str | None = None,
     base: str | None = None,
+    rate: int | None = None,
 ) -> CopyStats:
-    """``copy``, returning both ends' final stats. ``allow_local_file``, ``raw`` and
-    ``dirty_bitmap`` as for ``send``; ``base`` as for ``start_recv``."""
+    """``copy``, returning both ends' final stats. ``allow_local_file``, ``raw``,
+    ``dirty_bitmap`` and ``rate`` as for ``send``; ``base`` as for ``start_recv``."""
     transfer_id = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
-    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
+    check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size, rate=rate)
     check_dirty(dirty_bitmap, resume=resume)
     # What either end would refuse (an image format without qemu-nbd) before any starts.
     formats.check(src, raw=raw)
@@ -605,7 +634,7 @@ async def copy_ends(
         receiver = await start_recv(dst, target_is_zero=target_is_zero, base=base, **both)
         try:
             sender = await start_send(
-                src, size=size, chunk_size=chunk_size, dirty_bitmap=dirty_bitmap, **both
+                src, size=size, chunk_size=chunk_size, dirty_bitmap=dirty_bitmap, rate=rate, **both
             )
         except BaseException:
             receiver.cancel()  # and let go of its target (and its qemu-nbd) before failing
@@ -638,6 +667,7 @@ async def copy(
     raw: bool = False,
     dirty_bitmap: str | None = None,
     base: str | None = None,
+    rate: int | None = None,
 ) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server.
     Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both.
@@ -663,6 +693,7 @@ async def copy(
         raw=raw,
         dirty_bitmap=dirty_bitmap,
         base=base,
+        rate=rate,
     )
     return ends.receiver
 

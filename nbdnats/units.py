@@ -3,6 +3,8 @@
 Sizes: 4096, 4K, 4KiB, 1.5G, 2MB (binary multiples, as qemu-img), at most ``MAX_SIZE``
 (below 2^63: what every size, offset and length of the core and of NBD holds).
 Printed: sizes in binary units (``human``), rates in MB/s (``rate``), times as m:ss (``clock``).
+Rate caps: a size per second (50M: 50 MiB/s; ``/s`` may follow), more than 0 and at most
+``MAX_RATE`` (the core's, 1 TiB/s).
 Timeouts: seconds, finite, from 0 to ``MAX_TIMEOUT`` (a week); what reaches a sleep or the
 core's clock is never NaN, infinite or negative.
 """
@@ -15,11 +17,13 @@ import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
+from nbdnats import _core
 from nbdnats.errors import UsageError
 
 MAX_SIZE = 2**63 - 1
 MAX_TIMEOUT = 7 * 86400.0
 MAX_DURATION = 100 * 365 * 86400.0  # dates this far off still compute
+MAX_RATE: int = _core.MAX_RATE
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", re.IGNORECASE)
 _POWER = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
@@ -37,6 +41,39 @@ def _size(text: str) -> int:
     if value > MAX_SIZE:
         raise ValueError("is more than the largest size, 2^63 - 1 bytes (8 EiB)")
     return int(value)
+
+
+def _rate(text: str) -> int:
+    """The rate cap ``text`` says in bytes/s, or ``ValueError`` with what is wrong with it."""
+    body = text.strip()
+    if body[-2:].lower() == "/s":
+        body = body[:-2]
+    try:
+        value = _size(body)
+    except ValueError:
+        value = -1
+    if not 0 < value <= MAX_RATE:
+        raise ValueError(
+            "is not a rate cap: use bytes per second above 0, with a suffix like 512K, 50M or "
+            "1G (binary, per second), at most 1T (1 TiB/s)"
+        )
+    return value
+
+
+def parse_rate(text: str, what: str = "rate") -> int:
+    """A rate cap in bytes/s (``50M``: 50 MiB/s) from 1 to ``MAX_RATE``."""
+    try:
+        return _rate(text)
+    except ValueError as e:
+        raise UsageError(f"invalid {what}: {text!r} {e}") from None
+
+
+def rate_arg(text: str) -> int:
+    """argparse ``type`` of ``--rate``: one line saying what is wrong, exit 2."""
+    try:
+        return _rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} {e}") from None
 
 
 def _timeout(text: str, zero: bool) -> float:

@@ -18,6 +18,7 @@ mod micro;
 pub mod pool;
 pub mod push;
 mod py;
+pub mod rate;
 pub mod recv;
 pub mod relay;
 pub mod send;

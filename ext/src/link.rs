@@ -20,6 +20,7 @@ use crate::frame::{
     Ack, AckBody, AckKind, ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION,
 };
 use crate::handshake::{decode, encode, OpenReply, OpenRequest, CHECKING};
+use crate::rate::Bucket;
 use crate::stats::{Progress, State};
 use crate::window::{max_frames_in_window, Window};
 
@@ -315,7 +316,12 @@ pub(crate) struct Peer {
     pub backoff: u32,
     /// How long the receiver may stay silent; `None` waits forever.
     pub timeout: Option<Duration>,
+    /// Paces data frames to the transfer's rate cap (`Progress::rate_limit`).
+    pub bucket: Bucket,
 }
+
+/// How often a wait for the rate cap looks at the cap again (it may have been changed).
+const RATE_RECHECK: Duration = Duration::from_millis(100);
 
 impl Peer {
     pub fn new(window: Window, timeout: Option<Duration>) -> Peer {
@@ -327,6 +333,7 @@ impl Peer {
             last_sent: Instant::now(),
             backoff: 1,
             timeout,
+            bucket: Bucket::default(),
         }
     }
 
@@ -431,6 +438,7 @@ impl Peer {
         faults: Option<&mut Faults>,
         cancel: &CancellationToken,
     ) -> Result<()> {
+        let heard = self.pace(conn, subjects, &frame, progress, cancel).await?;
         self.last_sent = Instant::now();
         Progress::add(
             &progress.sent_bytes,
@@ -441,7 +449,58 @@ impl Peer {
             Some(ChunkFate::Send(f)) => f,
             None => frame,
         };
-        let deadline = self.last_heard + self.timeout.unwrap_or(FOREVER);
+        let deadline = heard + self.timeout.unwrap_or(FOREVER);
         publish_frame(conn, &subjects.chunks, frame, deadline, cancel).await
+    }
+
+    /// Hold a data frame back until the rate cap lets it go; other frames (END, keepalives,
+    /// zeros: no payload) pass at once. The cap is read again at least every
+    /// `RATE_RECHECK`, so a change applies within that. While it waits it keeps the
+    /// receiver from thinking us gone (keepalives); the time it waits is ours, not the
+    /// receiver's silence, so the peer timeout counts from when the wait began. Returns
+    /// when the receiver counts as last heard: then, or `last_heard` if nothing waited.
+    async fn pace(
+        &mut self,
+        conn: &DataConn,
+        subjects: &Subjects,
+        frame: &Bytes,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<Instant> {
+        let Ok((header, payload)) = ChunkHeader::parse(frame) else {
+            return Ok(self.last_heard);
+        };
+        if header.kind != Kind::Data {
+            return Ok(self.last_heard);
+        }
+        let n = payload.len() as u64;
+        let began = Instant::now();
+        let deadline = self.last_heard.max(began) + self.timeout.unwrap_or(FOREVER);
+        let mut waited = false;
+        loop {
+            let rate = progress.rate_limit.load(Relaxed);
+            let Some(wait) = self.bucket.take(Instant::now().into_std(), rate, n) else {
+                return Ok(if waited {
+                    self.last_heard.max(began)
+                } else {
+                    self.last_heard
+                });
+            };
+            waited = true;
+            if self.last_sent.elapsed() >= KEEPALIVE {
+                self.last_sent = Instant::now();
+                let ka = control_frame(Kind::Keepalive, header.session, header.seq);
+                publish_frame(conn, &subjects.chunks, ka, deadline, cancel).await?;
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+                _ = tokio::time::sleep_until(deadline) => return Err(Error::Timeout(format!(
+                    "the rate cap held a frame back for longer than the timeout ({}s); raise the rate or the timeout",
+                    self.timeout.unwrap_or(FOREVER).as_secs_f64()
+                ))),
+                _ = tokio::time::sleep(wait.min(RATE_RECHECK)) => {}
+            }
+        }
     }
 }

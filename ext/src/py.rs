@@ -218,6 +218,20 @@ impl Transfer {
         self.cancel.cancel();
     }
 
+    /// Cap the sending end at `bytes_per_s` (0: no cap), from the next data frame on; a
+    /// frame waiting for the old cap sees the new one within 0.1 s. A receiving end has
+    /// nothing to pace: the cap is kept and shown in its stats only.
+    fn set_rate(&self, bytes_per_s: u64) -> PyResult<()> {
+        if bytes_per_s > crate::rate::MAX_RATE {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "a rate cap of {bytes_per_s} bytes/s is more than the most a transfer takes, {} bytes/s (1 TiB/s)",
+                crate::rate::MAX_RATE
+            )));
+        }
+        self.progress.rate_limit.store(bytes_per_s, Relaxed);
+        Ok(())
+    }
+
     /// A snapshot of the transfer's statistics.
     fn stats(&self) -> Stats {
         Stats::from(self.progress.as_ref())
@@ -271,7 +285,8 @@ stats! { p =>
     }
     counters [
         size, done_bytes, data_bytes, zero_bytes, frames, bad_frames, duplicate_frames,
-        corrupt_frames, retransmits, resumes, sent_bytes, chunk_size, window, dirty_bytes
+        corrupt_frames, retransmits, resumes, sent_bytes, chunk_size, window, dirty_bytes,
+        rate_limit
     ]
     {
         seconds: f64 = p.seconds(),
@@ -341,6 +356,7 @@ fn connect(
 fn start(
     role: &'static str,
     transfer_id: String,
+    rate: Option<u64>,
     done: Py<PyAny>,
     work: impl FnOnce(
         Arc<Progress>,
@@ -348,6 +364,8 @@ fn start(
     ) -> futures::future::BoxFuture<'static, Result<()>>,
 ) -> Transfer {
     let progress = Arc::new(Progress::new(&transfer_id, role));
+    let rate = rate.unwrap_or(0).min(crate::rate::MAX_RATE);
+    progress.rate_limit.store(rate, Relaxed);
     let cancel = CancellationToken::new();
     let fut = work(progress.clone(), cancel.clone());
     let finished = progress.clone();
@@ -365,7 +383,7 @@ fn start(
 
 /// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false, dirty_bitmap=None))]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false, dirty_bitmap=None, rate=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_send(
     conn: &DataConnection,
@@ -382,6 +400,7 @@ fn start_send(
     state_dir: Option<std::path::PathBuf>,
     allow_local_file: bool,
     dirty_bitmap: Option<String>,
+    rate: Option<u64>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
@@ -394,7 +413,7 @@ fn start_send(
         resume,
         key_file: state_dir.map(|d| crate::handshake::key_path(&d, &transfer_id)),
     };
-    start("send", transfer_id, done, move |progress, cancel| {
+    start("send", transfer_id, rate, done, move |progress, cancel| {
         async move {
             let access = Access {
                 allow_local_file,
@@ -452,7 +471,7 @@ fn start_recv(
         target,
         expect_sha256: None,
     };
-    start("recv", transfer_id, done, move |progress, cancel| {
+    start("recv", transfer_id, None, done, move |progress, cancel| {
         async move {
             let opts = RecvOptions {
                 expect_sha256: expected.transpose()?,
@@ -492,7 +511,7 @@ fn start_recv(
 /// into) or "stream" (a byte stream, such as QEMU's outgoing migration). The socket exists
 /// when this returns; see `_core.pyi`.
 #[pyfunction]
-#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, size=None, chunk_size=None, return_subjects=None))]
+#[pyo3(signature = (conn, kind, listen, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, size=None, chunk_size=None, return_subjects=None, rate=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_bridge(
     conn: &DataConnection,
@@ -506,6 +525,7 @@ fn start_bridge(
     size: Option<u64>,
     chunk_size: Option<u64>,
     return_subjects: Option<(String, String, String)>,
+    rate: Option<u64>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
@@ -519,7 +539,7 @@ fn start_bridge(
         timeout: timeout(timeout_s),
         back: return_subjects.map(self::subjects),
     };
-    start("send", transfer_id, done, move |progress, cancel| {
+    start("send", transfer_id, rate, done, move |progress, cancel| {
         async move {
             let listener = bound?;
             relay::bridge(conn, listener, path, subjects, opts, progress, cancel).await
@@ -626,6 +646,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_CHUNK", conn::DEFAULT_CHUNK)?;
     m.add("MIN_CHUNK", conn::MIN_CHUNK)?;
     m.add("MAX_CHUNK", conn::MAX_CHUNK)?;
+    m.add("MAX_RATE", crate::rate::MAX_RATE)?;
     m.add("ERROR_CODES", PyTuple::new(m.py(), crate::error::CODES)?)?;
     m.add("STATS_FIELDS", PyTuple::new(m.py(), STATS_FIELDS)?)?;
     m.add("CONTENT_ALGORITHM", crate::checksum::CONTENT_ALGORITHM)?;

@@ -52,6 +52,9 @@ pub struct Progress {
     pub resumes: AtomicU64,
     pub chunk_size: AtomicU64,
     pub window: AtomicU64,
+    /// The sender's rate cap in bytes/s (0: none), read before every data frame, so a
+    /// change (`Transfer.set_rate`) applies to the running transfer.
+    pub rate_limit: AtomicU64,
     pub verified: AtomicBool,
     /// Cancelled on purpose, for good: the cancellation ends it `abandoned`, not resumable.
     pub abandoned: AtomicBool,
@@ -90,6 +93,7 @@ impl Progress {
             sent_bytes: AtomicU64::new(0),
             chunk_size: AtomicU64::new(0),
             window: AtomicU64::new(0),
+            rate_limit: AtomicU64::new(0),
             verified: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             state: AtomicU8::new(State::Connecting as u8),

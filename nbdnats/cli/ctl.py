@@ -20,6 +20,7 @@ from nbdnats.cli.options import (
     add_command,
     add_login_options,
     add_progress_option,
+    add_rate_option,
     add_size_option,
     add_timeout_option,
     login_from,
@@ -54,7 +55,7 @@ from nbdnats.schemas import (
     TransferEvent,
     TransferOptions,
 )
-from nbdnats.units import MAX_TIMEOUT, count_arg, human, parse_duration, rate
+from nbdnats.units import MAX_TIMEOUT, count_arg, human, parse_duration, rate, rate_arg
 
 EPILOG = """\
 examples:
@@ -120,6 +121,11 @@ def add_parser(sub: Any) -> None:
             default=None,
         )
         a.add_argument("--verify", action="store_true", help="read the target back and compare")
+        add_rate_option(
+            a,
+            "cap the data sent at N bytes/s (K/M/G, binary: 50M is 50 MiB/s; at most 1T); "
+            "change it with 'ctl rate ID N' (default: no cap)",
+        )
         a.add_argument(
             "--raw",
             action="store_true",
@@ -265,6 +271,11 @@ def add_parser(sub: Any) -> None:
     add_size_option(
         m, "--mirror-speed", "cap the disks' bulk copy, bytes/s (default: none)", default=0
     )
+    add_rate_option(
+        m,
+        "cap the migration at N bytes/s (K/M/G, binary), QEMU's own limits set to agree "
+        "(see nbd-nats migrate --help); change it with 'ctl rate ID N'",
+    )
     m.add_argument(
         "--return-path",
         action="store_true",
@@ -277,6 +288,16 @@ def add_parser(sub: Any) -> None:
     x = actions.add_parser("cancel", help="cancel a transfer wherever it runs")
     x.add_argument("transfer_id", metavar="ID")
 
+    r = actions.add_parser(
+        "rate",
+        help="change a running transfer's (or migration's) rate cap",
+        description="Cap the sending end of transfer (or migration) ID at N bytes/s from now "
+        "on, wherever it runs; it takes effect within a second. N: a size per second (512K, "
+        "50M, 1G; binary), at most 1T, or 'off' to lift the cap.",
+    )
+    r.add_argument("transfer_id", metavar="ID")
+    r.add_argument("rate", type=_rate_or_off, metavar="N")
+
     e = actions.add_parser("events", help="show events live (or replay stored ones)")
     e.add_argument("--since", metavar="DURATION", help="replay from this long ago (10m, 2h)")
     e.add_argument("--seq", type=count_arg, metavar="N", help="replay from stream sequence N")
@@ -287,6 +308,11 @@ def add_parser(sub: Any) -> None:
     )
     e.add_argument("--no-follow", action="store_true", help="stop after the stored events")
     e.add_argument("--count", type=count_arg, metavar="N", help="stop after N events")
+
+
+def _rate_or_off(text: str) -> int | None:
+    """``ctl rate``'s N: a rate cap (``units.rate_arg``), or ``off`` (None: no cap)."""
+    return None if text.strip().lower() == "off" else rate_arg(text)
 
 
 def _add_enrollments(p: argparse.ArgumentParser) -> None:
@@ -501,6 +527,11 @@ async def run(args: argparse.Namespace) -> None:
             where = await c.cancel(args.transfer_id)
             out(f"cancelled {args.transfer_id} on {', '.join(where)}\n")
             return
+        if cmd == "rate":
+            where = await c.rate(args.transfer_id, args.rate)
+            cap = f"{human(args.rate)}/s" if args.rate else "no cap"
+            out(f"rate of {args.transfer_id} on {', '.join(where)}: {cap}\n")
+            return
         if cmd == "events":
             await _events(c, args)
             return
@@ -562,7 +593,7 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
     # Chosen here so that a failure's --json line can name it too.
     args.transfer_id = args.transfer_id or subjects.new_id()
     opts = TransferOptions(
-        window=args.window, timeout=args.timeout, verify=args.verify, raw=args.raw
+        window=args.window, timeout=args.timeout, verify=args.verify, raw=args.raw, rate=args.rate
     )
     quiet = args.json or args.detach or args.progress_fd is not None
     progress = EndsProgress(not quiet or args.progress, forced=args.progress)
@@ -676,6 +707,7 @@ async def _migrate(c: Controller, args: argparse.Namespace) -> None:
         migration_id=args.transfer_id,
         timeout=args.timeout,
         mirror_speed=args.mirror_speed,
+        rate=args.rate,
         return_path=args.return_path,
         wait=not args.detach,
         on_event=show,

@@ -12,7 +12,13 @@ from typing import Any
 import msgspec
 
 from nbdnats import _core, subjects
-from nbdnats.cli.options import add_command, add_login_options, add_timeout_option, login_from
+from nbdnats.cli.options import (
+    add_command,
+    add_login_options,
+    add_rate_option,
+    add_timeout_option,
+    login_from,
+)
 from nbdnats.cli.output import print_result
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import NbdNatsError, UsageError
@@ -72,6 +78,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="0",
         metavar="BYTES",
         help="cap the disks' bulk copy at BYTES per second, like 50M (default: no cap)",
+    )
+    add_rate_option(
+        p,
+        "cap the migration at N bytes/s (K/M/G, binary: 50M is 50 MiB/s; at most 1T): "
+        "QEMU's max-bandwidth and the RAM's NATS stream take N, the disks' mirror jobs and "
+        "their streams share it (N / disks, or --mirror-speed when lower) (default: no cap)",
     )
     p.add_argument(
         "--return-path",
@@ -160,6 +172,7 @@ async def run(args: argparse.Namespace) -> None:
                     migration_id=migration_id,
                     timeout=args.timeout,
                     mirror_speed=speed,
+                    rate=args.rate,
                     return_path=args.return_path,
                     on_progress=None if (args.quiet or args.json) else show,
                 )

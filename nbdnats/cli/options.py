@@ -14,7 +14,7 @@ from typing import Any
 
 from nbdnats import _core
 from nbdnats.planes import Login
-from nbdnats.units import size_arg, timeout_arg
+from nbdnats.units import rate_arg, size_arg, timeout_arg
 
 GLOBAL_OPTIONS = "global options (before or after ACTION)"
 
@@ -94,6 +94,17 @@ def login_from(args: argparse.Namespace) -> Login:
 def add_size_option(g: Any, flag: str, help: str, **kwargs: Any) -> None:
     """An option taking a size as people type it (4096, 4K, 1.5G), checked as it is parsed."""
     g.add_argument(flag, type=size_arg, metavar="BYTES", help=help, **kwargs)
+
+
+RATE_HELP = (
+    "cap the data sent at N bytes per second (K/M/G suffixes, binary: 50M is 50 MiB/s; "
+    "more than 0, at most 1T) (default: no cap)"
+)
+
+
+def add_rate_option(g: Any, help: str = RATE_HELP) -> None:
+    """--rate: a cap in bytes/s, checked as it is parsed (``units.rate_arg``)."""
+    g.add_argument("--rate", type=rate_arg, metavar="N", help=help)
 
 
 def add_timeout_option(

@@ -16,6 +16,7 @@ from nbdnats import _core, formats, subjects
 from nbdnats.cli.options import (
     add_login_options,
     add_progress_option,
+    add_rate_option,
     add_size_option,
     add_state_dir_option,
     add_timeout_option,
@@ -116,6 +117,7 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
             "--chunk-size",
             "bytes per frame (default: 1020K, or what the server's max_payload allows)",
         )
+        add_rate_option(t)
     add_size_option(
         t,
         "--window",
@@ -253,6 +255,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 size=args.size,
                 chunk_size=args.chunk_size,
                 dirty_bitmap=args.dirty_bitmap,
+                rate=args.rate,
                 **common,
             )
         elif args.command == "recv":
@@ -273,6 +276,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 target_is_zero=args.target_is_zero,
                 dirty_bitmap=args.dirty_bitmap,
                 base=args.base,
+                rate=args.rate,
                 **common,
             )
         result = await call

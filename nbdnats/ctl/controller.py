@@ -77,6 +77,7 @@ from nbdnats.schemas import (
     ProvisionCommand,
     QuoteCommand,
     QuoteReply,
+    RateCommand,
     RecvCommand,
     Reply,
     RoutesQuery,
@@ -368,6 +369,32 @@ class Controller:
             found = [b for b in await self.backups(node, tool) if b.id.startswith(wanted)]
             return found[0] if len(found) == 1 else None
         return choose_backup(await self.backups(node, tool, disk=disk), disk, tool.repo or "")
+
+    async def rate(
+        self, transfer_id: str, rate: int | None, nodes: list[str] | None = None
+    ) -> list[str]:
+        """Cap the sending end of a transfer (or migration) wherever it runs at ``rate``
+        bytes/s from now on (None: lift the cap); returns the nodes that changed it."""
+        cmd = RateCommand(transfer_id=subjects.check_token(transfer_id, "transfer id"), rate=rate)
+        names = nodes or [n.node for n in await self.nodes()]
+        changed: list[str] = []
+        refusals: list[NbdNatsError] = []
+        for node in names:
+            try:
+                await self._command(node, "rate", cmd)
+                changed.append(node)
+            except NbdNatsError as e:
+                refusals.append(e)
+        if not changed:
+            # A node that knows the transfer (it receives it, or it finished) says why.
+            for refusal in refusals:
+                if not str(refusal).endswith("(unknown)"):
+                    raise UsageError(str(refusal))
+            raise UsageError(
+                f"no node runs the sending end of transfer {transfer_id} "
+                "(see: nbd-nats ctl transfers)"
+            )
+        return changed
 
     async def cancel(self, transfer_id: str, nodes: list[str] | None = None) -> list[str]:
         """Cancel a transfer wherever it runs; returns the nodes that had it running."""
@@ -898,12 +925,14 @@ class Controller:
         migration_id: str | None = None,
         timeout: float = _core.DEFAULT_TIMEOUT,
         mirror_speed: int = 0,
+        rate: int | None = None,
         return_path: bool = False,
         wait: bool = True,
         on_event: Callable[[MigrationEvent], None] | None = None,
     ) -> MigrationEvent | str:
         """Live-migrate VM ``src[1]`` from node ``src[0]`` to node ``dst`` (whose agent knows
-        the destination QEMU by the same name). Returns the final ``MigrationEvent``
+        the destination QEMU by the same name). ``rate``: a cap in bytes/s, as
+        ``nbdnats.migration.run.migrate`` applies it. Returns the final ``MigrationEvent``
         (``state == "done"``) or raises the migration's error."""
         mid, key = self._ids(migration_id)
         node, vm = src
@@ -925,6 +954,7 @@ class Controller:
                 to_node=dst,
                 timeout=timeout,
                 mirror_speed=mirror_speed,
+                rate=rate,
                 return_path=return_path,
             )
             await self._command(node, "migrate", cmd)

@@ -60,6 +60,7 @@ from nbdnats.schemas import (
     MigrateCommand,
     MigrationEvent,
     ProvisionCommand,
+    RateCommand,
     RecvCommand,
     Reply,
     SendCommand,
@@ -142,6 +143,8 @@ class Jobs:
         self._forget = forget
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.migrations: dict[str, asyncio.Task[None]] = {}
+        # A running migration's ``set_rate`` (its QEMU limits and its NATS streams).
+        self.migration_rates: dict[str, Callable[[int | None], Awaitable[None]]] = {}
         self.holds: OrderedDict[str, Hold] = OrderedDict()  # by the backup's transfer id
         self._publishing: set[asyncio.Task[None]] = set()
         # Counters of finished jobs (running ones are added at each scrape).
@@ -279,7 +282,12 @@ class Jobs:
             endpoint, shown = run.endpoint, tools.shown(argv)
         # The policy has checked every file an NBD URI names (policy.nbd_uri).
         started = start_send(
-            endpoint, size=size, chunk_size=cmd.chunk_size, allow_local_file=True, **self._ends(cmd)
+            endpoint,
+            size=size,
+            chunk_size=cmd.chunk_size,
+            allow_local_file=True,
+            rate=cmd.options.rate,
+            **self._ends(cmd),
         )
         return await self._accept("send", "send", cmd, shown, started, run)
 
@@ -349,7 +357,9 @@ class Jobs:
                 )
                 one = {**ends, "transfer_id": disk.transfer_id}
                 # The checkpoint's own read-only export of the frozen disk: no policy applies.
-                handle = start_send(view.uri, dirty_bitmap=view.bitmap, **one)
+                handle = start_send(
+                    view.uri, dirty_bitmap=view.bitmap, rate=cmd.options.rate, **one
+                )
                 info = {
                     "checkpoint": checkpoint.name,
                     "backup_kind": mode,
@@ -578,6 +588,39 @@ class Jobs:
             job.handle.cancel()
         return Reply(ok=True, transfer_id=cmd.transfer_id)
 
+    async def rate(self, cmd: RateCommand) -> Reply:
+        """Change the cap of the sending end(s) this node runs for ``cmd.transfer_id``: a
+        transfer, each disk of an incremental backup, or a migration's streams."""
+        tid = cmd.transfer_id
+        setter = self.migration_rates.get(tid)
+        task = self.migrations.get(tid)
+        if setter is not None and task is not None and not task.done():
+            await setter(cmd.rate)
+            return Reply(ok=True, transfer_id=tid)
+        hold = self.holds.get(tid)
+        ids = {tid}
+        if hold is not None and not hold.ended.done():
+            # Its disks' streams (at most one per job this node keeps).
+            ids |= {subjects.backup_disk_id(tid, n) for n in range(len(self.jobs))}
+        found = [self.jobs[i] for i in ids if i in self.jobs]
+        sending = [j for j in found if j.running and j.role == "send" and j.handle is not None]
+        if not sending:
+            if any(j.running for j in found):
+                why = "this node receives it; a cap applies to its sending end"
+            else:
+                why = "finished" if found else "unknown"
+            return Reply(
+                ok=False,
+                transfer_id=tid,
+                code="usage",
+                error=f"no running sending end of transfer {tid} on {self.node} ({why})",
+            )
+        for job in sending:
+            assert job.handle is not None
+            job.handle.set_rate(cmd.rate)
+        log.info("rate of %s: %s", tid, f"{cmd.rate} bytes/s" if cmd.rate else "no cap")
+        return Reply(ok=True, transfer_id=tid)
+
     # -- running transfers -----------------------------------------------------------------
 
     async def _watch(self, job: Job) -> None:
@@ -684,7 +727,8 @@ class Jobs:
         mid = cmd.transfer_id
         if mid in self.migrations and not self.migrations[mid].done():
             raise BusyError(f"migration {mid} is already running on {self.node}")
-        self.migrations[mid] = asyncio.create_task(self._migrate(cmd))
+        task = self.migrations[mid] = asyncio.create_task(self._migrate(cmd))
+        task.add_done_callback(lambda _: self.migration_rates.pop(mid, None))
         log.info("accepted migrate %s of %s to %s", mid, cmd.vm, cmd.to_node)
         return Reply(ok=True, transfer_id=mid)
 
@@ -715,6 +759,8 @@ class Jobs:
             return RemoteQmp(planes.ctl, cmd.to_node, cmd.vm, mid, changed)
 
         path = AgentPath(planes, cmd.to_node, cmd.vm, mid, timeout=cmd.timeout)
+        control = migrate.RateControl()
+        self.migration_rates[mid] = control.set_rate
         try:
             report = await migrate.migrate(
                 self.config.vms[cmd.vm],
@@ -726,6 +772,8 @@ class Jobs:
                 on_progress=on_progress,
                 return_path=cmd.return_path,
                 dst_monitor=dst_monitor,
+                rate=cmd.rate,
+                control=control,
             )
         except asyncio.CancelledError:
             publish("cancelled", error_code="cancelled", error="cancelled (rolled back)")

@@ -73,6 +73,12 @@ class Path(Protocol):
         socket in order; an NBD write completes once the destination has it."""
         ...
 
+    def set_rate(self, ram: int | None, disk: int | None) -> None:
+        """Cap the streams this path carries (bytes/s, None: no cap): the migration
+        stream at ``ram`` and each disk's at ``disk``, those running and those started
+        later. A path without streams of its own has nothing to cap (QEMU's limits do)."""
+        ...
+
     async def drain(self) -> None:
         """In the handover, before the destination's NBD server stops and its guest may
         run: return when the destination's disks hold and have flushed everything they
@@ -106,6 +112,9 @@ class DirectPath:
     async def start(self, destination: Sockets, exports: dict[str, int]) -> Sockets:
         return destination
 
+    def set_rate(self, ram: int | None, disk: int | None) -> None:
+        return None  # the sockets are joined directly: QEMU's own limits cap them
+
     async def drain(self) -> None:
         return None  # QEMU's own NBD client flushed before it disconnected
 
@@ -137,7 +146,10 @@ class NatsPath:
         self._parent = socket_dir
         self._dirs: list[str] = []
         self.disk_senders: list[TransferHandle] = []
+        self.ram_sender: TransferHandle | None = None
         self.handles: list[TransferHandle] = []
+        self.ram_rate: int | None = None
+        self.disk_rate: int | None = None
 
     def _mkdir(self, side: str) -> str:
         d = tempfile.mkdtemp(prefix=f"nbdnats-{side}-", dir=self._parent)
@@ -170,7 +182,9 @@ class NatsPath:
         for i, (name, size) in enumerate(exports.items()):
             sock = f"{src}/nbd-{i}.sock"
             disk = subjects.migration_disk_id(mid, i)
-            tx = await start_bridge("nbd", sock, transfer_id=disk, size=size, **self._options())
+            tx = await start_bridge(
+                "nbd", sock, transfer_id=disk, size=size, rate=self.disk_rate, **self._options()
+            )
             self.disk_senders.append(tx)
             self.handles.append(tx)
             per_export[name] = sock
@@ -180,10 +194,20 @@ class NatsPath:
             f"{src}/migration.sock",
             transfer_id=ram,
             return_id=subjects.return_id(ram),
+            rate=self.ram_rate,
             **self._options(),
         )
+        self.ram_sender = tx
         self.handles.append(tx)
         return Sockets(nbd="", migration=f"{src}/migration.sock", nbd_exports=per_export)
+
+    def set_rate(self, ram: int | None, disk: int | None) -> None:
+        self.ram_rate, self.disk_rate = ram, disk
+        for h in self.disk_senders:
+            if not h.done():
+                h.set_rate(disk)
+        if self.ram_sender is not None and not self.ram_sender.done():
+            self.ram_sender.set_rate(ram)
 
     async def drain(self) -> None:
         """Every disk stream ends (its NBD client is gone): a sender ends once its receiver
@@ -204,7 +228,7 @@ class NatsPath:
         """Let finished streams finish (the migration stream ends when the source closes
         it); cancel the rest, which ends their connections and frees a stuck request."""
         await stop_all(self.handles)
-        self.handles, self.disk_senders = [], []
+        self.handles, self.disk_senders, self.ram_sender = [], [], None
         with contextlib.suppress(Exception):
             await self.close_receivers()
         for d in self._dirs:

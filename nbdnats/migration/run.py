@@ -17,6 +17,14 @@ The byte streams between the two QEMUs (the mirror's NBD connection and the migr
 stream) go through a :class:`~nbdnats.migration.paths.Path`: sockets joined directly, or
 NATS in between.
 
+A rate cap (``rate``, ``--rate``; :func:`caps`) is set where the bytes are made as well as
+where they travel, so QEMU never produces faster than the streams may drain: QEMU's
+``max-bandwidth`` (the RAM stream) and the NATS stream of the RAM take the cap; the disks'
+mirror jobs (``speed``) and their NATS streams share it, each ``rate / disks`` (or
+``mirror_speed`` when that is lower). The mirrors' bulk copy ends (READY) before the RAM
+moves, so the migration as a whole stays near the cap; while the RAM moves, the mirrors
+only carry the guest's new writes. ``RateControl`` changes all of them on a running run.
+
 Each step declares the state it starts from (:func:`require`), and the states say what
 was done: the rollback needs no flags of its own. Until the source reports the migration
 completed (the run enters ``handover``), any failure (or a cancellation) rolls back: the
@@ -113,6 +121,16 @@ class MigrationReport(msgspec.Struct, kw_only=True):
     ram_bytes: int
 
 
+def caps(rate: int | None, disks: int, mirror_speed: int = 0) -> tuple[int, int]:
+    """The RAM stream's cap and each disk mirror's (bytes/s, 0: none) under ``rate`` for
+    the whole migration: the RAM takes ``rate``, the ``disks`` mirrors share it (never
+    above ``mirror_speed`` when one is given, never below 1)."""
+    if not rate:
+        return 0, mirror_speed
+    share = max(1, rate // max(1, disks))
+    return rate, min(share, mirror_speed) if mirror_speed else share
+
+
 @dataclass
 class Progress:
     state: State
@@ -182,6 +200,9 @@ class _Run:
     return_path: bool
     on_progress: ProgressCallback | None
     changed: asyncio.Event
+    rate: int | None = None
+    # The source's max-bandwidth before a cap changed it (restored with the capabilities).
+    saved_bandwidth: int | None = None
     state: State = State.CONNECTING
     disks: list[Disk] = field(default_factory=list)
     saved_caps: dict[str, bool] = field(default_factory=dict)
@@ -299,7 +320,37 @@ class _Run:
                 )
         await self.dst.cmd("migrate-incoming", uri=f"unix:{listen.migration}")
         exports = {EXPORT.format(i): disk.size for i, disk in enumerate(self.disks)}
+        await self._apply_rate(jobs=False)
         return await self.path.start(listen, exports)
+
+    async def _apply_rate(self, *, jobs: bool) -> None:
+        """Set the cap (``caps``) on the source's RAM migration, on the streams of the path
+        and, with ``jobs``, on the running mirror jobs. Without a cap, QEMU's
+        max-bandwidth goes back to what it was."""
+        ram, mirror = caps(self.rate, len(self.disks), self.mirror_speed)
+        if ram and self.saved_bandwidth is None:
+            params = await self.src.cmd("query-migrate-parameters")
+            self.saved_bandwidth = int(params.get("max-bandwidth", 0))
+        if ram or self.saved_bandwidth is not None:
+            await self.src.cmd(
+                "migrate-set-parameters", **{"max-bandwidth": ram or self.saved_bandwidth}
+            )
+        self.path.set_rate(ram or None, mirror or None)
+        if jobs:
+            for i in range(len(self.disks)):
+                await self.src.cmd("block-job-set-speed", device=MIRROR_JOB.format(i), speed=mirror)
+
+    async def set_rate(self, rate: int | None) -> None:
+        """A new cap for the running migration (``RateControl``): QEMU's limits while it
+        mirrors or migrates, the path's streams in any state."""
+        self.rate = rate
+        if self.state in (State.MIRRORING, State.MIGRATING):
+            await self._apply_rate(jobs=True)
+        elif self.state == State.PREPARING:
+            await self._apply_rate(jobs=False)  # the jobs, once started, take it
+        else:
+            ram, mirror = caps(rate, len(self.disks), self.mirror_speed)
+            self.path.set_rate(ram or None, mirror or None)
 
     async def _job_offsets(self) -> tuple[int, int]:
         jobs = await self.src.cmd("query-block-jobs")
@@ -340,8 +391,9 @@ class _Run:
                 **{"node-name": TARGET_NODE.format(i)},
             )
             args: dict[str, Any] = {"job-id": MIRROR_JOB.format(i), "copy-mode": "write-blocking"}
-            if self.mirror_speed:
-                args["speed"] = self.mirror_speed
+            speed = caps(self.rate, len(self.disks), self.mirror_speed)[1]
+            if speed:
+                args["speed"] = speed
             await self.src.cmd(
                 "blockdev-mirror",
                 device=disk.source_node,
@@ -463,6 +515,10 @@ class _Run:
         if self.saved_caps:
             await self._set_caps(self.src, self.saved_caps)
             self.saved_caps = {}
+        if self.saved_bandwidth is not None:
+            bandwidth = {"max-bandwidth": self.saved_bandwidth}
+            await self.src.cmd("migrate-set-parameters", **bandwidth)
+            self.saved_bandwidth = None
 
     # -- rollback --
 
@@ -502,6 +558,18 @@ class _Run:
             await asyncio.sleep(POLL_INTERVAL)
 
 
+class RateControl:
+    """Changes the cap of a running ``migrate`` (``ctl rate``): pass one as ``control``."""
+
+    def __init__(self) -> None:
+        self.run: _Run | None = None
+
+    async def set_rate(self, rate: int | None) -> None:
+        if self.run is None or self.run.state in (State.DONE, State.FAILED):
+            raise UsageError("the migration is not running")
+        await self.run.set_rate(rate)
+
+
 async def migrate(
     src_qmp: str,
     dst_qmp: str,
@@ -513,10 +581,14 @@ async def migrate(
     on_progress: ProgressCallback | None = None,
     dst_monitor: Callable[[asyncio.Event], Monitor] | None = None,
     return_path: bool = False,
+    rate: int | None = None,
+    control: RateControl | None = None,
 ) -> MigrationReport:
     """Live-migrate the VM behind the source QMP socket into the destination QEMU (started
     with ``-incoming defer``). ``timeout``: seconds a step may go without progress (0: no
     limit). ``mirror_speed``: bytes/s cap of the disk mirrors' bulk copy (0: none).
+    ``rate``: a cap in bytes/s on the whole migration (see the module's docstring and
+    ``caps``); ``control``, when given, changes it while the migration runs.
     ``dst_monitor``: how to reach the destination's monitor when it is not a local socket
     (given the event that wakes the orchestration; ``nbdnats.migration.remote``).
 
@@ -535,7 +607,10 @@ async def migrate(
         return_path=return_path,
         on_progress=on_progress,
         changed=changed,
+        rate=rate,
     )
+    if control is not None:
+        control.run = run
     start = time.monotonic()
     connect_timeout = timeout or COMMAND_TIMEOUT
     try:

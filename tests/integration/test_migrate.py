@@ -8,6 +8,7 @@ KVM when /dev/kvm can run a guest, TCG otherwise ($NBDNATS_TEST_ACCEL overrides)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats
@@ -26,7 +27,7 @@ from nbdnats import _core, subjects
 from nbdnats.embedded import EmbeddedServer, free_port
 from nbdnats.errors import MigrationError, MigrationTimeout, UsageError
 from nbdnats.migration import run as migrate
-from nbdnats.migration.disks import PREFIX
+from nbdnats.migration.disks import PREFIX, ours
 from nbdnats.migration.paths import NatsPath
 from nbdnats.migration.remote import AgentPath
 from nbdnats.planes import Planes
@@ -508,4 +509,51 @@ def test_ctl_migrate_survives_the_destination_agent_dying(
     _, err = running.communicate(timeout=90)
     assert running.returncode == 1, err.decode()
     assert "went away" in err.decode() or "no agent answers" in err.decode(), err.decode()
+    assert_source_runs_on(source)
+
+
+def test_migrate_rate_sets_qemus_limits_and_a_rollback_restores_them(
+    vms: Callable[..., vm.VM],
+) -> None:
+    """A cap over NATS: QEMU's max-bandwidth takes it and the one disk's mirror job its
+    whole share, so QEMU never makes data faster than the streams may carry it; a new cap
+    (``ctl rate``'s path) changes both and the streams'; a rollback restores the old
+    max-bandwidth."""
+    source, dest = slow_to_mirror(vms)
+    before = source.command("query-migrate-parameters")["max-bandwidth"]
+
+    async def main() -> list[tuple[int, list[int], list[int | None]]]:
+        control = migrate.RateControl()
+        mirroring = asyncio.Event()
+
+        def on_progress(p: migrate.Progress) -> None:
+            if p.state == migrate.State.MIRRORING:
+                mirroring.set()
+
+        async def limits() -> tuple[int, list[int], list[int | None]]:
+            assert control.run is not None
+            src = control.run.src
+            params = await src.cmd("query-migrate-parameters")
+            jobs = [j for j in await src.cmd("query-block-jobs") if ours(j)]
+            path = cast(NatsPath, control.run.path)
+            streams = [h.stats().rate_limit for h in path.disk_senders]
+            return params["max-bandwidth"], [j["speed"] for j in jobs], streams
+
+        task = asyncio.create_task(
+            migrate_via(
+                "nats", source, dest, rate=2 * MiB, control=control, on_progress=on_progress
+            )
+        )
+        await asyncio.wait_for(mirroring.wait(), 120)
+        seen = [await limits()]
+        await control.set_rate(4 * MiB)
+        seen.append(await limits())
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen == [(2 * MiB, [2 * MiB], [2 * MiB]), (4 * MiB, [4 * MiB], [4 * MiB])]
+    assert source.command("query-migrate-parameters")["max-bandwidth"] == before
     assert_source_runs_on(source)

@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 
 from nbdnats.migration.paths import DirectPath, Sockets
-from nbdnats.migration.run import State, StateError, _Run
+from nbdnats.migration.run import State, StateError, _Run, caps
 
 
 class Untouchable:
@@ -52,3 +52,21 @@ def test_nothing_to_roll_back_before_preparing_or_once_committed(state: State) -
     with pytest.raises(StateError, match="rollback may start only while preparing"):
         asyncio.run(run.rollback())
     assert run.committed == (state in (State.HANDOVER, State.DONE))
+
+
+@pytest.mark.parametrize(
+    ("rate", "disks", "mirror_speed", "want"),
+    [
+        (None, 2, 0, (0, 0)),  # no cap: QEMU's limits stay as they are
+        (None, 2, 5, (0, 5)),  # --mirror-speed alone, as before
+        (100, 1, 0, (100, 100)),
+        (100, 4, 0, (100, 25)),  # the mirrors share the cap
+        (100, 4, 10, (100, 10)),  # a lower --mirror-speed wins
+        (100, 4, 50, (100, 25)),  # a higher one does not lift a disk above its share
+        (3, 4, 0, (3, 1)),  # never 0, which QEMU reads as no limit
+    ],
+)
+def test_a_migrations_cap_is_shared_by_its_ram_and_mirrors(
+    rate: int | None, disks: int, mirror_speed: int, want: tuple[int, int]
+) -> None:
+    assert caps(rate, disks, mirror_speed) == want

@@ -6,7 +6,7 @@ import pytest
 
 from nbdnats import errors
 from nbdnats.errors import UsageError
-from nbdnats.units import clock, human, parse_duration, parse_size, rate
+from nbdnats.units import clock, human, parse_duration, parse_rate, parse_size, rate
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,17 @@ def test_durations_are_seconds_or_suffixed_and_never_negative() -> None:
     assert parse_duration("90") == 90 and parse_duration("2h") == 7200
     with pytest.raises(UsageError):
         parse_duration("-1m")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("50M", 50 << 20), ("50M/s", 50 << 20), ("512K", 512 << 10), ("1", 1), ("1T", 1 << 40)],
+)
+def test_rate_caps_are_sizes_per_second(text: str, value: int) -> None:
+    assert parse_rate(text) == value
+
+
+@pytest.mark.parametrize("bad", ["0", "-1M", "fast", "1.5", "2T", "", "50M/h"])
+def test_a_rate_cap_of_0_or_beyond_1T_is_a_usage_error(bad: str) -> None:
+    with pytest.raises(UsageError, match="is not a rate cap"):
+        parse_rate(bad)
