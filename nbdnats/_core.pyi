@@ -52,6 +52,8 @@ ERROR_CODES: tuple[str, ...]
 STATS_FIELDS: tuple[str, ...]
 # The content digest's name (``blk64k-xxh3-128``): what a transfer reports as its digest.
 CONTENT_ALGORITHM: str
+# ``--compress`` when not given (``off``, ``zstd``, ``lz4`` or ``auto``).
+DEFAULT_COMPRESS: str
 # What ``image_digest`` computes: ``sha256`` and the content digest.
 DIGEST_ALGORITHMS: tuple[str, ...]
 
@@ -106,6 +108,10 @@ class Stats:
     def dirty_bytes(self) -> int:
         """Bytes the source's dirty bitmap marked changed (0 unless a dirty transfer)."""
     @property
+    def wire_bytes(self) -> int:
+        """Payload bytes on the wire (compressed where that paid); the sender's include
+        retransmissions, the receiver's count each frame it took in once."""
+    @property
     def seconds(self) -> float: ...
     @property
     def digest(self) -> str | None: ...
@@ -157,9 +163,11 @@ def start_send(
     state_dir: str | None = None,
     allow_local_file: bool = False,
     dirty_bitmap: str | None = None,
+    compress: str | None = None,
 ) -> Transfer:
     """``dirty_bitmap``: a dirty transfer; ``src`` must be an NBD export offering
-    ``qemu:dirty-bitmap:NAME``, and only the ranges it marks changed are sent."""
+    ``qemu:dirty-bitmap:NAME``, and only the ranges it marks changed are sent.
+    ``compress``: ``off``, ``zstd``, ``lz4`` or ``auto`` (None: ``DEFAULT_COMPRESS``)."""
 
 def start_recv(
     conn: DataConnection,

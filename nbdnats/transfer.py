@@ -22,7 +22,7 @@ from nbdnats._bridge import Done, core_call
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, TransferTimeout, UsageError
 from nbdnats.planes import Login, Planes, urls_given
-from nbdnats.schemas import TransferEvent, encode, from_stats
+from nbdnats.schemas import Compress, TransferEvent, encode, from_stats
 from nbdnats.units import MAX_SIZE, MAX_TIMEOUT
 
 TransferStats = _core.Stats
@@ -342,6 +342,7 @@ async def start_send(
     allow_local_file: bool = False,
     raw: bool = False,
     dirty_bitmap: str | None = None,
+    compress: Compress | None = None,
 ) -> TransferHandle:
     """``state_dir``: where the sender keeps the key that binds the transfer to it (see
     ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer.
@@ -351,7 +352,10 @@ async def start_send(
     (also on ``start_recv``, where such a file is written through a writable one).
     ``dirty_bitmap``: send only what that dirty bitmap of ``src`` marks changed (an NBD
     export offering ``qemu:dirty-bitmap:NAME``, or an image file holding the bitmap); the
-    receiver's target must hold the previous image, or it merges a ``base``."""
+    receiver's target must hold the previous image, or it merges a ``base``.
+    ``compress``: ``off``, ``zstd``, ``lz4`` or ``auto`` (None: ``_core.DEFAULT_COMPRESS``);
+    a data frame is sent compressed only where that saves a tenth, and an explicit codec
+    the receiver cannot decompress fails the transfer."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     check_dirty(dirty_bitmap, resume=resume)
     served = await formats.serve(src, target=False, raw=raw, bitmap=dirty_bitmap)
@@ -374,6 +378,7 @@ async def start_send(
             state_dir=str(resolve_state_dir(state_dir)),
             allow_local_file=allow_local_file,
             dirty_bitmap=dirty_bitmap,
+            compress=compress,
         ),
         served,
     )
@@ -577,9 +582,10 @@ async def copy_ends(
     raw: bool = False,
     dirty_bitmap: str | None = None,
     base: str | None = None,
+    compress: Compress | None = None,
 ) -> CopyStats:
-    """``copy``, returning both ends' final stats. ``allow_local_file``, ``raw`` and
-    ``dirty_bitmap`` as for ``send``; ``base`` as for ``start_recv``."""
+    """``copy``, returning both ends' final stats. ``allow_local_file``, ``raw``,
+    ``dirty_bitmap`` and ``compress`` as for ``send``; ``base`` as for ``start_recv``."""
     transfer_id = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size)
     check_dirty(dirty_bitmap, resume=resume)
@@ -605,7 +611,12 @@ async def copy_ends(
         receiver = await start_recv(dst, target_is_zero=target_is_zero, base=base, **both)
         try:
             sender = await start_send(
-                src, size=size, chunk_size=chunk_size, dirty_bitmap=dirty_bitmap, **both
+                src,
+                size=size,
+                chunk_size=chunk_size,
+                dirty_bitmap=dirty_bitmap,
+                compress=compress,
+                **both,
             )
         except BaseException:
             receiver.cancel()  # and let go of its target (and its qemu-nbd) before failing
@@ -638,10 +649,11 @@ async def copy(
     raw: bool = False,
     dirty_bitmap: str | None = None,
     base: str | None = None,
+    compress: Compress | None = None,
 ) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server.
     Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both.
-    ``allow_local_file`` and ``raw`` as for ``send``."""
+    ``allow_local_file``, ``raw`` and ``compress`` as for ``send``."""
     ends = await copy_ends(
         src,
         dst,
@@ -663,6 +675,7 @@ async def copy(
         raw=raw,
         dirty_bitmap=dirty_bitmap,
         base=base,
+        compress=compress,
     )
     return ends.receiver
 

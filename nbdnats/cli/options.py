@@ -10,10 +10,11 @@ import argparse
 import fcntl
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 from nbdnats import _core
 from nbdnats.planes import Login
+from nbdnats.schemas import Compress
 from nbdnats.units import size_arg, timeout_arg
 
 GLOBAL_OPTIONS = "global options (before or after ACTION)"
@@ -94,6 +95,18 @@ def login_from(args: argparse.Namespace) -> Login:
 def add_size_option(g: Any, flag: str, help: str, **kwargs: Any) -> None:
     """An option taking a size as people type it (4096, 4K, 1.5G), checked as it is parsed."""
     g.add_argument(flag, type=size_arg, metavar="BYTES", help=help, **kwargs)
+
+
+def add_compress_option(g: Any) -> None:
+    """``--compress`` of a sending command (send, copy; ctl copy, backup and restore)."""
+    g.add_argument(
+        "--compress",
+        choices=get_args(Compress),
+        default=None,
+        help="compress data frames where that saves a tenth: auto (what the receiver can), "
+        "zstd or lz4 (fails if the receiver cannot), off "
+        f"(default: {_core.DEFAULT_COMPRESS})",
+    )
 
 
 def add_timeout_option(

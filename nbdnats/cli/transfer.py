@@ -14,6 +14,7 @@ from typing import Any
 
 from nbdnats import _core, formats, subjects
 from nbdnats.cli.options import (
+    add_compress_option,
     add_login_options,
     add_progress_option,
     add_size_option,
@@ -152,6 +153,7 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
             "offering it (qemu-nbd -B NAME) or a qcow2 file holding it; the target must hold "
             "the previous image (or recv merges it with --base)",
         )
+        add_compress_option(t)
     if receiver:
         t.add_argument(
             "--base",
@@ -253,6 +255,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 size=args.size,
                 chunk_size=args.chunk_size,
                 dirty_bitmap=args.dirty_bitmap,
+                compress=args.compress,
                 **common,
             )
         elif args.command == "recv":
@@ -273,6 +276,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 target_is_zero=args.target_is_zero,
                 dirty_bitmap=args.dirty_bitmap,
                 base=args.base,
+                compress=args.compress,
                 **common,
             )
         result = await call

@@ -279,7 +279,12 @@ class Jobs:
             endpoint, shown = run.endpoint, tools.shown(argv)
         # The policy has checked every file an NBD URI names (policy.nbd_uri).
         started = start_send(
-            endpoint, size=size, chunk_size=cmd.chunk_size, allow_local_file=True, **self._ends(cmd)
+            endpoint,
+            size=size,
+            chunk_size=cmd.chunk_size,
+            allow_local_file=True,
+            compress=cmd.options.compress,
+            **self._ends(cmd),
         )
         return await self._accept("send", "send", cmd, shown, started, run)
 
@@ -349,7 +354,9 @@ class Jobs:
                 )
                 one = {**ends, "transfer_id": disk.transfer_id}
                 # The checkpoint's own read-only export of the frozen disk: no policy applies.
-                handle = start_send(view.uri, dirty_bitmap=view.bitmap, **one)
+                handle = start_send(
+                    view.uri, dirty_bitmap=view.bitmap, compress=cmd.options.compress, **one
+                )
                 info = {
                     "checkpoint": checkpoint.name,
                     "backup_kind": mode,
