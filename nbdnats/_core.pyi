@@ -6,6 +6,7 @@ from typing import final
 __all__ = [
     "CONTENT_ALGORITHM",
     "DEFAULT_CHUNK",
+    "DEFAULT_COMPRESS",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
     "DIGEST_ALGORITHMS",

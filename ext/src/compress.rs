@@ -296,7 +296,11 @@ mod tests {
         for codec in CODECS {
             let frame = sealed(&text(1 << 20));
             let packed = Packer::new(codec).unwrap().pack(&frame).unwrap();
-            assert!(packed.len() < frame.len() / 10, "{codec:?}: {}", packed.len());
+            assert!(
+                packed.len() < frame.len() / 10,
+                "{codec:?}: {}",
+                packed.len()
+            );
             let (header, got, body) = ChunkHeader::parse_packed(&packed).unwrap();
             assert_eq!(got, codec);
             let mut out = vec![0u8; header.length as usize];
@@ -328,7 +332,10 @@ mod tests {
             let packed = Packer::new(codec).unwrap().pack(&frame).unwrap();
             let (_, _, body) = ChunkHeader::parse_packed(&packed).unwrap();
             let mut short = vec![0u8; (1 << 16) - 1];
-            assert!(!Unpacker::new().unpack(codec, body, &mut short), "{codec:?}");
+            assert!(
+                !Unpacker::new().unpack(codec, body, &mut short),
+                "{codec:?}"
+            );
             let mut long = vec![0u8; (1 << 16) + 1];
             assert!(!Unpacker::new().unpack(codec, body, &mut long), "{codec:?}");
         }
@@ -372,11 +379,17 @@ mod tests {
             before == 0
         };
         let tries = (0..1000).filter(|_| tried(&mut p)).count();
-        assert!(tries < 1000 / 20, "tried {tries} of 1000 incompressible frames");
+        assert!(
+            tries < 1000 / 20,
+            "tried {tries} of 1000 incompressible frames"
+        );
         let good = sealed(&text(1 << 16));
         let found = (0..=MAX_SKIP).position(|_| p.pack(&good).is_some());
         assert!(found.is_some_and(|i| i < MAX_SKIP as usize));
-        assert!(p.pack(&good).is_some(), "every frame is tried again after a hit");
+        assert!(
+            p.pack(&good).is_some(),
+            "every frame is tried again after a hit"
+        );
     }
 
     #[test]
@@ -388,7 +401,10 @@ mod tests {
         assert_eq!(auto.settle("zstd", "t").unwrap(), Codec::Zstd);
         let zstd = Mode::parse("zstd").unwrap();
         let err = zstd.settle("", "t").unwrap_err().to_string();
-        assert!(err.contains("cannot decompress zstd") && !err.contains('\n'), "{err}");
+        assert!(
+            err.contains("cannot decompress zstd") && !err.contains('\n'),
+            "{err}"
+        );
         assert!(Mode::parse("lz4").unwrap().settle("zstd", "t").is_err());
         assert_eq!(Mode::parse("off").unwrap().offer(), Vec::<String>::new());
         assert!(Mode::parse("gzip").is_err());

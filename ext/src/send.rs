@@ -16,10 +16,10 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::compress::{Codec, Mode, Packer};
 use crate::checksum::{
     is_zero, ContentDigest, Digest, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM, DIGEST_ALGORITHM,
 };
+use crate::compress::{Codec, Mode, Packer};
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::extents::{pieces, Extent};
