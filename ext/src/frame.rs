@@ -12,6 +12,8 @@ use crate::compress::Codec;
 
 /// 4: END carries the content digest (`checksum::CONTENT_ALGORITHM`). 5: dirty transfers
 /// (frames cover only changed ranges; END carries the bytes the bitmap marked dirty).
+/// Compression came later without a new number: it is negotiated (the open's optional
+/// `compress`), so a peer that predates it never sees a compressed frame.
 pub const PROTOCOL_VERSION: u8 = 5;
 pub const CHUNK_MAGIC: [u8; 2] = *b"NF";
 pub const ACK_MAGIC: [u8; 2] = *b"NA";
