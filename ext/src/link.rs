@@ -421,8 +421,9 @@ impl Peer {
     }
 
     /// Publish a frame (first time or again) on the chunk subject, counting its payload as
-    /// sent (its plain length) and as put on the wire (its length as published). While the connection is down it waits for room until the timeout since the
-    /// receiver was last heard. `faults` (tests) may drop or damage it on the way.
+    /// sent (its plain length) and as put on the wire (its length as published). While the
+    /// connection is down it waits for room until the timeout since the receiver was last
+    /// heard. `faults` (tests) may drop or damage it on the way.
     pub async fn publish(
         &mut self,
         conn: &DataConn,
