@@ -6,6 +6,7 @@ from typing import final
 __all__ = [
     "CONTENT_ALGORITHM",
     "DEFAULT_CHUNK",
+    "DEFAULT_COMPRESS",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
     "DIGEST_ALGORITHMS",
@@ -56,6 +57,8 @@ ERROR_CODES: tuple[str, ...]
 STATS_FIELDS: tuple[str, ...]
 # The content digest's name (``blk64k-xxh3-128``): what a transfer reports as its digest.
 CONTENT_ALGORITHM: str
+# ``--compress`` when not given (``off``, ``zstd``, ``lz4`` or ``auto``).
+DEFAULT_COMPRESS: str
 # What ``image_digest`` computes: ``sha256`` and the content digest.
 DIGEST_ALGORITHMS: tuple[str, ...]
 
@@ -112,6 +115,10 @@ class Stats:
     @property
     def rate_limit(self) -> int:
         """The sender's rate cap in bytes/s (0: none)."""
+    @property
+    def wire_bytes(self) -> int:
+        """Payload bytes on the wire (compressed where that paid); the sender's include
+        retransmissions, the receiver's count each frame it took in once."""
     @property
     def seconds(self) -> float: ...
     @property
@@ -172,10 +179,12 @@ def start_send(
     allow_local_file: bool = False,
     dirty_bitmap: str | None = None,
     rate: int | None = None,
+    compress: str | None = None,
 ) -> Transfer:
     """``dirty_bitmap``: a dirty transfer; ``src`` must be an NBD export offering
     ``qemu:dirty-bitmap:NAME``, and only the ranges it marks changed are sent. ``rate``: a
-    cap in bytes/s on the data frames sent (``None`` or 0: none; see ``Transfer.set_rate``)."""
+    cap in bytes/s on the data frames sent (``None`` or 0: none; see ``Transfer.set_rate``).
+    ``compress``: ``off``, ``zstd``, ``lz4`` or ``auto`` (None: ``DEFAULT_COMPRESS``)."""
 
 def start_recv(
     conn: DataConnection,

@@ -54,6 +54,9 @@ Op = Literal["send", "recv", "provision"]
 ToolKind = Literal["restic", "kopia", "pipe"]
 BackupKind = Literal["full", "incremental"]
 Role = Literal["host", "installer"]
+# ``--compress``: data frames compressed with this codec where that saves (``auto``: the
+# best both ends have; ``zstd``/``lz4``: that one, or fail if the receiver lacks it).
+Compress = Literal["off", "zstd", "lz4", "auto"]
 
 # Numbers that reach the core or a sleep are bounded here, so a message that would overflow
 # a u64, panic a Duration or sleep forever is refused as ``schema`` before anything runs
@@ -159,6 +162,8 @@ class TransferOptions(Message, kw_only=True):
     verify: bool = False
     raw: bool = False
     rate: Rate | None = None
+    # The sender's compression (None: the core's default, ``_core.DEFAULT_COMPRESS``).
+    compress: Compress | None = None
 
 
 class Incremental(Message, kw_only=True):
@@ -513,6 +518,8 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     dirty_bytes: int = 0
     # The sending end's rate cap in bytes/s (0: none).
     rate_limit: int = 0
+    # Payload bytes on the wire, compressed where that paid.
+    wire_bytes: int = 0
     error_code: str | None = None
     error: str | None = None
     # The error is the peer's (reported to this end), so this end's failure is a consequence.
@@ -553,6 +560,9 @@ class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
     dirty_bytes: int
     # The sender's rate cap in bytes/s when it ended (--rate, ctl rate); 0: none.
     rate_limit: int = 0
+    # Payload bytes on the wire (--compress): at most sent_bytes (the sender's), or the
+    # data bytes that arrived (the receiver's).
+    wire_bytes: int
     # The endpoint's image format when it is a file or device ("raw", "qcow2", ...).
     format: str | None = None
     sender: Report | None = None

@@ -22,7 +22,7 @@ from nbdnats._bridge import Done, core_call
 from nbdnats.embedded import EmbeddedServer
 from nbdnats.errors import TransferCancelled, TransferTimeout, UsageError
 from nbdnats.planes import Login, Planes, urls_given
-from nbdnats.schemas import TransferEvent, encode, from_stats
+from nbdnats.schemas import Compress, TransferEvent, encode, from_stats
 from nbdnats.units import MAX_RATE, MAX_SIZE, MAX_TIMEOUT
 
 TransferStats = _core.Stats
@@ -364,6 +364,7 @@ async def start_send(
     raw: bool = False,
     dirty_bitmap: str | None = None,
     rate: int | None = None,
+    compress: Compress | None = None,
 ) -> TransferHandle:
     """``state_dir``: where the sender keeps the key that binds the transfer to it (see
     ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer.
@@ -375,7 +376,10 @@ async def start_send(
     export offering ``qemu:dirty-bitmap:NAME``, or an image file holding the bitmap); the
     receiver's target must hold the previous image, or it merges a ``base``.
     ``rate``: cap the data frames sent at that many bytes/s (``None``: no cap; change it
-    with ``TransferHandle.set_rate``)."""
+    with ``TransferHandle.set_rate``).
+    ``compress``: ``off``, ``zstd``, ``lz4`` or ``auto`` (None: ``_core.DEFAULT_COMPRESS``);
+    a data frame is sent compressed only where that saves a tenth, and an explicit codec
+    the receiver cannot decompress fails the transfer."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size, rate=rate)
     check_dirty(dirty_bitmap, resume=resume)
     served = await formats.serve(src, target=False, raw=raw, bitmap=dirty_bitmap)
@@ -399,6 +403,7 @@ async def start_send(
             allow_local_file=allow_local_file,
             dirty_bitmap=dirty_bitmap,
             rate=rate,
+            compress=compress,
         ),
         served,
     )
@@ -606,9 +611,11 @@ async def copy_ends(
     dirty_bitmap: str | None = None,
     base: str | None = None,
     rate: int | None = None,
+    compress: Compress | None = None,
 ) -> CopyStats:
     """``copy``, returning both ends' final stats. ``allow_local_file``, ``raw``,
-    ``dirty_bitmap`` and ``rate`` as for ``send``; ``base`` as for ``start_recv``."""
+    ``dirty_bitmap``, ``rate`` and ``compress`` as for ``send``; ``base`` as for
+    ``start_recv``."""
     transfer_id = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size, rate=rate)
     check_dirty(dirty_bitmap, resume=resume)
@@ -634,7 +641,13 @@ async def copy_ends(
         receiver = await start_recv(dst, target_is_zero=target_is_zero, base=base, **both)
         try:
             sender = await start_send(
-                src, size=size, chunk_size=chunk_size, dirty_bitmap=dirty_bitmap, rate=rate, **both
+                src,
+                size=size,
+                chunk_size=chunk_size,
+                dirty_bitmap=dirty_bitmap,
+                rate=rate,
+                compress=compress,
+                **both,
             )
         except BaseException:
             receiver.cancel()  # and let go of its target (and its qemu-nbd) before failing
@@ -668,10 +681,11 @@ async def copy(
     dirty_bitmap: str | None = None,
     base: str | None = None,
     rate: int | None = None,
+    compress: Compress | None = None,
 ) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server.
     Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both.
-    ``allow_local_file`` and ``raw`` as for ``send``."""
+    ``allow_local_file``, ``raw`` and ``compress`` as for ``send``."""
     ends = await copy_ends(
         src,
         dst,
@@ -694,6 +708,7 @@ async def copy(
         dirty_bitmap=dirty_bitmap,
         base=base,
         rate=rate,
+        compress=compress,
     )
     return ends.receiver
 

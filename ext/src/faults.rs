@@ -12,11 +12,38 @@
 //! read and the bytes the receiver accepted then disagree), which no network fault can do:
 //! every frame is checksummed.
 //!
+//! `lie_size=P` makes a sender declare, in a compressed data frame, one byte less than the
+//! payload inflates to, with a checksum that is right for the bytes declared: only a
+//! receiver that bounds decompression by the declared size refuses it (`compress.rs`).
+//!
+//! `old_peer=1` makes an end behave like an nbd-nats from before compression: a sender
+//! offers no codec, a receiver ignores the offer and replies without the `compress` field
+//! (both are within protocol 5, so this is the only way to meet such a peer in a test).
+//!
 //! Unset (always, outside tests) it costs one branch per published message.
 
 use bytes::{Bytes, BytesMut};
 
-use crate::frame::HEADER_LEN;
+use crate::compress::{Codec, Unpacker};
+use crate::frame::{ChunkHeader, HEADER_LEN};
+
+/// The compressed frame `frame`, declaring one byte less than it inflates to, with the
+/// checksum of the bytes it declares.
+fn lie_about_size(frame: &[u8], header: ChunkHeader, codec: Codec, packed: &[u8]) -> Option<Bytes> {
+    let mut plain = vec![0u8; header.length as usize];
+    if !Unpacker::new().unpack(codec, packed, &mut plain) {
+        return None;
+    }
+    let short = ChunkHeader {
+        length: header.length - 1,
+        ..header
+    };
+    let checksum = short.checksum_over(&plain[..plain.len() - 1]);
+    let mut lie = BytesMut::from(frame);
+    lie[24..32].copy_from_slice(&short.length.to_le_bytes());
+    lie[32..40].copy_from_slice(&checksum.to_le_bytes());
+    Some(lie.freeze())
+}
 
 #[derive(Debug, Default)]
 pub struct Faults {
@@ -24,6 +51,8 @@ pub struct Faults {
     corrupt_chunk: f64,
     drop_ack: f64,
     corrupt_content: f64,
+    lie_size: f64,
+    old_peer: bool,
     state: u64,
 }
 
@@ -47,6 +76,8 @@ impl Faults {
                 "corrupt_chunk" => f.corrupt_chunk = value.parse().ok()?,
                 "drop_ack" => f.drop_ack = value.parse().ok()?,
                 "corrupt_content" => f.corrupt_content = value.parse().ok()?,
+                "lie_size" => f.lie_size = value.parse().ok()?,
+                "old_peer" => f.old_peer = value == "1",
                 "seed" => {
                     f.state ^= value
                         .parse::<u64>()
@@ -75,6 +106,15 @@ impl Faults {
         if self.roll(self.drop_chunk) {
             return ChunkFate::Drop;
         }
+        if self.lie_size > 0.0 {
+            if let Ok((header, codec, packed)) = ChunkHeader::parse_packed(&frame) {
+                if codec != Codec::None && self.roll(self.lie_size) {
+                    if let Some(lie) = lie_about_size(&frame, header, codec, packed) {
+                        return ChunkFate::Send(lie);
+                    }
+                }
+            }
+        }
         if frame.len() > HEADER_LEN && self.roll(self.corrupt_chunk) {
             let mut damaged = BytesMut::from(&frame[..]);
             let at = HEADER_LEN + (self.state as usize % (frame.len() - HEADER_LEN));
@@ -82,6 +122,10 @@ impl Faults {
             return ChunkFate::Send(damaged.freeze());
         }
         ChunkFate::Send(frame)
+    }
+
+    pub fn old_peer(&self) -> bool {
+        self.old_peer
     }
 
     pub fn drop_ack(&mut self) -> bool {

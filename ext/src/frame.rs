@@ -8,9 +8,12 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::checksum::frame_checksum;
+use crate::compress::Codec;
 
 /// 4: END carries the content digest (`checksum::CONTENT_ALGORITHM`). 5: dirty transfers
 /// (frames cover only changed ranges; END carries the bytes the bitmap marked dirty).
+/// Compression came later without a new number: it is negotiated (the open's optional
+/// `compress`), so a peer that predates it never sees a compressed frame.
 pub const PROTOCOL_VERSION: u8 = 5;
 pub const CHUNK_MAGIC: [u8; 2] = *b"NF";
 pub const ACK_MAGIC: [u8; 2] = *b"NA";
@@ -99,6 +102,8 @@ pub enum FrameError {
     Checksum,
     #[error("malformed {0} payload")]
     Payload(&'static str),
+    #[error("a frame compressed with {0} where none was expected")]
+    Packed(&'static str),
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -166,7 +171,18 @@ impl ChunkHeader {
 
     /// Parse a chunk frame's structure without checking its checksum, so a receiver can
     /// tell which frame was damaged (and ask for it again) when only the data is corrupt.
+    /// A compressed frame is refused here: only `parse_packed` hands out its payload.
     pub fn parse(frame: &[u8]) -> Result<(ChunkHeader, &[u8]), FrameError> {
+        match ChunkHeader::parse_packed(frame)? {
+            (header, Codec::None, payload) => Ok((header, payload)),
+            (_, codec, _) => Err(FrameError::Packed(codec.name())),
+        }
+    }
+
+    /// `parse`, also for a compressed data frame: its codec and compressed payload, which
+    /// must be shorter than the plain length the header declares (it is sent compressed only
+    /// when that saves). The checksum covers the plain payload, once inflated.
+    pub fn parse_packed(frame: &[u8]) -> Result<(ChunkHeader, Codec, &[u8]), FrameError> {
         if frame.len() < HEADER_LEN {
             return Err(FrameError::Short(frame.len()));
         }
@@ -176,7 +192,11 @@ impl ChunkHeader {
         if frame[2] != PROTOCOL_VERSION {
             return Err(FrameError::Version(frame[2]));
         }
-        let kind = Kind::from_u8(frame[3]).ok_or(FrameError::Kind(frame[3]))?;
+        let kind = Kind::from_u8(frame[3] & KIND_MASK).ok_or(FrameError::Kind(frame[3]))?;
+        let codec = Codec::from_bits(frame[3] >> CODEC_SHIFT).ok_or(FrameError::Kind(frame[3]))?;
+        if codec != Codec::None && kind != Kind::Data {
+            return Err(FrameError::Kind(frame[3]));
+        }
         let header = ChunkHeader {
             kind,
             session: u32_at(frame, 4),
@@ -187,6 +207,15 @@ impl ChunkHeader {
         };
         let payload = &frame[HEADER_LEN..];
         let expected_payload = match kind {
+            Kind::Data if codec != Codec::None => {
+                if payload.is_empty() || payload.len() as u64 >= header.length {
+                    return Err(FrameError::PayloadLength {
+                        got: payload.len(),
+                        want: header.length,
+                    });
+                }
+                None
+            }
             Kind::Data => Some(header.length),
             Kind::Zero | Kind::Trim | Kind::Close | Kind::Keepalive => Some(0),
             Kind::End => Some(END_PAYLOAD_LEN as u64),
@@ -199,11 +228,22 @@ impl ChunkHeader {
                     want,
                 });
             }
-        } else if payload.len() > MAX_MESSAGE_LEN {
+        } else if kind == Kind::Abort && payload.len() > MAX_MESSAGE_LEN {
             return Err(FrameError::Payload("abort"));
         }
-        Ok((header, payload))
+        Ok((header, codec, payload))
     }
+}
+
+/// The kind byte's low bits name the kind; its two high bits the codec of a compressed
+/// data frame (`compress::Codec`; 0: not compressed). The checksum never covers them, so a
+/// frame's checksum, and every digest, is the same compressed or not.
+const KIND_MASK: u8 = 0x3f;
+const CODEC_SHIFT: u8 = 6;
+
+/// Mark a sealed data frame (header and compressed payload) as compressed with `codec`.
+pub fn set_codec(frame: &mut [u8], codec: Codec) {
+    frame[3] = (frame[3] & KIND_MASK) | ((codec as u8) << CODEC_SHIFT);
 }
 
 /// What an END frame carries.
@@ -502,6 +542,27 @@ mod tests {
             ChunkHeader::decode(&frame[..10]),
             Err(FrameError::Short(10))
         );
+    }
+
+    #[test]
+    fn compressed_frames_parse_only_as_packed_data() {
+        let mut buf = vec![0u8; HEADER_LEN + 10];
+        header(Kind::Data, 100).seal(&mut buf);
+        set_codec(&mut buf, Codec::Zstd);
+        let (h, codec, payload) = ChunkHeader::parse_packed(&buf).unwrap();
+        assert_eq!((h.length, codec, payload.len()), (100, Codec::Zstd, 10));
+        assert_eq!(ChunkHeader::parse(&buf), Err(FrameError::Packed("zstd")));
+        // As long as (or longer than) the plain length: never worth compressing, malformed.
+        let mut long = vec![0u8; HEADER_LEN + 100];
+        header(Kind::Data, 100).seal(&mut long);
+        set_codec(&mut long, Codec::Lz4);
+        assert!(ChunkHeader::parse_packed(&long).is_err());
+        // Only data is compressed; the reserved codec is nothing.
+        let mut zero = header(Kind::Zero, 4096).encode(&[]).0.to_vec();
+        set_codec(&mut zero, Codec::Lz4);
+        assert!(ChunkHeader::parse_packed(&zero).is_err());
+        buf[3] = (Kind::Data as u8) | 0xc0;
+        assert!(ChunkHeader::parse_packed(&buf).is_err());
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub struct OpenRequest {
     /// repeated open with the same key gets the same answer (an open whose reply was lost),
     /// an open with another key is refused while the transfer runs.
     pub key: String,
+    /// Codecs the sender can compress data frames with, preferred first (`compress::Codec`
+    /// names); empty: none. Added within protocol 5: a receiver that does not know the
+    /// field ignores it and replies without `compress`, which means no compression.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub compress: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -55,6 +60,10 @@ pub struct OpenReply {
     /// already written. 0 for a fresh transfer.
     pub resume_seq: u64,
     pub resume_offset: u64,
+    /// The codec the receiver picked from the request's `compress` ("": none). Absent in
+    /// an older receiver's reply, so none (and left out when none, as such a reply does).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub compress: String,
 }
 
 /// Reply code of a receiver that is still checking its target before it continues a

@@ -3,6 +3,7 @@
 
 pub mod bridge;
 pub mod checksum;
+pub mod compress;
 pub mod conn;
 pub mod digest;
 pub mod error;

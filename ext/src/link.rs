@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::checksum::{content_hex, digest_hex};
+use crate::compress::Codec;
 use crate::conn::DataConn;
 use crate::error::{Error, Result};
 use crate::faults::{ChunkFate, Faults};
@@ -427,8 +428,9 @@ impl Peer {
     }
 
     /// Publish a frame (first time or again) on the chunk subject, counting its payload as
-    /// sent. While the connection is down it waits for room until the timeout since the
-    /// receiver was last heard. `faults` (tests) may drop or damage it on the way.
+    /// sent (its plain length) and as put on the wire (its length as published). While the
+    /// connection is down it waits for room until the timeout since the receiver was last
+    /// heard. `faults` (tests) may drop or damage it on the way.
     pub async fn publish(
         &mut self,
         conn: &DataConn,
@@ -440,10 +442,14 @@ impl Peer {
     ) -> Result<()> {
         let heard = self.pace(conn, subjects, &frame, progress, cancel).await?;
         self.last_sent = Instant::now();
-        Progress::add(
-            &progress.sent_bytes,
-            (frame.len() - HEADER_LEN.min(frame.len())) as u64,
-        );
+        let wire = (frame.len() - HEADER_LEN.min(frame.len())) as u64;
+        // A compressed frame's payload stands for the plain length its header declares.
+        let plain = match ChunkHeader::parse_packed(&frame) {
+            Ok((header, codec, _)) if codec != Codec::None => header.length,
+            _ => wire,
+        };
+        Progress::add(&progress.sent_bytes, plain);
+        Progress::add(&progress.wire_bytes, wire);
         let frame = match faults.map(|f| f.chunk(frame.clone())) {
             Some(ChunkFate::Drop) => return Ok(()),
             Some(ChunkFate::Send(f)) => f,

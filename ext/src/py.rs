@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use tokio_util::sync::CancellationToken;
 
+use crate::compress::{self, Mode};
 use crate::conn::{self, DataConn};
 use crate::error::{Error, Result};
 use crate::io::{open_sink, open_source, Access};
@@ -287,6 +288,7 @@ stats! { p =>
         size, done_bytes, data_bytes, zero_bytes, frames, bad_frames, duplicate_frames,
         corrupt_frames, retransmits, resumes, sent_bytes, chunk_size, window, dirty_bytes,
         rate_limit
+        wire_bytes
     ]
     {
         seconds: f64 = p.seconds(),
@@ -383,7 +385,7 @@ fn start(
 
 /// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false, dirty_bitmap=None, rate=None))]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false, dirty_bitmap=None, rate=None, compress=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_send(
     conn: &DataConnection,
@@ -401,10 +403,17 @@ fn start_send(
     allow_local_file: bool,
     dirty_bitmap: Option<String>,
     rate: Option<u64>,
+    compress: Option<String>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
+    let mode = Mode::parse(compress.as_deref().unwrap_or(compress::DEFAULT_MODE));
+    let (compress, bad_compress) = match mode {
+        Ok(m) => (m, None),
+        Err(e) => (Mode::Off, Some(e)),
+    };
     let opts = SendOptions {
+        compress,
         dirty: dirty_bitmap.is_some(),
         chunk_size,
         window,
@@ -419,6 +428,9 @@ fn start_send(
                 allow_local_file,
                 stall: opts.timeout,
             };
+            if let Some(e) = bad_compress {
+                return Err(e);
+            }
             let source = open_source(&src, size, access, dirty_bitmap.as_deref()).await?;
             send(&conn, source, &subjects, &opts, &progress, &cancel).await
         }
@@ -650,6 +662,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ERROR_CODES", PyTuple::new(m.py(), crate::error::CODES)?)?;
     m.add("STATS_FIELDS", PyTuple::new(m.py(), STATS_FIELDS)?)?;
     m.add("CONTENT_ALGORITHM", crate::checksum::CONTENT_ALGORITHM)?;
+    m.add("DEFAULT_COMPRESS", compress::DEFAULT_MODE)?;
     m.add(
         "DIGEST_ALGORITHMS",
         PyTuple::new(m.py(), crate::digest::ALGORITHMS)?,

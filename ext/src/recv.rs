@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::{Message, Subject};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
@@ -21,6 +21,7 @@ use crate::checksum::{
     content_hex, digest_hex, is_zero, ContentDigest, Digest, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM,
     DIGEST_ALGORITHM,
 };
+use crate::compress::{pick, Codec, Unpacker};
 use crate::conn::{chunk_room, DataConn, MAX_CHUNK, MIN_CHUNK};
 use crate::error::{Error, Result};
 use crate::faults::Faults;
@@ -140,6 +141,9 @@ struct Receiver<'a> {
     key: String,
     /// The answer to that sender's last open, repeated if it asks again (a lost reply).
     reply: OpenReply,
+    /// The codec this sender's compressed frames use (`OpenReply::compress`).
+    codec: Codec,
+    unpacker: Unpacker,
 }
 
 impl Receiver<'_> {
@@ -231,18 +235,28 @@ impl Receiver<'_> {
     /// Take in one message from the chunk subject. Returns true when it filled a gap or
     /// opened a new one (worth an immediate ack).
     async fn intake(&mut self, payload: Bytes) -> Result<bool> {
-        let (header, body) = match ChunkHeader::parse(&payload) {
-            Ok(v) => v,
+        let wire = payload.len().saturating_sub(HEADER_LEN) as u64;
+        let (header, codec) = match ChunkHeader::parse_packed(&payload) {
+            Ok((header, codec, _)) => (header, codec),
             Err(_) => {
                 Progress::add(&self.progress.bad_frames, 1);
                 return Ok(false);
             }
         };
+        // From here on a frame is its plain form; one that does not inflate to exactly
+        // the length it declares is damaged, like one that fails its checksum.
+        let plain = if codec == Codec::None {
+            Some(payload)
+        } else {
+            self.inflate(&header, codec, &payload)
+        };
+        let body: &[u8] = plain.as_ref().map_or(&[], |p| &p[HEADER_LEN..]);
+        let intact = plain.is_some() && header.verify(body);
         if header.session != self.session {
             // Frames of an earlier session are normal just after a (re)open; frames of
             // another session that keep coming while none of ours do mean the sender picked
             // another receiver's reply in a race between two receivers.
-            if !self.seen_own_session && header.kind != Kind::Abort && header.verify(body) {
+            if !self.seen_own_session && header.kind != Kind::Abort && intact {
                 let since = *self.foreign_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= RACE_LOST_AFTER {
                     return Err(Error::Busy(format!(
@@ -254,7 +268,12 @@ impl Receiver<'_> {
             Progress::add(&self.progress.bad_frames, 1);
             return Ok(false);
         }
-        if !header.verify(body) {
+        if codec != Codec::None && codec != self.codec {
+            // Not what this transfer agreed on: not from its sender.
+            Progress::add(&self.progress.bad_frames, 1);
+            return Ok(false);
+        }
+        let Some(payload) = plain.filter(|_| intact) else {
             Progress::add(&self.progress.corrupt_frames, 1);
             if header.seq >= self.next_submit && header.seq < self.next_submit + self.max_ahead {
                 let n = self.corrupt.entry(header.seq).or_insert(0);
@@ -269,7 +288,8 @@ impl Receiver<'_> {
                 return Ok(true);
             }
             return Ok(false);
-        }
+        };
+        let body = &payload[HEADER_LEN..];
         self.seen_own_session = true;
         self.heard_sender = true;
         match header.kind {
@@ -302,10 +322,28 @@ impl Receiver<'_> {
         let opened_gap = header.seq > self.received;
         let filled_gap = header.seq < self.received;
         self.received = self.received.max(header.seq + 1);
+        if header.kind == Kind::Data {
+            Progress::add(&self.progress.wire_bytes, wire);
+        }
         self.reorder_bytes += payload.len();
         self.reorder.insert(header.seq, (header, payload));
         self.submit()?;
         Ok(opened_gap || filled_gap)
+    }
+
+    /// The plain form of a compressed data frame: inflated into a buffer of exactly the
+    /// length its header declares (at most a chunk), or `None` if it does not fit that.
+    fn inflate(&mut self, header: &ChunkHeader, codec: Codec, frame: &[u8]) -> Option<Bytes> {
+        if header.kind != Kind::Data || header.length > self.chunk {
+            return None;
+        }
+        let mut out = BytesMut::zeroed(HEADER_LEN + header.length as usize);
+        out[..HEADER_LEN].copy_from_slice(&frame[..HEADER_LEN]);
+        crate::frame::set_codec(&mut out, Codec::None);
+        let packed = &frame[HEADER_LEN..];
+        (self.unpacker)
+            .unpack(codec, packed, &mut out[HEADER_LEN..])
+            .then(|| out.freeze())
     }
 
     /// Hand frames to the target in sequence order, up to WRITE_DEPTH in flight.
@@ -470,10 +508,13 @@ impl Receiver<'_> {
             if let Some(j) = self.journal.as_mut() {
                 j.set_key(&req.key)?;
             }
+            // A resumed sender may offer other codecs than the one before.
+            self.codec = picked(&req);
             self.reply = OpenReply {
                 session: self.session,
                 resume_seq: self.next_submit,
                 resume_offset: self.next_offset,
+                compress: self.codec.name().into(),
                 ..self.reply.clone()
             };
         }
@@ -485,6 +526,15 @@ impl Receiver<'_> {
         }
         Ok(())
     }
+}
+
+/// The codec this receiver takes from a sender's offer; none when it offers none, or
+/// (`NBDNATS_FAULTS=old_peer=1`, tests) when acting as a receiver from before compression.
+fn picked(req: &OpenRequest) -> Codec {
+    if Faults::from_env().is_some_and(|f| f.old_peer()) {
+        return Codec::None;
+    }
+    pick(&req.compress)
 }
 
 fn hash_zeros(h: &mut Sha256, mut len: u64) {
@@ -892,6 +942,8 @@ impl<'a> Receiver<'a> {
             write_stream: request.writes,
             dirty: request.dirty,
             key: request.key,
+            codec: Codec::from_name(&opened.reply.compress).unwrap_or_default(),
+            unpacker: Unpacker::new(),
             reply: opened.reply,
         }
     }
@@ -1172,6 +1224,7 @@ async fn accept(
                     target_size: sink.size(),
                     resume_seq: resume.map_or(0, |p| p.next_seq),
                     resume_offset: resume.map_or(0, |p| p.offset),
+                    compress: picked(&request).name().into(),
                     ..Default::default()
                 };
                 return Ok((request, chunk, window, msg.reply, reply));

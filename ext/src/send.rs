@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checksum::{
     is_zero, ContentDigest, Digest, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM, DIGEST_ALGORITHM,
 };
+use crate::compress::{Codec, Mode, Packer};
 use crate::conn::{fit_chunk, DataConn};
 use crate::error::{Error, Result};
 use crate::extents::{pieces, Extent};
@@ -57,6 +58,8 @@ pub struct SendOptions {
     /// A dirty transfer: the source's extents mark what its dirty bitmap leaves unchanged
     /// (`Extent::skip`), which is never sent (`OpenRequest::dirty`).
     pub dirty: bool,
+    /// Compression of data frames (`--compress`).
+    pub compress: Mode,
 }
 
 struct Outgoing {
@@ -88,6 +91,20 @@ fn sender_key(opts: &SendOptions, id: &str) -> Result<(SenderKey, String)> {
             Ok((key, shown))
         }
     }
+}
+
+/// `NBDNATS_FAULTS=old_peer=1` (tests): behave like an nbd-nats from before compression,
+/// whose open request has no `compress` field.
+fn old_peer() -> bool {
+    Faults::from_env().is_some_and(|f| f.old_peer())
+}
+
+/// The codec of this transfer, from what the receiver picked.
+fn settle_codec(mode: Mode, reply: &OpenReply, id: &str) -> Result<Codec> {
+    if old_peer() {
+        return Ok(Codec::None);
+    }
+    mode.settle(&reply.compress, id)
 }
 
 /// After the transfer: its key is needed again only if the transfer can be continued.
@@ -145,6 +162,11 @@ pub async fn send(
             writes: false,
             dirty: opts.dirty,
             key: shown,
+            compress: if old_peer() {
+                Vec::new()
+            } else {
+                opts.compress.offer()
+            },
         };
         let reply = open(
             conn,
@@ -161,6 +183,14 @@ pub async fn send(
                 reply.chunk_size
             )));
         }
+        let codec = match settle_codec(opts.compress, &reply, &progress.transfer_id) {
+            Ok(c) => c,
+            Err(e) => {
+                // The receiver said yes: tell it we will not come, so it ends now.
+                send_abort(conn, subjects, reply.session, reply.resume_seq, &e).await;
+                return Err(e);
+            }
+        };
         let mut tx = Sender {
             conn,
             subjects,
@@ -182,6 +212,8 @@ pub async fn send(
             resume_offset: 0,
             planner: Planner::new(source, size, reply.chunk_size),
             dirty: opts.dirty,
+            compress: opts.compress,
+            packer: Packer::new(codec)?,
             // Frames live from their read until async-nats has written them: the read-ahead
             // and at most the window.
             pool: Pool::new(
@@ -383,6 +415,9 @@ struct Sender<'a> {
     planned_all: bool,
     /// A dirty transfer: frames only where the bitmap marks changes.
     dirty: bool,
+    compress: Mode,
+    /// Compresses data frames with the codec the receiver picked (or passes them on).
+    packer: Packer,
     reads: FuturesOrdered<BoxFuture<'static, Result<Outgoing>>>,
     ready: Option<Outgoing>,
     retransmits: FuturesUnordered<BoxFuture<'static, Result<Outgoing>>>,
@@ -528,8 +563,23 @@ impl Sender<'_> {
                 reply.chunk_size, self.chunk
             )));
         }
+        let codec = settle_codec(self.compress, &reply, &self.progress.transfer_id)?;
+        if codec != self.packer.codec() {
+            self.packer = Packer::new(codec)?;
+        }
         self.restart_at(&reply);
         Ok(())
+    }
+
+    /// A frame as it goes on the wire: a data frame compressed when that pays.
+    fn wire(&mut self, frame: &Outgoing) -> Bytes {
+        if frame.kind != Kind::Data {
+            return frame.bytes.clone();
+        }
+        match self.packer.pack(&frame.bytes) {
+            Some(packed) => Bytes::from(packed),
+            None => frame.bytes.clone(),
+        }
     }
 
     /// Put a frame that came out of the read pipeline on its way: fold it into the digest
@@ -570,7 +620,9 @@ impl Sender<'_> {
             .window
             .sent(frame.seq, frame.kind, frame.offset, frame.len, cost);
         self.next_unsent = self.next_unsent.max(frame.seq + 1);
-        self.publish(frame.bytes).await?;
+        let wire = self.wire(&frame);
+        drop(frame);
+        self.publish(wire).await?;
         Ok(true)
     }
 
@@ -627,7 +679,9 @@ impl Sender<'_> {
                 Some(r) = self.retransmits.next() => {
                     let frame = r?;
                     if self.peer.window.get_mut(frame.seq).is_some() {
-                        self.publish(frame.bytes).await?;
+                        let wire = self.wire(&frame);
+                        drop(frame);
+                        self.publish(wire).await?;
                     }
                 }
                 Some(r) = self.reads.next(), if self.ready.is_none() => self.ready = Some(r?),

@@ -48,6 +48,9 @@ pub struct Progress {
     pub retransmits: AtomicU64,
     /// Payload bytes the sender published, retransmissions and resends included.
     pub sent_bytes: AtomicU64,
+    /// Payload bytes as they went on the wire (sender: published, compressed where that
+    /// paid; receiver: of the frames it took in), against the disk bytes they carry.
+    pub wire_bytes: AtomicU64,
     /// Times the transfer continued from a resume point.
     pub resumes: AtomicU64,
     pub chunk_size: AtomicU64,
@@ -91,6 +94,7 @@ impl Progress {
             retransmits: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
             chunk_size: AtomicU64::new(0),
             window: AtomicU64::new(0),
             rate_limit: AtomicU64::new(0),

@@ -18,6 +18,7 @@ from nbdnats import _core, subjects
 from nbdnats.cli.options import (
     add_actions,
     add_command,
+    add_compress_option,
     add_login_options,
     add_progress_option,
     add_rate_option,
@@ -131,6 +132,7 @@ def add_parser(sub: Any) -> None:
             action="store_true",
             help="move a qcow2 (vmdk, ...) file's bytes as they are, not the disk it holds",
         )
+        add_compress_option(a)
         a.add_argument("--detach", action="store_true", help="print the id and do not wait")
         add_progress_option(a)
         return a
@@ -593,7 +595,12 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
     # Chosen here so that a failure's --json line can name it too.
     args.transfer_id = args.transfer_id or subjects.new_id()
     opts = TransferOptions(
-        window=args.window, timeout=args.timeout, verify=args.verify, raw=args.raw, rate=args.rate
+        window=args.window,
+        timeout=args.timeout,
+        verify=args.verify,
+        raw=args.raw,
+        rate=args.rate,
+        compress=args.compress,
     )
     quiet = args.json or args.detach or args.progress_fd is not None
     progress = EndsProgress(not quiet or args.progress, forced=args.progress)

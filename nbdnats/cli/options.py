@@ -10,10 +10,11 @@ import argparse
 import fcntl
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 from nbdnats import _core
 from nbdnats.planes import Login
+from nbdnats.schemas import Compress
 from nbdnats.units import rate_arg, size_arg, timeout_arg
 
 GLOBAL_OPTIONS = "global options (before or after ACTION)"
@@ -105,6 +106,18 @@ RATE_HELP = (
 def add_rate_option(g: Any, help: str = RATE_HELP) -> None:
     """--rate: a cap in bytes/s, checked as it is parsed (``units.rate_arg``)."""
     g.add_argument("--rate", type=rate_arg, metavar="N", help=help)
+
+
+def add_compress_option(g: Any) -> None:
+    """``--compress`` of a sending command (send, copy; ctl copy, backup and restore)."""
+    g.add_argument(
+        "--compress",
+        choices=get_args(Compress),
+        default=None,
+        help="compress data frames where that saves a tenth: auto (what the receiver can), "
+        "zstd or lz4 (fails if the receiver cannot), off "
+        f"(default: {_core.DEFAULT_COMPRESS})",
+    )
 
 
 def add_timeout_option(

@@ -14,6 +14,7 @@ from typing import Any
 
 from nbdnats import _core, formats, subjects
 from nbdnats.cli.options import (
+    add_compress_option,
     add_login_options,
     add_progress_option,
     add_rate_option,
@@ -154,6 +155,7 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
             "offering it (qemu-nbd -B NAME) or a qcow2 file holding it; the target must hold "
             "the previous image (or recv merges it with --base)",
         )
+        add_compress_option(t)
     if receiver:
         t.add_argument(
             "--base",
@@ -256,6 +258,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 chunk_size=args.chunk_size,
                 dirty_bitmap=args.dirty_bitmap,
                 rate=args.rate,
+                compress=args.compress,
                 **common,
             )
         elif args.command == "recv":
@@ -277,6 +280,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 dirty_bitmap=args.dirty_bitmap,
                 base=args.base,
                 rate=args.rate,
+                compress=args.compress,
                 **common,
             )
         result = await call

@@ -287,6 +287,7 @@ class Jobs:
             chunk_size=cmd.chunk_size,
             allow_local_file=True,
             rate=cmd.options.rate,
+            compress=cmd.options.compress,
             **self._ends(cmd),
         )
         return await self._accept("send", "send", cmd, shown, started, run)
@@ -358,7 +359,11 @@ class Jobs:
                 one = {**ends, "transfer_id": disk.transfer_id}
                 # The checkpoint's own read-only export of the frozen disk: no policy applies.
                 handle = start_send(
-                    view.uri, dirty_bitmap=view.bitmap, rate=cmd.options.rate, **one
+                    view.uri,
+                    dirty_bitmap=view.bitmap,
+                    rate=cmd.options.rate,
+                    compress=cmd.options.compress,
+                    **one,
                 )
                 info = {
                     "checkpoint": checkpoint.name,

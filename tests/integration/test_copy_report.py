@@ -29,6 +29,7 @@ RECEIVER_FIELDS = [
     "resumes",
     "sent_bytes",
     "dirty_bytes",
+    "wire_bytes",
 ]
 
 

@@ -246,3 +246,15 @@ def test_tls_files_option_then_nats_env(clean_env: pytest.MonkeyPatch, tmp_path:
     env.setenv("NATS_KEY", str(key))
     with pytest.raises(UsageError, match="give --tlscert and --tlskey together"):
         Login.resolve()
+
+
+def test_compress_is_a_senders_option_with_the_cores_default() -> None:
+    p = build_parser()
+    assert p.parse_args(["send", "x", "--id", "t", "--compress", "lz4"]).compress == "lz4"
+    assert p.parse_args(["copy", "a", "b"]).compress is None  # the core's DEFAULT_COMPRESS
+    with pytest.raises(SystemExit):
+        p.parse_args(["recv", "-", "--id", "t", "--compress", "zstd"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["send", "x", "--id", "t", "--compress", "gzip"])
+    ctl = p.parse_args(["ctl", "copy", "a:x", "b:y", "--compress", "off"])
+    assert ctl.compress == "off"

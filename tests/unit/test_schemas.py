@@ -83,3 +83,13 @@ def test_a_trailing_newline_is_not_part_of_any_checked_value(kind: object, good:
     assert msgspec.convert(good, kind) == good
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(good + "\n", kind)
+
+
+def test_a_send_command_carries_its_compression_and_refuses_unknown_codecs() -> None:
+    cmd = SendCommand(
+        key="k", transfer_id="t", src="/x", options=schemas.TransferOptions(compress="lz4")
+    )
+    assert decode(SendCommand, encode(cmd), "send").options.compress == "lz4"
+    assert decode(SendCommand, b'{"transfer_id": "t"}', "send").options.compress is None
+    with pytest.raises(SchemaError, match="compress"):
+        decode(SendCommand, b'{"transfer_id": "t", "options": {"compress": "gzip"}}', "send")
