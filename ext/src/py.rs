@@ -287,8 +287,7 @@ stats! { p =>
     counters [
         size, done_bytes, data_bytes, zero_bytes, frames, bad_frames, duplicate_frames,
         corrupt_frames, retransmits, resumes, sent_bytes, chunk_size, window, dirty_bytes,
-        rate_limit
-        wire_bytes
+        rate_limit, wire_bytes
     ]
     {
         seconds: f64 = p.seconds(),
