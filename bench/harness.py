@@ -139,6 +139,30 @@ def spread(values: Iterable[float | None]) -> Spread | None:
     return Spread(statistics.median(xs), min(xs), max(xs), len(xs))
 
 
+def summarize_figures(runs: Sequence[dict[str, Any]], figures: Sequence[str]) -> dict[str, Any]:
+    """Each figure's spread over rounds (a dict per round), as JSON; None when no round has
+    it. The figure benchmarks (migrate, incremental, ctl_load) summarize this way."""
+    out: dict[str, Any] = {}
+    for name in figures:
+        s = spread(r.get(name) for r in runs)
+        out[name] = s.to_json() if s else None
+    return out
+
+
+def figure_table(summary: dict[str, Any], figures: Sequence[str], digits: int = 2) -> str:
+    """A markdown table of ``summarize_figures``: median, min - max per figure."""
+
+    def num(v: float) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:.{digits}f}"
+
+    lines = ["| figure | median | min - max |", "|---|---|---|"]
+    for name in figures:
+        s = summary.get(name)
+        if s:
+            lines.append(f"| {name} | {num(s['median'])} | {num(s['min'])} - {num(s['max'])} |")
+    return "\n".join(lines)
+
+
 def select(runs: Iterable[Run], workload: str, path: str, **match: int | None) -> list[Run]:
     """The successful runs of one workload and path, optionally with chunk/window equal."""
     return [

@@ -218,11 +218,7 @@ def check_restore(agents: Agents, repo: Path, snapshot: str, disk: Path, work: P
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in FIGURES:
-        s = harness.spread(r.get(name) for r in runs)
-        out[name] = s.to_json() if s else None
-    return out
+    return harness.summarize_figures(runs, FIGURES)
 
 
 def ratios(full: dict[str, Any], incr: dict[str, Any]) -> dict[str, float | None]:

@@ -117,24 +117,11 @@ def ratios(by_mode: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in FIGURES:
-        s = harness.spread(r.get(name) for r in runs)
-        out[name] = s.to_json() if s else None
-    return out
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:.3f}"
+    return harness.summarize_figures(runs, FIGURES)
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    lines = ["| figure | median | min - max |", "|---|---|---|"]
-    for name in FIGURES:
-        s = summary.get(name)
-        if s:
-            lines.append(f"| {name} | {_num(s['median'])} | {_num(s['min'])} - {_num(s['max'])} |")
-    return "\n".join(lines)
+    return harness.figure_table(summary, FIGURES, digits=3)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
