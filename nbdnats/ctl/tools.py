@@ -231,6 +231,23 @@ def tag_argv(tool: Tool, policy: Policy, snapshot: str, tags: Mapping[str, str])
     return ["restic", repo, "tag", *adds, "--", restic_snapshot(snapshot)]
 
 
+# `restic tag` takes a repository exclusively, and a restic started meanwhile (a backup, or
+# the base `restic dump` of an incremental disk) fails at once: restic 0.14 has no
+# --retry-lock. Within one agent, a restic on a repository starts only while no `restic tag`
+# of ours holds it (two disks of one backup store side by side: one is tagged as the other
+# starts). Agents on other hosts sharing a repository are not covered.
+_TAGGING: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+def _tagging(argv: list[str]) -> asyncio.Lock | None:
+    """The lock of the restic repository ``argv`` names (per event loop: a lock belongs to
+    one), None for other tools."""
+    if len(argv) < 2 or argv[0] != "restic" or not argv[1].startswith("--repo="):
+        return None
+    key = (id(asyncio.get_running_loop()), argv[1])
+    return _TAGGING.setdefault(key, asyncio.Lock())
+
+
 def unlock_argv(tool: Tool, policy: Policy) -> list[str]:
     """The command that removes a restic repository's stale locks: those of restic
     processes gone from this host (one killed outright leaves its lock behind, and every
@@ -440,16 +457,21 @@ async def tag_backup(
     snapshot = output.removeprefix("snapshot ")
     if not output.startswith("snapshot ") or not _RESTIC_SNAPSHOT.fullmatch(snapshot):
         raise EndpointError(f"restic reported no snapshot id ({output or 'nothing'})")
+    argv = tag_argv(tool, policy, snapshot, tags)
+    lock = _tagging(argv)
+    assert lock is not None
     for delay in (*TAG_RETRIES, None):
         try:
-            await _run(tag_argv(tool, policy, snapshot, tags), env)
+            async with lock:
+                await _run(argv, env)
             break
         except EndpointError as e:
             if delay is None:
                 return f"{output} (without its {', '.join(tags)} tags: {e})"
             if delay == TAG_RETRIES[0]:  # a killed restic's lock would never go by itself
                 with contextlib.suppress(EndpointError):
-                    await _run(unlock_argv(tool, policy), env)
+                    async with lock:
+                        await _run(unlock_argv(tool, policy), env)
             await asyncio.sleep(delay)
     mine, _ = await list_backups(tool, policy, env, transfer_id)
     if not mine:
@@ -506,16 +528,20 @@ class ToolRun:
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         theirs, ours = (r, w) if direction == "backup" else (w, r)
         workdir = tempfile.mkdtemp(prefix="nbdnats-tool-")
+        tagging = _tagging(argv)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *_tied_to_agent(argv, env),
-                stdin=theirs if direction == "backup" else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE if direction == "backup" else theirs,
-                stderr=asyncio.subprocess.PIPE,
-                env=dict(env),
-                cwd=workdir,
-                start_new_session=True,
-            )
+            # Not while our `restic tag` holds the repository (the lock is held until the
+            # tool has started, not while it runs).
+            async with tagging if tagging is not None else contextlib.nullcontext():
+                proc = await asyncio.create_subprocess_exec(
+                    *_tied_to_agent(argv, env),
+                    stdin=theirs if direction == "backup" else asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE if direction == "backup" else theirs,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=dict(env),
+                    cwd=workdir,
+                    start_new_session=True,
+                )
         except OSError as e:
             os.close(ours)
             shutil.rmtree(workdir, ignore_errors=True)
