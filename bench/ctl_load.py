@@ -204,20 +204,13 @@ def _up(monitor: int) -> bool:
 
 
 def machine() -> dict[str, Any]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout
-        except OSError:
-            return "unknown"
-        return out.strip().splitlines()[0] if out.strip() else "unknown"
-
     return {
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "nats_server": first_line([nats_server_binary(), "--version"]),
+        "nats_server": harness.first_line([nats_server_binary(), "--version"]),
         "core": _core.__version__,
-        "commit": first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "commit": harness.first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
     }
 
 

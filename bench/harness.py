@@ -20,6 +20,7 @@ Conventions (also in bench/README.md):
 from __future__ import annotations
 
 import statistics
+import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -137,6 +138,16 @@ def spread(values: Iterable[float | None]) -> Spread | None:
     if not xs:
         return None
     return Spread(statistics.median(xs), min(xs), max(xs), len(xs))
+
+
+def first_line(args: list[str]) -> str:
+    """The first line a program prints (a version), or "unknown"; bounded."""
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
 
 
 def summarize_figures(runs: Sequence[dict[str, Any]], figures: Sequence[str]) -> dict[str, Any]:

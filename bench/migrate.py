@@ -88,21 +88,14 @@ def one_run(
 
 
 def machine() -> dict[str, Any]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout
-        except OSError:
-            return "unknown"
-        return out.strip().splitlines()[0] if out.strip() else "unknown"
-
     return {
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "qemu": first_line([vm.QEMU, "--version"]),
+        "qemu": harness.first_line([vm.QEMU, "--version"]),
         "accel": vm.accel(),
         "guest_memory_mib": vm.MEMORY_MIB,
-        "commit": first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "commit": harness.first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
     }
 
 

@@ -47,6 +47,7 @@ from bench.harness import (
     KiB,
     MiB,
     Run,
+    first_line,
 )
 from nbdnats import _core, subjects
 from nbdnats.embedded import EmbeddedServer, bulk_env, free_port, nats_server_binary
@@ -665,15 +666,6 @@ class Bench:
             for window in p.windows:
                 self.measure(self.nbdnats, WINDOW_SWEEP, rnd, "random", window=window, sweep=True)
                 self.measure(self.nbdnats, WINDOW_SWEEP, rnd, None, window=window, sweep=True)
-
-
-def first_line(args: list[str]) -> str:
-    try:
-        out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
 
 
 def filesystem_of(path: Path) -> str:
