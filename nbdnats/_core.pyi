@@ -7,8 +7,6 @@ __all__ = [
     "CONTENT_ALGORITHM",
     "DEFAULT_CHUNK",
     "DEFAULT_COMPRESS",
-    "MAX_STREAMS",
-    "STRIPE_SIZE",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
     "DIGEST_ALGORITHMS",
@@ -16,11 +14,13 @@ __all__ = [
     "HEADER_LEN",
     "MAX_CHUNK",
     "MAX_RATE",
+    "MAX_STREAMS",
     "MAX_WINDOW",
     "MIN_CHUNK",
     "MIN_WINDOW",
     "PROTOCOL_VERSION",
     "STATS_FIELDS",
+    "STRIPE_SIZE",
     "DataConnection",
     "JournalEntry",
     "Stats",
@@ -122,12 +122,12 @@ class Stats:
     def rate_limit(self) -> int:
         """The sender's rate cap in bytes/s (0: none)."""
     @property
-    def streams(self) -> int:
-        """Sub-streams the transfer ran as (1 for one; 0 before it started)."""
-    @property
     def wire_bytes(self) -> int:
         """Payload bytes on the wire (compressed where that paid); the sender's include
         retransmissions, the receiver's count each frame it took in once."""
+    @property
+    def streams(self) -> int:
+        """Sub-streams the transfer ran as (1 for one; 0 before it started)."""
     @property
     def seconds(self) -> float: ...
     @property

@@ -47,6 +47,10 @@ pub struct Header {
     /// Device, inode and birth time of a file or block-device target, to notice a replaced
     /// target.
     pub identity: Option<(u64, u64, u64)>,
+    /// A striped transfer (`--streams`): this journal is its own, its sub-streams keep
+    /// theirs. Left out otherwise, so the header of a one-stream transfer is as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripes: Option<crate::handshake::Stripes>,
 }
 
 /// One written frame as the journal remembers it.
@@ -568,6 +572,7 @@ mod tests {
             chunk_size: 10,
             key_hash: "a".repeat(64),
             identity: Some((1, 2, 3)),
+            stripes: None,
         }
     }
 

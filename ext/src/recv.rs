@@ -763,7 +763,14 @@ pub async fn recv(
     cancel: &CancellationToken,
 ) -> Result<Option<StripedOpen>> {
     let id = &progress.transfer_id;
-    let journal = open_journal(opts, id)?;
+    let journal = match open_journal(opts, id)? {
+        Some(j) if j.header.stripes.is_some() => {
+            return resume_striped(conn, &sink, subjects, opts, j, id)
+                .await
+                .map(Some);
+        }
+        other => other,
+    };
     let (mut opens, mut chunks) = listen(conn, subjects, id).await?;
     progress.set_state(State::Waiting);
     let opened = match open(conn, &sink, &mut opens, opts, journal, id, cancel).await {
@@ -793,6 +800,54 @@ pub async fn recv(
             .map(|()| None),
         Err(e) => Err(rx.fail(e).await),
     }
+}
+
+/// A restarted receiver of a striped transfer (its journal says so) takes it up at once:
+/// its sub-streams continue from their own journals, whether their sender still runs (it
+/// asks them again) or comes back too (it asks this transfer again, and gets this answer).
+async fn resume_striped(
+    conn: &DataConn,
+    sink: &Arc<dyn Sink>,
+    subjects: &Subjects,
+    opts: &RecvOptions,
+    journal: Journal,
+    id: &str,
+) -> Result<StripedOpen> {
+    let h = &journal.header;
+    let Some(stripes) = h.stripes.filter(|_| opts.can_stripe) else {
+        return Err(Error::Usage(format!(
+            "transfer {id} runs as sub-streams (--streams), which this receiver cannot run \
+             (its target is a stream, or it checks a sha256)"
+        )));
+    };
+    let (opens, _chunks) = listen(conn, subjects, id).await?;
+    let request = OpenRequest {
+        v: PROTOCOL_VERSION,
+        size: h.size,
+        chunk_size: h.chunk_size,
+        key: h.key_hash.clone(),
+        stripes: Some(stripes),
+        ..Default::default()
+    };
+    let reply = OpenReply {
+        v: PROTOCOL_VERSION,
+        ok: true,
+        session: new_session()?,
+        chunk_size: h.chunk_size,
+        window: opts.window.clamp(MIN_FRAME_COST, MAX_WINDOW),
+        max_payload: conn.max_payload,
+        target: sink.caps(),
+        target_size: sink.size(),
+        stripes: Some(stripes),
+        ..Default::default()
+    };
+    Ok(StripedOpen {
+        stripes,
+        request,
+        reply,
+        opens,
+        journal: Some(journal),
+    })
 }
 
 /// Subscribe to the transfer's open and chunk subjects, unless another receiver already
@@ -884,7 +939,7 @@ async fn open(
     }
     // The journal exists before the sender hears yes: a receiver that cannot keep one
     // refuses the open, so the sender fails at once with the reason.
-    if let Err(e) = keep_journal(&mut journal, opts, id, &request, chunk) {
+    if let Err(e) = keep_journal(&mut journal, opts, id, &request, chunk, reply.stripes) {
         if let Some(to) = reply_to {
             let refusal = encode(&OpenReply::refuse(&e));
             conn.tidy(&to, refusal).await;
@@ -922,6 +977,7 @@ fn keep_journal(
     id: &str,
     request: &OpenRequest,
     chunk: u64,
+    stripes: Option<Stripes>,
 ) -> Result<()> {
     match (journal.as_mut(), &opts.journal) {
         (Some(j), _) => j.set_key(&request.key),
@@ -934,6 +990,7 @@ fn keep_journal(
                 chunk_size: chunk,
                 key_hash: request.key.clone(),
                 identity: identity(&opts.target),
+                stripes,
             };
             *journal = Some(Journal::create(path, header)?);
             Ok(())
@@ -1646,6 +1703,7 @@ mod tests {
             chunk_size: 10,
             key_hash: "a".repeat(64),
             identity: None,
+            stripes: None,
         };
         let frame = crate::journal::Frame {
             kind: Kind::Data,
