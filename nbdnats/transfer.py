@@ -168,9 +168,11 @@ class TransferHandle:
         # An agent publishes its own ctl events (with the job's op and tool); a standalone
         # send/recv reports its end here.
         self.ctl_events = True
-        # The sub-streams a sender asked for (``start_send(streams=)``); the receiver may
-        # agree to fewer, which ``_check_streams`` says once.
+        # The sub-streams a sender asked for (``start_send(streams=)``) and, when it knows
+        # already that it runs one stream, why; else the receiver may not agree to them.
+        # ``_check_streams`` says so once.
         self.streams_asked = 1
+        self.one_stream_because: str | None = None
         self._streams_told = False
 
     @property
@@ -208,11 +210,10 @@ class TransferHandle:
         if stats.state == "done" or (stats.state == "running" and stats.done_bytes > 0):
             self._streams_told = True
             if stats.streams <= 1:
-                log.warning(
-                    "transfer %s: the receiver does not support --streams (or its target is "
-                    "a stream); sending it as one stream",
-                    self.transfer_id,
+                why = self.one_stream_because or (
+                    "the receiver does not support --streams (or its target is a stream)"
                 )
+                log.warning("transfer %s: %s; sending it as one stream", self.transfer_id, why)
 
     def _tick(self, on_progress: ProgressCallback | None) -> None:
         stats = self.stats()
@@ -458,6 +459,10 @@ async def start_send(
         served,
     )
     handle.streams_asked = streams
+    if src == "-" or src.startswith(("pipe:", "unix:")):
+        handle.one_stream_because = "its source is read in order (stdin, a pipe or a socket)"
+    elif dirty_bitmap is not None:
+        handle.one_stream_because = "a dirty-bitmap transfer writes its ranges in order"
     return handle
 
 

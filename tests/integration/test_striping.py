@@ -286,6 +286,21 @@ def test_a_stream_target_is_written_as_one_stream(tmp_path: Path) -> None:
     assert len(warnings_of(proc.stderr)) == 1 and WARNING in proc.stderr.decode()
 
 
+def test_a_source_read_in_order_is_sent_as_one_stream(tmp_path: Path) -> None:
+    image = os.urandom(2 * STRIPE)
+    dst = tmp_path / "dst.img"
+    size = str(len(image))
+    proc = run_cli("copy", "-", str(dst), "--size", size, "--streams", "2", "--json", input=image)
+    assert proc.returncode == 0, proc.stderr.decode()
+    report = json.loads(proc.stdout)
+    assert report["streams"] == report["sender"]["streams"] == 1, report
+    assert sha256_file(dst) == hashlib.sha256(image).hexdigest()
+    assert warnings_of(proc.stderr) == [
+        f"nbd-nats: warning: transfer {report['id']}: its source is read in order (stdin, a "
+        "pipe or a socket); sending it as one stream"
+    ]
+
+
 # -- rate caps --------------------------------------------------------------------------------
 
 
