@@ -7,6 +7,8 @@ __all__ = [
     "CONTENT_ALGORITHM",
     "DEFAULT_CHUNK",
     "DEFAULT_COMPRESS",
+    "MAX_STREAMS",
+    "STRIPE_SIZE",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
     "DIGEST_ALGORITHMS",
@@ -59,6 +61,10 @@ STATS_FIELDS: tuple[str, ...]
 CONTENT_ALGORITHM: str
 # ``--compress`` when not given (``off``, ``zstd``, ``lz4`` or ``auto``).
 DEFAULT_COMPRESS: str
+MAX_STREAMS: int
+"""The most sub-streams one transfer is striped over (``streams``)."""
+STRIPE_SIZE: int
+"""Bytes of a stripe segment: segment ``i`` of a disk travels in sub-stream ``i % streams``."""
 # What ``image_digest`` computes: ``sha256`` and the content digest.
 DIGEST_ALGORITHMS: tuple[str, ...]
 
@@ -115,6 +121,9 @@ class Stats:
     @property
     def rate_limit(self) -> int:
         """The sender's rate cap in bytes/s (0: none)."""
+    @property
+    def streams(self) -> int:
+        """Sub-streams the transfer ran as (1 for one; 0 before it started)."""
     @property
     def wire_bytes(self) -> int:
         """Payload bytes on the wire (compressed where that paid); the sender's include
@@ -180,11 +189,18 @@ def start_send(
     dirty_bitmap: str | None = None,
     rate: int | None = None,
     compress: str | None = None,
+    streams: int = 1,
+    stripe_transfers: list[tuple[str, tuple[str, str, str]]] | None = None,
 ) -> Transfer:
     """``dirty_bitmap``: a dirty transfer; ``src`` must be an NBD export offering
     ``qemu:dirty-bitmap:NAME``, and only the ranges it marks changed are sent. ``rate``: a
     cap in bytes/s on the data frames sent (``None`` or 0: none; see ``Transfer.set_rate``).
-    ``compress``: ``off``, ``zstd``, ``lz4`` or ``auto`` (None: ``DEFAULT_COMPRESS``)."""
+    ``compress``: ``off``, ``zstd``, ``lz4`` or ``auto`` (None: ``DEFAULT_COMPRESS``).
+    ``streams``: ask the receiver to stripe the transfer over that many sub-streams (1 to
+    ``MAX_STREAMS``), named by ``stripe_transfers`` (id and subjects of each, at least
+    ``streams`` of them); a receiver that cannot (an older one, a stream target) takes one
+    stream, and ``Stats.streams`` says which it was. A source read in order (``-``, a pipe
+    or socket) is sent as one stream."""
 
 def start_recv(
     conn: DataConnection,
@@ -203,9 +219,12 @@ def start_recv(
     expect_sha256: str | None = None,
     allow_local_file: bool = False,
     base: str | None = None,
+    stripe_transfers: list[tuple[str, tuple[str, str, str]]] | None = None,
 ) -> Transfer:
     """``base``: ``dst`` is a stream (``-``, ``pipe:PATH``) that gets this previous image
-    (a file or ``pipe:PATH``, read once) with a dirty transfer's ranges merged in."""
+    (a file or ``pipe:PATH``, read once) with a dirty transfer's ranges merged in.
+    ``stripe_transfers``: the sub-streams (id and subjects of each) this end runs when the
+    sender asks to stripe the transfer; ``None``: it takes one stream whatever is asked."""
 
 def start_bridge(
     conn: DataConnection,

@@ -99,6 +99,9 @@ pub struct ContentDigest {
     /// The current block's first bytes, when pieces did not end on a block boundary.
     partial: Vec<u8>,
     len: u64,
+    /// A sub-stream of a striped transfer also hands each block hash to the whole image's
+    /// digest.
+    tap: Option<Tap>,
 }
 
 impl Default for ContentDigest {
@@ -107,11 +110,138 @@ impl Default for ContentDigest {
             outer: XxHash3_128::new(),
             partial: Vec::new(),
             len: 0,
+            tap: None,
         }
     }
 }
 
+/// Where a sub-stream's block hashes go: the whole image's [`Merger`], block `j` of stripe
+/// `index` being block `(j / per * count + index) * per + j % per` of the image (`per`
+/// blocks to a stripe segment). The stripe is `len` bytes; its last block may be short only
+/// when it is the image's last.
+#[derive(Clone)]
+pub struct Tap {
+    pub merger: std::sync::Arc<Merger>,
+    pub index: u64,
+    pub count: u64,
+    pub per: u64,
+    pub len: u64,
+    /// Block hashes handed over so far.
+    emitted: u64,
+}
+
+impl Tap {
+    pub fn new(merger: std::sync::Arc<Merger>, index: u64, count: u64, per: u64, len: u64) -> Tap {
+        Tap {
+            merger,
+            index,
+            count,
+            per: per.max(1),
+            len,
+            emitted: 0,
+        }
+    }
+
+    fn block(&mut self, hash: [u8; 16]) {
+        let j = self.emitted;
+        self.emitted += 1;
+        let global = (j / self.per * self.count + self.index) * self.per + j % self.per;
+        self.merger.push(global, hash);
+    }
+}
+
+/// The content digest of a whole image whose blocks' hashes arrive in any order, from the
+/// sub-streams of a striped transfer: each is folded in once all blocks before it came.
+/// Blocks that arrive early wait here (16 bytes and a map entry each: a sub-stream running
+/// 1 GiB ahead of another holds about 1 MiB).
+pub struct Merger {
+    state: std::sync::Mutex<MergeState>,
+}
+
+struct MergeState {
+    outer: XxHash3_128,
+    next: u64,
+    pending: std::collections::BTreeMap<u64, [u8; 16]>,
+    /// A block came twice with different hashes (never, unless the code is wrong).
+    conflict: bool,
+}
+
+impl Merger {
+    pub fn new() -> Merger {
+        Merger {
+            state: std::sync::Mutex::new(MergeState {
+                outer: XxHash3_128::new(),
+                next: 0,
+                pending: std::collections::BTreeMap::new(),
+                conflict: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MergeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Block `index` of the image hashes to `hash`.
+    pub fn push(&self, index: u64, hash: [u8; 16]) {
+        let mut s = self.lock();
+        if index < s.next {
+            return; // folded in already (a sub-stream that re-read it)
+        }
+        if let Some(old) = s.pending.insert(index, hash) {
+            s.conflict |= old != hash;
+        }
+        let s = &mut *s;
+        while let Some(h) = s.pending.remove(&s.next) {
+            s.outer.write(&h);
+            s.next += 1;
+        }
+    }
+
+    /// The digest of the `len`-byte image, once every block of it came; `None` before.
+    pub fn value(&self, len: u64) -> Option<[u8; 16]> {
+        let s = self.lock();
+        let blocks = len.div_ceil(CONTENT_BLOCK as u64);
+        if s.conflict || s.next != blocks || !s.pending.is_empty() {
+            return None;
+        }
+        let mut outer = s.outer.clone();
+        outer.write(&len.to_le_bytes());
+        Some(outer.finish_128().to_be_bytes())
+    }
+}
+
+impl Default for Merger {
+    fn default() -> Self {
+        Merger::new()
+    }
+}
+
 impl ContentDigest {
+    /// A content digest that also hands its block hashes to `tap`.
+    pub fn tapped(tap: Option<Tap>) -> ContentDigest {
+        ContentDigest {
+            tap,
+            ..ContentDigest::default()
+        }
+    }
+
+    /// Fold one block hash in (and hand it on).
+    fn fold(&mut self, h: [u8; 16]) {
+        self.outer.write(&h);
+        if let Some(t) = self.tap.as_mut() {
+            t.block(h);
+        }
+    }
+
+    /// A stripe's short last block is whole once all its bytes came.
+    fn tail(&mut self) {
+        if let Some(t) = self.tap.as_mut() {
+            if self.len == t.len && !self.partial.is_empty() {
+                t.block(block_hash(&self.partial));
+            }
+        }
+    }
     /// Bytes fed so far.
     pub fn len(&self) -> u64 {
         self.len
@@ -125,7 +255,7 @@ impl ContentDigest {
     fn full_block(&mut self) {
         if self.partial.len() == CONTENT_BLOCK {
             let h = block_hash(&self.partial);
-            self.outer.write(&h);
+            self.fold(h);
             self.partial.clear();
         }
     }
@@ -142,13 +272,14 @@ impl ContentDigest {
         }
         let mut blocks = data.chunks_exact(CONTENT_BLOCK);
         for block in &mut blocks {
-            self.outer.write(&block_hash(block));
+            self.fold(block_hash(block));
         }
         let rest = blocks.remainder();
         if !rest.is_empty() {
             self.partial.reserve_exact(CONTENT_BLOCK);
             self.partial.extend_from_slice(rest);
         }
+        self.tail();
     }
 
     /// The next `n` bytes of the image read as zeros.
@@ -161,17 +292,19 @@ impl ContentDigest {
             n -= take;
         }
         if n == 0 {
+            self.tail();
             return;
         }
         let zero = zero_block_hash();
         for _ in 0..n / CONTENT_BLOCK as u64 {
-            self.outer.write(&zero);
+            self.fold(zero);
         }
         let rest = (n % CONTENT_BLOCK as u64) as usize;
         if rest > 0 {
             self.partial.reserve_exact(CONTENT_BLOCK);
             self.partial.resize(rest, 0);
         }
+        self.tail();
     }
 
     /// The digest of everything fed so far (feeding may go on).

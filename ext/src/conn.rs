@@ -45,6 +45,15 @@ pub struct DataConn {
     /// The servers this connection was given, passwords and tokens masked.
     pub servers: String,
     pub max_payload: u64,
+    /// How to dial the same servers again (`sibling`); holds credentials, never shown.
+    redial: Redial,
+}
+
+#[derive(Clone)]
+struct Redial {
+    servers: String,
+    name: String,
+    login: Login,
 }
 
 /// How the data connection logs in besides credentials in its URLs: a `.creds` file
@@ -171,9 +180,20 @@ pub fn parse_servers(servers: &str) -> Result<Vec<ServerAddr>> {
 }
 
 pub async fn connect(servers: &str, name: &str, login: &Login) -> Result<DataConn> {
+    dial(servers, name, login, None).await
+}
+
+/// Connect to `servers`: in random order as usual, or with `Some(r)` to the list turned
+/// left `r` places, tried in that order (a sub-stream's own server first).
+async fn dial(servers: &str, name: &str, login: &Login, rotate: Option<usize>) -> Result<DataConn> {
     let shown = redact_servers(servers);
-    let (url_auth, addrs) = take_url_auth(parse_servers(servers)?)?;
+    let (url_auth, mut addrs) = take_url_auth(parse_servers(servers)?)?;
     let mut options = ConnectOptions::new();
+    if let Some(r) = rotate {
+        let n = addrs.len();
+        addrs.rotate_left(r % n);
+        options = options.retain_servers_order();
+    }
     match (&login.creds, &login.nkey, url_auth) {
         (Some(_), Some(_), _) => {
             return Err(Error::Usage("give --creds or --nkey, not both".into()));
@@ -224,10 +244,24 @@ pub async fn connect(servers: &str, name: &str, login: &Login) -> Result<DataCon
         client,
         servers: shown,
         max_payload,
+        redial: Redial {
+            servers: servers.to_string(),
+            name: name.to_string(),
+            login: login.clone(),
+        },
     })
 }
 
 impl DataConn {
+    /// Another connection to the same servers, for sub-stream `k` of a striped transfer:
+    /// it tries server `k` of the list first (counting round), so the sub-streams of a
+    /// transfer spread over a cluster, and fails over to the others in order.
+    pub async fn sibling(&self, k: usize) -> Result<DataConn> {
+        let r = &self.redial;
+        let name = format!("{}-s{k}", r.name);
+        dial(&r.servers, &name, &r.login, Some(k)).await
+    }
+
     /// Publish, waiting at most `bound` for room in the client's queue (it fills while the
     /// connection is down). `Ok(false)`: not queued in time.
     pub async fn publish_within(

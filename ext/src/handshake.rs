@@ -40,6 +40,20 @@ pub struct OpenRequest {
     /// field ignores it and replies without `compress`, which means no compression.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub compress: Vec<String>,
+    /// The sender asks to stripe the transfer over this many sub-streams (`--streams`).
+    /// Added within protocol 5: a receiver that does not know the field ignores it and
+    /// replies without `stripes`, and the transfer runs as one stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripes: Option<Stripes>,
+}
+
+/// How a striped transfer is cut (`stripe::Geometry` holds the arithmetic): `count`
+/// sub-streams, stripe `k` carrying the `size`-byte segments `i` of the disk with
+/// `i % count == k`. Each sub-stream is a transfer of its own (`stripe::child_id`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stripes {
+    pub count: u32,
+    pub size: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -64,6 +78,10 @@ pub struct OpenReply {
     /// an older receiver's reply, so none (and left out when none, as such a reply does).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub compress: String,
+    /// The request's `stripes`, when the receiver runs the transfer striped: the data then
+    /// flows in the sub-streams, none on this transfer's own subjects. Absent: one stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripes: Option<Stripes>,
 }
 
 /// Reply code of a receiver that is still checking its target before it continues a

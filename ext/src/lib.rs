@@ -24,6 +24,8 @@ pub mod recv;
 pub mod relay;
 pub mod send;
 pub mod stats;
+pub mod stripe;
+pub mod striped;
 pub mod window;
 
 use pyo3::prelude::*;

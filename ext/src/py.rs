@@ -19,10 +19,11 @@ use crate::conn::{self, DataConn};
 use crate::error::{Error, Result};
 use crate::io::{open_sink, open_source, Access};
 use crate::link::Subjects;
-use crate::recv::{recv, RecvOptions};
+use crate::recv::RecvOptions;
 use crate::relay::{self, BridgeOptions};
-use crate::send::{send, SendOptions};
+use crate::send::SendOptions;
 use crate::stats::{Progress, State};
+use crate::{stripe, striped};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -287,7 +288,7 @@ stats! { p =>
     counters [
         size, done_bytes, data_bytes, zero_bytes, frames, bad_frames, duplicate_frames,
         corrupt_frames, retransmits, resumes, sent_bytes, chunk_size, window, dirty_bytes,
-        rate_limit, wire_bytes
+        rate_limit, wire_bytes, streams
     ]
     {
         seconds: f64 = p.seconds(),
@@ -382,9 +383,58 @@ fn start(
     Transfer { cancel, progress }
 }
 
+/// A sub-stream as Python names it: its transfer id and its (open, chunks, acks) subjects.
+type StripeTransfer = (String, (String, String, String));
+
+/// The stripes a sender asks for: none for one stream, or a source read in order (stdin,
+/// a pipe or socket), which cannot be read at several places at once.
+fn ask_stripes(
+    streams: u32,
+    src: &str,
+    named: Option<&Vec<StripeTransfer>>,
+) -> Result<Option<crate::handshake::Stripes>> {
+    if !(1..=stripe::MAX_STREAMS).contains(&streams) {
+        return Err(Error::Usage(format!(
+            "--streams {streams}: give 1 to {} sub-streams",
+            stripe::MAX_STREAMS
+        )));
+    }
+    if streams > 1 && named.is_none_or(|n| n.len() < streams as usize) {
+        return Err(Error::Usage(format!(
+            "--streams {streams} needs the ids of {streams} sub-streams (a shorter --id)"
+        )));
+    }
+    let in_order =
+        src == "-" || src.starts_with(crate::io::PIPE) || src.starts_with(crate::io::UNIX);
+    Ok(
+        (streams > 1 && !in_order).then_some(crate::handshake::Stripes {
+            count: streams,
+            size: stripe::STRIPE_SIZE,
+        }),
+    )
+}
+
+/// The sub-streams Python named, with where each keeps its key or journal.
+fn children(
+    named: Option<Vec<StripeTransfer>>,
+    state_dir: Option<&std::path::Path>,
+    file: impl Fn(&std::path::Path, &str) -> std::path::PathBuf,
+) -> Vec<striped::Child> {
+    named
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, subs)| striped::Child {
+            key_file: state_dir.map(|d| file(d, &id)),
+            journal: state_dir.map(|d| file(d, &id)),
+            subjects: subjects(subs),
+            id,
+        })
+        .collect()
+}
+
 /// Send `src` as transfer `transfer_id`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false, dirty_bitmap=None, rate=None, compress=None))]
+#[pyo3(signature = (conn, src, transfer_id, subjects_, done, *, size=None, chunk_size=None, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, resume=false, state_dir=None, allow_local_file=false, dirty_bitmap=None, rate=None, compress=None, streams=1, stripe_transfers=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_send(
     conn: &DataConnection,
@@ -403,9 +453,15 @@ fn start_send(
     dirty_bitmap: Option<String>,
     rate: Option<u64>,
     compress: Option<String>,
+    streams: u32,
+    stripe_transfers: Option<Vec<StripeTransfer>>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
+    let stripes = ask_stripes(streams, &src, stripe_transfers.as_ref());
+    let children = children(stripe_transfers, state_dir.as_deref(), |d, id| {
+        crate::handshake::key_path(d, id)
+    });
     let mode = Mode::parse(compress.as_deref().unwrap_or(compress::DEFAULT_MODE));
     let (compress, bad_compress) = match mode {
         Ok(m) => (m, None),
@@ -420,6 +476,8 @@ fn start_send(
         verify,
         resume,
         key_file: state_dir.map(|d| crate::handshake::key_path(&d, &transfer_id)),
+        stripes: None,
+        tap: None,
     };
     start("send", transfer_id, rate, done, move |progress, cancel| {
         async move {
@@ -430,8 +488,15 @@ fn start_send(
             if let Some(e) = bad_compress {
                 return Err(e);
             }
+            let opts = SendOptions {
+                stripes: stripes?,
+                ..opts
+            };
             let source = open_source(&src, size, access, dirty_bitmap.as_deref()).await?;
-            send(&conn, source, &subjects, &opts, &progress, &cancel).await
+            striped::send(
+                &conn, source, &subjects, children, &opts, &progress, &cancel,
+            )
+            .await
         }
         .boxed_send()
     })
@@ -439,7 +504,7 @@ fn start_send(
 
 /// Receive transfer `transfer_id` into `dst`; see `_core.pyi` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None, allow_local_file=false, base=None))]
+#[pyo3(signature = (conn, dst, transfer_id, subjects_, done, *, window=crate::window::DEFAULT_WINDOW, timeout_s=crate::conn::DEFAULT_TIMEOUT_S, verify=false, target_is_zero=false, state_dir=None, resume=false, return_subjects=None, expect_sha256=None, allow_local_file=false, base=None, stripe_transfers=None))]
 #[allow(clippy::too_many_arguments)]
 fn start_recv(
     conn: &DataConnection,
@@ -457,6 +522,7 @@ fn start_recv(
     expect_sha256: Option<String>,
     allow_local_file: bool,
     base: Option<String>,
+    stripe_transfers: Option<Vec<StripeTransfer>>,
 ) -> Transfer {
     let conn = conn.conn.clone();
     let subjects = subjects(subjects_);
@@ -469,9 +535,12 @@ fn start_recv(
         || crate::io::null::is_null_device(&dst)
         || dst.starts_with(crate::io::PIPE)
         || dst.starts_with(crate::io::UNIX);
-    let journal = state_dir
-        .filter(|_| !streaming)
-        .map(|d| crate::journal::path_for(&d, &transfer_id));
+    let state_dir = state_dir.filter(|_| !streaming);
+    let can_stripe = stripe_transfers.is_some() && !streaming && back.is_none() && base.is_none();
+    let children = children(stripe_transfers, state_dir.as_deref(), |d, id| {
+        crate::journal::path_for(d, id)
+    });
+    let journal = state_dir.map(|d| crate::journal::path_for(&d, &transfer_id));
     let opts = RecvOptions {
         window,
         timeout: timeout(timeout_s),
@@ -481,6 +550,8 @@ fn start_recv(
         resume,
         target,
         expect_sha256: None,
+        can_stripe,
+        stripe: None,
     };
     start("recv", transfer_id, None, done, move |progress, cancel| {
         async move {
@@ -511,7 +582,7 @@ fn start_recv(
                     open_sink(&dst, access).await?
                 }
             };
-            recv(&conn, sink, &subjects, &opts, &progress, &cancel).await
+            striped::recv(&conn, sink, &subjects, children, &opts, &progress, &cancel).await
         }
         .boxed_send()
     })
@@ -662,6 +733,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STATS_FIELDS", PyTuple::new(m.py(), STATS_FIELDS)?)?;
     m.add("CONTENT_ALGORITHM", crate::checksum::CONTENT_ALGORITHM)?;
     m.add("DEFAULT_COMPRESS", compress::DEFAULT_MODE)?;
+    m.add("MAX_STREAMS", stripe::MAX_STREAMS)?;
+    m.add("STRIPE_SIZE", stripe::STRIPE_SIZE)?;
     m.add(
         "DIGEST_ALGORITHMS",
         PyTuple::new(m.py(), crate::digest::ALGORITHMS)?,

@@ -18,8 +18,8 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::checksum::{
-    content_hex, digest_hex, is_zero, ContentDigest, Digest, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM,
-    DIGEST_ALGORITHM,
+    content_hex, digest_hex, is_zero, ContentDigest, Digest, Tap, CHECKSUM_ALGORITHM,
+    CONTENT_ALGORITHM, DIGEST_ALGORITHM,
 };
 use crate::compress::{pick, Codec, Unpacker};
 use crate::conn::{chunk_room, DataConn, MAX_CHUNK, MIN_CHUNK};
@@ -30,7 +30,7 @@ use crate::frame::{
     MAX_ZERO_LEN, PROTOCOL_VERSION,
 };
 use crate::handshake::{
-    decode, encode, is_key, key_follows, other_version, OpenReply, OpenRequest, CHECKING,
+    decode, encode, is_key, key_follows, other_version, OpenReply, OpenRequest, Stripes, CHECKING,
 };
 use crate::io::{zeros, Sink};
 use crate::journal::{self, Frame, Journal, JOURNAL_VERSION};
@@ -77,6 +77,33 @@ pub struct RecvOptions {
     /// order as they are written; a mismatch wipes both ends of the target before the
     /// transfer fails, so a device never keeps an unapproved image in bootable shape.
     pub expect_sha256: Option<[u8; 32]>,
+    /// The sender may stripe this transfer (`--streams`): the caller can run sub-streams.
+    pub can_stripe: bool,
+    /// This is sub-stream `label` of a striped transfer (its journal names it besides the
+    /// target, so that a resume cut otherwise does not continue it), whose content digest
+    /// hands its block hashes to the whole image's.
+    pub stripe: Option<(String, Tap)>,
+}
+
+impl RecvOptions {
+    /// The target as the journal names it.
+    fn journal_target(&self) -> String {
+        match &self.stripe {
+            Some((label, _)) => format!("{} ({label})", self.target),
+            None => self.target.clone(),
+        }
+    }
+}
+
+/// A transfer the sender and this receiver agreed to stripe: its open request and the
+/// answer given, which the caller repeats to a sender that asks again, and the journal
+/// that lets a restarted receiver take it up (`striped::recv` runs the sub-streams).
+pub struct StripedOpen {
+    pub stripes: Stripes,
+    pub request: OpenRequest,
+    pub reply: OpenReply,
+    pub opens: async_nats::Subscriber,
+    pub journal: Option<Journal>,
 }
 
 /// A completed write: its sequence's cost in the window, disk bytes and kind.
@@ -537,6 +564,31 @@ fn picked(req: &OpenRequest) -> Codec {
     pick(&req.compress)
 }
 
+/// Whether this receiver stripes the transfer as the sender asks: only a whole image (not a
+/// stream of writes, not a dirty transfer) into a target written in any order, with no
+/// sha256 to check in order, and not a single-stream transfer that already wrote
+/// something (its journal goes on as it started). Otherwise the answer names no stripes
+/// and the sender sends one stream. A cut that is not valid is refused.
+fn agree_stripes(
+    req: &OpenRequest,
+    opts: &RecvOptions,
+    sink: &Arc<dyn Sink>,
+    journal: Option<&Journal>,
+) -> Option<Stripes> {
+    let stripes = req.stripes?;
+    let old = Faults::from_env().is_some_and(|f| f.old_peer());
+    let agree = opts.can_stripe
+        && !old
+        && !req.writes
+        && !req.dirty
+        && !sink.caps().sequential
+        && !sink.merges_base()
+        && opts.expect_sha256.is_none()
+        && opts.stripe.is_none()
+        && journal.is_none_or(|j| j.progress.next_seq == 0);
+    agree.then_some(stripes)
+}
+
 fn hash_zeros(h: &mut Sha256, mut len: u64) {
     while len > 0 {
         let z = zeros(len.min(1 << 20) as usize);
@@ -614,10 +666,10 @@ fn open_journal(opts: &RecvOptions, id: &str) -> Result<Option<Journal>> {
         (None, false) => Ok(None),
         (Some(path), true) => {
             let j = Journal::open(path)?;
-            if j.header.target != opts.target || j.header.transfer_id != id {
+            if j.header.target != opts.journal_target() || j.header.transfer_id != id {
                 return Err(Error::Usage(format!(
                     "the journal at {} belongs to transfer {} into {}, not {id} into {}",
-                    path.display(), j.header.transfer_id, j.header.target, opts.target
+                    path.display(), j.header.transfer_id, j.header.target, opts.journal_target()
                 )));
             }
             if j.header.identity.is_some() && j.header.identity != identity(&opts.target) {
@@ -700,6 +752,8 @@ async fn check_target(
     Ok(())
 }
 
+/// Receive one transfer. Returns `Some` instead when the sender asked to stripe it and this
+/// receiver agreed (`RecvOptions::can_stripe`): its sub-streams are the caller's to run.
 pub async fn recv(
     conn: &DataConn,
     sink: Arc<dyn Sink>,
@@ -707,7 +761,7 @@ pub async fn recv(
     opts: &RecvOptions,
     progress: &Progress,
     cancel: &CancellationToken,
-) -> Result<()> {
+) -> Result<Option<StripedOpen>> {
     let id = &progress.transfer_id;
     let journal = open_journal(opts, id)?;
     let (mut opens, mut chunks) = listen(conn, subjects, id).await?;
@@ -723,9 +777,20 @@ pub async fn recv(
             return Err(e);
         }
     };
+    if let Some(stripes) = opened.reply.stripes {
+        return Ok(Some(StripedOpen {
+            stripes,
+            request: opened.request,
+            reply: opened.reply,
+            opens,
+            journal: opened.journal,
+        }));
+    }
     let mut rx = Receiver::new(conn, subjects, progress, sink, opts, opened);
     match run(&mut rx, &mut chunks, &mut opens, opts, cancel).await {
-        Ok(end_seq) => finish(&mut rx, end_seq, &mut chunks, opts, cancel).await,
+        Ok(end_seq) => finish(&mut rx, end_seq, &mut chunks, opts, cancel)
+            .await
+            .map(|()| None),
         Err(e) => Err(rx.fail(e).await),
     }
 }
@@ -792,7 +857,7 @@ async fn open(
     cancel: &CancellationToken,
 ) -> Result<Opened> {
     let mut hasher = opts.expect_sha256.map(|_| Sha256::new());
-    let mut content = ContentDigest::default();
+    let mut content = ContentDigest::tapped(opts.stripe.as_ref().map(|(_, tap)| tap.clone()));
     if let Some(j) = journal.as_mut() {
         let chunk = j.header.chunk_size;
         let hashers = Hashers {
@@ -864,7 +929,7 @@ fn keep_journal(
             let header = journal::Header {
                 v: JOURNAL_VERSION,
                 transfer_id: id.to_string(),
-                target: opts.target.clone(),
+                target: opts.journal_target(),
                 size: request.size,
                 chunk_size: chunk,
                 key_hash: request.key.clone(),
@@ -901,6 +966,7 @@ impl<'a> Receiver<'a> {
         progress.data_bytes.store(start.data_bytes, Relaxed);
         progress.zero_bytes.store(start.zero_bytes, Relaxed);
         progress.set_state(State::Running);
+        progress.streams.store(1, Relaxed);
         let verify = opts.verify || request.verify;
         Receiver {
             conn,
@@ -1225,6 +1291,7 @@ async fn accept(
                     resume_seq: resume.map_or(0, |p| p.next_seq),
                     resume_offset: resume.map_or(0, |p| p.offset),
                     compress: picked(&request).name().into(),
+                    stripes: agree_stripes(&request, opts, sink, journal),
                     ..Default::default()
                 };
                 return Ok((request, chunk, window, msg.reply, reply));
@@ -1297,6 +1364,11 @@ async fn negotiate(
         return Err(Error::Nats(format!(
             "the receiver's server max_payload of {max_payload} bytes is too small"
         )));
+    }
+    if let Some(stripes) = req.stripes {
+        // A cut nobody can run: refused, and the receiver waits on for its sender.
+        crate::stripe::Geometry::new(req.size, stripes)
+            .map_err(|e| Error::Protocol(format!("the sender's stripes: {e}")))?;
     }
     if req.dirty {
         check_dirty(req, opts, sink).await?;

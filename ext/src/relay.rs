@@ -118,6 +118,8 @@ async fn receive_back(
         resume: false,
         target: "return stream".into(),
         expect_sha256: None,
+        can_stripe: false,
+        stripe: None,
     };
     let _ = recv(&conn, sink, &subjects, &opts, &progress, &cancel).await;
 }

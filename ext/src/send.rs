@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::checksum::{
-    is_zero, ContentDigest, Digest, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM, DIGEST_ALGORITHM,
+    is_zero, ContentDigest, Digest, Tap, CHECKSUM_ALGORITHM, CONTENT_ALGORITHM, DIGEST_ALGORITHM,
 };
 use crate::compress::{Codec, Mode, Packer};
 use crate::conn::{fit_chunk, DataConn};
@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::extents::{pieces, Extent};
 use crate::faults::Faults;
 use crate::frame::{ChunkHeader, EndSummary, Kind, HEADER_LEN, PROTOCOL_VERSION};
-use crate::handshake::{OpenReply, OpenRequest, SenderKey};
+use crate::handshake::{OpenReply, OpenRequest, SenderKey, Stripes};
 use crate::io::Source;
 use crate::link::{
     ack_request, close_and_compare, control_frame, open, read_ack, retry, send_abort, AckRequest,
@@ -60,6 +60,10 @@ pub struct SendOptions {
     pub dirty: bool,
     /// Compression of data frames (`--compress`).
     pub compress: Mode,
+    /// Ask the receiver to stripe the transfer (`--streams`; `striped` runs the stripes).
+    pub stripes: Option<Stripes>,
+    /// A stripe's sender hands its content digest's block hashes to the whole image's.
+    pub tap: Option<Tap>,
 }
 
 struct Outgoing {
@@ -108,14 +112,17 @@ fn settle_codec(mode: Mode, reply: &OpenReply, id: &str) -> Result<Codec> {
 }
 
 /// After the transfer: its key is needed again only if the transfer can be continued.
-fn settle_key(opts: &SendOptions, result: &Result<()>) {
-    if let Some(path) = &opts.key_file {
+pub fn settle_key<T>(key_file: Option<&std::path::Path>, result: &Result<T>) {
+    if let Some(path) = key_file {
         if !result.as_ref().err().is_some_and(Error::resumable) {
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
+/// Send `source` as one transfer. Returns `Some(stripes)` instead when the receiver agreed
+/// to stripe it as `opts.stripes` asked: nothing was sent then, and the sub-streams are the
+/// caller's to run (`striped::send`); the key file stays for them.
 pub async fn send(
     conn: &DataConn,
     source: Arc<dyn Source>,
@@ -123,7 +130,7 @@ pub async fn send(
     opts: &SendOptions,
     progress: &Progress,
     cancel: &CancellationToken,
-) -> Result<()> {
+) -> Result<Option<Stripes>> {
     let size = source.size();
     progress.size.store(size, Relaxed);
     if opts.dirty && opts.resume {
@@ -167,6 +174,7 @@ pub async fn send(
             } else {
                 opts.compress.offer()
             },
+            stripes: opts.stripes.filter(|_| !old_peer()),
         };
         let reply = open(
             conn,
@@ -183,8 +191,11 @@ pub async fn send(
                 reply.chunk_size
             )));
         }
-        let codec = match settle_codec(opts.compress, &reply, &progress.transfer_id) {
-            Ok(c) => c,
+        let codec = match settle_codec(opts.compress, &reply, &progress.transfer_id)
+            .and_then(|c| agreed_stripes(&request, &reply).map(|s| (c, s)))
+        {
+            Ok((_, Some(stripes))) => return Ok(Some(stripes)),
+            Ok((c, None)) => c,
             Err(e) => {
                 // The receiver said yes: tell it we will not come, so it ends now.
                 send_abort(conn, subjects, reply.session, reply.resume_seq, &e).await;
@@ -206,7 +217,7 @@ pub async fn send(
             session: 0,
             peer: Peer::new(Window::new(opts.window), opts.timeout),
             digest: Digest::default(),
-            content: ContentDigest::default(),
+            content: ContentDigest::tapped(opts.tap.clone()),
             digest_next: 0,
             resume_seq: 0,
             resume_offset: 0,
@@ -229,6 +240,7 @@ pub async fn send(
         };
         tx.restart_at(&reply);
         progress.chunk_size.store(tx.chunk, Relaxed);
+        progress.streams.store(1, Relaxed);
         progress.set_state(State::Running);
         let result = tx
             .run(&mut acks, opts.verify, cancel)
@@ -239,12 +251,29 @@ pub async fn send(
                 tx.abort(e).await;
             }
         }
-        result
+        result.map(|()| None)
     }
     .await
     .map_err(|e| progress.cause(e));
-    settle_key(opts, &result);
+    if !matches!(result, Ok(Some(_))) {
+        settle_key(opts.key_file.as_deref(), &result);
+    }
     result
+}
+
+/// The stripes the receiver agreed to: none (one stream) when it did not answer with any,
+/// the ones asked for when it did; any others are a receiver that runs this transfer
+/// otherwise (a resume with another `--streams`).
+fn agreed_stripes(request: &OpenRequest, reply: &OpenReply) -> Result<Option<Stripes>> {
+    match (request.stripes, reply.stripes) {
+        (_, None) => Ok(None),
+        (Some(asked), Some(got)) if asked == got => Ok(Some(got)),
+        (_, Some(got)) => Err(Error::Usage(format!(
+            "the receiver runs this transfer as {} sub-streams of {}-byte stripes; resume it \
+             with --streams {}",
+            got.count, got.size, got.count
+        ))),
+    }
 }
 
 struct Planner {
@@ -542,6 +571,8 @@ impl Sender<'_> {
         let stall = Stall::since(self.peer.timeout, self.peer.last_heard);
         let mut request = self.request.clone();
         request.resume = true;
+        // This transfer runs as one stream now, whatever a restarted receiver would agree to.
+        request.stripes = None;
         // The next link of our key chain proves it is us; the one shown is burnt, so it is
         // kept first (a sender that dies now resumes with the link after it).
         request.key = self.key.advance()?;

@@ -58,6 +58,8 @@ pub struct Progress {
     /// The sender's rate cap in bytes/s (0: none), read before every data frame, so a
     /// change (`Transfer.set_rate`) applies to the running transfer.
     pub rate_limit: AtomicU64,
+    /// Sub-streams the transfer runs as (`--streams`): 1 once it runs as one, 0 before.
+    pub streams: AtomicU64,
     pub verified: AtomicBool,
     /// Cancelled on purpose, for good: the cancellation ends it `abandoned`, not resumable.
     pub abandoned: AtomicBool,
@@ -98,6 +100,7 @@ impl Progress {
             chunk_size: AtomicU64::new(0),
             window: AtomicU64::new(0),
             rate_limit: AtomicU64::new(0),
+            streams: AtomicU64::new(0),
             verified: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             state: AtomicU8::new(State::Connecting as u8),
