@@ -31,7 +31,7 @@ from nbdnats.errors import SchemaError
 from nbdnats.schemas import Reply, SendCommand, decode, encode
 from tests.cli import NBD_NATS, cli_env, finish_json, one_line_error, run_cli, start_cli
 from tests.ctl import AgentProc, ctl, ok, schema_before
-from tests.images import MiB, make_image, sha256_file
+from tests.images import MiB, allocated, holds, make_image, sha256_file
 from tests.nats_server import NatsServer
 from tests.waits import wait_for
 
@@ -217,6 +217,30 @@ def test_a_killed_sender_resumes_with_as_many_streams_and_no_other_number(
     assert int(sent["resumes"]) >= 1, sent  # type: ignore[call-overload]
     # Resumed: what the receiver held was not sent again.
     assert int(sent["sent_bytes"]) < 0.9 * int(got["data_bytes"]), sent  # type: ignore[call-overload]
+    assert sent["digest"] == got["digest"] == content_digest(src)
+
+
+def test_a_killed_sender_resumes_after_some_streams_have_finished(
+    tmp_path: Path, state_dir: Path, start_nats: Callable[..., NatsServer]
+) -> None:
+    """All the data in stripe 0, holes in the others: sub-streams 1 and 2 are done (their
+    keys and journals gone) long before the sender is killed; the resumed sender finishes
+    sub-stream 0 and the whole."""
+    url = start_nats().url
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, SIZE, [(0, STRIPE), (3 * STRIPE, STRIPE)])  # stripe 0 of 3
+    common = ("--id", "sfin", "--data-url", url, "--json")
+    recv = start_cli("recv", str(dst), *common)
+    send = start_cli("send", str(src), *common, "--streams", "3", "--rate", "96M")
+    keys = [state_dir / "journals" / f"send-{subjects.stripe_id('sfin', k)}.key" for k in (1, 2)]
+    wait_for(lambda: holds(dst, 40 * MiB)() and not any(k.exists() for k in keys), "stripes", 60)
+    send.send_signal(signal.SIGKILL)
+    send.communicate()
+    assert allocated(dst) < 2 * STRIPE, "the copy ended before the sender was killed"
+    taken = start_cli("send", str(src), *common, "--streams", "3", "--resume")
+    sent, got = finish_json(taken), finish_json(recv)
+    assert sha256_file(dst) == want
+    assert sent["streams"] == got["streams"] == 3, (sent, got)
     assert sent["digest"] == got["digest"] == content_digest(src)
 
 
