@@ -195,7 +195,7 @@ def _report(
 
 def _summary(verb: str, stats: _core.Stats) -> str:
     verified = ", verified" if stats.verified else ""
-    streams = f" in {stats.streams} streams" if stats.streams > 1 else ""
+    streams = f" over {stats.streams} streams" if stats.streams > 1 else ""
     moved, what = stats.done_bytes, human(stats.size)
     if stats.dirty_bytes:
         # A dirty transfer moved only what its bitmap marked; its rate is over those bytes.
