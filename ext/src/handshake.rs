@@ -188,6 +188,12 @@ pub fn key_path(state_dir: &std::path::Path, id: &str) -> std::path::PathBuf {
     state_dir.join("journals").join(format!("send-{id}.key"))
 }
 
+/// Beside a striped transfer's key (`key_path`): how many sub-streams it was started as,
+/// so that a resume asks for as many (`striped::send`).
+pub fn streams_record(key: &std::path::Path) -> std::path::PathBuf {
+    key.with_extension("streams")
+}
+
 /// Whether `key` (revealed by a resuming sender) hashes back to `anchor` within a few
 /// links: it is the next key of the chain the transfer is bound to. `key == anchor` is
 /// not a match: that key was already seen.

@@ -536,10 +536,13 @@ pub fn discard(state_dir: &Path, id: &str) -> Result<Vec<PathBuf>> {
         Err(e) => return Err(io(&journal, e)),
     }
     let key = crate::handshake::key_path(state_dir, id);
-    match std::fs::remove_file(&key) {
-        Ok(()) => removed.push(key),
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&key, e)),
+    let record = crate::handshake::streams_record(&key);
+    for path in [key, record] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path, e)),
+        }
     }
     if removed.is_empty() {
         return Err(Error::Usage(format!(

@@ -1166,7 +1166,13 @@ async fn finish(
         Some(c) => content_hex(&c),
         None => digest_hex(&ours),
     });
-    if let Some(j) = rx.journal.take() {
+    if opts.stripe.is_some() {
+        // A sub-stream's journal outlives it: until the whole transfer is done, a resumed
+        // sender of it gets "all written" and a DONE again (`striped` removes it).
+        if let Err(e) = rx.checkpoint().await {
+            return Err(rx.fail(e).await);
+        }
+    } else if let Some(j) = rx.journal.take() {
         j.remove()?;
     }
     let done = rx.ack_frame(

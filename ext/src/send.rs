@@ -152,6 +152,8 @@ pub async fn send(
     let mut acks = conn.client.subscribe(subjects.acks.clone()).await?;
     progress.set_state(State::Waiting);
     let (key, shown) = sender_key(opts, &progress.transfer_id)?;
+    let wrong_resume = std::sync::atomic::AtomicBool::new(false);
+    let wrong_resume = &wrong_resume;
     // Whatever happens below, the key file is settled afterwards.
     let result = async move {
         let request = OpenRequest {
@@ -191,11 +193,17 @@ pub async fn send(
                 reply.chunk_size
             )));
         }
-        let codec = match settle_codec(opts.compress, &reply, &progress.transfer_id)
-            .and_then(|c| agreed_stripes(&request, &reply).map(|s| (c, s)))
-        {
-            Ok((_, Some(stripes))) => return Ok(Some(stripes)),
-            Ok((c, None)) => c,
+        let stripes = match agreed_stripes(&request, &reply) {
+            Ok(s) => s,
+            Err(e) => {
+                // Asked the wrong way: the transfer stays as it is for the right resume.
+                wrong_resume.store(true, Relaxed);
+                return Err(e);
+            }
+        };
+        let codec = match settle_codec(opts.compress, &reply, &progress.transfer_id) {
+            Ok(_) if stripes.is_some() => return Ok(stripes),
+            Ok(c) => c,
             Err(e) => {
                 // The receiver said yes: tell it we will not come, so it ends now.
                 send_abort(conn, subjects, reply.session, reply.resume_seq, &e).await;
@@ -255,7 +263,13 @@ pub async fn send(
     }
     .await
     .map_err(|e| progress.cause(e));
-    if !matches!(result, Ok(Some(_))) {
+    // A sub-stream's key outlives it while the whole transfer may be resumed (`striped`).
+    let keep = match &result {
+        Ok(Some(_)) => true,
+        Ok(None) => opts.tap.is_some(),
+        Err(_) => wrong_resume.load(Relaxed),
+    };
+    if !keep {
         settle_key(opts.key_file.as_deref(), &result);
     }
     result

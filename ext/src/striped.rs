@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checksum::{content_hex, Merger};
 use crate::conn::DataConn;
 use crate::error::{Error, Result};
-use crate::handshake::{decode, encode, key_follows, OpenReply, OpenRequest};
+use crate::handshake::{decode, encode, key_follows, streams_record, OpenReply, OpenRequest};
 use crate::io::{Sink, Source};
 use crate::link::Subjects;
 use crate::recv::{RecvOptions, StripedOpen};
@@ -41,7 +42,26 @@ pub struct Child {
     pub journal: Option<PathBuf>,
 }
 
-type Running = FuturesUnordered<tokio::task::JoinHandle<Result<()>>>;
+type Running = FuturesUnordered<tokio::task::JoinHandle<(usize, Result<()>)>>;
+/// Starts sub-stream `k` (to be resumed, when `true`).
+type Start = Box<dyn Fn(usize, bool) -> tokio::task::JoinHandle<(usize, Result<()>)> + Send>;
+
+/// What a sub-stream of a transfer being resumed does: resume where it left off when it
+/// left something (`file`: its key or journal), start afresh when the interruption came
+/// before it began.
+fn resumes(resume: bool, file: Option<&PathBuf>) -> bool {
+    resume && file.is_some_and(|f| f.exists())
+}
+
+/// Once the whole transfer is done, or can no longer be continued: the sub-streams' keys
+/// or journals go.
+fn settle_children<T>(files: &[PathBuf], result: &Result<T>) {
+    if !result.as_ref().err().is_some_and(Error::resumable) {
+        for f in files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
 
 /// What the sub-streams share while they run: their figures, cancellation and digest.
 struct Stripes {
@@ -50,6 +70,9 @@ struct Stripes {
     progress: Vec<Arc<Progress>>,
     cancel: CancellationToken,
     running: Running,
+    /// Sub-streams that ended well (a resumed sender may ask for them again).
+    finished: Vec<bool>,
+    start: Option<Start>,
 }
 
 impl Stripes {
@@ -70,7 +93,30 @@ impl Stripes {
                 .collect(),
             cancel: CancellationToken::new(),
             running: FuturesUnordered::new(),
+            finished: vec![false; geometry.count as usize],
+            start: None,
         })
+    }
+
+    /// Start every sub-stream.
+    fn launch(&mut self, start: Start, resume: bool) {
+        for k in 0..self.progress.len() {
+            self.running.push(start(k, resume));
+        }
+        self.start = Some(start);
+    }
+
+    /// A resumed sender asks again for every sub-stream, also those that ended well here
+    /// (it may not have heard their DONE): they run again from their journals.
+    fn restart_finished(&mut self) {
+        let Some(start) = self.start.as_ref() else {
+            return;
+        };
+        for (k, done) in self.finished.iter_mut().enumerate() {
+            if std::mem::take(done) {
+                self.running.push(start(k, true));
+            }
+        }
     }
 
     /// The whole transfer's figures from its sub-streams' (and its cap handed to them).
@@ -121,7 +167,7 @@ impl Stripes {
         parent: &Progress,
         cancel: &CancellationToken,
         mut opens: Option<&mut async_nats::Subscriber>,
-        mut on_open: impl FnMut(async_nats::Message) -> futures::future::BoxFuture<'static, ()>,
+        mut on_open: impl FnMut(async_nats::Message) -> (BoxFuture<'static, ()>, bool),
     ) -> Result<()> {
         let mut tick = tokio::time::interval(TICK);
         let mut first: Option<Error> = None;
@@ -135,8 +181,13 @@ impl Stripes {
                     self.cancel.cancel();
                 }
                 Some(done) = self.running.next() => {
-                    let r = done.map_err(|e| Error::Endpoint(format!("a sub-stream stopped: {e}")))
-                        .and_then(|r| r);
+                    let r = match done {
+                        Ok((k, r)) => {
+                            self.finished[k] = r.is_ok();
+                            r
+                        }
+                        Err(e) => Err(Error::Endpoint(format!("a sub-stream stopped: {e}"))),
+                    };
                     if let Err(e) = r {
                         // A sub-stream cancelled because another failed says less than that.
                         if first.as_ref().is_none_or(|f| f.code() == "cancelled") {
@@ -146,7 +197,11 @@ impl Stripes {
                     }
                 }
                 Some(msg) = async { match opens.as_mut() { Some(o) => o.next().await, None => None } } => {
-                    on_open(msg).await;
+                    let (answer, resumed) = on_open(msg);
+                    if resumed && !self.cancel.is_cancelled() {
+                        self.restart_finished();
+                    }
+                    answer.await;
                 }
                 _ = tick.tick() => self.sum(parent),
             }
@@ -180,7 +235,6 @@ impl Stripes {
 
 /// Send `source` as `opts` says; striped over `children` when `opts.stripes` asks for it and
 /// the receiver agrees, else as one stream.
-#[allow(clippy::too_many_arguments)]
 pub async fn send(
     conn: &DataConn,
     source: Arc<dyn Source>,
@@ -190,58 +244,104 @@ pub async fn send(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<()> {
+    let record = opts.key_file.as_deref().map(streams_record);
+    check_resume(opts, record.as_deref(), &progress.transfer_id)?;
+    if let Some(stale) = record.as_ref().filter(|_| !opts.resume) {
+        let _ = std::fs::remove_file(stale); // of an earlier transfer of this id
+    }
     let Some(stripes) =
         crate::send::send(conn, source.clone(), subjects, opts, progress, cancel).await?
     else {
         return Ok(());
     };
+    if let Some(path) = &record {
+        std::fs::write(path, format!("{}\n", stripes.count))
+            .map_err(|e| Error::Endpoint(format!("cannot write {}: {e}", path.display())))?;
+    }
+    let keys: Vec<PathBuf> = children.iter().filter_map(|c| c.key_file.clone()).collect();
     let result = async {
         let geometry = Geometry::new(source.size(), stripes)?;
         let mut run = Stripes::new(geometry, &children, "send")?;
         progress.streams.store(geometry.count, Relaxed);
         progress.set_state(State::Running);
-        for (k, child) in children
-            .into_iter()
-            .take(geometry.count as usize)
-            .enumerate()
-        {
-            let conn = conn.sibling(k).await?;
+        let mut ends = Vec::new();
+        for (k, child) in children.into_iter().take(run.progress.len()).enumerate() {
+            let conn = Arc::new(conn.sibling(k).await?);
             let source: Arc<dyn Source> =
                 Arc::new(StripeSource::new(source.clone(), geometry, k as u64));
-            let child_opts = SendOptions {
-                chunk_size: opts.chunk_size,
-                window: opts.window,
-                timeout: opts.timeout,
-                verify: opts.verify,
-                resume: opts.resume,
-                key_file: child.key_file,
-                dirty: false,
-                compress: opts.compress,
-                stripes: None,
-                tap: Some(geometry.tap(k as u64, run.merger.clone())),
-            };
-            let p = run.progress[k].clone();
-            let stop = run.cancel.clone();
-            let subjects = child.subjects;
-            run.running.push(tokio::spawn(async move {
-                crate::send::send(&conn, source, &subjects, &child_opts, &p, &stop)
-                    .await
-                    .map(|_| ())
-            }));
+            ends.push((
+                conn,
+                source,
+                child,
+                geometry.tap(k as u64, run.merger.clone()),
+            ));
         }
-        run.wait(progress, cancel, None, |_| Box::pin(async {}))
-            .await?;
+        let (window, timeout, verify) = (opts.window, opts.timeout, opts.verify);
+        let (compress, chunk_size) = (opts.compress, opts.chunk_size);
+        let (progress_of, stop) = (run.progress.clone(), run.cancel.clone());
+        let start: Start = Box::new(move |k, resume| {
+            let (conn, source, child, tap) = &ends[k];
+            let opts = SendOptions {
+                chunk_size,
+                window,
+                timeout,
+                verify,
+                resume: resumes(resume, child.key_file.as_ref()),
+                key_file: child.key_file.clone(),
+                dirty: false,
+                compress,
+                stripes: None,
+                tap: Some(tap.clone()),
+            };
+            let (conn, source, subjects) = (conn.clone(), source.clone(), child.subjects.clone());
+            let (p, stop) = (progress_of[k].clone(), stop.clone());
+            tokio::spawn(async move {
+                let r = crate::send::send(&conn, source, &subjects, &opts, &p, &stop).await;
+                (k, r.map(|_| ()))
+            })
+        });
+        run.launch(start, opts.resume);
+        let quiet = |_| -> (BoxFuture<'static, ()>, bool) { (Box::pin(async {}), false) };
+        run.wait(progress, cancel, None, quiet).await?;
         run.settle(progress)
     }
     .await
     .map_err(|e| progress.cause(e));
+    settle_children(&keys, &result);
     settle_key(opts.key_file.as_deref(), &result);
+    if let Some(path) = record.filter(|_| !opts.key_file.as_ref().is_some_and(|k| k.exists())) {
+        let _ = std::fs::remove_file(path);
+    }
     result
+}
+
+/// A resume asks for the sub-streams the transfer was started with: the sender recorded
+/// how many beside its key once the receiver agreed to them. Another count is refused
+/// before anything is asked or changed, so the right resume can still follow.
+fn check_resume(opts: &SendOptions, record: Option<&std::path::Path>, id: &str) -> Result<()> {
+    let Some(path) = record.filter(|_| opts.resume) else {
+        return Ok(());
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(()); // started as one stream, or stopped before its sub-streams began
+    };
+    let started: u32 = text.trim().parse().map_err(|_| {
+        Error::Usage(format!(
+            "{} does not hold a number of sub-streams",
+            path.display()
+        ))
+    })?;
+    let asked = opts.stripes.map_or(1, |s| s.count);
+    if asked != started {
+        return Err(Error::Usage(format!(
+            "transfer {id} was started as {started} sub-streams: resume it with --streams {started}"
+        )));
+    }
+    Ok(())
 }
 
 /// Receive into `sink` as `opts` says; when the sender asks to stripe the transfer and this
 /// end agrees (`RecvOptions::can_stripe`), run the sub-streams `children`.
-#[allow(clippy::too_many_arguments)]
 pub async fn recv(
     conn: &DataConn,
     sink: Arc<dyn Sink>,
@@ -263,63 +363,71 @@ pub async fn recv(
         mut opens,
         mut journal,
     } = open;
+    let journals: Vec<PathBuf> = children.iter().filter_map(|c| c.journal.clone()).collect();
     let result = async {
         let geometry = Geometry::new(request.size, stripes)?;
         let mut run = Stripes::new(geometry, &children, "recv")?;
         progress.size.store(request.size, Relaxed);
         progress.streams.store(geometry.count, Relaxed);
         progress.set_state(State::Running);
-        for (k, child) in children
-            .into_iter()
-            .take(geometry.count as usize)
-            .enumerate()
-        {
-            let conn = conn.sibling(k).await?;
+        let mut ends = Vec::new();
+        for (k, child) in children.into_iter().take(run.progress.len()).enumerate() {
+            let conn = Arc::new(conn.sibling(k).await?);
             let sink: Arc<dyn Sink> = Arc::new(StripeSink::new(sink.clone(), geometry, k as u64));
-            let child_opts = RecvOptions {
-                window: opts.window,
-                timeout: opts.timeout,
-                verify: opts.verify,
-                target_is_zero: opts.target_is_zero,
-                journal: child.journal,
-                resume: opts.resume,
-                target: opts.target.clone(),
+            let label = format!(
+                "stripe {k} of {}, {}-byte segments",
+                geometry.count, geometry.size
+            );
+            let tap = geometry.tap(k as u64, run.merger.clone());
+            ends.push((conn, sink, child, label, tap));
+        }
+        let (window, timeout, verify) = (opts.window, opts.timeout, opts.verify);
+        let (target_is_zero, target) = (opts.target_is_zero, opts.target.clone());
+        let (progress_of, stop) = (run.progress.clone(), run.cancel.clone());
+        let start: Start = Box::new(move |k, resume| {
+            let (conn, sink, child, label, tap) = &ends[k];
+            let opts = RecvOptions {
+                window,
+                timeout,
+                verify,
+                target_is_zero,
+                journal: child.journal.clone(),
+                resume: resumes(resume, child.journal.as_ref()),
+                target: target.clone(),
                 expect_sha256: None,
                 can_stripe: false,
-                stripe: Some((
-                    format!(
-                        "stripe {k} of {}, {}-byte segments",
-                        geometry.count, geometry.size
-                    ),
-                    geometry.tap(k as u64, run.merger.clone()),
-                )),
+                stripe: Some((label.clone(), tap.clone())),
             };
-            let p = run.progress[k].clone();
-            let stop = run.cancel.clone();
-            let subjects = child.subjects;
-            run.running.push(tokio::spawn(async move {
-                match crate::recv::recv(&conn, sink, &subjects, &child_opts, &p, &stop).await {
+            let (conn, sink, subjects) = (conn.clone(), sink.clone(), child.subjects.clone());
+            let (p, stop) = (progress_of[k].clone(), stop.clone());
+            tokio::spawn(async move {
+                let r = match crate::recv::recv(&conn, sink, &subjects, &opts, &p, &stop).await {
                     Ok(None) => Ok(()),
                     Ok(Some(_)) => Err(Error::Protocol(
                         "a sub-stream asked to be striped again".into(),
                     )),
                     Err(e) => Err(e),
-                }
-            }));
-        }
+                };
+                (k, r)
+            })
+        });
+        run.launch(start, opts.resume);
         // A sender that did not hear our yes asks again (the same key), or comes back
-        // after a restart (the next key of its chain): it gets the same answer.
+        // after a restart (the next key of its chain): it gets the same answer, and every
+        // sub-stream runs again for it.
         let mut key = request.key.clone();
         let client = conn.client.clone();
         let id = progress.transfer_id.clone();
-        let answer = move |msg: async_nats::Message| -> futures::future::BoxFuture<'static, ()> {
+        let answer = move |msg: async_nats::Message| {
             let req: Option<OpenRequest> = decode("open request", &msg.payload).ok();
             let again = req.as_ref().is_some_and(|r| {
                 !r.probe && (r.key == key || (r.resume && key_follows(&r.key, &key)))
             });
+            let mut resumed = false;
             let answer = if again {
-                if let Some(r) = req {
+                if let Some(r) = req.filter(|r| r.key != key) {
                     key = r.key;
+                    resumed = true;
                 }
                 reply.clone()
             } else {
@@ -328,7 +436,7 @@ pub async fn recv(
                 )))
             };
             let client = client.clone();
-            Box::pin(async move {
+            let send: BoxFuture<'static, ()> = Box::pin(async move {
                 if let Some(to) = msg.reply {
                     let _ = tokio::time::timeout(
                         crate::conn::TIDY_BOUND,
@@ -336,15 +444,17 @@ pub async fn recv(
                     )
                     .await;
                 }
-            })
+            });
+            (send, resumed)
         };
         run.wait(progress, cancel, Some(&mut opens), answer).await?;
         run.settle(progress)
     }
     .await
     .map_err(|e| progress.cause(e));
-    // The journal of the whole transfer names it striped for a restarted receiver: kept
-    // while a sub-stream may still be continued.
+    // The sub-streams' journals, and the one of the whole transfer that names it striped
+    // for a restarted receiver, are kept while it may still be continued.
+    settle_children(&journals, &result);
     if let Some(j) = journal.take() {
         if !result.as_ref().err().is_some_and(Error::resumable) {
             let _ = j.remove();
