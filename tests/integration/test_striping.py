@@ -261,7 +261,7 @@ def test_a_killed_receiver_resumes_every_stream_from_its_journal(
     servers = nats_cluster()
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     want = make_image(src, SIZE, DATA)
-    common = ("--id", "rres", "--data-url", data_url(servers), "--json")
+    common = ("--id", "rres", "--data-url", data_url(servers), "--json", "--timeout", "30")
     recv = start_cli("recv", str(dst), *common)
     # 240 MiB of data at 24 MiB/s: ten seconds; each sub-stream's journal checkpoints at 5.
     send = start_cli("send", str(src), *common, "--streams", "3", "--rate", "24M")
