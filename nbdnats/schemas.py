@@ -70,6 +70,8 @@ Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT)]
 Interval = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT)]
 """A period: more than 0, at most ``MAX_TIMEOUT``."""
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
+Streams = Annotated[int, msgspec.Meta(ge=1, le=_core.MAX_STREAMS)]
+"""``--streams``: the sub-streams a transfer is split into, 1 to the core's ``MAX_STREAMS``."""
 
 
 # What a restic snapshot's listing may hold. Values come from the tool's output (anyone who
@@ -152,10 +154,16 @@ class Tool(Message, kw_only=True):
     parent: SnapshotId | None = None
 
 
-class TransferOptions(Message, kw_only=True):
+class TransferOptions(Message, kw_only=True, omit_defaults=True):
     """``raw``: a file endpoint whose header names an image format (qcow2, vmdk, ...) is
     moved as the bytes it holds, not as the disk it holds through qemu-nbd.
-    ``rate``: the sending end's cap in bytes/s (None: no cap; a receiver ignores it)."""
+    ``rate``: the sending end's cap in bytes/s (None: no cap; a receiver ignores it).
+    ``streams``: the sending end splits the transfer into that many sub-streams (a receiver
+    ignores it: it agrees to what the sender asks in the open handshake, or to one).
+
+    Options left at their defaults stay off the wire, so a command that uses none of the
+    newer ones reads the same to an agent from before them (which refuses fields it does
+    not know: ``Message`` forbids them)."""
 
     window: Bytes | None = None
     timeout: Seconds | None = None
@@ -164,6 +172,7 @@ class TransferOptions(Message, kw_only=True):
     rate: Rate | None = None
     # The sender's compression (None: the core's default, ``_core.DEFAULT_COMPRESS``).
     compress: Compress | None = None
+    streams: Streams = 1
 
 
 class Incremental(Message, kw_only=True):
@@ -520,6 +529,8 @@ class TransferEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     rate_limit: int = 0
     # Payload bytes on the wire, compressed where that paid.
     wire_bytes: int = 0
+    # The sub-streams the transfer ran with (--streams; 1: one, left out).
+    streams: int = 1
     error_code: str | None = None
     error: str | None = None
     # The error is the peer's (reported to this end), so this end's failure is a consequence.
@@ -563,6 +574,8 @@ class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Payload bytes on the wire (--compress): at most sent_bytes (the sender's), or the
     # data bytes that arrived (the receiver's).
     wire_bytes: int
+    # The sub-streams the transfer ran with (--streams): 1 unless the receiver agreed to more.
+    streams: int
     # The endpoint's image format when it is a file or device ("raw", "qcow2", ...).
     format: str | None = None
     sender: Report | None = None

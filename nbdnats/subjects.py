@@ -7,6 +7,9 @@ data.cmd.<transfer>.open     transfer setup (the open handshake)
 data.evt.<transfer>.<kind>   progress / done / error
 data.blk.<transfer>.c        chunk frames, sender -> receiver
 data.blk.<transfer>.a        acks, receiver -> sender
+
+A striped transfer (``--streams N``) opens on its own subjects and moves its bytes as child
+transfers ``<transfer>-s0`` .. ``-s<N-1>`` (``stripe_transfers``), each with the subjects above.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import re
 import uuid
 
+from nbdnats import _core
 from nbdnats.errors import UsageError
 
 CTL_CMD = "ctl.cmd"
@@ -82,6 +86,28 @@ def backup_disk_id(transfer_id: str, disk: int) -> str:
     """The stream of disk number ``disk`` (its place in the checkpoint's list) of an
     incremental backup ``transfer_id``: one transfer and one snapshot per disk."""
     return f"{transfer_id}-disk{disk}"
+
+
+# A striped transfer's children are named "<id>-s<k>" (k < MAX_STREAMS, one digit): an id
+# longer than this would give children longer than one token, so it cannot be striped.
+MAX_STRIPED_ID = 64 - len(f"-s{_core.MAX_STREAMS - 1}")
+
+
+def stripe_id(transfer_id: str, k: int) -> str:
+    """The child transfer that carries stripe ``k`` of a striped transfer ``transfer_id``
+    (``--streams``): an ordinary transfer with its own subjects, session and journal."""
+    return f"{transfer_id}-s{k}"
+
+
+def stripe_transfers(transfer_id: str) -> list[tuple[str, tuple[str, str, str]]] | None:
+    """Every child a striped ``transfer_id`` may have, ``(child id, its subjects)`` for
+    k = 0 .. ``MAX_STREAMS`` - 1, as the core takes them; None when the id is too long for
+    its children's ids to be tokens (more than ``MAX_STRIPED_ID`` characters)."""
+    check_token(transfer_id, "transfer id")
+    if len(transfer_id) > MAX_STRIPED_ID:
+        return None
+    children = (stripe_id(transfer_id, k) for k in range(_core.MAX_STREAMS))
+    return [(child, transfer(child)) for child in children]
 
 
 def transfer(transfer_id: str) -> tuple[str, str, str]:

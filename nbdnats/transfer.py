@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import time
@@ -37,6 +38,8 @@ PEER_GRACE = 5.0
 EVENT_INTERVAL = 1.0
 CANCEL_TIMEOUT = 15.0  # how long a cancelled transfer may take to tell its peer and stop
 
+log = logging.getLogger(__name__)
+
 
 class CopyStats(NamedTuple):
     """Both ends of a ``copy_ends``: each keeps its own counters (only the sender
@@ -57,6 +60,24 @@ def check_rate(rate: int | None, what: str = "--rate") -> None:
     if rate is not None and not 0 < rate <= MAX_RATE:
         raise UsageError(
             f"{what} {rate} must be from 1 to {MAX_RATE} bytes/s (1 TiB/s); leave it out for no cap"
+        )
+
+
+def check_streams(streams: int, transfer_id: str | None = None) -> None:
+    """``--streams``: a whole number from 1 to ``_core.MAX_STREAMS``; more than 1 only for a
+    transfer id whose children's ids are tokens too (``subjects.stripe_transfers``)."""
+    if isinstance(streams, bool) or not isinstance(streams, int):
+        raise UsageError(f"--streams {streams!r} must be a whole number of streams")
+    if not 1 <= streams <= _core.MAX_STREAMS:
+        raise UsageError(
+            f"--streams {streams} must be from 1 to {_core.MAX_STREAMS} "
+            "(the sub-streams one transfer is split into)"
+        )
+    if streams > 1 and transfer_id is not None and len(transfer_id) > subjects.MAX_STRIPED_ID:
+        raise UsageError(
+            f"--streams {streams} needs a transfer id of at most {subjects.MAX_STRIPED_ID} "
+            f"characters (its sub-streams are ID-s0, ID-s1, ...), not {len(transfer_id)}: "
+            "give a shorter --id or --streams 1"
         )
 
 
@@ -147,6 +168,12 @@ class TransferHandle:
         # An agent publishes its own ctl events (with the job's op and tool); a standalone
         # send/recv reports its end here.
         self.ctl_events = True
+        # The sub-streams a sender asked for (``start_send(streams=)``) and, when it knows
+        # already that it runs one stream, why; else the receiver may not agree to them.
+        # ``_check_streams`` says so once.
+        self.streams_asked = 1
+        self.one_stream_because: str | None = None
+        self._streams_told = False
 
     @property
     def transfer_id(self) -> str:
@@ -175,8 +202,22 @@ class TransferHandle:
     def _publish(self, kind: str, event: TransferEvent) -> None:
         self._planes.data.publish(subjects.data_event(self.transfer_id, kind), encode(event))
 
+    def _check_streams(self, stats: TransferStats) -> None:
+        """Say once when a sender asked for sub-streams and runs as one: known once data
+        moves (the receiver has answered and the sub-streams, if any, have started)."""
+        if self._streams_told or self.streams_asked <= 1:
+            return
+        if stats.state == "done" or (stats.state == "running" and stats.done_bytes > 0):
+            self._streams_told = True
+            if stats.streams <= 1:
+                why = self.one_stream_because or (
+                    "the receiver does not support --streams (or its target is a stream)"
+                )
+                log.warning("transfer %s: %s; sending it as one stream", self.transfer_id, why)
+
     def _tick(self, on_progress: ProgressCallback | None) -> None:
         stats = self.stats()
+        self._check_streams(stats)
         if on_progress is not None:
             on_progress(stats)
         now = time.monotonic()
@@ -227,6 +268,7 @@ class TransferHandle:
             )
             raise
         assert isinstance(result, _core.Stats)
+        self._check_streams(result)
         if on_progress is not None:
             on_progress(result)
         self._publish("done", event_of(result, self._planes.node))
@@ -365,6 +407,7 @@ async def start_send(
     dirty_bitmap: str | None = None,
     rate: int | None = None,
     compress: Compress | None = None,
+    streams: int = 1,
 ) -> TransferHandle:
     """``state_dir``: where the sender keeps the key that binds the transfer to it (see
     ``resolve_state_dir``); only a sender holding it can ``resume`` the transfer.
@@ -379,11 +422,17 @@ async def start_send(
     with ``TransferHandle.set_rate``).
     ``compress``: ``off``, ``zstd``, ``lz4`` or ``auto`` (None: ``_core.DEFAULT_COMPRESS``);
     a data frame is sent compressed only where that saves a tenth, and an explicit codec
-    the receiver cannot decompress fails the transfer."""
+    the receiver cannot decompress fails the transfer.
+    ``streams``: split the transfer into that many sub-streams (1 to ``_core.MAX_STREAMS``),
+    each on its own data connection, preferring another server of the data URL list; the
+    receiver may agree to one only (``stats().streams`` says, and a warning is logged once).
+    A resume must ask for the number the transfer started with."""
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size, rate=rate)
+    check_streams(streams, transfer_id)
     check_dirty(dirty_bitmap, resume=resume)
+    stripes = subjects.stripe_transfers(transfer_id)
     served = await formats.serve(src, target=False, raw=raw, bitmap=dirty_bitmap)
-    return await _start(
+    handle = await _start(
         planes,
         transfer_id,
         None,
@@ -404,9 +453,17 @@ async def start_send(
             dirty_bitmap=dirty_bitmap,
             rate=rate,
             compress=compress,
+            streams=streams,
+            stripe_transfers=stripes,
         ),
         served,
     )
+    handle.streams_asked = streams
+    if src == "-" or src.startswith(("pipe:", "unix:")):
+        handle.one_stream_because = "its source is read in order (stdin, a pipe or a socket)"
+    elif dirty_bitmap is not None:
+        handle.one_stream_because = "a dirty-bitmap transfer writes its ranges in order"
+    return handle
 
 
 async def start_recv(
@@ -434,7 +491,10 @@ async def start_recv(
     a stream (``-``, ``pipe:PATH``) that gets this previous image with a dirty transfer's
     ranges merged in; the digest reported is the merged image's content digest. A base
     that is shorter or longer than the image fails the transfer. Only a dirty transfer
-    (``dirty_bitmap``) is accepted with a base."""
+    (``dirty_bitmap``) is accepted with a base.
+    A sender's sub-streams (``start_send(streams=)``) are agreed to where the target allows
+    writing them side by side: a file, device or NBD export, not a stream, and not with
+    ``expect_sha256`` or ``base``; elsewhere the transfer runs as one stream."""
     check_options(window=window, timeout=timeout)
     if base is not None and not (dst == "-" or dst.startswith("pipe:")):
         raise UsageError(
@@ -443,6 +503,8 @@ async def start_recv(
     if base is not None and not base.removeprefix("pipe:"):
         raise UsageError("--base needs a file or pipe path")
     served = await formats.serve(dst, target=True, raw=raw, resume=resume)
+    # Offered always: the sender asks for sub-streams, and the core agrees where it can.
+    stripes = subjects.stripe_transfers(transfer_id)
     return await _start(
         planes,
         transfer_id,
@@ -463,6 +525,7 @@ async def start_recv(
             expect_sha256=expect_sha256,
             allow_local_file=allow_local_file,
             base=base,
+            stripe_transfers=stripes,
         ),
         served,
     )
@@ -564,6 +627,8 @@ async def send(
     may name local files (``tls-psk-file=``) unless ``allow_local_file=False`` is passed;
     the ``start_*`` calls and ``image_digest`` (which the agent uses for endpoints that came
     in a message) allow it only when asked."""
+    # Before anything connects.
+    check_streams(options.get("streams", 1), subjects.check_token(transfer_id, "transfer id"))
     return await _one(
         start_send, src, transfer_id, planes, (data_url, ctl_url, node, login), on_progress, options
     )
@@ -612,12 +677,14 @@ async def copy_ends(
     base: str | None = None,
     rate: int | None = None,
     compress: Compress | None = None,
+    streams: int = 1,
 ) -> CopyStats:
     """``copy``, returning both ends' final stats. ``allow_local_file``, ``raw``,
-    ``dirty_bitmap``, ``rate`` and ``compress`` as for ``send``; ``base`` as for
-    ``start_recv``."""
+    ``dirty_bitmap``, ``rate``, ``compress`` and ``streams`` as for ``start_send``; ``base``
+    as for ``start_recv``."""
     transfer_id = subjects.check_token(transfer_id or subjects.new_id(), "transfer id")
     check_options(window=window, timeout=timeout, chunk_size=chunk_size, size=size, rate=rate)
+    check_streams(streams, transfer_id)
     check_dirty(dirty_bitmap, resume=resume)
     # What either end would refuse (an image format without qemu-nbd) before any starts.
     formats.check(src, raw=raw)
@@ -647,6 +714,7 @@ async def copy_ends(
                 dirty_bitmap=dirty_bitmap,
                 rate=rate,
                 compress=compress,
+                streams=streams,
                 **both,
             )
         except BaseException:
@@ -682,10 +750,11 @@ async def copy(
     base: str | None = None,
     rate: int | None = None,
     compress: Compress | None = None,
+    streams: int = 1,
 ) -> TransferStats:
     """Both ends in one process. Without any NATS URL, through an embedded nats-server.
     Returns the receiver's stats (what landed in ``dst``); ``copy_ends`` returns both.
-    ``allow_local_file``, ``raw`` and ``compress`` as for ``send``."""
+    ``allow_local_file``, ``raw``, ``compress`` and ``streams`` as for ``send``."""
     ends = await copy_ends(
         src,
         dst,
@@ -709,6 +778,7 @@ async def copy(
         base=base,
         rate=rate,
         compress=compress,
+        streams=streams,
     )
     return ends.receiver
 

@@ -8,6 +8,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.cli import run_cli
 
@@ -61,3 +62,29 @@ class AgentProc:
         if self.proc.poll() is None:
             self.proc.terminate()
         return self.proc.wait(timeout)
+
+
+def schema_before(cls: type[Any], option: str) -> type[Any]:
+    """``cls`` (a command with ``options``) as an agent from before ``TransferOptions.<option>``
+    decodes it: the same fields without that option, unknown fields refused, as ``Message``
+    refuses them."""
+    import msgspec
+
+    from nbdnats.schemas import TransferOptions
+
+    def without(struct: type[Any], drop: str, **types: type[Any]) -> type[Any]:
+        fields: list[Any] = []
+        for f in msgspec.structs.fields(struct):
+            if f.name == drop:
+                continue
+            typ = types.get(f.name, f.type)
+            if f.required:
+                fields.append((f.name, typ))
+            elif f.default_factory is not msgspec.NODEFAULT:
+                factory = types.get(f.name, f.default_factory)
+                fields.append((f.name, typ, msgspec.field(default_factory=factory)))
+            else:
+                fields.append((f.name, typ, f.default))
+        return msgspec.defstruct(struct.__name__, fields, kw_only=True, forbid_unknown_fields=True)
+
+    return without(cls, "", options=without(TransferOptions, option))

@@ -23,6 +23,7 @@ from nbdnats.cli.options import (
     add_progress_option,
     add_rate_option,
     add_size_option,
+    add_streams_option,
     add_timeout_option,
     login_from,
 )
@@ -144,6 +145,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("dst", help="NODE:DST  export name, path or NBD URI on the receiving node")
     add_size_option(c, "--chunk-size", "bytes per frame")
     c.add_argument("--target-is-zero", action="store_true", help="skip writing zero ranges")
+    add_streams_option(c)
 
     b = op("backup", "stream a node's disk into a backup tool on another node, as disk.img")
     b.add_argument("src", help="NODE:SRC  the disk")
@@ -601,6 +603,7 @@ async def _operation(c: Controller, args: argparse.Namespace) -> None:
         raw=args.raw,
         rate=args.rate,
         compress=args.compress,
+        streams=getattr(args, "streams", 1),  # ctl copy's
     )
     quiet = args.json or args.detach or args.progress_fd is not None
     progress = EndsProgress(not quiet or args.progress, forced=args.progress)

@@ -120,6 +120,34 @@ def add_compress_option(g: Any) -> None:
     )
 
 
+def streams_arg(text: str) -> int:
+    """argparse ``type`` of ``--streams``: a whole number from 1 to the core's maximum."""
+    try:
+        n = int(text, 10)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= _core.MAX_STREAMS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of streams: use a whole number from 1 to {_core.MAX_STREAMS}"
+        )
+    return n
+
+
+def add_streams_option(g: Any) -> None:
+    """``--streams`` of a sending command (send, copy; ctl copy)."""
+    g.add_argument(
+        "--streams",
+        type=streams_arg,
+        default=1,
+        metavar="N",
+        help="split the transfer into N sub-streams (at most "
+        f"{_core.MAX_STREAMS}), each with its own connection to another server of the data "
+        f"URL list, its own window and acks, over {_core.STRIPE_SIZE // 2**20} MiB stripes of "
+        "the disk; the receiver's target must be a file, device or NBD export, else it runs as "
+        "one stream (default: 1)",
+    )
+
+
 def add_timeout_option(
     g: Any, help: str, *, metavar: str = "SECONDS", default: float | None = _core.DEFAULT_TIMEOUT
 ) -> None:

@@ -20,6 +20,7 @@ from nbdnats.cli.options import (
     add_rate_option,
     add_size_option,
     add_state_dir_option,
+    add_streams_option,
     add_timeout_option,
     login_from,
 )
@@ -156,6 +157,7 @@ def _add_options(p: argparse.ArgumentParser, *, sender: bool, receiver: bool) ->
             "the previous image (or recv merges it with --base)",
         )
         add_compress_option(t)
+        add_streams_option(t)
     if receiver:
         t.add_argument(
             "--base",
@@ -193,13 +195,14 @@ def _report(
 
 def _summary(verb: str, stats: _core.Stats) -> str:
     verified = ", verified" if stats.verified else ""
+    streams = f" over {stats.streams} streams" if stats.streams > 1 else ""
     moved, what = stats.done_bytes, human(stats.size)
     if stats.dirty_bytes:
         # A dirty transfer moved only what its bitmap marked; its rate is over those bytes.
         moved, what = stats.dirty_bytes, f"{human(stats.dirty_bytes)} changed of {what}"
     return (
         f"{verb} {what} ({human(stats.data_bytes)} data, "
-        f"{human(stats.zero_bytes)} zeros) in {stats.seconds:.2f} s, "
+        f"{human(stats.zero_bytes)} zeros){streams} in {stats.seconds:.2f} s, "
         f"{rate(moved, stats.seconds)}, {stats.digest}{verified}"
     )
 
@@ -259,6 +262,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 dirty_bitmap=args.dirty_bitmap,
                 rate=args.rate,
                 compress=args.compress,
+                streams=args.streams,
                 **common,
             )
         elif args.command == "recv":
@@ -281,6 +285,7 @@ async def run(args: argparse.Namespace) -> _core.Stats:
                 base=args.base,
                 rate=args.rate,
                 compress=args.compress,
+                streams=args.streams,
                 **common,
             )
         result = await call

@@ -45,6 +45,7 @@ from nbdnats.errors import (
     AttestationError,
     IntegrityError,
     NbdNatsError,
+    SchemaError,
     TransferCancelled,
     TransferError,
     UsageError,
@@ -94,6 +95,7 @@ from nbdnats.schemas import (
     TransfersQuery,
     VerdictCommand,
 )
+from nbdnats.transfer import check_streams
 
 
 @dataclass(frozen=True)
@@ -487,10 +489,17 @@ class Controller:
         wait: bool = True,
         on_event: EventCallback | None = None,
     ) -> OperationResult | str:
-        """Copy a disk from one node to another (VM<->VM, VM<->bare metal, ...)."""
+        """Copy a disk from one node to another (VM<->VM, VM<->bare metal, ...).
+        ``options.streams``: the sending agent splits it into that many sub-streams (the
+        receiving one agrees, or runs it as one stream)."""
         both = self._both(transfer_id, options)
-        recv = RecvCommand(dst=dst[1], target_is_zero=target_is_zero, **both)
+        opts: TransferOptions = both["options"]
+        check_streams(opts.streams, both["transfer_id"])
         send = SendCommand(src=src[1], chunk_size=chunk_size, **both)
+        # Only the sender asks for sub-streams; the receiver agrees in the open handshake.
+        # Left off the receiver's command, an older receiving agent reads it as before.
+        both["options"] = msgspec.structs.replace(opts, streams=1)
+        recv = RecvCommand(dst=dst[1], target_is_zero=target_is_zero, **both)
         return await self._pair(src[0], send, dst[0], recv, wait, on_event)
 
     @overload
@@ -1015,7 +1024,7 @@ class Controller:
             recv_op = "provision" if isinstance(recv, ProvisionCommand) else "recv"
             await self._command(rnode, recv_op, recv)
             try:
-                await self._command(snode, "send", send)
+                await self._send(snode, send)
             except BaseException:
                 with contextlib.suppress(NbdNatsError):
                     await self._command(rnode, "cancel", CancelCommand(transfer_id=tid))
@@ -1031,6 +1040,19 @@ class Controller:
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    async def _send(self, node: str, send: SendCommand) -> None:
+        """The send command of a pair; an agent from before ``--streams`` refuses the option
+        as an unknown field, which is said in words an operator can act on."""
+        try:
+            await self._command(node, "send", send)
+        except SchemaError as e:
+            if send.options.streams > 1 and "unknown field `streams`" in str(e):
+                raise SchemaError(
+                    f"{node}: its agent does not support --streams (an nbd-nats from before "
+                    "striping): upgrade it, or copy without --streams"
+                ) from None
+            raise
 
     async def _follow(
         self,

@@ -288,6 +288,7 @@ class Jobs:
             allow_local_file=True,
             rate=cmd.options.rate,
             compress=cmd.options.compress,
+            streams=cmd.options.streams,
             **self._ends(cmd),
         )
         return await self._accept("send", "send", cmd, shown, started, run)

@@ -30,6 +30,7 @@ RECEIVER_FIELDS = [
     "sent_bytes",
     "dirty_bytes",
     "wire_bytes",
+    "streams",
 ]
 
 

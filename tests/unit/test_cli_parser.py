@@ -258,3 +258,18 @@ def test_compress_is_a_senders_option_with_the_cores_default() -> None:
         p.parse_args(["send", "x", "--id", "t", "--compress", "gzip"])
     ctl = p.parse_args(["ctl", "copy", "a:x", "b:y", "--compress", "off"])
     assert ctl.compress == "off"
+
+
+def test_streams_is_a_senders_option_from_1_to_the_cores_maximum(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    p = build_parser()
+    assert p.parse_args(["send", "x", "--id", "t", "--streams", "3"]).streams == 3
+    assert p.parse_args(["copy", "a", "b"]).streams == 1
+    assert p.parse_args(["ctl", "copy", "a:x", "b:y", "--streams", "8"]).streams == 8
+    for bad in ("0", "9", "-1", "x", "1.5", ""):
+        with pytest.raises(SystemExit):
+            p.parse_args(["copy", "a", "b", f"--streams={bad}"])
+        assert f"argument --streams: {bad!r} is not a number of streams" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        p.parse_args(["recv", "-", "--id", "t", "--streams", "2"])  # the receiver never asks

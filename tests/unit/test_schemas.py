@@ -12,6 +12,7 @@ from nbdnats.ctl.agent import Agent
 from nbdnats.ctl.config import AgentConfig
 from nbdnats.errors import SchemaError
 from nbdnats.schemas import BackupList, SendCommand, TransferEvent, decode, encode
+from tests.ctl import schema_before
 
 
 def test_event_schema_round_trip_and_rejects_bad_types() -> None:
@@ -93,3 +94,33 @@ def test_a_send_command_carries_its_compression_and_refuses_unknown_codecs() -> 
     assert decode(SendCommand, b'{"transfer_id": "t"}', "send").options.compress is None
     with pytest.raises(SchemaError, match="compress"):
         decode(SendCommand, b'{"transfer_id": "t", "options": {"compress": "gzip"}}', "send")
+
+
+def test_a_send_command_carries_its_streams_within_the_cores_bounds() -> None:
+    cmd = SendCommand(
+        key="k", transfer_id="t", src="/x", options=schemas.TransferOptions(streams=4)
+    )
+    assert decode(SendCommand, encode(cmd), "send").options.streams == 4
+    assert decode(SendCommand, b'{"transfer_id": "t"}', "send").options.streams == 1
+    for bad in (b"0", b"9", b"-1", b"2.5", b'"2"'):
+        payload = b'{"transfer_id": "t", "options": {"streams": ' + bad + b"}}"
+        with pytest.raises(SchemaError, match="streams"):
+            decode(SendCommand, payload, "send")
+
+
+def test_options_left_at_their_defaults_stay_off_the_wire() -> None:
+    """An agent from before an option refuses it as an unknown field: a command that does
+    not use it must not carry it."""
+    plain = json.loads(encode(SendCommand(key="k", transfer_id="t", src="/x")))
+    assert plain["options"] == {}
+    striped = schemas.TransferOptions(streams=2, rate=1 << 20)
+    assert json.loads(encode(striped)) == {"rate": 1 << 20, "streams": 2}
+
+
+def test_a_command_without_streams_reads_the_same_to_an_agent_from_before() -> None:
+    older = schema_before(SendCommand, "streams")
+    plain = SendCommand(key="k", transfer_id="t", src="/x", options=schemas.TransferOptions())
+    assert decode(older, encode(plain), "send command").options.window is None
+    striped = msgspec.structs.replace(plain, options=schemas.TransferOptions(streams=2))
+    with pytest.raises(SchemaError, match="unknown field `streams`"):
+        decode(older, encode(striped), "send command")
