@@ -98,8 +98,9 @@ impl Stripes {
         })
     }
 
-    /// Start every sub-stream.
-    fn launch(&mut self, start: Start, resume: bool) {
+    /// Start every sub-stream, each with its share of the cap from its first frame.
+    fn launch(&mut self, parent: &Progress, start: Start, resume: bool) {
+        self.sum(parent);
         for k in 0..self.progress.len() {
             self.running.push(start(k, resume));
         }
@@ -150,7 +151,13 @@ impl Stripes {
             .map(|p| p.chunk_size.load(Relaxed))
             .max();
         parent.chunk_size.store(chunk.unwrap_or(0), Relaxed);
-        let cap = parent.rate_limit.load(Relaxed).div_ceil(n);
+        // The cap is shared by the sub-streams that still have bytes to send.
+        let busy = |p: &Progress| {
+            let size = p.size.load(Relaxed);
+            size == 0 || p.done_bytes.load(Relaxed) < size
+        };
+        let left = self.progress.iter().filter(|p| busy(p)).count() as u64;
+        let cap = parent.rate_limit.load(Relaxed).div_ceil(left.clamp(1, n));
         for p in &self.progress {
             p.rate_limit.store(cap, Relaxed);
         }
@@ -300,7 +307,7 @@ pub async fn send(
                 (k, r.map(|_| ()))
             })
         });
-        run.launch(start, opts.resume);
+        run.launch(progress, start, opts.resume);
         let quiet = |_| -> (BoxFuture<'static, ()>, bool) { (Box::pin(async {}), false) };
         run.wait(progress, cancel, None, quiet).await?;
         run.settle(progress)
@@ -411,7 +418,7 @@ pub async fn recv(
                 (k, r)
             })
         });
-        run.launch(start, opts.resume);
+        run.launch(progress, start, opts.resume);
         // A sender that did not hear our yes asks again (the same key), or comes back
         // after a restart (the next key of its chain): it gets the same answer, and every
         // sub-stream runs again for it.
