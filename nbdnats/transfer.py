@@ -381,13 +381,27 @@ async def journals(state_dir: str | None = None) -> list[_core.JournalEntry]:
 
 async def discard_journal(transfer_id: str, state_dir: str | None = None) -> list[str]:
     """Remove what interrupted transfer ``transfer_id`` left in the state dir (its journal
-    and sender key), so nothing resumes it; the files removed. ``BusyError`` while a
-    receiver still runs on the journal, ``UsageError`` for a bad id or when there is none."""
+    and sender key, and those of its sub-streams when it was striped), so nothing resumes
+    it; the files removed. ``BusyError`` while a receiver still runs on a journal,
+    ``UsageError`` for a bad id or when there is none."""
     subjects.check_token(transfer_id, "transfer id")
     path = str(resolve_state_dir(state_dir))
-    result = await core_call(lambda done: _core.discard_journal(path, transfer_id, done))[1]
-    assert isinstance(result, list)
-    return [str(p) for p in result]
+
+    async def discard(tid: str) -> list[str]:
+        result = await core_call(lambda done: _core.discard_journal(path, tid, done))[1]
+        assert isinstance(result, list)
+        return [str(p) for p in result]
+
+    removed: list[str] = []
+    for child, _ in subjects.stripe_transfers(transfer_id) or []:
+        with contextlib.suppress(UsageError):  # this sub-stream left nothing
+            removed += await discard(child)
+    try:
+        return await discard(transfer_id) + removed
+    except UsageError:
+        if removed:
+            return removed
+        raise
 
 
 async def start_send(

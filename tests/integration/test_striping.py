@@ -278,6 +278,35 @@ def test_a_killed_receiver_resumes_every_stream_from_its_journal(
     assert not list((state_dir / "journals").glob("*")), "journals left behind"
 
 
+def test_journals_lists_a_striped_transfer_and_discard_removes_all_it_left(
+    tmp_path: Path, state_dir: Path, nats_cluster: Callable[[], list[NatsServer]]
+) -> None:
+    """Both ends killed mid-transfer: the transfer and its sub-streams are listed; one
+    ``--discard`` of the transfer's id removes every journal, key and record of it, and a
+    ``--resume`` then has nothing to continue."""
+    servers = nats_cluster()
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src, SIZE, DATA)
+    common = ("--id", "dres", "--data-url", data_url(servers), "--json", "--timeout", "30")
+    recv = start_cli("recv", str(dst), *common)
+    send = start_cli("send", str(src), *common, "--streams", "3", "--rate", "24M")
+    children = journals(state_dir, "dres", 3)
+    wait_for(lambda: all(map(has_checkpoint, children)), "every sub-stream's checkpoint", 60)
+    for proc in (send, recv):
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    listed = run_cli("journals", "--json")
+    assert listed.returncode == 0, listed.stderr
+    ids = {e["id"] for e in json.loads(listed.stdout)}
+    assert {"dres", "dres-s0", "dres-s1", "dres-s2"} <= ids, ids
+    gone = run_cli("journals", "--discard", "dres")
+    assert gone.returncode == 0, gone.stderr
+    assert not list((state_dir / "journals").glob("*")), "left behind after --discard"
+    again = run_cli("send", str(src), *common, "--streams", "3", "--resume")
+    assert again.returncode != 0
+    assert "no key of its sender" in one_line_error(again)
+
+
 # -- negotiated down --------------------------------------------------------------------------
 
 
