@@ -475,7 +475,9 @@ def test_disks_stored_side_by_side_each_get_their_tags(
     """A VM's disks are stored into one repository at once, and ``restic tag`` needs it to
     itself: the backup that ends first waits for the other's restic before it tags, so
     both snapshots get their size and digest (the next incremental run starts from them)."""
-    with slow_backup(url, start_agent, tmp_path, "slow") as (_, _, slow, repo):
+    # 12 s of slow backup: the fast one (4 MiB) ends well within it, and the test waits
+    # for both.
+    with slow_backup(url, start_agent, tmp_path, "slow", size=24 * MiB) as (_, _, slow, repo):
         fast = tmp_path / "disks" / "fast.raw"
         make_image(fast, 4 * MiB, [(0, 4 * MiB)])
         wait_for(lambda: any((repo / "locks").iterdir()), "the slow backup's restic lock", RUN)
