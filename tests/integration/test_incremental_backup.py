@@ -39,6 +39,9 @@ from tests.waits import wait_for
 DISK = 64 * MiB
 CLUSTER = 64 * 1024  # the dirty bitmaps' granularity (qcow2's cluster size)
 RUN = 300.0  # how long one backup may take under TCG on a loaded machine
+# The peer timeout (--timeout) of the runs whose peer is killed: the survivor gives up after
+# it rather than the default 60 s. Long enough for a loaded TCG run's peer to keep answering.
+PEER_GONE = "10"
 
 
 @pytest.fixture(scope="session")
@@ -310,7 +313,7 @@ def test_a_failed_run_stores_nothing_and_the_next_one_sends_its_changes_again(
     # 2. The backup node's agent dies (SIGKILL) while the changes stream in: its restic
     # dies with it rather than store a truncated image; the source rolls back.
     guest_writes(machine, 40 * MiB, 8 * MiB, 0x73)
-    proc = site.backup("killed-receiver")
+    proc = site.backup("killed-receiver", "--timeout", PEER_GONE)
     wait_for(lambda: restic_backup_child(site.b) is not None, "restic backup on b", RUN)
     orphan = restic_backup_child(site.b)
     site.b.proc.kill()
@@ -326,7 +329,7 @@ def test_a_failed_run_stores_nothing_and_the_next_one_sends_its_changes_again(
 
     # 3. The source's agent dies (SIGKILL: no rollback) while its disk streams.
     guest_writes(machine, 30 * MiB, 16 * MiB, 0x72)
-    proc = site.backup("killed-source")
+    proc = site.backup("killed-source", "--timeout", PEER_GONE)
     wait_for(lambda: restic_backup_child(site.b) is not None, "restic backup on b", RUN)
     site.a.proc.kill()
     site.a.proc.wait(30)
@@ -472,7 +475,9 @@ def test_disks_stored_side_by_side_each_get_their_tags(
     """A VM's disks are stored into one repository at once, and ``restic tag`` needs it to
     itself: the backup that ends first waits for the other's restic before it tags, so
     both snapshots get their size and digest (the next incremental run starts from them)."""
-    with slow_backup(url, start_agent, tmp_path, "slow") as (_, _, slow, repo):
+    # 12 s of slow backup: the fast one (4 MiB) ends well within it, and the test waits
+    # for both.
+    with slow_backup(url, start_agent, tmp_path, "slow", size=24 * MiB) as (_, _, slow, repo):
         fast = tmp_path / "disks" / "fast.raw"
         make_image(fast, 4 * MiB, [(0, 4 * MiB)])
         wait_for(lambda: any((repo / "locks").iterdir()), "the slow backup's restic lock", RUN)
