@@ -10,9 +10,10 @@ APT_PACKAGES=(libnbd-dev libnbd-bin qemu-utils pkg-config restic openssl nbdkit)
 # Live-migration tests: QEMU itself, and what scripts/guest.sh builds the test guest with.
 APT_PACKAGES+=(qemu-system-x86 busybox-static cpio xz-utils)
 # The bare-metal installer (scripts/installer-image.sh, scripts/uki.sh) and its tests: a
-# Debian root, the EFI stub for UKIs, GPT and FAT without mounting, OVMF and a software TPM.
+# Debian root, the EFI stub for UKIs, GPT and FAT without mounting, OVMF and a software TPM,
+# depmod/modprobe for the installer's module tree (kmod: absent from minimal hosts).
 APT_PACKAGES+=(mmdebstrap zstd binutils systemd-boot-efi gdisk mtools ovmf swtpm swtpm-tools
-  tpm2-tools)
+  tpm2-tools kmod)
 # Bare-metal networking tests: FRR as the ToR (zebra, staticd, bgpd for a spine), lldpd on
 # hosts and ToR, gobgpd for spine announcements, iproute2 for namespaces and `ip -j`, ping.
 APT_PACKAGES+=(frr lldpd gobgpd iproute2 iputils-ping)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import nats
+from nats.aio.client import Client
 
 from nbdnats import _core, subjects
 from nbdnats.schemas import TransferEvent
@@ -26,6 +27,13 @@ HOSTILE_KINDS = 8  # messages `attack` publishes
 
 async def attack(url: str, tid: str) -> list[TransferEvent]:
     nc = await nats.connect(url)
+    try:
+        return await _attack(nc, tid)
+    finally:
+        await nc.close()
+
+
+async def _attack(nc: Client, tid: str) -> list[TransferEvent]:
     events: list[TransferEvent] = []
 
     async def on_event(msg) -> None:  # type: ignore[no-untyped-def]
@@ -55,7 +63,6 @@ async def attack(url: str, tid: str) -> list[TransferEvent]:
     await nc.flush()
     done = lambda: any(e.role == "recv" and e.state == "done" for e in events)  # noqa: E731
     await until(done, "the receiver's done event", 120)
-    await nc.close()
     return events
 
 
@@ -66,7 +73,16 @@ def test_hostile_frames_are_counted_and_never_written(tmp_path: Path, nats_url: 
     with throttled_nbd(src, tmp_path / "src.sock", read_bps=16 * MiB) as (_, uri):
         recv = start_cli("recv", str(dst), *common)
         send = start_cli("send", uri, *common)
-        events = asyncio.run(attack(nats_url, "victim"))
+        try:
+            events = asyncio.run(attack(nats_url, "victim"))
+        except TimeoutError as e:
+            # Say what each end said (a hang or a failure), not only that nothing came.
+            for p in (send, recv):
+                p.kill()
+            ends = {
+                n: p.communicate()[1].decode()[-2000:] for n, p in (("send", send), ("recv", recv))
+            }
+            raise AssertionError(f"{e}; the ends said: {ends}") from None
         _, s_err = send.communicate(timeout=120)
         r_out, r_err = recv.communicate(timeout=120)
     assert send.returncode == 0, s_err.decode()
