@@ -159,6 +159,9 @@ fn subjects((open, chunks, acks): (String, String, String)) -> Subjects {
 #[pyclass(frozen, module = "nbdnats._core")]
 pub struct DataConnection {
     conn: Arc<DataConn>,
+    /// Publishes under way: `flush` waits for them first, so a message published just
+    /// before a flush (a transfer's last event, before the process exits) is in it.
+    publishing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 #[pymethods]
@@ -175,19 +178,27 @@ impl DataConnection {
         self.conn.max_payload
     }
 
-    /// Publish a small message (events) on the data connection; does not wait.
+    /// Publish a small message (events) on the data connection; does not wait (`flush`
+    /// does).
     fn publish(&self, subject: String, payload: Vec<u8>) {
         let client = self.conn.client.clone();
-        runtime().spawn(async move {
+        let task = runtime().spawn(async move {
             let _ = client.publish(subject, payload.into()).await;
         });
+        let mut publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        publishing.retain(|t| !t.is_finished());
+        publishing.push(task);
     }
 
     /// Flush what is buffered, then call `done(ok, None)`; gives up after a few seconds
     /// (a server that is gone must not hold a closing process).
     fn flush(&self, done: Py<PyAny>) {
         let conn = self.conn.clone();
+        let publishing =
+            std::mem::take(&mut *self.publishing.lock().unwrap_or_else(|p| p.into_inner()));
         spawn(done, async move {
+            let queued = futures::future::join_all(publishing);
+            let _ = tokio::time::timeout(conn::TIDY_BOUND, queued).await;
             if conn.flush_within(conn::TIDY_BOUND).await {
                 Ok(())
             } else {
@@ -351,6 +362,7 @@ fn connect(
         let conn = conn::connect(&servers, &name, &login).await?;
         Ok(DataConnection {
             conn: Arc::new(conn),
+            publishing: Mutex::new(Vec::new()),
         })
     });
 }
