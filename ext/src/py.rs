@@ -436,8 +436,7 @@ fn children(
         .unwrap_or_default()
         .into_iter()
         .map(|(id, subs)| striped::Child {
-            key_file: state_dir.map(|d| file(d, &id)),
-            journal: state_dir.map(|d| file(d, &id)),
+            state: state_dir.map(|d| file(d, &id)),
             subjects: subjects(subs),
             id,
         })

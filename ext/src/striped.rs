@@ -38,8 +38,8 @@ const TICK: Duration = Duration::from_millis(100);
 pub struct Child {
     pub id: String,
     pub subjects: Subjects,
-    pub key_file: Option<PathBuf>,
-    pub journal: Option<PathBuf>,
+    /// Its sender key (sending end) or journal (receiving end).
+    pub state: Option<PathBuf>,
 }
 
 type Running = FuturesUnordered<tokio::task::JoinHandle<(usize, Result<()>)>>;
@@ -265,7 +265,7 @@ pub async fn send(
         std::fs::write(path, format!("{}\n", stripes.count))
             .map_err(|e| Error::Endpoint(format!("cannot write {}: {e}", path.display())))?;
     }
-    let keys: Vec<PathBuf> = children.iter().filter_map(|c| c.key_file.clone()).collect();
+    let keys: Vec<PathBuf> = children.iter().filter_map(|c| c.state.clone()).collect();
     let result = async {
         let geometry = Geometry::new(source.size(), stripes)?;
         let mut run = Stripes::new(geometry, &children, "send")?;
@@ -293,8 +293,8 @@ pub async fn send(
                 window,
                 timeout,
                 verify,
-                resume: resumes(resume, child.key_file.as_ref()),
-                key_file: child.key_file.clone(),
+                resume: resumes(resume, child.state.as_ref()),
+                key_file: child.state.clone(),
                 dirty: false,
                 compress,
                 stripes: None,
@@ -370,7 +370,7 @@ pub async fn recv(
         mut opens,
         mut journal,
     } = open;
-    let journals: Vec<PathBuf> = children.iter().filter_map(|c| c.journal.clone()).collect();
+    let journals: Vec<PathBuf> = children.iter().filter_map(|c| c.state.clone()).collect();
     let result = async {
         let geometry = Geometry::new(request.size, stripes)?;
         let mut run = Stripes::new(geometry, &children, "recv")?;
@@ -398,8 +398,8 @@ pub async fn recv(
                 timeout,
                 verify,
                 target_is_zero,
-                journal: child.journal.clone(),
-                resume: resumes(resume, child.journal.as_ref()),
+                journal: child.state.clone(),
+                resume: resumes(resume, child.state.as_ref()),
                 target: target.clone(),
                 expect_sha256: None,
                 can_stripe: false,

@@ -220,6 +220,54 @@ def test_a_killed_sender_resumes_with_as_many_streams_and_no_other_number(
     assert sent["digest"] == got["digest"] == content_digest(src)
 
 
+async def _foreign_opens(url: str, tid: str) -> list[dict[str, Any]]:
+    """What another publisher on a striped transfer's own open subject is told: a fresh
+    open, a "resume" with a key not of the transfer's chain, a probe, and garbage."""
+    nc = await nats.connect(url)
+    try:
+        base = {"v": nbdnats._core.PROTOCOL_VERSION, "size": SIZE, "chunk_size": 1 << 20}
+        asks = [
+            {**base, "key": "ab" * 32},
+            {**base, "key": "cd" * 32, "resume": True, "stripes": {"count": 3, "size": STRIPE}},
+            {"v": nbdnats._core.PROTOCOL_VERSION, "probe": True},
+        ]
+        payloads = [json.dumps(a).encode() for a in asks] + [b"-x; rm -rf /"]
+        open_subject = subjects.transfer(tid)[0]
+        return [json.loads((await nc.request(open_subject, p, timeout=10)).data) for p in payloads]
+    finally:
+        await nc.close()
+
+
+def test_others_asking_a_striped_transfer_are_refused_and_change_nothing(
+    tmp_path: Path, nats_cluster: Callable[[], list[NatsServer]]
+) -> None:
+    """Once the receiver runs a transfer striped, its own open subject answers only the
+    transfer's sender: anyone else who may publish there is refused (busy, or a bad
+    request) and the sub-streams go on to the right bytes."""
+    servers = nats_cluster()
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    want = make_image(src, SIZE, DATA)
+    common = ("--id", "fore", "--data-url", data_url(servers), "--json")
+    recv = start_cli("recv", str(dst), *common)
+    progress = Percent()
+    try:
+        send = start_cli(
+            "send", str(src), *common, "--streams", "3", "--rate", "48M", progress.flag,
+            pass_fds=(progress.write,),
+        )  # fmt: skip
+        progress.started()
+        progress.wait(10)
+        replies = asyncio.run(_foreign_opens(servers[0].url, "fore"))
+    finally:
+        progress.close()
+    assert all(r.get("ok") is False for r in replies), replies
+    assert [r.get("code") for r in replies[:3]] == ["busy"] * 3, replies
+    sent, got = finish_json(send), finish_json(recv)
+    assert sha256_file(dst) == want
+    assert sent["streams"] == got["streams"] == 3, (sent, got)
+    assert sent["digest"] == got["digest"] == content_digest(src)
+
+
 def test_a_killed_sender_resumes_after_some_streams_have_finished(
     tmp_path: Path, start_nats: Callable[..., NatsServer]
 ) -> None:
